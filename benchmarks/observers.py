@@ -1,0 +1,157 @@
+"""Observer benchmark: update / compute_scale cost and int8 SQNR against torch.ao.
+
+Run: ``python benchmarks/observers.py`` (one process; CPU; a few minutes at most).
+
+Times are medians over ``RUNS`` runs (each run averages ``REPS`` calls), printed as ratios to the
+torch.ao ``MinMaxObserver`` update on the same tensor in the same run (so numbers from different machines
+are comparable). SQNR = 10 log10(E[x^2] / E[(x - fq(x))^2]) on a held-out batch after calibrating on
+``CALIB_BATCHES`` batches; torch.ao ``HistogramObserver`` runs with ``qscheme=per_tensor_symmetric`` and
+its scale is applied with the same int8 range [-128, 127].
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch.ao.quantization import HistogramObserver
+from torch.ao.quantization import MinMaxObserver as AoMinMax
+
+from qat_lightning.quant.dtypes import qint8, qint16
+from qat_lightning.quant.observers import make_observer
+
+METHODS = ("minmax", "moving_minmax", "percentile", "kl", "mse", "mix")
+SHAPES = ((32, 64, 32, 32), (32, 256, 16, 16))
+RUNS, REPS = 11, 5
+CALIB_BATCHES = 8
+CALIB_SHAPE = (16, 64, 32, 32)
+
+
+def _call_ms(fn: Callable[[], object], reps: int) -> float:
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def median_ms(fn: Callable[[], object], runs: int = RUNS, reps: int = REPS) -> float:
+    fn()  # warm up
+    return statistics.median(_call_ms(fn, reps) for _ in range(runs))
+
+
+def median_ratio(
+    fn: Callable[[], object], base: Callable[[], object], runs: int = RUNS, reps: int = REPS
+) -> float:
+    """Median over runs of time(fn) / time(base), the two timed back to back in each run (robust to load)."""
+    fn()
+    base()
+    return statistics.median(_call_ms(fn, reps) / _call_ms(base, reps) for _ in range(runs))
+
+
+def timing_table(threads: int) -> list[str]:
+    torch.set_num_threads(threads)
+    lines = []
+    for shape in SHAPES:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=gen)
+        ao = AoMinMax(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+
+        def base(ao: AoMinMax = ao, x: torch.Tensor = x) -> None:
+            ao(x)
+
+        base_ms = median_ms(base)
+        hist = HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        hist_ratio = median_ratio(lambda hist=hist, x=x: hist(x), base, runs=5, reps=1)
+        lines.append(
+            f"threads={threads} shape={shape}: torch.ao MinMaxObserver update = {base_ms:.3f} ms (= 1.00); "
+            f"torch.ao HistogramObserver update = {hist_ratio:.2f}x"
+        )
+        lines.append(
+            f"  {'method':<14}{'update':>9}{'update_range':>14}{'scale int8 ms':>15}{'int16 ms':>10}"
+        )
+        for method in METHODS:
+            obs = make_observer(method)
+            upd = median_ratio(lambda obs=obs, x=x: obs(x), base)
+            rng = median_ratio(lambda obs=obs, x=x: obs.update_range(x), base)
+            s8 = median_ms(lambda obs=obs: obs.compute_scale(qint8))
+            s16 = median_ms(lambda obs=obs: obs.compute_scale(qint16))
+            lines.append(f"  {method:<14}{upd:>8.2f}x{rng:>13.2f}x{s8:>15.3f}{s16:>10.3f}")
+    return lines
+
+
+def sample(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    if kind == "student_t3":
+        # Student-t(3) = N / sqrt(chi2_3 / 3)
+        n = torch.randn(shape, generator=gen)
+        chi2 = torch.randn((3, *shape), generator=gen).pow(2).sum(0)
+        return n / (chi2 / 3).sqrt()
+    if kind == "laplace":
+        exp = torch.empty((2, *shape)).exponential_(generator=gen)
+        return exp[0] - exp[1]
+    if kind == "relu_gauss":
+        return torch.relu(torch.randn(shape, generator=gen))
+    raise ValueError(kind)
+
+
+def sqnr(x: torch.Tensor, scale: float, qmin: int, qmax: int) -> float:
+    q = torch.clamp(torch.round(x / scale), qmin, qmax) * scale
+    return float(10 * torch.log10(x.pow(2).mean() / (x - q).pow(2).mean()))
+
+
+def sqnr_table() -> list[str]:
+    torch.set_num_threads(2)
+    names = [m.replace("moving_minmax", "moving") for m in METHODS]
+    lines = ["int8 SQNR (dB) on a held-out batch:"]
+    lines.append(f"  {'data':<12}" + "".join(f"{m:>11}" for m in (*names, "ao_hist")) + f"{'mix pick':>10}")
+    lines16 = ["int16 SQNR (dB), same statistics (no torch.ao reference):"]
+    lines16.append(f"  {'data':<12}" + "".join(f"{m:>11}" for m in names))
+    for kind in ("student_t3", "laplace", "relu_gauss"):
+        gen = torch.Generator().manual_seed(1)
+        calib = [sample(kind, CALIB_SHAPE, gen) for _ in range(CALIB_BATCHES)]
+        held = sample(kind, CALIB_SHAPE, gen)
+        ao = HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        observers = {m: make_observer(m) for m in METHODS}
+        for batch in calib:
+            ao(batch)
+            for obs in observers.values():
+                obs(batch)
+        ao_scale = float(ao.calculate_qparams()[0])
+        row16 = [sqnr(held, float(o.compute_scale(qint16)), -32768, 32767) for o in observers.values()]
+        row8 = [sqnr(held, float(o.compute_scale(qint8)), -128, 127) for o in observers.values()]
+        row8.append(sqnr(held, ao_scale, -128, 127))
+        pick = observers["mix"].last_choice  # from the int8 compute_scale just above
+        lines.append(f"  {kind:<12}" + "".join(f"{v:>11.2f}" for v in row8) + f"{pick:>10}")
+        lines16.append(f"  {kind:<12}" + "".join(f"{v:>11.2f}" for v in row16))
+    return [*lines, *lines16]
+
+
+def per_channel_table() -> list[str]:
+    torch.set_num_threads(2)
+    w = torch.randn(256, 256, 3, 3, generator=torch.Generator().manual_seed(2))
+    lines = ["per-channel weight (256, 256, 3, 3), ch_axis=0, 2 threads: update ms, compute_scale(qint8) ms"]
+    for method in METHODS:
+        obs = make_observer(method, ch_axis=0, num_channels=256)
+        upd = median_ms(lambda obs=obs: obs(w))
+        s8 = median_ms(lambda obs=obs: obs.compute_scale(qint8))
+        lines.append(f"  {method:<14}{upd:>8.3f}{s8:>10.3f}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--skip-sqnr", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}; update and update_range as ratios to torch.ao MinMaxObserver update")
+    for threads in args.threads:
+        print("\n".join(timing_table(threads)))
+    print("\n".join(per_channel_table()))
+    if not args.skip_sqnr:
+        print("\n".join(sqnr_table()))
+
+
+if __name__ == "__main__":
+    main()

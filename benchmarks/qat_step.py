@@ -1,0 +1,283 @@
+"""One QAT training step (forward, backward, SGD step): float vs qat_lightning vs torch.ao FX vs modelopt.
+
+Models: a ResNet-18 (batch 32, 3x64x64) and a 4-layer transformer encoder built from Linear / LayerNorm /
+GELU / softmax / matmul (d=256, 4 heads, seq 64, batch 32, MLP 1024).
+
+Contenders (same initial weights, all int8):
+
+* ``float``: the float model;
+* ``ours``: ``qat_lightning.prepare`` (fx, conv-bn-relu fused, ``fuse_bn``), 3 calibration batches, QAT state;
+* ``torch.ao``: ``prepare_qat_fx`` with ``get_default_qat_qconfig_mapping()``;
+* ``modelopt``: ``modelopt.torch.quantization.quantize(model, INT8_DEFAULT_CFG, forward_loop)`` (only when
+  ``nvidia-modelopt`` is installed).
+
+Timing: contenders are interleaved step by step in one process, after warm-up; the median of ``--steps``
+steps is reported, and its ratio to float. ``FLOAT fwd`` is the eval-mode forward of our prepared model in
+FLOAT state against the float model's (no grad), also interleaved.
+
+Peak memory: tracemalloc does not see torch's allocations, so each contender runs in a fresh subprocess:
+after one warm-up step the kernel's peak-RSS counter is reset (``echo 5 > /proc/self/clear_refs``), then
+3 steps run, and the peak RSS above the RSS at the reset is reported (Linux only; activations, gradients
+and temporaries of a step). Ratios are to float.
+
+Usage: ``python benchmarks/qat_step.py [--model cnn|encoder|all] [--steps 9] [--threads 2] [--no-memory]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+warnings.filterwarnings("ignore")
+
+
+# ------------------------------------------------------------------------------------------------- models
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+class ResNet18(nn.Module):
+    def __init__(self, num_classes: int = 100) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        layers, cin = [], 64
+        for i, cout in enumerate((64, 128, 256, 512)):
+            layers.append(nn.Sequential(BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout, 1)))
+            cin = cout
+        self.layer1, self.layer2, self.layer3, self.layer4 = layers
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, d = x.shape
+        h = self.heads
+        q = self.q(x).view(b, s, h, d // h).transpose(1, 2)
+        k = self.k(x).view(b, s, h, d // h).transpose(1, 2)
+        v = self.v(x).view(b, s, h, d // h).transpose(1, 2)
+        attn = F.softmax(torch.matmul(q, k.transpose(-2, -1)) * (d // h) ** -0.5, dim=-1)
+        return self.proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, s, d))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, dim: int, heads: int, hidden: int) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2 = nn.LayerNorm(dim), Attention(dim, heads), nn.LayerNorm(dim)
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, dim: int = 256, heads: int = 4, hidden: int = 1024, depth: int = 4) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(*(EncoderLayer(dim, heads, hidden) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.layers(x))
+
+
+def build(name: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    torch.manual_seed(0)
+    if name == "cnn":
+        return ResNet18(), lambda: torch.randn(32, 3, 64, 64)
+    return Encoder(), lambda: torch.randn(32, 64, 256)
+
+
+# ------------------------------------------------------------------------------------------------- contenders
+def make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    model, data = build(name)
+    model.train()
+    calib = [data() for _ in range(3)]
+    if contender == "float":
+        return model, data
+    if contender == "ours":
+        from qat_lightning.quant.fake_quantize import set_fake_quantize
+        from qat_lightning.quant.prepare import prepare
+
+        prepared = prepare(model, calib[0][:4])
+        prepared.eval()
+        set_fake_quantize(prepared, "calibration")
+        with torch.no_grad():
+            for batch in calib:
+                prepared(batch)
+        set_fake_quantize(prepared, "qat")
+        return prepared.train(), data
+    if contender == "torch.ao":
+        from torch.ao.quantization import get_default_qat_qconfig_mapping
+        from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+        return prepare_qat_fx(model, get_default_qat_qconfig_mapping(), (calib[0][:4],)).train(), data
+    if contender == "modelopt":
+        import modelopt.torch.quantization as mtq
+
+        def loop(m: nn.Module) -> None:
+            with torch.no_grad():
+                for batch in calib:
+                    m(batch)
+
+        model.eval()
+        return mtq.quantize(model, mtq.INT8_DEFAULT_CFG, loop).train(), data
+    raise ValueError(contender)
+
+
+def contenders() -> list[str]:
+    names = ["float", "ours", "torch.ao"]
+    try:
+        import modelopt.torch.quantization  # noqa: F401
+
+        names.append("modelopt")
+    except Exception:  # noqa: BLE001
+        pass
+    return names
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+    out = model(x)
+    loss = out.float().square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+# ------------------------------------------------------------------------------------------------- timing
+def time_steps(name: str, steps: int, warmup: int = 2) -> dict[str, float]:
+    models = {c: make(name, c) for c in contenders()}
+    opts = {c: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for c, (m, _) in models.items()}
+    batches = {c: data() for c, (_, data) in models.items()}
+    times: dict[str, list[float]] = {c: [] for c in models}
+    for i in range(warmup + steps):
+        for c, (model, _) in models.items():
+            t = time.perf_counter()
+            train_step(model, opts[c], batches[c])
+            if i >= warmup:
+                times[c].append(time.perf_counter() - t)
+    return {c: statistics.median(v) for c, v in times.items()}
+
+
+def time_float_state(name: str, steps: int, warmup: int = 2) -> tuple[float, float]:
+    from qat_lightning.quant.fake_quantize import set_fake_quantize
+    from qat_lightning.quant.prepare import prepare
+
+    model, data = build(name)
+    model.eval()
+    x = data()
+    prepared = prepare(model, x[:4]).eval()
+    set_fake_quantize(prepared, "float")
+    times: dict[str, list[float]] = {"float": [], "FLOAT state": []}
+    with torch.no_grad():
+        for i in range(warmup + steps):
+            for key, m in (("float", model), ("FLOAT state", prepared)):
+                t = time.perf_counter()
+                m(x)
+                if i >= warmup:
+                    times[key].append(time.perf_counter() - t)
+    return statistics.median(times["float"]), statistics.median(times["FLOAT state"])
+
+
+# ------------------------------------------------------------------------------------------------- memory
+def _status(key: str) -> int:
+    text = open("/proc/self/status").read()
+    return int(re.search(key + r":\s+(\d+)", text).group(1)) * 1024
+
+
+def memory_child(name: str, contender: str) -> None:
+    model, data = make(name, contender)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    x = data()
+    train_step(model, opt, x)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status("VmRSS")
+    for _ in range(3):
+        train_step(model, opt, x)
+    print(json.dumps({"peak": _status("VmHWM") - base}))
+
+
+def measure_memory(name: str, threads: int) -> dict[str, int]:
+    out = {}
+    for c in contenders():
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", name, c, "--threads", str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out[c] = json.loads(proc.stdout.strip().splitlines()[-1])["peak"]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["cnn", "encoder", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "CONTENDER"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(*args.memory_child)
+        return
+    names = ["cnn", "encoder"] if args.model == "all" else [args.model]
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps")
+    for name in names:
+        times = time_steps(name, args.steps)
+        f_float, f_state = time_float_state(name, args.steps)
+        mem = {} if args.no_memory else measure_memory(name, args.threads)
+        print(f"\n{name}: train step (forward + backward + SGD)")
+        print(f"  {'contender':<10} {'median ms':>10} {'x float':>8} {'peak MB':>9} {'mem x float':>12}")
+        for c, t in times.items():
+            m = mem.get(c)
+            mem_text = f"{m / 2**20:9.0f} {m / mem['float']:12.2f}" if m is not None else f"{'-':>9} {'-':>12}"
+            print(f"  {c:<10} {t * 1e3:10.1f} {t / times['float']:8.2f} {mem_text}")
+        print(f"  FLOAT state forward (eval, no grad): {f_state * 1e3:.1f} ms vs float {f_float * 1e3:.1f} ms "
+              f"= {f_state / f_float:.3f}x")
+
+
+if __name__ == "__main__":
+    main()

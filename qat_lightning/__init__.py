@@ -1,0 +1,11 @@
+"""qat_lightning: the quantization accuracy-tuning workflow as Lightning callbacks and Hydra recipes.
+
+``import qat_lightning as ql`` gives the plain-torch core (``ql.fake_quantize``, ``ql.FakeQuantize``,
+``ql.get_qconfig``, ...); Lightning callbacks live in ``qat_lightning.callbacks``.
+"""
+
+from qat_lightning.quant import *  # noqa: F403
+from qat_lightning.quant import __all__ as _quant_all
+
+__version__ = "0.1.0"
+__all__ = [*_quant_all, "__version__"]

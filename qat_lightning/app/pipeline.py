@@ -1,0 +1,262 @@
+"""``stage=...``: run one stage, or the seed's whole tuning pipeline, and write ``summary.md``.
+
+Pipeline for j6e / j6m (the seed's "J6E/M Mixed Precision Tuning" flow):
+
+1. float training (or ``ckpt=`` a float checkpoint) -> the target (``target.ratio_of_float`` x float);
+2. all-int16 calibration (int16 activations, int8 weights: the upper bound the chip can run);
+3. if below target: int16/fp16 — the ops most sensitive under int16 go to fp16, the fewest that reach the
+   target (the fp16 ops are then kept in every later step);
+4. all-int8 calibration;
+5. if below target: bad cases + layer-by-layer comparison + sensitivity on the int8 model, then the minimal
+   int16 ratio by ``search_mixed_precision``, and a calibration of that mixed recipe;
+6. QAT of the chosen recipe (no-warmup LR);
+7. both sanity checks (lr0: QAT with LR 0 = calibration model; float: fake quant off = float model);
+8. the summary table, printed and written to ``summary.md``.
+
+On j6p (the seed's "J6P Mixed Precision Tuning"): step 2 is gemm double-int16 + other ops fp16 (a miss is
+analysed and reported; the seed's fixes for non-gemm ops are manual), step 3 is skipped, step 4 is gemm
+int8 + other fp16 and step 5 tunes the gemm int8/int16 ratio (gemm rows only).
+
+Every decision is logged (``qat_lightning.log``) with the numbers behind it and listed in ``summary.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qat_lightning.app.recipes import Recipe, load_recipe_conf, recipe_from_conf
+from qat_lightning.app.schema import AppConfig, RecipeConf, StageName
+from qat_lightning.app.stages import Factories, Session, StageResult, read_checkpoint_info
+from qat_lightning.app.summary import Summary, render_markdown, render_table
+from qat_lightning.app.tuning import fp16_search, int16_search
+
+__all__ = ["Pipeline", "run"]
+
+log = logging.getLogger("qat_lightning")
+
+FILES = {
+    "summary.md": "this summary",
+    "qat_lightning.log": "the full log, every decision with its numbers",
+    "checkpoints/": "float.ckpt, calibration*.ckpt, qat.ckpt (each records its recipe)",
+    "model_check_result.txt": "prepare's structure and qconfig check (per quantized step)",
+    "quant_analysis/": "bad cases, compare_per_layer, sensitivity tables and plots",
+    "sanity_check.txt": "the lr0 / float sanity check verdicts",
+    "events.out.tfevents.*": "TensorBoard: `tensorboard --logdir <run dir>`",
+}
+
+
+@dataclass
+class Pipeline:
+    """One run: the session, the summary rows, the decisions and the step directories.
+
+    Args:
+        session: the stage runners.
+        conf_dir: the config tree (the pipeline reads its recipes from ``<conf_dir>/recipe``).
+    """
+
+    session: Session
+    conf_dir: Path
+    rows: list[StageResult] = field(default_factory=list)
+    decisions: list[str] = field(default_factory=list)
+    step_no: int = 0
+    current_dir: Path = Path(".")
+    started: float = field(default_factory=time.perf_counter)
+    console: Any = None
+
+    def __post_init__(self) -> None:
+        import sys
+
+        from rich.console import Console
+
+        self.console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
+
+    # ------------------------------------------------------------------------------------------- helpers
+    @property
+    def cfg(self) -> AppConfig:
+        """The configuration."""
+        return self.session.cfg
+
+    @property
+    def chip(self) -> str:
+        """The chip name."""
+        return self.cfg.chip.name.value
+
+    def step(self, name: str, title: str, own_dir: bool = True) -> Path:
+        """Start a step: print its header, return its directory."""
+        self.step_no += 1
+        elapsed = time.perf_counter() - self.started
+        self.console.rule(f"[bold]step {self.step_no}: {title}[/bold]  ({elapsed:.0f} s)")
+        log.info("step %d: %s", self.step_no, title)
+        self.current_dir = self.session.run_dir
+        if own_dir:
+            self.current_dir = self.session.run_dir / f"{self.step_no:02d}_{name}"
+        return self.current_dir
+
+    def decide(self, message: str) -> None:
+        """Record and log a decision."""
+        self.decisions.append(message)
+        log.info("DECISION: %s", message)
+        self.console.print(f"[cyan]decision:[/cyan] {message}")
+
+    def add(self, row: StageResult) -> StageResult:
+        """Add a summary row (and log it)."""
+        self.rows.append(row)
+        metric = "-" if row.metric is None else f"{row.metric:.4f}"
+        log.info("result %s (%s): %s %s", row.step, row.recipe, self.session.monitor, metric)
+        return row
+
+    def result(self, step: str, recipe: Recipe | None, metric: float | None, float_metric: float | None,
+               lit: Any = None, ckpt: Path | None = None, out_dir: Path | None = None, note: str = "") -> StageResult:
+        """A row with the int16/fp16 ratios and the chip cost of ``lit``'s network."""
+        from qat_lightning.app.stages import quant_stats
+
+        int16 = fp16 = cost = None
+        if lit is not None and recipe is not None and recipe.quantize:
+            int16, fp16, cost = quant_stats(getattr(lit, self.cfg.prepare.submodule), self.chip)
+        name = "float" if recipe is None else recipe.name
+        return self.add(StageResult(step, name, metric, float_metric, int16, fp16, cost, ckpt, out_dir, note))
+
+    def resolve_ckpt(self, kind: str) -> Path:
+        """``ckpt=`` or ``<run dir>/checkpoints/<kind>.ckpt``; a clear error when neither exists."""
+        if self.cfg.ckpt:
+            path = Path(self.cfg.ckpt).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"ckpt={self.cfg.ckpt} does not exist")
+            return path
+        path = self.session.ckpt_dir / f"{kind}.ckpt"
+        if path.is_file():
+            log.info("using %s found in the run dir", path)
+            return path
+        producer = {"float": "stage=float", "calibration": "stage=calibration"}[kind]
+        raise FileNotFoundError(
+            f"stage={self.cfg.stage.name.value} needs a {kind} checkpoint: pass ckpt=path/to/{kind}.ckpt "
+            f"(written by {producer} or stage=pipeline under <run dir>/checkpoints/), or run in that run dir "
+            f"with hydra.run.dir=<run dir>; not found: {path}"
+        )
+
+    def float_metric_of(self, float_ckpt: Path, out_dir: Path) -> float:
+        """The float model's metric: recorded in the checkpoint, else measured."""
+        _, info = read_checkpoint_info(float_ckpt)
+        if info is not None and info.metric is not None:
+            return float(info.metric)
+        lit, _ = self.session.load_float(float_ckpt)
+        return self.session.validate(lit, out_dir)
+
+    def base_recipe(self, name: str, fp16_ops: tuple[str, ...] = ()) -> tuple[RecipeConf, Recipe]:
+        """A recipe of the config tree, with the chip and calibration of this run."""
+        conf = load_recipe_conf(self.conf_dir, name)
+        recipe = recipe_from_conf(conf, self.cfg.chip, self.cfg.calibration)
+        return conf, recipe.replace(fp16_ops=tuple(dict.fromkeys((*recipe.fp16_ops, *fp16_ops))))
+
+    # ------------------------------------------------------------------------------------------- steps
+    def calibrate(self, name: str, title: str, float_ckpt: Path, recipe: Recipe, float_metric: float,
+                  ckpt_name: str, own_dir: bool = True) -> tuple[Any, float, Path, Path]:
+        """Calibrate ``recipe``; returns ``(module, metric, checkpoint, step dir)``."""
+        out = self.step(name, title, own_dir)
+        log.info("recipe: %s", recipe.describe())
+        lit, metric, ckpt = self.session.calibrate(float_ckpt, recipe, out, ckpt_name, float_metric)
+        self.result(title, recipe, metric, float_metric, lit, ckpt, out)
+        return lit, metric, ckpt, out
+
+    def analyze(self, lit: Any, name: str, title: str, own_dir: bool = True) -> list[Any]:
+        """Bad cases + per-layer comparison + sensitivity; returns the tables."""
+        out = self.step(name, title, own_dir)
+        return self.session.analyze(lit, out)
+
+    def fp16_step(self, lit: Any, tables: list[Any], target: float, conf: RecipeConf, out: Path) -> tuple[str, ...]:
+        """The int16/fp16 search on a calibrated int16 module; returns the fp16 op names."""
+        s = self.session
+        outcome = fp16_search(
+            getattr(lit, self.cfg.prepare.submodule), tables, s.evaluator(lit, out), target, self.chip,
+            self.cfg.pipeline.fp16_max, s.higher_is_better, conf.fp16_topk, out / "quant_analysis",
+        )  # fmt: skip
+        ops = ", ".join(outcome.chosen) or "none"
+        if conf.fp16_topk is not None:
+            self.decide(f"int16/fp16: top-{conf.fp16_topk} int16-sensitive op(s) to fp16 (fixed by the recipe): {ops}")
+            return tuple(outcome.chosen)
+        probes = ", ".join(f"top-{int(k)}: {m:.4f}" for k, m in outcome.probes)
+        verdict = "reaches" if outcome.reached else "does not reach (best kept)"
+        self.decide(
+            f"int16/fp16: {len(outcome.chosen)} op(s) in fp16 ({ops}) {verdict} the target {target:.4f} "
+            f"(probes {probes or 'none'})"
+        )
+        return tuple(outcome.chosen)
+
+    def int16_step(self, lit: Any, tables: list[Any], target: float, conf: RecipeConf, gemm_only: bool,
+                   out: Path) -> Any:
+        """The int8/int16 search on a calibrated low-precision module; returns the outcome."""
+        s = self.session
+        kind = None if conf.sensitive_type is None else conf.sensitive_type.value
+        model = None if lit is None else getattr(lit, self.cfg.prepare.submodule)
+        evaluate = None if lit is None else s.evaluator(lit, out)
+        outcome = int16_search(
+            model, tables, evaluate, target, self.chip,
+            gemm_only, kind, self.cfg.search.cost_aware, s.higher_is_better, conf.int16_ratio,
+            conf.sensitive_dtype.value, out / "quant_analysis",
+        )  # fmt: skip
+        ops = ", ".join(f"{op}/{t}" for op, t in outcome.chosen) or "none"
+        if conf.int16_ratio is not None:
+            self.decide(f"int16 ratio fixed by the recipe at {conf.int16_ratio}: raise {ops}")
+            return outcome
+        probes = ", ".join(f"{r:.0%}: {m:.4f}" for r, m in outcome.probes)
+        verdict = "reaches" if outcome.reached else "does not reach (best found kept)"
+        metric = "-" if outcome.metric is None else f"{outcome.metric:.4f}"
+        cost = "" if outcome.cost is None else f", est. cost {outcome.cost:.2f} x all-low"
+        what = "gemm int16 ratio" if gemm_only else "int16 ratio"
+        self.decide(
+            f"minimal {what} {outcome.ratio:.1%} {verdict} the target {target:.4f} with {metric}{cost}; "
+            f"raise {ops} (probes ratio: metric {probes or 'none'})"
+        )
+        return outcome
+
+    # ------------------------------------------------------------------------------------------- finish
+    def finish(self, title: str, extra_facts: dict[str, str] | None = None) -> Summary:
+        """Write ``summary.md``, print the table, return the summary."""
+        cfg = self.cfg
+        facts = {
+            "stage": cfg.stage.name.value,
+            "chip": self.chip,
+            "target": f"{cfg.target.metric} ({cfg.target.mode.value}), "
+            + (f"{cfg.target.value}" if cfg.target.value is not None else f"{cfg.target.ratio_of_float:g} x float"),
+            "calibration": f"{cfg.calibration.observer.value}, {cfg.calibration.num_batches} batches",
+            "wall time": f"{time.perf_counter() - self.started:.1f} s",
+            **(extra_facts or {}),
+        }
+        summary = Summary(title, facts, tuple(self.rows), tuple(self.decisions), FILES)
+        path = self.session.run_dir / "summary.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_markdown(summary), encoding="utf-8")
+        self.console.print(render_table(summary))
+        self.console.print(f"summary: {path}")
+        log.info("summary written to %s\n%s", path, render_markdown(summary))
+        return summary
+
+
+def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> Summary:
+    """Run ``cfg.stage`` in ``run_dir``; returns the summary (also written to ``summary.md``).
+
+    Args:
+        cfg: the configuration.
+        run_dir: the Hydra run dir.
+        factories: how to build the model, datamodule and logger.
+        conf_dir: the config tree.
+    """
+    from qat_lightning.app import flows
+
+    if cfg.torch_threads:
+        import torch
+
+        torch.set_num_threads(cfg.torch_threads)
+    pipe = Pipeline(Session(cfg, Path(run_dir), factories), Path(conf_dir))
+    runner = {
+        StageName.float: flows.float_stage,
+        StageName.calibration: flows.calibration_stage,
+        StageName.qat: flows.qat_stage,
+        StageName.analysis: flows.analysis_stage,
+        StageName.pipeline: flows.pipeline_stage,
+    }[cfg.stage.name]
+    return runner(pipe)

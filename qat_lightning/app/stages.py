@@ -1,0 +1,507 @@
+"""Stage runners: float training, calibration, QAT, analysis and the sanity checks, one Trainer each.
+
+Each runner writes into its own output directory (a standalone ``stage=...`` run: the Hydra run dir; the
+pipeline: one numbered sub-directory per step): the TensorBoard events (the logger's ``save_dir``),
+``model_check_result.txt`` (prepare), ``quant_analysis/`` (analysis), ``sanity_check.txt`` (sanity
+checks). Checkpoints go to ``<run dir>/checkpoints/<name>.ckpt`` and carry the decided recipe under
+``checkpoint["qat_lightning"]`` so that a later stage rebuilds the same qconfig.
+
+Nothing here imports hydra: ``qat_lightning.cli`` instantiates the user's classes and hands the runners
+plain factories (:class:`Factories`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from qat_lightning.app.recipes import Recipe
+from qat_lightning.app.schema import AppConfig, QatScheduler
+
+__all__ = [
+    "CheckpointInfo",
+    "Factories",
+    "Session",
+    "StageResult",
+    "APP_KEY",
+    "read_checkpoint_info",
+]
+
+log = logging.getLogger("qat_lightning")
+
+APP_KEY = "qat_lightning"
+"""Key of the app's record inside every checkpoint it writes."""
+
+
+@dataclass(frozen=True)
+class Factories:
+    """How to build the user's objects (``qat_lightning.cli`` makes these with ``hydra.utils.instantiate``).
+
+    Attributes:
+        model: a fresh LightningModule.
+        datamodule: a fresh LightningDataModule.
+        logger: a logger writing into the given directory, or ``None`` for no logger.
+    """
+
+    model: Callable[[], L.LightningModule]
+    datamodule: Callable[[], L.LightningDataModule]
+    logger: Callable[[Path], Any] = lambda _dir: None
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One row of the summary table.
+
+    Attributes:
+        step: what ran (``float``, ``calibration int8``, ``qat``, ...).
+        recipe: the recipe name (``float`` for the float model).
+        metric: the target metric on the validation data (``None`` if not measured).
+        float_metric: the float model's metric, for the "% of float" column.
+        int16_ratio: share of ops in int16 (``None``: not a quantized model).
+        fp16_ratio: share of ops in float16 (``None``: not a quantized model).
+        cost: estimated cost on the chip, relative to the same model all-int8 (``None`` for float).
+        ckpt: the checkpoint written, if any.
+        out_dir: where the step's files are.
+        note: a short remark (decision, sanity status).
+    """
+
+    step: str
+    recipe: str
+    metric: float | None
+    float_metric: float | None = None
+    int16_ratio: float | None = None
+    fp16_ratio: float | None = None
+    cost: float | None = None
+    ckpt: Path | None = None
+    out_dir: Path | None = None
+    note: str = ""
+
+    @property
+    def share_of_float(self) -> float | None:
+        """``metric / float_metric`` (``None`` when either is missing or the float metric is 0)."""
+        if self.metric is None or not self.float_metric:
+            return None
+        return self.metric / self.float_metric
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the app recorded in one of its checkpoints.
+
+    Attributes:
+        kind: ``float``, ``calibration`` or ``qat``.
+        recipe: the decided recipe (``None`` for float checkpoints).
+        metric: the metric measured when it was written.
+        float_metric: the float model's metric.
+        float_steps: optimizer steps of the float training (for the QAT step budget check).
+    """
+
+    kind: str
+    recipe: Recipe | None = None
+    metric: float | None = None
+    float_metric: float | None = None
+    float_steps: int | None = None
+
+
+class _Record(Callback):
+    """Adds the app's :class:`CheckpointInfo` to every checkpoint the trainer saves."""
+
+    def __init__(self, info: CheckpointInfo) -> None:
+        self.info = info
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        info = self.info
+        checkpoint[APP_KEY] = {
+            "kind": info.kind,
+            "recipe": None if info.recipe is None else info.recipe.to_dict(),
+            "metric": info.metric,
+            "float_metric": info.float_metric,
+            "float_steps": info.float_steps,
+        }
+
+
+def read_checkpoint_info(path: Path) -> tuple[dict[str, Any], CheckpointInfo | None]:
+    """Load a checkpoint (CPU) and the app's record in it (``None`` for foreign checkpoints).
+
+    Raises:
+        FileNotFoundError: when the file does not exist.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
+    raw = ckpt.get(APP_KEY) if isinstance(ckpt, dict) else None
+    if not raw:
+        return ckpt, None
+    recipe = Recipe.from_dict(raw["recipe"]) if raw.get("recipe") else None
+    return ckpt, CheckpointInfo(
+        raw.get("kind", "?"), recipe, raw.get("metric"), raw.get("float_metric"), raw.get("float_steps")
+    )
+
+
+def _qat_optimizers(lit: L.LightningModule, original: Callable[[], Any], lr: float | None, scheduler: str) -> Any:
+    """Wrap ``configure_optimizers``: QAT learning rate on the model's own optimizer, no warmup.
+
+    Every parameter group is scaled so the first group's LR is ``lr`` (ratios between groups kept, the
+    seed's "replicate per-module LRs"). ``cosine`` decays to 0 over the run's steps, ``constant`` keeps the
+    LR, ``keep`` returns the model's own configuration (the QAT callback refuses it if it warms up).
+    """
+
+    def configure() -> Any:
+        config = original()
+        if scheduler == QatScheduler.keep.value and lr is None:
+            return config
+        optimizer = _first_optimizer(config)
+        if lr is not None:
+            base = optimizer.param_groups[0]["lr"] or 1.0
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * lr / base if base else lr
+                group["initial_lr"] = group["lr"]
+        if scheduler == QatScheduler.keep.value:
+            return config
+        if scheduler == QatScheduler.constant.value:
+            return optimizer
+        total = max(1, int(lit.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+    return configure
+
+
+def _first_optimizer(config: Any) -> torch.optim.Optimizer:
+    if isinstance(config, torch.optim.Optimizer):
+        return config
+    if isinstance(config, dict):
+        return _first_optimizer(config["optimizer"])
+    if isinstance(config, (list, tuple)) and config:
+        return _first_optimizer(config[0])
+    raise ValueError(
+        f"cannot find the optimizer in configure_optimizers()' result {type(config).__name__}; "
+        "use qat.scheduler=keep qat.lr=null to train QAT with the model's own configuration"
+    )
+
+
+@dataclass
+class Session:
+    """Runs stages for one ``qat-lightning`` invocation.
+
+    Args:
+        cfg: the composed configuration.
+        run_dir: the Hydra run dir.
+        factories: how to build the model, datamodule and logger.
+    """
+
+    cfg: AppConfig
+    run_dir: Path
+    factories: Factories
+    _datamodule: L.LightningDataModule | None = field(default=None, init=False, repr=False)
+
+    # ------------------------------------------------------------------------------------------- plumbing
+    @property
+    def ckpt_dir(self) -> Path:
+        """``<run dir>/checkpoints``."""
+        return self.run_dir / "checkpoints"
+
+    @property
+    def monitor(self) -> str:
+        """The target metric's name."""
+        return self.cfg.target.metric
+
+    def datamodule(self) -> L.LightningDataModule:
+        """The run's datamodule (built once)."""
+        if self._datamodule is None:
+            self._datamodule = self.factories.datamodule()
+        return self._datamodule
+
+    def new_model(self) -> L.LightningModule:
+        """A fresh LightningModule (seeded)."""
+        L.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        return self.factories.model()
+
+    def trainer(self, out_dir: Path, callbacks: list[Callback] | None = None, logger: bool = True, **kw: Any) -> L.Trainer:
+        """A Trainer from ``cfg.trainer`` writing into ``out_dir`` (stage settings in ``kw`` win)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        args: dict[str, Any] = dict(self.cfg.trainer)
+        args.update(
+            default_root_dir=str(out_dir),
+            logger=(self.factories.logger(out_dir) or False) if logger else False,
+            callbacks=callbacks or [],
+            enable_checkpointing=False,
+            enable_progress_bar=self.cfg.progress,
+            num_sanity_val_steps=0,
+        )
+        args.update(kw)
+        return L.Trainer(**args)
+
+    def _metric(self, results: list[dict[str, float]], trainer: L.Trainer) -> float:
+        values = results[0] if results else {}
+        if self.monitor in values:
+            return float(values[self.monitor])
+        if self.monitor in trainer.callback_metrics:
+            return float(trainer.callback_metrics[self.monitor])
+        logged = ", ".join(sorted({*values, *trainer.callback_metrics})) or "(none)"
+        raise ValueError(
+            f"target.metric={self.monitor!r} is not logged by the model's validation_step; logged: {logged}. "
+            f"Set target.metric=<one of them> (and target.mode=min for a loss)"
+        )
+
+    def validate(self, lit: L.LightningModule, out_dir: Path, callbacks: list[Callback] | None = None, logger: bool = False) -> float:
+        """Run ``trainer.validate`` and return the target metric."""
+        trainer = self.trainer(out_dir, callbacks, logger=logger, limit_val_batches=self._val_limit())
+        return self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+
+    def _val_limit(self) -> Any:
+        limit = self.cfg.train.limit_val_batches
+        return 1.0 if limit is None else limit
+
+    def evaluator(self, lit: L.LightningModule, out_dir: Path) -> Callable[[Any], float]:
+        """A plain ``eval_fn(model) -> float`` for the search (``lit`` holds the model being probed)."""
+        limit = self.cfg.search.eval_batches
+        trainer = self.trainer(
+            out_dir, logger=False, enable_progress_bar=False,
+            limit_val_batches=self._val_limit() if limit is None else limit,
+        )  # fmt: skip
+
+        def eval_fn(_model: Any) -> float:
+            return self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+
+        return eval_fn
+
+    def example_inputs(self, lit: L.LightningModule) -> Any:
+        """The module's ``example_input_array``, else the inputs of the first training batch."""
+        example = getattr(lit, "example_input_array", None)
+        if example is not None:
+            return example
+        from qat_lightning.analysis.inputs import default_input_fn
+
+        dm = self.datamodule()
+        dm.setup("fit")
+        return default_input_fn(next(iter(dm.train_dataloader())))
+
+    def save(self, trainer: L.Trainer, record: _Record, name: str) -> Path:
+        """Save the trainer's model as ``checkpoints/<name>.ckpt``."""
+        path = self.ckpt_dir / f"{name}.ckpt"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(str(path))
+        log.info("saved %s (%s)", path, record.info.kind)
+        return path
+
+    # ------------------------------------------------------------------------------------------- float
+    def train_float(self, out_dir: Path) -> tuple[L.LightningModule, float, Path, int]:
+        """Train the float model; returns ``(module, metric, checkpoint, optimizer steps)``."""
+        t = self.cfg.train
+        lit = self.new_model()
+        record = _Record(CheckpointInfo("float"))
+        limits = {} if t.limit_train_batches is None else {"limit_train_batches": t.limit_train_batches}
+        trainer = self.trainer(
+            out_dir, [record], max_epochs=t.max_epochs, max_steps=t.max_steps,
+            limit_val_batches=self._val_limit(), **limits,
+        )  # fmt: skip
+        trainer.fit(lit, datamodule=self.datamodule())
+        metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+        steps = int(trainer.global_step)
+        record.info = CheckpointInfo("float", metric=metric, float_metric=metric, float_steps=steps)
+        return lit, metric, self.save(trainer, record, "float"), steps
+
+    def load_float(self, path: Path) -> tuple[L.LightningModule, CheckpointInfo]:
+        """A fresh module with the float weights of ``path`` (an app checkpoint or any Lightning one)."""
+        ckpt, info = read_checkpoint_info(path)
+        if info is not None and info.kind != "float":
+            raise ValueError(
+                f"{path} is a {info.kind} checkpoint; this step needs a float one (checkpoints/float.ckpt)"
+            )
+        lit = self.new_model()
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+        lit.load_state_dict(state, strict=True)
+        steps = int(ckpt.get("global_step", 0)) if isinstance(ckpt, dict) else 0
+        return lit, info or CheckpointInfo("float", float_steps=steps or None)
+
+    # ------------------------------------------------------------------------------------------- quantized
+    def _prepare_callbacks(self, recipe: Recipe | None) -> list[Callback]:
+        from qat_lightning.callbacks import Calibration, PrepareQuantization
+
+        p = self.cfg.prepare
+        return [
+            PrepareQuantization(
+                None if recipe is None else recipe.setter(), submodule=p.submodule, method=p.method.value, qat_mode=p.qat_mode.value
+            ),
+            Calibration(num_batches=self.cfg.calibration.num_batches, dataloader="train", submodule=p.submodule),
+        ]
+
+    def calibrate(
+        self, float_ckpt: Path, recipe: Recipe, out_dir: Path, name: str, float_metric: float | None
+    ) -> tuple[L.LightningModule, float, Path]:
+        """Prepare the float model with ``recipe``, calibrate, validate and save ``checkpoints/<name>.ckpt``."""
+        lit, info = self.load_float(float_ckpt)
+        record = _Record(CheckpointInfo("calibration", recipe, float_metric=float_metric, float_steps=info.float_steps))
+        trainer = self.trainer(out_dir, [*self._prepare_callbacks(recipe), record], limit_val_batches=self._val_limit())
+        metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+        record.info = CheckpointInfo("calibration", recipe, metric, float_metric, info.float_steps)
+        return lit, metric, self.save(trainer, record, name)
+
+    def load_quantized(self, path: Path, out_dir: Path | None = None) -> tuple[L.LightningModule, CheckpointInfo]:
+        """A fresh module prepared with the checkpoint's recorded recipe and loaded strictly."""
+        from qat_lightning.callbacks.prepare import load_quantized_checkpoint, prepare_submodule
+
+        _, info = read_checkpoint_info(path)
+        if info is None or info.recipe is None:
+            raise ValueError(
+                f"{path} was not written by a qat-lightning calibration/qat stage (no recorded recipe); "
+                "pass the checkpoint written by stage=calibration (checkpoints/calibration.ckpt)"
+            )
+        lit = self.new_model()
+        p = self.cfg.prepare
+        setter = info.recipe.setter()
+        example = self.example_inputs(lit)
+        prepare_submodule(
+            lit, setter, example, submodule=p.submodule, method=p.method.value, qat_mode=p.qat_mode.value,
+            check_dir=out_dir,
+        )  # fmt: skip
+        load_quantized_checkpoint(
+            lit, path, setter, example, submodule=p.submodule, method=p.method.value, qat_mode=p.qat_mode.value
+        )
+        return lit, info
+
+    def qat(
+        self, calib_ckpt: Path, out_dir: Path, name: str = "qat", extra: list[Callback] | None = None, **kw: Any
+    ) -> tuple[L.LightningModule, float, Path | None, CheckpointInfo]:
+        """QAT from a calibration checkpoint; returns ``(module, metric, checkpoint, calibration info)``.
+
+        ``extra`` callbacks (a ``SanityCheck``) and trainer overrides ``kw`` make the short sanity runs; those
+        are not saved (``name=""``).
+        """
+        from qat_lightning.callbacks import QuantizationAwareTraining
+
+        q = self.cfg.qat
+        lit, info = self.load_quantized(calib_ckpt, out_dir)
+        lit.configure_optimizers = _qat_optimizers(lit, lit.configure_optimizers, q.lr, q.scheduler.value)  # type: ignore[method-assign]
+        record = _Record(CheckpointInfo("qat", info.recipe, float_metric=info.float_metric, float_steps=info.float_steps))
+        qat_cb = QuantizationAwareTraining(
+            bn_mode=self.cfg.prepare.qat_mode.value,
+            fix_scales=None if q.fix_scales.value == "none" else q.fix_scales.value,
+            float_steps=info.float_steps or None,
+            submodule=self.cfg.prepare.submodule,
+        )
+        args: dict[str, Any] = {"max_epochs": q.max_epochs, "max_steps": q.max_steps, "limit_val_batches": self._val_limit()}
+        if self.cfg.train.limit_train_batches is not None:
+            args["limit_train_batches"] = self.cfg.train.limit_train_batches
+        args.update(kw)
+        callbacks = [*self._prepare_callbacks(info.recipe), qat_cb, *(extra or []), record]
+        trainer = self.trainer(out_dir, callbacks, **args)
+        trainer.fit(lit, datamodule=self.datamodule())
+        metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+        record.info = CheckpointInfo("qat", info.recipe, metric, info.float_metric, info.float_steps)
+        return lit, metric, self.save(trainer, record, name) if name else None, info
+
+    def sanity(self, mode: str, calib_ckpt: Path, reference: float, out_dir: Path) -> Any:
+        """The seed's check ``mode`` (``lr0``/``float``) as a short QAT run; returns the ``SanityResult``."""
+        from qat_lightning.callbacks import SanityCheck
+
+        s = self.cfg.sanity
+        check = SanityCheck(
+            mode=mode, monitor=self.monitor, tolerance=s.tolerance, reference=reference,
+            raise_on_failure=False, submodule=self.cfg.prepare.submodule,
+        )  # fmt: skip
+        self.qat(calib_ckpt, out_dir, name="", extra=[check], max_epochs=1, max_steps=-1, limit_train_batches=s.steps)
+        result = check.result
+        if result is not None and result.status != "PASS":
+            log.error("SANITY CHECK %s: %s\n%s", mode, result.status, result.render())
+        return result
+
+    # ------------------------------------------------------------------------------------------- analysis
+    def analyze(self, lit: L.LightningModule, out_dir: Path) -> list[Any]:
+        """Bad cases, layer-by-layer comparison and sensitivity of a calibrated module; returns the tables.
+
+        Runs ``QuantAnalysisCallback`` on the validation data: reports under ``<out_dir>/quant_analysis/``,
+        plots and tables also in TensorBoard.
+        """
+        from qat_lightning.callbacks import QuantAnalysisCallback
+
+        a = self.cfg.analysis
+        callback = QuantAnalysisCallback(
+            dataloader="val", num_steps=a.num_steps, metrics=tuple(a.metrics), run_on_fit_end=False,
+            submodule=self.cfg.prepare.submodule,
+        )  # fmt: skip
+        trainer = self.trainer(out_dir, [callback], limit_val_batches=1)
+        trainer.validate(lit, datamodule=self.datamodule(), verbose=False)
+        outcome = callback.run_analysis(trainer, lit)
+        tables = list(outcome.sensitivity) if outcome is not None else []
+        for table in tables:
+            top = ", ".join(f"{r.op_name}/{r.sensitive_type}={r.metric:.4g}" for r in table.rows[:5])
+            log.info("sensitivity (%s, output %s) top 5: %s", table.metric_name, table.output_name, top)
+        return tables
+
+    def target(self, float_metric: float) -> float:
+        """The metric to reach: ``target.value``, else ``ratio_of_float`` of the float metric."""
+        t = self.cfg.target
+        if t.value is not None:
+            return float(t.value)
+        if t.mode.value == "max":
+            return float_metric * t.ratio_of_float
+        return float_metric / t.ratio_of_float if t.ratio_of_float else math.inf
+
+    @property
+    def higher_is_better(self) -> bool:
+        """``target.mode == max``."""
+        return self.cfg.target.mode.value == "max"
+
+    def meets(self, metric: float, target: float) -> bool:
+        """Whether ``metric`` reaches ``target`` in the configured direction."""
+        return metric >= target if self.cfg.target.mode.value == "max" else metric <= target
+
+
+def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float | None]:
+    """``(int16 ratio, fp16 ratio, estimated cost relative to all-int8)`` of a prepared network.
+
+    The ratios are shares of quantized ops that compute with int16 (fp16) anywhere: an explicitly
+    quantized input, the weight or the output (a ``float32`` input node means "as produced" and does not
+    count). An op can count in both (a j6p gemm with int16 inputs and an fp16 output). Cost: ``chips.op_cost`` of every op with those dtypes (an input left as
+    produced takes its producer's output dtype), divided by the same ops' MACs (= the all-int8 cost, every
+    factor 1).
+    """
+    from qat_lightning.chips import get_chip, op_cost
+    from qat_lightning.quant.ops import OpKind, iter_quant_ops, quant_nodes_of
+    from qat_lightning.quant.templates import precision_rank
+
+    spec = get_chip(chip)
+    ops = list(iter_quant_ops(model))
+    outputs: dict[str, Any] = {}
+    for name, op in ops:
+        node = quant_nodes_of(op).get("output")
+        outputs[name] = None if node is None else node.dtype
+    total = reference = 0.0
+    counts = {"qint16": 0, "float16": 0}
+    for name, op in ops:
+        info = op.op_info
+        nodes = quant_nodes_of(op)
+        inputs, own = [], []
+        for i, producer in enumerate(info.input_producers or (None,)):
+            node = nodes.get(f"input.{i}")
+            dtype = node.dtype if node is not None and not node.dtype.is_float32 else None
+            if dtype is not None:
+                own.append(dtype)
+            inputs.append(dtype if dtype is not None else outputs.get(producer) if producer else None)
+        weight = nodes.get("weight")
+        output = outputs.get(name)
+        used = {d.name for d in (*own, output, None if weight is None else weight.dtype) if d is not None}
+        for key in counts:
+            counts[key] += key in used
+        gemm = info.kind == OpKind.GEMM
+        if gemm and info.is_matmul:
+            first, second = inputs[0], inputs[1] if len(inputs) > 1 else inputs[0]
+        else:
+            known = [d for d in inputs if d is not None]
+            first = max(known, key=precision_rank) if known else None
+            second = None if weight is None else weight.dtype
+        total += op_cost(info.flops, first, second, output, spec, gemm)
+        reference += info.flops
+    n = max(len(ops), 1)
+    cost = total / reference if reference else None
+    return counts["qint16"] / n, counts["float16"] / n, cost

@@ -1,0 +1,259 @@
+"""``Calibration``: forward-only statistics collection, once per model, DDP-reduced.
+
+When it runs (Lightning 2.6):
+
+* ``trainer.fit``: in ``on_fit_start``. With the default strategies the checkpoint (``ckpt_path``) is already
+  restored there, so a resumed run sees ``qat_calibrated == True`` and skips; the sanity-check validation
+  and the training that follow see calibrated scales. ``trainer.fit(max_epochs=0)`` still calls
+  ``on_fit_start`` (the fit loop itself is skipped), which makes it a calibration-only run; save it with
+  ``trainer.save_checkpoint``. For strategies that restore after setup (``restore_checkpoint_after_setup``)
+  and a ``ckpt_path``, it waits for ``on_train_start`` (or ``on_fit_end`` when no training runs).
+* ``trainer.validate`` / ``test`` / ``predict`` on an uncalibrated model: at their start, so a
+  calibration-only run can also be ``Trainer(callbacks=[...]).validate(model, datamodule=dm)``. Once the
+  flag is set, evaluation never touches the observers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import islice
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from tqdm.auto import tqdm
+
+from qat_lightning.callbacks._common import (
+    InputFn,
+    call_model,
+    default_input_fn,
+    ensure_calibrated_flag,
+    get_submodule,
+    is_calibrated,
+    normalize_inputs,
+    preserved_modes,
+    request_dataloader,
+    require_prepared,
+)
+from qat_lightning.callbacks.logging import log_quant_scales, log_scalars
+from qat_lightning.quant.fake_quantize import FakeQuantState, iter_fake_quantize, set_fake_quantize
+
+__all__ = ["MIN_RECOMMENDED_BATCHES", "Calibration", "calibrate", "reduce_observer_statistics"]
+
+MIN_RECOMMENDED_BATCHES = 10
+"""The seed recommends at least 10 to 100 calibration steps; fewer warns."""
+
+
+def reduce_observer_statistics(model: nn.Module, group: Any = None) -> int:
+    """All-reduce every observer's statistics across ranks and recompute the scales (no-op without DDP).
+
+    Returns:
+        The number of quant nodes reduced (0 when ``torch.distributed`` is not initialized).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0
+    nodes = [node for _, node in iter_fake_quantize(model)]
+    for node in nodes:  # same module order on every rank -> collectives match
+        node.observer.reduce_statistics(group)
+    for node in nodes:
+        node.refresh_scale()
+    return len(nodes)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None = None,
+    input_fn: InputFn | None = None,
+    transfer: Callable[[Any], Any] | None = None,
+    progress: bool = False,
+) -> int:
+    """Run ``model`` forward-only in CALIBRATION state (eval mode, no grad), then leave it in VALIDATION.
+
+    The training flags of every submodule are restored afterwards; on an error the quant states are too.
+
+    Args:
+        model: a prepared network.
+        batches: any iterable of batches.
+        num_batches: how many batches to use (``None``: all).
+        input_fn: batch -> model inputs (default: tensor / first element / dict as kwargs).
+        transfer: moves a batch to the model's device (e.g. ``trainer.strategy.batch_to_device``).
+        progress: show a progress bar.
+
+    Returns:
+        The number of batches actually used.
+    """
+    fn = input_fn or default_input_fn
+    total = num_batches
+    if total is None:
+        try:
+            total = len(batches)  # type: ignore[arg-type]
+        except TypeError:
+            total = None
+    seen = 0
+    with preserved_modes(model):
+        model.eval()
+        set_fake_quantize(model, FakeQuantState.CALIBRATION)
+        with torch.no_grad():
+            for batch in tqdm(
+                islice(batches, num_batches), total=total, desc="Calibration", disable=not progress
+            ):
+                if transfer is not None:
+                    batch = transfer(batch)
+                call_model(model, normalize_inputs(fn(batch)))
+                seen += 1
+    set_fake_quantize(model, FakeQuantState.VALIDATION)
+    return seen
+
+
+class Calibration(Callback):
+    r"""Calibrate the prepared network once: forward-only, eval mode, no grad, state CALIBRATION.
+
+    Afterwards every quant node is in VALIDATION state and the model's ``qat_calibrated`` buffer is set, so
+    a run resumed from a checkpoint never recalibrates. Under DDP each rank reads its own shard and the
+    observer statistics are all-reduced at the end: every rank ends with the global statistics and
+    identical scales. The scales are logged (``calibration/scale/<node>``).
+
+    Args:
+        num_batches: number of calibration batches (``None``: the whole loader). Fewer than 10 warns (the
+            seed recommends 10 to 100).
+        dataloader: ``"train"`` (default; use inference-style preprocessing on training data, as the seed
+            says), ``"val"``, ``"test"``, or any iterable of batches.
+        input_fn: batch -> model inputs (default: tensor / first element / dict as kwargs).
+        submodule: attribute path of the network inside the LightningModule.
+        force: calibrate even when the model is already flagged as calibrated (statistics accumulate on top
+            of the existing ones unless the observers are reset by the caller).
+
+    Raises:
+        ValueError: at construction for a non-positive ``num_batches`` or an unknown dataloader name.
+    """
+
+    def __init__(
+        self,
+        num_batches: int | None = 100,
+        dataloader: str | Iterable[Any] = "train",
+        input_fn: InputFn | None = None,
+        submodule: str = "model",
+        force: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) < 1):
+            raise ValueError(
+                f"num_batches must be a positive int or None (whole loader), got {num_batches!r}"
+            )
+        if isinstance(dataloader, str) and dataloader not in ("train", "val", "test"):
+            raise ValueError(
+                f"dataloader={dataloader!r} is not supported; allowed: 'train', 'val', 'test', or an iterable"
+            )
+        self.num_batches = None if num_batches is None else int(num_batches)
+        self.dataloader = dataloader
+        self.input_fn = input_fn
+        self.submodule = submodule
+        self.force = force
+        self.batches_used = 0
+        self._pending = False
+        self._running = False
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in a checkpoint (one per submodule)."""
+        return self._generate_state_key(submodule=self.submodule)
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give an already prepared network its ``qat_calibrated`` flag before any checkpoint is restored."""
+        model = get_submodule(pl_module, self.submodule)
+        if any(True for _ in iter_fake_quantize(model)):
+            ensure_calibrated_flag(model)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate before the sanity check and training (checkpoint already restored)."""
+        if trainer.ckpt_path and trainer.strategy.restore_checkpoint_after_setup:
+            self._pending = True  # the checkpoint is restored after this hook: wait for it
+            return
+        self._maybe_calibrate(trainer, pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run a calibration deferred from ``on_fit_start``."""
+        if self._pending:
+            self._maybe_calibrate(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run a deferred calibration when no training step ran (``max_epochs=0``)."""
+        if self._pending:
+            self._maybe_calibrate(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate an uncalibrated model at the start of ``trainer.validate``."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._maybe_calibrate(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate an uncalibrated model at the start of ``trainer.test``."""
+        self._maybe_calibrate(trainer, pl_module)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Calibrate an uncalibrated model at the start of ``trainer.predict``."""
+        self._maybe_calibrate(trainer, pl_module)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Nothing half-done survives: ``calibrate`` restores modes itself; forget a pending calibration."""
+        self._pending = False
+        self._running = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain config only (the calibrated flag lives in the model's buffers)."""
+        source = self.dataloader if isinstance(self.dataloader, str) else "custom"
+        return {"num_batches": self.num_batches, "dataloader": source, "batches_used": self.batches_used}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the bookkeeping (how many batches the original calibration used)."""
+        self.batches_used = int(state_dict.get("batches_used", 0))
+
+    # ---------------------------------------------------------------------------------------------- work
+    def _maybe_calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._pending = False
+        model = get_submodule(pl_module, self.submodule)
+        require_prepared(model, "Calibration", self.submodule)
+        ensure_calibrated_flag(model)
+        if is_calibrated(model) and not self.force:
+            return
+        loader = request_dataloader(trainer, pl_module, self.dataloader)
+        available = _length(loader)
+        planned = self.num_batches if available is None else min(available, self.num_batches or available)
+        if planned is not None and planned < MIN_RECOMMENDED_BATCHES:
+            rank_zero_warn(
+                f"Calibration uses only {planned} batch(es); the seed recommends at least "
+                f"{MIN_RECOMMENDED_BATCHES} (10 to 100) for stable scales"
+            )
+        self._running = True
+        used = calibrate(
+            model,
+            loader,
+            num_batches=self.num_batches,
+            input_fn=self.input_fn,
+            transfer=trainer.strategy.batch_to_device,
+            progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+        )
+        if trainer.world_size > 1:
+            reduce_observer_statistics(model)
+        self._running = False
+        self.batches_used = used
+        model.get_buffer("qat_calibrated").fill_(True)
+        rank_zero_info(f"Calibration: {used} batch(es) per rank on {trainer.world_size} rank(s)")
+        log_scalars(trainer, {"calibration/batches": used})
+        log_quant_scales(trainer, model, prefix="calibration")
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:
+        return None

@@ -1,0 +1,127 @@
+"""``QuantStatsMonitor``: per quant node scale and saturation (clipped fraction) during validation.
+
+Like Lightning's ``LearningRateMonitor``: add it to the trainer and watch the curves in TensorBoard.
+For every integer quant node it logs ``quant/scale/<node>`` (largest channel scale for weights) and
+``quant/saturation/<node>``: the share of the node's input values that fall outside the quantization range
+``[(qmin - 0.5) * scale, (qmax + 0.5) * scale]`` during the validation pass, summed over ranks. A node that
+saturates a lot is a fixed-scale or int16 candidate (the seed's truncation error). Also the summary
+``quant/saturation_max`` and the op dtype shares ``quant/ratio_<dtype>``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor
+
+from qat_lightning.callbacks._common import get_submodule
+from qat_lightning.callbacks.logging import dtype_ratios, log_scalars
+from qat_lightning.callbacks.switch import match_name
+from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.functional import _scale_view
+
+__all__ = ["QuantStatsMonitor", "clipped_count"]
+
+
+def clipped_count(node: FakeQuantize, x: Tensor) -> Tensor:
+    """Count the values of ``x`` the node would clip with its current scale (a 0-d tensor, no sync)."""
+    scale = _scale_view(node.scale, x, node.ch_axis)
+    q = node.dtype
+    return ((x > (q.qmax + 0.5) * scale) | (x < (q.qmin - 0.5) * scale)).sum()
+
+
+class QuantStatsMonitor(Callback):
+    r"""Log scale and saturation of every integer quant node after each validation pass.
+
+    Args:
+        nodes: quant-node name patterns to watch (glob or prefix, as ``FakeQuantSwitch``); ``None``: all.
+        every_n_validations: log every n-th validation pass of a fit (``trainer.validate`` always logs).
+        submodule: attribute path of the network inside the LightningModule.
+
+    Raises:
+        ValueError: at construction for ``every_n_validations < 1``.
+    """
+
+    def __init__(
+        self,
+        nodes: Sequence[str] | None = None,
+        every_n_validations: int = 1,
+        submodule: str = "model",
+    ) -> None:
+        super().__init__()
+        if isinstance(every_n_validations, bool) or int(every_n_validations) < 1:
+            raise ValueError(f"every_n_validations must be an int >= 1, got {every_n_validations!r}")
+        self.nodes = None if nodes is None else list(nodes)
+        self.every_n_validations = int(every_n_validations)
+        self.submodule = submodule
+        self.saturation: dict[str, float] = {}
+        self._handles: list[Any] = []
+        self._counts: dict[str, list[Tensor]] = {}
+        self._passes = 0
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Attach counting hooks to the watched nodes."""
+        self._detach()
+        if trainer.sanity_checking:
+            return
+        self._passes += 1
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting and (self._passes - 1) % self.every_n_validations:
+            return
+        for name, node in iter_fake_quantize(get_submodule(pl_module, self.submodule)):
+            if node.dtype.is_integer and (self.nodes is None or any(match_name(p, name) for p in self.nodes)):
+                self._counts[name] = [torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)]
+                self._handles.append(node.register_forward_hook(self._hook(name)))
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reduce the counts over ranks and log scales and saturation."""
+        if not self._handles:
+            return
+        self._detach()
+        model = get_submodule(pl_module, self.submodule)
+        names = list(self._counts)
+        counts = torch.stack([torch.stack(self._counts[n]) for n in names]).to(trainer.strategy.root_device)
+        counts = trainer.strategy.reduce(counts.double(), reduce_op="sum").cpu()
+        self._counts = {}
+        self.saturation = {
+            n: float(c / t) if t > 0 else 0.0 for n, (c, t) in zip(names, counts.tolist(), strict=True)
+        }
+        nodes = dict(iter_fake_quantize(model))
+        scalars = {f"quant/saturation/{n}": v for n, v in self.saturation.items()}
+        scalars.update({f"quant/scale/{n}": float(nodes[n].scale.float().max()) for n in names})
+        scalars.update({f"quant/ratio_{k}": v for k, v in dtype_ratios(model).items()})
+        if self.saturation:
+            scalars["quant/saturation_max"] = max(self.saturation.values())
+        log_scalars(trainer, scalars)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Remove the hooks."""
+        self._detach()
+        self._counts = {}
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def _hook(self, name: str) -> Any:
+        def hook(node: FakeQuantize, inputs: tuple[Any, ...], output: Any) -> None:
+            x = inputs[0] if inputs else None
+            active = node.state in (FakeQuantState.VALIDATION, FakeQuantState.QAT)
+            if not isinstance(x, Tensor) or not active or not node.dtype.is_integer:
+                return
+            x = x.detach()
+            slot = self._counts[name]
+            slot[0] = slot[0].to(x.device) + clipped_count(node, x)
+            slot[1] = slot[1].to(x.device) + x.numel()
+
+        return hook
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

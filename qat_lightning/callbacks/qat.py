@@ -1,0 +1,332 @@
+"""``QuantizationAwareTraining``: QAT state while training, frozen scales while evaluating, no LR warmup.
+
+The seed's QAT advice made checks: no warmup (``find_lr_warmup`` inspects the schedulers), QAT steps no
+more than 20% of the float training's, and the "fixing or updating input/output scales" experiment as the
+``fix_scales`` option.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
+from torch.optim import lr_scheduler as sched
+
+from qat_lightning.callbacks._common import (
+    broadcast_module_state,
+    get_submodule,
+    require_prepared,
+    switch_states,
+)
+from qat_lightning.callbacks.logging import log_scalars
+from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.ops import OpKind, iter_quant_ops
+
+__all__ = [
+    "BN_MODES",
+    "FIX_SCALES",
+    "QAT_STEP_SHARE",
+    "QuantizationAwareTraining",
+    "find_lr_warmup",
+    "io_quant_nodes",
+]
+
+BN_MODES = ("fuse_bn", "with_bn", "freeze_bn")
+FIX_SCALES = (None, "input_output", "all")
+QAT_STEP_SHARE = 0.2
+"""The seed: QAT training steps should not exceed 20% of the floating-point training steps."""
+
+_LAMBDA_PROBE_STEPS = 2000
+_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
+
+
+# ----------------------------------------------------------------------------------------------- warmup
+def _lambdas(scheduler: Any) -> list[Callable[[int], float]]:
+    fns = getattr(scheduler, "lr_lambdas", None)
+    return [f for f in (fns or []) if callable(f)]
+
+
+def _rising_lambda(fn: Callable[[int], float], steps: int) -> tuple[int, float, float] | None:
+    try:
+        start = float(fn(0))
+        for t in range(1, steps + 1):
+            value = float(fn(t))
+            if value > start * (1 + 1e-6) + 1e-12:
+                return t, start, value
+    except Exception:  # noqa: BLE001 - a lambda that cannot be probed is not judged
+        return None
+    return None
+
+
+def _children(scheduler: Any) -> list[Any]:
+    return list(getattr(scheduler, "_schedulers", None) or [])
+
+
+def find_lr_warmup(scheduler: Any, steps: int = _LAMBDA_PROBE_STEPS) -> str | None:
+    """Say why ``scheduler`` warms the learning rate up, or return ``None`` when it does not.
+
+    Recognised: ``LinearLR`` rising (``start_factor < end_factor``), ``ConstantLR`` with ``factor < 1``,
+    ``OneCycleLR`` and ``CyclicLR`` (both start low and rise), ``LambdaLR`` / ``MultiplicativeLR`` whose
+    factor rises above its step-0 value within ``steps`` steps (e.g. ``transformers``' warmup schedules), and
+    any of these inside ``SequentialLR`` / ``ChainedScheduler``.
+    """
+    name = type(scheduler).__name__
+    for child in _children(scheduler):
+        reason = find_lr_warmup(child, steps)
+        if reason is not None:
+            return f"{name} contains a warmup: {reason}"
+    if isinstance(scheduler, sched.LinearLR) and scheduler.start_factor < scheduler.end_factor:
+        return (
+            f"LinearLR rises from {scheduler.start_factor:g}x to {scheduler.end_factor:g}x of the base LR "
+            f"over {scheduler.total_iters} steps"
+        )
+    if isinstance(scheduler, sched.ConstantLR) and scheduler.factor < 1 and scheduler.total_iters > 0:
+        return (
+            f"ConstantLR runs at {scheduler.factor:g}x of the base LR for {scheduler.total_iters} steps, "
+            "then jumps up"
+        )
+    if isinstance(scheduler, sched.OneCycleLR):
+        return "OneCycleLR starts at max_lr / div_factor and rises to max_lr (its first phase is a warmup)"
+    if isinstance(scheduler, sched.CyclicLR):
+        return "CyclicLR starts at base_lr and rises to max_lr"
+    if isinstance(scheduler, sched.MultiplicativeLR):
+        for fn in _lambdas(scheduler):
+            try:
+                if any(float(fn(t)) > 1.0 + 1e-9 for t in range(1, min(steps, 200) + 1)):
+                    return "MultiplicativeLR multiplies the LR by a factor > 1"
+            except Exception:  # noqa: BLE001
+                continue
+    for fn in _lambdas(scheduler):
+        found = _rising_lambda(fn, steps)
+        if found is not None:
+            t, start, value = found
+            return f"{name}'s factor rises from {start:g} at step 0 to {value:g} at step {t}"
+    return None
+
+
+def _schedulers(trainer: pl.Trainer) -> Iterator[Any]:
+    for config in trainer.lr_scheduler_configs:
+        yield config.scheduler
+
+
+# ----------------------------------------------------------------------------------------------- scales
+def io_quant_nodes(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
+    """Return the model's input/output quant nodes: outputs of its INPUT ops and of its last ops.
+
+    The last ops are those whose output feeds no other quantized op (from the producers recorded by
+    ``prepare``). Without op records the first and last quant nodes are used.
+    """
+    ops = list(iter_quant_ops(model))
+    picked: list[tuple[str, FakeQuantize]] = []
+    if ops:
+        consumed = {p for _, op in ops for p in op.op_info.input_producers if p}
+        for name, op in ops:
+            info = op.op_info
+            node = getattr(op, "output_quant", None)
+            if isinstance(node, FakeQuantize) and (info.kind == OpKind.INPUT or name not in consumed):
+                picked.append((f"{name}.output_quant", node))
+        return picked
+    nodes = [(n, q) for n, q in iter_fake_quantize(model) if q.ch_axis is None]
+    return [nodes[0], nodes[-1]] if len(nodes) > 1 else nodes
+
+
+def _activation_nodes(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
+    return [(n, q) for n, q in iter_fake_quantize(model) if q.ch_axis is None and q.dtype.is_integer]
+
+
+# ----------------------------------------------------------------------------------------------- callback
+class QuantizationAwareTraining(Callback):
+    r"""QAT state while training; VALIDATION (frozen scales, no observer update) in val / test / predict.
+
+    At ``on_train_start`` (after any checkpoint restore and the optimizer creation) it:
+
+    * refuses LR warmup (``check_lr``): the seed says QAT must align the decay with the float run but use no
+      warmup; the error names the scheduler and why;
+    * warns when the planned QAT steps exceed 20% of ``float_steps``;
+    * fixes scales (``fix_scales``): ``"input_output"`` pins the output scales of the model's input ops and
+      of its last ops, ``"all"`` pins every activation scale (weight scales keep following the weights).
+      The pinned flag is a buffer, so it survives checkpoints;
+    * with ``bn_mode="freeze_bn"``, keeps every BatchNorm in eval mode while training (frozen running
+      statistics, the seed's "freeze BN trick"), re-applied after each validation.
+
+    Args:
+        bn_mode: ``None`` (as prepared), ``"fuse_bn"``, ``"with_bn"`` or ``"freeze_bn"``. ``fuse_bn`` and
+            ``with_bn`` are structural (chosen at prepare time) and must match the prepared model's mode.
+        fix_scales: ``None``, ``"input_output"`` or ``"all"``.
+        check_lr: refuse warmup schedulers.
+        float_steps: optimizer steps of the float training (``None``: not checked).
+        submodule: attribute path of the network inside the LightningModule.
+
+    Raises:
+        ValueError: at construction for an unknown option; at train start for a warmup scheduler or a bn_mode
+            the prepared model cannot honour; on resume when the checkpoint used other QAT settings.
+    """
+
+    def __init__(
+        self,
+        bn_mode: str | None = None,
+        fix_scales: str | None = None,
+        check_lr: bool = True,
+        float_steps: int | None = None,
+        submodule: str = "model",
+    ) -> None:
+        super().__init__()
+        if bn_mode is not None and bn_mode not in BN_MODES:
+            raise ValueError(f"bn_mode={bn_mode!r} is not supported; allowed: None, {', '.join(BN_MODES)}")
+        if fix_scales not in FIX_SCALES:
+            raise ValueError(
+                f"fix_scales={fix_scales!r} is not supported; allowed: None, 'input_output', 'all'"
+            )
+        if float_steps is not None and (isinstance(float_steps, bool) or int(float_steps) < 1):
+            raise ValueError(f"float_steps must be a positive int or None, got {float_steps!r}")
+        self.bn_mode = bn_mode
+        self.fix_scales = fix_scales
+        self.check_lr = check_lr
+        self.float_steps = None if float_steps is None else int(float_steps)
+        self.submodule = submodule
+        self._bn_saved: list[tuple[nn.Module, bool]] = []
+
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in a checkpoint (one per submodule)."""
+        return self._generate_state_key(submodule=self.submodule)
+
+    # ---------------------------------------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check that the network is prepared and the requested BN mode fits it."""
+        model = self._model(pl_module)
+        require_prepared(model, "QuantizationAwareTraining", self.submodule)
+        self._check_bn_mode(model)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the LR schedule and step budget, fix scales, enter QAT state."""
+        model = self._model(pl_module)
+        if self.check_lr:
+            self._refuse_warmup(trainer)
+        self._check_steps(trainer)
+        pinned = self._fix_scales(model)
+        if pinned:
+            rank_zero_info(f"QuantizationAwareTraining: fixed {pinned} scale(s) ({self.fix_scales})")
+        switch_states(model, (FakeQuantState.VALIDATION, FakeQuantState.CALIBRATION), FakeQuantState.QAT)
+        self._freeze_bn(model)
+        log_scalars(trainer, {"qat/fixed_scales": float(pinned)})
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-apply the frozen BN mode (Lightning puts the module in train mode each epoch)."""
+        self._freeze_bn(self._model(pl_module))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Freeze scales for validation (also during the sanity check)."""
+        switch_states(self._model(pl_module), (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Go back to QAT when the validation ran inside training."""
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            model = self._model(pl_module)
+            switch_states(model, (FakeQuantState.VALIDATION,), FakeQuantState.QAT)
+            self._freeze_bn(model)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Freeze scales for testing."""
+        switch_states(self._model(pl_module), (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Freeze scales for prediction."""
+        switch_states(self._model(pl_module), (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Leave the model evaluation-ready: VALIDATION state, BN modes restored, ranks identical."""
+        model = self._model(pl_module)
+        switch_states(model, (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
+        self._restore_bn()
+        broadcast_module_state(trainer, model)  # ranks end identical (the last step updated scales locally)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        """Restore BN modes and leave no node in QAT state."""
+        self._restore_bn()
+        model = get_submodule(pl_module, self.submodule)
+        switch_states(model, (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Plain config: the QAT recipe (bn_mode, fix_scales)."""
+        return {"bn_mode": self.bn_mode, "fix_scales": self.fix_scales, "float_steps": self.float_steps}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Refuse to resume a QAT run made with other scale fixing or BN mode."""
+        for key in ("bn_mode", "fix_scales"):
+            if key in state_dict and state_dict[key] != getattr(self, key):
+                raise ValueError(
+                    f"the checkpoint was trained with QuantizationAwareTraining({key}={state_dict[key]!r}) "
+                    f"but this run uses {key}={getattr(self, key)!r}; resuming would not reproduce the run. "
+                    "Use the same setting, or start a new QAT run from the weights (not ckpt_path)"
+                )
+
+    # ---------------------------------------------------------------------------------------------- helpers
+    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
+        return get_submodule(pl_module, self.submodule)
+
+    def _refuse_warmup(self, trainer: pl.Trainer) -> None:
+        for scheduler in _schedulers(trainer):
+            reason = find_lr_warmup(scheduler)
+            if reason is not None:
+                raise ValueError(
+                    f"QAT refuses learning-rate warmup: {reason}. The seed (QAT, 1b): 'Align the learning "
+                    "rate decay strategy with the floating-point model's but ensure no warmup strategies are "
+                    "used' - a warmup starts QAT from a tiny LR and then jumps away from the calibrated "
+                    "solution. Use the float run's decay (e.g. CosineAnnealingLR) without warmup, or pass "
+                    "check_lr=False."
+                )
+
+    def _check_steps(self, trainer: pl.Trainer) -> None:
+        if self.float_steps is None:
+            return
+        steps = trainer.estimated_stepping_batches
+        if math.isfinite(steps) and steps > QAT_STEP_SHARE * self.float_steps:
+            rank_zero_warn(
+                f"QAT is planned for {int(steps)} optimizer steps, {steps / self.float_steps:.0%} of the "
+                f"float training's {self.float_steps}; the seed recommends at most {QAT_STEP_SHARE:.0%}. "
+                "Watch the training loss and the evaluation results and stop earlier if they are flat"
+            )
+
+    def _fix_scales(self, model: nn.Module) -> int:
+        if self.fix_scales is None:
+            return 0
+        nodes = io_quant_nodes(model) if self.fix_scales == "input_output" else _activation_nodes(model)
+        for _, node in nodes:
+            node.fix_scale()
+        return len(nodes)
+
+    def _check_bn_mode(self, model: nn.Module) -> None:
+        record = getattr(model, "prepare_record", None)
+        prepared_mode = getattr(record, "qat_mode", None)
+        if self.bn_mode in (None, "freeze_bn") or prepared_mode is None:
+            return
+        if {self.bn_mode, prepared_mode} == {"fuse_bn", "with_bn"}:
+            raise ValueError(
+                f"bn_mode={self.bn_mode!r} needs a model prepared with qat_mode={self.bn_mode!r}, but it was "
+                f"prepared with {prepared_mode!r}; set PrepareQuantization(qat_mode=...) instead (BN folding "
+                "is structural), or use bn_mode='freeze_bn' / None"
+            )
+
+    def _freeze_bn(self, model: nn.Module) -> None:
+        if self.bn_mode != "freeze_bn":
+            return
+        known = {id(m) for m, _ in self._bn_saved}
+        for module in model.modules():
+            if isinstance(module, _BN_TYPES):
+                if id(module) not in known:
+                    self._bn_saved.append((module, module.training))
+                module.eval()
+
+    def _restore_bn(self) -> None:
+        for module, training in self._bn_saved:
+            module.train(training)
+        self._bn_saved = []

@@ -1,0 +1,652 @@
+"""Calibration observers for symmetric quantization (zero point 0).
+
+An observer watches tensors and turns what it saw into a scale for ``q = clamp(round(x / scale), qmin,
+qmax)``: ``scale = amax / qmax`` for a clipping threshold ``amax`` chosen by the method. Statistics are
+dtype-agnostic (running min/max for every observer, plus a growing ``|x|`` histogram for
+``percentile``/``kl``/``mse``/``mix``, see :mod:`qat_lightning.quant.histogram`), so
+``compute_scale(qint8)`` and ``compute_scale(qint16)`` both work from one calibration pass. Everything
+lives in fixed-shape buffers (``state_dict``, deepcopy, DDP broadcast).
+
+Per tensor: ``ch_axis=None``, scale shape ``()``. Per channel: ``ch_axis`` and ``num_channels`` set at
+construction, scale shape ``(num_channels,)``.
+
+Two update paths: ``forward`` (calibration) updates everything; ``update_range`` (QAT) only the range
+statistics, at about the cost of one ``torch.aminmax``, and returns the batch ``max |x|``. The histogram
+of a large batch is built from a deterministic subsample plus the exact tail (block maxima), so a
+histogram update costs about 2-2.7x a torch.ao ``MinMaxObserver`` update (see
+``benchmarks/README.md``); pass ``max_samples=None`` to bin every element.
+
+Edge cases: NaN/inf raise ValueError naming the observer (or are dropped with ``ignore_nonfinite=True``);
+empty tensors are ignored; all-zero data gives ``SCALE_EPS``; an observer that saw nothing returns
+``DEFAULT_SCALE`` and warns with its ``name``.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
+from qat_lightning.quant.histogram import (
+    DEFAULT_BINS,
+    DEFAULT_MAX_SAMPLES,
+    MIX_CANDIDATES,
+    AbsHistogram,
+    kl_threshold,
+    mix_threshold,
+    mse_threshold,
+    percentile_threshold,
+)
+
+__all__ = [
+    "OBSERVER_NAMES",
+    "SCALE_EPS",
+    "DEFAULT_SCALE",
+    "Observer",
+    "MinMaxObserver",
+    "MovingMinMaxObserver",
+    "PercentileObserver",
+    "KLObserver",
+    "MSEObserver",
+    "MixObserver",
+    "FixedScaleObserver",
+    "OBSERVERS",
+    "make_observer",
+]
+
+OBSERVER_NAMES: tuple[str, ...] = ("minmax", "moving_minmax", "percentile", "kl", "mse", "mix", "fixed")
+
+SCALE_EPS: float = 2.0**-24
+"""Floor of every scale (about 6e-8, a power of two). All-zero or constant-zero data gives exactly this
+scale, never 0 or NaN. It only bites when ``amax < SCALE_EPS * qmax`` (about 7.6e-6 for int8, 2e-3 for
+int16): such a tensor is treated as (near) zero."""
+
+DEFAULT_SCALE: float = 1.0
+"""Scale returned (with a warning naming the observer) by an observer that never saw data."""
+
+
+def _check_percentile(percentile: float) -> float:
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
+        raise ValueError(f"percentile must be a number in (0, 100] (e.g. 99.99), got {percentile!r}")
+    return float(percentile)
+
+
+class Observer(torch.nn.Module, abc.ABC):
+    """Base of all observers: validation, running min/max, non-finite handling, scale and reduction.
+
+    Args:
+        ch_axis: None for per-tensor statistics, else the channel axis (negative counts from the end).
+        num_channels: channel count, required when ``ch_axis`` is set (ignored when it is None).
+        ignore_nonfinite: drop NaN/inf values instead of raising ValueError.
+        name: owner's name (op name) used in every error and warning message.
+
+    Attributes:
+        min_val: running minimum, shape ``()`` or ``(num_channels,)`` (``+inf`` before any data).
+        max_val: running maximum (``-inf`` before any data).
+        num_batches: number of non-empty batches seen (int64 scalar buffer).
+    """
+
+    kind: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        ch_axis: int | None = None,
+        num_channels: int | None = None,
+        ignore_nonfinite: bool = False,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        if ch_axis is None:
+            num_channels = None  # a per-tensor observer has no channel count
+        else:
+            if isinstance(ch_axis, bool) or not isinstance(ch_axis, int):
+                raise ValueError(f"observer {name!r}: ch_axis must be None or an int, got {ch_axis!r}")
+            if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
+                raise ValueError(
+                    f"observer {name!r}: ch_axis={ch_axis} needs num_channels (an int >= 1), "
+                    f"got {num_channels!r}"
+                )
+        self.ch_axis = ch_axis
+        self.num_channels = num_channels
+        self.ignore_nonfinite = bool(ignore_nonfinite)
+        self._rows = 1 if num_channels is None else num_channels
+        shape = () if num_channels is None else (num_channels,)
+        self.register_buffer("min_val", torch.full(shape, math.inf))
+        self.register_buffer("max_val", torch.full(shape, -math.inf))
+        self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
+        self.histogram: AbsHistogram | None = None
+
+    # ---- observing ---------------------------------------------------------------------------------------
+
+    @property
+    def _label(self) -> str:
+        return f"{self.name!r} ({type(self).__name__})" if self.name else f"<unnamed {type(self).__name__}>"
+
+    @property
+    def _shape(self) -> tuple[int, ...]:
+        return () if self.num_channels is None else (self.num_channels,)
+
+    def _rows_view(self, x: torch.Tensor) -> torch.Tensor:
+        if self.ch_axis is None:
+            return x.reshape(1, -1)
+        if x.dim() == 0 or not -x.dim() <= self.ch_axis < x.dim():
+            raise ValueError(
+                f"observer {self._label}: ch_axis={self.ch_axis} is out of range for a tensor of shape "
+                f"{tuple(x.shape)}"
+            )
+        if x.shape[self.ch_axis] != self.num_channels:
+            raise ValueError(
+                f"observer {self._label} was built for {self.num_channels} channels (ch_axis={self.ch_axis}) "
+                f"but got a tensor with {x.shape[self.ch_axis]} channels, shape {tuple(x.shape)}"
+            )
+        return x.movedim(self.ch_axis, 0).reshape(self.num_channels, -1)
+
+    def _extremes(
+        self, x2: torch.Tensor, tail: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        if self._rows > 1:  # amin + amax: several times faster than aminmax(dim=1) on CPU
+            return x2.amin(1), x2.amax(1), None
+        if tail:
+            return AbsHistogram.block_extremes(x2.reshape(-1))
+        lo, hi = torch.aminmax(x2)
+        return lo, hi, None
+
+    def _drop_nonfinite(
+        self, x2: torch.Tensor, tail: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        finite = torch.isfinite(x2)
+        bad = x2.numel() - int(finite.sum())
+        if bad and not self.ignore_nonfinite:
+            raise ValueError(
+                f"observer {self._label} got {bad} non-finite value(s) (NaN/inf) in a batch of {x2.numel()} "
+                "elements; fix the input or build the observer with ignore_nonfinite=True to drop them"
+            )
+        if self._rows == 1:
+            x2 = x2[finite].reshape(1, -1) if bad else x2
+            if x2.numel() == 0:
+                return x2, x2.new_full((), math.inf), x2.new_full((), -math.inf), None, None
+            return x2, *self._extremes(x2, tail), None
+        lo = torch.where(finite, x2, math.inf).amin(1)
+        hi = torch.where(finite, x2, -math.inf).amax(1)
+        return x2, lo, hi, None, finite if bad else None
+
+    def _observe(self, x: torch.Tensor, with_histogram: bool) -> torch.Tensor:
+        x = x.detach()
+        if x.numel() == 0:
+            return torch.zeros(self._shape, device=x.device)
+        if not x.is_floating_point():
+            x = x.float()
+        x2 = self._rows_view(x)
+        hist = self.histogram if with_histogram else None
+        # per tensor, when the histogram will subsample: block extremes give the exact tail too
+        want_tail = hist is not None and self._rows == 1 and x2.shape[1] > hist.sample_cap(x2.shape[1])
+        if want_tail:
+            x2 = x2.contiguous()  # blocks and sampled chunks are views of contiguous memory
+        lo, hi, tail = self._extremes(x2, want_tail)
+        valid = None
+        if not math.isfinite(float((hi - lo).sum())):  # one sync; NaN/inf anywhere shows up here
+            x2, lo, hi, tail, valid = self._drop_nonfinite(x2, want_tail)
+            if x2.numel() == 0:
+                return torch.zeros(self._shape, device=x.device)
+        lo, hi = lo.float(), hi.float()
+        torch.minimum(self.min_val, lo, out=self.min_val)
+        torch.maximum(self.max_val, hi, out=self.max_val)
+        self._update_extra(lo, hi)
+        amax = torch.maximum(-lo, hi)
+        if hist is not None:
+            hist.observe(x2, amax if self._rows > 1 else float(amax), int(self.num_batches), valid, tail)
+        self.num_batches += 1
+        return amax.clamp_min(0)
+
+    def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Update range statistics beyond running min/max (moving averages); no-op here."""
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> None:
+        """Update all statistics with a batch (empty tensors are ignored; any device).
+
+        Raises:
+            ValueError: on NaN/inf (unless ``ignore_nonfinite``) or a channel-count mismatch.
+        """
+        self._observe(x, with_histogram=True)
+
+    @torch.no_grad()
+    def update_range(self, x: torch.Tensor) -> torch.Tensor:
+        """Cheap QAT path: update the range statistics only (no histogram), about one ``torch.aminmax``.
+
+        Returns:
+            The batch ``max |x|``: a scalar tensor per tensor, shape ``(num_channels,)`` per channel.
+        """
+        return self._observe(x, with_histogram=False)
+
+    # ---- results -----------------------------------------------------------------------------------------
+
+    @property
+    def has_data(self) -> bool:
+        """True once a non-empty batch has been observed (survives ``state_dict`` round-trips)."""
+        return bool(self.num_batches > 0)
+
+    def observed_amax(self) -> torch.Tensor:
+        """``max(|min_val|, |max_val|)`` per row as float64, shape ``(rows,)`` (0 before any data)."""
+        amax = torch.maximum(-self.min_val, self.max_val).double().reshape(self._rows)
+        return amax.clamp_min(0)
+
+    @abc.abstractmethod
+    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
+        """Clipping threshold per row, shape ``(rows,)``."""
+
+    @torch.no_grad()
+    def compute_scale(self, dtype: DtypeLike) -> torch.Tensor:
+        """Scale for an integer dtype from the kept statistics (no new data needed).
+
+        Args:
+            dtype: ``qint8``/``qint16`` (a :class:`QuantDtype`, or anything ``parse_dtype`` accepts).
+
+        Returns:
+            float32 tensor of shape ``()`` (per tensor) or ``(num_channels,)``, every entry ``>= SCALE_EPS``.
+            An observer that saw no data returns :data:`DEFAULT_SCALE` and warns.
+
+        Raises:
+            ValueError: for a non-integer dtype.
+        """
+        qdtype = parse_dtype(dtype)
+        if not qdtype.is_integer:
+            raise ValueError(
+                f"observer {self._label}: compute_scale needs an integer dtype (qint8, qint16), got {qdtype}"
+            )
+        if self.needs_data and not self.has_data:
+            warnings.warn(
+                f"observer {self._label} has seen no data; using DEFAULT_SCALE={DEFAULT_SCALE}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return torch.full(self._shape, DEFAULT_SCALE, device=self.min_val.device)
+        thr = self._threshold(qdtype).double().nan_to_num(nan=0.0, posinf=0.0).clamp_min(0)
+        return (thr / qdtype.qmax).clamp_min(SCALE_EPS).float().reshape(self._shape)
+
+    def reset_statistics(self) -> None:
+        """Forget everything observed (buffers keep their shapes)."""
+        self.min_val.fill_(math.inf)
+        self.max_val.fill_(-math.inf)
+        self.num_batches.zero_()
+        if self.histogram is not None:
+            self.histogram.counts.zero_()
+            self.histogram.hist_range.zero_()
+
+    def reduce_statistics(self, group: Any = None) -> None:
+        """All-reduce the statistics over ``group`` so every rank holds the global ones.
+
+        min via MIN, max via MAX, batch counts via SUM, moving averages averaged over the ranks that saw
+        data, histograms brought to the largest range (exact re-binning) and summed. No-op unless
+        ``torch.distributed`` is available and initialized.
+        """
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        self._reduce_extra(group)
+        dist.all_reduce(self.min_val, op=dist.ReduceOp.MIN, group=group)
+        dist.all_reduce(self.max_val, op=dist.ReduceOp.MAX, group=group)
+        dist.all_reduce(self.num_batches, op=dist.ReduceOp.SUM, group=group)
+        if self.histogram is not None:
+            self.histogram.reduce(group)
+
+    def _reduce_extra(self, group: Any) -> None:
+        """Reduce statistics beyond the base ones (called before the base reductions); no-op here."""
+
+    def extra_repr(self) -> str:
+        """Return name, channel axis and options for ``repr``."""
+        parts = [f"name={self.name!r}"] if self.name else []
+        if self.ch_axis is not None:
+            parts.append(f"ch_axis={self.ch_axis}, num_channels={self.num_channels}")
+        if self.ignore_nonfinite:
+            parts.append("ignore_nonfinite=True")
+        return ", ".join(parts)
+
+
+class MinMaxObserver(Observer):
+    """``minmax``: running min/max over all batches; ``scale = max(|min|, |max|) / qmax``.
+
+    torch.ao's symmetric observers use ``amax / ((qmax - qmin) / 2)`` (``amax / 127.5`` for int8); this one
+    never clips (``amax / 127``).
+    """
+
+    kind = "minmax"
+
+    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
+        return self.observed_amax()
+
+
+class MovingMinMaxObserver(Observer):
+    """``moving_minmax``: exponential moving average of the per-batch min and max.
+
+    Like torch.ao ``MovingAverageMinMaxObserver``: the first batch initialises the averages, later ones do
+    ``avg += averaging_constant * (batch - avg)``; ``scale = max(|avg_min|, |avg_max|) / qmax``. The exact
+    running ``min_val``/``max_val`` are kept too (for reports). ``update_range`` also updates the averages.
+
+    Args:
+        averaging_constant: weight of a new batch, in ``(0, 1]`` (1 = last batch only).
+    """
+
+    kind = "moving_minmax"
+
+    def __init__(
+        self,
+        ch_axis: int | None = None,
+        num_channels: int | None = None,
+        ignore_nonfinite: bool = False,
+        name: str = "",
+        *,
+        averaging_constant: float = 0.01,
+    ) -> None:
+        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
+        c = averaging_constant
+        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
+            raise ValueError(
+                f"observer {name!r}: averaging_constant must be in (0, 1] (e.g. 0.01), got {c!r}"
+            )
+        self.averaging_constant = float(c)
+        self.register_buffer("avg_min", torch.full(self._shape, math.inf))
+        self.register_buffer("avg_max", torch.full(self._shape, -math.inf))
+
+    def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        c = self.averaging_constant
+        if not self.ignore_nonfinite:  # lo/hi are finite: first batch copies, later ones lerp
+            first = not self.has_data
+            for avg, new in ((self.avg_min, lo), (self.avg_max, hi)):
+                if first:
+                    avg.copy_(new)
+                else:
+                    avg.lerp_(new, c)
+            return
+        # a channel may have had no finite value so far (average still +-inf) or in this batch (new +-inf)
+        for avg, new in ((self.avg_min, lo), (self.avg_max, hi)):
+            moved = torch.where(torch.isinf(avg), new, avg + c * (new - avg))
+            avg.copy_(torch.where(torch.isfinite(new), moved, avg))
+
+    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
+        return torch.maximum(-self.avg_min, self.avg_max).double().reshape(self._rows).clamp_min(0)
+
+    def reset_statistics(self) -> None:
+        """Forget everything observed, moving averages included."""
+        super().reset_statistics()
+        self.avg_min.fill_(math.inf)
+        self.avg_max.fill_(-math.inf)
+
+    def _reduce_extra(self, group: Any) -> None:
+        has = (torch.isfinite(self.avg_min) & torch.isfinite(self.avg_max)).float()
+        packed = torch.stack(
+            [self.avg_min.nan_to_num(0, 0, 0) * has, self.avg_max.nan_to_num(0, 0, 0) * has, has]
+        )
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        seen = packed[2] > 0
+        self.avg_min.copy_(torch.where(seen, packed[0] / packed[2].clamp_min(1), math.inf))
+        self.avg_max.copy_(torch.where(seen, packed[1] / packed[2].clamp_min(1), -math.inf))
+
+    def extra_repr(self) -> str:
+        """Return the base options plus the averaging constant."""
+        return ", ".join(
+            p for p in (super().extra_repr(), f"averaging_constant={self.averaging_constant}") if p
+        )
+
+
+def _histogram_init(obs: Observer, bins: int, max_samples: int | None) -> None:
+    try:
+        obs.histogram = AbsHistogram(obs._rows, bins, max_samples)
+    except ValueError as err:
+        raise ValueError(f"observer {obs.name!r}: {err}") from None
+
+
+def _hist_args(obs: Observer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    hist = obs.histogram
+    if hist is None:  # pragma: no cover - set in __init__ of every histogram observer
+        raise RuntimeError(f"observer {obs.name!r} has no histogram")
+    return hist.counts, hist.width, obs.observed_amax().to(hist.counts.device)
+
+
+class PercentileObserver(Observer):
+    """``percentile``: a percentile of ``|x|`` from the histogram, capped at the exact max.
+
+    Args:
+        percentile: in ``(0, 100]`` (100 gives the exact ``max |x|``).
+        bins: histogram bins, a power of two in ``[256, 65536]``.
+        max_samples: per-batch sampling cap (see :mod:`qat_lightning.quant.histogram`); None bins all.
+    """
+
+    kind = "percentile"
+
+    def __init__(
+        self,
+        ch_axis: int | None = None,
+        num_channels: int | None = None,
+        ignore_nonfinite: bool = False,
+        name: str = "",
+        *,
+        percentile: float = 99.99,
+        bins: int = DEFAULT_BINS,
+        max_samples: int | None = DEFAULT_MAX_SAMPLES,
+    ) -> None:
+        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
+        try:
+            self.percentile = _check_percentile(percentile)
+        except ValueError as err:
+            raise ValueError(f"observer {name!r}: {err}") from None
+        _histogram_init(self, bins, max_samples)
+
+    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
+        return percentile_threshold(*_hist_args(self), self.percentile)
+
+
+class KLObserver(Observer):
+    """``kl``: TensorRT entropy calibration on the ``|x|`` histogram (see :func:`histogram.kl_threshold`).
+
+    For int8 it searches thresholds with 128 quantized levels; for int16 (32768 levels, finer than any
+    histogram bin) it returns the exact ``max |x|``.
+
+    Args:
+        bins: histogram bins, a power of two in ``[256, 65536]``.
+        max_samples: per-batch sampling cap; None bins every element.
+    """
+
+    kind = "kl"
+
+    def __init__(
+        self,
+        ch_axis: int | None = None,
+        num_channels: int | None = None,
+        ignore_nonfinite: bool = False,
+        name: str = "",
+        *,
+        bins: int = DEFAULT_BINS,
+        max_samples: int | None = DEFAULT_MAX_SAMPLES,
+    ) -> None:
+        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
+        _histogram_init(self, bins, max_samples)
+
+    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
+        return kl_threshold(*_hist_args(self), qdtype.qmax)
+
+
+class MSEObserver(Observer):
+    """``mse``: threshold minimising the histogram-estimated quantization MSE (clipping + rounding).
+
+    See :func:`histogram.estimate_mse` for the error model and :func:`histogram.mse_threshold` for the
+    search; both depend on ``qmax``, so int16 ends near the max and int8 clips more.
+
+    Args:
+        bins: histogram bins, a power of two in ``[256, 65536]``.
+        max_samples: per-batch sampling cap; None bins every element.
+    """
+
+    kind = "mse"
+
+    def __init__(
+        self,
+        ch_axis: int | None = None,
+        num_channels: int | None = None,
+        ignore_nonfinite: bool = False,
+        name: str = "",
+        *,
+        bins: int = DEFAULT_BINS,
+        max_samples: int | None = DEFAULT_MAX_SAMPLES,
+    ) -> None:
+        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
+        _histogram_init(self, bins, max_samples)
+
+    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
+        return mse_threshold(*_hist_args(self), qdtype.qmax)
+
+
+class MixObserver(Observer):
+    """``mix``: best of several methods, judged on the same statistics.
+
+    For the requested dtype it computes the candidate thresholds of ``minmax`` (exact ``max |x|``),
+    ``percentile`` (``percentile``, default 99.99), ``kl`` and ``mse`` from the one histogram, evaluates
+    each with :func:`histogram.estimate_mse` (histogram-estimated quantization MSE, clipping + rounding)
+    and keeps the lowest (ties go to the earlier name in that order). Per channel each channel picks on
+    its own. ``last_choice`` names the winner of the last ``compute_scale`` (per channel: the one that won
+    the most channels) and ``last_choices`` lists the winner per row. Since ``mse`` minimises the same
+    estimate on a fine grid, it wins unless another candidate lands between its grid points.
+
+    Args:
+        percentile: percentile of the ``percentile`` candidate, in ``(0, 100]``.
+        bins: histogram bins, a power of two in ``[256, 65536]``.
+        max_samples: per-batch sampling cap; None bins every element.
+    """
+
+    kind = "mix"
+
+    def __init__(
+        self,
+        ch_axis: int | None = None,
+        num_channels: int | None = None,
+        ignore_nonfinite: bool = False,
+        name: str = "",
+        *,
+        percentile: float = 99.99,
+        bins: int = DEFAULT_BINS,
+        max_samples: int | None = DEFAULT_MAX_SAMPLES,
+    ) -> None:
+        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
+        try:
+            self.percentile = _check_percentile(percentile)
+        except ValueError as err:
+            raise ValueError(f"observer {name!r}: {err}") from None
+        _histogram_init(self, bins, max_samples)
+        self.last_choice: str = ""
+        self.last_choices: list[str] = []
+
+    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
+        thr, win = mix_threshold(*_hist_args(self), qdtype.qmax, self.percentile)
+        self.last_choices = [MIX_CANDIDATES[i] for i in win.tolist()]
+        self.last_choice = max(MIX_CANDIDATES, key=self.last_choices.count)
+        return thr
+
+
+class FixedScaleObserver(Observer):
+    """``fixed``: ``scale = threshold / qmax`` whatever the data (min/max are still tracked for reports).
+
+    Args:
+        threshold: clipping threshold ``>= 0``: a number, or one per channel (length ``num_channels``).
+    """
+
+    kind = "fixed"
+    needs_data = False
+
+    def __init__(
+        self,
+        ch_axis: int | None = None,
+        num_channels: int | None = None,
+        ignore_nonfinite: bool = False,
+        name: str = "",
+        *,
+        threshold: float | Sequence[float] | torch.Tensor,
+    ) -> None:
+        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
+        try:
+            thr = torch.as_tensor(threshold, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            thr = torch.tensor(math.nan)
+        if thr.dim() > 1 or (thr.dim() == 1 and thr.numel() not in (1, self._rows)):
+            allowed = "a number" if num_channels is None else f"a number or {self._rows} per-channel values"
+            raise ValueError(
+                f"observer {name!r}: threshold must be {allowed} (finite, >= 0), got shape {tuple(thr.shape)}"
+            )
+        if not bool(torch.isfinite(thr).all()) or bool((thr < 0).any()):
+            raise ValueError(f"observer {name!r}: threshold must be finite and >= 0, got {threshold!r}")
+        self.register_buffer("threshold", thr.float().expand(self._rows).reshape(self._shape).clone())
+
+    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
+        return self.threshold.double().reshape(self._rows)
+
+
+OBSERVERS: dict[str, type[Observer]] = {
+    cls.kind: cls
+    for cls in (
+        MinMaxObserver,
+        MovingMinMaxObserver,
+        PercentileObserver,
+        KLObserver,
+        MSEObserver,
+        MixObserver,
+        FixedScaleObserver,
+    )
+}
+
+_KWARGS: dict[str, tuple[str, ...]] = {
+    "minmax": (),
+    "moving_minmax": ("averaging_constant",),
+    "percentile": ("percentile", "bins", "max_samples"),
+    "kl": ("bins", "max_samples"),
+    "mse": ("bins", "max_samples"),
+    "mix": ("percentile", "bins", "max_samples"),
+    "fixed": ("threshold",),
+}
+
+
+def make_observer(
+    name: str,
+    ch_axis: int | None = None,
+    num_channels: int | None = None,
+    ignore_nonfinite: bool = False,
+    name_for_messages: str = "",
+    **kwargs: Any,
+) -> Observer:
+    """Build an observer by method name.
+
+    Args:
+        name: one of :data:`OBSERVER_NAMES`.
+        ch_axis: None (per tensor) or the channel axis.
+        num_channels: channel count, required with ``ch_axis``.
+        ignore_nonfinite: drop NaN/inf instead of raising.
+        name_for_messages: owner's name used in errors and warnings (the observer's ``name``).
+        **kwargs: method options: ``averaging_constant`` (moving_minmax); ``percentile``, ``bins``,
+            ``max_samples`` (percentile, mix); ``bins``, ``max_samples`` (kl, mse); ``threshold`` (fixed,
+            required).
+
+    Returns:
+        A fresh observer.
+
+    Raises:
+        ValueError: unknown method or option (the message lists the allowed ones), or invalid values.
+    """
+    if name not in OBSERVERS:
+        raise ValueError(
+            f"unknown observer {name!r} for {name_for_messages!r}; allowed: {', '.join(OBSERVER_NAMES)}"
+        )
+    allowed = _KWARGS[name]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"unknown option(s) {', '.join(unknown)} for observer {name!r} ({name_for_messages!r}); "
+            f"allowed: {', '.join(allowed) or 'none'}"
+        )
+    if name == "fixed" and "threshold" not in kwargs:
+        raise ValueError(f"observer 'fixed' ({name_for_messages!r}) needs threshold=<number >= 0>")
+    return OBSERVERS[name](ch_axis, num_channels, ignore_nonfinite, name_for_messages, **kwargs)

@@ -1,0 +1,174 @@
+"""``QConfig``: what precision and calibration method one op's quant points use.
+
+An op has up to three kinds of quant points: its inputs (``input_dtype``; ``None`` = take the producer's
+output as is), its weight (gemm ops, per output channel, ``weight_dtype``) and its output
+(``output_dtype``). The activation observer is chosen by name; a fixed threshold (a known physical range,
+e.g. speed in [0, 200] km/h) replaces the observer with ``scale = threshold / qmax``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype, qint8
+from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.observers import OBSERVER_NAMES
+
+__all__ = ["QConfig", "get_qconfig"]
+
+
+def _optional_dtype(value: DtypeLike | None) -> QuantDtype | None:
+    return None if value is None else parse_dtype(value)
+
+
+def _hashable(value: Any) -> Any:
+    """Hashable stand-in for an observer option: equal options give equal stand-ins."""
+    if isinstance(value, Mapping):
+        return tuple(sorted((repr(k), _hashable(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    try:
+        hash(value)
+    except TypeError:
+        return repr(value)
+    return value
+
+
+@dataclass(frozen=True)
+class QConfig:
+    """Quantization settings of one op.
+
+    Attributes:
+        input_dtype: dtype of the op's input quant points, ``None`` to leave inputs as produced; a tuple
+            gives one dtype per input (matmul's two inputs).
+        weight_dtype: dtype of the weight (gemm ops), ``None`` for no weight quantization.
+        output_dtype: dtype of the output quant point, ``None`` for no output quant point.
+        observer: activation calibration method (one of ``OBSERVER_NAMES`` except ``fixed``).
+        observer_kwargs: extra observer arguments (``percentile``, ``averaging_constant``, ``bins``).
+        weight_observer: weight calibration method (per channel), ``minmax`` by default.
+        fixed_threshold: when set, activation scales are fixed to ``threshold / qmax`` of their dtype.
+        ch_axis: weight channel axis (0 = output channels of conv/linear).
+    """
+
+    input_dtype: QuantDtype | tuple[QuantDtype | None, ...] | None = None
+    weight_dtype: QuantDtype | None = qint8
+    output_dtype: QuantDtype | None = qint8
+    observer: str = "mse"
+    observer_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    weight_observer: str = "minmax"
+    fixed_threshold: float | None = None
+    ch_axis: int = 0
+
+    def __post_init__(self) -> None:
+        for attr in ("weight_dtype", "output_dtype"):
+            object.__setattr__(self, attr, _optional_dtype(getattr(self, attr)))
+        if isinstance(self.input_dtype, (tuple, list)):
+            object.__setattr__(self, "input_dtype", tuple(_optional_dtype(d) for d in self.input_dtype))
+        else:
+            object.__setattr__(self, "input_dtype", _optional_dtype(self.input_dtype))
+        allowed = [n for n in OBSERVER_NAMES if n != "fixed"]
+        for attr in ("observer", "weight_observer"):
+            if getattr(self, attr) not in allowed:
+                raise ValueError(f"unknown {attr} {getattr(self, attr)!r}; allowed: {', '.join(allowed)}")
+        if self.fixed_threshold is not None and not self.fixed_threshold >= 0:
+            raise ValueError(f"fixed_threshold must be >= 0, got {self.fixed_threshold}")
+        if not isinstance(self.ch_axis, int):
+            raise ValueError(f"ch_axis must be an int, got {self.ch_axis!r}")
+        object.__setattr__(self, "observer_kwargs", dict(self.observer_kwargs))
+
+    def __hash__(self) -> int:
+        # the generated hash would fail on the ``observer_kwargs`` dict; hash a frozen copy of it instead
+        return hash(
+            (
+                self.input_dtype,
+                self.weight_dtype,
+                self.output_dtype,
+                self.observer,
+                _hashable(self.observer_kwargs),
+                self.weight_observer,
+                self.fixed_threshold,
+                self.ch_axis,
+            )
+        )
+
+    def input_dtype_at(self, index: int) -> QuantDtype | None:
+        """Return the dtype of input ``index`` (the last entry of a tuple repeats for further inputs)."""
+        if isinstance(self.input_dtype, tuple):
+            if not self.input_dtype:
+                return None
+            return self.input_dtype[min(index, len(self.input_dtype) - 1)]
+        return self.input_dtype
+
+    def replace(self, **changes: Any) -> QConfig:
+        """Return a copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def activation_fake_quant(self, dtype: QuantDtype, name: str = "") -> FakeQuantize:
+        """Build an input/output quant point of this qconfig in ``dtype``."""
+        if self.fixed_threshold is not None:
+            fixed = {"threshold": self.fixed_threshold}
+            return FakeQuantize(dtype, "fixed", observer_kwargs=fixed, name=name)
+        return FakeQuantize(dtype, self.observer, observer_kwargs=self.observer_kwargs, name=name)
+
+    def weight_fake_quant(self, num_channels: int, name: str = "") -> FakeQuantize:
+        """Build the per-channel weight quant point (``weight_dtype`` must be set)."""
+        if self.weight_dtype is None:
+            raise ValueError(f"{name or 'this op'}: the qconfig has no weight dtype")
+        return FakeQuantize(
+            self.weight_dtype,
+            self.weight_observer,
+            ch_axis=self.ch_axis,
+            num_channels=num_channels,
+            name=name,
+        )
+
+
+def get_qconfig(
+    in_dtype: DtypeLike | None = None,
+    weight_dtype: DtypeLike | None = qint8,
+    out_dtype: DtypeLike | None = qint8,
+    observer: str = "mse",
+    fixed_scale: float | None = None,
+    threshold: float | None = None,
+    weight_observer: str = "minmax",
+    **observer_kwargs: Any,
+) -> QConfig:
+    """Build a :class:`QConfig` (the seed's ``get_qconfig``).
+
+    Args:
+        in_dtype: input dtype (``None`` = as produced).
+        weight_dtype: weight dtype of gemm ops.
+        out_dtype: output dtype.
+        observer: activation calibration method.
+        fixed_scale: a fixed output scale for ``out_dtype`` (stored dtype-agnostically as the threshold
+            ``fixed_scale * qmax``, so a later dtype change keeps the same range).
+        threshold: the fixed range directly (``scale = threshold / qmax``); exclusive with ``fixed_scale``.
+        weight_observer: weight calibration method.
+        **observer_kwargs: passed to the activation observer.
+
+    Raises:
+        ValueError: for unknown names, a negative threshold, or both ``fixed_scale`` and ``threshold``.
+    """
+    if fixed_scale is not None and threshold is not None:
+        raise ValueError("give either fixed_scale or threshold, not both")
+    if fixed_scale is not None:
+        if not fixed_scale >= 0:
+            raise ValueError(f"fixed_scale must be >= 0, got {fixed_scale}")
+        out = _optional_dtype(out_dtype)
+        if out is None or not out.is_integer:
+            raise ValueError(
+                "fixed_scale needs an integer out_dtype (qint8 or qint16); use threshold= instead"
+            )
+        threshold = fixed_scale * out.qmax
+    return QConfig(
+        input_dtype=in_dtype,
+        weight_dtype=weight_dtype,
+        output_dtype=out_dtype,
+        observer=observer,
+        observer_kwargs=observer_kwargs,
+        weight_observer=weight_observer,
+        fixed_threshold=threshold,
+    )

@@ -1,0 +1,101 @@
+"""The analysis on real prepare() output (tests/models.py): fx CNN and encoder, eager fallback, alignment."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import warnings
+
+import pytest
+import torch
+
+import qat_lightning as ql
+from qat_lightning.analysis import QuantAnalysis, search_mixed_precision
+from qat_lightning.analysis.metrics import resolve_metric
+from qat_lightning.analysis.sensitivity import exact_sensitivity, sensitivity_targets
+
+prepare_module = pytest.importorskip("qat_lightning.quant.prepare")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+models = pytest.importorskip("models")
+
+
+def _prepared(cls, method: str = "auto", batch: int = 8):
+    torch.manual_seed(0)
+    model = cls().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_module.prepare(model, cls.example_inputs(batch), method=method)
+    ql.set_fake_quantize(prepared, ql.FakeQuantState.CALIBRATION)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(3):
+            prepared(*(torch.randn(t.shape, generator=gen) for t in cls.example_inputs(batch)))
+    ql.set_fake_quantize(prepared, ql.FakeQuantState.VALIDATION)
+    return model, prepared
+
+
+def _batches(cls, n: int = 2, batch: int = 8):
+    gen = torch.Generator().manual_seed(2)
+    return [tuple(torch.randn(t.shape, generator=gen) for t in cls.example_inputs(batch)) for _ in range(n)]
+
+
+def test_cnn_full_workflow_single_and_two_models(tmp_path) -> None:
+    model, prepared = _prepared(models.TinyResNet)
+    assert isinstance(prepared, torch.fx.GraphModule)
+    data = _batches(models.TinyResNet)
+    single = QuantAnalysis(prepared, out_dir=tmp_path / "one")
+    single.auto_find_bad_case(data)
+    single.run()
+    one = single.compare_per_layer()
+    assert [r.mod_name for r in one.rows] == list(prepared.quant_op_order)
+    pair = QuantAnalysis(model, prepared, out_dir=tmp_path / "two")
+    pair.auto_find_bad_case(data)
+    for a, b in zip(pair.bad_cases.rows, single.bad_cases.rows, strict=True):  # FLOAT ≈ the float model
+        assert a.index == b.index and a.value == pytest.approx(b.value, rel=1e-4)
+    pair.run()
+    two = pair.compare_per_layer()
+    assert two.unaligned == ()  # fused conv-bn-(add)-relu, shared relu and the input all align
+    for a, b in zip(one.rows, two.rows, strict=True):
+        assert a.cosine == pytest.approx(b.cosine, abs=1e-4) and a.base_model_max == pytest.approx(
+            b.base_model_max, rel=1e-4, abs=1e-5
+        )
+    assert two.row("layer1.0.conv2").base_op_type == "ReLU" and two.row("x_quant").base_op_type == "input"
+    tables = single.sensitivity()
+    assert len(tables) == 1 and len(tables[0].rows) == len(sensitivity_targets(prepared))
+    assert tables[0].rows[-1].metric < 0.1 * tables[0].rows[0].metric
+    assert model.training is False and prepared.training is False
+
+
+@pytest.mark.parametrize("cls", ["TinyResNet", "TinyEncoder"])
+def test_downstream_slice_equals_naive_on_prepared_graphs(cls: str) -> None:
+    _, prepared = _prepared(getattr(models, cls), batch=2)
+    inputs = _batches(getattr(models, cls), 1, 2)[0]
+    targets = sensitivity_targets(prepared)
+    metric = resolve_metric("L1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no in-place fallback on prepare()'s graphs
+        sliced = exact_sensitivity(prepared, inputs, metric, targets)
+    assert sliced == exact_sensitivity(prepared, inputs, metric, targets, use_slice=False)
+
+
+def test_eager_fallback_model_and_search(tmp_path) -> None:
+    _, prepared = _prepared(models.DataDependentModel)
+    assert not isinstance(prepared, torch.fx.GraphModule)
+    data = _batches(models.DataDependentModel)
+    qa = QuantAnalysis(prepared, out_dir=tmp_path)
+    qa.auto_find_bad_case(data)
+    qa.run()
+    assert len(qa.compare_per_layer(plot=False).rows) == len(prepared.quant_op_order)
+    (table,) = qa.sensitivity(plot=False)
+    (x,) = data[0]
+    with torch.no_grad(), ql.fake_quant_disabled(prepared):
+        ref = prepared(x)
+
+    def eval_fn(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return -float((m(x) - ref).abs().mean())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no index-op warning: observers never run inside the analysis
+        plan = search_mixed_precision(prepared, table, eval_fn, target=eval_fn(prepared) / 2)
+    assert plan.reached and plan.raised

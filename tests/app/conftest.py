@@ -1,0 +1,30 @@
+"""Helpers for the app tests: compose with overrides and run in a temp dir, fast settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qat_lightning.cli import compose, run_config
+
+FAST = [
+    "progress=false",
+    "torch_threads=1",
+    "train.max_epochs=3",
+    "qat.max_epochs=1",
+    "calibration.num_batches=4",
+    "+data.batch_size=128",
+    "sanity.steps=2",
+    "sanity.tolerance=0.05",
+]
+
+
+def run_app(run_dir: Path, *overrides: str):
+    """Compose ``FAST + overrides`` and run it in ``run_dir``; returns the summary."""
+    return run_config(compose([*FAST, *overrides]), Path(run_dir))
+
+
+@pytest.fixture
+def run(tmp_path):
+    return lambda *overrides, run_dir=None: run_app(run_dir or tmp_path, *overrides)

@@ -1,0 +1,82 @@
+"""A short stage=pipeline run on the built-in example produces every artefact with sane content."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from tests.app.conftest import run_app
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pipeline")
+    # 0.999 x float: all-int8 misses it on this model (the wide-range concat), so every branch up to the
+    # int16 search runs; search probes on 2 validation batches keep it short
+    summary = run_app(run_dir, "target.ratio_of_float=0.999", "search.eval_batches=2")
+    return run_dir, summary
+
+
+def test_summary_table_and_decisions(pipeline_run):
+    run_dir, summary = pipeline_run
+    text = (run_dir / "summary.md").read_text()
+    assert "| stage | recipe | metric | % of float | int16 ratio | fp16 ratio | est. cost (x int8) | note |" in text
+    steps = [row.step for row in summary.rows]
+    assert steps[0] == "float"
+    assert "calibration int16" in steps and "calibration all-int8" in steps
+    assert "qat" in steps and "sanity lr0" in steps and "sanity float" in steps
+    rows = {row.step: row for row in summary.rows}
+    float_metric = rows["float"].metric
+    assert 0.5 < float_metric <= 1.0
+    assert rows["calibration int16"].int16_ratio > 0.9 and rows["calibration int16"].cost == pytest.approx(2.0, abs=0.3)
+    assert rows["calibration all-int8"].int16_ratio == 0.0 and rows["calibration all-int8"].cost == pytest.approx(1.0)
+    for row in summary.rows:
+        assert row.metric is None or 0.0 <= row.metric <= 1.0
+    assert rows["sanity lr0"].note in ("PASS", "FAIL") and rows["sanity float"].note in ("PASS", "FAIL")
+    assert summary.decisions[0].startswith("target val/acc = ")
+    assert any("all-int8" in d and "target" in d for d in summary.decisions)
+    for decision in summary.decisions:  # every decision comes with its numbers
+        assert re.search(r"\d\.\d{4}", decision), decision
+
+
+def test_checkpoints_record_their_recipe(pipeline_run):
+    run_dir, _ = pipeline_run
+    ckpts = {p.name for p in (run_dir / "checkpoints").glob("*.ckpt")}
+    assert {"float.ckpt", "calibration_int16.ckpt", "calibration_int8.ckpt", "calibration.ckpt", "qat.ckpt"} <= ckpts
+    qat = torch.load(run_dir / "checkpoints" / "qat.ckpt", weights_only=False)
+    assert qat["qat_lightning"]["kind"] == "qat"
+    assert qat["qat_lightning"]["recipe"]["chip"] == "j6m"
+    assert 0 <= qat["qat_lightning"]["metric"] <= 1
+
+
+def test_step_directories_hold_reports_and_events(pipeline_run):
+    run_dir, summary = pipeline_run
+    calib_dirs = [row.out_dir for row in summary.rows if row.step.startswith("calibration")]
+    for out in calib_dirs:
+        report = (out / "model_check_result.txt").read_text()
+        assert "Each layer out qconfig" in report and "Dtype summary" in report
+    int16_report = (calib_dirs[0] / "model_check_result.txt").read_text()
+    assert "qint16" in int16_report
+    events = list(run_dir.rglob("events.out.tfevents.*"))
+    assert len(events) >= 4
+    for mode in ("lr0", "float"):
+        (sanity,) = run_dir.glob(f"*_sanity_{mode}/sanity_check.txt")
+        assert f"Sanity check ({mode})" in sanity.read_text()
+
+
+def test_analysis_and_search_artefacts(pipeline_run):
+    run_dir, summary = pipeline_run
+    analysis = list(run_dir.glob("*_analysis_low/quant_analysis"))
+    if not analysis:
+        pytest.skip("all-int8 met the target in this short run: no analysis step")
+    out = analysis[0]
+    for name in ("badcase.txt", "compare_per_layer.txt", "compare_per_layer.csv", "sensitivity_0.txt"):
+        assert (out / name).is_file(), name
+    table = json.loads((out / "sensitivity_0.json").read_text())
+    assert table["rows"][0]["op_name"] == "cat"  # the wide-range concat is the most sensitive op
+    assert (out / "mixed_precision.json").is_file()
+    assert any("int16 ratio" in d and "raise" in d for d in summary.decisions)
+    assert "cat" in (run_dir / "summary.md").read_text()

@@ -1,0 +1,230 @@
+"""QuantizationAwareTraining with a real Trainer: calibration + QAT, from a checkpoint, warmup, reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cb_helpers import IN, LitClassifier, accuracy, make_loader, make_trainer, scales
+from lightning.pytorch import Callback
+
+import qat_lightning as ql
+from qat_lightning.callbacks import (
+    CALIBRATED_FLAG,
+    Calibration,
+    PrepareQuantization,
+    QuantizationAwareTraining,
+    io_quant_nodes,
+    load_quantized_checkpoint,
+    prepare_submodule,
+)
+from qat_lightning.quant.qconfig_setter import QconfigSetter
+from qat_lightning.quant.templates import ModuleNameTemplate
+
+
+class Boom:
+    """A 'dataloader' that fails when read: proves calibration did not run."""
+
+    def __iter__(self):
+        raise AssertionError("calibration ran although the model was calibrated")
+
+
+class StatesAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.scales = scales(pl_module.model)
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        self.states = {n.state for _, n in ql.iter_fake_quantize(pl_module.model)}
+
+    def on_validation_batch_start(self, trainer, pl_module, *args):
+        self.val_states = {n.state for _, n in ql.iter_fake_quantize(pl_module.model)}
+
+
+def _calibrated_checkpoint(tmp_path, data):
+    lit = LitClassifier()
+    trainer = make_trainer(
+        tmp_path, [PrepareQuantization(), Calibration(num_batches=10)], max_epochs=0, version=9
+    )
+    trainer.fit(lit, datamodule=data)
+    path = tmp_path / "calibrated.ckpt"
+    trainer.save_checkpoint(path)
+    return lit, path
+
+
+def test_calibration_then_qat(tmp_path, lit, data):
+    spy = StatesAtTrainStart()
+    callbacks = [
+        PrepareQuantization(),
+        Calibration(num_batches=10),
+        QuantizationAwareTraining(fix_scales="input_output"),
+        spy,
+    ]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=2, num_sanity_val_steps=1)
+    trainer.fit(lit, datamodule=data)
+    model = lit.model
+    assert spy.states == {ql.FakeQuantState.QAT}
+    assert spy.val_states == {ql.FakeQuantState.VALIDATION}
+    assert all(n.state is ql.FakeQuantState.VALIDATION for _, n in ql.iter_fake_quantize(model))
+    after = scales(model)
+    fixed = {id(node) for _, node in io_quant_nodes(model)}
+    assert fixed and all(n.is_fixed for _, n in io_quant_nodes(model))
+    moved = 0
+    for name, node in ql.iter_fake_quantize(model):
+        if id(node) in fixed:
+            torch.testing.assert_close(after[name], spy.scales[name], rtol=0, atol=0, msg=name)
+        elif not torch.equal(after[name], spy.scales[name]):
+            moved += 1
+    assert moved > 0, "QAT did not update any scale"
+    assert accuracy(model, make_loader(128, 1)) > 0.8
+
+
+def test_qat_from_a_calibrated_checkpoint_never_recalibrates(tmp_path, data):
+    calibrated, path = _calibrated_checkpoint(tmp_path, data)
+    spy = StatesAtTrainStart()
+    lit = LitClassifier()
+    callbacks = [PrepareQuantization(), Calibration(dataloader=Boom()), QuantizationAwareTraining(), spy]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1)
+    trainer.fit(lit, datamodule=data, ckpt_path=path)
+    assert bool(getattr(lit.model, CALIBRATED_FLAG))
+    for name, value in scales(calibrated.model).items():
+        torch.testing.assert_close(spy.scales[name], value, rtol=0, atol=0, msg=name)
+    assert trainer.global_step == 8
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "needle"),
+    [
+        ("linear_warmup", "LinearLR rises"),
+        ("lambda_warmup", "LambdaLR's factor rises"),
+        ("sequential_warmup", "SequentialLR"),
+    ],
+)
+def test_warmup_is_refused(tmp_path, data, scheduler, needle):
+    lit = LitClassifier(scheduler=scheduler)
+    trainer = make_trainer(tmp_path, [PrepareQuantization(), QuantizationAwareTraining()], max_epochs=1)
+    with pytest.raises(ValueError, match=f"QAT refuses learning-rate warmup: .*{needle}.*no warmup"):
+        trainer.fit(lit, datamodule=data)
+    assert all(n.state is not ql.FakeQuantState.QAT for _, n in ql.iter_fake_quantize(lit.model))
+
+
+def test_decay_scheduler_and_check_lr_off_are_accepted(tmp_path, data):
+    make_trainer(
+        tmp_path, [PrepareQuantization(), QuantizationAwareTraining()], max_epochs=1, limit_train_batches=2
+    ).fit(LitClassifier(scheduler="cosine"), datamodule=data)
+    callbacks = [PrepareQuantization(), QuantizationAwareTraining(check_lr=False)]
+    make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2, version=1).fit(
+        LitClassifier(scheduler="linear_warmup"), datamodule=data
+    )
+
+
+def test_too_many_qat_steps_warn(tmp_path, lit, data):
+    callbacks = [PrepareQuantization(), QuantizationAwareTraining(float_steps=20)]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=5)
+    with pytest.warns(UserWarning, match="5 optimizer steps, 25% of the float training's 20.*at most 20%"):
+        trainer.fit(lit, datamodule=data)
+
+
+def test_fix_all_scales_keeps_activation_scales(tmp_path, lit, data):
+    spy = StatesAtTrainStart()
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(fix_scales="all"), spy]
+    make_trainer(tmp_path, callbacks, max_epochs=1).fit(lit, datamodule=data)
+    for name, node in ql.iter_fake_quantize(lit.model):
+        if node.ch_axis is None and node.dtype.is_integer:
+            assert node.is_fixed
+            torch.testing.assert_close(node.scale, spy.scales[name], rtol=0, atol=0)
+
+
+def test_freeze_bn_keeps_running_statistics(tmp_path, lit, data):
+    def bn_stats(model):
+        return {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(bn_mode="freeze_bn")]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=0)
+    trainer.fit(lit, datamodule=data)
+    before = bn_stats(lit.model)
+    assert before, "the prepared model should keep BN running statistics"
+    make_trainer(tmp_path, callbacks, max_epochs=1, version=1).fit(lit, datamodule=data)
+    for name, value in bn_stats(lit.model).items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0, msg=name)
+
+
+def test_resume_with_other_qat_settings_is_refused(tmp_path, lit, data):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(), ckpt]
+    make_trainer(tmp_path, callbacks, max_epochs=1, enable_checkpointing=True).fit(lit, datamodule=data)
+    other = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(fix_scales="all")]
+    with pytest.raises(ValueError, match="fix_scales=None.*this run uses fix_scales='all'"):
+        make_trainer(tmp_path, other, max_epochs=2, version=1).fit(
+            LitClassifier(), datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+
+
+def test_resume_with_a_different_recipe_is_refused(tmp_path, data):
+    _, path = _calibrated_checkpoint(tmp_path, data)
+    int16 = QconfigSetter(templates=[ModuleNameTemplate({"": ql.qint16})])
+    callbacks = [PrepareQuantization(int16), Calibration(10), QuantizationAwareTraining()]
+    with pytest.raises(
+        ValueError, match="(?s)different quantization recipe.*this run qint16.*checkpoint qint8"
+    ):
+        make_trainer(tmp_path, callbacks, max_epochs=1).fit(LitClassifier(), datamodule=data, ckpt_path=path)
+    with pytest.raises(ValueError, match="different quantization recipe"):
+        make_trainer(tmp_path, callbacks[:1], version=1).validate(
+            LitClassifier(), datamodule=data, ckpt_path=path
+        )
+
+
+def test_strict_reload_of_a_quantized_checkpoint(tmp_path, lit, data):
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining()]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1)
+    trainer.fit(lit, datamodule=data)
+    path = tmp_path / "qat.ckpt"
+    trainer.save_checkpoint(path)
+    x = torch.randn(16, IN)
+    lit.eval()
+    with torch.no_grad():
+        expected = lit(x)
+
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        LitClassifier.load_from_checkpoint(path)  # the float network cannot hold the quant buffers
+    reloaded = load_quantized_checkpoint(LitClassifier, path, example_inputs=torch.randn(4, IN))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
+    assert bool(getattr(reloaded.model, CALIBRATED_FLAG))
+    # plain torch.load + a prepared module + strict load_state_dict is what the helper does
+    state = torch.load(path, weights_only=False)["state_dict"]
+    assert any(k.endswith("scale") for k in state)
+    int16 = QconfigSetter(templates=[ModuleNameTemplate({"": ql.qint16})])
+    with pytest.raises(ValueError, match="different quantization recipe"):
+        load_quantized_checkpoint(LitClassifier(), path, qconfig_setter=int16)
+
+
+class SelfPreparingLit(LitClassifier):
+    """The documented pattern: prepare in on_load_checkpoint so load_from_checkpoint loads strictly."""
+
+    def on_load_checkpoint(self, checkpoint):
+        prepare_submodule(self, example_inputs=torch.zeros(2, IN))
+
+
+def test_load_from_checkpoint_with_prepare_in_on_load_checkpoint(tmp_path, lit, data):
+    trainer = make_trainer(tmp_path, [PrepareQuantization(), Calibration(10)], max_epochs=0)
+    trainer.fit(lit, datamodule=data)
+    path = tmp_path / "calibrated.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = SelfPreparingLit.load_from_checkpoint(path, strict=True)
+    x = torch.randn(8, IN)
+    lit.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), lit(x), rtol=0, atol=0)
+
+
+def test_chip_option(tmp_path, data):
+    lit = LitClassifier()
+    make_trainer(tmp_path, [PrepareQuantization(chip="j6m")], max_epochs=0).fit(lit, datamodule=data)
+    assert lit.model.prepare_record.chip == "j6m"
+    setter = QconfigSetter(chip="j6p")
+    with pytest.raises(ValueError, match="chip='j6m' disagrees with the qconfig_setter's chip 'j6p'"):
+        make_trainer(tmp_path, [PrepareQuantization(setter, chip="j6m")], max_epochs=0, version=1).fit(
+            LitClassifier(), datamodule=data
+        )

@@ -1,0 +1,107 @@
+"""SanityCheck: passes on a healthy pipeline, fails loudly on a broken one (data preprocessing mismatch)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cb_helpers import LitClassifier, TinyData, make_trainer
+from lightning.pytorch import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qat_lightning.callbacks import (
+    Calibration,
+    PrepareQuantization,
+    QuantizationAwareTraining,
+    SanityCheck,
+    SanityCheckError,
+)
+
+
+def _scalars(log_dir):
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _run(tmp_path, mode, data, calib_split="train", lr=0.01, tolerance=0.05, extra=()):
+    lit = LitClassifier(lr=lr)
+    check = SanityCheck(mode=mode, monitor="val_acc", tolerance=tolerance)
+    callbacks = [
+        PrepareQuantization(),
+        Calibration(num_batches=None, dataloader=calib_split),
+        QuantizationAwareTraining(),
+        check,
+        *extra,
+    ]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=2)
+    return lit, check, trainer
+
+
+class WeightsAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.weights = {k: v.detach().clone() for k, v in pl_module.model.named_parameters()}
+
+
+def test_lr0_passes_on_a_healthy_pipeline_and_holds_the_weights(tmp_path):
+    spy = WeightsAtTrainStart()
+    lit, check, trainer = _run(tmp_path, "lr0", TinyData(), extra=[spy])
+    trainer.fit(lit, datamodule=TinyData())
+    assert check.result.status == "PASS", check.result.render()
+    for name, value in lit.model.named_parameters():
+        assert torch.equal(value, spy.weights[name]), name
+    log_dir = tmp_path / "run" / "version_0"
+    text = (log_dir / "sanity_check.txt").read_text()
+    assert "Sanity check (lr0): PASS" in text and "monitor: val_acc" in text
+    scalars = _scalars(log_dir)
+    assert scalars["sanity/lr0/passed"] == [1.0]
+    assert scalars["sanity/lr0/reference"] == [pytest.approx(check.result.reference)]
+
+
+def test_lr0_fails_loudly_on_a_preprocessing_mismatch(tmp_path):
+    # calibration and validation see the real preprocessing, QAT training data is scaled x4
+    broken = TinyData(train_shift=5.0)
+    lit, check, trainer = _run(tmp_path, "lr0", broken, calib_split="val")
+    with pytest.raises(
+        SanityCheckError, match=r"(?s)Sanity check \(lr0\): FAIL.*reference \(calibration model\)"
+    ):
+        trainer.fit(lit, datamodule=broken)
+    text = (tmp_path / "run" / "version_0" / "sanity_check.txt").read_text()
+    assert "FAIL" in text and "training data pipeline" in text
+    assert _scalars(tmp_path / "run" / "version_0")["sanity/lr0/passed"] == [0.0]
+
+
+def test_float_passes_on_a_healthy_pipeline(tmp_path):
+    lit, check, trainer = _run(tmp_path, "float", TinyData(), lr=0.001)
+    trainer.fit(lit, datamodule=TinyData())
+    assert check.result.status == "PASS", check.result.render()
+    assert "reference (float model)" in (tmp_path / "run" / "version_0" / "sanity_check.txt").read_text()
+
+
+def test_float_fails_loudly_on_a_preprocessing_mismatch(tmp_path):
+    broken = TinyData(train_shift=5.0)
+    lit, check, trainer = _run(tmp_path, "float", broken, lr=0.001)
+    with pytest.raises(SanityCheckError, match=r"(?s)Sanity check \(float\): FAIL.*remove prepare"):
+        trainer.fit(lit, datamodule=broken)
+
+
+def test_missing_monitor_is_a_clear_error(tmp_path):
+    lit = LitClassifier()
+    trainer = make_trainer(tmp_path, [PrepareQuantization(), Calibration(10), SanityCheck(monitor="val_f1")])
+    with pytest.raises(ValueError, match="does not log 'val_f1'.*val_acc"):
+        trainer.fit(lit, datamodule=TinyData())
+    assert "INCOMPLETE" in (tmp_path / "run" / "version_0" / "sanity_check.txt").read_text()
+
+
+def test_no_failure_raise_when_disabled(tmp_path):
+    broken = TinyData(train_shift=5.0)
+    lit = LitClassifier()
+    check = SanityCheck(mode="lr0", monitor="val_acc", tolerance=0.0, raise_on_failure=False)
+    callbacks = [
+        PrepareQuantization(),
+        Calibration(None, dataloader="val"),
+        QuantizationAwareTraining(),
+        check,
+    ]
+    with pytest.warns(UserWarning, match="SANITY CHECK FAILED"):
+        make_trainer(tmp_path, callbacks, max_epochs=1).fit(lit, datamodule=broken)
+    assert check.result.status == "FAIL"

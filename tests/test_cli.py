@@ -1,0 +1,63 @@
+"""`qat-lightning` / `python -m qat_lightning` as a user runs it: exit codes, messages, the run dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
+    return subprocess.run([sys.executable, "-m", "qat_lightning", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+def test_console_script_is_installed():
+    assert shutil.which("qat-lightning") is not None
+    main = (ROOT / "qat_lightning" / "__main__.py").read_text()
+    assert "from qat_lightning.cli import main" in main
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["chip=j6x"], "Available options in 'chip'"),
+        (["qat.lrr=0.1"], "did you mean 'lr'"),
+        (["chip.name=j6q"], "expected one of [j6e, j6m, j6p]"),
+    ],
+)
+def test_override_errors(args, expected):
+    result = cli(*args)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_chip_rule_violation_exits_with_the_rule(tmp_path):
+    result = cli("chip=j6m", "recipe=gemm_int16_other_fp16", "stage=calibration", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2
+    assert "j6m: gemm cannot take int16 on both activation and weight" in result.stderr
+
+
+def test_print_config_without_running():
+    result = cli("--cfg", "job", "chip=j6p", "recipe=gemm_int8_other_fp16", "stage=calibration", "calibration=kl")
+    assert result.returncode == 0, result.stderr
+    assert "name: j6p" in result.stdout and "observer: kl" in result.stdout and "name: calibration" in result.stdout
+
+
+def test_float_stage_run_dir(tmp_path):
+    result = cli("stage=float", "train.max_epochs=1", "+data.batch_size=256", "progress=false", "torch_threads=1",
+                 f"hydra.run.dir={tmp_path}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in ("summary.md", "qat_lightning.log", ".hydra/config.yaml", "checkpoints/float.ckpt"):
+        assert (tmp_path / path).is_file(), path
+    assert list(tmp_path.glob("events.out.tfevents.*"))
+    assert "| float | float |" in result.stdout.replace("│", "|") or "float" in result.stdout
+    assert "step 1: float training" in (tmp_path / "qat_lightning.log").read_text()
