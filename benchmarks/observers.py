@@ -30,11 +30,14 @@ CALIB_BATCHES = 8
 CALIB_SHAPE = (16, 64, 32, 32)
 
 
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def _call_ms(fn: Callable[[], object], reps: int) -> float:
-    start = time.perf_counter()
+    start = CLOCK()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - start) / reps * 1e3
+    return (CLOCK() - start) / reps * 1e3
 
 
 def median_ms(fn: Callable[[], object], runs: int = RUNS, reps: int = REPS) -> float:
@@ -128,10 +131,13 @@ def sqnr_table() -> list[str]:
     return [*lines, *lines16]
 
 
-def per_channel_table() -> list[str]:
-    torch.set_num_threads(2)
+def per_channel_table(threads: int) -> list[str]:
+    torch.set_num_threads(threads)
     w = torch.randn(256, 256, 3, 3, generator=torch.Generator().manual_seed(2))
-    lines = ["per-channel weight (256, 256, 3, 3), ch_axis=0, 2 threads: update ms, compute_scale(qint8) ms"]
+    lines = [
+        f"per-channel weight (256, 256, 3, 3), ch_axis=0, {threads} thread(s): "
+        "update ms, compute_scale(qint8) ms"
+    ]
     for method in METHODS:
         obs = make_observer(method, ch_axis=0, num_channels=256)
         upd = median_ms(lambda obs=obs: obs(w))
@@ -144,11 +150,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--skip-sqnr", action="store_true")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with time.thread_time (this thread's CPU time: stable on a loaded machine; 1 thread)",
+    )
     args = parser.parse_args()
-    print(f"torch {torch.__version__}; update and update_range as ratios to torch.ao MinMaxObserver update")
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.thread_time
+        args.threads = [1]
+    clock = "thread CPU time" if args.cpu_time else "wall clock"
+    print(
+        f"torch {torch.__version__}; {clock}; "
+        "update and update_range as ratios to torch.ao MinMaxObserver update"
+    )
     for threads in args.threads:
         print("\n".join(timing_table(threads)))
-    print("\n".join(per_channel_table()))
+    print("\n".join(per_channel_table(args.threads[-1])))
     if not args.skip_sqnr:
         print("\n".join(sqnr_table()))
 

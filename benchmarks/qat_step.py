@@ -12,13 +12,16 @@ Contenders (same initial weights, all int8):
   ``nvidia-modelopt`` is installed).
 
 Timing: contenders are interleaved step by step in one process, after warm-up; the median of ``--steps``
-steps is reported, and its ratio to float. ``FLOAT fwd`` is the eval-mode forward of our prepared model in
-FLOAT state against the float model's (no grad), also interleaved.
+steps is reported, and its ratio to float: wall time, and process CPU time (``time.process_time``, all
+threads; less sensitive to other processes on a shared machine, but it counts OpenMP spin-waits).
+``FLOAT fwd`` is the eval-mode forward of our prepared model in FLOAT state against the float model's
+(no grad), also interleaved.
 
 Peak memory: tracemalloc does not see torch's allocations, so each contender runs in a fresh subprocess:
-after one warm-up step the kernel's peak-RSS counter is reset (``echo 5 > /proc/self/clear_refs``), then
-3 steps run, and the peak RSS above the RSS at the reset is reported (Linux only; activations, gradients
-and temporaries of a step). Ratios are to float.
+after the setup (model, prepare, calibration) freed memory is handed back (``malloc_trim``), the kernel's
+peak-RSS counter is reset (``echo 5 > /proc/self/clear_refs``), 3 steps run, and the peak RSS above the
+RSS at the reset is reported (Linux/glibc only): activations, gradients, optimizer state and temporaries
+of training. Ratios are to float.
 
 Usage: ``python benchmarks/qat_step.py [--model cnn|encoder|all] [--steps 9] [--threads 2] [--no-memory]``.
 """
@@ -88,6 +91,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, heads: int) -> None:
         super().__init__()
         self.heads = heads
+        self.scale = (dim // heads) ** -0.5  # a constant: torch.ao would put a fake quant on a traced float
         self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +100,7 @@ class Attention(nn.Module):
         q = self.q(x).view(b, s, h, d // h).transpose(1, 2)
         k = self.k(x).view(b, s, h, d // h).transpose(1, 2)
         v = self.v(x).view(b, s, h, d // h).transpose(1, 2)
-        attn = F.softmax(torch.matmul(q, k.transpose(-2, -1)) * (d // h) ** -0.5, dim=-1)
+        attn = F.softmax(torch.matmul(q, k.transpose(-2, -1)) * self.scale, dim=-1)
         return self.proj(torch.matmul(attn, v).transpose(1, 2).reshape(b, s, d))
 
 
@@ -185,18 +189,24 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) ->
 
 
 # ------------------------------------------------------------------------------------------------- timing
-def time_steps(name: str, steps: int, warmup: int = 2) -> dict[str, float]:
+def time_steps(name: str, steps: int, warmup: int = 2) -> tuple[dict[str, float], dict[str, float]]:
+    """Median wall time and median process CPU time of one step, per contender (interleaved)."""
     models = {c: make(name, c) for c in contenders()}
     opts = {c: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for c, (m, _) in models.items()}
     batches = {c: data() for c, (_, data) in models.items()}
-    times: dict[str, list[float]] = {c: [] for c in models}
+    wall: dict[str, list[float]] = {c: [] for c in models}
+    cpu: dict[str, list[float]] = {c: [] for c in models}
     for i in range(warmup + steps):
         for c, (model, _) in models.items():
-            t = time.perf_counter()
+            t, p = time.perf_counter(), time.process_time()
             train_step(model, opts[c], batches[c])
             if i >= warmup:
-                times[c].append(time.perf_counter() - t)
-    return {c: statistics.median(v) for c, v in times.items()}
+                wall[c].append(time.perf_counter() - t)
+                cpu[c].append(time.process_time() - p)
+    return (
+        {c: statistics.median(v) for c, v in wall.items()},
+        {c: statistics.median(v) for c, v in cpu.items()},
+    )
 
 
 def time_float_state(name: str, steps: int, warmup: int = 2) -> tuple[float, float]:
@@ -226,10 +236,14 @@ def _status(key: str) -> int:
 
 
 def memory_child(name: str, contender: str) -> None:
+    import ctypes
+    import gc
+
     model, data = make(name, contender)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     x = data()
-    train_step(model, opt, x)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed setup memory back: RSS = live memory
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status("VmRSS")
@@ -266,17 +280,25 @@ def main() -> None:
     names = ["cnn", "encoder"] if args.model == "all" else [args.model]
     print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps")
     for name in names:
-        times = time_steps(name, args.steps)
+        times, cpu = time_steps(name, args.steps)
         f_float, f_state = time_float_state(name, args.steps)
         mem = {} if args.no_memory else measure_memory(name, args.threads)
         print(f"\n{name}: train step (forward + backward + SGD)")
-        print(f"  {'contender':<10} {'median ms':>10} {'x float':>8} {'peak MB':>9} {'mem x float':>12}")
+        print(
+            f"  {'contender':<10} {'wall ms':>9} {'x float':>8} {'cpu ms':>8} {'x float':>8} "
+            f"{'peak MB':>8} {'x float':>8}"
+        )
         for c, t in times.items():
             m = mem.get(c)
-            mem_text = f"{m / 2**20:9.0f} {m / mem['float']:12.2f}" if m is not None else f"{'-':>9} {'-':>12}"
-            print(f"  {c:<10} {t * 1e3:10.1f} {t / times['float']:8.2f} {mem_text}")
-        print(f"  FLOAT state forward (eval, no grad): {f_state * 1e3:.1f} ms vs float {f_float * 1e3:.1f} ms "
-              f"= {f_state / f_float:.3f}x")
+            mem_text = f"{m / 2**20:8.0f} {m / mem['float']:8.2f}" if m is not None else f"{'-':>8} {'-':>8}"
+            print(
+                f"  {c:<10} {t * 1e3:9.1f} {t / times['float']:8.2f} {cpu[c] * 1e3:8.1f} "
+                f"{cpu[c] / cpu['float']:8.2f} {mem_text}"
+            )
+        print(
+            f"  FLOAT state forward (eval, no grad): {f_state * 1e3:.1f} ms vs float {f_float * 1e3:.1f} ms "
+            f"= {f_state / f_float:.3f}x"
+        )
 
 
 if __name__ == "__main__":

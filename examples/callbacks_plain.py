@@ -26,9 +26,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from qat_lightning.quant import get_qconfig, qint8, qint16  # noqa: E402
-from qat_lightning.quant.qconfig_setter import QconfigSetter  # noqa: E402
-from qat_lightning.quant.templates import ModuleNameTemplate  # noqa: E402
+import qat_lightning as ql  # noqa: E402
 from examples.user_model import WineClassifier, WineDataModule  # noqa: E402
 from qat_lightning.callbacks import (  # noqa: E402
     Calibration,
@@ -42,8 +40,17 @@ from qat_lightning.callbacks import (  # noqa: E402
 
 def trainer(out: Path, name: str, callbacks: list, **kwargs) -> L.Trainer:
     logger = TensorBoardLogger(save_dir=str(out), name=name, version="")
-    return L.Trainer(accelerator="cpu", devices=1, logger=logger, callbacks=callbacks, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(out), **kwargs)
+    return L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(out),
+        **kwargs,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -63,9 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     # 2. calibration: int16 activations / int8 weights; the model input (raw measurements, proline up to
     #    ~1700 mg/L) gets a fixed range from its known physical maximum (op names are relative to `net`)
-    setter = QconfigSetter(
-        reference_qconfig=get_qconfig(weight_dtype=qint8, out_dtype=qint16, observer="mse"),
-        templates=[ModuleNameTemplate({"input_quant": {"threshold": 2000.0}})],
+    setter = ql.QconfigSetter(
+        reference_qconfig=ql.get_qconfig(weight_dtype=ql.qint8, out_dtype=ql.qint16, observer="mse"),
+        templates=[ql.ModuleNameTemplate({"input_quant": {"threshold": 2000.0}})],
         chip="j6m",
     )
     calibrated = copy.deepcopy(model)
@@ -83,13 +90,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         ]
 
     probe = copy.deepcopy(calibrated)
-    check = SanityCheck(mode="lr0", monitor="val_acc", tolerance=0.02, reference=calib_acc, submodule="net",
-                        raise_on_failure=False)  # fmt: skip
+    check = SanityCheck(
+        mode="lr0",
+        monitor="val_acc",
+        tolerance=0.02,
+        reference=calib_acc,
+        submodule="net",
+        raise_on_failure=False,
+    )
     trainer(args.out, "sanity_lr0", [*quant_callbacks(), check], max_epochs=1).fit(probe, datamodule=dm)
 
     # 4. QAT from the calibrated weights: lower LR, the model's cosine decay (no warmup), then the analysis
     calibrated.hparams.lr = 1e-3
-    t = trainer(args.out, "qat", [*quant_callbacks(), QuantAnalysisCallback(submodule="net")], max_epochs=args.qat_epochs)
+    t = trainer(
+        args.out,
+        "qat",
+        [*quant_callbacks(), QuantAnalysisCallback(submodule="net")],
+        max_epochs=args.qat_epochs,
+    )
     t.fit(calibrated, datamodule=dm)
     qat_acc = t.validate(calibrated, datamodule=dm, verbose=False)[0]["val_acc"]
     t.save_checkpoint(str(args.out / "qat.ckpt"))
@@ -99,8 +117,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     x, _ = next(iter(dm.val_dataloader()))
     with torch.no_grad():
         same = torch.allclose(reloaded(x), calibrated.eval()(x))
-    result = {"float": float_acc, "calibration": calib_acc, "qat": qat_acc, "reload_identical": float(same),
-              "sanity_lr0_passed": float(bool(check.result and check.result.passed))}
+    result = {
+        "float": float_acc,
+        "calibration": calib_acc,
+        "qat": qat_acc,
+        "reload_identical": float(same),
+        "sanity_lr0_passed": float(bool(check.result and check.result.passed)),
+    }
     print(result)
     return result
 

@@ -25,7 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from qat_lightning.app.schema import AppConfig, check_trainer_keys, did_you_mean, schema_node, valid_keys
 
-__all__ = ["CONFIG_DIR", "ConfigError", "compose", "explain_error", "main", "make_factories", "register_schema"]
+__all__ = [
+    "CONFIG_DIR",
+    "ConfigError",
+    "compose",
+    "explain_error",
+    "main",
+    "make_factories",
+    "register_schema",
+]
 
 log = logging.getLogger("qat_lightning")
 
@@ -33,8 +41,19 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 """The app's config tree (``conf/`` at the repository root)."""
 
 SCHEMA_NAME = "qat_lightning_schema"
-_FLAGS_WITH_VALUE = {"--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd", "--cfg", "-c",
-                     "--package", "-p", "--experimental-rerun"}  # fmt: skip
+_FLAGS_WITH_VALUE = {
+    "--config-path",
+    "-cp",
+    "--config-name",
+    "-cn",
+    "--config-dir",
+    "-cd",
+    "--cfg",
+    "-c",
+    "--package",
+    "-p",
+    "--experimental-rerun",
+}
 
 
 class ConfigError(ValueError):
@@ -65,7 +84,9 @@ def explain_error(err: BaseException) -> str:
     while cause is not None:
         full_key = getattr(cause, "full_key", None)
         text = str(cause)
-        if full_key and ("not in" in text or "Could not override" in message or "Could not append" in message):
+        if full_key and (
+            "not in" in text or "Could not override" in message or "Could not append" in message
+        ):
             parent, _, key = str(full_key).rpartition(".")
             if parent == "trainer" or str(full_key).startswith("trainer."):
                 choices = _trainer_params()
@@ -90,7 +111,7 @@ def explain_error(err: BaseException) -> str:
 
 
 def _overrides(argv: Sequence[str]) -> list[str] | None:
-    """The ``key=value`` overrides of a command line, or ``None`` when Hydra flags make it a special run."""
+    """Return the ``key=value`` overrides of a command line (``None``: Hydra flags make it special)."""
     out: list[str] = []
     skip = False
     for arg in argv:
@@ -133,7 +154,7 @@ def compose(overrides: Sequence[str] = (), config_dir: Path = CONFIG_DIR) -> Dic
 
 
 def to_app_config(cfg: DictConfig) -> AppConfig:
-    """The frozen :class:`AppConfig` of a composed config (model/data/trainer/logger as plain dicts).
+    """Convert a composed config to the frozen :class:`AppConfig` (model/data/trainer/logger as dicts).
 
     Raises:
         ConfigError: for trainer keys ``lightning.Trainer`` does not take, or a missing ``_target_``.

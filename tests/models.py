@@ -163,7 +163,7 @@ class CheckModel(nn.Module):
 
 
 def tiny_bert(seed: int = 0) -> nn.Module:
-    """``BertModel(BertConfig(hidden_size=32, 2 layers, 2 heads, intermediate 64, vocab 100))`` in eval mode."""
+    """``BertModel`` (hidden 32, 2 layers, 2 heads, intermediate 64, vocab 100), random weights, eval mode."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)

@@ -15,8 +15,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run([sys.executable, "-m", "qat_lightning", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "qat_lightning", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_console_script_is_installed():
@@ -47,17 +53,53 @@ def test_chip_rule_violation_exits_with_the_rule(tmp_path):
 
 
 def test_print_config_without_running():
-    result = cli("--cfg", "job", "chip=j6p", "recipe=gemm_int8_other_fp16", "stage=calibration", "calibration=kl")
+    result = cli(
+        "--cfg", "job", "chip=j6p", "recipe=gemm_int8_other_fp16", "stage=calibration", "calibration=kl"
+    )
     assert result.returncode == 0, result.stderr
-    assert "name: j6p" in result.stdout and "observer: kl" in result.stdout and "name: calibration" in result.stdout
+    assert (
+        "name: j6p" in result.stdout
+        and "observer: kl" in result.stdout
+        and "name: calibration" in result.stdout
+    )
 
 
-def test_float_stage_run_dir(tmp_path):
-    result = cli("stage=float", "train.max_epochs=1", "+data.batch_size=256", "progress=false", "torch_threads=1",
-                 f"hydra.run.dir={tmp_path}")  # fmt: skip
+@pytest.fixture(scope="module")
+def float_run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli_float")
+    result = cli(
+        "stage=float",
+        "train.max_epochs=1",
+        "+data.batch_size=256",
+        "progress=false",
+        f"hydra.run.dir={run_dir}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
+    return run_dir, result
+
+
+def test_float_stage_run_dir(float_run_dir):
+    run_dir, result = float_run_dir
     for path in ("summary.md", "qat_lightning.log", ".hydra/config.yaml", "checkpoints/float.ckpt"):
-        assert (tmp_path / path).is_file(), path
-    assert list(tmp_path.glob("events.out.tfevents.*"))
-    assert "| float | float |" in result.stdout.replace("│", "|") or "float" in result.stdout
-    assert "step 1: float training" in (tmp_path / "qat_lightning.log").read_text()
+        assert (run_dir / path).is_file(), path
+    assert list(run_dir.glob("events.out.tfevents.*"))
+    assert "step 1: float training" in (run_dir / "qat_lightning.log").read_text()
+    assert "qat-lightning: float training" in result.stdout  # the summary table, printed
+
+
+def test_ddp_calibration_on_two_cpu_processes(float_run_dir, tmp_path):
+    float_dir, _ = float_run_dir
+    result = cli(
+        "trainer=ddp_cpu",
+        "stage=calibration",
+        "recipe=int8",
+        "+data.batch_size=64",
+        "progress=false",
+        f"ckpt={float_dir / 'checkpoints' / 'float.ckpt'}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "checkpoints" / "calibration.ckpt").is_file()
+    assert (tmp_path / "model_check_result.txt").is_file()
+    assert (tmp_path / "train_ddp_process_1.log").is_file()  # the second rank ran
+    assert (tmp_path / "summary.md").read_text().count("| calibration int8 |") == 1  # written once, by rank 0

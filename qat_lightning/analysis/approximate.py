@@ -66,9 +66,20 @@ def _noise(node: FakeQuantize, x: Tensor) -> Tensor:
     node.state = FakeQuantState.VALIDATION
     try:
         with torch.no_grad():
-            return node.forward(x.detach()) - x.detach()
+            q = node.forward(x.detach())
+            return q.sub_(x) if q is not x else torch.zeros_like(x)
     finally:
         node.state = saved
+
+
+def _block_dots(g: Tensor, d: Tensor, split: int | None) -> Tensor:
+    """``<g, d>`` per block along dim ``split`` (one dot for ``None``), as float64."""
+    if split is None:
+        return torch.dot(g.reshape(-1), d.reshape(-1)).double().reshape(1)
+    if split:
+        g, d = g.movedim(split, 0), d.movedim(split, 0)
+    n = g.shape[0]
+    return torch.linalg.vecdot(g.reshape(n, -1), d.reshape(n, -1)).double()
 
 
 def approximate_sensitivity(
@@ -131,12 +142,7 @@ def approximate_sensitivity(
             for (key, _t, d, split), g in zip(flat, grads, strict=True):
                 if g is None:
                     continue
-                prod = g.detach() * d  # in the activation dtype; reduced in float64 below
-                if split is None:
-                    contrib[key].append(prod.sum(dtype=torch.float64).reshape(1))
-                else:
-                    blocks = prod.movedim(split, 0).reshape(prod.shape[split], -1)
-                    contrib[key].append(blocks.sum(1, dtype=torch.float64))
+                contrib[key].append(_block_dots(g.detach(), d, split))
             for target in targets:
                 parts = [p for n in target.nodes for p in contrib.get(id(n), [])]
                 if not parts:

@@ -239,7 +239,7 @@ def search_mixed_precision(
     reference_qconfig: QConfig | None = None,
     max_cost_probes: int | None = None,
     out_dir: str | os.PathLike | None = None,
-    _only: Callable[[OpNodes], bool] | None = None,
+    op_filter: Callable[[OpNodes], bool] | None = None,
 ) -> MixedPrecisionPlan:
     """Find the smallest share of sensitive ops in ``high`` that meets ``target`` (module docstring).
 
@@ -260,7 +260,8 @@ def search_mixed_precision(
             out_dtype=low)``).
         max_cost_probes: at most this many probes in the cost-aware step (default: all raised ops).
         out_dir: when given, probes are written to ``mixed_precision_probes.json`` after every probe, and
-            the plan to ``mixed_precision.json`` / ``.txt`` / ``.png`` at the end.
+            the plan to ``mixed_precision.json`` / ``.txt`` / ``_probes.csv`` / ``.png`` at the end.
+        op_filter: keep only table rows whose op passes (``search_j6p``: gemm ops only).
 
     Raises:
         ValueError: for bad tables, dtypes, types or chip names.
@@ -275,7 +276,7 @@ def search_mixed_precision(
         )
     base = {node: parse_dtype(d) for node, d in (base_dtypes or {}).items()}
     s = _Search(model, eval_fn, target, higher_is_better, base, chip, out_dir)
-    per_table = [_rows(t, sensitive_type, s.ops, _only) for t in tabs]
+    per_table = [_rows(t, sensitive_type, s.ops, op_filter) for t in tabs]
     sizes = [len(r) for r in per_table]
     total_rows = max(len(_union(per_table, sizes)), 1)
 

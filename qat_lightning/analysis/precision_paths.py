@@ -167,6 +167,6 @@ def search_j6p(
         chip=kwargs.pop("chip", "j6p"),
         base_dtypes=j6p_base_dtypes(model),
         base_templates=templates,
-        _only=lambda op: op.info.kind is OpKind.GEMM,
+        op_filter=lambda op: op.info.kind is OpKind.GEMM,
         **kwargs,
     )

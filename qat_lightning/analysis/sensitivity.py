@@ -137,7 +137,7 @@ def exact_sensitivity(
         ``{target: {output name: error value}}``.
     """
     results: dict[SensitivityTarget, dict[str, float]] = {}
-    with analysis_mode(model), fake_quant_disabled(model):
+    with analysis_mode(model), fake_quant_disabled(model), torch.no_grad():
         slicer = GraphSlicer(model) if use_slice and isinstance(model, fx.GraphModule) else None
         if slicer is not None:
             cache = slicer.cache(inputs)

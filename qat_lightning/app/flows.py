@@ -26,7 +26,9 @@ def float_stage(pipe: Pipeline) -> Summary:
     return pipe.finish("qat-lightning: float training")
 
 
-def tune_recipe(pipe: Pipeline, conf: RecipeConf, recipe: Recipe, float_ckpt: Path, float_metric: float) -> Recipe:
+def tune_recipe(
+    pipe: Pipeline, conf: RecipeConf, recipe: Recipe, float_ckpt: Path, float_metric: float
+) -> Recipe:
     """Decide what a tuned recipe leaves open (fp16 ops, int16 rows) with the seed's searches.
 
     Fixed recipes come back unchanged. ``int16_fp16`` / ``int8_int16_fp16`` without ``fp16_ops`` search
@@ -37,8 +39,14 @@ def tune_recipe(pipe: Pipeline, conf: RecipeConf, recipe: Recipe, float_ckpt: Pa
     fp16_wanted = conf.name.value in _FP16_RECIPES and not recipe.fp16_ops and conf.fp16_topk != 0
     if fp16_wanted:
         _, high = pipe.base_recipe("int16")
-        lit, metric, _, out = pipe.calibrate("calibration_int16", "calibration int16 (for fp16)", float_ckpt,
-                                             high, float_metric, "calibration_int16")  # fmt: skip
+        lit, metric, _, out = pipe.calibrate(
+            "calibration_int16",
+            "calibration int16 (for fp16)",
+            float_ckpt,
+            high,
+            float_metric,
+            "calibration_int16",
+        )
         tables = pipe.analyze(lit, "analysis_int16", "analysis of int16 (fp16 candidates)")
         recipe = recipe.replace(fp16_ops=pipe.fp16_step(lit, tables, target, conf, pipe.current_dir))
     if conf.mixed:
@@ -46,11 +54,19 @@ def tune_recipe(pipe: Pipeline, conf: RecipeConf, recipe: Recipe, float_ckpt: Pa
 
         given = [load_sensitivity_table(Path(conf.sensitivity_table))] if conf.sensitivity_table else []
         if given and conf.int16_ratio is not None:  # nothing to measure: the rows come from the table
-            outcome = pipe.int16_step(None, given, target, conf, recipe.other is not None, pipe.session.run_dir)
+            outcome = pipe.int16_step(
+                None, given, target, conf, recipe.other is not None, pipe.session.run_dir
+            )
             return recipe.replace(raised=outcome.chosen)
         base = recipe.replace(name=f"{recipe.name} base")
-        lit, metric, _, out = pipe.calibrate("calibration_base", f"calibration {recipe.name} base", float_ckpt,
-                                             base, float_metric, "calibration_base")  # fmt: skip
+        lit, metric, _, out = pipe.calibrate(
+            "calibration_base",
+            f"calibration {recipe.name} base",
+            float_ckpt,
+            base,
+            float_metric,
+            "calibration_base",
+        )
         if given:
             tables = given
             log.info("sensitivity from recipe.sensitivity_table=%s", conf.sensitivity_table)
@@ -69,13 +85,20 @@ def calibration_stage(pipe: Pipeline) -> Summary:
     float_ckpt = pipe.resolve_ckpt("float")
     float_metric = pipe.float_metric_of(float_ckpt, pipe.session.run_dir)
     recipe = tune_recipe(pipe, cfg.recipe, recipe, float_ckpt, float_metric)
-    lit, metric, ckpt, out = pipe.calibrate("calibration", f"calibration {recipe.name}", float_ckpt, recipe,
-                                            float_metric, "calibration", own_dir=False)  # fmt: skip
-    _float_check(pipe, lit, metric, float_metric, out)
+    lit, _, _, out = pipe.calibrate(
+        "calibration",
+        f"calibration {recipe.name}",
+        float_ckpt,
+        recipe,
+        float_metric,
+        "calibration",
+        own_dir=False,
+    )
+    _float_check(pipe, lit, float_metric, out)
     return pipe.finish(f"qat-lightning: calibration ({recipe.name} on {pipe.chip})")
 
 
-def _float_check(pipe: Pipeline, lit: Any, metric: float, float_metric: float, out: Path) -> None:
+def _float_check(pipe: Pipeline, lit: Any, float_metric: float, out: Path) -> None:
     """``sanity=float`` after calibration: fake quant off must give the float metric back."""
     if pipe.cfg.sanity.mode.value != "float":
         if pipe.cfg.sanity.mode.value == "lr0":
@@ -87,11 +110,19 @@ def _float_check(pipe: Pipeline, lit: Any, metric: float, float_metric: float, o
         got = pipe.session.validate(lit, out)
     ok = abs(got - float_metric) <= pipe.cfg.sanity.tolerance
     text = (
-        f"Sanity check (float, after calibration): {'PASS' if ok else 'FAIL'}\nmonitor: {pipe.session.monitor}\n"
-        f"reference (float model): {float_metric:.6g}\nresult (calibration model, fake quant off): {got:.6g}\n"
+        f"Sanity check (float, after calibration): {'PASS' if ok else 'FAIL'}\n"
+        f"monitor: {pipe.session.monitor}\n"
+        f"reference (float model): {float_metric:.6g}\n"
+        f"result (calibration model, fake quant off): {got:.6g}\n"
     )
-    (out / "sanity_check.txt").write_text(text, encoding="utf-8")
-    pipe.decide(f"float sanity check after calibration: {'PASS' if ok else 'FAIL'} ({got:.4f} vs float {float_metric:.4f})")
+    from qat_lightning.app.checkpoints import is_rank_zero
+
+    if is_rank_zero():
+        (out / "sanity_check.txt").write_text(text, encoding="utf-8")
+    pipe.decide(
+        f"float sanity check after calibration: {'PASS' if ok else 'FAIL'} "
+        f"({got:.4f} vs float {float_metric:.4f})"
+    )
 
 
 def qat_stage(pipe: Pipeline) -> Summary:
@@ -108,7 +139,9 @@ def qat_stage(pipe: Pipeline) -> Summary:
 
 
 def _sanity(pipe: Pipeline, mode: str, calib: Path, reference: float | None, recipe: Recipe | None) -> None:
-    title = {"lr0": "sanity check lr0 (QAT, every LR = 0)", "float": "sanity check float (fake quant off)"}[mode]
+    title = {"lr0": "sanity check lr0 (QAT, every LR = 0)", "float": "sanity check float (fake quant off)"}[
+        mode
+    ]
     out = pipe.step(f"sanity_{mode}", title)
     if reference is None:
         pipe.decide(f"sanity {mode}: no reference metric recorded in {calib}; measured at train start")
@@ -157,51 +190,93 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
     high_name, low_name = ("gemm_int16_other_fp16", "gemm_int8_other_fp16") if j6p else ("int16", "int8")
     mixed_name = "gemm_int8_other_fp16" if j6p else "int8_int16"
     _, high = pipe.base_recipe(high_name)
-    lit, m_high, ckpt_high, _ = pipe.calibrate("calibration_high", f"calibration {high_name}", float_ckpt, high,
-                                               float_metric, f"calibration_{high_name}")  # fmt: skip
+    lit, m_high, ckpt_high, _ = pipe.calibrate(
+        "calibration_high",
+        f"calibration {high_name}",
+        float_ckpt,
+        high,
+        float_metric,
+        f"calibration_{high_name}",
+    )
     fp16_ops: tuple[str, ...] = ()
     if s.meets(m_high, target):
-        pipe.decide(f"{high_name} {m_high:.4f} meets the target {target:.4f}: go on to {'gemm int8' if j6p else 'all-int8'}")
+        pipe.decide(
+            f"{high_name} {m_high:.4f} meets the target {target:.4f}: "
+            f"go on to {'gemm int8' if j6p else 'all-int8'}"
+        )
     elif j6p:
         tables = pipe.analyze(lit, "analysis_high", f"analysis of {high_name} (below target)")
         top = ", ".join(f"{r.op_name}/{r.sensitive_type}" for t in tables for r in t.rows[:5])
         pipe.decide(
-            f"{high_name} {m_high:.4f} is below the target {target:.4f}: the most sensitive ops are {top}; the "
-            "seed's fixes (fixed scale for gemm inputs, int16 + fixed scale for coordinates, input scaling or "
-            "fp32 for non-gemm ops) are left to recipe.module_names; continuing with the gemm int8/int16 tuning"
+            f"{high_name} {m_high:.4f} is below the target {target:.4f}: the most sensitive ops are {top}; "
+            "the seed's fixes (fixed scale for gemm inputs, int16 + fixed scale for coordinates, input "
+            "scaling or fp32 for non-gemm ops) are left to recipe.module_names; continuing with the gemm "
+            "int8/int16 tuning"
         )
     else:
-        pipe.decide(f"all-int16 {m_high:.4f} is below the target {target:.4f}: int16/fp16 tuning (fp16 is slow on {pipe.chip})")
+        pipe.decide(
+            f"all-int16 {m_high:.4f} is below the target {target:.4f}: "
+            f"int16/fp16 tuning (fp16 is slow on {pipe.chip})"
+        )
         conf_fp16, _ = pipe.base_recipe("int16_fp16")
         tables = pipe.analyze(lit, "analysis_int16", "analysis of int16 (fp16 candidates)")
         fp16_ops = pipe.fp16_step(lit, tables, target, conf_fp16, pipe.current_dir)
         if fp16_ops:
             _, mixed16 = pipe.base_recipe("int16_fp16", fp16_ops)
-            pipe.calibrate("calibration_int16_fp16", "calibration int16/fp16", float_ckpt, mixed16, float_metric,
-                           "calibration_int16_fp16")  # fmt: skip
+            pipe.calibrate(
+                "calibration_int16_fp16",
+                "calibration int16/fp16",
+                float_ckpt,
+                mixed16,
+                float_metric,
+                "calibration_int16_fp16",
+            )
     # 4. low precision
     mixed_conf, _ = pipe.base_recipe(mixed_name)
     _, low = pipe.base_recipe(low_name, fp16_ops)
     if fp16_ops:
         low = low.replace(name=f"{low_name}_fp16")
     low_title = "gemm int8 + other fp16" if j6p else ("all-int8" + (" + fp16 ops" if fp16_ops else ""))
-    lit, m_low, ckpt_low, _ = pipe.calibrate("calibration_low", f"calibration {low_title}", float_ckpt, low,
-                                             float_metric, f"calibration_{low.name}")  # fmt: skip
+    lit, m_low, ckpt_low, _ = pipe.calibrate(
+        "calibration_low",
+        f"calibration {low_title}",
+        float_ckpt,
+        low,
+        float_metric,
+        f"calibration_{low.name}",
+    )
     chosen, chosen_ckpt, chosen_metric = low, ckpt_low, m_low
     if s.meets(m_low, target):
         pipe.decide(f"{low_title} {m_low:.4f} meets the target {target:.4f}: no int16 needed")
     else:
-        pipe.decide(f"{low_title} {m_low:.4f} is below the target {target:.4f}: analysis + minimal int16 ratio")
-        tables = pipe.analyze(lit, "analysis_low", f"analysis of {low_title}: bad cases, per layer, sensitivity")
+        pipe.decide(
+            f"{low_title} {m_low:.4f} is below the target {target:.4f}: analysis + minimal int16 ratio"
+        )
+        tables = pipe.analyze(
+            lit, "analysis_low", f"analysis of {low_title}: bad cases, per layer, sensitivity"
+        )
         outcome = pipe.int16_step(lit, tables, target, mixed_conf, j6p, pipe.current_dir)
-        name = mixed_name + ("_fp16" if fp16_ops else "")
-        chosen = low.replace(name=name, raised=outcome.chosen)
-        _, chosen_metric, chosen_ckpt, _ = pipe.calibrate("calibration_mixed", f"calibration {name} (chosen)",
-                                                          float_ckpt, chosen, float_metric, "calibration")  # fmt: skip
-    if chosen_ckpt != pipe.session.ckpt_dir / "calibration.ckpt":
+        if outcome.chosen:
+            chosen = low.replace(name=mixed_name + ("_fp16" if fp16_ops else ""), raised=outcome.chosen)
+        else:
+            pipe.decide(f"nothing to raise: keeping {low.name} ({m_low:.4f})")
+    if chosen.raised:
+        _, chosen_metric, chosen_ckpt, _ = pipe.calibrate(
+            "calibration_mixed",
+            f"calibration {chosen.name} (chosen)",
+            float_ckpt,
+            chosen,
+            float_metric,
+            "calibration",
+        )
+    if chosen_ckpt != pipe.session.ckpt_dir / "calibration.ckpt":  # the chosen one under the standard name
         import shutil
 
-        shutil.copyfile(chosen_ckpt, pipe.session.ckpt_dir / "calibration.ckpt")
+        from qat_lightning.app.checkpoints import barrier, is_rank_zero
+
+        if is_rank_zero():
+            shutil.copyfile(chosen_ckpt, pipe.session.ckpt_dir / "calibration.ckpt")
+        barrier()
         chosen_ckpt = pipe.session.ckpt_dir / "calibration.ckpt"
     # 6. QAT
     if cfg.pipeline.qat:

@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qat_lightning.app.checkpoints import is_rank_zero, read_checkpoint_info
 from qat_lightning.app.recipes import Recipe, load_recipe_conf, recipe_from_conf
 from qat_lightning.app.schema import AppConfig, RecipeConf, StageName
-from qat_lightning.app.stages import Factories, Session, StageResult, read_checkpoint_info
+from qat_lightning.app.stages import Factories, Session, StageResult
 from qat_lightning.app.summary import Summary, render_markdown, render_table
 from qat_lightning.app.tuning import fp16_search, int16_search
 
@@ -100,7 +101,6 @@ class Pipeline:
         """Record and log a decision."""
         self.decisions.append(message)
         log.info("DECISION: %s", message)
-        self.console.print(f"[cyan]decision:[/cyan] {message}")
 
     def add(self, row: StageResult) -> StageResult:
         """Add a summary row (and log it)."""
@@ -109,10 +109,19 @@ class Pipeline:
         log.info("result %s (%s): %s %s", row.step, row.recipe, self.session.monitor, metric)
         return row
 
-    def result(self, step: str, recipe: Recipe | None, metric: float | None, float_metric: float | None,
-               lit: Any = None, ckpt: Path | None = None, out_dir: Path | None = None, note: str = "") -> StageResult:
-        """A row with the int16/fp16 ratios and the chip cost of ``lit``'s network."""
-        from qat_lightning.app.stages import quant_stats
+    def result(
+        self,
+        step: str,
+        recipe: Recipe | None,
+        metric: float | None,
+        float_metric: float | None,
+        lit: Any = None,
+        ckpt: Path | None = None,
+        out_dir: Path | None = None,
+        note: str = "",
+    ) -> StageResult:
+        """Add a row with the int16/fp16 ratios and the chip cost of ``lit``'s network."""
+        from qat_lightning.app.costs import quant_stats
 
         int16 = fp16 = cost = None
         if lit is not None and recipe is not None and recipe.quantize:
@@ -139,7 +148,7 @@ class Pipeline:
         )
 
     def float_metric_of(self, float_ckpt: Path, out_dir: Path) -> float:
-        """The float model's metric: recorded in the checkpoint, else measured."""
+        """Return the float model's metric: recorded in the checkpoint, else measured."""
         _, info = read_checkpoint_info(float_ckpt)
         if info is not None and info.metric is not None:
             return float(info.metric)
@@ -147,14 +156,24 @@ class Pipeline:
         return self.session.validate(lit, out_dir)
 
     def base_recipe(self, name: str, fp16_ops: tuple[str, ...] = ()) -> tuple[RecipeConf, Recipe]:
-        """A recipe of the config tree, with the chip and calibration of this run."""
+        """Return a recipe of the config tree with this run's chip, calibration, ``recipe.module_names``."""
         conf = load_recipe_conf(self.conf_dir, name)
         recipe = recipe_from_conf(conf, self.cfg.chip, self.cfg.calibration)
-        return conf, recipe.replace(fp16_ops=tuple(dict.fromkeys((*recipe.fp16_ops, *fp16_ops))))
+        names = {**recipe.module_names, **self.cfg.recipe.module_names}  # the user's name rules: every step
+        fp16 = tuple(dict.fromkeys((*recipe.fp16_ops, *fp16_ops)))
+        return conf, recipe.replace(fp16_ops=fp16, module_names=names)
 
     # ------------------------------------------------------------------------------------------- steps
-    def calibrate(self, name: str, title: str, float_ckpt: Path, recipe: Recipe, float_metric: float,
-                  ckpt_name: str, own_dir: bool = True) -> tuple[Any, float, Path, Path]:
+    def calibrate(
+        self,
+        name: str,
+        title: str,
+        float_ckpt: Path,
+        recipe: Recipe,
+        float_metric: float,
+        ckpt_name: str,
+        own_dir: bool = True,
+    ) -> tuple[Any, float, Path, Path]:
         """Calibrate ``recipe``; returns ``(module, metric, checkpoint, step dir)``."""
         out = self.step(name, title, own_dir)
         log.info("recipe: %s", recipe.describe())
@@ -167,16 +186,27 @@ class Pipeline:
         out = self.step(name, title, own_dir)
         return self.session.analyze(lit, out)
 
-    def fp16_step(self, lit: Any, tables: list[Any], target: float, conf: RecipeConf, out: Path) -> tuple[str, ...]:
-        """The int16/fp16 search on a calibrated int16 module; returns the fp16 op names."""
+    def fp16_step(
+        self, lit: Any, tables: list[Any], target: float, conf: RecipeConf, out: Path
+    ) -> tuple[str, ...]:
+        """Run the int16/fp16 search on a calibrated int16 module; return the fp16 op names."""
         s = self.session
         outcome = fp16_search(
-            getattr(lit, self.cfg.prepare.submodule), tables, s.evaluator(lit, out), target, self.chip,
-            self.cfg.pipeline.fp16_max, s.higher_is_better, conf.fp16_topk, out / "quant_analysis",
-        )  # fmt: skip
+            getattr(lit, self.cfg.prepare.submodule),
+            tables,
+            s.evaluator(lit, out),
+            target,
+            self.chip,
+            self.cfg.pipeline.fp16_max,
+            s.higher_is_better,
+            conf.fp16_topk,
+            out / "quant_analysis",
+        )
         ops = ", ".join(outcome.chosen) or "none"
         if conf.fp16_topk is not None:
-            self.decide(f"int16/fp16: top-{conf.fp16_topk} int16-sensitive op(s) to fp16 (fixed by the recipe): {ops}")
+            self.decide(
+                f"int16/fp16: top-{conf.fp16_topk} int16-sensitive op(s) to fp16 (fixed by the recipe): {ops}"
+            )
             return tuple(outcome.chosen)
         probes = ", ".join(f"top-{int(k)}: {m:.4f}" for k, m in outcome.probes)
         verdict = "reaches" if outcome.reached else "does not reach (best kept)"
@@ -186,31 +216,46 @@ class Pipeline:
         )
         return tuple(outcome.chosen)
 
-    def int16_step(self, lit: Any, tables: list[Any], target: float, conf: RecipeConf, gemm_only: bool,
-                   out: Path) -> Any:
-        """The int8/int16 search on a calibrated low-precision module; returns the outcome."""
+    def int16_step(
+        self, lit: Any, tables: list[Any], target: float, conf: RecipeConf, gemm_only: bool, out: Path
+    ) -> Any:
+        """Run the int8/int16 search on a calibrated low-precision module; return the outcome."""
         s = self.session
         kind = None if conf.sensitive_type is None else conf.sensitive_type.value
         model = None if lit is None else getattr(lit, self.cfg.prepare.submodule)
         evaluate = None if lit is None else s.evaluator(lit, out)
         outcome = int16_search(
-            model, tables, evaluate, target, self.chip,
-            gemm_only, kind, self.cfg.search.cost_aware, s.higher_is_better, conf.int16_ratio,
-            conf.sensitive_dtype.value, out / "quant_analysis",
-        )  # fmt: skip
+            model,
+            tables,
+            evaluate,
+            target,
+            self.chip,
+            gemm_only,
+            kind,
+            self.cfg.search.cost_aware,
+            s.higher_is_better,
+            conf.int16_ratio,
+            conf.sensitive_dtype.value,
+            out / "quant_analysis",
+        )
         ops = ", ".join(f"{op}/{t}" for op, t in outcome.chosen) or "none"
         if conf.int16_ratio is not None:
             self.decide(f"int16 ratio fixed by the recipe at {conf.int16_ratio}: raise {ops}")
             return outcome
         probes = ", ".join(f"{r:.0%}: {m:.4f}" for r, m in outcome.probes)
-        verdict = "reaches" if outcome.reached else "does not reach (best found kept)"
         metric = "-" if outcome.metric is None else f"{outcome.metric:.4f}"
         cost = "" if outcome.cost is None else f", est. cost {outcome.cost:.2f} x all-low"
         what = "gemm int16 ratio" if gemm_only else "int16 ratio"
-        self.decide(
-            f"minimal {what} {outcome.ratio:.1%} {verdict} the target {target:.4f} with {metric}{cost}; "
-            f"raise {ops} (probes ratio: metric {probes or 'none'})"
-        )
+        if outcome.reached:
+            self.decide(
+                f"minimal {what} {outcome.ratio:.1%} reaches the target {target:.4f} with {metric}{cost}; "
+                f"raise {ops} (probes ratio: metric {probes or 'none'})"
+            )
+        else:
+            self.decide(
+                f"no {what} reaches the target {target:.4f} (probes ratio: metric {probes or 'none'}); "
+                f"keeping the best probe: {len(outcome.chosen)} row(s) raised ({ops}), {metric}{cost}"
+            )
         return outcome
 
     # ------------------------------------------------------------------------------------------- finish
@@ -221,13 +266,19 @@ class Pipeline:
             "stage": cfg.stage.name.value,
             "chip": self.chip,
             "target": f"{cfg.target.metric} ({cfg.target.mode.value}), "
-            + (f"{cfg.target.value}" if cfg.target.value is not None else f"{cfg.target.ratio_of_float:g} x float"),
+            + (
+                f"{cfg.target.value}"
+                if cfg.target.value is not None
+                else f"{cfg.target.ratio_of_float:g} x float"
+            ),
             "calibration": f"{cfg.calibration.observer.value}, {cfg.calibration.num_batches} batches",
             "wall time": f"{time.perf_counter() - self.started:.1f} s",
             **(extra_facts or {}),
         }
         summary = Summary(title, facts, tuple(self.rows), tuple(self.decisions), FILES)
         path = self.session.run_dir / "summary.md"
+        if not is_rank_zero():
+            return summary
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render_markdown(summary), encoding="utf-8")
         self.console.print(render_table(summary))

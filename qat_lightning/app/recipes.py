@@ -97,7 +97,7 @@ class Recipe:
     module_names: Mapping[str, Any] = field(default_factory=dict)
 
     def replace(self, **changes: Any) -> Recipe:
-        """A copy with some fields changed."""
+        """Return a copy with some fields changed."""
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -147,7 +147,7 @@ class Recipe:
         return f"{self.name} ({self.chip}, {self.observer}): {base}{tail}"
 
     def setter(self) -> Any:
-        """The ``QconfigSetter`` of this recipe (``None`` for the float recipe)."""
+        """Build the ``QconfigSetter`` of this recipe (``None`` for the float recipe)."""
         if not self.quantize:
             return None
         from qat_lightning.quant.dtypes import float16
@@ -187,14 +187,15 @@ class Recipe:
             )
             table = SensitivityTable(rows, metric_name="rank", output_name="recipe")
             templates.append(SensitivityTemplate(table, len(rows), None, self.sensitive_dtype))
-        # Raised rows follow the search's rule: a raise the chip cannot take (e.g. both matmul inputs int16 on
-        # j6m) is downgraded and listed in qconfig_changelog.txt; the base recipe was checked strictly.
-        policy = "downgrade" if self.raised else self.on_violation
+        # Tuned ops follow the searches' rule: what the chip cannot take as a consequence (both matmul inputs
+        # int16 on j6m, a gemm fed by an fp16 op) is downgraded and listed in qconfig_changelog.txt; the base
+        # recipe was checked strictly (check_chip).
+        policy = "downgrade" if self.raised or self.fp16_ops else self.on_violation
         return QconfigSetter(reference, templates, chip=self.chip, on_violation=policy)
 
 
 def recipe_from_conf(recipe: RecipeConf, chip: ChipConf, calibration: CalibrationConf) -> Recipe:
-    """The base :class:`Recipe` of a config (nothing raised yet; ``fp16_ops`` as listed).
+    """Build the base :class:`Recipe` of a config (nothing raised yet; ``fp16_ops`` as listed).
 
     Raises:
         RecipeError: when the chip cannot run the recipe (see :func:`check_chip`).
@@ -222,7 +223,7 @@ def recipe_from_conf(recipe: RecipeConf, chip: ChipConf, calibration: Calibratio
 
 
 def chip_problems(recipe: Recipe) -> list[str]:
-    """The chip rules a recipe's base dtypes break, one line each (empty = runnable).
+    """List the chip rules a recipe's base dtypes break, one line each (empty = runnable).
 
     Only what the recipe asks of every op is checked here (with the effective dtypes: a gemm input left
     as produced has the producers' output dtype); per-op rules (a sensitive op raised to int16 on both
@@ -237,8 +238,12 @@ def chip_problems(recipe: Recipe) -> list[str]:
     gemm_w = recipe.gemm_weight or recipe.weight
     mm = recipe.matmul_input or (produced, produced)
     allowed = "/".join(spec.gemm_input_dtypes)
-    for what, dtype in (("gemm input", gemm_in), ("gemm weight", gemm_w), ("matmul input 0", mm[0]),
-                        ("matmul input 1", mm[1])):  # fmt: skip
+    for what, dtype in (
+        ("gemm input", gemm_in),
+        ("gemm weight", gemm_w),
+        ("matmul input 0", mm[0]),
+        ("matmul input 1", mm[1]),
+    ):
         if not spec.allows_gemm_input(dtype):
             problems.append(f"{spec.name}: {what} {dtype} is not supported (gemm inputs must be {allowed})")
     if not spec.gemm_double_int16:
@@ -249,8 +254,8 @@ def chip_problems(recipe: Recipe) -> list[str]:
             )
         if mm[0] == "qint16" and mm[1] == "qint16":
             problems.append(
-                f"{spec.name}: matmul cannot take int16 on both inputs (recipe asks matmul inputs {mm[0]}/{mm[1]}; "
-                "use matmul_input: [qint16, qint8])"
+                f"{spec.name}: matmul cannot take int16 on both inputs "
+                f"(recipe asks matmul inputs {mm[0]}/{mm[1]}; use matmul_input: [qint16, qint8])"
             )
     for what, dtype in (("activation", recipe.activation), ("other", recipe.other)):
         if dtype == "float32" and not spec.fp32_ops:
@@ -274,9 +279,9 @@ def check_chip(recipe: Recipe) -> None:
         lines = "\n  ".join(problems)
         raise RecipeError(
             f"recipe={recipe.name} cannot run on chip={recipe.chip}:\n  {lines}\n"
-            f"choose a recipe this chip supports (e.g. int16 = int16 activations with int8 weights on j6e/j6m; "
-            f"gemm_int16_other_fp16 is for j6p), or pass chip.on_violation=downgrade to downgrade each "
-            f"offending op to the nearest supported dtype (every change is listed in qconfig_changelog.txt)"
+            "choose a recipe this chip supports (e.g. int16 = int16 activations, int8 weights on j6e/j6m; "
+            "gemm_int16_other_fp16 is for j6p), or pass chip.on_violation=downgrade to downgrade each "
+            "offending op to the nearest supported dtype (every change is listed in qconfig_changelog.txt)"
         )
 
 

@@ -431,12 +431,12 @@ def writable_structured(cls: type) -> DictConfig:
 
 
 def schema_node() -> DictConfig:
-    """The :class:`AppConfig` schema as a writable structured config, for Hydra's ConfigStore."""
+    """Return the :class:`AppConfig` schema as a writable structured config, for Hydra's ConfigStore."""
     return writable_structured(AppConfig)
 
 
 def valid_keys(path: str) -> list[str] | None:
-    """The schema's keys under a dotted path (``"qat"`` -> its fields), ``None`` if the path is open.
+    """Return the schema's keys under a dotted path (``"qat"`` -> its fields), ``None`` if open.
 
     Args:
         path: dotted path of a node (``""`` = the root).

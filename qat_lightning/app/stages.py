@@ -23,22 +23,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from qat_lightning.app.checkpoints import CheckpointInfo, Record, read_checkpoint_info
 from qat_lightning.app.recipes import Recipe
 from qat_lightning.app.schema import AppConfig, QatScheduler
 
-__all__ = [
-    "CheckpointInfo",
-    "Factories",
-    "Session",
-    "StageResult",
-    "APP_KEY",
-    "read_checkpoint_info",
-]
+__all__ = ["Factories", "Session", "StageResult"]
 
 log = logging.getLogger("qat_lightning")
-
-APP_KEY = "qat_lightning"
-"""Key of the app's record inside every checkpoint it writes."""
 
 
 @dataclass(frozen=True)
@@ -92,61 +83,9 @@ class StageResult:
         return self.metric / self.float_metric
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    """What the app recorded in one of its checkpoints.
-
-    Attributes:
-        kind: ``float``, ``calibration`` or ``qat``.
-        recipe: the decided recipe (``None`` for float checkpoints).
-        metric: the metric measured when it was written.
-        float_metric: the float model's metric.
-        float_steps: optimizer steps of the float training (for the QAT step budget check).
-    """
-
-    kind: str
-    recipe: Recipe | None = None
-    metric: float | None = None
-    float_metric: float | None = None
-    float_steps: int | None = None
-
-
-class _Record(Callback):
-    """Adds the app's :class:`CheckpointInfo` to every checkpoint the trainer saves."""
-
-    def __init__(self, info: CheckpointInfo) -> None:
-        self.info = info
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        info = self.info
-        checkpoint[APP_KEY] = {
-            "kind": info.kind,
-            "recipe": None if info.recipe is None else info.recipe.to_dict(),
-            "metric": info.metric,
-            "float_metric": info.float_metric,
-            "float_steps": info.float_steps,
-        }
-
-
-def read_checkpoint_info(path: Path) -> tuple[dict[str, Any], CheckpointInfo | None]:
-    """Load a checkpoint (CPU) and the app's record in it (``None`` for foreign checkpoints).
-
-    Raises:
-        FileNotFoundError: when the file does not exist.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(str(path), map_location="cpu", weights_only=False)
-    raw = ckpt.get(APP_KEY) if isinstance(ckpt, dict) else None
-    if not raw:
-        return ckpt, None
-    recipe = Recipe.from_dict(raw["recipe"]) if raw.get("recipe") else None
-    return ckpt, CheckpointInfo(
-        raw.get("kind", "?"), recipe, raw.get("metric"), raw.get("float_metric"), raw.get("float_steps")
-    )
-
-
-def _qat_optimizers(lit: L.LightningModule, original: Callable[[], Any], lr: float | None, scheduler: str) -> Any:
+def _qat_optimizers(
+    lit: L.LightningModule, original: Callable[[], Any], lr: float | None, scheduler: str
+) -> Any:
     """Wrap ``configure_optimizers``: QAT learning rate on the model's own optimizer, no warmup.
 
     Every parameter group is scaled so the first group's LR is ``lr`` (ratios between groups kept, the
@@ -215,18 +154,20 @@ class Session:
         return self.cfg.target.metric
 
     def datamodule(self) -> L.LightningDataModule:
-        """The run's datamodule (built once)."""
+        """Return the run's datamodule (built once)."""
         if self._datamodule is None:
             self._datamodule = self.factories.datamodule()
         return self._datamodule
 
     def new_model(self) -> L.LightningModule:
-        """A fresh LightningModule (seeded)."""
+        """Build a fresh LightningModule (seeded)."""
         L.seed_everything(self.cfg.seed, workers=True, verbose=False)
         return self.factories.model()
 
-    def trainer(self, out_dir: Path, callbacks: list[Callback] | None = None, logger: bool = True, **kw: Any) -> L.Trainer:
-        """A Trainer from ``cfg.trainer`` writing into ``out_dir`` (stage settings in ``kw`` win)."""
+    def trainer(
+        self, out_dir: Path, callbacks: list[Callback] | None = None, logger: bool = True, **kw: Any
+    ) -> L.Trainer:
+        """Build a Trainer from ``cfg.trainer`` writing into ``out_dir`` (stage settings in ``kw`` win)."""
         out_dir.mkdir(parents=True, exist_ok=True)
         args: dict[str, Any] = dict(self.cfg.trainer)
         args.update(
@@ -252,22 +193,29 @@ class Session:
             f"Set target.metric=<one of them> (and target.mode=min for a loss)"
         )
 
-    def validate(self, lit: L.LightningModule, out_dir: Path, callbacks: list[Callback] | None = None, logger: bool = False) -> float:
+    def validate(
+        self,
+        lit: L.LightningModule,
+        out_dir: Path,
+        callbacks: list[Callback] | None = None,
+        logger: bool = False,
+    ) -> float:
         """Run ``trainer.validate`` and return the target metric."""
         trainer = self.trainer(out_dir, callbacks, logger=logger, limit_val_batches=self._val_limit())
         return self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
 
     def _val_limit(self) -> Any:
-        limit = self.cfg.train.limit_val_batches
-        return 1.0 if limit is None else limit
+        return self.cfg.train.limit_val_batches  # None: Lightning's default (all batches)
 
     def evaluator(self, lit: L.LightningModule, out_dir: Path) -> Callable[[Any], float]:
-        """A plain ``eval_fn(model) -> float`` for the search (``lit`` holds the model being probed)."""
+        """Build a plain ``eval_fn(model) -> float`` for the search (``lit`` holds the probed model)."""
         limit = self.cfg.search.eval_batches
         trainer = self.trainer(
-            out_dir, logger=False, enable_progress_bar=False,
+            out_dir,
+            logger=False,
+            enable_progress_bar=False,
             limit_val_batches=self._val_limit() if limit is None else limit,
-        )  # fmt: skip
+        )
 
         def eval_fn(_model: Any) -> float:
             return self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
@@ -275,7 +223,7 @@ class Session:
         return eval_fn
 
     def example_inputs(self, lit: L.LightningModule) -> Any:
-        """The module's ``example_input_array``, else the inputs of the first training batch."""
+        """Return the module's ``example_input_array``, else the inputs of the first training batch."""
         example = getattr(lit, "example_input_array", None)
         if example is not None:
             return example
@@ -285,7 +233,7 @@ class Session:
         dm.setup("fit")
         return default_input_fn(next(iter(dm.train_dataloader())))
 
-    def save(self, trainer: L.Trainer, record: _Record, name: str) -> Path:
+    def save(self, trainer: L.Trainer, record: Record, name: str) -> Path:
         """Save the trainer's model as ``checkpoints/<name>.ckpt``."""
         path = self.ckpt_dir / f"{name}.ckpt"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -298,12 +246,16 @@ class Session:
         """Train the float model; returns ``(module, metric, checkpoint, optimizer steps)``."""
         t = self.cfg.train
         lit = self.new_model()
-        record = _Record(CheckpointInfo("float"))
+        record = Record(CheckpointInfo("float"))
         limits = {} if t.limit_train_batches is None else {"limit_train_batches": t.limit_train_batches}
         trainer = self.trainer(
-            out_dir, [record], max_epochs=t.max_epochs, max_steps=t.max_steps,
-            limit_val_batches=self._val_limit(), **limits,
-        )  # fmt: skip
+            out_dir,
+            [record],
+            max_epochs=t.max_epochs,
+            max_steps=t.max_steps,
+            limit_val_batches=self._val_limit(),
+            **limits,
+        )
         trainer.fit(lit, datamodule=self.datamodule())
         metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
         steps = int(trainer.global_step)
@@ -311,7 +263,7 @@ class Session:
         return lit, metric, self.save(trainer, record, "float"), steps
 
     def load_float(self, path: Path) -> tuple[L.LightningModule, CheckpointInfo]:
-        """A fresh module with the float weights of ``path`` (an app checkpoint or any Lightning one)."""
+        """Build a fresh module with the float weights of ``path`` (an app or any Lightning checkpoint)."""
         ckpt, info = read_checkpoint_info(path)
         if info is not None and info.kind != "float":
             raise ValueError(
@@ -330,24 +282,38 @@ class Session:
         p = self.cfg.prepare
         return [
             PrepareQuantization(
-                None if recipe is None else recipe.setter(), submodule=p.submodule, method=p.method.value, qat_mode=p.qat_mode.value
+                None if recipe is None else recipe.setter(),
+                submodule=p.submodule,
+                method=p.method.value,
+                qat_mode=p.qat_mode.value,
             ),
-            Calibration(num_batches=self.cfg.calibration.num_batches, dataloader="train", submodule=p.submodule),
+            Calibration(
+                num_batches=self.cfg.calibration.num_batches, dataloader="train", submodule=p.submodule
+            ),
         ]
 
     def calibrate(
         self, float_ckpt: Path, recipe: Recipe, out_dir: Path, name: str, float_metric: float | None
     ) -> tuple[L.LightningModule, float, Path]:
-        """Prepare the float model with ``recipe``, calibrate, validate and save ``checkpoints/<name>.ckpt``."""
+        """Prepare the float model with ``recipe``, calibrate, validate, save ``checkpoints/<name>.ckpt``."""
         lit, info = self.load_float(float_ckpt)
-        record = _Record(CheckpointInfo("calibration", recipe, float_metric=float_metric, float_steps=info.float_steps))
-        trainer = self.trainer(out_dir, [*self._prepare_callbacks(recipe), record], limit_val_batches=self._val_limit())
+        record = Record(
+            CheckpointInfo("calibration", recipe, float_metric=float_metric, float_steps=info.float_steps)
+        )
+        trainer = self.trainer(
+            out_dir, [*self._prepare_callbacks(recipe), record], limit_val_batches=self._val_limit()
+        )
         metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
         record.info = CheckpointInfo("calibration", recipe, metric, float_metric, info.float_steps)
+        changelog = out_dir / "qconfig_changelog.txt"
+        if changelog.is_file():
+            log.warning("chip downgrades (%s):\n%s", changelog, changelog.read_text(encoding="utf-8").strip())
         return lit, metric, self.save(trainer, record, name)
 
-    def load_quantized(self, path: Path, out_dir: Path | None = None) -> tuple[L.LightningModule, CheckpointInfo]:
-        """A fresh module prepared with the checkpoint's recorded recipe and loaded strictly."""
+    def load_quantized(
+        self, path: Path, out_dir: Path | None = None
+    ) -> tuple[L.LightningModule, CheckpointInfo]:
+        """Build a fresh module prepared with the checkpoint's recorded recipe, loaded strictly."""
         from qat_lightning.callbacks.prepare import load_quantized_checkpoint, prepare_submodule
 
         _, info = read_checkpoint_info(path)
@@ -361,16 +327,32 @@ class Session:
         setter = info.recipe.setter()
         example = self.example_inputs(lit)
         prepare_submodule(
-            lit, setter, example, submodule=p.submodule, method=p.method.value, qat_mode=p.qat_mode.value,
+            lit,
+            setter,
+            example,
+            submodule=p.submodule,
+            method=p.method.value,
+            qat_mode=p.qat_mode.value,
             check_dir=out_dir,
-        )  # fmt: skip
+        )
         load_quantized_checkpoint(
-            lit, path, setter, example, submodule=p.submodule, method=p.method.value, qat_mode=p.qat_mode.value
+            lit,
+            path,
+            setter,
+            example,
+            submodule=p.submodule,
+            method=p.method.value,
+            qat_mode=p.qat_mode.value,
         )
         return lit, info
 
     def qat(
-        self, calib_ckpt: Path, out_dir: Path, name: str = "qat", extra: list[Callback] | None = None, **kw: Any
+        self,
+        calib_ckpt: Path,
+        out_dir: Path,
+        name: str = "qat",
+        extra: list[Callback] | None = None,
+        **kw: Any,
     ) -> tuple[L.LightningModule, float, Path | None, CheckpointInfo]:
         """QAT from a calibration checkpoint; returns ``(module, metric, checkpoint, calibration info)``.
 
@@ -382,14 +364,20 @@ class Session:
         q = self.cfg.qat
         lit, info = self.load_quantized(calib_ckpt, out_dir)
         lit.configure_optimizers = _qat_optimizers(lit, lit.configure_optimizers, q.lr, q.scheduler.value)  # type: ignore[method-assign]
-        record = _Record(CheckpointInfo("qat", info.recipe, float_metric=info.float_metric, float_steps=info.float_steps))
+        record = Record(
+            CheckpointInfo("qat", info.recipe, float_metric=info.float_metric, float_steps=info.float_steps)
+        )
         qat_cb = QuantizationAwareTraining(
             bn_mode=self.cfg.prepare.qat_mode.value,
             fix_scales=None if q.fix_scales.value == "none" else q.fix_scales.value,
             float_steps=info.float_steps or None,
             submodule=self.cfg.prepare.submodule,
         )
-        args: dict[str, Any] = {"max_epochs": q.max_epochs, "max_steps": q.max_steps, "limit_val_batches": self._val_limit()}
+        args: dict[str, Any] = {
+            "max_epochs": q.max_epochs,
+            "max_steps": q.max_steps,
+            "limit_val_batches": self._val_limit(),
+        }
         if self.cfg.train.limit_train_batches is not None:
             args["limit_train_batches"] = self.cfg.train.limit_train_batches
         args.update(kw)
@@ -401,15 +389,27 @@ class Session:
         return lit, metric, self.save(trainer, record, name) if name else None, info
 
     def sanity(self, mode: str, calib_ckpt: Path, reference: float, out_dir: Path) -> Any:
-        """The seed's check ``mode`` (``lr0``/``float``) as a short QAT run; returns the ``SanityResult``."""
+        """Run the seed's check ``mode`` (``lr0``/``float``) as a short QAT run; return its result."""
         from qat_lightning.callbacks import SanityCheck
 
         s = self.cfg.sanity
         check = SanityCheck(
-            mode=mode, monitor=self.monitor, tolerance=s.tolerance, reference=reference,
-            raise_on_failure=False, submodule=self.cfg.prepare.submodule,
-        )  # fmt: skip
-        self.qat(calib_ckpt, out_dir, name="", extra=[check], max_epochs=1, max_steps=-1, limit_train_batches=s.steps)
+            mode=mode,
+            monitor=self.monitor,
+            tolerance=s.tolerance,
+            reference=reference,
+            raise_on_failure=False,
+            submodule=self.cfg.prepare.submodule,
+        )
+        self.qat(
+            calib_ckpt,
+            out_dir,
+            name="",
+            extra=[check],
+            max_epochs=1,
+            max_steps=-1,
+            limit_train_batches=s.steps,
+        )
         result = check.result
         if result is not None and result.status != "PASS":
             log.error("SANITY CHECK %s: %s\n%s", mode, result.status, result.render())
@@ -426,20 +426,24 @@ class Session:
 
         a = self.cfg.analysis
         callback = QuantAnalysisCallback(
-            dataloader="val", num_steps=a.num_steps, metrics=tuple(a.metrics), run_on_fit_end=False,
+            dataloader="val",
+            num_steps=a.num_steps,
+            metrics=tuple(a.metrics),
+            run_on_fit_end=False,
             submodule=self.cfg.prepare.submodule,
-        )  # fmt: skip
+        )
         trainer = self.trainer(out_dir, [callback], limit_val_batches=1)
         trainer.validate(lit, datamodule=self.datamodule(), verbose=False)
-        outcome = callback.run_analysis(trainer, lit)
+        outcome = callback.run_analysis(trainer, lit)  # rank zero works, the others get None
         tables = list(outcome.sensitivity) if outcome is not None else []
+        tables = trainer.strategy.broadcast(tables, src=0)  # every rank searches with the same tables
         for table in tables:
             top = ", ".join(f"{r.op_name}/{r.sensitive_type}={r.metric:.4g}" for r in table.rows[:5])
             log.info("sensitivity (%s, output %s) top 5: %s", table.metric_name, table.output_name, top)
         return tables
 
     def target(self, float_metric: float) -> float:
-        """The metric to reach: ``target.value``, else ``ratio_of_float`` of the float metric."""
+        """Return the metric to reach: ``target.value``, else ``ratio_of_float`` of the float metric."""
         t = self.cfg.target
         if t.value is not None:
             return float(t.value)
@@ -455,53 +459,3 @@ class Session:
     def meets(self, metric: float, target: float) -> bool:
         """Whether ``metric`` reaches ``target`` in the configured direction."""
         return metric >= target if self.cfg.target.mode.value == "max" else metric <= target
-
-
-def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float | None]:
-    """``(int16 ratio, fp16 ratio, estimated cost relative to all-int8)`` of a prepared network.
-
-    The ratios are shares of quantized ops that compute with int16 (fp16) anywhere: an explicitly
-    quantized input, the weight or the output (a ``float32`` input node means "as produced" and does not
-    count). An op can count in both (a j6p gemm with int16 inputs and an fp16 output). Cost: ``chips.op_cost`` of every op with those dtypes (an input left as
-    produced takes its producer's output dtype), divided by the same ops' MACs (= the all-int8 cost, every
-    factor 1).
-    """
-    from qat_lightning.chips import get_chip, op_cost
-    from qat_lightning.quant.ops import OpKind, iter_quant_ops, quant_nodes_of
-    from qat_lightning.quant.templates import precision_rank
-
-    spec = get_chip(chip)
-    ops = list(iter_quant_ops(model))
-    outputs: dict[str, Any] = {}
-    for name, op in ops:
-        node = quant_nodes_of(op).get("output")
-        outputs[name] = None if node is None else node.dtype
-    total = reference = 0.0
-    counts = {"qint16": 0, "float16": 0}
-    for name, op in ops:
-        info = op.op_info
-        nodes = quant_nodes_of(op)
-        inputs, own = [], []
-        for i, producer in enumerate(info.input_producers or (None,)):
-            node = nodes.get(f"input.{i}")
-            dtype = node.dtype if node is not None and not node.dtype.is_float32 else None
-            if dtype is not None:
-                own.append(dtype)
-            inputs.append(dtype if dtype is not None else outputs.get(producer) if producer else None)
-        weight = nodes.get("weight")
-        output = outputs.get(name)
-        used = {d.name for d in (*own, output, None if weight is None else weight.dtype) if d is not None}
-        for key in counts:
-            counts[key] += key in used
-        gemm = info.kind == OpKind.GEMM
-        if gemm and info.is_matmul:
-            first, second = inputs[0], inputs[1] if len(inputs) > 1 else inputs[0]
-        else:
-            known = [d for d in inputs if d is not None]
-            first = max(known, key=precision_rank) if known else None
-            second = None if weight is None else weight.dtype
-        total += op_cost(info.flops, first, second, output, spec, gemm)
-        reference += info.flops
-    n = max(len(ops), 1)
-    cost = total / reference if reference else None
-    return counts["qint16"] / n, counts["float16"] / n, cost

@@ -15,7 +15,16 @@ from qat_lightning.app.stages import StageResult
 
 __all__ = ["COLUMNS", "Summary", "render_markdown", "render_table", "row_cells"]
 
-COLUMNS = ("stage", "recipe", "metric", "% of float", "int16 ratio", "fp16 ratio", "est. cost (x int8)", "note")
+COLUMNS = (
+    "stage",
+    "recipe",
+    "metric",
+    "% of float",
+    "int16 ratio",
+    "fp16 ratio",
+    "est. cost (x int8)",
+    "note",
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +51,7 @@ def _num(value: float | None, fmt: str = "{:.4f}") -> str:
 
 
 def row_cells(row: StageResult) -> list[str]:
-    """The table cells of one row, formatted."""
+    """Format the table cells of one row."""
     share = row.share_of_float
     return [
         row.step,
@@ -61,7 +70,7 @@ def _escape(cell: str) -> str:
 
 
 def render_markdown(summary: Summary, relative_to: Path | None = None) -> str:
-    """The text of ``summary.md``.
+    """Render the text of ``summary.md``.
 
     Args:
         summary: what to show.
@@ -95,7 +104,7 @@ def render_markdown(summary: Summary, relative_to: Path | None = None) -> str:
 
 
 def render_table(summary: Summary) -> Any:
-    """A ``rich.table.Table`` of the rows (for the terminal)."""
+    """Build a ``rich.table.Table`` of the rows (for the terminal)."""
     from rich.table import Table
 
     table = Table(title=summary.title, show_lines=False)

@@ -75,7 +75,7 @@ def fp16_search(
     topk: int | None = None,
     out_dir: Path | None = None,
 ) -> SearchOutcome:
-    """The int16 -> fp16 step on a calibrated all-int16 network (restored afterwards).
+    """Run the int16 -> fp16 step on a calibrated all-int16 network (restored afterwards).
 
     Args:
         model: the calibrated int16 prepared network.
@@ -95,9 +95,15 @@ def fp16_search(
     from qat_lightning.analysis import search_fp16_topk
 
     plan = search_fp16_topk(
-        model, table, eval_fn, target, max_k=max(1, max_ops), chip=chip, higher_is_better=higher_is_better,
+        model,
+        table,
+        eval_fn,
+        target,
+        max_k=max(1, max_ops),
+        chip=chip,
+        higher_is_better=higher_is_better,
         out_dir=out_dir,
-    )  # fmt: skip
+    )
     probes = tuple((float(p.raised), float(p.metric)) for p in plan.probes)
     chosen = tuple(dict.fromkeys(op for op, _ in plan.raised))
     return SearchOutcome(chosen, float(plan.metric), bool(plan.reached), probes, None, _relative(plan))
@@ -122,7 +128,7 @@ def int16_search(
     high: str = "qint16",
     out_dir: Path | None = None,
 ) -> SearchOutcome:
-    """The minimal int16 ratio reaching ``target``, or the rows of a fixed ``ratio``.
+    """Find the minimal int16 ratio reaching ``target``, or the rows of a fixed ``ratio``.
 
     Args:
         model: the calibrated low-precision network (left as it was).
@@ -147,14 +153,25 @@ def int16_search(
 
     common = {"cost_aware": cost_aware, "higher_is_better": higher_is_better, "out_dir": out_dir}
     if gemm_only:
-        plan = search_j6p(model, list(tables), eval_fn, target, chip=chip, sensitive_type=sensitive_type, **common)
+        plan = search_j6p(
+            model, list(tables), eval_fn, target, chip=chip, sensitive_type=sensitive_type, **common
+        )
     else:
         plan = search_mixed_precision(
-            model, list(tables), eval_fn, target, high=high, chip=chip, sensitive_type=sensitive_type, **common
+            model,
+            list(tables),
+            eval_fn,
+            target,
+            high=high,
+            chip=chip,
+            sensitive_type=sensitive_type,
+            **common,
         )
     probes = tuple((float(p.ratio), float(p.metric)) for p in plan.probes)
     pairs = tuple((str(op), str(kind)) for op, kind in plan.raised)
-    return SearchOutcome(pairs, float(plan.metric), bool(plan.reached), probes, float(plan.ratio), _relative(plan))
+    return SearchOutcome(
+        pairs, float(plan.metric), bool(plan.reached), probes, float(plan.ratio), _relative(plan)
+    )
 
 
 def load_sensitivity_table(path: Path) -> Any:
@@ -174,7 +191,9 @@ def load_sensitivity_table(path: Path) -> Any:
         raise FileNotFoundError(f"recipe.sensitivity_table={path} does not exist")
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or "rows" not in data:
-        raise ValueError(f"{path} is not a sensitivity table (expected the JSON of quant_analysis/sensitivity_*.json)")
+        raise ValueError(
+            f"{path} is not a sensitivity table (expected the JSON of quant_analysis/sensitivity_*.json)"
+        )
     names = {f.name for f in dataclasses.fields(SensitivityRow)}
     rows = tuple(SensitivityRow(**{k: v for k, v in row.items() if k in names}) for row in data["rows"])
     extra = {k: data[k] for k in ("metric_name", "output_name", "method") if k in data}

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qat_lightning.callbacks._common import (
+    CALIBRATED_FLAG,
     InputFn,
     call_model,
     default_input_fn,
@@ -157,7 +158,6 @@ class Calibration(Callback):
         self.force = force
         self.batches_used = 0
         self._pending = False
-        self._running = False
 
     @property
     def state_key(self) -> str:
@@ -204,9 +204,8 @@ class Calibration(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Nothing half-done survives: ``calibrate`` restores modes itself; forget a pending calibration."""
+        """Forget a pending calibration (``calibrate`` itself restores modes and states on errors)."""
         self._pending = False
-        self._running = False
 
     def state_dict(self) -> dict[str, Any]:
         """Plain config only (the calibrated flag lives in the model's buffers)."""
@@ -233,7 +232,6 @@ class Calibration(Callback):
                 f"Calibration uses only {planned} batch(es); the seed recommends at least "
                 f"{MIN_RECOMMENDED_BATCHES} (10 to 100) for stable scales"
             )
-        self._running = True
         used = calibrate(
             model,
             loader,
@@ -244,9 +242,8 @@ class Calibration(Callback):
         )
         if trainer.world_size > 1:
             reduce_observer_statistics(model)
-        self._running = False
         self.batches_used = used
-        model.get_buffer("qat_calibrated").fill_(True)
+        model.get_buffer(CALIBRATED_FLAG).fill_(True)
         rank_zero_info(f"Calibration: {used} batch(es) per rank on {trainer.world_size} rank(s)")
         log_scalars(trainer, {"calibration/batches": used})
         log_quant_scales(trainer, model, prefix="calibration")

@@ -101,17 +101,17 @@ class DigitsDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches."""
+        """Return shuffled training batches."""
         return self._loader(train=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Validation batches, in a fixed order."""
+        """Return validation batches, in a fixed order."""
         return self._loader(train=False)
 
     def test_dataloader(self) -> DataLoader:
-        """The validation split."""
+        """Return the validation split."""
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        """The validation split."""
+        """Return the validation split."""
         return self.val_dataloader()

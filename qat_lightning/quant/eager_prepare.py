@@ -165,7 +165,7 @@ def probe_model(
     functions: list[tuple[str, int, str]] = []
     names = input_names(model, args, kwargs)
     values = list(args) + list(kwargs.values())
-    input_ids = {n: id(v) for n, v in zip(names, values) if isinstance(v, Tensor)}
+    input_ids = {n: id(v) for n, v in zip(names, values, strict=True) if isinstance(v, Tensor)}
     try:
         with torch.no_grad():
             if record_functions:
@@ -260,7 +260,8 @@ def prepare_eager(
     Args:
         model: the float model copy to change.
         probe: :func:`probe_model` of another copy of the same model on the same inputs.
-        args / kwargs: the example inputs (for the model-input quant points).
+        args: the positional example inputs (for the model-input quant points).
+        kwargs: the keyword example inputs.
         assign: op infos (call order) -> QConfig per op name.
         qat_mode: recorded only (eager mode fuses nothing).
         device: device for the new quant nodes.
@@ -278,7 +279,7 @@ def prepare_eager(
     names = input_names(model, args, kwargs)
     values = list(args) + list(kwargs.values())
     if not has_stub:
-        for i, (arg_name, value) in enumerate(zip(names, values)):
+        for i, (arg_name, value) in enumerate(zip(names, values, strict=True)):
             if isinstance(value, Tensor) and value.is_floating_point():
                 name = namer.input_op(arg_name)
                 info = OpInfo(name, "quant", OpKind.INPUT, "", 0, (), value.numel())
@@ -306,7 +307,9 @@ def prepare_eager(
         first_in = ev.in_ids[0] if ev.in_ids else None
         if is_stub(mod):
             name, k = namer.module_op(ev.path)
-            info = OpInfo(name, "quant", OpKind.INPUT, ev.path, k, (producer(first_in),), numel_of(ev.out_shape))
+            info = OpInfo(
+                name, "quant", OpKind.INPUT, ev.path, k, (producer(first_in),), numel_of(ev.out_shape)
+            )
             plans.append(OpPlan(info, "input", extra={"path": ev.path}))
         else:
             spec = gemm_spec_of(mod)
@@ -315,8 +318,15 @@ def prepare_eager(
                 flops = gemm_module_flops(mod, ev.in_shape, ev.out_shape)
                 info = OpInfo(name, op_type, OpKind.GEMM, ev.path, k, (producer(first_in),), flops)
                 plans.append(
-                    OpPlan(info, "gemm", module=mod, gemm_kind=spec.kind, weight_ch_axis=spec.weight_ch_axis,
-                           weight_key=ev.path, extra={"path": ev.path})
+                    OpPlan(
+                        info,
+                        "gemm",
+                        module=mod,
+                        gemm_kind=spec.kind,
+                        weight_ch_axis=spec.weight_ch_axis,
+                        weight_key=ev.path,
+                        extra={"path": ev.path},
+                    )
                 )
             elif ev.out_float:
                 name, k = namer.module_op(ev.path)

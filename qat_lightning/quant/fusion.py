@@ -66,7 +66,7 @@ _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 
 
 def is_relu_node(node: Node, modules: Mapping[str, nn.Module]) -> bool:
-    """A plain ReLU: ``nn.ReLU`` module, ``F.relu`` / ``torch.relu`` or ``.relu()``."""
+    """Tell whether ``node`` is a plain ReLU: ``nn.ReLU``, ``F.relu`` / ``torch.relu`` or ``.relu()``."""
     if node.op == "call_module":
         return type(modules.get(str(node.target))) is nn.ReLU
     if node.op == "call_function":
@@ -77,7 +77,7 @@ def is_relu_node(node: Node, modules: Mapping[str, nn.Module]) -> bool:
 
 
 def is_add_node(node: Node) -> bool:
-    """A two-tensor add without ``alpha``: ``a + b``, ``a += b``, ``torch.add(a, b)``, ``a.add(b)``."""
+    """Tell whether ``node`` adds two tensors without ``alpha`` (``a + b``, ``a += b``, ``a.add(b)``)."""
     if node.kwargs or len(node.args) != 2:
         return False
     if node.op == "call_function":
@@ -111,7 +111,9 @@ def fused_op_type(gemm: nn.Module, group: FusionGroup) -> str:
 
 def _is_gemm_bn(node: Node, modules: Mapping[str, nn.Module]) -> bool:
     """``node`` is a BatchNorm call applied to a conv / linear call (another fusion candidate)."""
-    if node.op != "call_module" or not isinstance(modules.get(str(node.target)), nn.modules.batchnorm._BatchNorm):
+    if node.op != "call_module" or not isinstance(
+        modules.get(str(node.target)), nn.modules.batchnorm._BatchNorm
+    ):
         return False
     src = node.args[0] if node.args else None
     return (
@@ -147,17 +149,22 @@ def find_fusions(
         followers = [
             u
             for u in users
-            if is_relu_node(u, modules) or (u.op == "call_module" and type(modules.get(str(u.target))) is bn_type)
+            if is_relu_node(u, modules)
+            or (u.op == "call_module" and type(modules.get(str(u.target))) is bn_type)
         ]
         if calls[str(node.target)] > 1:
             if followers:
                 unfused.append(
-                    UnfusedGroup((node, followers[0]), f"{node.target} is called {calls[str(node.target)]} times")
+                    UnfusedGroup(
+                        (node, followers[0]), f"{node.target} is called {calls[str(node.target)]} times"
+                    )
                 )
             continue
         if nxt is None:
             if followers:
-                unfused.append(UnfusedGroup((node, followers[0]), f"the output of {node.target} has {len(users)} users"))
+                unfused.append(
+                    UnfusedGroup((node, followers[0]), f"the output of {node.target} has {len(users)} users")
+                )
             continue
         group = FusionGroup(node)
         out_meta = meta.get(node)
@@ -168,7 +175,9 @@ def find_fusions(
                 reason = f"{nxt.target} is called {calls[str(nxt.target)]} times"
             elif not bn.track_running_stats or bn.running_var is None:
                 reason = f"{nxt.target} has no running statistics"
-            elif isinstance(gemm, nn.Linear) and (out_meta is None or out_meta.shape is None or len(out_meta.shape) != 2):
+            elif isinstance(gemm, nn.Linear) and (
+                out_meta is None or out_meta.shape is None or len(out_meta.shape) != 2
+            ):
                 reason = "linear + BatchNorm1d is fused only for a 2-d output"
             if reason is not None:
                 unfused.append(UnfusedGroup((node, nxt), reason))
@@ -188,9 +197,7 @@ def find_fusions(
                 inplace_ok = not _is_inplace_add(nxt) or nxt.args[0] is group.bn
                 # the add fuses with the branch computed last (ResNet: conv2-bn2, not the downsample)
                 later = (
-                    isinstance(other, Node)
-                    and order[other] > order[group.bn]
-                    and _is_gemm_bn(other, modules)
+                    isinstance(other, Node) and order[other] > order[group.bn] and _is_gemm_bn(other, modules)
                 )
                 if (
                     isinstance(other, Node)

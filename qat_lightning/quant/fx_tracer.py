@@ -33,13 +33,25 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import Node, map_aggregate
 
-__all__ = ["FxTraceError", "NodeMeta", "TraceResult", "trace_with_values", "user_source_line"]
+__all__ = ["FxTraceError", "NodeMeta", "ReloadTracer", "TraceResult", "trace_with_values", "user_source_line"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # qat_lightning/
 
 #: Tensor factories that get a graph node when one of their arguments is symbolic.
-_FACTORIES = ("arange", "zeros", "ones", "full", "empty", "rand", "randn", "randint", "eye", "linspace", "tensor")
+_FACTORIES = (
+    "arange",
+    "zeros",
+    "ones",
+    "full",
+    "empty",
+    "rand",
+    "randn",
+    "randint",
+    "eye",
+    "linspace",
+    "tensor",
+)
 #: Tensor attributes that are resolved to their example value (static for a given model).
 _STATIC_ATTRS = frozenset({"dtype", "ndim", "layout", "is_cuda", "is_sparse", "is_quantized"})
 
@@ -117,6 +129,12 @@ class _ValueProxy(fx.Proxy):
 
 class _ValueAttribute(fx.proxy.Attribute, _ValueProxy):
     pass
+
+
+class ReloadTracer(fx.Tracer):
+    """The tracer ``torch.load`` uses to rebuild a prepared GraphModule from its code (buffers proxied)."""
+
+    proxy_buffer_attributes = True
 
 
 class _ValueTracer(fx.Tracer):
@@ -215,7 +233,7 @@ class _ValueTracer(fx.Tracer):
         return iter([obj[i] for i in range(len(value))])
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:  # noqa: D102
-        return self._leaf(m) or super().is_leaf_module(m, module_qualified_name)
+        return self._leaf(m)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
         if self._computing:
@@ -233,7 +251,7 @@ class _ValueTracer(fx.Tracer):
         proxies = [self.create_proxy("placeholder", name, (), {}) for name in names]
 
         def root(module: nn.Module, *flat: Any) -> Any:
-            return root_fn(module, *flat[:n_pos], **dict(zip(names[n_pos:], flat[n_pos:])))
+            return root_fn(module, *flat[:n_pos], **dict(zip(names[n_pos:], flat[n_pos:], strict=True)))
 
         root.__annotations__ = {}  # fx would copy a (string) return annotation into the generated code
 
@@ -305,7 +323,7 @@ def trace_with_values(
     """
     pos_names = _positional_names(model, len(args))
     values: dict[str, Any] = {}
-    for name, value in zip(pos_names, args):
+    for name, value in zip(pos_names, args, strict=True):
         values[name] = value
     for key, value in kwargs.items():
         if not key.isidentifier() or key in values:
@@ -326,7 +344,7 @@ def trace_with_values(
         for name, fn in patched.items():
             setattr(torch, name, fn)
     meta = {node: _to_meta(value) for node, value in tracer._values.items()}
-    graph._tracer_cls = None  # unpickling re-traces the generated code with a plain fx Tracer
+    graph._tracer_cls = ReloadTracer  # unpickling re-traces the generated code with this tracer
     gm = fx.GraphModule(tracer.root, graph, class_name=type(model).__name__)
     return TraceResult(gm, meta, tuple(values))
 

@@ -51,6 +51,7 @@ __all__ = [
     "DEFAULT_MAX_SAMPLES",
     "AbsHistogram",
     "pow2_ceil",
+    "coarsen",
     "estimate_mse",
     "percentile_threshold",
     "mse_threshold",
@@ -71,6 +72,8 @@ SAMPLE_CHUNK: int = 16
 TAIL_SHARE: float = 1 / 32
 MIX_CANDIDATES: tuple[str, ...] = ("minmax", "percentile", "kl", "mse")
 _MSE_GRID_WORK = 2**16  # rows * coarse candidates evaluated by mse_threshold
+_SEARCH_CELLS = 2**17  # rows * bins searched by kl / mse / mix (see coarsen)
+_KL_WORK = 2**16  # rows * candidates evaluated by kl_threshold (stride > 1 only for many channels)
 _MSE_REFINE = 33
 
 
@@ -243,7 +246,8 @@ class AbsHistogram(torch.nn.Module):
             top = torch.bincount((tail * inv_w).ceil_().long(), minlength=bins + 1)
             # cut = first bin with at most TAIL_SHARE of the block maxima above it
             cut = (top.cumsum(0) < tail.numel() * (1 - TAIL_SHARE)).sum()
-            self.counts[0].add_(torch.where(self.bin_index <= cut, counts * (length / taken), top))
+            bulk = counts.double() * (length / taken)
+            self.counts[0].add_(torch.where(self.bin_index <= cut, bulk, top.double()))
             return
         inv_w = (bins / self.hist_range.clamp_min(RANGE_MIN)).to(a.dtype)
         idx = a.mul_(inv_w[:, None]).ceil_().long()
@@ -280,6 +284,21 @@ class _Moments(NamedTuple):
     f0: torch.Tensor  # inclusive prefix sums of count, sum |x|, sum x**2 per bin
     f1: torch.Tensor
     f2: torch.Tensor
+
+
+def coarsen(counts: torch.Tensor, width: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge groups of adjacent bins (exactly) so that ``rows * bins <= 2**17`` (at least 256 bins).
+
+    Only many-channel histograms are affected (a per-tensor histogram is returned as is); it bounds the
+    cost of the kl / mse / mix searches per channel. The exact-zero column is kept.
+    """
+    rows, bins = counts.shape[0], counts.shape[1] - 1
+    keep = max(MIN_BINS, _SEARCH_CELLS // rows)
+    if bins <= keep:
+        return counts, width
+    group = bins // (1 << (keep.bit_length() - 1))  # power of two, as bins is one
+    merged = counts[:, 1:].reshape(rows, bins // group, group).sum(-1)
+    return torch.cat([counts[:, :1], merged], 1), width * group
 
 
 def _moments(counts: torch.Tensor, width: torch.Tensor) -> _Moments:
@@ -380,9 +399,10 @@ def mse_threshold(counts: torch.Tensor, width: torch.Tensor, amax: torch.Tensor,
     """Threshold in ``(0, amax]`` minimising :func:`estimate_mse` for ``qmax``.
 
     A coarse grid ``amax * k / T`` (``T = 2048`` per tensor, fewer per channel so that ``rows * T <= 2**16``,
-    at least 64) is refined with 32 points between the neighbours of the best grid point.
+    at least 64) is refined with 32 points between the neighbours of the best grid point. Many-channel
+    histograms are searched after :func:`coarsen`.
     """
-    return _mse_search(_moments(counts, width), amax.double(), qmax)
+    return _mse_search(_moments(*coarsen(counts, width)), amax.double(), qmax)
 
 
 def _cols(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -411,12 +431,15 @@ def kl_threshold(counts: torch.Tensor, width: torch.Tensor, amax: torch.Tensor, 
     / N + log(M / N)`` (``S_g``: group total, ``n_g``: its non-zero bins, ``Sp_g``: its ``P`` total,
     ``N``/``M``: totals of ``P``/``Q``). All groups but the last depend only on ``m``, so their sum is
     computed once per distinct ``m`` (``bins // nq`` values); the last group, ``p log p`` and the totals
-    come from prefix sums per candidate: cost ``O(rows * (bins // nq * nq + bins))``.
+    come from prefix sums per candidate: cost ``O(rows * (bins // nq * nq + bins))``. With many channels
+    the histogram is first merged by :func:`coarsen` and the candidates are strided so that
+    ``rows * candidates <= 2**16`` (per tensor: every bin, every candidate).
 
     When ``nq > J`` (int16: 32768 levels, finer than a 2048-bin histogram) nothing is searched: every
     level is finer than a bin, so the result is ``amax``.
     """
     amax = amax.double()
+    counts, width = coarsen(counts, width)
     rows, bins = counts.shape[0], counts.shape[1] - 1
     nq = qmax + 1
     h = counts[:, 1:].double()  # exact zeros left out (see docstring)
@@ -438,7 +461,8 @@ def kl_threshold(counts: torch.Tensor, width: torch.Tensor, amax: torch.Tensor, 
     n = _cols(cnz, g_end) - _cols(cnz, g_start)
     base = torch.where(s > 0, s * torch.log(s / n.clamp_min(1)), 0.0).sum(-1)  # (rows, M)
     # per candidate: last group, outliers, p log p
-    cand = torch.arange(nq, top + 1, device=h.device)
+    stride = max(1, -(-rows * (top - nq + 1) // _KL_WORK))  # 1 per tensor; coarser for many channels
+    cand = torch.arange(nq, top + 1, stride, device=h.device)
     merged = cand // nq
     l_start = (nq - 1) * merged
     inside = _cols(cum, cand)
@@ -462,6 +486,7 @@ def mix_candidates(
     counts: torch.Tensor, width: torch.Tensor, amax: torch.Tensor, qmax: int, percentile: float = 99.99
 ) -> torch.Tensor:
     """Return the minmax, percentile, kl and mse thresholds, shape ``(rows, 4)`` (MIX_CANDIDATES order)."""
+    counts, width = coarsen(counts, width)
     return _mix(_moments(counts, width), counts, width, amax.double(), qmax, percentile)[0]
 
 
@@ -488,6 +513,7 @@ def mix_threshold(
     Returns:
         ``(threshold (rows,), winner (rows,) index into MIX_CANDIDATES)``; ties go to the earlier name.
     """
+    counts, width = coarsen(counts, width)
     cands, err = _mix(_moments(counts, width), counts, width, amax.double(), qmax, percentile)
     win = err.argmin(1)
     return cands.gather(1, win[:, None]).squeeze(1), win

@@ -88,7 +88,7 @@ def _outputs_match(ref: Any, out: Any) -> str | None:
     out_leaves, out_spec = tree_flatten(out)
     if len(ref_leaves) != len(out_leaves):
         return f"the output structure differs ({ref_spec} vs {out_spec})"
-    for i, (a, b) in enumerate(zip(ref_leaves, out_leaves)):
+    for i, (a, b) in enumerate(zip(ref_leaves, out_leaves, strict=True)):
         if isinstance(a, Tensor) != isinstance(b, Tensor):
             return f"output {i} is a tensor in one model only"
         if not isinstance(a, Tensor):

@@ -95,8 +95,8 @@ class OpBuilder:
             shared = self.shared_weights[key]
             if qconfig.weight_dtype is not None and qconfig.weight_dtype != shared.dtype:
                 self.notes.append(
-                    f"{plan.name}: weight dtype {qconfig.weight_dtype} ignored, the weight node is shared with "
-                    f"{shared.name} ({shared.dtype})"
+                    f"{plan.name}: weight dtype {qconfig.weight_dtype} ignored, the weight node is "
+                    f"shared with {shared.name} ({shared.dtype})"
                 )
             return shared
         fq = self._node(weight_node(qconfig, weight, plan.weight_ch_axis, f"{plan.name}.weight"))
@@ -114,7 +114,7 @@ class OpBuilder:
         return self._node(activation_node(qconfig, qconfig.output_dtype, f"{plan.name}.output"))
 
     def build(self, plan: OpPlan) -> QuantOp:
-        """The op module for ``plan``."""
+        """Build the op module of ``plan``."""
         qc = self.qconfigs[plan.name]
         info = plan.info
         if plan.build == "gemm":

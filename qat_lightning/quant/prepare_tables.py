@@ -129,12 +129,12 @@ PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
 
 
 def is_stub(module: nn.Module) -> bool:
-    """A user-placed torch.ao ``QuantStub`` (a model-input quant point)."""
+    """Tell whether ``module`` is a user-placed torch.ao ``QuantStub`` (a model-input quant point)."""
     return isinstance(module, QuantStub)
 
 
 def is_dequant_stub(module: nn.Module) -> bool:
-    """A user-placed torch.ao ``DeQuantStub`` (becomes the identity)."""
+    """Tell whether ``module`` is a user-placed torch.ao ``DeQuantStub`` (becomes the identity)."""
     return isinstance(module, DeQuantStub)
 
 
@@ -152,7 +152,7 @@ def module_op_type(module: nn.Module) -> str | None:
 
 
 def gemm_spec_of(module: nn.Module) -> GemmSpec | None:
-    """The :class:`GemmSpec` of a conv / conv-transpose / linear module (subclasses included)."""
+    """Return the :class:`GemmSpec` of a conv / conv-transpose / linear module (subclasses too)."""
     spec = GEMM_MODULES.get(type(module))
     if spec is not None:
         return spec
@@ -375,11 +375,13 @@ class OpNamer:
 
 
 def numel_of(shape: Sequence[int] | torch.Size | None) -> int:
-    """Number of elements of a shape (0 for ``None``)."""
+    """Return the number of elements of a shape (0 for ``None``)."""
     return 0 if shape is None else int(math.prod(shape))
 
 
-def gemm_module_flops(module: nn.Module, in_shape: Sequence[int] | None, out_shape: Sequence[int] | None) -> int:
+def gemm_module_flops(
+    module: nn.Module, in_shape: Sequence[int] | None, out_shape: Sequence[int] | None
+) -> int:
     """MACs of one call of a conv / conv-transpose / linear module for the given input/output shapes."""
     spec = gemm_spec_of(module)
     if spec is None or out_shape is None:
@@ -394,7 +396,9 @@ def gemm_module_flops(module: nn.Module, in_shape: Sequence[int] | None, out_sha
     return numel_of(in_shape) * int(weight.shape[1]) * k
 
 
-def function_flops(base: str, arg_shapes: Sequence[Sequence[int] | None], out_shape: Sequence[int] | None) -> int:
+def function_flops(
+    base: str, arg_shapes: Sequence[Sequence[int] | None], out_shape: Sequence[int] | None
+) -> int:
     """MACs of a functional gemm (product of the matmul dims), else one op per output element."""
     out = numel_of(out_shape)
     if base in ("matmul", "bmm") and arg_shapes and arg_shapes[0] is not None and len(arg_shapes[0]) >= 1:

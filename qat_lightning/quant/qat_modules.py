@@ -51,12 +51,12 @@ QAT_MODES: tuple[str, ...] = ("fuse_bn", "with_bn", "freeze_bn")
 
 
 def activation_node(qconfig: QConfig, dtype: QuantDtype | None, name: str) -> FakeQuantize:
-    """An input/output quant point of ``qconfig`` in ``dtype`` (``None`` = a ``float32`` pass-through node)."""
+    """Build an input/output quant point of ``qconfig`` in ``dtype`` (``None``: a float32 pass-through)."""
     return qconfig.activation_fake_quant(dtype if dtype is not None else float32, name)
 
 
 def weight_node(qconfig: QConfig, weight: Tensor, ch_axis: int, name: str) -> FakeQuantize:
-    """The per-channel weight quant point (``float32`` when the qconfig has no weight dtype)."""
+    """Build the per-channel weight quant point (``float32`` when the qconfig has no weight dtype)."""
     return FakeQuantize(
         qconfig.weight_dtype if qconfig.weight_dtype is not None else float32,
         qconfig.weight_observer,
@@ -150,10 +150,13 @@ class QuantOp(nn.Module):
         return q(y) if q is not None and isinstance(y, Tensor) else y
 
     def extra_repr(self) -> str:
+        """Show the op name and type."""
         return f"name={self.op_info.name!r}, op_type={self.op_info.op_type}"
 
 
-def _gemm(kind: str, module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None, output_size: Any = None) -> Tensor:
+def _gemm(
+    kind: str, module: nn.Module, x: Tensor, w: Tensor, b: Tensor | None, output_size: Any = None
+) -> Tensor:
     if kind == "conv":
         return module._conv_forward(x, w, b)
     if kind == "linear":
@@ -204,7 +207,7 @@ class QatGemm(QuantOp):
 def fold_bn(
     weight: Tensor, bias: Tensor | None, bn: nn.modules.batchnorm._BatchNorm
 ) -> tuple[Tensor, Tensor]:
-    """Fold eval-mode BatchNorm into the preceding gemm: ``(w * s, (b - mean) * s + beta)``, ``s = gamma/std``.
+    """Fold eval-mode BatchNorm into the gemm before it: ``(w * s, (b - mean) * s + beta)``, s = gamma/std.
 
     A channel with ``gamma == 0`` gets a zero weight and ``bias = beta`` (no division, no NaN).
     """
@@ -229,8 +232,10 @@ class QatConvBn(QuantOp):
       scaling the conv output back by ``1 / s``, torch.ao's "simulated fusion", but on the weight instead
       of the activation: no extra pass over the activations) and the BN then normalizes with the batch
       statistics and updates its running statistics. ``s`` is a constant in the fold (its gradient through
-      fold and unfold is only the rounding error); gamma and beta get the float gradient through the BN. A channel with ``gamma == 0`` is folded with factor 1
-      instead of 0, so nothing is divided by zero. In eval mode: one conv with the folded weight and bias.
+      fold and unfold is only the rounding error); gamma and beta get the float gradient through the BN.
+      A channel with ``gamma == 0`` is folded with factor 1
+      instead of 0, so nothing is divided by zero. In eval mode: one conv with the folded weight and bias
+      (cached while the parameters and statistics are unchanged and no gradient is needed).
       When the weight node is in FLOAT state (or fake quant is globally off) training runs the exact float
       ``bn(conv(x))``.
     * ``with_bn``: BN is kept unfolded after the conv (the weight node sees the raw weight); the seed's
@@ -287,8 +292,27 @@ class QatConvBn(QuantOp):
             scale = scale.masked_fill(scale == 0, 1.0).reshape((-1,) + (1,) * (conv.weight.dim() - 1))
             # conv(x, q(w * s)) / s == conv(x, q(w * s) / s): un-fold on the weight, not the output
             return bn(_gemm(self.kind, conv, x, quantize_weight(wq, conv.weight, scale), conv.bias))
-        w, b = fold_bn(conv.weight, conv.bias, bn)
+        w, b = self._folded()
         return _gemm(self.kind, conv, x, wq(w), b)
+
+    def _folded(self) -> tuple[Tensor, Tensor]:
+        """``fold_bn`` of the current parameters; cached while nothing changes and no gradient is needed."""
+        conv, bn = self.conv, self.bn
+        tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            return fold_bn(conv.weight, conv.bias, bn)
+        key = (bn.eps,) + tuple(None if t is None else (t.data_ptr(), t._version, t.device) for t in tensors)
+        cache = self.__dict__.get("_fold_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, *fold_bn(conv.weight, conv.bias, bn))
+            self.__dict__["_fold_cache"] = cache
+        return cache[1], cache[2]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_fold_cache", None)  # derived data: not pickled, not deep-copied
+        return state
 
     def _forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         y = self._conv_bn(self.input_quant[0](x))
@@ -299,6 +323,7 @@ class QatConvBn(QuantOp):
         return self.output_quant(y)
 
     def extra_repr(self) -> str:
+        """Show name, type and QAT mode."""
         return f"{super().extra_repr()}, qat_mode={self.qat_mode}"
 
 
@@ -342,7 +367,7 @@ class QatFunction(QuantOp):
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.act_args or self.weight_arg is not None:
             args_l = list(args)
-            for q, i in zip(self.input_quant, self.act_args):
+            for q, i in zip(self.input_quant, self.act_args, strict=True):
                 args_l[i] = q(args_l[i])
             if self.weight_arg is not None:
                 args_l[self.weight_arg] = quantize_weight(self.weight_quant, args_l[self.weight_arg])
@@ -354,6 +379,7 @@ class QatFunction(QuantOp):
         return self._out(out)
 
     def extra_repr(self) -> str:
+        """Show name, type and the function."""
         target = self.target if self.is_method else getattr(self.target, "__name__", repr(self.target))
         return f"{super().extra_repr()}, target={target}"
 

@@ -22,13 +22,21 @@ GROUPS = {
 }
 REQUIRED = {
     "chip": ["j6e", "j6m", "j6p"],
-    "recipe": ["float", "int8", "int16", "int8_int16", "int16_fp16", "int8_int16_fp16",
-               "gemm_int16_other_fp16", "gemm_int8_other_fp16"],
+    "recipe": [
+        "float",
+        "int8",
+        "int16",
+        "int8_int16",
+        "int16_fp16",
+        "int8_int16_fp16",
+        "gemm_int16_other_fp16",
+        "gemm_int8_other_fp16",
+    ],
     "calibration": ["minmax", "moving_minmax", "percentile", "kl", "mse", "mix"],
     "stage": ["float", "calibration", "qat", "analysis", "pipeline"],
     "sanity": ["none", "lr0", "float"],
     "trainer": ["cpu", "ddp_cpu", "gpu"],
-}  # fmt: skip
+}
 CASES = [(group, option) for group, options in GROUPS.items() for option in options]
 
 
@@ -54,7 +62,11 @@ def test_every_yaml_composes_and_instantiates(hydra_dir, group, option, tmp_path
         obj = instantiate(cfg[group])
         assert isinstance(obj, L.LightningModule if group == "model" else L.LightningDataModule)
     elif group == "logger":
-        logger = None if cfg.logger is None else instantiate(cfg.logger, save_dir=str(tmp_path), name="", version="")
+        logger = (
+            None
+            if cfg.logger is None
+            else instantiate(cfg.logger, save_dir=str(tmp_path), name="", version="")
+        )
         assert logger is None or logger.log_dir is not None
     elif group == "trainer":
         if app.trainer["accelerator"] == "gpu" and not torch.cuda.is_available():
@@ -75,7 +87,10 @@ def test_issue_example_override(hydra_dir):
     )
     app = to_app_config(cfg)
     assert (app.chip.name.value, app.recipe.name.value, app.stage.name.value) == (
-        "j6p", "gemm_int8_other_fp16", "calibration")  # fmt: skip
+        "j6p",
+        "gemm_int8_other_fp16",
+        "calibration",
+    )
     assert app.calibration.observer.value == "kl"
     assert app.stage.name.value == "calibration"
 
@@ -96,7 +111,10 @@ def test_default_is_pipeline_on_the_example(hydra_dir):
         (["chip.name=j6x"], ["expected one of [j6e, j6m, j6p]"]),
         (["chip=j6x"], ["Available options in 'chip'", "j6e", "j6p"]),
         (["recipe=int9"], ["Available options in 'recipe'", "int8_int16"]),
-        (["calibration.observer=histogram"], ["expected one of [minmax, moving_minmax, percentile, kl, mse, mix]"]),
+        (
+            ["calibration.observer=histogram"],
+            ["expected one of [minmax, moving_minmax, percentile, kl, mse, mix]"],
+        ),
         (["recipe.activation=int4"], ["expected one of [qint8, qint16, float16, float32]"]),
         (["stage=trian"], ["Available options in 'stage'", "pipeline"]),
         (["pipelin.qat=false"], ["unknown config key 'pipelin'", "did you mean 'pipeline'"]),

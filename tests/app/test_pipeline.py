@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from tests.app.conftest import run_app
+from tests.app.helpers import run_app
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,10 @@ def pipeline_run(tmp_path_factory):
 def test_summary_table_and_decisions(pipeline_run):
     run_dir, summary = pipeline_run
     text = (run_dir / "summary.md").read_text()
-    assert "| stage | recipe | metric | % of float | int16 ratio | fp16 ratio | est. cost (x int8) | note |" in text
+    assert (
+        "| stage | recipe | metric | % of float | int16 ratio | fp16 ratio | est. cost (x int8) | note |"
+        in text
+    )
     steps = [row.step for row in summary.rows]
     assert steps[0] == "float"
     assert "calibration int16" in steps and "calibration all-int8" in steps
@@ -31,8 +34,12 @@ def test_summary_table_and_decisions(pipeline_run):
     rows = {row.step: row for row in summary.rows}
     float_metric = rows["float"].metric
     assert 0.5 < float_metric <= 1.0
-    assert rows["calibration int16"].int16_ratio > 0.9 and rows["calibration int16"].cost == pytest.approx(2.0, abs=0.3)
-    assert rows["calibration all-int8"].int16_ratio == 0.0 and rows["calibration all-int8"].cost == pytest.approx(1.0)
+    assert rows["calibration int16"].int16_ratio > 0.9 and rows["calibration int16"].cost == pytest.approx(
+        2.0, abs=0.3
+    )
+    assert rows["calibration all-int8"].int16_ratio == 0.0 and rows[
+        "calibration all-int8"
+    ].cost == pytest.approx(1.0)
     for row in summary.rows:
         assert row.metric is None or 0.0 <= row.metric <= 1.0
     assert rows["sanity lr0"].note in ("PASS", "FAIL") and rows["sanity float"].note in ("PASS", "FAIL")
@@ -45,7 +52,13 @@ def test_summary_table_and_decisions(pipeline_run):
 def test_checkpoints_record_their_recipe(pipeline_run):
     run_dir, _ = pipeline_run
     ckpts = {p.name for p in (run_dir / "checkpoints").glob("*.ckpt")}
-    assert {"float.ckpt", "calibration_int16.ckpt", "calibration_int8.ckpt", "calibration.ckpt", "qat.ckpt"} <= ckpts
+    assert {
+        "float.ckpt",
+        "calibration_int16.ckpt",
+        "calibration_int8.ckpt",
+        "calibration.ckpt",
+        "qat.ckpt",
+    } <= ckpts
     qat = torch.load(run_dir / "checkpoints" / "qat.ckpt", weights_only=False)
     assert qat["qat_lightning"]["kind"] == "qat"
     assert qat["qat_lightning"]["recipe"]["chip"] == "j6m"

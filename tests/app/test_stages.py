@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qat_lightning.app.recipes import RecipeError
-from tests.app.conftest import run_app
+from tests.app.helpers import run_app
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +27,14 @@ def test_float_stage(float_run):
 def test_calibration_then_qat_with_ckpt(float_run, tmp_path):
     float_dir, _ = float_run
     calib_dir, qat_dir = tmp_path / "calib", tmp_path / "qat"
-    summary = run_app(calib_dir, "stage=calibration", "recipe=int16", "calibration=kl", "sanity=float",
-                      f"ckpt={float_dir / 'checkpoints' / 'float.ckpt'}")  # fmt: skip
+    summary = run_app(
+        calib_dir,
+        "stage=calibration",
+        "recipe=int16",
+        "calibration=kl",
+        "sanity=float",
+        f"ckpt={float_dir / 'checkpoints' / 'float.ckpt'}",
+    )
     (row,) = summary.rows
     assert row.recipe == "int16" and row.int16_ratio == pytest.approx(1.0)
     assert (calib_dir / "model_check_result.txt").is_file()
@@ -36,7 +42,7 @@ def test_calibration_then_qat_with_ckpt(float_run, tmp_path):
     ckpt = calib_dir / "checkpoints" / "calibration.ckpt"
     recorded = torch.load(ckpt, weights_only=False)["qat_lightning"]
     assert recorded["kind"] == "calibration" and recorded["recipe"]["observer"] == "kl"
-    # the QAT stage rebuilds the recipe from the checkpoint (here: recipe=int8 on the command line is not used)
+    # the QAT stage rebuilds the recipe from the checkpoint (recipe=int8 on the command line is not used)
     summary = run_app(qat_dir, "stage=qat", "recipe=int8", "sanity=lr0", f"ckpt={ckpt}")
     steps = [r.step for r in summary.rows]
     assert steps == ["qat", "sanity lr0"]
@@ -49,7 +55,9 @@ def test_stage_finds_checkpoint_in_its_run_dir(float_run, tmp_path):
     float_dir, _ = float_run
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "float.ckpt").write_bytes((float_dir / "checkpoints" / "float.ckpt").read_bytes())
+    (run_dir / "checkpoints" / "float.ckpt").write_bytes(
+        (float_dir / "checkpoints" / "float.ckpt").read_bytes()
+    )
     run_app(run_dir, "stage=calibration", "recipe=int8")
     run_app(run_dir, "stage=analysis")  # finds checkpoints/calibration.ckpt
     out = run_dir / "quant_analysis"
@@ -59,8 +67,13 @@ def test_stage_finds_checkpoint_in_its_run_dir(float_run, tmp_path):
 
 def test_mixed_recipe_with_a_fixed_ratio(float_run, tmp_path):
     float_dir, _ = float_run
-    summary = run_app(tmp_path, "stage=calibration", "recipe=int8_int16", "recipe.int16_ratio=1",
-                      f"ckpt={float_dir / 'checkpoints' / 'float.ckpt'}")  # fmt: skip
+    summary = run_app(
+        tmp_path,
+        "stage=calibration",
+        "recipe=int8_int16",
+        "recipe.int16_ratio=1",
+        f"ckpt={float_dir / 'checkpoints' / 'float.ckpt'}",
+    )
     final = summary.rows[-1]
     assert final.recipe == "int8_int16" and 0 < final.int16_ratio < 0.5
     assert any("fixed by the recipe" in d for d in summary.decisions)
@@ -75,7 +88,9 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_j6m_rule_violation_is_refused_before_any_work(tmp_path):
     with pytest.raises(RecipeError) as err:
-        run_app(tmp_path, "chip=j6m", "recipe=gemm_int16_other_fp16", "stage=calibration", "ckpt=/unused.ckpt")
+        run_app(
+            tmp_path, "chip=j6m", "recipe=gemm_int16_other_fp16", "stage=calibration", "ckpt=/unused.ckpt"
+        )
     message = str(err.value)
     assert "recipe=gemm_int16_other_fp16 cannot run on chip=j6m" in message
     assert "j6m: gemm cannot take int16 on both activation and weight" in message
@@ -84,7 +99,13 @@ def test_j6m_rule_violation_is_refused_before_any_work(tmp_path):
 
 def test_j6m_downgrade_is_listed(float_run, tmp_path):
     float_dir, _ = float_run
-    run_app(tmp_path, "chip=j6m", "chip.on_violation=downgrade", "recipe=gemm_int16_other_fp16",
-            "stage=calibration", f"ckpt={float_dir / 'checkpoints' / 'float.ckpt'}")  # fmt: skip
+    run_app(
+        tmp_path,
+        "chip=j6m",
+        "chip.on_violation=downgrade",
+        "recipe=gemm_int16_other_fp16",
+        "stage=calibration",
+        f"ckpt={float_dir / 'checkpoints' / 'float.ckpt'}",
+    )
     changelog = (tmp_path / "qconfig_changelog.txt").read_text()
     assert "qint16 -> qint8" in changelog and "j6m" in changelog

@@ -48,8 +48,15 @@ def test_short_training_learns(tmp_path):
     L.seed_everything(0)
     dm = DigitsDataModule(batch_size=64)
     model = DigitsClassifier()
-    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=3,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=dm)
     acc = trainer.validate(model, datamodule=dm, verbose=False)[0]["val/acc"]
     assert acc > 0.8
@@ -60,8 +67,15 @@ def test_int8_on_the_concat_loses_accuracy_for_a_real_reason(tmp_path):
     L.seed_everything(0)
     dm = DigitsDataModule(batch_size=64)
     model = DigitsClassifier()
-    trainer = L.Trainer(max_epochs=6, accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=6,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=dm)
     net = model.model.eval()
     x, y = dm.val_set.tensors

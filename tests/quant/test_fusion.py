@@ -27,9 +27,11 @@ def _one_thread():
 class ConvBnReLU(nn.Module):
     def __init__(self, bias: bool = True, residual: bool = False, dims: int = 2) -> None:
         super().__init__()
-        conv, bn = {1: (nn.Conv1d, nn.BatchNorm1d), 2: (nn.Conv2d, nn.BatchNorm2d), 3: (nn.Conv3d, nn.BatchNorm3d)}[
-            dims
-        ]
+        conv, bn = {
+            1: (nn.Conv1d, nn.BatchNorm1d),
+            2: (nn.Conv2d, nn.BatchNorm2d),
+            3: (nn.Conv3d, nn.BatchNorm3d),
+        }[dims]
         self.residual = residual
         self.conv = conv(3, 4, 3, padding=1, bias=bias)
         self.bn = bn(4)
@@ -242,3 +244,23 @@ def test_unfused_reasons_recorded(seed):
     assert any("bn is called 2 times" in n for n in record.notes)
     assert any("conv3 has 2 users" in n for n in record.notes)
     assert "bn#1" in prepared.quant_op_order  # unfused BN: its own op per call site
+
+
+def test_eval_fold_cache_follows_changes(seed):
+    model = ConvBnReLU()
+    _randomize_bn(model.bn)
+    model.eval()
+    x = model.example()
+    prepared = prepare(model, x, method="fx").eval()
+    set_fake_quantize(prepared, "float")
+    op = _fused_op(prepared)
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
+        assert "_fold_cache" in op.__dict__
+        op.bn.running_mean.add_(0.5)  # in-place change: the cache must not be reused
+        model.bn.running_mean.add_(0.5)
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
+    assert "_fold_cache" not in _fused_op(copy.deepcopy(prepared)).__dict__
+    out = prepared(x)  # autograd on: computed, not cached, and differentiable
+    out.sum().backward()
+    assert op.bn.weight.grad is not None and op.conv.weight.grad is not None

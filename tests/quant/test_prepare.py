@@ -105,8 +105,14 @@ def test_encoder_functional_ops_named_by_parent(seed):
         assert name in order
     ops = dict(iter_quant_ops(prepared))
     mm = ops["layers.0.attn.matmul_1"].op_info
-    assert mm.kind == OpKind.GEMM and mm.is_matmul and mm.input_producers == ("layers.0.attn.softmax", "layers.0.attn.v")
-    assert len(ops["layers.0.attn.matmul"].input_quant) == 2 and ops["layers.0.attn.matmul"].weight_quant is None
+    assert (
+        mm.kind == OpKind.GEMM
+        and mm.is_matmul
+        and mm.input_producers == ("layers.0.attn.softmax", "layers.0.attn.v")
+    )
+    assert (
+        len(ops["layers.0.attn.matmul"].input_quant) == 2 and ops["layers.0.attn.matmul"].weight_quant is None
+    )
     assert ops["layers.0.attn.matmul"].op_info.input_producers == ("layers.0.attn.q", "layers.0.attn.k")
     assert mm.flops == 2 * 2 * 8 * 8 * 8  # (batch, heads, seq, head_dim) @ (.., seq, head_dim)
     assert ops["layers.0.add"].op_info.kind == OpKind.OTHER
@@ -133,6 +139,16 @@ def test_bert_through_auto(seed):
     out = prepared(**inputs).last_hidden_state
     ref = model(**inputs).last_hidden_state
     assert 0 < _rel_err(out, ref) < 0.5
+    buffer = io.BytesIO()
+    torch.save(prepared, buffer)  # the reload re-traces the generated code (buffers sliced by shapes)
+    buffer.seek(0)
+    assert torch.equal(torch.load(buffer, weights_only=False)(**inputs).last_hidden_state, out)
+    eager = prepare(model, inputs, method="eager")  # keyword inputs through the eager pre-hook
+    assert eager.quant_op_order[
+        0
+    ] == "embeddings.word_embeddings" or "encoder.layer.0.attention.self.query" in (eager.quant_op_order)
+    set_fake_quantize(eager, "float")
+    assert _rel_err(eager(**inputs).last_hidden_state, ref) < 1e-5
 
 
 def test_bert_with_attention_mask(seed):

@@ -45,7 +45,11 @@ def test_conv_transpose_functional_linear_and_methods(seed):
     assert up.weight_quant.ch_axis == 1 and up.weight_quant.scale.shape == (6,)
     assert up.op_info.flops == 2 * 4 * 5 * 5 * 6 * 9  # input numel * out_ch * kernel
     linear = ops["linear"]
-    assert isinstance(linear, QatFunction) and linear.op_info.kind == OpKind.GEMM and not linear.op_info.is_matmul
+    assert (
+        isinstance(linear, QatFunction)
+        and linear.op_info.kind == OpKind.GEMM
+        and not linear.op_info.is_matmul
+    )
     assert linear.weight_quant.ch_axis == 0 and linear.weight_quant.scale.shape == (5,)
     assert linear.op_info.input_producers == ("up",)
     assert ops["matmul"].op_info.is_matmul and ops["matmul"].op_info.input_producers == ("linear", "linear")
@@ -138,3 +142,16 @@ def test_conv_bn_rejects_unknown_mode():
     info = OpInfo("c", "ConvBn2d", OpKind.GEMM, "c")
     with pytest.raises(ValueError, match="fuse_bn, with_bn, freeze_bn"):
         QatConvBn(info, conv, bn, "conv", "frozen", [], qc.weight_fake_quant(1), None)
+
+
+def test_torch_transformer_encoder_is_traced_through(seed):
+    layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 16)
+    prepared = prepare(model, x, method="fx")
+    ops = dict(iter_quant_ops(prepared))
+    assert ops["layers.0.linear1"].op_info.op_type == "LinearReLU"  # F.relu of the layer, fused
+    assert "layers.1.norm2" in ops and "layers.0.add" in ops
+    assert any("layers.0.self_attn (MultiheadAttention)" in n for n in prepared.prepare_record.notes)
+    set_fake_quantize(prepared, "float")
+    torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)

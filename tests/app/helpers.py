@@ -1,10 +1,8 @@
-"""Helpers for the app tests: compose with overrides and run in a temp dir, fast settings."""
+"""Helper for the app tests: compose with overrides and run in a directory, with fast settings."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
 
 from qat_lightning.cli import compose, run_config
 
@@ -23,8 +21,3 @@ FAST = [
 def run_app(run_dir: Path, *overrides: str):
     """Compose ``FAST + overrides`` and run it in ``run_dir``; returns the summary."""
     return run_config(compose([*FAST, *overrides]), Path(run_dir))
-
-
-@pytest.fixture
-def run(tmp_path):
-    return lambda *overrides, run_dir=None: run_app(run_dir or tmp_path, *overrides)
