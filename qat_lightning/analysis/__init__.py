@@ -5,6 +5,13 @@ Plain torch: never imports lightning, hydra or omegaconf. Callables in (``eval_f
 (:mod:`~qat_lightning.analysis.reports`, :mod:`~qat_lightning.analysis.plots`).
 """
 
+from qat_lightning.analysis.advice_int16 import DualInt16Diagnosis, diagnose_dual_int16, render_dual_int16
+from qat_lightning.analysis.advice_lr import LrProbeResult, probe_qat_lr, render_lr_probe
+from qat_lightning.analysis.advice_shared import (
+    SharedModuleAdvice,
+    render_shared_module_advice,
+    shared_module_advice,
+)
 from qat_lightning.analysis.bad_case import BadCaseResult, BadCaseRow, WorstRow
 from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
 from qat_lightning.analysis.inputs import default_input_fn, flatten_outputs
@@ -25,20 +32,29 @@ __all__ = [
     "Advice",
     "BadCaseResult",
     "BadCaseRow",
+    "DualInt16Diagnosis",
     "IndexRecorder",
     "IndexReplayer",
     "LayerComparison",
     "LayerRow",
+    "LrProbeResult",
     "Metric",
     "MixedPrecisionPlan",
     "Probe",
     "QuantAnalysis",
+    "SharedModuleAdvice",
     "WorstRow",
     "default_input_fn",
+    "diagnose_dual_int16",
     "flatten_outputs",
     "j6p_base_dtypes",
+    "probe_qat_lr",
+    "render_dual_int16",
+    "render_lr_probe",
+    "render_shared_module_advice",
     "search_fp16_topk",
     "search_j6p",
     "search_mixed_precision",
+    "shared_module_advice",
     "write_plan",
 ]

@@ -11,7 +11,15 @@ from qat_lightning.app.recipes import Recipe, recipe_from_conf
 from qat_lightning.app.schema import RecipeConf
 from qat_lightning.app.summary import Summary
 
-__all__ = ["analysis_stage", "calibration_stage", "float_stage", "pipeline_stage", "qat_stage", "tune_recipe"]
+__all__ = [
+    "analysis_stage",
+    "calibration_stage",
+    "dual_int16_advice",
+    "float_stage",
+    "pipeline_stage",
+    "qat_stage",
+    "tune_recipe",
+]
 
 log = logging.getLogger("qat_lightning")
 
@@ -127,10 +135,24 @@ def _float_check(pipe: Pipeline, lit: Any, float_metric: float, out: Path) -> No
 
 def qat_stage(pipe: Pipeline) -> Summary:
     """``stage=qat``: QAT from a calibration checkpoint (its recorded recipe), then ``sanity``."""
+    from qat_lightning.app.checkpoints import read_checkpoint_info
+    from qat_lightning.app.lr_probe import run_lr_probe
+    from qat_lightning.app.scale_trial import run_qat
+
     calib = pipe.resolve_ckpt("calibration")
-    out = pipe.step("qat", "quantization-aware training", own_dir=False)
-    lit, metric, ckpt, info = pipe.session.qat(calib, out)
-    pipe.result("qat", info.recipe, metric, info.float_metric, lit, ckpt, out)
+    _, calib_info = read_checkpoint_info(calib)
+    recipe = None if calib_info is None else calib_info.recipe
+    lr = run_lr_probe(pipe, calib, recipe)
+    _, _, _, info = run_qat(
+        pipe,
+        calib,
+        recipe,
+        None if calib_info is None else calib_info.metric,
+        None if calib_info is None else calib_info.float_metric,
+        lr,
+        "quantization-aware training",
+        own_dir=False,
+    )
     mode = pipe.cfg.sanity.mode.value
     if mode != "none":
         reference = info.metric if mode == "lr0" else info.float_metric
@@ -160,11 +182,57 @@ def analysis_stage(pipe: Pipeline) -> Summary:
     lit, info = pipe.session.load_quantized(calib, out)
     metric = pipe.session.validate(lit, out)
     tables = pipe.session.analyze(lit, out)
+    dual_int16_advice(pipe, lit, tables, out)
     pipe.result("analysis (calibration model)", info.recipe, metric, info.float_metric, lit, None, out)
     for table in tables:
         top = ", ".join(f"{r.op_name}/{r.sensitive_type} ({r.metric:.3g})" for r in table.rows[:5])
         pipe.decide(f"most sensitive ({table.metric_name}, output {table.output_name}): {top}")
     return pipe.finish(f"qat-lightning: analysis ({info.recipe.name if info.recipe else '?'} on {pipe.chip})")
+
+
+def dual_int16_advice(pipe: Pipeline, lit: Any, tables: list[Any], out: Path) -> Any:
+    """Write ``quant_analysis/dual_int16.txt`` and ``shared_modules.txt`` (the seed's advice); decide."""
+    from qat_lightning.analysis.advice_int16 import diagnose_dual_int16, render_dual_int16
+    from qat_lightning.app.checkpoints import is_rank_zero
+
+    if not tables:
+        return None
+    model = getattr(lit, pipe.cfg.prepare.submodule)
+    diagnosis = diagnose_dual_int16(tables, model, chip=pipe.chip)
+    path = out / "quant_analysis" / "dual_int16.txt"
+    if is_rank_zero():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_dual_int16(diagnosis), encoding="utf-8")
+    if diagnosis.findings:
+        dual = ", ".join(
+            f"{f.op_name} (act {f.activation_metric:.4f}, weight {f.weight_metric:.4f})"
+            for f in diagnosis.dual
+        )
+        single = ", ".join(f"{f.op_name}/{f.kind}" for f in diagnosis.single)
+        pipe.decide(
+            f"dual-int16 diagnosis ({path}): needs int16 on both inputs: {dual or 'none'}; "
+            f"one type only (configuration / fixed scale suspects): {single or 'none'}"
+        )
+    _shared_module_advice(pipe, model, out)
+    return diagnosis
+
+
+def _shared_module_advice(pipe: Pipeline, model: Any, out: Path) -> None:
+    """Write ``quant_analysis/shared_modules.txt`` (cases B / C from the call sites' observers)."""
+    from qat_lightning.analysis.advice_shared import render_shared_module_advice, shared_module_advice
+    from qat_lightning.app.checkpoints import is_rank_zero
+
+    advice = shared_module_advice(model)
+    if not advice.findings:
+        return
+    path = out / "quant_analysis" / "shared_modules.txt"
+    if is_rank_zero():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_shared_module_advice(advice), encoding="utf-8")
+    verdicts = ", ".join(
+        f"{f.module_path}: case {f.case} (max|x| ratio {f.range_ratio:.4f})" for f in advice.findings
+    )
+    pipe.decide(f"shared modules ({path}): {verdicts}")
 
 
 def pipeline_stage(pipe: Pipeline) -> Summary:
@@ -220,6 +288,7 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
         )
         conf_fp16, _ = pipe.base_recipe("int16_fp16")
         tables = pipe.analyze(lit, "analysis_int16", "analysis of int16 (fp16 candidates)")
+        dual_int16_advice(pipe, lit, tables, pipe.current_dir)
         fp16_ops = pipe.fp16_step(lit, tables, target, conf_fp16, pipe.current_dir)
         if fp16_ops:
             _, mixed16 = pipe.base_recipe("int16_fp16", fp16_ops)
@@ -280,9 +349,14 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
         chosen_ckpt = pipe.session.ckpt_dir / "calibration.ckpt"
     # 6. QAT
     if cfg.pipeline.qat:
-        out = pipe.step("qat", f"QAT of {chosen.name} (no-warmup LR {cfg.qat.lr}, {cfg.qat.scheduler.value})")
-        lit, m_qat, qat_ckpt, _ = s.qat(chosen_ckpt, out)
-        pipe.result("qat", chosen, m_qat, float_metric, lit, qat_ckpt, out)
+        from qat_lightning.app.lr_probe import run_lr_probe
+
+        lr = run_lr_probe(pipe, chosen_ckpt, chosen)
+        shown = cfg.qat.lr if lr is None else lr
+        from qat_lightning.app.scale_trial import run_qat
+
+        title = f"QAT of {chosen.name} (no-warmup LR {shown}, {cfg.qat.scheduler.value})"
+        _, m_qat, _, _ = run_qat(pipe, chosen_ckpt, chosen, chosen_metric, float_metric, lr, title)
         verdict = "meets" if s.meets(m_qat, target) else "is below"
         pipe.decide(f"QAT {m_qat:.4f} {verdict} the target {target:.4f} (calibration {chosen_metric:.4f})")
     # 7. sanity

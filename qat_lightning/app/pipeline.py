@@ -44,8 +44,11 @@ FILES = {
     "qat_lightning.log": "the full log, every decision with its numbers",
     "checkpoints/": "float.ckpt, calibration*.ckpt, qat.ckpt (each records its recipe)",
     "model_check_result.txt": "prepare's structure and qconfig check (per quantized step)",
-    "quant_analysis/": "bad cases, compare_per_layer, sensitivity tables and plots",
+    "quant_analysis/": "bad cases, compare_per_layer, sensitivity tables and plots; dual_int16.txt (ops "
+    "needing int16 on both inputs vs single-type suspects), shared_modules.txt (cases B / C)",
+    "*_lr_probe/lr_probe.md": "the QAT LR probe table (qat.lr_probe=[...])",
     "sanity_check.txt": "the lr0 / float sanity check verdicts",
+    "troubleshoot.md": "stage=troubleshoot: the three checks, expected vs got, the part at fault",
     "events.out.tfevents.*": "TensorBoard: `tensorboard --logdir <run dir>`",
 }
 
@@ -297,6 +300,7 @@ def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> 
         conf_dir: the config tree.
     """
     from qat_lightning.app import flows
+    from qat_lightning.app.troubleshoot import troubleshoot_stage
 
     if cfg.torch_threads:
         import torch
@@ -309,5 +313,6 @@ def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> 
         StageName.qat: flows.qat_stage,
         StageName.analysis: flows.analysis_stage,
         StageName.pipeline: flows.pipeline_stage,
+        StageName.troubleshoot: troubleshoot_stage,
     }[cfg.stage.name]
     return runner(pipe)

@@ -123,6 +123,7 @@ class StageName(str, enum.Enum):
     qat = "qat"
     analysis = "analysis"
     pipeline = "pipeline"
+    troubleshoot = "troubleshoot"
 
 
 class SanityMode(str, enum.Enum):
@@ -324,6 +325,12 @@ class QatConf:
         scheduler: ``cosine`` (decay, no warmup), ``constant``, or ``keep`` the model's own (the QAT
             callback then refuses it if it warms up).
         fix_scales: keep input/output (or all) activation scales at their calibrated values.
+        lr_probe: the seed's LR probe (QAT §1a): fixed LRs each fine-tuned ``lr_probe_steps`` steps (no
+            warmup, no decay) before QAT; the best replaces ``lr``. Empty: off (``qat.lr`` is used).
+        lr_probe_steps: optimizer steps per probed LR.
+        scale_trial: the seed's QAT §2: when the calibration model meets the target, QAT runs twice (scales
+            updated, input/output scales fixed) and the better is kept (``qat.ckpt``); otherwise QAT runs with
+            ``fix_scales`` only.
     """
 
     max_epochs: int = 3
@@ -331,6 +338,9 @@ class QatConf:
     lr: float | None = 1e-4
     scheduler: QatScheduler = QatScheduler.cosine
     fix_scales: FixScales = FixScales.none
+    lr_probe: list[float] = field(default_factory=list)
+    lr_probe_steps: int = 20
+    scale_trial: bool = False
 
 
 @dataclass(frozen=True)

@@ -114,6 +114,10 @@ def _qat_optimizers(
     return configure
 
 
+def _fix_scales_arg(value: str) -> str | None:
+    return None if value == "none" else value
+
+
 def _first_optimizer(config: Any) -> torch.optim.Optimizer:
     if isinstance(config, torch.optim.Optimizer):
         return config
@@ -352,24 +356,34 @@ class Session:
         out_dir: Path,
         name: str = "qat",
         extra: list[Callback] | None = None,
+        lr: float | None = None,
+        scheduler: str | None = None,
+        fix_scales: str | None = None,
         **kw: Any,
     ) -> tuple[L.LightningModule, float, Path | None, CheckpointInfo]:
         """QAT from a calibration checkpoint; returns ``(module, metric, checkpoint, calibration info)``.
 
         ``extra`` callbacks (a ``SanityCheck``) and trainer overrides ``kw`` make the short sanity runs; those
-        are not saved (``name=""``).
+        are not saved (``name=""``). ``lr`` / ``scheduler`` override ``qat.lr`` / ``qat.scheduler`` (the LR
+        probe: a fixed LR, ``constant``; the QAT run after it: the chosen LR); ``fix_scales`` overrides
+        ``qat.fix_scales`` (the fixed-vs-updated scales trial).
         """
         from qat_lightning.callbacks import QuantizationAwareTraining
 
         q = self.cfg.qat
         lit, info = self.load_quantized(calib_ckpt, out_dir)
-        lit.configure_optimizers = _qat_optimizers(lit, lit.configure_optimizers, q.lr, q.scheduler.value)  # type: ignore[method-assign]
+        lit.configure_optimizers = _qat_optimizers(  # type: ignore[method-assign]
+            lit,
+            lit.configure_optimizers,
+            q.lr if lr is None else lr,
+            q.scheduler.value if scheduler is None else scheduler,
+        )
         record = Record(
             CheckpointInfo("qat", info.recipe, float_metric=info.float_metric, float_steps=info.float_steps)
         )
         qat_cb = QuantizationAwareTraining(
             bn_mode=self.cfg.prepare.qat_mode.value,
-            fix_scales=None if q.fix_scales.value == "none" else q.fix_scales.value,
+            fix_scales=_fix_scales_arg(q.fix_scales.value if fix_scales is None else fix_scales),
             float_steps=info.float_steps or None,
             submodule=self.cfg.prepare.submodule,
         )

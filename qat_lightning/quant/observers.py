@@ -510,8 +510,9 @@ class MixObserver(Observer):
     ``percentile`` (``percentile``, default 99.99), ``kl`` and ``mse`` from the one histogram, evaluates
     each with :func:`histogram.estimate_mse` (histogram-estimated quantization MSE, clipping + rounding)
     and keeps the lowest (ties go to the earlier name in that order). Per channel each channel picks on
-    its own (from the histogram merged by :func:`histogram.coarsen` when ``channels * bins > 2**17``). ``last_choice`` names the winner of the last ``compute_scale`` (per channel: the one that won
-    the most channels) and ``last_choices`` lists the winner per row. Since ``mse`` minimises the same
+    its own (from the histogram merged by :func:`histogram.coarsen` when ``channels * bins > 2**17``).
+    ``last_choice`` names the winner of the last ``compute_scale`` (per channel: the one that won the
+    most channels) and ``last_choices`` lists the winner per row. Since ``mse`` minimises the same
     estimate on a fine grid, it wins unless another candidate lands between its grid points.
 
     Args:

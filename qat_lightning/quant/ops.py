@@ -78,7 +78,7 @@ def iter_quant_ops(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def quant_nodes_of(op: nn.Module) -> dict[str, FakeQuantize]:
-    """The quant nodes of one op module: ``{"input.0": ..., "weight": ..., "output": ...}``."""
+    """Return the quant nodes of one op module: ``{"input.0": ..., "weight": ..., "output": ...}``."""
     nodes: dict[str, FakeQuantize] = {}
     for i, node in enumerate(getattr(op, "input_quant", None) or ()):
         nodes[f"input.{i}"] = node

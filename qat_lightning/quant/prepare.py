@@ -33,10 +33,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from qat_lightning.quant.eager_prepare import prepare_eager, probe_model
+from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.fx_prepare import prepare_fx
 from qat_lightning.quant.fx_tracer import FxTraceError
 from qat_lightning.quant.ops import OpInfo, PrepareRecord
-from qat_lightning.quant.qat_modules import QAT_MODES
+from qat_lightning.quant.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.qconfig import QConfig
 from qat_lightning.quant.qconfig_setter import QconfigAssignment, as_qconfig_setter
 
@@ -76,7 +77,9 @@ def _device_of(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any])
 
 @contextmanager
 def _seeded(device: torch.device | None, seed: int = 0) -> Any:
-    devices = [device] if device is not None and device.type == "cuda" else []
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
@@ -135,6 +138,10 @@ def _validate(method: str, qat_mode: str, model: Any) -> None:
         raise ValueError(f"unknown qat_mode {qat_mode!r}; allowed: {', '.join(QAT_MODES)}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, (QuantOp, FakeQuantize)) for m in model.modules()):
+        raise ValueError(
+            "the model is already prepared (it contains quant nodes); call prepare() on the float model"
+        )
 
 
 def prepare(
@@ -169,7 +176,7 @@ def prepare(
 
     Raises:
         ValueError: unknown ``method`` / ``qat_mode``; the model fails on ``example_inputs`` (the model's
-            exception is chained); a chip violation of the setter.
+            exception is chained); an already prepared model; a chip violation of the setter.
         TypeError: a bad ``model``, ``example_inputs`` or ``qconfig_setter``.
         FxTraceError: ``method="fx"`` and fx cannot trace the model (names the failing line).
     """

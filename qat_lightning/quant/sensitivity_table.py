@@ -61,8 +61,10 @@ class SensitivityTable:
         return len(self.rows)
 
     def top(self, topk_or_ratio: float, sensitive_type: str | None = None) -> Sequence[SensitivityRow]:
-        """The most sensitive rows: ``topk_or_ratio >= 1`` is a count, ``0 <= x < 1`` a share of the
-        rows, rounded up (any positive ratio keeps at least one row).
+        """Return the most sensitive rows.
+
+        ``topk_or_ratio >= 1`` is a count, ``0 <= x < 1`` a share of the rows, rounded up (any positive
+        ratio keeps at least one row).
 
         Args:
             topk_or_ratio: count (int-like, >= 1) or ratio in [0, 1).
@@ -74,7 +76,8 @@ class SensitivityTable:
         if topk_or_ratio < 0:
             raise ValueError(f"topk_or_ratio must be >= 0, got {topk_or_ratio}")
         if sensitive_type is not None and sensitive_type not in SENSITIVE_TYPES:
-            raise ValueError(f"unknown sensitive_type {sensitive_type!r}; allowed: {', '.join(SENSITIVE_TYPES)}")
+            allowed = ", ".join(SENSITIVE_TYPES)
+            raise ValueError(f"unknown sensitive_type {sensitive_type!r}; allowed: {allowed}")
         rows = [r for r in self.rows if sensitive_type is None or r.sensitive_type == sensitive_type]
         count = int(topk_or_ratio) if topk_or_ratio >= 1 else math.ceil(topk_or_ratio * len(rows) - 1e-9)
         return rows[:count]

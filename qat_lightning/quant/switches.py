@@ -1,8 +1,9 @@
 """Process-wide switches that the seed's users flip inside a ``forward`` (partial quantization).
 
 ``GlobalFakeQuantSwitch.disable()`` makes every fake-quant node that runs afterwards behave as FLOAT
-(no observation, identity) until ``enable()``; ``FakeCast.disable()`` does the same for float16 nodes.
-Both default to enabled. They are plain class-level flags: cheap to test in a hot path.
+(no observation, identity) until ``enable()``; ``FakeCast.disable()`` (backed by :class:`FakeCastSwitch`)
+does the same for float16 nodes. Both default to enabled. They are plain class-level flags: cheap to test
+in a hot path.
 """
 
 from __future__ import annotations
@@ -13,24 +14,24 @@ from contextlib import contextmanager
 __all__ = ["GlobalFakeQuantSwitch", "FakeCastSwitch"]
 
 
-class GlobalFakeQuantSwitch:
-    """Global on/off for integer fake quantization (and observation)."""
+class _ProcessSwitch:
+    """A process-wide on/off flag; each subclass owns its own ``_enabled``."""
 
     _enabled: bool = True
 
     @classmethod
     def enable(cls) -> None:
-        """Turn fake quantization back on for the nodes that run next."""
+        """Turn the switch on for the nodes that run next."""
         cls._enabled = True
 
     @classmethod
     def disable(cls) -> None:
-        """Make the nodes that run next pass values through unchanged."""
+        """Turn the switch off: the nodes that run next pass values through unchanged."""
         cls._enabled = False
 
     @classmethod
     def enabled(cls) -> bool:
-        """Whether integer fake quantization is on."""
+        """Whether the switch is on."""
         return cls._enabled
 
     @classmethod
@@ -45,22 +46,13 @@ class GlobalFakeQuantSwitch:
             cls._enabled = previous
 
 
-class FakeCastSwitch:
-    """Global on/off for float16 fake cast (exposed to users as ``FakeCast.enable/disable``)."""
+class GlobalFakeQuantSwitch(_ProcessSwitch):
+    """Global on/off for integer fake quantization (and observation)."""
 
     _enabled: bool = True
 
-    @classmethod
-    def enable(cls) -> None:
-        """Turn float16 fake cast back on."""
-        cls._enabled = True
 
-    @classmethod
-    def disable(cls) -> None:
-        """Let float16 nodes pass values through in float32."""
-        cls._enabled = False
+class FakeCastSwitch(_ProcessSwitch):
+    """Global on/off for float16 fake cast (exposed to users as ``FakeCast.enable/disable``)."""
 
-    @classmethod
-    def enabled(cls) -> bool:
-        """Whether float16 fake cast is on."""
-        return cls._enabled
+    _enabled: bool = True

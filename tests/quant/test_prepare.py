@@ -328,6 +328,12 @@ def test_unknown_method_and_mode():
         prepare(TinyResNet(), TinyResNet.example_inputs(), qat_mode="bn")
 
 
+def test_prepared_model_is_rejected(seed):
+    prepared = prepare(TinyEncoder().eval(), TinyEncoder.example_inputs())
+    with pytest.raises(ValueError, match="already prepared"):
+        prepare(prepared, TinyEncoder.example_inputs())
+
+
 def test_example_inputs_that_crash_the_model():
     with pytest.raises(ValueError, match="fails on example_inputs") as info:
         prepare(TinyResNet(), (torch.randn(2, 5, 16, 16),))

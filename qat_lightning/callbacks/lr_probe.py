@@ -1,0 +1,166 @@
+"""``QatLrProbe``: the seed's QAT learning-rate probe (QAT §1a) at the start of ``trainer.fit``.
+
+At ``on_train_start`` (after the optimizer exists; put it after ``QuantizationAwareTraining`` in the
+callback list so the model is already in QAT state) it fine-tunes ``steps`` optimizer steps at each fixed
+LR of ``lrs`` (no warmup, no decay), scores each, restores the model and optimizer state between
+candidates and after the probe, then sets the best LR on the optimizer (every parameter group scaled, the
+ratios between groups kept) and on its schedulers' base LRs, so the real run decays from the chosen LR.
+
+Scoring: ``eval_fn(pl_module) -> float`` when given (``higher_is_better`` says its direction), else the
+mean loss of ``training_step`` over ``eval_batches`` validation batches (lower is better) with fake quant
+in VALIDATION state. ``self.log`` calls inside the probe's steps are dropped (the real run logs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from qat_lightning.analysis.advice_lr import DEFAULT_LRS, LrProbeResult, probe_qat_lr, render_lr_probe
+from qat_lightning.callbacks._common import get_submodule, request_dataloader, switch_states
+from qat_lightning.callbacks.logging import log_scalars, log_text
+from qat_lightning.quant.fake_quantize import FakeQuantState
+
+__all__ = ["QatLrProbe"]
+
+
+def _loss_of(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
+        return output["loss"]
+    raise ValueError(
+        "QatLrProbe needs training_step to return the loss (a tensor or a dict with 'loss'); "
+        f"got {type(output).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def _no_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Drop ``self.log`` / ``self.log_dict`` calls (the probe's steps are outside Lightning's loops)."""
+    saved = {name: pl_module.__dict__.get(name) for name in ("log", "log_dict")}
+    pl_module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    pl_module.log_dict = lambda *a, **k: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                pl_module.__dict__.pop(name, None)
+            else:
+                pl_module.__dict__[name] = value
+
+
+class QatLrProbe(Callback):
+    """Pick the QAT learning rate by short fixed-LR fine-tunes before training (see the module docstring).
+
+    Args:
+        lrs: candidate LRs of the first parameter group (the seed: 1e-3, 1e-4, ...).
+        steps: optimizer steps per candidate.
+        eval_fn: ``eval_fn(pl_module) -> float``; ``None``: mean validation loss of ``training_step``.
+        higher_is_better: direction of ``eval_fn``'s score (ignored for the default loss score).
+        eval_batches: validation batches for the default score.
+        submodule: attribute path of the network (for the fake-quant state during scoring).
+
+    Attributes:
+        result: the probe's :class:`~qat_lightning.analysis.advice_lr.LrProbeResult` after ``fit`` starts.
+
+    Raises:
+        ValueError: at construction for no/negative LRs or a step count below 1.
+    """
+
+    def __init__(
+        self,
+        lrs: Sequence[float] = DEFAULT_LRS,
+        steps: int = 20,
+        eval_fn: Callable[[pl.LightningModule], float] | None = None,
+        higher_is_better: bool = True,
+        eval_batches: int = 4,
+        submodule: str = "model",
+    ) -> None:
+        super().__init__()
+        lrs = tuple(float(lr) for lr in lrs)
+        if not lrs or any(not lr > 0 for lr in lrs):
+            raise ValueError(f"lrs must be one or more positive learning rates, got {lrs}")
+        if int(steps) < 1 or int(eval_batches) < 1:
+            raise ValueError(f"steps and eval_batches must be >= 1, got {steps}, {eval_batches}")
+        self.lrs = lrs
+        self.steps = int(steps)
+        self.eval_fn = eval_fn
+        self.higher_is_better = higher_is_better if eval_fn is not None else False
+        self.eval_batches = int(eval_batches)
+        self.submodule = submodule
+        self.result: LrProbeResult | None = None
+
+    def _val_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
+        loader = request_dataloader(trainer, pl_module, "val")
+        model = get_submodule(pl_module, self.submodule)
+        changed = switch_states(model, (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
+        was_training = pl_module.training
+        pl_module.eval()
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for i, batch in enumerate(itertools.islice(loader, self.eval_batches)):
+                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                    total += float(_loss_of(pl_module.training_step(batch, i)))
+                    count += 1
+        finally:
+            for node, state in changed:
+                node.state = state
+            pl_module.train(was_training)
+        return total / max(count, 1)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Probe the LRs, restore the states, set the chosen LR; log the table."""
+        optimizer = trainer.optimizers[0]
+        start_opt = copy.deepcopy(optimizer.state_dict())
+        base = [float(g["lr"]) for g in optimizer.param_groups]
+        first = base[0] or 1.0
+        loader = request_dataloader(trainer, pl_module, "train")
+
+        def set_lr(lr: float) -> list[float]:
+            lrs = [b * lr / first if base[0] else lr for b in base]
+            for group, value in zip(optimizer.param_groups, lrs, strict=True):
+                group["lr"] = value
+            return lrs
+
+        def train_steps(lr: float) -> pl.LightningModule:
+            optimizer.load_state_dict(start_opt)
+            set_lr(lr)
+            pl_module.train()
+            batches = itertools.islice(itertools.cycle(loader), self.steps)
+            for i, batch in enumerate(batches):
+                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
+                optimizer.zero_grad()
+                _loss_of(pl_module.training_step(batch, i)).backward()
+                optimizer.step()
+            return pl_module
+
+        score = self.eval_fn or (lambda m: self._val_loss(trainer, m))
+        with _no_logging(pl_module):
+            result = probe_qat_lr(train_steps, score, self.lrs, pl_module, self.higher_is_better)
+        best = float(trainer.strategy.broadcast(result.best_lr, src=0))
+        optimizer.load_state_dict(start_opt)
+        chosen = set_lr(best)
+        for group, value in zip(optimizer.param_groups, chosen, strict=True):
+            group["initial_lr"] = value
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if hasattr(scheduler, "base_lrs"):
+                scheduler.base_lrs = list(chosen)
+                scheduler._last_lr = list(chosen)  # type: ignore[attr-defined]
+        self.result = result
+        name = "metric" if self.eval_fn is not None else "val loss (training_step)"
+        table = render_lr_probe(result, name)
+        rank_zero_info(f"QatLrProbe: lr={best:g}\n{table}")
+        log_text(trainer, "qat/lr_probe", table, code=False)
+        log_scalars(trainer, {"qat/lr_probe_best_lr": best})

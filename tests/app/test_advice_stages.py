@@ -1,0 +1,89 @@
+"""The advice in the app: stage=qat with qat.lr_probe, stage=analysis with the dual-int16 diagnosis."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.app.helpers import run_app
+
+
+@pytest.fixture(scope="module")
+def calib_ckpt(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("lrprobe")
+    run_app(run_dir / "float", "stage=float", "train.max_epochs=8", "data.batch_size=64")
+    run_app(
+        run_dir / "calib",
+        "stage=calibration",
+        "recipe=int8",
+        f"ckpt={run_dir / 'float' / 'checkpoints' / 'float.ckpt'}",
+    )
+    return run_dir / "calib" / "checkpoints" / "calibration.ckpt"
+
+
+def test_qat_stage_with_lr_probe(calib_ckpt, tmp_path):
+    summary = run_app(
+        tmp_path, "stage=qat", "qat.lr_probe=[1.0,1.0e-3]", "qat.lr_probe_steps=3", f"ckpt={calib_ckpt}"
+    )
+    steps = [r.step for r in summary.rows]
+    assert steps == ["lr probe 1", "lr probe 0.001", "qat"]
+    probe = {r.step: r for r in summary.rows[:2]}
+    best = max(probe.values(), key=lambda r: r.metric)
+    assert best.note == "chosen"
+    chosen_lr = best.step.removeprefix("lr probe ")
+    assert any(f"QAT uses lr={chosen_lr}" in d for d in summary.decisions)
+    text = (tmp_path / "summary.md").read_text()
+    assert "| lr probe 1 |" in text and "QAT LR probe" in text
+    probe_dir = next(tmp_path.glob("*_lr_probe"))
+    assert "| lr | val/acc | chosen |" in (probe_dir / "lr_probe.md").read_text()
+    assert list(probe_dir.glob("events.out.tfevents.*"))
+
+
+def test_analysis_stage_writes_the_dual_int16_diagnosis(calib_ckpt, tmp_path):
+    run_app(tmp_path, "stage=analysis", "analysis.num_steps=1", f"ckpt={calib_ckpt}")
+    text = (tmp_path / "quant_analysis" / "dual_int16.txt").read_text()
+    assert text.startswith("Dual-int16 diagnosis (j6m; gemm double int16: no)")
+    assert "highly sensitive = top-10" in text
+
+
+def test_troubleshoot_passes_a_sound_pipeline(calib_ckpt, tmp_path):
+    float_ckpt = calib_ckpt.parent.parent.parent / "float" / "checkpoints" / "float.ckpt"
+    summary = run_app(tmp_path, "stage=troubleshoot", f"ckpt={float_ckpt}")
+    text = (tmp_path / "troubleshoot.md").read_text()
+    assert "| check | expected | reference | got | diff | verdict | at fault |" in text
+    assert text.count("| PASS |") == 3, text
+    assert "all three checks pass" in summary.facts["verdict"]
+
+
+def test_troubleshoot_pinpoints_a_preprocessing_mismatch(calib_ckpt, tmp_path):
+    float_ckpt = calib_ckpt.parent.parent.parent / "float" / "checkpoints" / "float.ckpt"
+    summary = run_app(
+        tmp_path,
+        "stage=troubleshoot",
+        "data._target_=tests.app.broken_data.MisprocessedDigits",
+        f"ckpt={float_ckpt}",
+    )
+    text = (tmp_path / "troubleshoot.md").read_text()
+    first = next(line for line in text.splitlines() if line.startswith("| float fine-tune"))
+    assert "| FAIL |" in first and "training pipeline" in first, text
+    assert "not conclusive" in text
+    assert "check 'float fine-tune' fails: at fault is the training pipeline" in summary.facts["verdict"]
+
+
+def test_scale_trial_keeps_the_better_qat(calib_ckpt, tmp_path):
+    summary = run_app(tmp_path, "stage=qat", "qat.scale_trial=true", "target.value=0.5", f"ckpt={calib_ckpt}")
+    rows = {r.step: r for r in summary.rows}
+    assert list(rows) == ["qat (scales updated)", "qat (input/output scales fixed)", "qat"]
+    upd, fix = rows["qat (scales updated)"].metric, rows["qat (input/output scales fixed)"].metric
+    assert rows["qat"].metric == max(upd, fix)
+    kept = "input/output scales fixed" if fix > upd else "scales updated"
+    assert rows["qat"].note == f"kept: {kept}"
+    assert any(d.startswith("scale trial (calibration") and kept in d for d in summary.decisions)
+    assert (tmp_path / "checkpoints" / "qat.ckpt").is_file()
+
+
+def test_scale_trial_is_skipped_when_calibration_is_poor(calib_ckpt, tmp_path):
+    summary = run_app(
+        tmp_path, "stage=qat", "qat.scale_trial=true", "target.value=0.999", f"ckpt={calib_ckpt}"
+    )
+    assert [r.step for r in summary.rows] == ["qat"]
+    assert any(d.startswith("scale trial skipped") for d in summary.decisions)
