@@ -5,6 +5,7 @@ Plain torch: never imports lightning, hydra or omegaconf. Callables in (``eval_f
 (:mod:`~qat_lightning.analysis.reports`, :mod:`~qat_lightning.analysis.plots`).
 """
 
+from qat_lightning.analysis.advice_fp16 import Fp16Diagnosis, diagnose_fp16, render_fp16
 from qat_lightning.analysis.advice_int16 import DualInt16Diagnosis, diagnose_dual_int16, render_dual_int16
 from qat_lightning.analysis.advice_lr import LrProbeResult, probe_qat_lr, render_lr_probe
 from qat_lightning.analysis.advice_shared import (
@@ -33,6 +34,7 @@ __all__ = [
     "BadCaseResult",
     "BadCaseRow",
     "DualInt16Diagnosis",
+    "Fp16Diagnosis",
     "IndexRecorder",
     "IndexReplayer",
     "LayerComparison",
@@ -46,10 +48,12 @@ __all__ = [
     "WorstRow",
     "default_input_fn",
     "diagnose_dual_int16",
+    "diagnose_fp16",
     "flatten_outputs",
     "j6p_base_dtypes",
     "probe_qat_lr",
     "render_dual_int16",
+    "render_fp16",
     "render_lr_probe",
     "render_shared_module_advice",
     "search_fp16_topk",

@@ -15,6 +15,7 @@ __all__ = [
     "analysis_stage",
     "calibration_stage",
     "dual_int16_advice",
+    "fp16_advice",
     "float_stage",
     "pipeline_stage",
     "qat_stage",
@@ -183,6 +184,10 @@ def analysis_stage(pipe: Pipeline) -> Summary:
     metric = pipe.session.validate(lit, out)
     tables = pipe.session.analyze(lit, out)
     dual_int16_advice(pipe, lit, tables, out)
+    from qat_lightning.chips import get_chip
+
+    if get_chip(pipe.chip).gemm_double_int16:  # j6p: non-gemm ops run fp16
+        fp16_advice(pipe, lit, out)
     pipe.result("analysis (calibration model)", info.recipe, metric, info.float_metric, lit, None, out)
     for table in tables:
         top = ", ".join(f"{r.op_name}/{r.sensitive_type} ({r.metric:.3g})" for r in table.rows[:5])
@@ -214,6 +219,23 @@ def dual_int16_advice(pipe: Pipeline, lit: Any, tables: list[Any], out: Path) ->
             f"one type only (configuration / fixed scale suspects): {single or 'none'}"
         )
     _shared_module_advice(pipe, model, out)
+    return diagnosis
+
+
+def fp16_advice(pipe: Pipeline, lit: Any, out: Path) -> Any:
+    """Write ``quant_analysis/fp16_diagnosis.txt`` (j6p: fp16 overflow / precision per op); decide."""
+    from qat_lightning.analysis.advice_fp16 import diagnose_fp16, render_fp16
+    from qat_lightning.app.checkpoints import is_rank_zero
+
+    model = getattr(lit, pipe.cfg.prepare.submodule)
+    diagnosis = diagnose_fp16(model, pipe.session.example_inputs(lit))
+    path = out / "quant_analysis" / "fp16_diagnosis.txt"
+    if is_rank_zero():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(render_fp16(diagnosis), encoding="utf-8")
+    if diagnosis.findings:
+        found = ", ".join(f"{f.op_name}/{f.kind} ({f.value:.4g})" for f in diagnosis.findings)
+        pipe.decide(f"fp16 diagnosis ({path}): {found}; template lines in the file")
     return diagnosis
 
 
@@ -274,6 +296,7 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
         )
     elif j6p:
         tables = pipe.analyze(lit, "analysis_high", f"analysis of {high_name} (below target)")
+        fp16_advice(pipe, lit, pipe.current_dir)
         top = ", ".join(f"{r.op_name}/{r.sensitive_type}" for t in tables for r in t.rows[:5])
         pipe.decide(
             f"{high_name} {m_high:.4f} is below the target {target:.4f}: the most sensitive ops are {top}; "

@@ -45,7 +45,8 @@ FILES = {
     "checkpoints/": "float.ckpt, calibration*.ckpt, qat.ckpt (each records its recipe)",
     "model_check_result.txt": "prepare's structure and qconfig check (per quantized step)",
     "quant_analysis/": "bad cases, compare_per_layer, sensitivity tables and plots; dual_int16.txt (ops "
-    "needing int16 on both inputs vs single-type suspects), shared_modules.txt (cases B / C)",
+    "needing int16 on both inputs vs single-type suspects), shared_modules.txt (cases B / C), "
+    "fp16_diagnosis.txt (j6p)",
     "*_lr_probe/lr_probe.md": "the QAT LR probe table (qat.lr_probe=[...])",
     "sanity_check.txt": "the lr0 / float sanity check verdicts",
     "troubleshoot.md": "stage=troubleshoot: the three checks, expected vs got, the part at fault",

@@ -3,7 +3,8 @@
 An observer watches tensors and turns what it saw into a scale for ``q = clamp(round(x / scale), qmin,
 qmax)``: ``scale = amax / qmax`` for a clipping threshold ``amax`` chosen by the method. Statistics are
 dtype-agnostic (running min/max for every observer, plus a growing ``|x|`` histogram for
-``percentile``/``kl``/``mse``/``mix``, see :mod:`qat_lightning.quant.histogram`), so
+``percentile``/``kl``/``mse``/``mix``, defined in :mod:`qat_lightning.quant.histogram_observers` and
+re-exported here; see :mod:`qat_lightning.quant.histogram`), so
 ``compute_scale(qint8)`` and ``compute_scale(qint16)`` both work from one calibration pass. Everything
 lives in fixed-shape buffers (``state_dict``, deepcopy, DDP broadcast).
 
@@ -24,6 +25,7 @@ empty tensors are ignored; all-zero data gives ``SCALE_EPS``; an observer that s
 from __future__ import annotations
 
 import abc
+import inspect
 import math
 import warnings
 from collections.abc import Sequence
@@ -33,16 +35,7 @@ import torch
 import torch.distributed as dist
 
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
-from qat_lightning.quant.histogram import (
-    DEFAULT_BINS,
-    DEFAULT_MAX_SAMPLES,
-    MIX_CANDIDATES,
-    AbsHistogram,
-    kl_threshold,
-    mix_threshold,
-    mse_threshold,
-    percentile_threshold,
-)
+from qat_lightning.quant.histogram import AbsHistogram
 
 __all__ = [
     "OBSERVER_NAMES",
@@ -69,12 +62,6 @@ int16): such a tensor is treated as (near) zero."""
 
 DEFAULT_SCALE: float = 1.0
 """Scale returned (with a warning naming the observer) by an observer that never saw data."""
-
-
-def _check_percentile(percentile: float) -> float:
-    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0 < percentile <= 100:
-        raise ValueError(f"percentile must be a number in (0, 100] (e.g. 99.99), got {percentile!r}")
-    return float(percentile)
 
 
 class Observer(torch.nn.Module, abc.ABC):
@@ -396,160 +383,6 @@ class MovingMinMaxObserver(Observer):
         )
 
 
-def _histogram_init(obs: Observer, bins: int, max_samples: int | None) -> None:
-    try:
-        obs.histogram = AbsHistogram(obs._rows, bins, max_samples)
-    except ValueError as err:
-        raise ValueError(f"observer {obs.name!r}: {err}") from None
-
-
-def _hist_args(obs: Observer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    hist = obs.histogram
-    if hist is None:  # pragma: no cover - set in __init__ of every histogram observer
-        raise RuntimeError(f"observer {obs.name!r} has no histogram")
-    return hist.counts, hist.width, obs.observed_amax().to(hist.counts.device)
-
-
-class PercentileObserver(Observer):
-    """``percentile``: a percentile of ``|x|`` from the histogram, capped at the exact max.
-
-    Args:
-        percentile: in ``(0, 100]`` (100 gives the exact ``max |x|``).
-        bins: histogram bins, a power of two in ``[256, 65536]``.
-        max_samples: per-batch sampling cap (see :mod:`qat_lightning.quant.histogram`); None bins all.
-    """
-
-    kind = "percentile"
-
-    def __init__(
-        self,
-        ch_axis: int | None = None,
-        num_channels: int | None = None,
-        ignore_nonfinite: bool = False,
-        name: str = "",
-        *,
-        percentile: float = 99.99,
-        bins: int = DEFAULT_BINS,
-        max_samples: int | None = DEFAULT_MAX_SAMPLES,
-    ) -> None:
-        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
-        try:
-            self.percentile = _check_percentile(percentile)
-        except ValueError as err:
-            raise ValueError(f"observer {name!r}: {err}") from None
-        _histogram_init(self, bins, max_samples)
-
-    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
-        return percentile_threshold(*_hist_args(self), self.percentile)
-
-
-class KLObserver(Observer):
-    """``kl``: TensorRT entropy calibration on the ``|x|`` histogram (see :func:`histogram.kl_threshold`).
-
-    For int8 it searches thresholds with 128 quantized levels; for int16 (32768 levels, finer than any
-    histogram bin) it returns the exact ``max |x|``.
-
-    Args:
-        bins: histogram bins, a power of two in ``[256, 65536]``.
-        max_samples: per-batch sampling cap; None bins every element.
-    """
-
-    kind = "kl"
-
-    def __init__(
-        self,
-        ch_axis: int | None = None,
-        num_channels: int | None = None,
-        ignore_nonfinite: bool = False,
-        name: str = "",
-        *,
-        bins: int = DEFAULT_BINS,
-        max_samples: int | None = DEFAULT_MAX_SAMPLES,
-    ) -> None:
-        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
-        _histogram_init(self, bins, max_samples)
-
-    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
-        return kl_threshold(*_hist_args(self), qdtype.qmax)
-
-
-class MSEObserver(Observer):
-    """``mse``: threshold minimising the histogram-estimated quantization MSE (clipping + rounding).
-
-    See :func:`histogram.estimate_mse` for the error model and :func:`histogram.mse_threshold` for the
-    search; both depend on ``qmax``, so int16 ends near the max and int8 clips more.
-
-    Args:
-        bins: histogram bins, a power of two in ``[256, 65536]``.
-        max_samples: per-batch sampling cap; None bins every element.
-    """
-
-    kind = "mse"
-
-    def __init__(
-        self,
-        ch_axis: int | None = None,
-        num_channels: int | None = None,
-        ignore_nonfinite: bool = False,
-        name: str = "",
-        *,
-        bins: int = DEFAULT_BINS,
-        max_samples: int | None = DEFAULT_MAX_SAMPLES,
-    ) -> None:
-        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
-        _histogram_init(self, bins, max_samples)
-
-    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
-        return mse_threshold(*_hist_args(self), qdtype.qmax)
-
-
-class MixObserver(Observer):
-    """``mix``: best of several methods, judged on the same statistics.
-
-    For the requested dtype it computes the candidate thresholds of ``minmax`` (exact ``max |x|``),
-    ``percentile`` (``percentile``, default 99.99), ``kl`` and ``mse`` from the one histogram, evaluates
-    each with :func:`histogram.estimate_mse` (histogram-estimated quantization MSE, clipping + rounding)
-    and keeps the lowest (ties go to the earlier name in that order). Per channel each channel picks on
-    its own (from the histogram merged by :func:`histogram.coarsen` when ``channels * bins > 2**17``).
-    ``last_choice`` names the winner of the last ``compute_scale`` (per channel: the one that won the
-    most channels) and ``last_choices`` lists the winner per row. Since ``mse`` minimises the same
-    estimate on a fine grid, it wins unless another candidate lands between its grid points.
-
-    Args:
-        percentile: percentile of the ``percentile`` candidate, in ``(0, 100]``.
-        bins: histogram bins, a power of two in ``[256, 65536]``.
-        max_samples: per-batch sampling cap; None bins every element.
-    """
-
-    kind = "mix"
-
-    def __init__(
-        self,
-        ch_axis: int | None = None,
-        num_channels: int | None = None,
-        ignore_nonfinite: bool = False,
-        name: str = "",
-        *,
-        percentile: float = 99.99,
-        bins: int = DEFAULT_BINS,
-        max_samples: int | None = DEFAULT_MAX_SAMPLES,
-    ) -> None:
-        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
-        try:
-            self.percentile = _check_percentile(percentile)
-        except ValueError as err:
-            raise ValueError(f"observer {name!r}: {err}") from None
-        _histogram_init(self, bins, max_samples)
-        self.last_choice: str = ""
-        self.last_choices: list[str] = []
-
-    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
-        thr, win = mix_threshold(*_hist_args(self), qdtype.qmax, self.percentile)
-        self.last_choices = [MIX_CANDIDATES[i] for i in win.tolist()]
-        self.last_choice = max(MIX_CANDIDATES, key=self.last_choices.count)
-        return thr
-
-
 class FixedScaleObserver(Observer):
     """``fixed``: ``scale = threshold / qmax`` whatever the data (min/max are still tracked for reports).
 
@@ -587,6 +420,15 @@ class FixedScaleObserver(Observer):
         return self.threshold.double().reshape(self._rows)
 
 
+# The histogram family lives in its own module, which subclasses Observer from this one: import it only
+# now that Observer is defined (the only import cycle, and it is one-way at import time).
+from qat_lightning.quant.histogram_observers import (  # noqa: E402
+    KLObserver,
+    MixObserver,
+    MSEObserver,
+    PercentileObserver,
+)
+
 OBSERVERS: dict[str, type[Observer]] = {
     cls.kind: cls
     for cls in (
@@ -600,15 +442,10 @@ OBSERVERS: dict[str, type[Observer]] = {
     )
 }
 
-_KWARGS: dict[str, tuple[str, ...]] = {
-    "minmax": (),
-    "moving_minmax": ("averaging_constant",),
-    "percentile": ("percentile", "bins", "max_samples"),
-    "kl": ("bins", "max_samples"),
-    "mse": ("bins", "max_samples"),
-    "mix": ("percentile", "bins", "max_samples"),
-    "fixed": ("threshold",),
-}
+
+def _options(cls: type[Observer]) -> tuple[str, ...]:
+    """Return the method options of an observer class: its keyword-only parameters, in order."""
+    return tuple(p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY)
 
 
 def make_observer(
@@ -641,7 +478,7 @@ def make_observer(
         raise ValueError(
             f"unknown observer {name!r} for {name_for_messages!r}; allowed: {', '.join(OBSERVER_NAMES)}"
         )
-    allowed = _KWARGS[name]
+    allowed = _options(OBSERVERS[name])
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
         raise ValueError(

@@ -87,3 +87,12 @@ def test_scale_trial_is_skipped_when_calibration_is_poor(calib_ckpt, tmp_path):
     )
     assert [r.step for r in summary.rows] == ["qat"]
     assert any(d.startswith("scale trial skipped") for d in summary.decisions)
+
+
+def test_j6p_analysis_writes_the_fp16_diagnosis(calib_ckpt, tmp_path):
+    float_ckpt = calib_ckpt.parent.parent.parent / "float" / "checkpoints" / "float.ckpt"
+    common = ("chip=j6p", "recipe=gemm_int8_other_fp16")
+    run_app(tmp_path, "stage=calibration", *common, f"ckpt={float_ckpt}")
+    run_app(tmp_path, "stage=analysis", *common, "analysis.num_steps=1")
+    text = (tmp_path / "quant_analysis" / "fp16_diagnosis.txt").read_text()
+    assert text.startswith("fp16 diagnosis (fp16 max 65504")
