@@ -1,4 +1,4 @@
-"""2-process CPU DDP run (gloo), launched by test_cb_ddp.py: calibration + QAT + reports.
+"""2-process CPU DDP run (gloo), launched by test_ddp.py: calibration + QAT + reports.
 
 Usage: python ddp_script.py <out_dir>. Each rank calibrates on its own shard (DistributedSampler), then
 writes its scales to <out_dir>/scales_rank<k>.pt.
