@@ -95,7 +95,10 @@ def quantize_weight(wq: FakeQuantize, weight: Tensor, fold: Tensor | None = None
         and torch.is_grad_enabled()
     ):
         with torch.no_grad():
-            if fold is None:
+            value = wq._qat_weight_fused(weight, fold)  # one pass over a large weight (one thread)
+            if value is not None:
+                pass
+            elif fold is None:
                 value = wq(weight)
             else:  # wq's output is a fresh tensor here (its input is the temporary weight * fold)
                 value = wq(weight * fold).div_(fold)
