@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import enum
 import math
-import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -69,62 +68,6 @@ class FakeQuantState(str, enum.Enum):
                 if key in (state.value, state.name.lower()):
                     return state
         raise ValueError(f"unknown FakeQuantState {value!r}; allowed: {', '.join(s.name for s in cls)}")
-
-
-_NO_CLIP = 1.0 - 2.0**-16
-"""Safety factor of the no-clip test of the QAT fast path (far above float32 rounding, 2**-24)."""
-
-
-def _to_float32(value: float) -> float:
-    """``value`` rounded to the nearest float32 (as a Python float)."""
-    return _F32.unpack(_F32.pack(value))[0]
-
-
-_F32 = struct.Struct("f")
-
-
-class _FakeQuantizePerTensorQat(torch.autograd.Function):
-    """``_FakeQuantizeSTE`` for one float32 CPU scale whose value ``s`` the caller already holds.
-
-    The same operations in the same order as ``_FakeQuantizeSTE`` (bit-identical values and gradient),
-    with less work per call: the blocks of the one-thread path are plain slices of the flat tensor, and
-    the backward's bounds come from ``s`` (no scalar read). With ``clip=False`` the caller has checked
-    that ``x`` lies strictly inside ``((qmin - 0.5) * s, (qmax + 0.5) * s)``: the clamp would be a no-op
-    and the straight-through gradient passes everywhere, so the clamp is skipped, ``x`` is not saved (no
-    fp32 copy kept alive until backward) and the gradient is returned as is.
-    """
-
-    @staticmethod
-    def forward(  # noqa: D102
-        ctx: Any, x: Tensor, scale: Tensor, s: float, qmin: int, qmax: int, clip: bool
-    ) -> Tensor:
-        if clip:
-            ctx.save_for_backward(x)
-            ctx.bounds = ((qmin - 0.5) * s, (qmax + 0.5) * s)
-        else:
-            ctx.bounds = None
-        if _blockwise_ok(x, scale):  # one thread, large contiguous tensor: L2-sized blocks
-            block = _block_size()
-            out = torch.empty_like(x)
-            xf, of = x.view(-1), out.view(-1)
-            for a in range(0, xf.numel(), block):
-                q = torch.div(xf[a : a + block], scale, out=of[a : a + block]).round_()
-                if clip:
-                    q.clamp_(qmin, qmax)
-                q.mul_(scale)
-            return out
-        out = torch.div(x, scale).round_()
-        if clip:
-            out.clamp_(qmin, qmax)
-        return out.mul_(scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None]:  # noqa: D102
-        bounds = ctx.bounds
-        if bounds is None:
-            return grad, None, None, None, None, None
-        (x,) = ctx.saved_tensors
-        return torch.ops.aten.hardtanh_backward(grad, x, bounds[0], bounds[1]), None, None, None, None, None
 
 
 class FakeQuantize(nn.Module):
@@ -254,38 +197,20 @@ class FakeQuantize(nn.Module):
         self._fixed = fixed or self.observer_name == "fixed"
         self.scale_fixed.fill_(self._fixed)
 
-    def _qat_update(self, x: Tensor) -> tuple[float, float] | None:
-        """Observe ``x`` and move the scale (QAT state).
-
-        Returns the batch ``(min, max)`` of ``x`` as Python floats when the lean per-tensor CPU path ran
-        (see :meth:`Observer.update_range_extremes`), else ``None``.
-        """
+    def _qat_update(self, x: Tensor) -> None:
+        """Observe ``x`` and move the scale (QAT state): the documented moving average, or the weight max."""
         if self._dirty:
             self.refresh_scale()
         if self._fixed:
-            return None
-        scale = self._buffers["scale"]
-        if self.ch_axis is None and scale.dtype is torch.float32:
-            extremes = self.observer.update_range_extremes(x)
-            if extremes is not None:
-                lo, hi = extremes
-                # == (max(-lo, hi, 0).float() / qmax).clamp_min(SCALE_EPS) in float32: the quotient of two
-                # float32 values, computed in double and rounded once to float32, is the float32 quotient
-                batch_scale = max(_to_float32(max(-lo, hi, 0.0) / self._dtype.qmax), SCALE_EPS)
-                if self._ready:  # the documented moving average, by torch's float32 lerp
-                    scale.lerp_(torch.full_like(scale, batch_scale), self.qat_averaging_constant)
-                else:
-                    scale.fill_(batch_scale)
-                    self._mark_ready()
-                return extremes
+            return
         amax = self.observer.update_range(x.detach())
         batch_scale = (amax.float() / self._dtype.qmax).clamp_min_(SCALE_EPS)
+        scale = self._buffers["scale"]
         if self.ch_axis is not None or not self._ready:
             scale.copy_(batch_scale.reshape(scale.shape))
             self._mark_ready()
         else:
             scale.lerp_(batch_scale.reshape(scale.shape), self.qat_averaging_constant)
-        return None
 
     def _qat_weight_fused(self, weight: Tensor, fold: Tensor | None) -> Tensor | None:
         """QAT ``self(weight * fold) / fold`` for a per-channel (axis 0) weight, one L2-sized block at a time.
@@ -364,16 +289,7 @@ class FakeQuantize(nn.Module):
                 return fake_cast(x)
             return x
         if state is FakeQuantState.QAT:
-            extremes = self._qat_update(x)
-            if extremes is not None:
-                scale = self._buffers["scale"]
-                s = scale.item()
-                qmin, qmax = dtype.qmin, dtype.qmax
-                # clip=False: nothing can be clipped (margin 2**-16, far above the rounding in between)
-                clip = not (
-                    extremes[0] > (qmin - 0.5) * s * _NO_CLIP and extremes[1] < (qmax + 0.5) * s * _NO_CLIP
-                )
-                return _FakeQuantizePerTensorQat.apply(x, scale, s, qmin, qmax, clip)
+            self._qat_update(x)
         elif self._dirty or not self._ready:
             self.refresh_scale()
             if not self._ready:

@@ -214,28 +214,6 @@ class Observer(torch.nn.Module, abc.ABC):
         """
         return self._observe(x, with_histogram=False)
 
-    def update_range_extremes(self, x: torch.Tensor) -> tuple[float, float] | None:
-        """Lean per-tensor form of :meth:`update_range` for a non-empty, finite CPU float tensor.
-
-        Same statistics update (running min/max, moving averages, ``num_batches``), with one
-        ``torch.aminmax`` over ``x`` as it is (no reshape, no copy of a non-contiguous input), two scalar
-        reads and in-place updates. Returns the batch ``(min, max)`` as Python floats (exact values of
-        ``x``'s dtype), or ``None`` without touching anything when it does not apply (per channel, empty,
-        not float32, not on the CPU, or NaN/inf present): the caller then uses ``update_range``, which
-        raises or drops the non-finite values. Nothing here records autograd history (``x`` is detached).
-        """
-        if self._rows != 1 or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0:
-            return None
-        lo, hi = torch.aminmax(x.detach())
-        lo_f, hi_f = lo.item(), hi.item()
-        if not math.isfinite(hi_f - lo_f):
-            return None
-        self.min_val.clamp_max_(lo_f)  # == torch.minimum(min_val, lo): lo_f is exact, nothing is NaN
-        self.max_val.clamp_min_(hi_f)
-        self._update_extra(lo, hi)
-        self.num_batches.add_(1)
-        return lo_f, hi_f
-
     # ---- results -----------------------------------------------------------------------------------------
 
     @property

@@ -96,11 +96,9 @@ def quantize_weight(wq: FakeQuantize, weight: Tensor, fold: Tensor | None = None
     ):
         with torch.no_grad():
             value = wq._qat_weight_fused(weight, fold)  # one pass over a large weight (one thread)
-            if value is not None:
-                pass
-            elif fold is None:
+            if value is None and fold is None:
                 value = wq(weight)
-            else:  # wq's output is a fresh tensor here (its input is the temporary weight * fold)
+            elif value is None:  # a fresh tensor: its input is the temporary weight * fold
                 value = wq(weight * fold).div_(fold)
         return _StraightThrough.apply(weight, value)
     if fold is None:
