@@ -1,17 +1,23 @@
 """Functional fake quantization and fake cast with a straight-through gradient.
 
-``fake_quantize`` computes ``clamp(round(x / scale), qmin, qmax) * scale`` (symmetric, zero point 0) with
-four elementwise passes (divide, round half to even, clamp, multiply) over one output buffer. Its
-backward is one fused kernel (``hardtanh_backward``): the gradient passes where
-``qmin - 0.5 < x / scale < qmax + 0.5`` and is zero where the value was clipped.
+``fake_quantize`` computes ``clamp(round(x / scale), qmin, qmax) * scale`` (symmetric, zero point 0, round
+half to even, true division). The gradient passes where ``qmin - 0.5 < x / scale < qmax + 0.5`` and is zero
+where the value was clipped.
 
-With one intra-op thread (``torch.get_num_threads() == 1``), large contiguous CPU tensors run block by
-block (``_BLOCK`` elements): the forward does its four passes on one block while it sits in the L2 cache,
-and the per-channel backward computes ``x / scale`` per block into one small reused buffer instead of a
-full-size temporary. The operations and their order are the same as the one-shot formulas, so the
-results are bit-identical. With several threads every elementwise op is a parallel region that waits for
-all threads; hundreds of small regions are fast on an idle machine but stall badly when another process
-holds a core, so there the one-shot formulas (four or five regions) are used.
+Two implementations give the same values (tested bit for bit):
+
+* **fused C kernels** (``_kernels.c``, built by ``setup.py`` at install; ``kernels_available()``): for
+  contiguous float32 CPU tensors. The forward is one pass that writes the result and a one-byte gradient
+  mask; the backward is one pass ``grad * mask``. So QAT keeps one byte per element for the backward
+  instead of the float32 input, and each direction touches memory once. Large tensors are split over
+  ``torch.get_num_threads()`` threads. ``QAT_LIGHTNING_NO_KERNELS=1`` switches them off.
+* **ATen formulas** for everything else (other dtypes or devices, non-contiguous tensors, no compiler):
+  four elementwise passes (divide, round, clamp, multiply) forward and one ``hardtanh_backward`` backward
+  that recomputes the mask from the saved input. With one intra-op thread, large contiguous CPU tensors
+  run block by block (``_BLOCK`` elements) while a block sits in the L2 cache, and the per-channel
+  backward computes ``x / scale`` per block into one reused buffer; same operations, same results. With
+  several threads the one-shot formulas are used (many short parallel regions stall when another
+  process holds a core).
 
 Agreement with ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``: the forward values are
 identical except where ``x / scale`` is computed differently in the last bit (torch multiplies by
@@ -22,12 +28,34 @@ here: zero) — both are measure-zero sets, documented and tested.
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 from torch import Tensor
 
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
 
-__all__ = ["fake_quantize", "fake_cast", "FP16_MAX"]
+__all__ = ["fake_quantize", "fake_cast", "FP16_MAX", "kernels_available"]
+
+
+def _load_kernels():  # noqa: ANN202 - an extension module or None
+    """Import the compiled fused kernels (``setup.py``); ``None`` without a compiler or when disabled."""
+    if os.environ.get("QAT_LIGHTNING_NO_KERNELS", "") not in ("", "0"):
+        return None
+    try:
+        from qat_lightning.quant import _kernels
+    except ImportError:
+        return None
+    return _kernels
+
+
+_KERNELS = _load_kernels()
+
+
+def kernels_available() -> bool:
+    """Whether the fused C fake-quant kernels are in use (else the ATen formulas: same values, slower)."""
+    return _KERNELS is not None
 
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
@@ -133,11 +161,57 @@ def _fake_quantize_grad_blockwise(grad: Tensor, x: Tensor, scale: Tensor, lo: fl
     return out
 
 
+def _kernel_shape(x: Tensor, scale: Tensor) -> tuple[int, int, int] | None:
+    """``(outer, channels, inner)`` for the fused kernel, or ``None`` when it does not apply to ``x``."""
+    if (
+        _KERNELS is None
+        or x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or scale.dtype != torch.float32
+        or scale.device.type != "cpu"
+        or not x.is_contiguous()
+        or not scale.is_contiguous()
+        or x.numel() == 0
+    ):
+        return None
+    axes = [d for d, size in enumerate(scale.shape) if size != 1]
+    if not axes:
+        return x.numel(), 1, 1
+    if len(axes) > 1 or scale.dim() != x.dim():
+        return None
+    axis = axes[0]
+    outer = math.prod(x.shape[:axis])
+    return outer, x.shape[axis], x.numel() // (outer * x.shape[axis])
+
+
+def _kernel_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int, shape: tuple[int, int, int], mask: bool):
+    """Run the fused forward kernel: the fake-quantized tensor and the uint8 gradient mask (or ``None``)."""
+    out = torch.empty_like(x)
+    keep = torch.empty(x.shape, dtype=torch.uint8) if mask else None
+    _KERNELS.fake_quantize_forward(
+        x.data_ptr(),
+        out.data_ptr(),
+        0 if keep is None else keep.data_ptr(),
+        scale.data_ptr(),
+        *shape,
+        float(qmin),
+        float(qmax),
+        torch.get_num_threads(),
+    )
+    return out, keep
+
+
 class _FakeQuantizeSTE(torch.autograd.Function):
     """Fake quant forward; straight-through gradient inside the quantization range."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+        shape = _kernel_shape(x, scale)
+        if shape is not None:
+            out, keep = _kernel_forward(x, scale, qmin, qmax, shape, ctx.needs_input_grad[0])
+            ctx.save_for_backward(keep)
+            ctx.qrange = None
+            return out
         ctx.save_for_backward(x, scale)
         ctx.qrange = (qmin, qmax)
         if _blockwise_ok(x, scale):
@@ -148,6 +222,8 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
+        if ctx.qrange is None:
+            return _masked_grad(grad, ctx.saved_tensors[0]), None, None, None
         x, scale = ctx.saved_tensors
         qmin, qmax = ctx.qrange
         if scale.numel() == 1 and scale.device.type == "cpu":
@@ -158,6 +234,18 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         else:  # per-channel (or a device scale): compare x / scale against the integer bounds
             lo, hi, target = qmin - 0.5, qmax + 0.5, torch.div(x, scale)
         return torch.ops.aten.hardtanh_backward(grad, target, lo, hi), None, None, None
+
+
+def _masked_grad(grad: Tensor, keep: Tensor) -> Tensor:
+    """``grad`` where the kernel's mask is set, 0 elsewhere (the fused backward kernel when it applies)."""
+    if grad.dtype != torch.float32 or grad.device.type != "cpu" or grad.shape != keep.shape:
+        return grad * keep.to(grad.dtype)
+    grad = grad.contiguous()
+    out = torch.empty_like(grad)
+    _KERNELS.fake_quantize_backward(
+        grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads()
+    )
+    return out
 
 
 def _check_scale(scale: Tensor, x: Tensor, ch_axis: int | None) -> None:

@@ -18,6 +18,17 @@ from qat_lightning.quant.functional import FP16_MAX, fake_cast, fake_quantize
 INT_DTYPES = [qint8, qint16]
 
 
+@pytest.fixture(autouse=True, scope="module", params=["kernels", "aten"])
+def implementation(request):
+    """Every test runs twice: with the fused C kernels (when built) and with the ATen formulas."""
+    with pytest.MonkeyPatch.context() as patch:
+        if request.param == "aten":
+            patch.setattr(qf, "_KERNELS", None)
+        elif not qf.kernels_available():
+            pytest.skip("fused kernels not built")
+        yield request.param
+
+
 # ----------------------------------------------------------------------------------------------- helpers
 def torch_reference(x: torch.Tensor, scale: torch.Tensor | float, dtype: QuantDtype, ch_axis: int | None):
     """torch's own fake quant with zero point 0 and the dtype's integer range."""
