@@ -27,16 +27,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qat_lightning.quant import functional as _functional
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
-from qat_lightning.quant.functional import (
-    _block_size,
-    _blockwise_ok,
-    _FakeQuantizeSTE,
-    _scale_view,
-    fake_cast,
-)
+from qat_lightning.quant.functional import _FakeQuantizeSTE, _scale_view, fake_cast
 from qat_lightning.quant.observers import SCALE_EPS, Observer, make_observer
 from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
+
+_SCALE_EPS_F32 = float(torch.tensor(SCALE_EPS, dtype=torch.float32))
+"""``SCALE_EPS`` rounded to float32, as ``clamp_min_`` applies it to a float32 scale."""
 
 __all__ = [
     "FakeQuantState",
@@ -213,55 +211,52 @@ class FakeQuantize(nn.Module):
             scale.lerp_(batch_scale.reshape(scale.shape), self.qat_averaging_constant)
 
     def _qat_weight_fused(self, weight: Tensor, fold: Tensor | None) -> Tensor | None:
-        """QAT ``self(weight * fold) / fold`` for a per-channel (axis 0) weight, one L2-sized block at a time.
+        """QAT ``self(weight * fold) / fold`` for a per-channel (axis 0) weight in one fused kernel.
 
-        For a large contiguous float32 CPU weight with one intra-op thread (``_blockwise_ok``); call
-        without autograd. Per block of whole channels the fold multiply, the channel min/max, the batch
-        scale and the four fake-quant passes (and the unfold) run while the block sits in the cache:
-        one pass over the weight in memory instead of about six. The same elementwise operations as
-        ``update_range`` + ``_FakeQuantizeSTE`` (bit-identical values); the statistics and the scale are
-        only updated once every block is known to be finite. Returns ``None`` (nothing changed) when it
-        does not apply or the weight holds NaN/inf: the caller then takes the general path.
+        For a contiguous float32 CPU weight when the fused kernels are built (``functional``); call
+        without autograd. Per output channel the kernel folds, takes the channel range, computes the batch
+        scale and fake-quantizes and unfolds, while the channel's row sits in the L1 cache: one pass over
+        the weight in memory instead of about six. The same float32 operations as ``update_range`` +
+        ``_FakeQuantizeSTE`` (bit-identical values, tested); the statistics and the scale are only updated
+        when every channel is finite. Returns ``None`` (nothing changed) when it does not apply or the
+        weight holds NaN/inf: the caller then takes the general path.
         """
         obs, scale = self.observer, self._buffers["scale"]
+        kernels = _functional._KERNELS
         if (
-            self.ch_axis != 0
+            kernels is None
+            or self.ch_axis != 0
             or not self._dtype.is_integer
             or weight.dim() < 2
             or weight.dtype != torch.float32
-            or scale.dtype != torch.float32
+            or weight.device.type != "cpu"
+            or not weight.is_contiguous()
             or weight.shape[0] != obs.num_channels
-            or not _blockwise_ok(weight, scale.reshape((-1,) + (1,) * (weight.dim() - 1)))
         ):
             return None
-        if fold is not None and (fold.dtype != torch.float32 or fold.numel() != weight.shape[0]):
-            return None
+        if fold is not None:
+            if fold.dtype != torch.float32 or fold.numel() != weight.shape[0] or fold.device.type != "cpu":
+                return None
+            fold = fold.contiguous()
         if self._dirty:
             self.refresh_scale()
-        qmin, qmax = self._dtype.qmin, self._dtype.qmax
         channels = weight.shape[0]
-        w2 = weight.view(channels, -1)
-        f2 = None if fold is None else fold.reshape(channels, 1)
         out = torch.empty_like(weight)
-        o2 = out.view(channels, -1)
         lo, hi, new_scale = (torch.empty(channels) for _ in range(3))
-        rows = max(1, _block_size() // w2.shape[1])
-        for c in range(0, channels, rows):
-            sl = slice(c, c + rows)
-            ob = o2[sl]
-            if f2 is None:
-                src = w2[sl]
-            else:
-                src = torch.mul(w2[sl], f2[sl], out=ob)
-            lo_b = torch.amin(src, 1, out=lo[sl])
-            hi_b = torch.amax(src, 1, out=hi[sl])
-            # == (maximum(-lo, hi).clamp_min(0) / qmax).clamp_min_(SCALE_EPS), as update_range + _qat_update
-            s_b = torch.maximum(lo_b.neg(), hi_b).clamp_min_(0).div_(qmax).clamp_min_(SCALE_EPS)
-            new_scale[sl] = s_b
-            s_b = s_b.unsqueeze(1)
-            torch.div(src, s_b, out=ob).round_().clamp_(qmin, qmax).mul_(s_b)
-            if f2 is not None:
-                ob.div_(f2[sl])
+        kernels.fake_quantize_weight(
+            weight.data_ptr(),
+            0 if fold is None else fold.data_ptr(),
+            out.data_ptr(),
+            lo.data_ptr(),
+            hi.data_ptr(),
+            new_scale.data_ptr(),
+            channels,
+            weight.numel() // channels,
+            float(self._dtype.qmin),
+            float(self._dtype.qmax),
+            _SCALE_EPS_F32,
+            torch.get_num_threads(),
+        )
         if not math.isfinite(float((hi - lo).sum())):
             return None
         torch.minimum(obs.min_val, lo, out=obs.min_val)

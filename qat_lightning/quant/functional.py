@@ -238,9 +238,13 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
 def _masked_grad(grad: Tensor, keep: Tensor) -> Tensor:
     """``grad`` where the kernel's mask is set, 0 elsewhere (the fused backward kernel when it applies)."""
-    if grad.dtype != torch.float32 or grad.device.type != "cpu" or grad.shape != keep.shape:
-        return grad * keep.to(grad.dtype)
-    grad = grad.contiguous()
+    if (
+        grad.dtype != torch.float32
+        or grad.device.type != "cpu"
+        or grad.shape != keep.shape
+        or not grad.is_contiguous()
+    ):  # one strided pass (a copy to contiguous first costs more); 0 * inf would be NaN here
+        return grad * keep
     out = torch.empty_like(grad)
     _KERNELS.fake_quantize_backward(
         grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads()

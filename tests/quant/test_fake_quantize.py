@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import qat_lightning as ql
+from qat_lightning.quant import functional as qf
 from qat_lightning.quant.dtypes import float16, float32, qint8, qint16
 from qat_lightning.quant.fake_quantize import (
     FakeCast,
@@ -185,6 +186,44 @@ def test_qat_weight_gradient_is_straight_through(generator) -> None:
     w = torch.randn(3, 7, generator=generator, requires_grad=True)
     fq(w).sum().backward()
     assert torch.equal(w.grad, torch.ones(3, 7))  # the max sets the scale: nothing is clipped
+
+
+@pytest.mark.skipif(not qf.kernels_available(), reason="fused kernels not built")
+@pytest.mark.parametrize("observer", ["minmax", "moving_minmax"])
+@pytest.mark.parametrize("with_fold", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [qint8, qint16], ids=str)
+def test_fused_qat_weight_path_equals_the_general_path(observer, with_fold, threads, dtype, generator):
+    """``_qat_weight_fused`` (one C kernel) == ``fq(w * fold) / fold`` bit for bit, statistics included."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        fused = FakeQuantize(dtype, observer, ch_axis=0, num_channels=64)
+        set_fake_quantize(fused, FakeQuantState.QAT)
+        general = copy.deepcopy(fused)
+        for step in range(3):
+            w = torch.randn(64, 32, 3, 3, generator=generator) * torch.rand(64, 1, 1, 1, generator=generator)
+            w[5] = 0.0  # an all-zero channel: the scale is clamped to the eps
+            fold = torch.rand(64, generator=generator) + 0.5 if with_fold else None
+            out = fused._qat_weight_fused(w, fold)
+            f = None if fold is None else fold.reshape(-1, 1, 1, 1)
+            ref = general(w) if f is None else general(w * f) / f
+            assert out is not None and torch.equal(out, ref), step
+            assert torch.equal(fused.scale, general.scale)
+            for name, buf in general.observer.named_buffers():
+                assert torch.equal(fused.observer.get_buffer(name), buf), name
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fused_qat_weight_path_declines_nonfinite_weights() -> None:
+    fq = FakeQuantize(qint8, "minmax", ch_axis=0, num_channels=4)
+    set_fake_quantize(fq, FakeQuantState.QAT)
+    w = torch.randn(4, 8)
+    w[2, 3] = float("nan")
+    before = fq.observer.num_batches.clone()
+    assert fq._qat_weight_fused(w, None) is None
+    assert torch.equal(fq.observer.num_batches, before)  # nothing was updated
 
 
 # ------------------------------------------------------------------------------------------------- FLOAT
