@@ -4,8 +4,10 @@ A float forward (fake quant off) over ``inputs`` records every quantized op's in
 
 * **overflow**: an input or the output beyond the fp16 range (``|x| > 65504``) saturates in fp16;
 * **intermediate overflow** of norm ops (LayerNorm, GroupNorm, ...): ``max(x^2)`` (their variance term)
-  beyond the fp16 range. The seed: scale the input down first (a norm is scale invariant). Automatic input
-  scaling of LayerNorm in fp16 configs is not done by ``prepare`` here: the finding says so;
+  beyond the fp16 range. The seed: scale the input down first (a norm is scale invariant). Prepared
+  LayerNorm / GroupNorm ops (``nn`` and ``F``) in fp16 configs do this automatically
+  (:mod:`qat_lightning.quant.fp16_norm`): the finding reports whether the scaling is on for the op
+  (``auto_scaling``), the factor it uses for this batch, and what to do when it is off or not available;
 * **precision** of nonlinear ops (sigmoid, tanh, exp, softmax, log, silu, gelu): the op recomputed in fp16
   vs float; the 99th percentile of the elementwise relative error beyond ``precision_threshold`` (default
   1%): they cannot be rescaled, so the seed recommends fp32;
@@ -28,6 +30,7 @@ from torch import nn
 from qat_lightning.analysis.inputs import call_model, normalize_inputs
 from qat_lightning.analysis.state import eval_mode
 from qat_lightning.quant.fake_quantize import fake_quant_disabled
+from qat_lightning.quant.fp16_norm import norm_input_scale
 from qat_lightning.quant.ops import iter_quant_ops
 
 __all__ = ["FP16_MAX", "Fp16Diagnosis", "Fp16Finding", "diagnose_fp16", "render_fp16"]
@@ -48,10 +51,18 @@ _OVERFLOW = (
     "values beyond the fp16 range saturate: scale the input down before the op (and back after for linear "
     "ops such as mul), or keep the op in fp32"
 )
-_NORM_OVERFLOW = (
-    "max(x^2) of the variance term overflows fp16: multiply the input by a factor < {factor:.3g} before the "
-    "op (a norm is scale invariant; automatic LayerNorm input scaling is not applied by prepare here), or "
-    "keep it in fp32"
+_NORM_OVERFLOW = "max(x^2) of the variance term overflows fp16 without input scaling: "
+_NORM_SCALED = (
+    "automatic fp16 input scaling is on for this op (input x {k:.4g} = 2^{log2k:d} for this batch, "
+    "eps x k^2; exact for a norm): the variance term stays in range, nothing to do"
+)
+_NORM_OFF = (
+    "automatic fp16 input scaling is off for this op: turn it on with "
+    "ql.set_fp16_norm_scaling(model, True, prefix={name!r}), or keep the op in fp32"
+)
+_NORM_MANUAL = (
+    "automatic fp16 input scaling covers LayerNorm/GroupNorm ops only: multiply the input by a factor "
+    "< {factor:.3g} before the op (a norm is scale invariant), or keep it in fp32"
 )
 _COORDINATE = (
     "coordinates pick the sampling points: int16 with a fixed scale (the seed), range from the grid's "
@@ -72,7 +83,9 @@ class Fp16Finding:
         value: the measured number (``max|x|``, ``max(x^2)``, the relative error, the grid's ``max|x|``).
         threshold: what it was compared with.
         advice: what to do, in words.
-        template: a ready template line.
+        template: a ready template line (empty when nothing needs to be done).
+        auto_scaling: for ``intermediate_overflow``: whether automatic fp16 input scaling is on for the op
+            (``None``: the op has none).
     """
 
     op_name: str
@@ -82,6 +95,7 @@ class Fp16Finding:
     threshold: float
     advice: str
     template: str
+    auto_scaling: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,26 @@ def _rel_error_p99(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) 
         return 0.0
     rel = ((half - ref).abs() / ref.abs())[mask].float()
     return float(torch.quantile(rel.flatten()[:1_000_000], 0.99))
+
+
+def _norm_finding(name: str, op: nn.Module, x: torch.Tensor, template: str) -> Fp16Finding | None:
+    """Return the ``intermediate_overflow`` finding of a norm op fed ``x`` (``None``: ``max(x^2)`` fits)."""
+    amax = _amax(x)
+    if amax**2 <= FP16_MAX:
+        return None
+    scaling = getattr(op, "fp16_input_scaling", None)
+    if scaling is None:
+        advice = _NORM_MANUAL.format(factor=math.sqrt(FP16_MAX) / amax)
+    elif scaling:
+        k = float(norm_input_scale(torch.tensor(amax)))
+        advice = _NORM_SCALED.format(k=k, log2k=round(math.log2(k)))
+        template = ""  # handled: no template to apply
+    else:
+        advice = _NORM_OFF.format(name=name)
+    op_type = op.op_info.op_type
+    return Fp16Finding(
+        name, op_type, "intermediate_overflow", amax**2, FP16_MAX, _NORM_OVERFLOW + advice, template, scaling
+    )
 
 
 def _record(model: nn.Module, inputs: Any) -> dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]]:
@@ -180,20 +214,9 @@ def diagnose_fp16(model: nn.Module, inputs: Any, precision_threshold: float = 1e
                     fp32,
                 )
             )
-        if ins and any(n in kind for n in _NORMS):
-            square = _amax(ins[0]) ** 2
-            if square > FP16_MAX:
-                findings.append(
-                    Fp16Finding(
-                        name,
-                        info.op_type,
-                        "intermediate_overflow",
-                        square,
-                        FP16_MAX,
-                        _NORM_OVERFLOW.format(factor=math.sqrt(FP16_MAX) / _amax(ins[0])),
-                        fp32,
-                    )
-                )
+        norm = _norm_finding(name, op, ins[0], fp32) if ins and any(n in kind for n in _NORMS) else None
+        if norm is not None:
+            findings.append(norm)
         fn = _NONLINEAR.get(kind)
         if fn is not None and ins:
             err = _rel_error_p99(fn, ins[0])
@@ -240,5 +263,6 @@ def render_fp16(diagnosis: Fp16Diagnosis) -> str:
     for f in diagnosis.findings:
         lines.append(f"{f.op_name} ({f.op_type}) [{f.kind}]: {f.value:.4g} (threshold {f.threshold:g})")
         lines.append(f"    -> {f.advice}")
-        lines.append(f"    template: {f.template}")
+        if f.template:
+            lines.append(f"    template: {f.template}")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ from qat_lightning.quant.fake_quantize import (
     iter_fake_quantize,
     set_fake_quantize,
 )
+from qat_lightning.quant.fp16_norm import set_fp16_norm_scaling
 from qat_lightning.quant.functional import fake_cast, fake_quantize
 from qat_lightning.quant.model_check import ModelCheckReport, check_model, write_changelog
 from qat_lightning.quant.observers import OBSERVER_NAMES, Observer, make_observer
@@ -95,4 +96,5 @@ __all__ = [
     "qint16",
     "quant_nodes_of",
     "set_fake_quantize",
+    "set_fp16_norm_scaling",
 ]

@@ -1,4 +1,9 @@
-"""Planned ops and how one becomes an op module once its :class:`QConfig` is known (fx and eager)."""
+"""Planned ops and how one becomes an op module once its :class:`QConfig` is known (fx and eager).
+
+Norm ops (``nn.LayerNorm``, ``nn.GroupNorm``, ``F.layer_norm``, ``F.group_norm``) become
+:class:`~qat_lightning.quant.fp16_norm.QatNormOp` / ``QatNormFunction``: fp16 simulation with automatic
+input scaling when their output is float16 (see :mod:`qat_lightning.quant.fp16_norm`).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 from torch import nn
 
 from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.fp16_norm import NORM_FUNCTIONS, NORM_MODULES, QatNormFunction, QatNormOp
 from qat_lightning.quant.ops import OpInfo
 from qat_lightning.quant.qat_modules import (
     QatConvBn,
@@ -143,12 +149,15 @@ class OpBuilder:
                 add=plan.add,
             )
         if plan.build == "module":
-            return QatModuleOp(info, plan.module, self._output(plan, qc))
+            module_cls = QatNormOp if isinstance(plan.module, NORM_MODULES) else QatModuleOp
+            return module_cls(info, plan.module, self._output(plan, qc))
         if plan.build == "function":
             weight = None
             if plan.weight_arg is not None and plan.weight is not None:
                 weight = self._weight(plan, qc, plan.weight)
-            return QatFunction(
+            norm = not plan.is_method and plan.target in NORM_FUNCTIONS
+            function_cls = QatNormFunction if norm else QatFunction
+            return function_cls(
                 info,
                 plan.target,
                 plan.is_method,

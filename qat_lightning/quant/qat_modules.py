@@ -7,6 +7,8 @@ Every class derives from :class:`QuantOp`, which carries the contract of :mod:`q
 * :class:`QatConvBn`: conv (or linear) + BatchNorm, optionally + residual add and ReLU, in one of three QAT
   modes (see the class docstring).
 * :class:`QatModuleOp`: any other module op (LayerNorm, Softmax, pooling, ...): output quant point.
+  Norm ops (LayerNorm, GroupNorm) use its subclass ``QatNormOp`` in :mod:`~qat_lightning.quant.fp16_norm`
+  (fp16 simulation with automatic input scaling).
 * :class:`QatFunction`: a functional op / operator (``add``, ``matmul``, ``softmax``, ...).
 * :class:`QatInput`: a model input (or a user's ``QuantStub``).
 
@@ -95,7 +97,7 @@ def quantize_weight(wq: FakeQuantize, weight: Tensor, fold: Tensor | None = None
         and torch.is_grad_enabled()
     ):
         with torch.no_grad():
-            value = wq._qat_weight_fused(weight, fold)  # one pass over a large weight (one thread)
+            value = wq._qat_weight_fused(weight, fold)  # one fused pass over the weight (C kernel)
             if value is None and fold is None:
                 value = wq(weight)
             elif value is None:  # a fresh tensor: its input is the temporary weight * fold

@@ -1,0 +1,145 @@
+"""fp16 norm ops: scaled formula exact in float64, fp32/FLOAT untouched, overflow fixed by scaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import qat_lightning as ql
+from qat_lightning.quant.fp16_norm import (
+    SAFE_AMAX,
+    QatNormFunction,
+    QatNormOp,
+    fp16_group_norm,
+    fp16_layer_norm,
+    norm_input_scale,
+    set_fp16_norm_scaling,
+)
+from qat_lightning.quant.ops import iter_quant_ops
+from qat_lightning.quant.switches import FakeCastSwitch
+
+HIDDEN = 64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only add barrier waits on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Norms(nn.Module):
+    """nn.LayerNorm, F.layer_norm and nn.GroupNorm on the model input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(HIDDEN)
+        self.gn = nn.GroupNorm(4, 8)
+        with torch.no_grad():
+            for p in (*self.ln.parameters(), *self.gn.parameters()):
+                p.uniform_(0.5, 1.5)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.ln(x), F.layer_norm(x, (HIDDEN,), eps=1e-5), self.gn(x.reshape(-1, 8, HIDDEN // 8))
+
+
+def _prepare(dtype, method: str = "fx", model: nn.Module | None = None) -> tuple[nn.Module, nn.Module]:
+    model = Norms().eval() if model is None else model
+    chip = "j6p" if dtype == ql.float16 else None  # j6p keeps fp32 for a few nonlinear ops only
+    setter = ql.QconfigSetter(ql.get_qconfig(), [ql.ModuleNameTemplate({"": dtype})], chip=chip)
+    x = torch.randn(4, HIDDEN)
+    return model, ql.prepare(model, example_inputs=x, qconfig_setter=setter, method=method)
+
+
+def _big_input() -> torch.Tensor:
+    """|x - mean| ~ 1e3: the fp16 variance term (x - mean)^2 ~ 1e6 overflows 65504."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(16, HIDDEN, generator=g) * 1000.0 + 500.0
+
+
+@torch.no_grad()
+def _max_err(outs, refs) -> float:
+    return max(float((o.double() - r.double()).abs().max()) for o, r in zip(outs, refs, strict=True))
+
+
+@pytest.mark.parametrize(
+    ("amax", "k"), [(0.0, 1.0), (1.0, 1.0), (64.0, 1.0), (65.0, 0.5), (1000.0, 2.0**-4), (65504.0, 2.0**-10)]
+)
+def test_input_scale_is_a_power_of_two_never_upscaling(amax, k):
+    x = torch.tensor([amax, -amax / 3, 0.0])
+    scale = norm_input_scale(x)
+    assert float(scale) == k and float(scale) * amax <= SAFE_AMAX
+
+
+def test_scaled_formula_equals_torch_norms_in_float64():
+    x = _big_input().double()
+    w, b = torch.rand(HIDDEN, dtype=torch.float64) + 0.5, torch.randn(HIDDEN, dtype=torch.float64)
+    assert float(norm_input_scale(x)) < 2.0**-5  # the scaled path really runs
+    exact = fp16_layer_norm(x, (HIDDEN,), w, b, 1e-5, auto_scale=True, cast=lambda t: t)
+    assert float((exact - F.layer_norm(x, (HIDDEN,), w, b, 1e-5)).abs().max()) < 1e-12
+    x3, wg, bg = x.reshape(-1, 8, HIDDEN // 8), w[:8], b[:8]
+    exact = fp16_group_norm(x3, 4, wg, bg, 1e-5, auto_scale=True, cast=lambda t: t)
+    assert float((exact - F.group_norm(x3, 4, wg, bg, 1e-5)).abs().max()) < 1e-12
+
+
+def test_norm_ops_are_built_with_scaling_on():
+    _, prepared = _prepare(ql.float16)
+    ops = dict(iter_quant_ops(prepared))
+    assert isinstance(ops["ln"], QatNormOp) and isinstance(ops["gn"], QatNormOp)
+    assert isinstance(ops["layer_norm"], QatNormFunction)
+    assert all(ops[n].fp16_input_scaling for n in ("ln", "gn", "layer_norm"))
+    assert "fp16_input_scaling=True" in repr(ops["ln"])
+
+
+@pytest.mark.parametrize("method", ["fx", "eager"])
+def test_fp32_config_and_float_state_are_bit_identical(method):
+    model, fp32 = _prepare(ql.float32, method)
+    x = _big_input()
+    refs = model(x)
+    ql.set_fake_quantize(fp32, "validation")
+    assert all(torch.equal(o, r) for o, r in zip(fp32(x), refs, strict=True))
+    _, fp16 = _prepare(ql.float16, method, model)
+    for state in ("float", "calibration"):
+        ql.set_fake_quantize(fp16, state)
+        assert all(torch.equal(o, r) for o, r in zip(fp16(x), refs, strict=True))
+    ql.set_fake_quantize(fp16, "validation")
+    with FakeCastSwitch.disabled():
+        assert all(torch.equal(o, r) for o, r in zip(fp16(x), refs, strict=True))
+
+
+def test_fp16_overflows_without_scaling_and_matches_float_with_it():
+    model, prepared = _prepare(ql.float16)
+    ql.set_fake_quantize(prepared, "validation")
+    x = _big_input()
+    refs = model(x.double().float())
+    assert set_fp16_norm_scaling(prepared, False) == ["ln", "layer_norm", "gn"]
+    err_off = _max_err(prepared(x), refs)
+    set_fp16_norm_scaling(prepared, True)
+    err_on = _max_err(prepared(x), refs)
+    assert err_off > 1.0  # the saturated variance squeezes the output: garbage
+    assert err_on < 1e-2  # fp16 rounding only (outputs ~1: fp16 spacing ~1e-3)
+
+
+def test_small_inputs_are_not_rescaled_but_still_run_in_fp16():
+    model, prepared = _prepare(ql.float16)
+    ql.set_fake_quantize(prepared, "validation")
+    x = torch.randn(16, HIDDEN) * 10.0
+    on = prepared(x)
+    set_fp16_norm_scaling(prepared, False)
+    assert all(torch.equal(a, b) for a, b in zip(on, prepared(x), strict=True))  # k = 1
+    assert 0 < _max_err(on, model(x)) < 1e-2
+
+
+def test_set_scaling_by_prefix_and_gradient_in_qat():
+    _, prepared = _prepare(ql.float16)
+    assert set_fp16_norm_scaling(prepared, False, prefix="gn") == ["gn"]
+    ops = dict(iter_quant_ops(prepared))
+    assert not ops["gn"].fp16_input_scaling and ops["ln"].fp16_input_scaling
+    x = _big_input().requires_grad_()
+    ql.set_fake_quantize(prepared, "qat")
+    prepared(x)[0].pow(2).sum().backward()
+    assert torch.isfinite(x.grad).all() and ops["ln"].module.weight.grad is not None
