@@ -41,7 +41,7 @@ from torch import nn
 
 from qat_lightning.quant.dtypes import QuantDtype, qint8, qint16
 from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
-from qat_lightning.quant.functional import fake_quantize
+from qat_lightning.quant.functional import fake_quantize, kernels_available
 
 
 class _CopyFloor(torch.autograd.Function):
@@ -192,6 +192,7 @@ def main() -> None:
         f"torch {torch.__version__}, {platform.machine()}, {torch.backends.cpu.get_cpu_capability()}, "
         f"{os.cpu_count()} CPUs, clock: {args.clock}, load average at start: {os.getloadavg()[0]:.2f}"
     )
+    print(f"fused C kernels: {'yes' if kernels_available() else 'no (ATen formulas)'}")
     print()
     header = f"{'threads':>7}  {'dtype':<6}  {'granularity':<14}  {'pass':<7}  "
     header += f"{'ours/clone':>10}  {'builtin/clone':>13}  {'builtin/ours':>12}"

@@ -278,7 +278,10 @@ def main() -> None:
         memory_child(*args.memory_child)
         return
     names = ["cnn", "encoder"] if args.model == "all" else [args.model]
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps")
+    from qat_lightning.quant.functional import kernels_available
+
+    kernels = "fused C kernels" if kernels_available() else "ATen formulas (no fused kernels)"
+    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps, ours: {kernels}")
     for name in names:
         times, cpu = time_steps(name, args.steps)
         f_float, f_state = time_float_state(name, args.steps)

@@ -4,12 +4,13 @@
  * Built by setup.py as the optional extension ``qat_lightning.quant._kernels``; without a C compiler the
  * package falls back to the ATen formulas in ``functional.py``, which give the same values.
  *
- * forward:  v = x / s  (IEEE division, as ``torch.div``);
+ * forward:  v = x * (1 / s)  (float32, as torch's fake_quantize_per_tensor/per_channel_affine);
  *           out = clamp(v, qmin, qmax) rounded half to even, times s
  *           (rounding a value already clamped to integer bounds equals clamping the rounded value;
  *           half-to-even rounding is the 1.5 * 2**23 trick, exact for |v| <= 2**22, and it is the same
  *           rounding as ``torch.round``; NaN stays NaN, +-inf clamps to the bound);
- *           mask = qmin - 0.5 < v < qmax + 0.5   (one byte per element, the straight-through gradient mask)
+ *           mask = qmin - 0.5 <= v < qmax + 0.5, i.e. qmin <= round(v) <= qmax for even qmin, as torch's
+ *           cachemask (one byte per element: the straight-through gradient mask)
  * backward: grad_in = mask ? grad : 0
  * range:    (min, max) of a tensor, both NaN when a value is NaN or +-inf (the observer then re-checks)
  * weight:   per output channel of a QAT weight (optionally BN-folded, t = w * fold), the channel range,
@@ -48,18 +49,19 @@ typedef struct {
 MULTIVERSION
 static void quantize_row(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n,
                          float s, float qmin, float qmax) {
+    const float inv = 1.0f / s;
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
     if (mask) {
         for (int64_t i = 0; i < n; ++i) {
-            float v = x[i] / s;
-            mask[i] = (uint8_t)((v > lo) & (v < hi));
+            float v = x[i] * inv;
+            mask[i] = (uint8_t)((v >= lo) & (v < hi));
             v = v < qmin ? qmin : v;
             v = v > qmax ? qmax : v;
             out[i] = ((v + MAGIC) - MAGIC) * s;
         }
     } else {
         for (int64_t i = 0; i < n; ++i) {
-            float v = x[i] / s;
+            float v = x[i] * inv;
             v = v < qmin ? qmin : v;
             v = v > qmax ? qmax : v;
             out[i] = ((v + MAGIC) - MAGIC) * s;
@@ -205,12 +207,23 @@ static void channel_range(const float *restrict w, int64_t n, float f, int use_f
         bad[k] = 0.0f;
     }
     int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        for (int k = 0; k < LANES; ++k) {
-            const float t = use_fold ? w[i + k] * f : w[i + k];
-            lo[k] = t < lo[k] ? t : lo[k];
-            hi[k] = t > hi[k] ? t : hi[k];
-            bad[k] += t - t; /* 0 for finite t, NaN for NaN/inf */
+    if (use_fold) {
+        for (; i + LANES <= n; i += LANES) {
+            for (int k = 0; k < LANES; ++k) {
+                const float t = w[i + k] * f;
+                lo[k] = t < lo[k] ? t : lo[k];
+                hi[k] = t > hi[k] ? t : hi[k];
+                bad[k] += t - t; /* 0 for finite t, NaN for NaN/inf */
+            }
+        }
+    } else {
+        for (; i + LANES <= n; i += LANES) {
+            for (int k = 0; k < LANES; ++k) {
+                const float t = w[i + k];
+                lo[k] = t < lo[k] ? t : lo[k];
+                hi[k] = t > hi[k] ? t : hi[k];
+                bad[k] += t - t;
+            }
         }
     }
     for (int k = 0; i < n; ++i, ++k) {
@@ -232,12 +245,16 @@ static void channel_range(const float *restrict w, int64_t n, float f, int use_f
 MULTIVERSION
 static void channel_quantize(const float *restrict w, float *restrict out, int64_t n, float f, int use_fold,
                              float s, float qmin, float qmax) {
+    if (!use_fold) {
+        quantize_row(w, out, NULL, n, s, qmin, qmax);
+        return;
+    }
+    const float inv = 1.0f / s;
     for (int64_t i = 0; i < n; ++i) {
-        float v = (use_fold ? w[i] * f : w[i]) / s;
+        float v = (w[i] * f) * inv;
         v = v < qmin ? qmin : v;
         v = v > qmax ? qmax : v;
-        v = ((v + MAGIC) - MAGIC) * s;
-        out[i] = use_fold ? v / f : v;
+        out[i] = (((v + MAGIC) - MAGIC) * s) / f;
     }
 }
 

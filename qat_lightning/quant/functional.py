@@ -1,8 +1,14 @@
 """Functional fake quantization and fake cast with a straight-through gradient.
 
-``fake_quantize`` computes ``clamp(round(x / scale), qmin, qmax) * scale`` (symmetric, zero point 0, round
-half to even, true division). The gradient passes where ``qmin - 0.5 < x / scale < qmax + 0.5`` and is zero
-where the value was clipped.
+``fake_quantize`` computes ``clamp(round(x * (1 / scale)), qmin, qmax) * scale`` (symmetric, zero point 0,
+round half to even), exactly as ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` do:
+``1 / scale`` is rounded to the tensor's dtype first and ``x`` is multiplied by it. The results (values and
+gradients) are therefore bit-identical to torch's builtins (tested, exact ties included). Against the exact
+quotient ``x / scale`` the code can differ by one step only where ``x / scale`` lies within about one ulp
+of a rounding tie ``k + 0.5`` (the product and the quotient differ in the last bit).
+
+The gradient passes where ``qmin <= round(x * (1 / scale)) <= qmax`` (both integer ranges have an even
+``qmin``, so: ``qmin - 0.5 <= x * (1 / scale) < qmax + 0.5``) and is zero where the value was clipped.
 
 Two implementations give the same values (tested bit for bit):
 
@@ -12,18 +18,7 @@ Two implementations give the same values (tested bit for bit):
   instead of the float32 input, and each direction touches memory once. Large tensors are split over
   ``torch.get_num_threads()`` threads. ``QAT_LIGHTNING_NO_KERNELS=1`` switches them off.
 * **ATen formulas** for everything else (other dtypes or devices, non-contiguous tensors, no compiler):
-  four elementwise passes (divide, round, clamp, multiply) forward and one ``hardtanh_backward`` backward
-  that recomputes the mask from the saved input. With one intra-op thread, large contiguous CPU tensors
-  run block by block (``_BLOCK`` elements) while a block sits in the L2 cache, and the per-channel
-  backward computes ``x / scale`` per block into one reused buffer; same operations, same results. With
-  several threads the one-shot formulas are used (many short parallel regions stall when another
-  process holds a core).
-
-Agreement with ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``: the forward values are
-identical except where ``x / scale`` is computed differently in the last bit (torch multiplies by
-``1 / scale``, we divide), which can only move a value that sits on an exact rounding tie (``k + 0.5``).
-The gradient mask differs only on the two exact boundary ties ``x / scale == qmin - 0.5`` (torch: passes,
-here: zero) — both are measure-zero sets, documented and tested.
+  multiply, mask, round, clamp, multiply; the boolean mask is kept for the backward.
 """
 
 from __future__ import annotations
@@ -67,98 +62,6 @@ def _scale_view(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
     shape = [1] * x.dim()
     shape[ch_axis] = -1
     return scale.reshape(shape)
-
-
-_BLOCK = 1 << 17
-"""Elements per block of the blockwise CPU paths (512 KiB of float32 stay in an L2 cache)."""
-
-
-def _block_size() -> int:
-    """Elements per block (a function so tests can shrink it)."""
-    return _BLOCK
-
-
-def _blockwise_ok(x: Tensor, scale: Tensor, *others: Tensor) -> bool:
-    """Whether fake quant of ``x`` runs block by block (one thread, large contiguous CPU tensor, one axis)."""
-    return (
-        x.device.type == "cpu"
-        and torch.get_num_threads() == 1
-        and x.numel() >= 4 * _block_size()
-        and scale.device.type == "cpu"
-        and scale.dtype == x.dtype
-        and x.is_contiguous()
-        and sum(size != 1 for size in scale.shape) <= 1
-        and all(t.dtype == x.dtype and t.shape == x.shape and t.is_contiguous() for t in others)
-    )
-
-
-def _blocks(
-    x: Tensor, scale: Tensor
-) -> tuple[tuple[int, int, int], int, list[tuple[tuple[slice, ...], Tensor]]]:
-    """Split ``x`` into blocks of about ``_block_size()`` elements along its channel structure.
-
-    ``x`` is viewed as ``(outer, channels, inner)`` around the axis along which ``scale`` varies
-    (``(numel, 1, 1)`` for one scale). Returns that 3-d shape, the block size (no block is larger) and
-    the blocks as ``(index into the 3-d view, the matching scale)``: a ``(channels, 1)`` slice, or the
-    scale as a 0-d tensor when it is one.
-    """
-    block = _block_size()
-    axes = [d for d, size in enumerate(scale.shape) if size != 1]
-    if not axes:  # one scale: plain rows of the flattened tensor
-        numel = x.numel()
-        s0 = scale.reshape(())
-        return (numel, 1, 1), block, [((slice(a, a + block),), s0) for a in range(0, numel, block)]
-    axis = axes[0]
-    channels = x.shape[axis]
-    outer = 1
-    for size in x.shape[:axis]:
-        outer *= size
-    inner = x.numel() // (outer * channels)
-    s2 = scale.reshape(channels, 1)
-    whole = slice(None)
-    blocks: list[tuple[tuple[slice, ...], Tensor]] = []
-    if channels * inner <= block:  # several rows of all channels
-        rows = block // (channels * inner)
-        blocks = [((slice(o, o + rows), whole, whole), s2) for o in range(0, outer, rows)]
-    elif inner <= block:  # a group of channels of one row
-        group = block // inner
-        blocks = [
-            ((slice(o, o + 1), slice(c, c + group), whole), s2[c : c + group])
-            for o in range(outer)
-            for c in range(0, channels, group)
-        ]
-    else:  # a piece of one channel
-        blocks = [
-            ((slice(o, o + 1), slice(c, c + 1), slice(i, i + block)), s2[c : c + 1])
-            for o in range(outer)
-            for c in range(channels)
-            for i in range(0, inner, block)
-        ]
-    return (outer, channels, inner), block, blocks
-
-
-def _fake_quantize_blockwise(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
-    """``torch.div(x, scale).round_().clamp_(qmin, qmax).mul_(scale)``, one cache-sized block at a time."""
-    out = torch.empty_like(x)
-    shape3, _, blocks = _blocks(x, scale)
-    x3, o3 = x.view(shape3), out.view(shape3)
-    for index, s in blocks:
-        torch.div(x3[index], s, out=o3[index]).round_().clamp_(qmin, qmax).mul_(s)
-    return out
-
-
-def _fake_quantize_grad_blockwise(grad: Tensor, x: Tensor, scale: Tensor, lo: float, hi: float) -> Tensor:
-    """``hardtanh_backward(grad, x / scale, lo, hi)`` without a full-size ``x / scale`` temporary."""
-    out = torch.empty_like(grad)
-    shape3, block, blocks = _blocks(x, scale)
-    x3, g3, o3 = x.view(shape3), grad.view(shape3), out.view(shape3)
-    buf = torch.empty(block, dtype=x.dtype)  # every block has at most ``block`` elements
-    hardtanh_backward = torch.ops.aten.hardtanh_backward.grad_input
-    for index, s in blocks:
-        xb = x3[index]
-        tmp = torch.div(xb, s, out=buf[: xb.numel()].view(xb.shape))
-        hardtanh_backward(g3[index], tmp, lo, hi, grad_input=o3[index])
-    return out
 
 
 def _kernel_shape(x: Tensor, scale: Tensor) -> tuple[int, int, int] | None:
@@ -206,40 +109,35 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+        need_mask = ctx.needs_input_grad[0]
         shape = _kernel_shape(x, scale)
         if shape is not None:
-            out, keep = _kernel_forward(x, scale, qmin, qmax, shape, ctx.needs_input_grad[0])
-            ctx.save_for_backward(keep)
-            ctx.qrange = None
-            return out
-        ctx.save_for_backward(x, scale)
-        ctx.qrange = (qmin, qmax)
-        if _blockwise_ok(x, scale):
-            return _fake_quantize_blockwise(x, scale, qmin, qmax)
-        return torch.div(x, scale).round_().clamp_(qmin, qmax).mul_(scale)
+            out, keep = _kernel_forward(x, scale, qmin, qmax, shape, need_mask)
+        else:
+            out, keep = _aten_forward(x, scale, qmin, qmax, need_mask)
+        ctx.save_for_backward(keep)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        if ctx.qrange is None:
-            return _masked_grad(grad, ctx.saved_tensors[0]), None, None, None
-        x, scale = ctx.saved_tensors
-        qmin, qmax = ctx.qrange
-        if scale.numel() == 1 and scale.device.type == "cpu":
-            s = float(scale)
-            lo, hi, target = (qmin - 0.5) * s, (qmax + 0.5) * s, x
-        elif _blockwise_ok(x, scale, grad):
-            return _fake_quantize_grad_blockwise(grad, x, scale, qmin - 0.5, qmax + 0.5), None, None, None
-        else:  # per-channel (or a device scale): compare x / scale against the integer bounds
-            lo, hi, target = qmin - 0.5, qmax + 0.5, torch.div(x, scale)
-        return torch.ops.aten.hardtanh_backward(grad, target, lo, hi), None, None, None
+        return _masked_grad(grad, ctx.saved_tensors[0]), None, None, None
+
+
+def _aten_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int, mask: bool) -> tuple[Tensor, Tensor | None]:
+    """Compute with ATen ops: the fake-quantized tensor and the boolean gradient mask (or ``None``)."""
+    v = torch.mul(x, scale.reciprocal())
+    keep = (v >= qmin - 0.5).logical_and_(v < qmax + 0.5) if mask else None
+    return v.round_().clamp_(qmin, qmax).mul_(scale), keep
 
 
 def _masked_grad(grad: Tensor, keep: Tensor) -> Tensor:
     """``grad`` where the kernel's mask is set, 0 elsewhere (the fused backward kernel when it applies)."""
     if (
-        grad.dtype != torch.float32
+        _KERNELS is None
+        or keep.dtype != torch.uint8
+        or grad.dtype != torch.float32
         or grad.device.type != "cpu"
         or grad.shape != keep.shape
         or not grad.is_contiguous()

@@ -159,101 +159,6 @@ def test_per_channel_non_contiguous_input(generator) -> None:
     )
 
 
-@pytest.fixture
-def one_thread():
-    """Run with one intra-op thread (the blockwise paths need it); restores the thread count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def one_shot(x, scale, dtype, ch_axis):
-    """The unblocked formulas: forward value and gradient mask source."""
-    sv = scale_view(torch.as_tensor(scale, dtype=x.dtype), x, ch_axis)
-    return torch.div(x, sv).round_().clamp_(dtype.qmin, dtype.qmax).mul_(sv), x / sv
-
-
-@pytest.mark.parametrize(
-    ("shape", "ch_axis", "block"),
-    [
-        ((12, 3, 5), 1, 32),  # several rows of all channels per block
-        ((2, 12, 5), 1, 16),  # groups of channels per block
-        ((2, 3, 50), 1, 16),  # pieces of one channel per block
-        ((10, 3, 2, 2), -1, 8),
-        ((9, 4), 0, 4),
-        ((7, 3, 5), None, 16),  # one scale: flat blocks, the last one partial
-    ],
-)
-@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
-def test_blockwise_paths_are_bit_identical(
-    shape, ch_axis, block, dtype, generator, monkeypatch, one_thread
-) -> None:
-    monkeypatch.setattr(qf, "_block_size", lambda: block)
-    scale = torch.rand(1 if ch_axis is None else shape[ch_axis], generator=generator) * 0.3 + 0.01
-    if ch_axis is None:
-        scale = scale.reshape(())
-    x = inputs_away_from_ties(shape, dtype, scale, ch_axis, generator)
-    upstream = torch.randn(shape, generator=generator)
-    assert qf._blockwise_ok(x, scale_view(scale, x, ch_axis), upstream)
-    forward, quotient = one_shot(x, scale, dtype, ch_axis)
-    assert torch.equal(fake_quantize(x, scale, dtype, ch_axis), forward)
-    ours = grad_of(lambda t: fake_quantize(t, scale, dtype, ch_axis), x, upstream)
-    lo, hi = dtype.qmin - 0.5, dtype.qmax + 0.5
-    if ch_axis is not None:
-        assert torch.equal(ours, torch.ops.aten.hardtanh_backward(upstream, quotient, lo, hi))
-    assert torch.equal(fake_quantize(x, scale, dtype, ch_axis), torch_reference(x, scale, dtype, ch_axis))
-    assert torch.equal(ours, grad_of(lambda t: torch_reference(t, scale, dtype, ch_axis), x, upstream))
-
-
-def test_blockwise_only_with_one_thread(monkeypatch) -> None:
-    monkeypatch.setattr(qf, "_block_size", lambda: 4)
-    x, s = torch.randn(4, 8), torch.ones(1, 8)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        assert qf._blockwise_ok(x, s)
-        torch.set_num_threads(2)
-        assert not qf._blockwise_ok(x, s)
-        # the one-shot path gives the same values
-        assert torch.equal(fake_quantize(x, s.flatten(), qint8, 1), one_shot(x, s.flatten(), qint8, 1)[0])
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_blockwise_ok_only_for_large_contiguous_cpu_tensors(monkeypatch, one_thread) -> None:
-    monkeypatch.setattr(qf, "_block_size", lambda: 4)
-    x = torch.randn(4, 8)
-    s = torch.ones(1, 8)
-    assert qf._blockwise_ok(x, s, torch.randn(4, 8))
-    assert not qf._blockwise_ok(x[:, :3], torch.ones(1, 3))  # too small
-    assert not qf._blockwise_ok(x.t(), torch.ones(8, 1))  # not contiguous
-    assert not qf._blockwise_ok(x, s.double())  # scale of another dtype
-    assert not qf._blockwise_ok(x, s, torch.randn(8, 4).t())  # non-contiguous upstream gradient
-    assert not qf._blockwise_ok(x, s, torch.ones(1, 1).expand(4, 8))  # expanded gradient of .sum()
-
-
-@pytest.mark.parametrize("ch_axis", [None, 1])
-def test_blockwise_paths_at_the_default_block_size(ch_axis, generator, one_thread) -> None:
-    shape = (4, 16, 64, 130)  # > 4 blocks
-    assert math.prod(shape) >= 4 * qf._BLOCK
-    scale = torch.rand(16, generator=generator) * 0.05 + 0.01
-    if ch_axis is None:
-        scale = scale[0]
-    x = torch.randn(shape, generator=generator) * 3
-    upstream = torch.randn(shape, generator=generator)
-    assert qf._blockwise_ok(x, scale_view(scale, x, ch_axis), upstream)
-    forward, quotient = one_shot(x, scale, qint8, ch_axis)
-    ours = grad_of(lambda t: fake_quantize(t, scale, qint8, ch_axis), x, upstream)
-    assert torch.equal(fake_quantize(x, scale, qint8, ch_axis), forward)
-    if ch_axis is None:
-        s = float(scale)
-        expected = torch.ops.aten.hardtanh_backward(upstream, x, -128.5 * s, 127.5 * s)
-    else:
-        expected = torch.ops.aten.hardtanh_backward(upstream, quotient, -128.5, 127.5)
-    assert torch.equal(ours, expected)
-
-
 # ------------------------------------------------------------------------------------------------ ties
 def test_exact_ties_round_half_to_even() -> None:
     """x / scale == k + 0.5 exactly (power-of-two scale): the code rounds to the even neighbour."""
@@ -268,26 +173,46 @@ def test_exact_ties_round_half_to_even() -> None:
     assert torch.equal(out, torch_reference(x, scale, qint8, None))
 
 
-def test_ties_from_division_can_differ_from_torch_by_one_step() -> None:
-    """Ours divides by the scale, torch multiplies by 1 / scale: on a tie they may differ by one step."""
+def test_ties_are_rounded_as_torch_does() -> None:
+    """Like torch, ``x * (1 / s)``: on near-ties of the exact quotient the code follows the product."""
     scale = torch.tensor(0.1, dtype=torch.float32)
     k = torch.arange(-120, 120, dtype=torch.float32)
     x = ((k + 0.5) * scale).float()
-    quotient = x / scale
-    tie = quotient == quotient.floor() + 0.5  # x / scale lands exactly on k + 0.5 in float32
-    assert bool(tie.any())
+    product = x * scale.reciprocal()
     ours = fake_quantize(x, scale, qint8)
-    codes = torch.round(quotient)  # half to even of the float32 quotient
-    assert torch.equal(ours, codes * scale)
-    ref = torch_reference(x, scale, qint8, None)
-    steps = ((ours - ref).abs() / scale).round()
+    assert torch.equal(ours, torch.round(product) * scale)
+    assert torch.equal(ours, torch_reference(x, scale, qint8, None))
+    exact = torch.round(x.double() / scale.double())  # the exact quotient: one step away at most
+    steps = (ours.double() / scale.double() - exact).abs().round()
     assert set(steps.unique().tolist()) <= {0.0, 1.0}
-    assert bool((steps[~tie] == 0).all())
+    near_tie = ((x.double() / scale.double()).frac().abs() - 0.5).abs() < 1e-5
+    assert bool((steps[~near_tie] == 0).all())
+
+
+@pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
+@pytest.mark.parametrize("ch_axis", [None, 0])
+def test_bit_identical_to_torch_on_random_scales_and_ties(dtype, ch_axis, generator) -> None:
+    for _ in range(20):
+        channels = 1 if ch_axis is None else 8
+        scale = torch.rand(channels, generator=generator) * 0.1 + 1e-4
+        scale = scale.reshape(()) if ch_axis is None else scale
+        codes = torch.randint(dtype.qmin - 20, dtype.qmax + 20, (channels, 300), generator=generator).float()
+        codes[:, ::2] += 0.5  # half the values on a tie of the float32 product, up to rounding
+        codes[:, 1::4] += torch.rand(codes[:, 1::4].shape, generator=generator) - 0.5
+        x = codes * scale.reshape(-1, 1)
+        x = x.reshape(-1) if ch_axis is None else x
+        upstream = torch.randn(x.shape, generator=generator)
+        ours = fake_quantize(x, scale, dtype, ch_axis)
+        assert torch.equal(ours, torch_reference(x, scale, dtype, ch_axis))
+        assert torch.equal(
+            grad_of(lambda t: fake_quantize(t, scale, dtype, ch_axis), x, upstream),
+            grad_of(lambda t: torch_reference(t, scale, dtype, ch_axis), x, upstream),
+        )
 
 
 @pytest.mark.parametrize("dtype", INT_DTYPES, ids=str)
 def test_gradient_on_the_range_boundary_ties(dtype) -> None:
-    """x / s == qmin - 0.5 or qmax + 0.5 exactly: zero gradient here (torch lets the lower one pass)."""
+    """x / s == qmin - 0.5 rounds (half to even) to qmin: in range, gradient passes, as in torch."""
     scale = 2.0**-3
     t = torch.tensor(
         [dtype.qmin - 0.5, dtype.qmin - 0.25, dtype.qmin, dtype.qmax, dtype.qmax + 0.25, dtype.qmax + 0.5]
@@ -296,12 +221,10 @@ def test_gradient_on_the_range_boundary_ties(dtype) -> None:
     ones = torch.ones_like(x)
     ours = grad_of(lambda v: fake_quantize(v, scale, dtype), x, ones)
     ref = grad_of(lambda v: torch_reference(v, scale, dtype, None), x, ones)
-    assert ours.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
-    assert ref.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]  # torch: round(-128.5) = -128 is in range
-    # per channel the same rule applies
-    scale_c = torch.full((t.numel(),), scale)
+    assert ours.tolist() == ref.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    scale_c = torch.full((t.numel(),), scale)  # per channel the same rule applies
     ours_c = grad_of(lambda v: fake_quantize(v, scale_c, dtype, 0), x, ones)
-    assert ours_c.tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    assert ours_c.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
 
 
 # ------------------------------------------------------------------------------------- saturation, int16
