@@ -17,17 +17,22 @@
  *           the scale max|t| / qmax and fake_quant(t) / fold, with the row in L1 between the two passes.
  *
  * One pass over memory each way. Pointers arrive as integers (``Tensor.data_ptr()``); the Python side checks
- * dtypes, shapes and contiguity. Work is split over ``threads`` POSIX threads for large tensors; the GIL
- * is released while the kernels run.
+ * dtypes, shapes and contiguity. The GIL is released while the kernels run. Large tensors are split over
+ * ``threads`` OpenMP threads: torch's CPU wheels ship their OpenMP runtime as ``libgomp.so.1``, so once
+ * torch is imported this module links to that same runtime and shares torch's thread pool.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
-#include <pthread.h>
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAGIC 12582912.0f /* 1.5 * 2**23 */
 #define MIN_PER_THREAD 65536
+#define LANES 16
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -35,16 +40,48 @@
 #define MULTIVERSION
 #endif
 
-typedef struct {
-    const float *x;
-    float *out;
-    uint8_t *mask;
-    const float *scale;
-    int64_t rows, channels, inner; /* (rows, inner), row r uses scale[r % channels]; channels 1: flat */
-    float qmin, qmax;
-    const float *grad;
-    int64_t begin, end; /* rows of this job */
-} Job;
+typedef float vfloat __attribute__((vector_size(4 * LANES)));
+typedef int32_t vint __attribute__((vector_size(4 * LANES)));
+#define VSELECT(m, a, b) ((vfloat)(((vint)(a) & (m)) | ((vint)(b) & ~(m))))
+
+/* Threads worth using for `total` elements in `units` independent pieces. */
+static int team_size(int64_t total, int64_t units, int threads) {
+#ifdef _OPENMP
+    int64_t useful = total / MIN_PER_THREAD;
+    int64_t team = threads < useful ? threads : useful;
+    team = team < units ? team : units;
+    return team > 1 ? (int)team : 1;
+#else
+    (void)total;
+    (void)units;
+    (void)threads;
+    return 1;
+#endif
+}
+
+/* Piece t of n elements split in `team` pieces on multiples of 64 elements (cache lines). */
+static void flat_piece(int64_t n, int t, int team, int64_t *begin, int64_t *end) {
+    *begin = t == 0 ? 0 : (n * t / team) & ~(int64_t)63;
+    *end = t == team - 1 ? n : (n * (t + 1) / team) & ~(int64_t)63;
+}
+
+static int thread_id(void) {
+#ifdef _OPENMP
+    return omp_get_thread_num();
+#else
+    return 0;
+#endif
+}
+
+static int team_threads(void) {
+#ifdef _OPENMP
+    return omp_get_num_threads();
+#else
+    return 1;
+#endif
+}
+
+/* ---- activations: forward and backward ------------------------------------------------------------- */
 
 MULTIVERSION
 static void quantize_row(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n,
@@ -76,161 +113,84 @@ static void mask_row(const float *restrict grad, const uint8_t *restrict mask, f
     }
 }
 
-static void *forward_job(void *arg) {
-    const Job *j = (const Job *)arg;
-    if (j->channels == 1) { /* per tensor: a flat range of elements */
-        quantize_row(j->x + j->begin, j->out + j->begin, j->mask ? j->mask + j->begin : NULL,
-                     j->end - j->begin, j->scale[0], j->qmin, j->qmax);
-        return NULL;
-    }
-    for (int64_t r = j->begin; r < j->end; ++r) {
-        const int64_t off = r * j->inner;
-        quantize_row(j->x + off, j->out + off, j->mask ? j->mask + off : NULL, j->inner,
-                     j->scale[r % j->channels], j->qmin, j->qmax);
-    }
-    return NULL;
-}
-
-static void *backward_job(void *arg) {
-    const Job *j = (const Job *)arg;
-    mask_row(j->grad + j->begin, j->mask + j->begin, j->out + j->begin, j->end - j->begin);
-    return NULL;
-}
-
-/* Run fn over the rows of base, split into at most `threads` jobs; the calling thread runs the first. */
-static void run_split(void *(*fn)(void *), const Job *base, int threads) {
-    int64_t total = base->rows * base->inner;
-    int64_t useful = total / MIN_PER_THREAD;
-    if (threads > 8) threads = 8;
-    if (useful < threads) threads = (int)(useful > 1 ? useful : 1);
-    if (threads > base->rows) threads = (int)base->rows;
-    if (threads <= 1) {
-        Job j = *base;
-        j.begin = 0;
-        j.end = base->rows;
-        fn(&j);
-        return;
-    }
-    const int64_t align = base->channels == 1 ? ~(int64_t)63 : ~(int64_t)0;
-    Job jobs[8];
-    pthread_t tids[8];
-    int started[8] = {0};
-    for (int t = 0; t < threads; ++t) {
-        jobs[t] = *base;
-        /* flat ranges split on multiples of 64 elements (cache lines, vector alignment) */
-        jobs[t].begin = t == 0 ? 0 : (base->rows * t / threads) & align;
-        jobs[t].end = t == threads - 1 ? base->rows : (base->rows * (t + 1) / threads) & align;
-    }
-    for (int t = 1; t < threads; ++t) {
-        started[t] = pthread_create(&tids[t], NULL, fn, &jobs[t]) == 0;
-    }
-    fn(&jobs[0]);
-    for (int t = 1; t < threads; ++t) {
-        if (started[t]) {
-            pthread_join(tids[t], NULL);
-        } else {
-            fn(&jobs[t]);
-        }
-    }
-}
-
 static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
-    unsigned long long x, out, mask, scale;
+    unsigned long long xa, outa, maska, scalea;
     long long outer, channels, inner;
     float qmin, qmax;
     int threads;
-    if (!PyArg_ParseTuple(args, "KKKKLLLffi", &x, &out, &mask, &scale, &outer, &channels, &inner, &qmin,
+    if (!PyArg_ParseTuple(args, "KKKKLLLffi", &xa, &outa, &maska, &scalea, &outer, &channels, &inner, &qmin,
                           &qmax, &threads)) {
         return NULL;
     }
-    Job j = {0};
-    j.x = (const float *)(uintptr_t)x;
-    j.out = (float *)(uintptr_t)out;
-    j.mask = (uint8_t *)(uintptr_t)mask;
-    j.scale = (const float *)(uintptr_t)scale;
-    j.qmin = qmin;
-    j.qmax = qmax;
-    if (channels == 1) { /* one scale: the whole tensor as a flat range of elements */
-        j.channels = 1;
-        j.rows = (int64_t)outer * inner;
-        j.inner = 1;
-    } else {
-        j.channels = channels;
-        j.rows = (int64_t)outer * channels;
-        j.inner = inner;
-    }
+    const float *x = (const float *)(uintptr_t)xa, *scale = (const float *)(uintptr_t)scalea;
+    float *out = (float *)(uintptr_t)outa;
+    uint8_t *mask = (uint8_t *)(uintptr_t)maska;
+    const int64_t n = (int64_t)outer * channels * inner;
     Py_BEGIN_ALLOW_THREADS
-    run_split(forward_job, &j, threads);
+    if (channels == 1) { /* one scale: the tensor as one flat range */
+        const int team = team_size(n, n / 64 + 1, threads);
+#pragma omp parallel num_threads(team) if (team > 1)
+        {
+            int64_t b, e;
+            flat_piece(n, thread_id(), team_threads(), &b, &e);
+            quantize_row(x + b, out + b, mask ? mask + b : NULL, e - b, scale[0], qmin, qmax);
+        }
+    } else { /* rows of `inner` elements, row r uses scale[r % channels] */
+        const int64_t rows = (int64_t)outer * channels;
+        const int team = team_size(n, rows, threads);
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
+        for (int64_t r = 0; r < rows; ++r) {
+            const int64_t off = r * inner;
+            quantize_row(x + off, out + off, mask ? mask + off : NULL, inner, scale[r % channels], qmin, qmax);
+        }
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyObject *fake_quantize_backward(PyObject *self, PyObject *args) {
-    unsigned long long grad, mask, out;
+    unsigned long long grada, maska, outa;
     long long n;
     int threads;
-    if (!PyArg_ParseTuple(args, "KKKLi", &grad, &mask, &out, &n, &threads)) {
+    if (!PyArg_ParseTuple(args, "KKKLi", &grada, &maska, &outa, &n, &threads)) {
         return NULL;
     }
-    Job j = {0};
-    j.grad = (const float *)(uintptr_t)grad;
-    j.mask = (uint8_t *)(uintptr_t)mask;
-    j.out = (float *)(uintptr_t)out;
-    j.channels = 1;
-    j.rows = n;
-    j.inner = 1;
+    const float *grad = (const float *)(uintptr_t)grada;
+    const uint8_t *mask = (const uint8_t *)(uintptr_t)maska;
+    float *out = (float *)(uintptr_t)outa;
     Py_BEGIN_ALLOW_THREADS
-    run_split(backward_job, &j, threads);
+    const int team = team_size(n, n / 64 + 1, threads);
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+        int64_t b, e;
+        flat_piece(n, thread_id(), team_threads(), &b, &e);
+        mask_row(grad + b, mask + b, out + b, e - b);
+    }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* ---- per-channel QAT weight: fold, channel range, scale, fake quant, unfold ---------------------------- */
-
-typedef struct {
-    const float *w, *fold;
-    float *out, *lo, *hi, *scale;
-    int64_t inner, begin, end;
-    float qmin, qmax, eps;
-} WeightJob;
+/* ---- ranges ------------------------------------------------------------------------------------------ */
 
 /* Range of t = w * f (or w) over n elements; NaN/inf anywhere makes both results NaN (the caller checks).
- * LANES independent accumulators so the compiler vectorizes without reassociating floats. */
-#define LANES 16
+ * GCC/Clang vector types (16 lanes, lowered to the clone's ISA) vectorize the min/max reductions without
+ * reassociating floats. */
 MULTIVERSION
 static void channel_range(const float *restrict w, int64_t n, float f, int use_fold, float *lo_out,
                           float *hi_out) {
-    float lo[LANES], hi[LANES], bad[LANES];
+    vfloat lo, hi, bad = {0};
     for (int k = 0; k < LANES; ++k) {
         lo[k] = INFINITY;
         hi[k] = -INFINITY;
-        bad[k] = 0.0f;
     }
     int64_t i = 0;
-    if (use_fold) {
-        for (; i + LANES <= n; i += LANES) {
-            for (int k = 0; k < LANES; ++k) {
-                const float t = w[i + k] * f;
-                lo[k] = t < lo[k] ? t : lo[k];
-                hi[k] = t > hi[k] ? t : hi[k];
-                bad[k] += t - t; /* 0 for finite t, NaN for NaN/inf */
-            }
-        }
-    } else {
-        for (; i + LANES <= n; i += LANES) {
-            for (int k = 0; k < LANES; ++k) {
-                const float t = w[i + k];
-                lo[k] = t < lo[k] ? t : lo[k];
-                hi[k] = t > hi[k] ? t : hi[k];
-                bad[k] += t - t;
-            }
-        }
-    }
-    for (int k = 0; i < n; ++i, ++k) {
-        const float t = use_fold ? w[i] * f : w[i];
-        lo[k] = t < lo[k] ? t : lo[k];
-        hi[k] = t > hi[k] ? t : hi[k];
-        bad[k] += t - t;
+    for (; i + LANES <= n; i += LANES) {
+        vfloat t;
+        memcpy(&t, w + i, sizeof t);
+        if (use_fold) t *= f;
+        lo = VSELECT(t < lo, t, lo);
+        hi = VSELECT(t > hi, t, hi);
+        bad += t - t; /* 0 for finite t, NaN for NaN/inf */
     }
     float l = lo[0], h = hi[0], e = bad[0];
     for (int k = 1; k < LANES; ++k) {
@@ -238,9 +198,46 @@ static void channel_range(const float *restrict w, int64_t n, float f, int use_f
         h = hi[k] > h ? hi[k] : h;
         e += bad[k];
     }
+    for (; i < n; ++i) {
+        const float t = use_fold ? w[i] * f : w[i];
+        l = t < l ? t : l;
+        h = t > h ? t : h;
+        e += t - t;
+    }
     *lo_out = l + e;
     *hi_out = h + e;
 }
+
+static PyObject *tensor_range(PyObject *self, PyObject *args) {
+    unsigned long long xa;
+    long long n;
+    int threads;
+    if (!PyArg_ParseTuple(args, "KLi", &xa, &n, &threads)) {
+        return NULL;
+    }
+    const float *x = (const float *)(uintptr_t)xa;
+    float lo[64], hi[64];
+    int used = 1;
+    Py_BEGIN_ALLOW_THREADS
+    const int team = team_size(n, 64, threads);
+#pragma omp parallel num_threads(team) if (team > 1)
+    {
+        int64_t b, e;
+        const int t = thread_id();
+        if (t == 0) used = team_threads();
+        flat_piece(n, t, team_threads(), &b, &e);
+        channel_range(x + b, e - b, 1.0f, 0, &lo[t], &hi[t]);
+    }
+    Py_END_ALLOW_THREADS
+    float l = lo[0], h = hi[0];
+    for (int t = 1; t < used; ++t) { /* NaN in any piece wins */
+        l = (lo[t] < l || lo[t] != lo[t]) ? lo[t] : l;
+        h = (hi[t] > h || hi[t] != hi[t]) ? hi[t] : h;
+    }
+    return Py_BuildValue("ff", l, h);
+}
+
+/* ---- per-channel QAT weight: fold, channel range, scale, fake quant, unfold ---------------------------- */
 
 MULTIVERSION
 static void channel_quantize(const float *restrict w, float *restrict out, int64_t n, float f, int use_fold,
@@ -258,114 +255,38 @@ static void channel_quantize(const float *restrict w, float *restrict out, int64
     }
 }
 
-static void *weight_job(void *arg) {
-    const WeightJob *j = (const WeightJob *)arg;
-    for (int64_t c = j->begin; c < j->end; ++c) {
-        const float *w = j->w + c * j->inner;
-        const int use_fold = j->fold != NULL;
-        const float f = use_fold ? j->fold[c] : 1.0f;
-        float lo, hi;
-        channel_range(w, j->inner, f, use_fold, &lo, &hi);
-        /* as torch: maximum(-lo, hi).clamp_min_(0).div_(qmax).clamp_min_(eps); NaN propagates */
-        float s = (-lo > hi || hi != hi) ? -lo : hi;
-        s = s < 0.0f ? 0.0f : s;
-        s = s / j->qmax;
-        s = s < j->eps ? j->eps : s;
-        j->lo[c] = lo;
-        j->hi[c] = hi;
-        j->scale[c] = s;
-        channel_quantize(w, j->out + c * j->inner, j->inner, f, use_fold, s, j->qmin, j->qmax);
-    }
-    return NULL;
-}
-
 static PyObject *fake_quantize_weight(PyObject *self, PyObject *args) {
-    unsigned long long w, fold, out, lo, hi, scale;
+    unsigned long long wa, folda, outa, loa, hia, scalea;
     long long channels, inner;
     float qmin, qmax, eps;
     int threads;
-    if (!PyArg_ParseTuple(args, "KKKKKKLLfffi", &w, &fold, &out, &lo, &hi, &scale, &channels, &inner, &qmin,
-                          &qmax, &eps, &threads)) {
+    if (!PyArg_ParseTuple(args, "KKKKKKLLfffi", &wa, &folda, &outa, &loa, &hia, &scalea, &channels, &inner,
+                          &qmin, &qmax, &eps, &threads)) {
         return NULL;
     }
-    WeightJob base = {(const float *)(uintptr_t)w, (const float *)(uintptr_t)fold, (float *)(uintptr_t)out,
-                      (float *)(uintptr_t)lo, (float *)(uintptr_t)hi, (float *)(uintptr_t)scale,
-                      inner, 0, channels, qmin, qmax, eps};
-    int64_t useful = channels * inner / MIN_PER_THREAD;
-    if (threads > 8) threads = 8;
-    if (useful < threads) threads = (int)(useful > 1 ? useful : 1);
-    if (threads > channels) threads = (int)channels;
-    WeightJob jobs[8];
-    pthread_t tids[8];
-    int started[8] = {0};
+    const float *w = (const float *)(uintptr_t)wa, *fold = (const float *)(uintptr_t)folda;
+    float *out = (float *)(uintptr_t)outa, *lo = (float *)(uintptr_t)loa, *hi = (float *)(uintptr_t)hia;
+    float *scale = (float *)(uintptr_t)scalea;
     Py_BEGIN_ALLOW_THREADS
-    for (int t = 0; t < threads; ++t) {
-        jobs[t] = base;
-        jobs[t].begin = channels * t / threads;
-        jobs[t].end = channels * (t + 1) / threads;
-    }
-    for (int t = 1; t < threads; ++t) started[t] = pthread_create(&tids[t], NULL, weight_job, &jobs[t]) == 0;
-    weight_job(&jobs[0]);
-    for (int t = 1; t < threads; ++t) {
-        if (started[t]) {
-            pthread_join(tids[t], NULL);
-        } else {
-            weight_job(&jobs[t]);
-        }
+    const int team = team_size((int64_t)channels * inner, channels, threads);
+#pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
+    for (int64_t c = 0; c < channels; ++c) {
+        const float *row = w + c * inner;
+        const float f = fold ? fold[c] : 1.0f;
+        float l, h;
+        channel_range(row, inner, f, fold != NULL, &l, &h);
+        /* as torch: maximum(-lo, hi).clamp_min_(0).div_(qmax).clamp_min_(eps); NaN is caught by the caller */
+        float s = -l > h ? -l : h;
+        s = s < 0.0f ? 0.0f : s;
+        s = s / qmax;
+        s = s < eps ? eps : s;
+        lo[c] = l;
+        hi[c] = h;
+        scale[c] = s;
+        channel_quantize(row, out + c * inner, inner, f, fold != NULL, s, qmin, qmax);
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
-}
-
-/* ---- range of a whole tensor (the per-tensor observer update) ----------------------------------------- */
-
-typedef struct {
-    const float *x;
-    int64_t begin, end;
-    float lo, hi;
-} RangeJob;
-
-static void *range_job(void *arg) {
-    RangeJob *j = (RangeJob *)arg;
-    channel_range(j->x + j->begin, j->end - j->begin, 1.0f, 0, &j->lo, &j->hi);
-    return NULL;
-}
-
-static PyObject *tensor_range(PyObject *self, PyObject *args) {
-    unsigned long long x;
-    long long n;
-    int threads;
-    if (!PyArg_ParseTuple(args, "KLi", &x, &n, &threads)) {
-        return NULL;
-    }
-    int64_t useful = n / MIN_PER_THREAD;
-    if (threads > 8) threads = 8;
-    if (useful < threads) threads = (int)(useful > 1 ? useful : 1);
-    RangeJob jobs[8];
-    pthread_t tids[8];
-    int started[8] = {0};
-    Py_BEGIN_ALLOW_THREADS
-    for (int t = 0; t < threads; ++t) {
-        jobs[t].x = (const float *)(uintptr_t)x;
-        jobs[t].begin = t == 0 ? 0 : (n * t / threads) & ~(int64_t)63;
-        jobs[t].end = t == threads - 1 ? n : (n * (t + 1) / threads) & ~(int64_t)63;
-    }
-    for (int t = 1; t < threads; ++t) started[t] = pthread_create(&tids[t], NULL, range_job, &jobs[t]) == 0;
-    range_job(&jobs[0]);
-    for (int t = 1; t < threads; ++t) {
-        if (started[t]) {
-            pthread_join(tids[t], NULL);
-        } else {
-            range_job(&jobs[t]);
-        }
-    }
-    Py_END_ALLOW_THREADS
-    float lo = jobs[0].lo, hi = jobs[0].hi;
-    for (int t = 1; t < threads; ++t) {
-        lo = (jobs[t].lo < lo || jobs[t].lo != jobs[t].lo) ? jobs[t].lo : lo;
-        hi = (jobs[t].hi > hi || jobs[t].hi != jobs[t].hi) ? jobs[t].hi : hi;
-    }
-    return Py_BuildValue("ff", lo, hi);
 }
 
 static PyMethodDef methods[] = {
