@@ -10,7 +10,8 @@
  *           half-to-even rounding is the 1.5 * 2**23 trick, exact for |v| <= 2**22, and it is the same
  *           rounding as ``torch.round``; NaN stays NaN, +-inf clamps to the bound);
  *           mask = qmin - 0.5 <= v < qmax + 0.5, i.e. qmin <= round(v) <= qmax for even qmin, as torch's
- *           cachemask (one byte per element: the straight-through gradient mask)
+ *           cachemask: the straight-through gradient mask, one bit per element for one scale (packed,
+ *           little-endian bit order), one byte per element for per-channel scales
  * backward: grad_in = mask ? grad : 0
  * range:    (min, max) of a tensor, both NaN when a value is NaN or +-inf (the observer then re-checks)
  * weight:   per output channel of a QAT weight (optionally BN-folded, t = w * fold), the channel range,
@@ -113,6 +114,59 @@ static void mask_row(const float *restrict grad, const uint8_t *restrict mask, f
     }
 }
 
+/* Per-tensor rows with a bit-packed mask: bit i of the mask is element i (little-endian bytes). `x`, `out`
+ * and `bits` start at an element index that is a multiple of 64 (whole mask bytes per thread). */
+static const vint BIT_WEIGHTS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
+
+MULTIVERSION
+static void quantize_row_bits(const float *restrict x, float *restrict out, uint8_t *restrict bits, int64_t n,
+                              float s, float qmin, float qmax) {
+    const float inv = 1.0f / s;
+    const float lo = qmin - 0.5f, hi = qmax + 0.5f;
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vfloat v;
+        memcpy(&v, x + i, sizeof v);
+        v *= inv;
+        const vint keep = (v >= lo) & (v < hi);
+        v = VSELECT(v < qmin, (vfloat){0} + qmin, v);
+        v = VSELECT(v > qmax, (vfloat){0} + qmax, v);
+        v = ((v + MAGIC) - MAGIC) * s;
+        memcpy(out + i, &v, sizeof v);
+        const vint weighted = keep & BIT_WEIGHTS;
+        int32_t word = 0;
+        for (int k = 0; k < LANES; ++k) word |= weighted[k];
+        bits[i / 8] = (uint8_t)word;
+        bits[i / 8 + 1] = (uint8_t)(word >> 8);
+    }
+    for (; i < n; ++i) {
+        float v = x[i] * inv;
+        const int keep = (v >= lo) & (v < hi);
+        v = v < qmin ? qmin : v;
+        v = v > qmax ? qmax : v;
+        out[i] = ((v + MAGIC) - MAGIC) * s;
+        if ((i & 7) == 0) bits[i / 8] = 0;
+        bits[i / 8] |= (uint8_t)(keep << (i & 7));
+    }
+}
+
+MULTIVERSION
+static void mask_row_bits(const float *restrict grad, const uint8_t *restrict bits, float *restrict out,
+                          int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vfloat g;
+        memcpy(&g, grad + i, sizeof g);
+        const int32_t word = bits[i / 8] | (bits[i / 8 + 1] << 8);
+        const vint keep = ((vint){0} + word & BIT_WEIGHTS) != 0;
+        g = (vfloat)((vint)g & keep);
+        memcpy(out + i, &g, sizeof g);
+    }
+    for (; i < n; ++i) {
+        out[i] = (bits[i / 8] >> (i & 7)) & 1 ? grad[i] : 0.0f;
+    }
+}
+
 static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
     unsigned long long xa, outa, maska, scalea;
     long long outer, channels, inner;
@@ -133,7 +187,11 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
         {
             int64_t b, e;
             flat_piece(n, thread_id(), team_threads(), &b, &e);
-            quantize_row(x + b, out + b, mask ? mask + b : NULL, e - b, scale[0], qmin, qmax);
+            if (mask) {
+                quantize_row_bits(x + b, out + b, mask + b / 8, e - b, scale[0], qmin, qmax);
+            } else {
+                quantize_row(x + b, out + b, NULL, e - b, scale[0], qmin, qmax);
+            }
         }
     } else { /* rows of `inner` elements, row r uses scale[r % channels] */
         const int64_t rows = (int64_t)outer * channels;
@@ -151,8 +209,8 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
 static PyObject *fake_quantize_backward(PyObject *self, PyObject *args) {
     unsigned long long grada, maska, outa;
     long long n;
-    int threads;
-    if (!PyArg_ParseTuple(args, "KKKLi", &grada, &maska, &outa, &n, &threads)) {
+    int packed, threads;
+    if (!PyArg_ParseTuple(args, "KKKLpi", &grada, &maska, &outa, &n, &packed, &threads)) {
         return NULL;
     }
     const float *grad = (const float *)(uintptr_t)grada;
@@ -164,7 +222,11 @@ static PyObject *fake_quantize_backward(PyObject *self, PyObject *args) {
     {
         int64_t b, e;
         flat_piece(n, thread_id(), team_threads(), &b, &e);
-        mask_row(grad + b, mask + b, out + b, e - b);
+        if (packed) {
+            mask_row_bits(grad + b, mask + b / 8, out + b, e - b);
+        } else {
+            mask_row(grad + b, mask + b, out + b, e - b);
+        }
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
@@ -292,9 +354,10 @@ static PyObject *fake_quantize_weight(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"fake_quantize_forward", fake_quantize_forward, METH_VARARGS,
      "fake_quantize_forward(x, out, mask, scale, outer, channels, inner, qmin, qmax, threads): "
-     "addresses of contiguous float32 x/out/scale and uint8 mask (0: no mask)."},
+     "addresses of contiguous float32 x/out/scale and the mask (0: no mask): ceil(n / 8) bytes of bits when "
+     "channels == 1, else n bytes."},
     {"fake_quantize_backward", fake_quantize_backward, METH_VARARGS,
-     "fake_quantize_backward(grad, mask, out, n, threads): out = mask ? grad : 0."},
+     "fake_quantize_backward(grad, mask, out, n, packed, threads): out = mask ? grad : 0 (packed: bit mask)."},
     {"fake_quantize_weight", fake_quantize_weight, METH_VARARGS,
      "fake_quantize_weight(w, fold, out, lo, hi, scale, channels, inner, qmin, qmax, eps, threads): per "
      "channel c of a contiguous (channels, inner) float32 weight, t = w * fold[c] (fold 0: none); lo/hi = "

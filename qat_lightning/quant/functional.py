@@ -46,6 +46,7 @@ def _load_kernels():  # noqa: ANN202 - an extension module or None
 
 
 _KERNELS = _load_kernels()
+_KERNELS_AT_LOAD = _KERNELS  # the backward of a bit-packed mask needs the kernels even if tests swap them
 
 
 def kernels_available() -> bool:
@@ -88,9 +89,14 @@ def _kernel_shape(x: Tensor, scale: Tensor) -> tuple[int, int, int] | None:
 
 
 def _kernel_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int, shape: tuple[int, int, int], mask: bool):
-    """Run the fused forward kernel: the fake-quantized tensor and the uint8 gradient mask (or ``None``)."""
+    """Run the fused forward kernel: the fake-quantized tensor and the uint8 gradient mask (or ``None``).
+
+    One scale: the mask is bit-packed (``ceil(numel / 8)`` bytes); per channel: one byte per element.
+    """
     out = torch.empty_like(x)
-    keep = torch.empty(x.shape, dtype=torch.uint8) if mask else None
+    keep = None
+    if mask:
+        keep = torch.empty((x.numel() + 7) // 8 if shape[1] == 1 else x.shape, dtype=torch.uint8)
     _KERNELS.fake_quantize_forward(
         x.data_ptr(),
         out.data_ptr(),
@@ -111,6 +117,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
         need_mask = ctx.needs_input_grad[0]
         shape = _kernel_shape(x, scale)
+        ctx.packed = shape is not None and shape[1] == 1
         if shape is not None:
             out, keep = _kernel_forward(x, scale, qmin, qmax, shape, need_mask)
         else:
@@ -122,7 +129,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
-        return _masked_grad(grad, ctx.saved_tensors[0]), None, None, None
+        return _masked_grad(grad, ctx.saved_tensors[0], ctx.packed), None, None, None
 
 
 def _aten_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int, mask: bool) -> tuple[Tensor, Tensor | None]:
@@ -132,20 +139,26 @@ def _aten_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int, mask: bool) ->
     return v.round_().clamp_(qmin, qmax).mul_(scale), keep
 
 
-def _masked_grad(grad: Tensor, keep: Tensor) -> Tensor:
-    """``grad`` where the kernel's mask is set, 0 elsewhere (the fused backward kernel when it applies)."""
+def _masked_grad(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
+    """``grad`` where the forward's mask is set, 0 elsewhere (the fused backward kernel when it applies)."""
+    if packed:
+        grad = grad.float().contiguous()
+        return _kernel_backward(grad, keep, True)
     if (
         _KERNELS is None
         or keep.dtype != torch.uint8
         or grad.dtype != torch.float32
         or grad.device.type != "cpu"
-        or grad.shape != keep.shape
         or not grad.is_contiguous()
     ):  # one strided pass (a copy to contiguous first costs more); 0 * inf would be NaN here
         return grad * keep
+    return _kernel_backward(grad, keep, False)
+
+
+def _kernel_backward(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
     out = torch.empty_like(grad)
-    _KERNELS.fake_quantize_backward(
-        grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), torch.get_num_threads()
+    _KERNELS_AT_LOAD.fake_quantize_backward(
+        grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), packed, torch.get_num_threads()
     )
     return out
 

@@ -83,12 +83,27 @@ def test_kernel_matches_torch_builtin_on_power_of_two_scale(threads) -> None:
 
 
 @needs_kernels
-def test_backward_keeps_a_one_byte_mask_not_the_input() -> None:
-    x = torch.randn(8, 16, requires_grad=True)
+@pytest.mark.parametrize("numel", [8 * 16, 1000, 131072 + 77])  # whole bytes, a partial byte, two threads
+def test_backward_keeps_a_bit_mask_not_the_input(numel, threads) -> None:
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(2)).mul_(2).requires_grad_(True)
     out = fake_quantize(x, 0.01, qint8)
     (saved,) = out.grad_fn.saved_tensors
+    assert saved.dtype == torch.uint8 and saved.numel() == (numel + 7) // 8  # one bit per element
+    bits = (saved.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1  # little-endian bit order
+    v = x.detach() * torch.tensor(0.01).reciprocal()
+    inside = (v >= -128.5) & (v < 127.5)  # qmin <= round(v) <= qmax
+    assert torch.equal(bits.reshape(-1)[:numel].bool(), inside)
+    upstream = torch.randn(numel)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    assert torch.equal(grad, torch.where(inside, upstream, 0.0))
+
+
+@needs_kernels
+def test_per_channel_keeps_a_byte_mask() -> None:
+    x = torch.randn(4, 6, requires_grad=True)
+    out = fake_quantize(x, torch.full((6,), 0.01), qint8, 1)
+    (saved,) = out.grad_fn.saved_tensors
     assert saved.dtype == torch.uint8 and saved.shape == x.shape
-    assert torch.equal(saved.bool(), (x / 0.01).abs() < 127.5)  # no value sits on a boundary tie here
 
 
 @needs_kernels
@@ -119,7 +134,8 @@ def test_inputs_the_kernel_does_not_take_use_the_formulas(make) -> None:
 def test_expanded_upstream_gradient() -> None:
     x = torch.randn(5, 6, requires_grad=True)
     fake_quantize(x * 100, 0.1, qint8).sum().backward()  # the gradient of sum() arrives expanded
-    assert torch.equal(x.grad, torch.where((x * 1000).abs() < 127.5, 100.0, 0.0))
+    v = (x.detach() * 100) * torch.tensor(0.1).reciprocal()
+    assert torch.equal(x.grad, torch.where((v >= -128.5) & (v < 127.5), 100.0, 0.0))
 
 
 def test_environment_switch_turns_the_kernels_off() -> None:
