@@ -12,6 +12,8 @@
  *           mask = qmin - 0.5 <= v < qmax + 0.5, i.e. qmin <= round(v) <= qmax for even qmin, as torch's
  *           cachemask: the straight-through gradient mask, one bit per element for one scale (packed,
  *           little-endian bit order), one byte per element for per-channel scales
+ *           relu: x is already max(x, 0) and the mask is x > 0 && v < qmax + 0.5 (ReLU's gradient and the
+ *           fake quant's in one mask: fake_quant(relu(x)) without keeping ReLU's output for backward)
  * backward: grad_in = mask ? grad : 0
  * range:    (min, max) of a tensor, both NaN when a value is NaN or +-inf (the observer then re-checks)
  * weight:   per output channel of a QAT weight (optionally BN-folded, t = w * fold), the channel range,
@@ -86,10 +88,18 @@ static int team_threads(void) {
 
 MULTIVERSION
 static void quantize_row(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n,
-                         float s, float qmin, float qmax) {
+                         float s, float qmin, float qmax, int relu) {
     const float inv = 1.0f / s;
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
-    if (mask) {
+    if (mask && relu) {
+        for (int64_t i = 0; i < n; ++i) {
+            float v = x[i] * inv;
+            mask[i] = (uint8_t)((x[i] > 0.0f) & (v < hi));
+            v = v < qmin ? qmin : v;
+            v = v > qmax ? qmax : v;
+            out[i] = ((v + MAGIC) - MAGIC) * s;
+        }
+    } else if (mask) {
         for (int64_t i = 0; i < n; ++i) {
             float v = x[i] * inv;
             mask[i] = (uint8_t)((v >= lo) & (v < hi));
@@ -120,15 +130,17 @@ static const vint BIT_WEIGHTS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 20
 
 MULTIVERSION
 static void quantize_row_bits(const float *restrict x, float *restrict out, uint8_t *restrict bits, int64_t n,
-                              float s, float qmin, float qmax) {
+                              float s, float qmin, float qmax, int relu) {
     const float inv = 1.0f / s;
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
-        vfloat v;
+        vfloat v, t;
         memcpy(&v, x + i, sizeof v);
+        t = v;
+        const vint positive = t > 0.0f;
         v *= inv;
-        const vint keep = (v >= lo) & (v < hi);
+        const vint keep = (relu ? positive : (v >= lo)) & (v < hi);
         v = VSELECT(v < qmin, (vfloat){0} + qmin, v);
         v = VSELECT(v > qmax, (vfloat){0} + qmax, v);
         v = ((v + MAGIC) - MAGIC) * s;
@@ -141,7 +153,7 @@ static void quantize_row_bits(const float *restrict x, float *restrict out, uint
     }
     for (; i < n; ++i) {
         float v = x[i] * inv;
-        const int keep = (v >= lo) & (v < hi);
+        const int keep = (relu ? x[i] > 0.0f : v >= lo) & (v < hi);
         v = v < qmin ? qmin : v;
         v = v > qmax ? qmax : v;
         out[i] = ((v + MAGIC) - MAGIC) * s;
@@ -171,9 +183,9 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
     unsigned long long xa, outa, maska, scalea;
     long long outer, channels, inner;
     float qmin, qmax;
-    int threads;
-    if (!PyArg_ParseTuple(args, "KKKKLLLffi", &xa, &outa, &maska, &scalea, &outer, &channels, &inner, &qmin,
-                          &qmax, &threads)) {
+    int relu, threads;
+    if (!PyArg_ParseTuple(args, "KKKKLLLffpi", &xa, &outa, &maska, &scalea, &outer, &channels, &inner, &qmin,
+                          &qmax, &relu, &threads)) {
         return NULL;
     }
     const float *x = (const float *)(uintptr_t)xa, *scale = (const float *)(uintptr_t)scalea;
@@ -188,9 +200,9 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
             int64_t b, e;
             flat_piece(n, thread_id(), team_threads(), &b, &e);
             if (mask) {
-                quantize_row_bits(x + b, out + b, mask + b / 8, e - b, scale[0], qmin, qmax);
+                quantize_row_bits(x + b, out + b, mask + b / 8, e - b, scale[0], qmin, qmax, relu);
             } else {
-                quantize_row(x + b, out + b, NULL, e - b, scale[0], qmin, qmax);
+                quantize_row(x + b, out + b, NULL, e - b, scale[0], qmin, qmax, 0);
             }
         }
     } else { /* rows of `inner` elements, row r uses scale[r % channels] */
@@ -199,7 +211,8 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
 #pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t off = r * inner;
-            quantize_row(x + off, out + off, mask ? mask + off : NULL, inner, scale[r % channels], qmin, qmax);
+            quantize_row(x + off, out + off, mask ? mask + off : NULL, inner, scale[r % channels], qmin, qmax,
+                         relu);
         }
     }
     Py_END_ALLOW_THREADS
@@ -305,7 +318,7 @@ MULTIVERSION
 static void channel_quantize(const float *restrict w, float *restrict out, int64_t n, float f, int use_fold,
                              float s, float qmin, float qmax) {
     if (!use_fold) {
-        quantize_row(w, out, NULL, n, s, qmin, qmax);
+        quantize_row(w, out, NULL, n, s, qmin, qmax, 0);
         return;
     }
     const float inv = 1.0f / s;
@@ -353,7 +366,7 @@ static PyObject *fake_quantize_weight(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"fake_quantize_forward", fake_quantize_forward, METH_VARARGS,
-     "fake_quantize_forward(x, out, mask, scale, outer, channels, inner, qmin, qmax, threads): "
+     "fake_quantize_forward(x, out, mask, scale, outer, channels, inner, qmin, qmax, relu, threads): "
      "addresses of contiguous float32 x/out/scale and the mask (0: no mask): ceil(n / 8) bytes of bits when "
      "channels == 1, else n bytes."},
     {"fake_quantize_backward", fake_quantize_backward, METH_VARARGS,

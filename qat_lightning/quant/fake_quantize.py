@@ -118,6 +118,7 @@ class FakeQuantize(nn.Module):
         self.register_buffer("scale_ready", torch.tensor(False))
         self.state = FakeQuantState.QAT
         self._dirty = observer == "fixed"
+        self._relu_fused = False  # set by forward_relu for the duration of one call
         self._fixed = observer == "fixed"  # python mirrors of the flag buffers: no tensor read per forward
         self._ready = False
 
@@ -283,14 +284,41 @@ class FakeQuantize(nn.Module):
             if dtype.is_float16 and FakeCastSwitch._enabled:
                 return fake_cast(x)
             return x
-        if state is FakeQuantState.QAT:
+        return self._fake_quantize(x, relu=self._relu_fused)
+
+    def forward_relu(self, x: Tensor) -> Tensor:
+        """``self(F.relu(x))`` (same values and gradients; ``x`` is overwritten with ``relu(x)`` in place).
+
+        In QAT and VALIDATION state with an integer dtype the ReLU is fused into the fake quant: the ReLU
+        runs in place without autograd and its gradient (``x > 0``) joins the fake quant's mask, so ReLU's
+        output is not kept for backward (one activation less per fused conv/linear + ReLU).
+        """
+        state = self.state
+        if (
+            state in (FakeQuantState.QAT, FakeQuantState.VALIDATION)
+            and GlobalFakeQuantSwitch._enabled
+            and self._dtype.is_integer
+        ):
+            with torch.no_grad():
+                x.relu_()
+            self._relu_fused = True  # through __call__, so forward hooks on this node still run
+            try:
+                return self(x)
+            finally:
+                self._relu_fused = False
+        return self(torch.relu_(x))
+
+    def _fake_quantize(self, x: Tensor, relu: bool) -> Tensor:
+        """QAT / VALIDATION: update (QAT) or refresh the scale, then fake-quantize."""
+        dtype = self._dtype
+        if self.state is FakeQuantState.QAT:
             self._qat_update(x)
         elif self._dirty or not self._ready:
             self.refresh_scale()
             if not self._ready:
                 self._use_default_scale()
         scale = _scale_view(self._buffers["scale"], x, self.ch_axis)
-        return _FakeQuantizeSTE.apply(x, scale, dtype.qmin, dtype.qmax)
+        return _FakeQuantizeSTE.apply(x, scale, dtype.qmin, dtype.qmax, relu)
 
     # ------------------------------------------------------------------ state dict
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:

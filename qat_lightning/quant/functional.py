@@ -88,7 +88,9 @@ def _kernel_shape(x: Tensor, scale: Tensor) -> tuple[int, int, int] | None:
     return outer, x.shape[axis], x.numel() // (outer * x.shape[axis])
 
 
-def _kernel_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int, shape: tuple[int, int, int], mask: bool):
+def _kernel_forward(
+    x: Tensor, scale: Tensor, qmin: int, qmax: int, shape: tuple[int, int, int], mask: bool, relu: bool
+):
     """Run the fused forward kernel: the fake-quantized tensor and the uint8 gradient mask (or ``None``).
 
     One scale: the mask is bit-packed (``ceil(numel / 8)`` bytes); per channel: one byte per element.
@@ -105,37 +107,48 @@ def _kernel_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int, shape: tuple
         *shape,
         float(qmin),
         float(qmax),
+        relu,
         torch.get_num_threads(),
     )
     return out, keep
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
-    """Fake quant forward; straight-through gradient inside the quantization range."""
+    """Fake quant forward; straight-through gradient inside the quantization range.
+
+    ``relu=True``: ``x`` already holds ``max(x, 0)`` (applied in place without autograd by the caller) and
+    the gradient mask also carries ReLU's ``x > 0``: the result and gradient of ``fake_quant(relu(x))``
+    without ReLU's output kept for backward.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, relu: bool = False) -> Tensor:  # noqa: D102
         need_mask = ctx.needs_input_grad[0]
         shape = _kernel_shape(x, scale)
         ctx.packed = shape is not None and shape[1] == 1
         if shape is not None:
-            out, keep = _kernel_forward(x, scale, qmin, qmax, shape, need_mask)
+            out, keep = _kernel_forward(x, scale, qmin, qmax, shape, need_mask, relu)
         else:
-            out, keep = _aten_forward(x, scale, qmin, qmax, need_mask)
+            out, keep = _aten_forward(x, scale, qmin, qmax, need_mask, relu)
         ctx.save_for_backward(keep)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # noqa: D102
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        return _masked_grad(grad, ctx.saved_tensors[0], ctx.packed), None, None, None
+            return None, None, None, None, None
+        return _masked_grad(grad, ctx.saved_tensors[0], ctx.packed), None, None, None, None
 
 
-def _aten_forward(x: Tensor, scale: Tensor, qmin: int, qmax: int, mask: bool) -> tuple[Tensor, Tensor | None]:
+def _aten_forward(
+    x: Tensor, scale: Tensor, qmin: int, qmax: int, mask: bool, relu: bool
+) -> tuple[Tensor, Tensor | None]:
     """Compute with ATen ops: the fake-quantized tensor and the boolean gradient mask (or ``None``)."""
     v = torch.mul(x, scale.reciprocal())
-    keep = (v >= qmin - 0.5).logical_and_(v < qmax + 0.5) if mask else None
+    keep = None
+    if mask:
+        keep = (x > 0) if relu else (v >= qmin - 0.5)
+        keep.logical_and_(v < qmax + 0.5)
     return v.round_().clamp_(qmin, qmax).mul_(scale), keep
 
 

@@ -202,9 +202,7 @@ class QatGemm(QuantOp):
         m = self.module
         x = self.input_quant[0](x)
         y = _gemm(self.kind, m, x, quantize_weight(self.weight_quant, m.weight), m.bias, output_size)
-        if self.relu:
-            y = F.relu(y, inplace=True)
-        return self.output_quant(y)
+        return self.output_quant.forward_relu(y) if self.relu else self.output_quant(y)
 
 
 def fold_bn(
@@ -321,9 +319,7 @@ class QatConvBn(QuantOp):
         y = self._conv_bn(self.input_quant[0](x))
         if self.add:
             y = y.add_(self.input_quant[1](residual))
-        if self.relu:
-            y = F.relu(y, inplace=True)
-        return self.output_quant(y)
+        return self.output_quant.forward_relu(y) if self.relu else self.output_quant(y)
 
     def extra_repr(self) -> str:
         """Show name, type and QAT mode."""

@@ -226,6 +226,42 @@ def test_fused_qat_weight_path_declines_nonfinite_weights() -> None:
     assert torch.equal(fq.observer.num_batches, before)  # nothing was updated
 
 
+@pytest.mark.parametrize("state", ["qat", "validation", "calibration", "float"])
+@pytest.mark.parametrize("size", [6, 70000])  # one block, several threads' pieces
+def test_forward_relu_equals_relu_then_fake_quant(state, size, generator) -> None:
+    fused = FakeQuantize(qint8, "minmax")
+    set_fake_quantize(fused, "calibration")
+    fused(torch.randn(size, generator=generator).abs() * 3)
+    plain = copy.deepcopy(fused)
+    set_fake_quantize(fused, state)
+    set_fake_quantize(plain, state)
+    x = torch.randn(size, generator=generator) * 4
+    x[:3] = torch.tensor([0.0, -0.0, 1e-3])
+    upstream = torch.randn(size, generator=generator)
+    seen = []
+    fused.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()))
+    results = []
+    for node, fn in ((fused, lambda n, y: n.forward_relu(y)), (plain, lambda n, y: n(torch.relu(y)))):
+        leaf = x.clone().requires_grad_(True)
+        out = fn(node, leaf * 1.0)  # a non-leaf, like a gemm output
+        (grad,) = torch.autograd.grad(out, leaf, upstream)
+        results.append((out.detach(), grad))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.equal(results[0][1], results[1][1])
+    assert torch.equal(fused.scale, plain.scale)
+    assert len(seen) == 1 and torch.equal(seen[0], torch.relu(x))  # hooks still see relu(x)
+
+
+def test_forward_relu_keeps_only_the_mask_for_backward(generator) -> None:
+    fq = FakeQuantize(qint8, "minmax")
+    set_fake_quantize(fq, "qat")
+    leaf = torch.randn(4096, generator=generator, requires_grad=True)
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.nbytes) or t, lambda t: t):
+        fq.forward_relu(leaf * 1.0)
+    assert sizes == [4096 // 8] or (not qf.kernels_available() and sizes == [4096])
+
+
 # ------------------------------------------------------------------------------------------------- FLOAT
 def test_float_state_is_identity(generator) -> None:
     fq = FakeQuantize(qint8, "minmax")
