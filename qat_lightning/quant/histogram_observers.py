@@ -2,7 +2,7 @@
 
 Each keeps, besides the running min/max of :class:`~qat_lightning.quant.observers.Observer`, a growing
 ``|x|`` histogram (:class:`~qat_lightning.quant.histogram.AbsHistogram`, filled by ``forward`` only) and
-turns it into a clipping threshold with one of the searches of :mod:`qat_lightning.quant.histogram`.
+turns it into a clipping threshold with one of the searches of :mod:`qat_lightning.quant.histogram_search`.
 Import them from :mod:`qat_lightning.quant.observers` (which re-exports them and registers them in
 ``OBSERVERS``) or from here.
 
@@ -20,11 +20,9 @@ from typing import Any
 import torch
 
 from qat_lightning.quant.dtypes import QuantDtype
-from qat_lightning.quant.histogram import (
-    DEFAULT_BINS,
-    DEFAULT_MAX_SAMPLES,
+from qat_lightning.quant.histogram import DEFAULT_BINS, DEFAULT_MAX_SAMPLES, AbsHistogram
+from qat_lightning.quant.histogram_search import (
     MIX_CANDIDATES,
-    AbsHistogram,
     kl_threshold,
     mix_threshold,
     mse_threshold,
@@ -107,10 +105,13 @@ class PercentileObserver(Observer):
 
 
 class KLObserver(Observer):
-    """``kl``: TensorRT entropy calibration on the ``|x|`` histogram (see :func:`histogram.kl_threshold`).
+    """``kl``: entropy (KL-divergence) calibration on the ``|x|`` histogram.
 
-    For int8 it searches thresholds with 128 quantized levels; for int16 (32768 levels, finer than any
-    histogram bin) it returns the exact ``max |x|``.
+    See :func:`~qat_lightning.quant.kl_search.kl_threshold` for the exact algorithm: TensorRT's search
+    with levels of (at most one bin) equal width, exact zeros left out, and ties (divergence within 5 %
+    of the minimum) broken by the smallest estimated quantization error. For int8 it searches thresholds
+    with 128 quantized levels; for int16 (32768 levels, finer than any histogram bin) it returns the
+    exact ``max |x|``.
     """
 
     kind = "kl"
@@ -123,8 +124,9 @@ class KLObserver(Observer):
 class MSEObserver(Observer):
     """``mse``: threshold minimising the histogram-estimated quantization MSE (clipping + rounding).
 
-    See :func:`histogram.estimate_mse` for the error model and :func:`histogram.mse_threshold` for the
-    search; both depend on ``qmax``, so int16 ends near the max and int8 clips more.
+    See :func:`histogram_error.estimate_mse` for the error model and
+    :func:`histogram_search.mse_threshold` for the search (every bin edge, then 16 points at 1/8 of a bin
+    around the best); both depend on ``qmax``, so int16 ends near the max and int8 clips more.
     """
 
     kind = "mse"
@@ -137,14 +139,16 @@ class MSEObserver(Observer):
 class MixObserver(Observer):
     """``mix``: best of several methods, judged on the same statistics.
 
-    For the requested dtype it computes the candidate thresholds of ``minmax`` (exact ``max |x|``),
-    ``percentile`` (``percentile``, default 99.99), ``kl`` and ``mse`` from the one histogram, evaluates
-    each with :func:`histogram.estimate_mse` (histogram-estimated quantization MSE, clipping + rounding)
-    and keeps the lowest (ties go to the earlier name in that order). Per channel each channel picks on
-    its own (from the histogram merged by :func:`histogram.coarsen` when ``channels * bins > 2**17``).
+    For the requested dtype the candidate thresholds are those of ``minmax`` (exact ``max |x|``),
+    ``percentile`` (``percentile``, default 99.99), ``mse`` and ``kl``, all from the one histogram; each
+    is scored with :func:`histogram_error.estimate_mse` (histogram-estimated quantization MSE, clipping +
+    rounding) and the lowest wins, ties going to the earlier name in that order. ``kl`` can never win
+    (its thresholds are bin edges or ``max |x|``, all of which ``mse`` or ``minmax`` already score), so
+    it is not computed (:func:`histogram_search.mix_threshold`). Per channel each channel picks on its
+    own (from the histogram merged by :func:`histogram_error.coarsen` when ``channels * bins > 2**16``).
     ``last_choice`` names the winner of the last ``compute_scale`` (per channel: the one that won the
     most channels) and ``last_choices`` lists the winner per row. Since ``mse`` minimises the same
-    estimate on a fine grid, it wins unless another candidate lands between its grid points.
+    estimate, it wins unless ``percentile`` or ``minmax`` lands between its refined points.
 
     Args:
         percentile: percentile of the ``percentile`` candidate, in ``(0, 100]``.

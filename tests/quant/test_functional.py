@@ -205,8 +205,8 @@ def test_bit_identical_to_torch_on_random_scales_and_ties(dtype, ch_axis, genera
         ours = fake_quantize(x, scale, dtype, ch_axis)
         assert torch.equal(ours, torch_reference(x, scale, dtype, ch_axis))
         assert torch.equal(
-            grad_of(lambda t: fake_quantize(t, scale, dtype, ch_axis), x, upstream),
-            grad_of(lambda t: torch_reference(t, scale, dtype, ch_axis), x, upstream),
+            grad_of(lambda t, s=scale: fake_quantize(t, s, dtype, ch_axis), x, upstream),
+            grad_of(lambda t, s=scale: torch_reference(t, s, dtype, ch_axis), x, upstream),
         )
 
 

@@ -251,7 +251,7 @@ def test_kl_and_mse_sqnr_close_to_torch_ao_histogram(data: str) -> None:
         mse(x)
     ref = _sqnr(held, float(ao.calculate_qparams()[0]))
     assert _sqnr(held, float(mse.compute_scale(qint8))) >= ref - 0.2
-    assert _sqnr(held, float(kl.compute_scale(qint8))) >= ref - 0.75
+    assert _sqnr(held, float(kl.compute_scale(qint8))) >= ref - 0.2
 
 
 def test_mix_picks_lowest_estimated_error() -> None:
@@ -264,9 +264,10 @@ def test_mix_picks_lowest_estimated_error() -> None:
             amax = obs.observed_amax()
             cands = mix_candidates(hist.counts, hist.width, amax, dtype.qmax)
             err = estimate_mse(hist.counts, hist.width, cands, dtype.qmax)[0]
-            best = int(err.argmin())
-            assert obs.last_choice == MIX_CANDIDATES[best]
-            assert float(scale) == pytest.approx(float(cands[0, best]) / dtype.qmax, rel=1e-6)
+            chosen = MIX_CANDIDATES.index(obs.last_choice)
+            assert obs.last_choice != "kl"  # never better than mse / minmax (see mix_threshold)
+            assert float(err[chosen]) <= float(err.min()) * (1 + 1e-12)
+            assert float(scale) == pytest.approx(float(cands[0, chosen]) / dtype.qmax, rel=1e-6)
             # and each candidate matches the standalone observer on the same statistics
             for name in ("percentile", "kl", "mse"):
                 single = make_observer(name)
