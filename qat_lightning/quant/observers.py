@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
+from qat_lightning.quant import functional as _functional
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
 from qat_lightning.quant.histogram import AbsHistogram
 
@@ -143,6 +144,12 @@ class Observer(torch.nn.Module, abc.ABC):
             return x2.amin(1), x2.amax(1), None
         if tail:
             return AbsHistogram.block_extremes(x2.reshape(-1))
+        kernels = _functional._KERNELS
+        cpu32 = x2.dtype == torch.float32 and x2.device.type == "cpu"
+        if kernels is not None and cpu32 and x2.is_contiguous():
+            # one vectorized pass, ~2x faster than aminmax; NaN/inf make both NaN (caught by the caller)
+            lo, hi = kernels.tensor_range(x2.data_ptr(), x2.numel(), torch.get_num_threads())
+            return torch.tensor(lo), torch.tensor(hi), None
         lo, hi = torch.aminmax(x2)
         return lo, hi, None
 

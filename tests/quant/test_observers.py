@@ -633,3 +633,24 @@ def test_reduce_statistics_two_process_gloo() -> None:
     avg = (res[0]["local_moving"] + res[1]["local_moving"]) / 2
     torch.testing.assert_close(res[0]["reduced_moving"], avg)
     assert torch.equal(res[0]["reduced_moving"], res[1]["reduced_moving"])
+
+
+@pytest.mark.parametrize("observer", ["minmax", "moving_minmax", "mse"])
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
+def test_range_update_is_the_same_with_and_without_the_fused_kernel(observer, bad, monkeypatch) -> None:
+    from qat_lightning.quant import functional as qf
+
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 300, generator=gen) * (i + 1) for i in range(3)]
+    if bad is not None:
+        batches[1][2, 7] = bad
+    results = []
+    for kernels in (qf._KERNELS, None):
+        monkeypatch.setattr(qf, "_KERNELS", kernels)
+        obs = make_observer(observer, ignore_nonfinite=True)
+        amaxes = [obs.update_range(b) for b in batches]
+        results.append((amaxes, {k: v.clone() for k, v in obs.state_dict().items()}))
+    (amax_k, state_k), (amax_a, state_a) = results
+    assert all(torch.equal(a, b) for a, b in zip(amax_k, amax_a, strict=True))
+    assert state_k.keys() == state_a.keys()
+    assert all(torch.equal(state_k[k], state_a[k]) for k in state_k)
