@@ -202,9 +202,18 @@ class FakeQuantize(nn.Module):
             self.refresh_scale()
         if self._fixed:
             return
+        scale = self._buffers["scale"]
+        amax_f = self.observer._update_range_fused(x.detach())
+        if amax_f is not None:  # per tensor: the float32 scale from Python floats (division is exact)
+            batch_scale = torch.tensor(max(amax_f / self._dtype.qmax, _SCALE_EPS_F32))
+            if not self._ready:
+                scale.copy_(batch_scale)
+                self._mark_ready()
+            else:
+                scale.lerp_(batch_scale, self.qat_averaging_constant)
+            return
         amax = self.observer.update_range(x.detach())
         batch_scale = (amax.float() / self._dtype.qmax).clamp_min_(SCALE_EPS)
-        scale = self._buffers["scale"]
         if self.ch_axis is not None or not self._ready:
             scale.copy_(batch_scale.reshape(scale.shape))
             self._mark_ready()

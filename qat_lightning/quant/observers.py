@@ -28,7 +28,6 @@ import abc
 import inspect
 import math
 import warnings
-from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -144,12 +143,6 @@ class Observer(torch.nn.Module, abc.ABC):
             return x2.amin(1), x2.amax(1), None
         if tail:
             return AbsHistogram.block_extremes(x2.reshape(-1))
-        kernels = _functional._KERNELS
-        cpu32 = x2.dtype == torch.float32 and x2.device.type == "cpu"
-        if kernels is not None and cpu32 and x2.is_contiguous():
-            # one vectorized pass, ~2x faster than aminmax; NaN/inf make both NaN (caught by the caller)
-            lo, hi = kernels.tensor_range(x2.data_ptr(), x2.numel(), torch.get_num_threads())
-            return torch.tensor(lo), torch.tensor(hi), None
         lo, hi = torch.aminmax(x2)
         return lo, hi, None
 
@@ -219,7 +212,35 @@ class Observer(torch.nn.Module, abc.ABC):
         Returns:
             The batch ``max |x|``: a scalar tensor per tensor, shape ``(num_channels,)`` per channel.
         """
-        return self._observe(x, with_histogram=False)
+        amax = self._update_range_fused(x)
+        return torch.tensor(amax) if amax is not None else self._observe(x, with_histogram=False)
+
+    def _update_range_fused(self, x: torch.Tensor) -> float | None:
+        """``update_range`` of a finite per-tensor float32 CPU batch with the fused range kernel; ``max |x|``.
+
+        The same statistics as ``_observe`` with a handful of scalar ops instead of a dozen tensor ops (QAT
+        runs this once per activation node and step). ``None`` (nothing updated) when it does not apply
+        or the batch holds NaN/inf: the general path then raises or drops them.
+        """
+        kernels = _functional._KERNELS
+        if (
+            kernels is None
+            or self._rows != 1
+            or x.dtype != torch.float32
+            or x.device.type != "cpu"
+            or not x.is_contiguous()
+            or x.numel() == 0
+        ):
+            return None
+        lo, hi = kernels.tensor_range(x.data_ptr(), x.numel(), torch.get_num_threads())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            return None
+        self.min_val.clamp_(max=lo)
+        self.max_val.clamp_(min=hi)
+        if type(self)._update_extra is not Observer._update_extra:
+            self._update_extra(torch.tensor(lo), torch.tensor(hi))
+        self.num_batches.add_(1)
+        return max(-lo, hi, 0.0)
 
     # ---- results -----------------------------------------------------------------------------------------
 
@@ -317,124 +338,15 @@ class MinMaxObserver(Observer):
         return self.observed_amax()
 
 
-class MovingMinMaxObserver(Observer):
-    """``moving_minmax``: exponential moving average of the per-batch min and max.
-
-    Like torch.ao ``MovingAverageMinMaxObserver``: the first batch initialises the averages, later ones do
-    ``avg += averaging_constant * (batch - avg)``; ``scale = max(|avg_min|, |avg_max|) / qmax``. The exact
-    running ``min_val``/``max_val`` are kept too (for reports). ``update_range`` also updates the averages.
-
-    Args:
-        averaging_constant: weight of a new batch, in ``(0, 1]`` (1 = last batch only).
-    """
-
-    kind = "moving_minmax"
-
-    def __init__(
-        self,
-        ch_axis: int | None = None,
-        num_channels: int | None = None,
-        ignore_nonfinite: bool = False,
-        name: str = "",
-        *,
-        averaging_constant: float = 0.01,
-    ) -> None:
-        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
-        c = averaging_constant
-        if isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1:
-            raise ValueError(
-                f"observer {name!r}: averaging_constant must be in (0, 1] (e.g. 0.01), got {c!r}"
-            )
-        self.averaging_constant = float(c)
-        self.register_buffer("avg_min", torch.full(self._shape, math.inf))
-        self.register_buffer("avg_max", torch.full(self._shape, -math.inf))
-
-    def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        c = self.averaging_constant
-        if not self.ignore_nonfinite:  # lo/hi are finite: first batch copies, later ones lerp
-            first = not self.has_data
-            for avg, new in ((self.avg_min, lo), (self.avg_max, hi)):
-                if first:
-                    avg.copy_(new)
-                else:
-                    avg.lerp_(new, c)
-            return
-        # a channel may have had no finite value so far (average still +-inf) or in this batch (new +-inf)
-        for avg, new in ((self.avg_min, lo), (self.avg_max, hi)):
-            moved = torch.where(torch.isinf(avg), new, avg + c * (new - avg))
-            avg.copy_(torch.where(torch.isfinite(new), moved, avg))
-
-    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
-        return torch.maximum(-self.avg_min, self.avg_max).double().reshape(self._rows).clamp_min(0)
-
-    def reset_statistics(self) -> None:
-        """Forget everything observed, moving averages included."""
-        super().reset_statistics()
-        self.avg_min.fill_(math.inf)
-        self.avg_max.fill_(-math.inf)
-
-    def _reduce_extra(self, group: Any) -> None:
-        has = (torch.isfinite(self.avg_min) & torch.isfinite(self.avg_max)).float()
-        packed = torch.stack(
-            [self.avg_min.nan_to_num(0, 0, 0) * has, self.avg_max.nan_to_num(0, 0, 0) * has, has]
-        )
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-        seen = packed[2] > 0
-        self.avg_min.copy_(torch.where(seen, packed[0] / packed[2].clamp_min(1), math.inf))
-        self.avg_max.copy_(torch.where(seen, packed[1] / packed[2].clamp_min(1), -math.inf))
-
-    def extra_repr(self) -> str:
-        """Return the base options plus the averaging constant."""
-        return ", ".join(
-            p for p in (super().extra_repr(), f"averaging_constant={self.averaging_constant}") if p
-        )
-
-
-class FixedScaleObserver(Observer):
-    """``fixed``: ``scale = threshold / qmax`` whatever the data (min/max are still tracked for reports).
-
-    Args:
-        threshold: clipping threshold ``>= 0``: a number, or one per channel (length ``num_channels``).
-    """
-
-    kind = "fixed"
-    needs_data = False
-
-    def __init__(
-        self,
-        ch_axis: int | None = None,
-        num_channels: int | None = None,
-        ignore_nonfinite: bool = False,
-        name: str = "",
-        *,
-        threshold: float | Sequence[float] | torch.Tensor,
-    ) -> None:
-        super().__init__(ch_axis, num_channels, ignore_nonfinite, name)
-        try:
-            thr = torch.as_tensor(threshold, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError):
-            thr = torch.tensor(math.nan)
-        if thr.dim() > 1 or (thr.dim() == 1 and thr.numel() not in (1, self._rows)):
-            allowed = "a number" if num_channels is None else f"a number or {self._rows} per-channel values"
-            raise ValueError(
-                f"observer {name!r}: threshold must be {allowed} (finite, >= 0), got shape {tuple(thr.shape)}"
-            )
-        if not bool(torch.isfinite(thr).all()) or bool((thr < 0).any()):
-            raise ValueError(f"observer {name!r}: threshold must be finite and >= 0, got {threshold!r}")
-        self.register_buffer("threshold", thr.float().expand(self._rows).reshape(self._shape).clone())
-
-    def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
-        return self.threshold.double().reshape(self._rows)
-
-
-# The histogram family lives in its own module, which subclasses Observer from this one: import it only
-# now that Observer is defined (the only import cycle, and it is one-way at import time).
+# The moving-average / fixed and the histogram families live in their own modules, which subclass
+# Observer from this one: import them only now that Observer is defined (one-way at import time).
 from qat_lightning.quant.histogram_observers import (  # noqa: E402
     KLObserver,
     MixObserver,
     MSEObserver,
     PercentileObserver,
 )
+from qat_lightning.quant.range_observers import FixedScaleObserver, MovingMinMaxObserver  # noqa: E402
 
 OBSERVERS: dict[str, type[Observer]] = {
     cls.kind: cls
