@@ -28,6 +28,7 @@
 #include <Python.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #ifdef _OPENMP
 #include <omp.h>
@@ -129,7 +130,7 @@ static void mask_row(const float *restrict grad, const uint8_t *restrict mask, f
 static const vint BIT_WEIGHTS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
 
 MULTIVERSION
-static void quantize_row_bits(const float *restrict x, float *restrict out, uint8_t *restrict bits, int64_t n,
+static void quantize_row_bits_generic(const float *restrict x, float *restrict out, uint8_t *restrict bits, int64_t n,
                               float s, float qmin, float qmax, int relu) {
     const float inv = 1.0f / s;
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
@@ -163,20 +164,118 @@ static void quantize_row_bits(const float *restrict x, float *restrict out, uint
 }
 
 MULTIVERSION
-static void mask_row_bits(const float *restrict grad, const uint8_t *restrict bits, float *restrict out,
+static void mask_row_bits_generic(const float *restrict grad, const uint8_t *restrict bits, float *restrict out,
                           int64_t n) {
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         vfloat g;
         memcpy(&g, grad + i, sizeof g);
         const int32_t word = bits[i / 8] | (bits[i / 8 + 1] << 8);
-        const vint keep = ((vint){0} + word & BIT_WEIGHTS) != 0;
+        const vint keep = (((vint){0} + word) & BIT_WEIGHTS) != 0;
         g = (vfloat)((vint)g & keep);
         memcpy(out + i, &g, sizeof g);
     }
     for (; i < n; ++i) {
         out[i] = (bits[i / 8] >> (i & 7)) & 1 ? grad[i] : 0.0f;
     }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define HAVE_X86_BITS 1
+
+/* AVX-512 / AVX2 versions of the bit-mask rows: the comparison masks are the mask bits (no lane-by-lane
+ * packing). Same values as the generic code: max/min return their second operand (v) for NaN, and
+ * round-to-nearest-even rounding equals the 1.5 * 2**23 trick on clamped values (only the sign of a zero
+ * may differ, -0.0 == 0.0). */
+__attribute__((target("avx512f"))) static void quantize_row_bits_avx512(const float *x, float *out,
+                                                                      uint8_t *bits, int64_t n, float s,
+                                                                      float qmin, float qmax, int relu) {
+    const __m512 inv = _mm512_set1_ps(1.0f / s), vs = _mm512_set1_ps(s), zero = _mm512_setzero_ps();
+    const __m512 lo = _mm512_set1_ps(qmin - 0.5f), hi = _mm512_set1_ps(qmax + 0.5f);
+    const __m512 vqmin = _mm512_set1_ps(qmin), vqmax = _mm512_set1_ps(qmax);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 xv = _mm512_loadu_ps(x + i);
+        __m512 v = _mm512_mul_ps(xv, inv);
+        __mmask16 keep = relu ? _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ) : _mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ);
+        keep &= _mm512_cmp_ps_mask(v, hi, _CMP_LT_OQ);
+        v = _mm512_min_ps(vqmax, _mm512_max_ps(vqmin, v));
+        v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(v, vs));
+        memcpy(bits + i / 8, &keep, 2);
+    }
+    quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, relu);
+}
+
+__attribute__((target("avx512f"))) static void mask_row_bits_avx512(const float *grad, const uint8_t *bits,
+                                                                  float *out, int64_t n) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __mmask16 keep;
+        memcpy(&keep, bits + i / 8, 2);
+        _mm512_storeu_ps(out + i, _mm512_maskz_mov_ps(keep, _mm512_loadu_ps(grad + i)));
+    }
+    mask_row_bits_generic(grad + i, bits + i / 8, out + i, n - i);
+}
+
+__attribute__((target("avx2"))) static void quantize_row_bits_avx2(const float *x, float *out, uint8_t *bits,
+                                                                 int64_t n, float s, float qmin, float qmax,
+                                                                 int relu) {
+    const __m256 inv = _mm256_set1_ps(1.0f / s), vs = _mm256_set1_ps(s), zero = _mm256_setzero_ps();
+    const __m256 lo = _mm256_set1_ps(qmin - 0.5f), hi = _mm256_set1_ps(qmax + 0.5f);
+    const __m256 vqmin = _mm256_set1_ps(qmin), vqmax = _mm256_set1_ps(qmax);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + i);
+        __m256 v = _mm256_mul_ps(xv, inv);
+        const __m256 low = relu ? _mm256_cmp_ps(xv, zero, _CMP_GT_OQ) : _mm256_cmp_ps(v, lo, _CMP_GE_OQ);
+        bits[i / 8] = (uint8_t)_mm256_movemask_ps(_mm256_and_ps(low, _mm256_cmp_ps(v, hi, _CMP_LT_OQ)));
+        v = _mm256_min_ps(vqmax, _mm256_max_ps(vqmin, v));
+        v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(v, vs));
+    }
+    quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, relu);
+}
+
+__attribute__((target("avx2"))) static void mask_row_bits_avx2(const float *grad, const uint8_t *bits,
+                                                              float *out, int64_t n) {
+    const __m256i weights = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i byte = _mm256_set1_epi32(bits[i / 8]);
+        const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(byte, weights), weights);
+        _mm256_storeu_ps(out + i, _mm256_and_ps(_mm256_castsi256_ps(keep), _mm256_loadu_ps(grad + i)));
+    }
+    mask_row_bits_generic(grad + i, bits + i / 8, out + i, n - i);
+}
+#endif
+
+typedef void (*QuantizeBitsFn)(const float *, float *, uint8_t *, int64_t, float, float, float, int);
+typedef void (*MaskBitsFn)(const float *, const uint8_t *, float *, int64_t);
+static QuantizeBitsFn quantize_row_bits = quantize_row_bits_generic;
+static MaskBitsFn mask_row_bits = mask_row_bits_generic;
+
+static const char *bit_kernels_isa = "generic";
+
+/* Pick the bit-mask rows for this CPU once, at import; QAT_LIGHTNING_KERNEL_ISA=avx2|generic caps the
+ * choice (tests run every available one against the ATen formulas). */
+static void select_bit_kernels(void) {
+#ifdef HAVE_X86_BITS
+    const char *cap = getenv("QAT_LIGHTNING_KERNEL_ISA");
+    const int allow512 = cap == NULL || strcmp(cap, "avx512") == 0;
+    const int allow2 = allow512 || strcmp(cap, "avx2") == 0;
+    __builtin_cpu_init();
+    if (allow512 && __builtin_cpu_supports("avx512f")) {
+        quantize_row_bits = quantize_row_bits_avx512;
+        mask_row_bits = mask_row_bits_avx512;
+        bit_kernels_isa = "avx512";
+    } else if (allow2 && __builtin_cpu_supports("avx2")) {
+        quantize_row_bits = quantize_row_bits_avx2;
+        mask_row_bits = mask_row_bits_avx2;
+        bit_kernels_isa = "avx2";
+    }
+#endif
 }
 
 static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
@@ -383,4 +482,12 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "Fused fake-quant CPU kernels.", -1,
                                     methods};
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    select_bit_kernels();
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddStringConstant(m, "BIT_KERNELS_ISA", bit_kernels_isa) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

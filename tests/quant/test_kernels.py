@@ -143,3 +143,47 @@ def test_environment_switch_turns_the_kernels_off() -> None:
     env = dict(os.environ, QAT_LIGHTNING_NO_KERNELS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+_ISA_CHECK = """
+import torch
+from qat_lightning.quant import functional as qf
+from qat_lightning.quant import _kernels
+gen = torch.Generator().manual_seed(5)
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for n in (7, 16, 100, 131072 + 77):
+        x = torch.randn(n, generator=gen) * 3
+        x[:4] = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0])
+        upstream = torch.randn(n, generator=gen)
+        for relu in (False, True):
+            results = []
+            for kernels in (qf._KERNELS, None):
+                qf._KERNELS = kernels
+                leaf = x.clone().requires_grad_(True)
+                src = torch.relu(leaf) if relu and kernels is None else leaf * 1.0
+                if relu and kernels is not None:
+                    with torch.no_grad():
+                        src.relu_()
+                fused = relu and kernels is not None
+                out = qf._FakeQuantizeSTE.apply(src, torch.tensor(0.02), -128, 127, fused)
+                results.append((out.detach(), torch.autograd.grad(out, leaf, upstream)[0]))
+            qf._KERNELS = qf._KERNELS_AT_LOAD
+            (ok, gk), (oa, ga) = results
+            assert torch.equal(ok.isnan(), oa.isnan()), (n, relu)
+            assert torch.equal(ok.nan_to_num(9.0), oa.nan_to_num(9.0)), (n, relu)
+            assert torch.equal(gk, ga), (n, relu)
+print(_kernels.BIT_KERNELS_ISA)
+"""
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
+def test_every_bit_mask_kernel_matches_the_aten_formulas(isa) -> None:
+    """The per-CPU variants of the bit-mask rows (chosen at import) against the ATen formulas."""
+    env = dict(os.environ, QAT_LIGHTNING_KERNEL_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", _ISA_CHECK], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    chosen = out.stdout.strip()
+    if chosen != isa:
+        pytest.skip(f"this CPU has no {isa}; ran {chosen}")
