@@ -54,6 +54,7 @@ static int team_size(int64_t total, int64_t units, int threads) {
     int64_t useful = total / MIN_PER_THREAD;
     int64_t team = threads < useful ? threads : useful;
     team = team < units ? team : units;
+    team = team < 64 ? team : 64; /* per-thread result arrays hold 64 */
     return team > 1 ? (int)team : 1;
 #else
     (void)total;
@@ -130,10 +131,11 @@ static void mask_row(const float *restrict grad, const uint8_t *restrict mask, f
 static const vint BIT_WEIGHTS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
 
 MULTIVERSION
-static void quantize_row_bits_generic(const float *restrict x, float *restrict out, uint8_t *restrict bits, int64_t n,
+static int quantize_row_bits_generic(const float *restrict x, float *restrict out, uint8_t *restrict bits, int64_t n,
                               float s, float qmin, float qmax, int relu) {
     const float inv = 1.0f / s;
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
+    int clipped = 0; /* any mask bit 0 */
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         vfloat v, t;
@@ -151,6 +153,7 @@ static void quantize_row_bits_generic(const float *restrict x, float *restrict o
         for (int k = 0; k < LANES; ++k) word |= weighted[k];
         bits[i / 8] = (uint8_t)word;
         bits[i / 8 + 1] = (uint8_t)(word >> 8);
+        clipped |= word != 0xFFFF;
     }
     for (; i < n; ++i) {
         float v = x[i] * inv;
@@ -160,7 +163,9 @@ static void quantize_row_bits_generic(const float *restrict x, float *restrict o
         out[i] = ((v + MAGIC) - MAGIC) * s;
         if ((i & 7) == 0) bits[i / 8] = 0;
         bits[i / 8] |= (uint8_t)(keep << (i & 7));
+        clipped |= !keep;
     }
+    return clipped;
 }
 
 MULTIVERSION
@@ -188,12 +193,13 @@ static void mask_row_bits_generic(const float *restrict grad, const uint8_t *res
  * packing). Same values as the generic code: max/min return their second operand (v) for NaN, and
  * round-to-nearest-even rounding equals the 1.5 * 2**23 trick on clamped values (only the sign of a zero
  * may differ, -0.0 == 0.0). */
-__attribute__((target("avx512f"))) static void quantize_row_bits_avx512(const float *x, float *out,
+__attribute__((target("avx512f"))) static int quantize_row_bits_avx512(const float *x, float *out,
                                                                       uint8_t *bits, int64_t n, float s,
                                                                       float qmin, float qmax, int relu) {
     const __m512 inv = _mm512_set1_ps(1.0f / s), vs = _mm512_set1_ps(s), zero = _mm512_setzero_ps();
     const __m512 lo = _mm512_set1_ps(qmin - 0.5f), hi = _mm512_set1_ps(qmax + 0.5f);
     const __m512 vqmin = _mm512_set1_ps(qmin), vqmax = _mm512_set1_ps(qmax);
+    __mmask16 all = 0xFFFF;
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         const __m512 xv = _mm512_loadu_ps(x + i);
@@ -204,8 +210,9 @@ __attribute__((target("avx512f"))) static void quantize_row_bits_avx512(const fl
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm512_storeu_ps(out + i, _mm512_mul_ps(v, vs));
         memcpy(bits + i / 8, &keep, 2);
+        all &= keep;
     }
-    quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, relu);
+    return (all != 0xFFFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, relu);
 }
 
 __attribute__((target("avx512f"))) static void mask_row_bits_avx512(const float *grad, const uint8_t *bits,
@@ -219,23 +226,26 @@ __attribute__((target("avx512f"))) static void mask_row_bits_avx512(const float 
     mask_row_bits_generic(grad + i, bits + i / 8, out + i, n - i);
 }
 
-__attribute__((target("avx2"))) static void quantize_row_bits_avx2(const float *x, float *out, uint8_t *bits,
+__attribute__((target("avx2"))) static int quantize_row_bits_avx2(const float *x, float *out, uint8_t *bits,
                                                                  int64_t n, float s, float qmin, float qmax,
                                                                  int relu) {
     const __m256 inv = _mm256_set1_ps(1.0f / s), vs = _mm256_set1_ps(s), zero = _mm256_setzero_ps();
     const __m256 lo = _mm256_set1_ps(qmin - 0.5f), hi = _mm256_set1_ps(qmax + 0.5f);
     const __m256 vqmin = _mm256_set1_ps(qmin), vqmax = _mm256_set1_ps(qmax);
+    int all = 0xFF;
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 xv = _mm256_loadu_ps(x + i);
         __m256 v = _mm256_mul_ps(xv, inv);
         const __m256 low = relu ? _mm256_cmp_ps(xv, zero, _CMP_GT_OQ) : _mm256_cmp_ps(v, lo, _CMP_GE_OQ);
-        bits[i / 8] = (uint8_t)_mm256_movemask_ps(_mm256_and_ps(low, _mm256_cmp_ps(v, hi, _CMP_LT_OQ)));
+        const int keep = _mm256_movemask_ps(_mm256_and_ps(low, _mm256_cmp_ps(v, hi, _CMP_LT_OQ)));
+        bits[i / 8] = (uint8_t)keep;
+        all &= keep;
         v = _mm256_min_ps(vqmax, _mm256_max_ps(vqmin, v));
         v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm256_storeu_ps(out + i, _mm256_mul_ps(v, vs));
     }
-    quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, relu);
+    return (all != 0xFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, relu);
 }
 
 __attribute__((target("avx2"))) static void mask_row_bits_avx2(const float *grad, const uint8_t *bits,
@@ -251,7 +261,7 @@ __attribute__((target("avx2"))) static void mask_row_bits_avx2(const float *grad
 }
 #endif
 
-typedef void (*QuantizeBitsFn)(const float *, float *, uint8_t *, int64_t, float, float, float, int);
+typedef int (*QuantizeBitsFn)(const float *, float *, uint8_t *, int64_t, float, float, float, int);
 typedef void (*MaskBitsFn)(const float *, const uint8_t *, float *, int64_t);
 static QuantizeBitsFn quantize_row_bits = quantize_row_bits_generic;
 static MaskBitsFn mask_row_bits = mask_row_bits_generic;
@@ -291,19 +301,24 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
     float *out = (float *)(uintptr_t)outa;
     uint8_t *mask = (uint8_t *)(uintptr_t)maska;
     const int64_t n = (int64_t)outer * channels * inner;
+    int clipped = 1; /* per channel (byte masks): not tracked */
     Py_BEGIN_ALLOW_THREADS
     if (channels == 1) { /* one scale: the tensor as one flat range */
         const int team = team_size(n, n / 64 + 1, threads);
+        int piece_clipped[64] = {0};
 #pragma omp parallel num_threads(team) if (team > 1)
         {
             int64_t b, e;
             flat_piece(n, thread_id(), team_threads(), &b, &e);
             if (mask) {
-                quantize_row_bits(x + b, out + b, mask + b / 8, e - b, scale[0], qmin, qmax, relu);
+                piece_clipped[thread_id()] =
+                    quantize_row_bits(x + b, out + b, mask + b / 8, e - b, scale[0], qmin, qmax, relu);
             } else {
                 quantize_row(x + b, out + b, NULL, e - b, scale[0], qmin, qmax, 0);
             }
         }
+        clipped = 0;
+        for (int t = 0; t < team; ++t) clipped |= piece_clipped[t];
     } else { /* rows of `inner` elements, row r uses scale[r % channels] */
         const int64_t rows = (int64_t)outer * channels;
         const int team = team_size(n, rows, threads);
@@ -315,7 +330,7 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
+    return PyBool_FromLong(clipped);
 }
 
 static PyObject *fake_quantize_backward(PyObject *self, PyObject *args) {
@@ -467,7 +482,7 @@ static PyMethodDef methods[] = {
     {"fake_quantize_forward", fake_quantize_forward, METH_VARARGS,
      "fake_quantize_forward(x, out, mask, scale, outer, channels, inner, qmin, qmax, relu, threads): "
      "addresses of contiguous float32 x/out/scale and the mask (0: no mask): ceil(n / 8) bytes of bits when "
-     "channels == 1, else n bytes."},
+     "channels == 1, else n bytes. Returns False when a bit mask has no zero (nothing clipped), else True."},
     {"fake_quantize_backward", fake_quantize_backward, METH_VARARGS,
      "fake_quantize_backward(grad, mask, out, n, packed, threads): out = mask ? grad : 0 (packed: bit mask)."},
     {"fake_quantize_weight", fake_quantize_weight, METH_VARARGS,

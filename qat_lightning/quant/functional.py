@@ -13,9 +13,11 @@ The gradient passes where ``qmin <= round(x * (1 / scale)) <= qmax`` (both integ
 Two implementations give the same values (tested bit for bit):
 
 * **fused C kernels** (``_kernels.c``, built by ``setup.py`` at install; ``kernels_available()``): for
-  contiguous float32 CPU tensors. The forward is one pass that writes the result and a one-byte gradient
-  mask; the backward is one pass ``grad * mask``. So QAT keeps one byte per element for the backward
-  instead of the float32 input, and each direction touches memory once. Large tensors are split over
+  contiguous float32 CPU tensors. The forward is one pass that writes the result and the gradient mask
+  (one bit per element with one scale, one byte per element per channel); the backward is one pass
+  ``grad * mask``. So QAT keeps 1/32 (or 1/4) of the activation for the backward instead of the float32
+  input, and each direction touches memory once. When a per-tensor mask has no zero (nothing clipped)
+  it is not kept at all and the backward returns the upstream gradient itself. Large tensors are split over
   ``torch.get_num_threads()`` threads. ``QAT_LIGHTNING_NO_KERNELS=1`` switches them off.
 * **ATen formulas** for everything else (other dtypes or devices, non-contiguous tensors, no compiler):
   multiply, mask, round, clamp, multiply; the boolean mask is kept for the backward.
@@ -93,13 +95,15 @@ def _kernel_forward(
 ):
     """Run the fused forward kernel: the fake-quantized tensor and the uint8 gradient mask (or ``None``).
 
-    One scale: the mask is bit-packed (``ceil(numel / 8)`` bytes); per channel: one byte per element.
+    One scale: the mask is bit-packed (``ceil(numel / 8)`` bytes) and dropped (``None``) when it has no
+    zero bit, i.e. nothing was clipped: the gradient is then ``grad`` itself. Per channel: one byte per
+    element.
     """
     out = torch.empty_like(x)
     keep = None
     if mask:
         keep = torch.empty((x.numel() + 7) // 8 if shape[1] == 1 else x.shape, dtype=torch.uint8)
-    _KERNELS.fake_quantize_forward(
+    clipped = _KERNELS.fake_quantize_forward(
         x.data_ptr(),
         out.data_ptr(),
         0 if keep is None else keep.data_ptr(),
@@ -110,7 +114,7 @@ def _kernel_forward(
         relu,
         torch.get_num_threads(),
     )
-    return out, keep
+    return out, keep if clipped else None
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
@@ -137,7 +141,10 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # noqa: D102
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
-        return _masked_grad(grad, ctx.saved_tensors[0], ctx.packed), None, None, None, None
+        (keep,) = ctx.saved_tensors
+        if keep is None:  # nothing clipped: the straight-through gradient is the identity
+            return grad, None, None, None, None
+        return _masked_grad(grad, keep, ctx.packed), None, None, None, None
 
 
 def _aten_forward(

@@ -187,3 +187,19 @@ def test_every_bit_mask_kernel_matches_the_aten_formulas(isa) -> None:
     chosen = out.stdout.strip()
     if chosen != isa:
         pytest.skip(f"this CPU has no {isa}; ran {chosen}")
+
+
+@needs_kernels
+def test_nothing_clipped_keeps_no_mask_and_passes_the_gradient_through(threads) -> None:
+    x = torch.rand(131072 + 5, generator=torch.Generator().manual_seed(4)).sub_(0.5).requires_grad_(True)
+    out = fake_quantize(x, 0.01, qint8)  # |x / 0.01| <= 50: nothing clipped
+    assert out.grad_fn.saved_tensors == (None,)
+    upstream = torch.randn(x.shape)
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    assert torch.equal(grad, upstream)
+    x.detach()[7] = 5.0  # one clipped value: the bit mask is kept
+    out = fake_quantize(x, 0.01, qint8)
+    (saved,) = out.grad_fn.saved_tensors
+    assert saved is not None and saved.numel() == (x.numel() + 7) // 8
+    (grad,) = torch.autograd.grad(out, x, upstream)
+    assert grad[7] == 0 and torch.equal(grad[:7], upstream[:7])
