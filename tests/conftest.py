@@ -32,6 +32,15 @@ def seed() -> int:
 
 
 @pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Run with one intra-op thread (tiny tensors: threads only add barrier waits on a loaded machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def generator() -> torch.Generator:
     """A private torch generator seeded with 0 (does not touch the global RNG)."""
     return torch.Generator().manual_seed(0)

@@ -23,13 +23,7 @@ from qat_lightning.quant.switches import FakeCastSwitch
 HIDDEN = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add barrier waits
 
 
 class Norms(nn.Module):

@@ -14,14 +14,7 @@ from qat_lightning.quant.ops import iter_quant_ops
 from qat_lightning.quant.prepare import prepare
 from qat_lightning.quant.qat_modules import QatConvBn, QatGemm
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (seconds per test on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add barrier waits
 
 
 class ConvBnReLU(nn.Module):

@@ -25,14 +25,7 @@ from tests.models import (
     tiny_bert,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (seconds per test on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add barrier waits
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -13,14 +13,7 @@ from qat_lightning.quant.prepare import prepare
 from qat_lightning.quant.qat_modules import QatConvBn, QatFunction, QatInput, fold_bn
 from qat_lightning.quant.qconfig import get_qconfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only add barrier waits (seconds per test on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add barrier waits
 
 
 class Up(nn.Module):
