@@ -55,6 +55,7 @@ def kernels_available() -> bool:
     """Whether the fused C fake-quant kernels are in use (else the ATen formulas: same values, slower)."""
     return _KERNELS is not None
 
+
 FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
@@ -165,8 +166,7 @@ def _masked_grad(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
         grad = grad.float().contiguous()
         return _kernel_backward(grad, keep, True)
     if (
-        _KERNELS is None
-        or keep.dtype != torch.uint8
+        keep.dtype != torch.uint8  # a boolean mask from the ATen formulas
         or grad.dtype != torch.float32
         or grad.device.type != "cpu"
         or not grad.is_contiguous()
@@ -176,6 +176,7 @@ def _masked_grad(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
 
 
 def _kernel_backward(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
+    """Run the fused backward kernel on a contiguous float32 ``grad`` (``packed``: a bit mask)."""
     out = torch.empty_like(grad)
     _KERNELS_AT_LOAD.fake_quantize_backward(
         grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), packed, torch.get_num_threads()
