@@ -173,9 +173,7 @@ class QatNormOp(QatModuleOp):
         fp16_input_scaling: automatic input scaling in fp16 (default ``True``).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fp16_input_scaling = True
+    fp16_input_scaling: bool = True  # class default; set per op by set_fp16_norm_scaling
 
     def _forward(self, x: Tensor) -> Tensor:
         m = self.module
@@ -199,9 +197,7 @@ class QatNormFunction(QatFunction):
         fp16_input_scaling: automatic input scaling in fp16 (default ``True``).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.fp16_input_scaling = True
+    fp16_input_scaling: bool = True  # class default; set per op by set_fp16_norm_scaling
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         if not fp16_active(self.output_quant):

@@ -48,7 +48,6 @@ def _load_kernels():  # noqa: ANN202 - an extension module or None
 
 
 _KERNELS = _load_kernels()
-_KERNELS_AT_LOAD = _KERNELS  # the backward of a bit-packed mask needs the kernels even if tests swap them
 
 
 def kernels_available() -> bool:
@@ -178,7 +177,7 @@ def _masked_grad(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
 def _kernel_backward(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
     """Run the fused backward kernel on a contiguous float32 ``grad`` (``packed``: a bit mask)."""
     out = torch.empty_like(grad)
-    _KERNELS_AT_LOAD.fake_quantize_backward(
+    _KERNELS.fake_quantize_backward(
         grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), packed, torch.get_num_threads()
     )
     return out
