@@ -4,14 +4,18 @@ Run: ``python benchmarks/observers.py`` (one process; CPU; a few minutes at most
 
 Times are medians over ``RUNS`` runs (each run averages ``REPS`` calls), printed as ratios to the
 torch.ao ``MinMaxObserver`` update on the same tensor in the same run (so numbers from different machines
-are comparable). SQNR = 10 log10(E[x^2] / E[(x - fq(x))^2]) on a held-out batch after calibrating on
-``CALIB_BATCHES`` batches; torch.ao ``HistogramObserver`` runs with ``qscheme=per_tensor_symmetric`` and
-its scale is applied with the same int8 range [-128, 127].
+are comparable). ``kernel/ATen``: median over runs of the ratio of ``compute_scale`` with the fused
+search kernels (``_search_kernels.c``) to the same call on the ATen code (``search_kernels.disabled()``),
+timed back to back in each run (printed when the kernels are built). SQNR = 10 log10(E[x^2] /
+E[(x - fq(x))^2]) on a held-out batch after calibrating on ``CALIB_BATCHES`` batches; torch.ao
+``HistogramObserver`` runs with ``qscheme=per_tensor_symmetric`` and its scale is applied with the same
+int8 range [-128, 127].
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections.abc import Callable
@@ -20,7 +24,8 @@ import torch
 from torch.ao.quantization import HistogramObserver
 from torch.ao.quantization import MinMaxObserver as AoMinMax
 
-from qat_lightning.quant.dtypes import qint8, qint16
+from qat_lightning.quant import search_kernels
+from qat_lightning.quant.dtypes import QuantDtype, qint8, qint16
 from qat_lightning.quant.observers import make_observer
 
 METHODS = ("minmax", "moving_minmax", "percentile", "kl", "mse", "mix")
@@ -72,8 +77,10 @@ def timing_table(threads: int) -> list[str]:
             f"threads={threads} shape={shape}: torch.ao MinMaxObserver update = {base_ms:.3f} ms (= 1.00); "
             f"torch.ao HistogramObserver update = {hist_ratio:.2f}x"
         )
+        fused = search_kernels.search_kernels_available()
         lines.append(
             f"  {'method':<14}{'update':>9}{'update_range':>14}{'scale int8 ms':>15}{'int16 ms':>10}"
+            + (f"{'int8 kernel/ATen':>18}{'int16 kernel/ATen':>19}" if fused else "")
         )
         for method in METHODS:
             obs = make_observer(method)
@@ -81,7 +88,10 @@ def timing_table(threads: int) -> list[str]:
             rng = median_ratio(lambda obs=obs, x=x: obs.update_range(x), base)
             s8 = median_ms(lambda obs=obs: obs.compute_scale(qint8))
             s16 = median_ms(lambda obs=obs: obs.compute_scale(qint16))
-            lines.append(f"  {method:<14}{upd:>8.2f}x{rng:>13.2f}x{s8:>15.3f}{s16:>10.3f}")
+            row = f"  {method:<14}{upd:>8.2f}x{rng:>13.2f}x{s8:>15.3f}{s16:>10.3f}"
+            if fused and obs.histogram is not None:
+                row += f"{kernel_ratio(obs, qint8):>18.2f}{kernel_ratio(obs, qint16):>19.2f}"
+            lines.append(row)
     return lines
 
 
@@ -131,18 +141,47 @@ def sqnr_table() -> list[str]:
     return [*lines, *lines16]
 
 
+def kernel_ratio(obs: torch.nn.Module, dtype: QuantDtype) -> float:
+    """Median ratio of ``obs.compute_scale(dtype)`` with the search kernels to the ATen code, back to back."""
+
+    def aten() -> None:
+        with search_kernels.disabled():
+            obs.compute_scale(dtype)
+
+    return median_ratio(lambda: obs.compute_scale(dtype), aten)
+
+
+def _search_kernel_state() -> str:
+    if search_kernels.search_kernels_available():
+        return "in use (qat_lightning.quant._search_kernels)"
+    if os.environ.get("QAT_LIGHTNING_NO_KERNELS", "") not in ("", "0"):
+        return "off (QAT_LIGHTNING_NO_KERNELS)"
+    return "not built (ATen code)"
+
+
 def per_channel_table(threads: int) -> list[str]:
+    """Per-channel weight: update and compute_scale times; kernel / ATen search ratios timed back to back."""
     torch.set_num_threads(threads)
     w = torch.randn(256, 256, 3, 3, generator=torch.Generator().manual_seed(2))
+    fused = search_kernels.search_kernels_available()
     lines = [
-        f"per-channel weight (256, 256, 3, 3), ch_axis=0, {threads} thread(s): "
-        "update ms, compute_scale(qint8) ms"
+        f"per-channel weight (256, 256, 3, 3), ch_axis=0, {threads} thread(s); search kernels: "
+        f"{_search_kernel_state()}",
+        f"  {'method':<14}{'update ms':>10}{'int8 ms':>10}{'int16 ms':>10}"
+        + (f"{'int8 kernel/ATen':>18}{'int16 kernel/ATen':>19}" if fused else ""),
     ]
     for method in METHODS:
         obs = make_observer(method, ch_axis=0, num_channels=256)
         upd = median_ms(lambda obs=obs: obs(w))
-        s8 = median_ms(lambda obs=obs: obs.compute_scale(qint8))
-        lines.append(f"  {method:<14}{upd:>8.3f}{s8:>10.3f}")
+        row = f"  {method:<14}{upd:>10.3f}"
+        ratios = ""
+        for dtype in (qint8, qint16):
+            row += f"{median_ms(lambda obs=obs, dtype=dtype: obs.compute_scale(dtype)):>10.3f}"
+            if fused:
+                width = 18 if dtype is qint8 else 19
+                ratio = kernel_ratio(obs, dtype) if obs.histogram is not None else None
+                ratios += "-".rjust(width) if ratio is None else f"{ratio:>{width}.2f}"
+        lines.append(row + ratios)
     return lines
 
 
@@ -163,11 +202,13 @@ def main() -> None:
     clock = "thread CPU time" if args.cpu_time else "wall clock"
     print(
         f"torch {torch.__version__}; {clock}; "
-        "update and update_range as ratios to torch.ao MinMaxObserver update"
+        "update and update_range as ratios to torch.ao MinMaxObserver update; "
+        f"search kernels: {_search_kernel_state()}"
     )
     for threads in args.threads:
         print("\n".join(timing_table(threads)))
-    print("\n".join(per_channel_table(args.threads[-1])))
+    for threads in args.threads:
+        print("\n".join(per_channel_table(threads)))
     if not args.skip_sqnr:
         print("\n".join(sqnr_table()))
 

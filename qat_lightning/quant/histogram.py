@@ -11,6 +11,9 @@ Layout of :class:`AbsHistogram` (one row per channel, a single row per tensor):
   of two, histograms from different batches or ranks can always be brought to a common range exactly.
 * ``bins`` is a power of two, so ``|x| * bins / hist_range`` is an exact float product and
   ``ceil`` of it is the bin index (bin 0 only for exact zeros).
+* the observers choose ``bins`` with :func:`default_bins`: 2048 per tensor; per channel, for the kl / mse /
+  mix searches, the count they search after :func:`coarsen` (256 for 256 channels), which gives the same
+  scales as 2048 bins (nested power-of-two edges) with less memory and a cheaper update.
 
 Sampling (the cost of the per-batch update): a batch row longer than the per-row cap (``max_samples``,
 default ``2**15``, per tensor; ``max(max_samples // rows, 4096)`` per channel) is binned from a
@@ -45,7 +48,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from qat_lightning.quant.histogram_error import coarsen, estimate_mse
+from qat_lightning.quant.histogram_error import coarsen, estimate_mse, search_bins
 from qat_lightning.quant.histogram_search import (
     MIX_CANDIDATES,
     kl_threshold,
@@ -60,6 +63,7 @@ __all__ = [
     "DEFAULT_BINS",
     "DEFAULT_MAX_SAMPLES",
     "AbsHistogram",
+    "default_bins",
     "pow2_ceil",
     "coarsen",
     "estimate_mse",
@@ -74,6 +78,7 @@ __all__ = [
 RANGE_MIN: float = 2.0**-64
 """Smallest non-zero histogram range (keeps ``bins / range`` finite in float32)."""
 DEFAULT_BINS: int = 2048
+"""Bins per row of a per-tensor (and of every ``percentile``) histogram; see :func:`default_bins`."""
 DEFAULT_MAX_SAMPLES: int = 2**15
 MIN_BINS, MAX_BINS = 256, 2**16
 MIN_SAMPLES_PER_ROW: int = 4096
@@ -112,6 +117,21 @@ def _prime_at_least(n: int) -> int:
     while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
         n += 1
     return n
+
+
+def default_bins(rows: int, coarsened: bool) -> int:
+    """Default bin count per row of a histogram with ``rows`` rows.
+
+    Args:
+        rows: 1 per tensor, the channel count per channel.
+        coarsened: True for the kl / mse / mix searches, which merge many-channel histograms to
+            :func:`~qat_lightning.quant.histogram_error.search_bins` bins per row before searching: their
+            histograms are built with that many bins (``min(2048, max(256, 2**16 // rows))`` rounded down
+            to a power of two: 2048 up to 32 rows, 256 from 256 rows). The bin edges are nested powers of
+            two, so binning directly at that count gives the same merged histogram (and the same scales)
+            at a fraction of the memory and update cost. False (``percentile``, no merging): 2048.
+    """
+    return min(DEFAULT_BINS, search_bins(rows)) if coarsened else DEFAULT_BINS
 
 
 def pow2_ceil(t: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ Histogram layout (see :class:`~qat_lightning.quant.histogram.AbsHistogram`): ``c
 row's bin width ``w``. Inside a bin values are taken as uniformly spread.
 
 All functions work on every row at once (one row per channel, a single row per tensor) and return float64.
+:func:`moments`, :func:`mse_at` and :func:`edge_mse` run the fused C kernels of
+:mod:`qat_lightning.quant.search_kernels` on CPU when built (bit-identical results), else the ATen code here.
 """
 
 from __future__ import annotations
@@ -13,11 +15,33 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["SEARCH_CELLS", "coarsen", "Moments", "moments", "all_rows", "mse_at", "edge_mse", "estimate_mse"]
+from qat_lightning.quant import search_kernels
+
+__all__ = [
+    "SEARCH_CELLS",
+    "search_bins",
+    "coarsen",
+    "Moments",
+    "moments",
+    "all_rows",
+    "mse_at",
+    "edge_mse",
+    "edge_argmin",
+    "estimate_mse",
+]
 
 SEARCH_CELLS: int = 2**16
 """Most ``rows * bins`` cells the kl / mse / mix searches work on (see :func:`coarsen`)."""
 _MIN_SEARCH_BINS = 256
+
+
+def search_bins(rows: int) -> int:
+    """Most bins per row the kl / mse / mix searches use: the largest power of two ``<= 2**16 / rows``.
+
+    At least 256; histograms with more bins per row are merged to this count by :func:`coarsen`.
+    """
+    keep = max(_MIN_SEARCH_BINS, SEARCH_CELLS // max(rows, 1))
+    return 1 << (keep.bit_length() - 1)
 
 
 def coarsen(counts: torch.Tensor, width: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,13 +49,15 @@ def coarsen(counts: torch.Tensor, width: torch.Tensor) -> tuple[torch.Tensor, to
 
     Only many-channel histograms are affected (a per-tensor histogram is returned as is); it bounds the
     cost of the kl / mse / mix searches per channel. The exact-zero column is kept. Every row is merged
-    the same way, so a per-channel search equals the per-tensor search run on each coarsened row.
+    the same way, so a per-channel search equals the per-tensor search run on each coarsened row. The
+    kl / mse / mix observers build their per-channel histograms with :func:`search_bins` bins by default,
+    so this is a no-op for them unless ``bins`` was given explicitly.
     """
     rows, bins = counts.shape[0], counts.shape[1] - 1
-    keep = max(_MIN_SEARCH_BINS, SEARCH_CELLS // rows)
+    keep = search_bins(rows)
     if bins <= keep:
         return counts, width
-    group = bins // (1 << (keep.bit_length() - 1))  # power of two, as bins is one
+    group = bins // keep  # power of two, as bins and keep are
     merged = counts[:, 1:].reshape(rows, bins // group, group).sum(-1)
     return torch.cat([counts[:, :1], merged], 1), width * group
 
@@ -71,6 +97,10 @@ def moments(counts: torch.Tensor, width: torch.Tensor) -> Moments:
     """Prefix sums of ``counts`` (``(rows, bins + 1)``) with bin widths ``width`` (``(rows,)``)."""
     counts = counts.double()
     cells = counts.shape[1]
+    fused = search_kernels.moments(counts, width)
+    if fused is not None:
+        w, pre = fused
+        return Moments(cells - 1, w, counts, pre, pre[:, :, -1:])
     w = torch.where(width > 0, width.double(), 1.0)[:, None]
     j = torch.arange(cells, dtype=torch.float64, device=counts.device)
     lo = (j - 1).clamp_min(0)  # bin j covers (lo w, j w]; bin 0 (exact zeros) has both 0
@@ -96,6 +126,9 @@ def mse_at(m: Moments, row: torch.Tensor, t: torch.Tensor, qmax: int) -> torch.T
         t: thresholds.
         qmax: largest integer code of the dtype.
     """
+    fused = search_kernels.mse_at(m.pre, m.counts, m.width, row, t, qmax)
+    if fused is not None:
+        return fused
     if row.dim() == 1:
         w, n = m.width[row, 0], m.totals[:, row, 0]
     else:
@@ -123,6 +156,9 @@ def edge_mse(m: Moments, first: int, last: int, qmax: int) -> torch.Tensor:
 
     The same estimate, from slices of the prefix sums instead of one look-up per threshold.
     """
+    fused = search_kernels.edge_mse(m.pre, m.counts, m.width, first, last, qmax)
+    if fused is not None:
+        return fused[0]
     w = m.width
     i = torch.arange(first, last + 1, dtype=torch.float64, device=w.device)
     t = w * i
@@ -146,6 +182,14 @@ def edge_mse(m: Moments, first: int, last: int, qmax: int) -> torch.Tensor:
         .add_(z2)
         .div_(m.totals[0].clamp_min(1e-300))
     )
+
+
+def edge_argmin(m: Moments, first: int, last: int, qmax: int) -> torch.Tensor:
+    """``edge_mse(m, first, last, qmax).argmin(1)``, ``(rows,)`` (one pass with the kernel)."""
+    fused = search_kernels.edge_mse(m.pre, m.counts, m.width, first, last, qmax, with_argmin=True)
+    if fused is not None and fused[1] is not None:
+        return fused[1]
+    return edge_mse(m, first, last, qmax).argmin(1)
 
 
 def estimate_mse(

@@ -7,7 +7,11 @@ Import them from :mod:`qat_lightning.quant.observers` (which re-exports them and
 ``OBSERVERS``) or from here.
 
 Options of all four, after the base ones (``ch_axis``, ``num_channels``, ``ignore_nonfinite``, ``name``):
-``bins``, histogram bins, a power of two in ``[256, 65536]``; ``max_samples``, per-batch sampling cap
+``bins``, histogram bins per row, a power of two in ``[256, 65536]`` (default
+:func:`~qat_lightning.quant.histogram.default_bins`: 2048 per tensor and for ``percentile``; per channel
+for ``kl``/``mse``/``mix`` the bins their search uses, ``min(2048, max(256, 2**16 // channels))`` rounded
+down to a power of two, e.g. 256 for 256 channels: same scales as 2048 bins, less memory and update
+time; the buffer shapes are fixed at construction); ``max_samples``, per-batch sampling cap
 (see :mod:`qat_lightning.quant.histogram`), None bins every element. ``percentile`` and ``mix`` also take
 ``percentile`` in ``(0, 100]``; options are checked in that order (base, ``percentile``, histogram).
 """
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 
 from qat_lightning.quant.dtypes import QuantDtype
-from qat_lightning.quant.histogram import DEFAULT_BINS, DEFAULT_MAX_SAMPLES, AbsHistogram
+from qat_lightning.quant.histogram import DEFAULT_MAX_SAMPLES, AbsHistogram, default_bins
 from qat_lightning.quant.histogram_search import (
     MIX_CANDIDATES,
     kl_threshold,
@@ -33,7 +37,9 @@ from qat_lightning.quant.observers import Observer
 __all__ = ["PercentileObserver", "KLObserver", "MSEObserver", "MixObserver"]
 
 
-def _add_histogram(obs: Observer, bins: int, max_samples: int | None) -> None:
+def _add_histogram(obs: Observer, bins: int | None, max_samples: int | None) -> None:
+    if bins is None:  # percentile does not merge bins; kl / mse / mix search search_bins(rows) of them
+        bins = default_bins(obs._rows, coarsened=obs.kind != "percentile")
     try:
         obs.histogram = AbsHistogram(obs._rows, bins, max_samples)
     except ValueError as err:
@@ -59,7 +65,7 @@ def _histogram_init(
     ignore_nonfinite: bool = False,
     name: str = "",
     *,
-    bins: int = DEFAULT_BINS,
+    bins: int | None = None,
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
 ) -> None:
     """Initialise a histogram observer without a percentile option (``kl``, ``mse``)."""
@@ -75,7 +81,7 @@ def _percentile_init(
     name: str = "",
     *,
     percentile: float = 99.99,
-    bins: int = DEFAULT_BINS,
+    bins: int | None = None,
     max_samples: int | None = DEFAULT_MAX_SAMPLES,
 ) -> None:
     """Initialise a histogram observer with a ``percentile`` option (``percentile``, ``mix``)."""
@@ -145,7 +151,8 @@ class MixObserver(Observer):
     rounding) and the lowest wins, ties going to the earlier name in that order. ``kl`` can never win
     (its thresholds are bin edges or ``max |x|``, all of which ``mse`` or ``minmax`` already score), so
     it is not computed (:func:`histogram_search.mix_threshold`). Per channel each channel picks on its
-    own (from the histogram merged by :func:`histogram_error.coarsen` when ``channels * bins > 2**16``).
+    own (on at most ``2**16 / channels`` bins per channel: the default per-channel bin count, else the
+    histogram merged by :func:`histogram_error.coarsen`).
     ``last_choice`` names the winner of the last ``compute_scale`` (per channel: the one that won the
     most channels) and ``last_choices`` lists the winner per row. Since ``mse`` minimises the same
     estimate, it wins unless ``percentile`` or ``minmax`` lands between its refined points.

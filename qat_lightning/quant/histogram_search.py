@@ -16,7 +16,7 @@ from qat_lightning.quant.histogram_error import (
     Moments,
     all_rows,
     coarsen,
-    edge_mse,
+    edge_argmin,
     estimate_mse,
     moments,
     mse_at,
@@ -73,8 +73,8 @@ def _mse_search(
     """
     rows = all_rows(m)
     top = int(torch.ceil(amax[:, None] / m.width).max().clamp(1, m.bins))
-    coarse = edge_mse(m, 1, top, qmax)  # every edge up to the first one >= amax
-    best = torch.minimum((coarse.argmin(1, keepdim=True) + 1) * m.width, amax[:, None])
+    coarse = edge_argmin(m, 1, top, qmax)  # every edge up to the first one >= amax
+    best = torch.minimum((coarse[:, None] + 1) * m.width, amax[:, None])
     k = torch.arange(1, _REFINE + 1, dtype=torch.float64, device=amax.device)
     pts = (best - m.width + m.width / (_REFINE // 2) * k).minimum(amax[:, None])
     if extra is not None:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import torch
 
+from qat_lightning.quant import search_kernels
 from qat_lightning.quant.histogram_error import Moments, coarsen, moments, mse_at
 
 __all__ = ["KL_TOLERANCE", "kl_threshold", "kl_divergences"]
@@ -82,12 +83,19 @@ def kl_threshold(
     amax = amax.double()
     counts, width = coarsen(counts, width)
     nq = qmax + 1
+    if nq > counts.shape[1] - 1:  # every level finer than a bin (kl_divergences has no candidate)
+        return amax
     cand, kl, last = kl_divergences(counts, nq)
     if cand is None:
         return amax
+    m = moments(counts, width) if m is None else m
+    fused = search_kernels.kl_pick(
+        kl, int(cand[0]), m.pre, m.counts, m.width, amax, last, nq, qmax, tolerance, _KL_ABS_SLACK
+    )
+    if fused is not None:
+        return fused
     bound = (kl.amin(1, keepdim=True) * (1 + tolerance) + _KL_ABS_SLACK).nan_to_num_(posinf=-1.0)
     band = kl <= bound  # (a row without a finite divergence gets an empty band)
-    m = moments(counts, width) if m is None else m
     row, col = band.nonzero(as_tuple=True)
     i = cand[col]
     err = mse_at(m, row, torch.minimum(i * m.width[row, 0], amax[row]), qmax)
@@ -111,18 +119,29 @@ def kl_divergences(counts: torch.Tensor, nq: int) -> tuple[torch.Tensor | None, 
     """
     h = counts[:, 1:].double()
     rows, bins = h.shape
-    cum = h.new_empty(rows, bins + 1)
-    cum[:, 0] = 0
-    torch.cumsum(h, 1, out=cum[:, 1:])
+    fused = search_kernels.kl_low(counts.double(), nq) if nq <= bins else None
+    if fused is not None:  # prefix sums, J, and the candidates up to 2 nq when bins >= 2 nq
+        cum, last, low = fused
+    else:
+        cum, low = h.new_empty(rows, bins + 1), None
+        cum[:, 0] = 0
+        torch.cumsum(h, 1, out=cum[:, 1:])
+        last = (cum[:, :-1] < cum[:, -1:]).sum(1)  # J per row: bins up to the last non-empty one
     total = cum[:, -1:]
-    last = (cum[:, :-1] < total).sum(1)  # J per row: bins up to the last non-empty one
     if nq > bins or not bool((last >= nq).any()):
         return None, h.new_zeros(rows, 0), last
     top = int(last.max())
+    cand = torch.arange(nq, top + 1, device=h.device)
+    if low is not None:  # kl of i = nq .. 2 nq from the kernel, masked like below
+        if top <= 2 * nq:
+            return cand, low[:, : top - nq + 1], last
+        high = _high_terms(h, nq, top).t()
+        kl = _log(cum[:, 2 * nq + 1 : top + 1] / total).add_(high / total)
+        kl.masked_fill_(cand[nq + 1 :] > last[:, None], torch.inf)
+        return cand, torch.cat([low, kl], 1), last
     num = _low_terms(h, cum, nq)[:, : top - nq + 1]
     if top > 2 * nq:
         num = torch.cat([num, _high_terms(h, nq, top).t()], 1)
-    cand = torch.arange(nq, top + 1, device=h.device)
     kl = _log(cum[:, nq : top + 1] / total).add_(num / total)
     kl.masked_fill_(cand > last[:, None], torch.inf)  # also the NaN of empty rows
     return cand, kl, last

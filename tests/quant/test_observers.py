@@ -351,6 +351,50 @@ def test_rebin_is_exact() -> None:
     assert float(hist.counts[0, 0]) == 1 and float(hist.counts[1, 0]) == 2  # exact zeros
 
 
+@pytest.mark.parametrize(
+    "method,rows,bins",
+    [
+        ("kl", 1, 2048),
+        ("mse", 32, 2048),
+        ("mix", 64, 1024),
+        ("kl", 100, 512),
+        ("mse", 256, 256),
+        ("mix", 1024, 256),
+        ("percentile", 256, 2048),
+        ("percentile", 1, 2048),
+    ],
+)
+def test_default_bins_follow_the_search(method: str, rows: int, bins: int) -> None:
+    """kl / mse / mix per channel: the bins their search uses (fixed at construction); percentile: 2048."""
+    kwargs = {} if rows == 1 else {"ch_axis": 0, "num_channels": rows}
+    obs = make_observer(method, **kwargs)
+    assert obs.histogram.counts.shape == (rows, bins + 1) and obs.histogram.bins == bins
+    obs(torch.randn(rows, 40, generator=_gen(1)) * 100)  # growing the range keeps the shapes
+    state = obs.state_dict()
+    assert state["histogram.counts"].shape == (rows, bins + 1)
+    fresh = make_observer(method, **kwargs)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.compute_scale(qint8), obs.compute_scale(qint8))
+    explicit = make_observer(method, **kwargs, bins=512)
+    assert explicit.histogram.counts.shape == (rows, 513)
+
+
+@pytest.mark.parametrize("method", ("kl", "mse", "mix"))
+@pytest.mark.parametrize("data", ("gauss", "laplace"))
+def test_default_bins_give_the_scales_of_2048_bins(method: str, data: str) -> None:
+    w = torch.randn(256, 64, 3, 3, generator=_gen(2)) if data == "gauss" else _laplace((256, 64, 9), 3)
+    auto = make_observer(method, ch_axis=0, num_channels=256)
+    full = make_observer(method, ch_axis=0, num_channels=256, bins=2048)
+    assert auto.histogram.bins == 256 and full.histogram.counts.shape == (256, 2049)
+    for batch in (w, w * 3, w[:, :10] * 0.5):
+        auto(batch)
+        full(batch)
+    for dtype in (qint8, qint16):
+        assert torch.equal(auto.compute_scale(dtype), full.compute_scale(dtype))
+    if method == "mix":
+        assert auto.last_choices == full.last_choices
+
+
 @pytest.mark.parametrize("method", OBSERVER_NAMES)
 def test_per_channel_every_observer(method: str) -> None:
     x = _laplace((5, 4, 30), 11) * torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0])[:, None, None]
