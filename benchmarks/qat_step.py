@@ -25,7 +25,11 @@ of training. Ratios are to float. ``peak`` runs with glibc's default allocator (
 includes freed memory the heap keeps), ``live`` with ``MALLOC_MMAP_THRESHOLD_=65536`` (large allocations
 unmapped when freed, so the peak follows the live tensors).
 
-Usage: ``python benchmarks/qat_step.py [--model cnn|encoder|all] [--steps 9] [--threads 2] [--no-memory]``.
+``--keep-heap`` calls :func:`qat_lightning.keep_heap` at the start (timing process and ``peak`` children):
+glibc then keeps freed memory mapped instead of re-faulting it every step; all contenders run under it.
+
+Usage: ``python benchmarks/qat_step.py [--model cnn|encoder|all] [--steps 9] [--threads 2] [--no-memory]
+[--keep-heap]``.
 """
 
 from __future__ import annotations
@@ -260,11 +264,13 @@ LIVE_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 follows the live tensors instead of what the default (dynamic-threshold) heap keeps after frees."""
 
 
-def measure_memory(name: str, threads: int, env: dict[str, str] | None = None) -> dict[str, int]:
-    out = {}
+def measure_memory(
+    name: str, threads: int, env: dict[str, str] | None = None, keep_heap: bool = False
+) -> dict[str, int]:
+    out, extra = {}, ["--keep-heap"] if keep_heap else []
     for c in contenders():
         proc = subprocess.run(
-            [sys.executable, __file__, "--memory-child", name, c, "--threads", str(threads)],
+            [sys.executable, __file__, "--memory-child", name, c, "--threads", str(threads), *extra],
             capture_output=True,
             text=True,
             check=True,
@@ -286,8 +292,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-child", nargs=2, metavar=("MODEL", "CONTENDER"))
+    parser.add_argument(
+        "--keep-heap",
+        action="store_true",
+        help="call qat_lightning.keep_heap() first (glibc keeps freed memory mapped; every contender alike)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.keep_heap:
+        import qat_lightning
+
+        qat_lightning.keep_heap()
     if args.memory_child:
         memory_child(*args.memory_child)
         return
@@ -295,11 +310,15 @@ def main() -> None:
     from qat_lightning.quant.functional import kernels_available
 
     kernels = "fused C kernels" if kernels_available() else "ATen formulas (no fused kernels)"
-    print(f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps, ours: {kernels}")
+    heap = "keep_heap()" if args.keep_heap else "default glibc heap"
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps, ours: {kernels}, "
+        f"{heap}"
+    )
     for name in names:
         times, cpu = time_steps(name, args.steps)
         f_float, f_state = time_float_state(name, args.steps)
-        mem = {} if args.no_memory else measure_memory(name, args.threads)
+        mem = {} if args.no_memory else measure_memory(name, args.threads, keep_heap=args.keep_heap)
         live = {} if args.no_memory else measure_memory(name, args.threads, LIVE_ENV)
         print(f"\n{name}: train step (forward + backward + SGD)")
         print(

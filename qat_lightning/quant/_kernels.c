@@ -86,6 +86,44 @@ static int team_threads(void) {
 #endif
 }
 
+/* ---- ranges ------------------------------------------------------------------------------------------ */
+
+/* Range of t = w * f (or w) over n elements; NaN/inf anywhere makes both results NaN (the caller checks).
+ * GCC/Clang vector types (16 lanes, lowered to the clone's ISA) vectorize the min/max reductions without
+ * reassociating floats. */
+MULTIVERSION
+static void channel_range(const float *restrict w, int64_t n, float f, int use_fold, float *lo_out,
+                          float *hi_out) {
+    vfloat lo, hi, bad = {0};
+    for (int k = 0; k < LANES; ++k) {
+        lo[k] = INFINITY;
+        hi[k] = -INFINITY;
+    }
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vfloat t;
+        memcpy(&t, w + i, sizeof t);
+        if (use_fold) t *= f;
+        lo = VSELECT(t < lo, t, lo);
+        hi = VSELECT(t > hi, t, hi);
+        bad += t - t; /* 0 for finite t, NaN for NaN/inf */
+    }
+    float l = lo[0], h = hi[0], e = bad[0];
+    for (int k = 1; k < LANES; ++k) {
+        l = lo[k] < l ? lo[k] : l;
+        h = hi[k] > h ? hi[k] : h;
+        e += bad[k];
+    }
+    for (; i < n; ++i) {
+        const float t = use_fold ? w[i] * f : w[i];
+        l = t < l ? t : l;
+        h = t > h ? t : h;
+        e += t - t;
+    }
+    *lo_out = l + e;
+    *hi_out = h + e;
+}
+
 /* ---- activations: forward and backward ------------------------------------------------------------- */
 
 MULTIVERSION
@@ -288,13 +326,46 @@ static void select_bit_kernels(void) {
 #endif
 }
 
+/* Forward of one piece of a one-scale tensor; with `range` (lo, hi) also its range, taken block by block so
+ * each block is read from memory once (the range pass reads it into L1, the quantize pass reads it there). */
+#define RANGE_BLOCK 4096 /* elements: 16 KiB, a multiple of 64 (whole mask bytes per block) */
+static int quantize_piece(const float *x, float *out, uint8_t *mask, int64_t n, float s, float qmin, float qmax,
+                          int relu, float *range) {
+    if (range == NULL) {
+        if (mask) return quantize_row_bits(x, out, mask, n, s, qmin, qmax, relu);
+        quantize_row(x, out, NULL, n, s, qmin, qmax, 0);
+        return 1;
+    }
+    int clipped = 0;
+    float l = INFINITY, h = -INFINITY;
+    for (int64_t b = 0; b < n; b += RANGE_BLOCK) {
+        const int64_t m = n - b < RANGE_BLOCK ? n - b : RANGE_BLOCK;
+        float bl, bh;
+        channel_range(x + b, m, 1.0f, 0, &bl, &bh);
+        l = (bl < l || bl != bl) ? bl : l; /* NaN (a NaN/inf in the block) wins */
+        h = (bh > h || bh != bh) ? bh : h;
+        if (mask) {
+            clipped |= quantize_row_bits(x + b, out + b, mask + b / 8, m, s, qmin, qmax, relu);
+        } else {
+            quantize_row(x + b, out + b, NULL, m, s, qmin, qmax, 0);
+        }
+    }
+    range[0] = l;
+    range[1] = h;
+    return mask ? clipped : 1;
+}
+
 static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
     unsigned long long xa, outa, maska, scalea;
     long long outer, channels, inner;
     float qmin, qmax;
-    int relu, threads;
-    if (!PyArg_ParseTuple(args, "KKKKLLLffpi", &xa, &outa, &maska, &scalea, &outer, &channels, &inner, &qmin,
-                          &qmax, &relu, &threads)) {
+    int relu, threads, want_range = 0;
+    if (!PyArg_ParseTuple(args, "KKKKLLLffpi|p", &xa, &outa, &maska, &scalea, &outer, &channels, &inner, &qmin,
+                          &qmax, &relu, &threads, &want_range)) {
+        return NULL;
+    }
+    if (want_range && channels != 1) {
+        PyErr_SetString(PyExc_ValueError, "fake_quantize_forward: the range is only taken with one scale");
         return NULL;
     }
     const float *x = (const float *)(uintptr_t)xa, *scale = (const float *)(uintptr_t)scalea;
@@ -302,6 +373,8 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
     uint8_t *mask = (uint8_t *)(uintptr_t)maska;
     const int64_t n = (int64_t)outer * channels * inner;
     int clipped = 1; /* per channel (byte masks): not tracked */
+    float lo[64], hi[64];
+    int used = 1;
     Py_BEGIN_ALLOW_THREADS
     if (channels == 1) { /* one scale: the tensor as one flat range */
         const int team = team_size(n, n / 64 + 1, threads);
@@ -309,13 +382,14 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
 #pragma omp parallel num_threads(team) if (team > 1)
         {
             int64_t b, e;
-            flat_piece(n, thread_id(), team_threads(), &b, &e);
-            if (mask) {
-                piece_clipped[thread_id()] =
-                    quantize_row_bits(x + b, out + b, mask + b / 8, e - b, scale[0], qmin, qmax, relu);
-            } else {
-                quantize_row(x + b, out + b, NULL, e - b, scale[0], qmin, qmax, 0);
-            }
+            const int t = thread_id();
+            float range[2] = {INFINITY, -INFINITY};
+            if (t == 0) used = team_threads();
+            flat_piece(n, t, team_threads(), &b, &e);
+            piece_clipped[t] = quantize_piece(x + b, out + b, mask ? mask + b / 8 : NULL, e - b, scale[0], qmin,
+                                              qmax, relu, want_range ? range : NULL);
+            lo[t] = range[0];
+            hi[t] = range[1];
         }
         clipped = 0;
         for (int t = 0; t < team; ++t) clipped |= piece_clipped[t];
@@ -330,7 +404,13 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
         }
     }
     Py_END_ALLOW_THREADS
-    return PyBool_FromLong(clipped);
+    if (!want_range) return PyBool_FromLong(clipped);
+    float l = lo[0], h = hi[0];
+    for (int t = 1; t < used; ++t) { /* NaN in any piece wins */
+        l = (lo[t] < l || lo[t] != lo[t]) ? lo[t] : l;
+        h = (hi[t] > h || hi[t] != hi[t]) ? hi[t] : h;
+    }
+    return Py_BuildValue("Nff", PyBool_FromLong(clipped), l, h);
 }
 
 static PyObject *fake_quantize_backward(PyObject *self, PyObject *args) {
@@ -357,44 +437,6 @@ static PyObject *fake_quantize_backward(PyObject *self, PyObject *args) {
     }
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
-}
-
-/* ---- ranges ------------------------------------------------------------------------------------------ */
-
-/* Range of t = w * f (or w) over n elements; NaN/inf anywhere makes both results NaN (the caller checks).
- * GCC/Clang vector types (16 lanes, lowered to the clone's ISA) vectorize the min/max reductions without
- * reassociating floats. */
-MULTIVERSION
-static void channel_range(const float *restrict w, int64_t n, float f, int use_fold, float *lo_out,
-                          float *hi_out) {
-    vfloat lo, hi, bad = {0};
-    for (int k = 0; k < LANES; ++k) {
-        lo[k] = INFINITY;
-        hi[k] = -INFINITY;
-    }
-    int64_t i = 0;
-    for (; i + LANES <= n; i += LANES) {
-        vfloat t;
-        memcpy(&t, w + i, sizeof t);
-        if (use_fold) t *= f;
-        lo = VSELECT(t < lo, t, lo);
-        hi = VSELECT(t > hi, t, hi);
-        bad += t - t; /* 0 for finite t, NaN for NaN/inf */
-    }
-    float l = lo[0], h = hi[0], e = bad[0];
-    for (int k = 1; k < LANES; ++k) {
-        l = lo[k] < l ? lo[k] : l;
-        h = hi[k] > h ? hi[k] : h;
-        e += bad[k];
-    }
-    for (; i < n; ++i) {
-        const float t = use_fold ? w[i] * f : w[i];
-        l = t < l ? t : l;
-        h = t > h ? t : h;
-        e += t - t;
-    }
-    *lo_out = l + e;
-    *hi_out = h + e;
 }
 
 static PyObject *tensor_range(PyObject *self, PyObject *args) {
@@ -480,9 +522,10 @@ static PyObject *fake_quantize_weight(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"fake_quantize_forward", fake_quantize_forward, METH_VARARGS,
-     "fake_quantize_forward(x, out, mask, scale, outer, channels, inner, qmin, qmax, relu, threads): "
+     "fake_quantize_forward(x, out, mask, scale, outer, channels, inner, qmin, qmax, relu, threads, range=False): "
      "addresses of contiguous float32 x/out/scale and the mask (0: no mask): ceil(n / 8) bytes of bits when "
-     "channels == 1, else n bytes. Returns False when a bit mask has no zero (nothing clipped), else True."},
+     "channels == 1, else n bytes. Returns False when a bit mask has no zero (nothing clipped), else True; "
+     "with range (one scale only) (clipped, min, max) of x, min and max NaN if x holds NaN/inf."},
     {"fake_quantize_backward", fake_quantize_backward, METH_VARARGS,
      "fake_quantize_backward(grad, mask, out, n, packed, threads): out = mask ? grad : 0 (packed: bit mask)."},
     {"fake_quantize_weight", fake_quantize_weight, METH_VARARGS,

@@ -4,8 +4,12 @@ A ``FakeQuantize`` owns one observer and a ``scale`` buffer. Its behaviour is se
 
 * ``QAT``: fake quant with a straight-through gradient. Activation scales follow the data with a
   moving average of the batch ``|x|`` max (``scale += c * (amax / qmax - scale)``, ``c =
-  qat_averaging_constant``), starting from the calibrated scale; weight scales are the per-channel
-  ``|w|`` max of the current weights. Fixed scales never move.
+  qat_averaging_constant``), starting from the calibrated scale: each batch is fake-quantized with the
+  scale as it stands and then moves it, so the fused kernel takes the batch's range in the same pass
+  (torch.ao's ``FakeQuantize`` observes first; with ``c = 0.01`` the two scales differ by 1 % of the
+  gap between the batch max and the average). Before the first scale, and with ``c = 1`` (the scale is
+  each batch's own max), the batch is observed first. Weight scales are the per-channel ``|w|`` max of
+  the current weights. Fixed scales never move.
 * ``CALIBRATION``: the observer collects statistics; values pass through unchanged.
 * ``VALIDATION``: fake quant with the frozen scale; nothing is observed.
 * ``FLOAT``: identity, one attribute test.
@@ -26,11 +30,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _nn_module
 
 from qat_lightning.quant import functional as _functional
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
 from qat_lightning.quant.functional import _FakeQuantizeSTE, _scale_view, fake_cast
 from qat_lightning.quant.observers import SCALE_EPS, Observer, make_observer
+from qat_lightning.quant.overwrite import overwrite_target
 from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
 _SCALE_EPS_F32 = float(torch.tensor(SCALE_EPS, dtype=torch.float32))
@@ -119,6 +125,7 @@ class FakeQuantize(nn.Module):
         self.state = FakeQuantState.QAT
         self._dirty = observer == "fixed"
         self._relu_fused = False  # set by forward_relu for the duration of one call
+        self._overwrite = False  # set by forward_owned for the duration of one call
         self._fixed = observer == "fixed"  # python mirrors of the flag buffers: no tensor read per forward
         self._ready = False
 
@@ -204,13 +211,8 @@ class FakeQuantize(nn.Module):
             return
         scale = self._buffers["scale"]
         amax_f = self.observer._update_range_fused(x.detach())
-        if amax_f is not None:  # per tensor: the float32 scale from Python floats (division is exact)
-            batch_scale = torch.tensor(max(amax_f / self._dtype.qmax, _SCALE_EPS_F32))
-            if not self._ready:
-                scale.copy_(batch_scale)
-                self._mark_ready()
-            else:
-                scale.lerp_(batch_scale, self.qat_averaging_constant)
+        if amax_f is not None:
+            self._move_scale(amax_f)
             return
         amax = self.observer.update_range(x.detach())
         batch_scale = (amax.float() / self._dtype.qmax).clamp_min_(SCALE_EPS)
@@ -219,6 +221,40 @@ class FakeQuantize(nn.Module):
             self._mark_ready()
         else:
             scale.lerp_(batch_scale.reshape(scale.shape), self.qat_averaging_constant)
+
+    def _averages(self) -> bool:
+        """Whether QAT moves this scale by a moving average (per tensor, averaging constant below 1)."""
+        return self.ch_axis is None and self.qat_averaging_constant < 1.0
+
+    def _move_scale(self, amax: float) -> None:
+        """Move a per-tensor scale with the batch ``max |x|`` ``amax`` (float32 scale from Python floats)."""
+        batch_scale = torch.tensor(max(amax / self._dtype.qmax, _SCALE_EPS_F32))
+        if not self._ready:
+            self._buffers["scale"].copy_(batch_scale)
+            self._mark_ready()
+        else:
+            self._buffers["scale"].lerp_(batch_scale, self.qat_averaging_constant)
+
+    def _quantize_then_observe(self, x: Tensor, relu: bool) -> Tensor:
+        """QAT activation: fake-quantize with the scale as it stands, then move it with the batch's range.
+
+        With the fused kernels the range comes from the same pass over ``x`` (one read of the batch instead
+        of two); otherwise, or when the batch holds NaN/inf, the observer then sees the batch as usual.
+        """
+        dtype, seen = self._dtype, []
+        target = overwrite_target(x) if self._overwrite else None
+        scale = self._buffers["scale"].reshape(())
+        if target is not None:  # x, or the whole result x reshapes: write the result into it
+            out = _FakeQuantizeSTE.apply(target, scale, dtype.qmin, dtype.qmax, relu, seen, True)
+            out = out if target is x else out.view(x.shape)
+        else:
+            out = _FakeQuantizeSTE.apply(x, scale, dtype.qmin, dtype.qmax, relu, seen)
+        amax = self.observer._record_range(*seen) if seen else None
+        if amax is None:
+            self._qat_update(x)
+        else:
+            self._move_scale(amax)
+        return out
 
     def _qat_weight_fused(self, weight: Tensor, fold: Tensor | None) -> Tensor | None:
         """QAT ``self(weight * fold) / fold`` for a per-channel (axis 0) weight in one fused kernel.
@@ -312,15 +348,36 @@ class FakeQuantize(nn.Module):
                 x.relu_()
             self._relu_fused = True  # through __call__, so forward hooks on this node still run
             try:
-                return self(x)
+                return self.forward_owned(x)
             finally:
                 self._relu_fused = False
         return self(torch.relu_(x))
+
+    def forward_owned(self, x: Tensor) -> Tensor:
+        """``self(x)`` for a tensor only the caller holds (an op's fresh result): QAT may overwrite ``x``.
+
+        In QAT, when no forward hook could see ``x`` and autograd kept nothing aliasing it
+        (:func:`~qat_lightning.quant.overwrite.overwrite_target`), the fused kernel writes the result into
+        ``x``'s memory instead of a new buffer. Same values and gradients as ``self(x)``.
+        """
+        if self.state is FakeQuantState.QAT and not (
+            self._forward_hooks or self._forward_pre_hooks or _nn_module._global_forward_hooks
+        ):
+            self._overwrite = True
+            try:
+                return self(x)
+            finally:
+                self._overwrite = False
+        return self(x)
 
     def _fake_quantize(self, x: Tensor, relu: bool) -> Tensor:
         """QAT / VALIDATION: update (QAT) or refresh the scale, then fake-quantize."""
         dtype = self._dtype
         if self.state is FakeQuantState.QAT:
+            if self._dirty:
+                self.refresh_scale()
+            if self._ready and not self._fixed and self._averages():
+                return self._quantize_then_observe(x, relu)
             self._qat_update(x)
         elif self._dirty or not self._ready:
             self.refresh_scale()

@@ -178,7 +178,7 @@ class QatNormOp(QatModuleOp):
     def _forward(self, x: Tensor) -> Tensor:
         m = self.module
         if not fp16_active(self.output_quant):
-            return self._out(m(x))
+            return super()._forward(x)
         if isinstance(m, nn.GroupNorm):
             y = fp16_group_norm(x, m.num_groups, m.weight, m.bias, m.eps, self.fp16_input_scaling)
         else:

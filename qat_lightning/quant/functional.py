@@ -91,15 +91,24 @@ def _kernel_shape(x: Tensor, scale: Tensor) -> tuple[int, int, int] | None:
 
 
 def _kernel_forward(
-    x: Tensor, scale: Tensor, qmin: int, qmax: int, shape: tuple[int, int, int], mask: bool, relu: bool
+    x: Tensor,
+    scale: Tensor,
+    qmin: int,
+    qmax: int,
+    shape: tuple[int, int, int],
+    mask: bool,
+    relu: bool,
+    seen: list[float] | None = None,
+    inplace: bool = False,
 ):
     """Run the fused forward kernel: the fake-quantized tensor and the uint8 gradient mask (or ``None``).
 
     One scale: the mask is bit-packed (``ceil(numel / 8)`` bytes) and dropped (``None``) when it has no
     zero bit, i.e. nothing was clipped: the gradient is then ``grad`` itself. Per channel: one byte per
-    element.
+    element. ``seen`` (one scale only) receives ``[min(x), max(x)]`` from the same pass (NaN for NaN/inf).
+    ``inplace`` (one scale, with a mask): the result is written into ``x``, which is returned.
     """
-    out = torch.empty_like(x)
+    out = x if inplace and mask and shape[1] == 1 else torch.empty_like(x)
     keep = None
     if mask:
         keep = torch.empty((x.numel() + 7) // 8 if shape[1] == 1 else x.shape, dtype=torch.uint8)
@@ -113,7 +122,11 @@ def _kernel_forward(
         float(qmax),
         relu,
         torch.get_num_threads(),
+        seen is not None,
     )
+    if seen is not None:
+        clipped, lo, hi = clipped
+        seen += (lo, hi)
     return out, keep if clipped else None
 
 
@@ -123,28 +136,43 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     ``relu=True``: ``x`` already holds ``max(x, 0)`` (applied in place without autograd by the caller) and
     the gradient mask also carries ReLU's ``x > 0``: the result and gradient of ``fake_quant(relu(x))``
     without ReLU's output kept for backward.
+
+    ``seen``: an empty list that receives ``[min(x), max(x)]``, taken by the kernel in the same pass over
+    ``x`` (it stays empty where the kernel does not apply). ``inplace``: the kernel may write the result
+    into ``x`` (marked dirty), for a tensor nothing else holds (see :mod:`~qat_lightning.quant.overwrite`).
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, relu: bool = False) -> Tensor:  # noqa: D102
+    def forward(  # noqa: D102
+        ctx,
+        x: Tensor,
+        scale: Tensor,
+        qmin: int,
+        qmax: int,
+        relu: bool = False,
+        seen: list[float] | None = None,
+        inplace: bool = False,
+    ) -> Tensor:
         need_mask = ctx.needs_input_grad[0]
         shape = _kernel_shape(x, scale)
         ctx.packed = shape is not None and shape[1] == 1
         if shape is not None:
-            out, keep = _kernel_forward(x, scale, qmin, qmax, shape, need_mask, relu)
+            out, keep = _kernel_forward(x, scale, qmin, qmax, shape, need_mask, relu, seen, inplace)
+            if out is x:
+                ctx.mark_dirty(x)
         else:
             out, keep = _aten_forward(x, scale, qmin, qmax, need_mask, relu)
         ctx.save_for_backward(keep)
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:  # noqa: D102
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:  # noqa: D102
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None, None
         (keep,) = ctx.saved_tensors
         if keep is None:  # nothing clipped: the straight-through gradient is the identity
-            return grad, None, None, None, None
-        return _masked_grad(grad, keep, ctx.packed), None, None, None, None
+            return grad, None, None, None, None, None, None
+        return _masked_grad(grad, keep, ctx.packed), None, None, None, None, None, None
 
 
 def _aten_forward(

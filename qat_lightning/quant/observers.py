@@ -233,6 +233,14 @@ class Observer(torch.nn.Module, abc.ABC):
         ):
             return None
         lo, hi = kernels.tensor_range(x.data_ptr(), x.numel(), torch.get_num_threads())
+        return self._record_range(lo, hi)
+
+    def _record_range(self, lo: float, hi: float) -> float | None:
+        """Add the range ``(lo, hi)`` of a finite per-tensor batch to the statistics; ``max |x|``.
+
+        ``None`` (nothing recorded) when ``lo``/``hi`` is NaN or inf: the general path must then see the
+        batch (it raises, or drops the non-finite values).
+        """
         if not (math.isfinite(lo) and math.isfinite(hi)):
             return None
         self.min_val.clamp_(max=lo)

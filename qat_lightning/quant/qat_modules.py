@@ -22,7 +22,7 @@ BN-folded weight and bias (one weight-sized multiply per forward).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -109,6 +109,18 @@ def quantize_weight(wq: FakeQuantize, weight: Tensor, fold: Tensor | None = None
     return wq(weight * fold) / fold
 
 
+def _fresh(y: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
+    """Whether tensor ``y`` shares no memory with a tensor among ``args``/``kwargs`` (one level of lists)."""
+    if not isinstance(y, Tensor):
+        return False
+    ptr = y.untyped_storage().data_ptr()
+    for a in (*args, *kwargs.values()):
+        for t in a if isinstance(a, (list, tuple)) else (a,):
+            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() == ptr:
+                return False
+    return True
+
+
 class QuantOp(nn.Module):
     """Base of every op module: the quant nodes, the :class:`OpInfo` and call-site dispatch.
 
@@ -148,9 +160,12 @@ class QuantOp(nn.Module):
     def _forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _out(self, y: Any) -> Any:
+    def _out(self, y: Any, owned: bool = False) -> Any:
+        """Apply the output quant node (``owned``: ``y`` is the op's fresh result, held by no one else)."""
         q = self.output_quant
-        return q(y) if q is not None and isinstance(y, Tensor) else y
+        if q is None or not isinstance(y, Tensor):
+            return y
+        return q.forward_owned(y) if owned else q(y)
 
     def extra_repr(self) -> str:
         """Show the op name and type."""
@@ -202,7 +217,7 @@ class QatGemm(QuantOp):
         m = self.module
         x = self.input_quant[0](x)
         y = _gemm(self.kind, m, x, quantize_weight(self.weight_quant, m.weight), m.bias, output_size)
-        return self.output_quant.forward_relu(y) if self.relu else self.output_quant(y)
+        return self.output_quant.forward_relu(y) if self.relu else self.output_quant.forward_owned(y)
 
 
 def fold_bn(
@@ -319,7 +334,7 @@ class QatConvBn(QuantOp):
         y = self._conv_bn(self.input_quant[0](x))
         if self.add:
             y = y.add_(self.input_quant[1](residual))
-        return self.output_quant.forward_relu(y) if self.relu else self.output_quant(y)
+        return self.output_quant.forward_relu(y) if self.relu else self.output_quant.forward_owned(y)
 
     def extra_repr(self) -> str:
         """Show name, type and QAT mode."""
@@ -334,7 +349,9 @@ class QatModuleOp(QuantOp):
         self.module = module
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self._out(self.module(*args, **kwargs))
+        y = self.module(*args, **kwargs)
+        # the result is ours unless a hook on the module could have kept it or it shares an input's memory
+        return self._out(y, not self.module._forward_hooks and _fresh(y, args, kwargs))
 
 
 class QatFunction(QuantOp):
@@ -375,7 +392,7 @@ class QatFunction(QuantOp):
             out = getattr(args[0], self.target)(*args[1:], **kwargs)
         else:
             out = self.target(*args, **kwargs)
-        return self._out(out)
+        return self._out(out, _fresh(out, args, kwargs))
 
     def extra_repr(self) -> str:
         """Show name, type and the function."""

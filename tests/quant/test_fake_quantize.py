@@ -136,13 +136,72 @@ def test_qat_moving_average_of_the_scale(generator) -> None:
     x0 = torch.randn(50, generator=generator)
     fq = calibrated(x0, qat_averaging_constant=c)
     s = float(x0.abs().max()) / 127  # calibrated
+    seen_max = float(x0.max())
     set_fake_quantize(fq, FakeQuantState.QAT)
     for k in range(4):
         x = torch.randn(50, generator=generator) * (k + 2)
+        before = fq.scale.clone()
         out = fq(x)
-        s = s + c * (float(x.abs().max()) / 127 - s)  # documented: scale += c * (amax / qmax - scale)
+        # documented: quantized with the scale as it stands, then scale += c * (amax / qmax - scale)
+        assert torch.equal(out, fake_quantize(x, before, qint8))
+        s = s + c * (float(x.abs().max()) / 127 - s)
         assert float(fq.scale) == pytest.approx(s, rel=1e-6)
-        assert torch.equal(out, fake_quantize(x, fq.scale, qint8))
+        seen_max = max(seen_max, float(x.max()))
+        assert float(fq.observer.max_val) == seen_max  # the statistics saw the batch too
+
+
+def test_qat_without_averaging_quantizes_with_the_batch_max(generator) -> None:
+    fq = calibrated(torch.randn(50, generator=generator), qat_averaging_constant=1.0)
+    set_fake_quantize(fq, FakeQuantState.QAT)
+    x = torch.randn(50, generator=generator) * 7
+    out = fq(x)  # c = 1: the scale is this batch's own max, taken before quantizing
+    assert float(fq.scale) == pytest.approx(float(x.abs().max()) / 127, rel=1e-6)
+    assert torch.equal(out, fake_quantize(x, fq.scale, qint8))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_qat_one_pass_statistics_and_gradient_match_the_two_pass_order(generator, relu) -> None:
+    """The fused kernel takes the range in the quantizing pass: same output, gradient and statistics."""
+    x0 = torch.randn(40_000, generator=generator)
+    fused, plain = calibrated(x0), calibrated(x0)
+    for fq in (fused, plain):
+        set_fake_quantize(fq, FakeQuantState.QAT)
+    x = (torch.randn(40_003, generator=generator) * 3).requires_grad_()
+    y = x.detach().clone().requires_grad_()
+    scale = plain.scale.clone()
+    out = fused.forward_relu(x.clone()) if relu else fused(x)
+    ref_in = torch.relu(y) if relu else y
+    ref = fake_quantize(ref_in, scale, qint8)  # quantized with the scale before the batch
+    plain._qat_update(ref_in.detach())  # then the batch moves the scale (the general observer path)
+    assert torch.equal(out, ref)
+    grad = torch.randn(out.shape, generator=generator)
+    out.backward(grad)
+    ref.backward(grad)
+    assert torch.equal(x.grad, y.grad)
+    assert torch.equal(fused.scale, plain.scale)
+    assert torch.equal(fused.observer.min_val, plain.observer.min_val)
+    assert torch.equal(fused.observer.max_val, plain.observer.max_val)
+    assert int(fused.observer.num_batches) == int(plain.observer.num_batches)
+
+
+def test_qat_one_pass_with_nonfinite_values(generator) -> None:
+    fq = calibrated(torch.randn(64, generator=generator), ignore_nonfinite=True)
+    set_fake_quantize(fq, FakeQuantState.QAT)
+    x = torch.randn(64, generator=generator)
+    before = fq.scale.clone()
+    x[3] = float("nan")
+    x[9] = float("inf")
+    out = fq(x)
+    finite = torch.cat([x[:3], x[4:9], x[10:]])
+    expected = before + 0.01 * (finite.abs().max() / 127 - before)
+    torch.testing.assert_close(fq.scale, expected, rtol=1e-6, atol=0)
+    assert torch.equal(out[:3], fake_quantize(x[:3], before, qint8))
+    strict = calibrated(torch.randn(64, generator=generator))
+    set_fake_quantize(strict, FakeQuantState.QAT)
+    scale = strict.scale.clone()
+    with pytest.raises(ValueError, match="NaN|inf|non-finite"):
+        strict(x)
+    assert torch.equal(strict.scale, scale)
 
 
 def test_qat_without_calibration_starts_from_the_first_batch(generator) -> None:
