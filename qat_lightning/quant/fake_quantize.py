@@ -74,6 +74,11 @@ class FakeQuantState(str, enum.Enum):
         raise ValueError(f"unknown FakeQuantState {value!r}; allowed: {', '.join(s.name for s in cls)}")
 
 
+def _set_flag(module: nn.Module, name: str, value: bool) -> None:
+    """Set a plain attribute without ``nn.Module.__setattr__``'s checks (a per-call flag on the hot path)."""
+    object.__setattr__(module, name, value)
+
+
 class FakeQuantize(nn.Module):
     """One quant point: observer + scale + fake quant (or fake cast for float16).
 
@@ -243,7 +248,7 @@ class FakeQuantize(nn.Module):
         """
         dtype, seen = self._dtype, []
         target = overwrite_target(x) if self._overwrite else None
-        scale = self._buffers["scale"].reshape(())
+        scale = self._buffers["scale"]  # shape (): per tensor
         if target is not None:  # x, or the whole result x reshapes: write the result into it
             out = _FakeQuantizeSTE.apply(target, scale, dtype.qmin, dtype.qmax, relu, seen, True)
             out = out if target is x else out.view(x.shape)
@@ -346,11 +351,11 @@ class FakeQuantize(nn.Module):
         ):
             with torch.no_grad():
                 x.relu_()
-            self._relu_fused = True  # through __call__, so forward hooks on this node still run
+            _set_flag(self, "_relu_fused", True)  # through __call__, so forward hooks on this node still run
             try:
                 return self.forward_owned(x)
             finally:
-                self._relu_fused = False
+                _set_flag(self, "_relu_fused", False)
         return self(torch.relu_(x))
 
     def forward_owned(self, x: Tensor) -> Tensor:
@@ -363,11 +368,11 @@ class FakeQuantize(nn.Module):
         if self.state is FakeQuantState.QAT and not (
             self._forward_hooks or self._forward_pre_hooks or _nn_module._global_forward_hooks
         ):
-            self._overwrite = True
+            _set_flag(self, "_overwrite", True)
             try:
                 return self(x)
             finally:
-                self._overwrite = False
+                _set_flag(self, "_overwrite", False)
         return self(x)
 
     def _fake_quantize(self, x: Tensor, relu: bool) -> Tensor:

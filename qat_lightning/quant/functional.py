@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
+from qat_lightning.quant.overwrite import exclusive_grad, grad_holders
 
 __all__ = ["fake_quantize", "fake_cast", "FP16_MAX", "kernels_available"]
 
@@ -172,7 +173,9 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         (keep,) = ctx.saved_tensors
         if keep is None:  # nothing clipped: the straight-through gradient is the identity
             return grad, None, None, None, None, None, None
-        return _masked_grad(grad, keep, ctx.packed), None, None, None, None, None, None
+        # the masked gradient goes into `grad` itself when nothing else holds it (see quant.overwrite)
+        inplace = ctx.packed and exclusive_grad(grad_holders(grad))
+        return _masked_grad(grad, keep, ctx.packed, inplace), None, None, None, None, None, None
 
 
 def _aten_forward(
@@ -187,11 +190,13 @@ def _aten_forward(
     return v.round_().clamp_(qmin, qmax).mul_(scale), keep
 
 
-def _masked_grad(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
-    """``grad`` where the forward's mask is set, 0 elsewhere (the fused backward kernel when it applies)."""
+def _masked_grad(grad: Tensor, keep: Tensor, packed: bool, inplace: bool = False) -> Tensor:
+    """``grad`` where the forward's mask is set, 0 elsewhere (the fused backward kernel when it applies).
+
+    ``inplace`` (a bit mask): write the result into ``grad``, which nothing else holds.
+    """
     if packed:
-        grad = grad.float().contiguous()
-        return _kernel_backward(grad, keep, True)
+        return _kernel_backward(grad.float().contiguous(), keep, True, inplace)
     if (
         keep.dtype != torch.uint8  # a boolean mask from the ATen formulas
         or grad.dtype != torch.float32
@@ -202,9 +207,12 @@ def _masked_grad(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
     return _kernel_backward(grad, keep, False)
 
 
-def _kernel_backward(grad: Tensor, keep: Tensor, packed: bool) -> Tensor:
-    """Run the fused backward kernel on a contiguous float32 ``grad`` (``packed``: a bit mask)."""
-    out = torch.empty_like(grad)
+def _kernel_backward(grad: Tensor, keep: Tensor, packed: bool, inplace: bool = False) -> Tensor:
+    """Run the fused backward kernel on a contiguous float32 ``grad`` (``packed``: a bit mask).
+
+    ``inplace``: the result goes into ``grad``.
+    """
+    out = grad if inplace else torch.empty_like(grad)
     _KERNELS.fake_quantize_backward(
         grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), packed, torch.get_num_threads()
     )

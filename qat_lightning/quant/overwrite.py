@@ -1,4 +1,8 @@
-"""When a QAT quant node may write its result into its input: :func:`overwrite_target`.
+"""When a QAT quant node may write into a tensor instead of a new one: forward and backward.
+
+* :func:`overwrite_target`: the forward writes its result into the op's output.
+* :func:`grad_holders` / :func:`exclusive_grad`: the backward writes the masked gradient into the
+  incoming gradient.
 
 An op module (conv, linear, matmul, add, LayerNorm, GELU, ...) hands its output quant node a tensor that
 nothing else holds: the op's fresh result. Writing the fake-quantized values into that tensor instead of a
@@ -11,10 +15,13 @@ the whole of its storage.
 
 from __future__ import annotations
 
+import functools
+import sys
+
 import torch
 from torch import Tensor
 
-__all__ = ["overwrite_target"]
+__all__ = ["overwrite_target", "grad_holders", "exclusive_grad"]
 
 # attributes of torch's generated autograd nodes that hold the node's own (first) output
 _SAVED_OUTPUT = ("_saved_result", "_saved_result0", "_saved_output")
@@ -61,3 +68,69 @@ def overwrite_target(x: Tensor) -> Tensor | None:
     ):
         return None
     return base if base.dtype == torch.float32 else None
+
+
+# ---- backward ------------------------------------------------------------------------------------------
+# The incoming gradient of a node may also be held elsewhere: the same tensor handed to two branches (an add
+# passes its gradient to both inputs), captured by ``torch.autograd.grad``, kept by a tensor hook, or a view
+# of a tensor someone else holds. The engine itself only steals a gradient buffer when it holds the only
+# reference (``use_count() == 1``, its InputBuffer accumulation); here the same counts are taken (tensor,
+# Python object, storage, and the base of a view) and compared with those of a gradient known to be
+# exclusive, measured once by a probe that goes through the same call path.
+
+
+def grad_holders(grad: Tensor) -> tuple[object, ...] | None:
+    """Count who holds ``grad`` (and its base when it is a view); None if it may not be overwritten.
+
+    Call it directly from a custom Function's ``backward`` (the Python count depends on the call depth).
+    Only a contiguous float32 CPU gradient that does not itself require grad qualifies.
+    """
+    if grad.requires_grad or grad.dtype != torch.float32 or grad.device.type != "cpu":
+        return None
+    if not grad.is_contiguous():
+        return None
+    counts: tuple[object, ...] = (
+        grad._use_count(),
+        sys.getrefcount(grad),
+        torch._C._storage_Use_Count(grad.untyped_storage()._cdata),
+    )
+    if grad._is_view():
+        base = grad._base
+        counts += (base._use_count(), sys.getrefcount(base), base.numel() == grad.numel(), base._is_view())
+    return counts
+
+
+def exclusive_grad(holders: tuple[object, ...] | None) -> bool:
+    """Whether :func:`grad_holders` counts are those of a gradient nothing else holds."""
+    return holders is not None and holders in _exclusive_counts()
+
+
+_PROBED: list[tuple[object, ...] | None] = []
+
+
+class _HolderProbe(torch.autograd.Function):
+    """Identity whose backward records :func:`grad_holders` of its (exclusive) incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: ANN001, D102
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: ANN001, D102
+        _PROBED.append(grad_holders(grad))
+        return grad
+
+
+@functools.cache
+def _exclusive_counts() -> frozenset[tuple[object, ...]]:
+    """Measure an exclusive plain gradient and an exclusive full-size view (an empty set on failure)."""
+    _PROBED.clear()
+    try:
+        with torch.enable_grad():
+            x = torch.ones(8, requires_grad=True)
+            (_HolderProbe.apply(x * 2) * 3).sum().backward()  # a fresh gradient from MulBackward
+            (_HolderProbe.apply(x * 2).view(2, 4) * 3).sum().backward()  # a view of a fresh gradient
+    except RuntimeError:  # e.g. under inference mode: never overwrite
+        return frozenset()
+    probed = [c for c in _PROBED if c is not None]
+    return frozenset(probed) if len(probed) == 2 else frozenset()

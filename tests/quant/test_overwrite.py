@@ -13,6 +13,7 @@ from qat_lightning.quant import functional
 from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
 from qat_lightning.quant.overwrite import overwrite_target
 from qat_lightning.quant.prepare import prepare
+from tests.models import TinyEncoder, TinyResNet
 
 needs_kernels = pytest.mark.skipif(not functional.kernels_available(), reason="fused kernels not built")
 
@@ -120,11 +121,26 @@ class TinyAttention(nn.Module):
         return self.out(self.act(self.fc(h)))
 
 
+MODELS = {
+    "attention": (TinyAttention, (4, 10, 16)),
+    "resnet": (TinyResNet, (4, 3, 16, 16)),
+    "encoder": (TinyEncoder, None),
+}
+
+
 @needs_kernels
-def test_prepared_model_training_is_unchanged_by_overwriting(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("family", sorted(MODELS))
+def test_prepared_model_training_is_unchanged_by_writing_in_place(
+    monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
     torch.manual_seed(0)
-    data = [torch.randn(4, 10, 16) for _ in range(3)]
-    model = prepare(TinyAttention(), data[0])
+    cls, shape = MODELS[family]
+    float_model = cls()
+    if shape is None:
+        data = [float_model.example_inputs(4)[0] for _ in range(3)]
+    else:
+        data = [torch.randn(*shape) for _ in range(3)]
+    model = prepare(float_model, data[0])
     set_fake_quantize(model, "calibration")
     with torch.no_grad():
         model(data[1])
@@ -139,15 +155,109 @@ def test_prepared_model_training_is_unchanged_by_overwriting(monkeypatch: pytest
         return out, keep
 
     monkeypatch.setattr(functional, "_kernel_forward", counting)
+    backward = functional._kernel_backward
+
+    def counting_backward(grad, keep, packed, inplace=False):  # noqa: ANN001, ANN202
+        calls["grad_in_place"] = calls.get("grad_in_place", 0) + inplace
+        return backward(grad, keep, packed, inplace)
+
+    monkeypatch.setattr(functional, "_kernel_backward", counting_backward)
     for m, overwrite in ((model, True), (twin, False)):
-        if not overwrite:
+        if not overwrite:  # the twin: every result and gradient in a new buffer
             monkeypatch.setattr(FakeQuantize, "forward_owned", FakeQuantize.__call__)
+            monkeypatch.setattr(functional, "exclusive_grad", lambda holders: False)
         opt = torch.optim.SGD(m.parameters(), lr=0.1)
         for x in data:
             opt.zero_grad()
             m(x).square().mean().backward()
             opt.step()
         if overwrite:
-            assert calls["owned"] > 0
+            assert calls["owned"] > 0 and calls["grad_in_place"] > 0
     for (name, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+# ---- backward: the masked gradient goes into the incoming gradient only when nothing else holds it ----
+def _clipping_node() -> FakeQuantize:
+    fq = _calibrated_node(torch.linspace(-1, 1, 101))  # scale 1/127: |x| > ~1 is clipped
+    fq.fix_scale()
+    return fq
+
+
+def _wide(n: int = 4096) -> torch.Tensor:
+    return (torch.randn(n, generator=torch.Generator().manual_seed(3)) * 2).requires_grad_()
+
+
+def _mask(x: torch.Tensor, scale: float = 1 / 127) -> torch.Tensor:
+    v = x.detach() * (1 / torch.tensor(scale))
+    return ((v >= -128.5) & (v < 127.5)).float()
+
+
+@pytest.fixture
+def backward_calls(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    calls: list[bool] = []
+    original = functional._kernel_backward
+
+    def counting(grad, keep, packed, inplace=False):  # noqa: ANN001, ANN202
+        calls.append(inplace)
+        return original(grad, keep, packed, inplace)
+
+    monkeypatch.setattr(functional, "_kernel_backward", counting)
+    return calls
+
+
+@needs_kernels
+def test_backward_overwrites_an_exclusive_gradient(backward_calls: list[bool]) -> None:
+    fq, x = _clipping_node(), _wide()
+    c = torch.rand(x.shape, generator=torch.Generator().manual_seed(4))
+    (fq(x * 1) * c).sum().backward()
+    assert backward_calls == [True]
+    assert torch.equal(x.grad, c * _mask(x))
+
+
+@needs_kernels
+def test_backward_keeps_a_gradient_shared_with_another_branch(backward_calls: list[bool]) -> None:
+    fq, x = _clipping_node(), _wide()
+    w, v = torch.zeros(x.shape, requires_grad=True), torch.zeros(x.shape, requires_grad=True)
+    c = torch.rand(x.shape, generator=torch.Generator().manual_seed(4))
+    other = v * 1  # created first: its backward runs after the quant node's
+    ((fq(x * 1) + other) * c).sum().backward()  # the add hands the same gradient to both branches
+    assert backward_calls == [False]
+    assert torch.equal(v.grad, c)  # unmasked
+    assert torch.equal(x.grad, c * _mask(x))
+    ((fq(x * 1) + w) * c).sum().backward()  # the other branch a leaf
+    assert torch.equal(w.grad, c)
+
+
+@needs_kernels
+def test_backward_keeps_a_gradient_a_hook_stored(backward_calls: list[bool]) -> None:
+    fq, x = _clipping_node(), _wide()
+    c = torch.rand(x.shape, generator=torch.Generator().manual_seed(4))
+    stored: list[torch.Tensor] = []
+    y = fq(x * 1)
+    y.register_hook(stored.append)
+    (y * c).sum().backward()
+    assert backward_calls == [False]
+    assert torch.equal(stored[0], c) and torch.equal(x.grad, c * _mask(x))
+
+
+@needs_kernels
+def test_backward_keeps_a_gradient_autograd_grad_returns(backward_calls: list[bool]) -> None:
+    fq, x = _clipping_node(), _wide()
+    c = torch.rand(x.shape, generator=torch.Generator().manual_seed(4))
+    y = fq(x * 1)
+    gx, gy = torch.autograd.grad((y * c).sum(), [x, y])
+    assert torch.equal(gy, c) and torch.equal(gx, c * _mask(x))
+
+
+@needs_kernels
+def test_backward_into_a_view_gradient_and_with_create_graph(backward_calls: list[bool]) -> None:
+    fq, x = _clipping_node(), _wide()
+    c = torch.rand(x.numel(), generator=torch.Generator().manual_seed(4))
+    (fq((x * 1).view(64, 64)).view(-1) * c).sum().backward()  # the gradient arrives as a view
+    assert backward_calls == [True]
+    assert torch.equal(x.grad, c * _mask(x))
+    c.requires_grad_()
+    y = fq(x * 1)
+    (g,) = torch.autograd.grad((y * c).sum(), [x], create_graph=True)  # a gradient that needs grad
+    assert backward_calls[-1] is False and torch.equal(g, c * _mask(x))
