@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import qat_lightning as ql
@@ -273,6 +274,42 @@ def test_fused_qat_weight_path_equals_the_general_path(observer, with_fold, thre
                 assert torch.equal(fused.observer.get_buffer(name), buf), name
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not qf.kernels_available(), reason="fused kernels not built")
+def test_fused_qat_weight_reuses_its_buffer_only_when_nothing_holds_it(generator) -> None:
+    from qat_lightning.quant.qat_modules import quantize_weight
+
+    fq = FakeQuantize(qint8, "minmax", ch_axis=0, num_channels=8)
+    set_fake_quantize(fq, FakeQuantState.QAT)
+    w = torch.randn(8, 4, 3, 3, generator=generator, requires_grad=True)
+    x = torch.randn(2, 4, 6, 6, generator=generator)
+    held = fq._qat_weight_fused(w.detach(), None)
+    kept = held.clone()
+    again = fq._qat_weight_fused(w.detach() * 2, None)
+    assert again.data_ptr() != held.data_ptr() and torch.equal(held, kept)  # a caller holds it: new memory
+    del held, again
+    first = fq._qat_weight_fused(w.detach(), None)
+    ptr = first.data_ptr()
+    del first
+    assert fq._qat_weight_fused(w.detach(), None).data_ptr() == ptr  # nothing holds it: reused
+    # two forwards before one backward, the weight changed in between: the first conv keeps its weights
+    x.requires_grad_()
+    y1 = F.conv2d(x, quantize_weight(fq, w))
+    w_first = w.detach().clone()
+    with torch.no_grad():
+        w.mul_(3)
+    y2 = F.conv2d(x, quantize_weight(fq, w))
+    (y1.square().sum() + y2.square().sum()).backward()
+    ref = FakeQuantize(qint8, "minmax", ch_axis=0, num_channels=8)
+    set_fake_quantize(ref, FakeQuantState.QAT)
+    xr = x.detach().clone().requires_grad_()
+    r1 = F.conv2d(xr, ref(w_first))
+    r2 = F.conv2d(xr, ref(w.detach()))
+    (r1.square().sum() + r2.square().sum()).backward()
+    assert torch.equal(y1, r1) and torch.equal(y2, r2)
+    assert torch.equal(x.grad, xr.grad)  # each conv's backward used the weights of its own forward
+    assert "_weight_out" not in copy.deepcopy(fq).__dict__  # scratch memory is not copied
 
 
 def test_fused_qat_weight_path_declines_nonfinite_weights() -> None:
