@@ -25,8 +25,10 @@ Two implementations give the same values (tested bit for bit):
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -37,18 +39,20 @@ from qat_lightning.quant.overwrite import exclusive_grad, grad_holders
 __all__ = ["fake_quantize", "fake_cast", "FP16_MAX", "kernels_available"]
 
 
-def _load_kernels():  # noqa: ANN202 - an extension module or None
-    """Import the compiled fused kernels (``setup.py``); ``None`` without a compiler or when disabled."""
+def load_extension(name: str) -> ModuleType | None:
+    """Import the optional C extension ``qat_lightning.quant.<name>`` (built by ``setup.py``).
+
+    ``None`` when it was not built (no compiler) or ``QAT_LIGHTNING_NO_KERNELS`` is set (not ``0``).
+    """
     if os.environ.get("QAT_LIGHTNING_NO_KERNELS", "") not in ("", "0"):
         return None
     try:
-        from qat_lightning.quant import _kernels
+        return importlib.import_module(f"qat_lightning.quant.{name}")
     except ImportError:
         return None
-    return _kernels
 
 
-_KERNELS = _load_kernels()
+_KERNELS = load_extension("_kernels")
 
 
 def kernels_available() -> bool:

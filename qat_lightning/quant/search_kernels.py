@@ -10,27 +10,17 @@ for a block (tests and benchmarks compare both paths in one process).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
+from qat_lightning.quant.functional import load_extension
+
 __all__ = ["search_kernels_available", "disabled", "moments", "edge_mse", "mse_at", "kl_low", "kl_pick"]
 
 
-def _load() -> ModuleType | None:
-    """Import the compiled search kernels; ``None`` without a compiler or when disabled."""
-    if os.environ.get("QAT_LIGHTNING_NO_KERNELS", "") not in ("", "0"):
-        return None
-    try:
-        from qat_lightning.quant import _search_kernels
-    except ImportError:
-        return None
-    return _search_kernels
-
-
-_KERNELS: ModuleType | None = _load()
+_KERNELS: ModuleType | None = load_extension("_search_kernels")
 
 
 def search_kernels_available() -> bool:

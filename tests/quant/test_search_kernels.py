@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qat_lightning.quant import search_kernels
+from qat_lightning.quant.functional import load_extension
 from qat_lightning.quant.histogram_error import all_rows, edge_argmin, edge_mse, estimate_mse, moments, mse_at
 from qat_lightning.quant.histogram_search import mix_candidates, mix_threshold, mse_threshold
 from qat_lightning.quant.kl_search import kl_divergences, kl_threshold
@@ -176,10 +177,10 @@ def test_kl_beyond_two_levels_and_short_histograms() -> None:
 
 def test_kernels_switch_off_with_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("QAT_LIGHTNING_NO_KERNELS", "1")
-    assert search_kernels._load() is None
+    assert load_extension("_search_kernels") is None and load_extension("_kernels") is None
     monkeypatch.setenv("QAT_LIGHTNING_NO_KERNELS", "0")
     built = importlib.util.find_spec("qat_lightning.quant._search_kernels") is not None
-    assert (search_kernels._load() is not None) == built
+    assert (load_extension("_search_kernels") is not None) == built
     with search_kernels.disabled():
         assert not search_kernels.search_kernels_available()
         counts, width, _ = _histograms(4, 256, 0)
