@@ -134,3 +134,6 @@ def _exclusive_counts() -> frozenset[tuple[object, ...]]:
         return frozenset()
     probed = [c for c in _PROBED if c is not None]
     return frozenset(probed) if len(probed) == 2 else frozenset()
+
+
+_exclusive_counts()  # probe at import, not from inside the first backward (a reentrant backward)
