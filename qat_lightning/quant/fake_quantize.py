@@ -315,7 +315,10 @@ class FakeQuantize(nn.Module):
         ``x``'s memory instead of a new buffer. Same values and gradients as ``self(x)``.
         """
         if self.state is FakeQuantState.QAT and not (
-            self._forward_hooks or self._forward_pre_hooks or _nn_module._global_forward_hooks
+            self._forward_hooks
+            or self._forward_pre_hooks
+            or _nn_module._global_forward_hooks
+            or _nn_module._global_forward_pre_hooks
         ):
             _set_flag(self, "_overwrite", True)
             try:

@@ -102,6 +102,23 @@ def test_forward_owned_keeps_the_input_when_a_hook_could_see_it() -> None:
     assert out.data_ptr() != y.data_ptr() and torch.equal(seen[0], before)
 
 
+@needs_kernels
+def test_forward_owned_keeps_the_input_when_a_global_pre_hook_could_see_it() -> None:
+    x = _leaf(64, 64)
+    fq = _calibrated_node(x * 2)
+    seen = []
+    handle = nn.modules.module.register_module_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        y = x * 2
+        before = y.detach().clone()
+        out = fq.forward_owned(y)
+    finally:
+        handle.remove()
+    assert out.data_ptr() != y.data_ptr() and torch.equal(seen[0], before)
+    y = x * 2
+    assert fq.forward_owned(y).data_ptr() == y.data_ptr()  # without hooks: written in place
+
+
 class TinyAttention(nn.Module):
     """Linear, LayerNorm, matmul, softmax, residual add, GELU: every kind of owned result."""
 
