@@ -246,13 +246,13 @@ class FakeQuantize(nn.Module):
         of two); otherwise, or when the batch holds NaN/inf, the observer then sees the batch as usual.
         """
         dtype, seen = self._dtype, []
-        target = overwrite_target(x) if self._overwrite else None
-        scale = self._buffers["scale"]  # shape (): per tensor
-        if target is not None:  # x, or the whole result x reshapes: write the result into it
-            out = _FakeQuantizeSTE.apply(target, scale, dtype.qmin, dtype.qmax, relu, seen, True)
-            out = out if target is x else out.view(x.shape)
-        else:
-            out = _FakeQuantizeSTE.apply(x, scale, dtype.qmin, dtype.qmax, relu, seen)
+        target = overwrite_target(x) if self._overwrite else None  # x, or the whole result x reshapes
+        src = x if target is None else target
+        out = _FakeQuantizeSTE.apply(
+            src, self._buffers["scale"], dtype.qmin, dtype.qmax, relu, seen, target is not None
+        )
+        if src is not x:
+            out = out.view(x.shape)
         amax = self.observer._record_range(*seen) if seen else None
         if amax is None:
             self._qat_update(x)
