@@ -24,13 +24,14 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from qat_lightning.quant.ops import OpInfo, OpKind
+from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
 from qat_lightning.quant.prepare_build import OpBuilder, OpPlan
 from qat_lightning.quant.prepare_tables import (
     FUNCTION_OPS,
     METHOD_OPS,
     PASS_THROUGH_MODULES,
     OpNamer,
+    function_flops,
     gemm_module_flops,
     gemm_spec_of,
     is_dequant_stub,
@@ -39,6 +40,7 @@ from qat_lightning.quant.prepare_tables import (
     numel_of,
 )
 from qat_lightning.quant.qconfig import QConfig
+from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
 __all__ = ["CallEvent", "Probe", "probe_model", "EagerPrepared", "prepare_eager", "input_names"]
 
@@ -56,6 +58,7 @@ class CallEvent:
     in_shape: tuple[int, ...] | None
     out_shape: tuple[int, ...] | None
     out_float: bool
+    switched_off: str | None = None  # the switch disabled in forward while this call ran
 
 
 @dataclass
@@ -65,7 +68,7 @@ class Probe:
     output: Any
     call_counts: dict[str, int]
     events: list[CallEvent] = field(default_factory=list)
-    functions: list[tuple[str, int, str]] = field(default_factory=list)  # (parent, parent call, base)
+    functions: list[tuple[str, int, str, int]] = field(default_factory=list)  # (parent, call, base, flops)
     input_ids: dict[str, int] = field(default_factory=dict)
 
 
@@ -95,7 +98,7 @@ def _function_base(func: Any) -> str | None:
 
 
 class _FunctionRecorder(TorchFunctionMode):
-    def __init__(self, stack: list[tuple[str, int, bool]], out: list[tuple[str, int, str]]) -> None:
+    def __init__(self, stack: list[tuple[str, int, bool, str | None]], out: list[tuple[str, int, str, int]]) -> None:
         super().__init__()
         self.stack = stack
         self.out = out
@@ -109,8 +112,15 @@ class _FunctionRecorder(TorchFunctionMode):
             floats = [a for a in args if isinstance(a, Tensor) and a.is_floating_point()]
             if floats:
                 parent, call = (self.stack[-1][0], self.stack[-1][1]) if self.stack else ("", 0)
-                self.out.append((parent, call, base))
+                shapes = [tuple(a.shape) if isinstance(a, Tensor) else None for a in args]
+                self.out.append((parent, call, base, function_flops(base, shapes, tuple(result.shape))))
         return result
+
+
+def _switched_off() -> str | None:
+    if not GlobalFakeQuantSwitch._enabled:
+        return "GlobalFakeQuantSwitch"
+    return None if FakeCastSwitch._enabled else "FakeCastSwitch"
 
 
 def _tensor_ids(args: Any) -> tuple[int, ...]:
@@ -125,7 +135,7 @@ def probe_model(
     Exceptions of the model propagate unchanged.
     """
     counts: dict[str, int] = {}
-    stack: list[tuple[str, int, bool]] = []
+    stack: list[tuple[str, int, bool, str | None]] = []
     events: list[CallEvent] = []
     keep: list[Any] = []  # keep tensors alive so their ids stay unique during the run
     handles = []
@@ -136,10 +146,10 @@ def probe_model(
         k = counts.get(path, 0)
         counts[path] = k + 1
         covered = module_op_type(module) is not None or isinstance(module, PASS_THROUGH_MODULES)
-        stack.append((path, k, covered))
+        stack.append((path, k, covered, _switched_off()))
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        path, k, covered = stack.pop()
+        path, k, covered, off = stack.pop()
         if not covered:
             return
         keep.append((inputs, output))
@@ -154,6 +164,7 @@ def probe_model(
                 tuple(first.shape) if first is not None else None,
                 tuple(out.shape) if out is not None else None,
                 out is not None and out.is_floating_point(),
+                off,
             )
         )
 
@@ -166,6 +177,7 @@ def probe_model(
     names = input_names(model, args, kwargs)
     values = list(args) + list(kwargs.values())
     input_ids = {n: id(v) for n, v in zip(names, values, strict=True) if isinstance(v, Tensor)}
+    switches = (GlobalFakeQuantSwitch._enabled, FakeCastSwitch._enabled)
     try:
         with torch.no_grad():
             if record_functions:
@@ -174,6 +186,7 @@ def probe_model(
             else:
                 output = model(*args, **kwargs)
     finally:
+        GlobalFakeQuantSwitch._enabled, FakeCastSwitch._enabled = switches
         for h in handles:
             h.remove()
     return Probe(output, counts, events, functions, input_ids)
@@ -188,6 +201,7 @@ class EagerPrepared:
     unfused: list[tuple[str, ...]]
     not_covered: list[str]
     notes: list[str]
+    float_ops: list[FloatOp] = field(default_factory=list)
 
 
 def _eager_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -288,6 +302,7 @@ def prepare_eager(
                 if arg_name in probe.input_ids:
                     by_id[probe.input_ids[arg_name]] = name
     transparent: dict[int, int] = {}
+    switched: dict[str, str] = {}
 
     def producer(tid: int | None) -> str | None:
         seen = 0
@@ -337,6 +352,8 @@ def prepare_eager(
                 continue
         if ev.out_id is not None:
             by_id[ev.out_id] = name
+        if ev.switched_off is not None:
+            switched[name] = ev.switched_off
     qconfigs = assign([p.info for p in plans])
     builder = OpBuilder(qconfigs, qat_mode, device)
     sites: dict[str, list[nn.Module]] = {}
@@ -369,12 +386,26 @@ def prepare_eager(
         model.register_forward_pre_hook(_eager_pre_hook, with_kwargs=True)
     fn_namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
     not_covered = []
-    for parent, call, base in probe.functions:
-        not_covered.append(f"{fn_namer.function_op(parent, call, base)} ({base})")
+    float_ops = _switched_ops(plans, qconfigs, switched)
+    for parent, call, base, flops in probe.functions:
+        name = fn_namer.function_op(parent, call, base)
+        not_covered.append(f"{name} ({base})")
+        float_ops.append(FloatOp(name, base, flops, "a functional op eager mode cannot see"))
     unfused = _unfused_chains(probe.events, modules)
     notes = [f"not fused (eager mode does not fuse): {' + '.join(chain)}" for chain in unfused]
     notes += builder.notes
-    return EagerPrepared(model, plans, unfused, not_covered, notes)
+    return EagerPrepared(model, plans, unfused, not_covered, notes, float_ops)
+
+
+def _switched_ops(plans: Sequence[OpPlan], qconfigs: Mapping[str, QConfig], switched: Mapping[str, str]) -> list[FloatOp]:
+    """Ops called while a switch was disabled in forward (FakeCast only matters to float16 outputs)."""
+    found = []
+    for plan in plans:
+        switch = switched.get(plan.name)
+        out = qconfigs[plan.name].output_dtype
+        if switch == "GlobalFakeQuantSwitch" or (switch and out is not None and out.is_float16):
+            found.append(FloatOp(plan.name, plan.info.op_type, plan.info.flops, f"{switch} disabled in forward"))
+    return found
 
 
 def _taken(model: nn.Module, parent: str, child: str) -> bool:

@@ -9,6 +9,7 @@ called it from ``node.meta["nn_module_stack"]``.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch.fx import Node
 
 from qat_lightning.quant.fusion import FusionGroup, fused_op_type
 from qat_lightning.quant.fx_tracer import NodeMeta
-from qat_lightning.quant.ops import OpInfo, OpKind
+from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
 from qat_lightning.quant.prepare_build import OpPlan
 from qat_lightning.quant.prepare_tables import (
     FUNCTION_OPS,
@@ -33,6 +34,7 @@ from qat_lightning.quant.prepare_tables import (
     function_flops,
     gemm_module_flops,
     gemm_spec_of,
+    is_dequant_stub,
     is_stub,
     module_op_type,
     numel_of,
@@ -41,6 +43,25 @@ from qat_lightning.quant.prepare_tables import (
 __all__ = ["FxPlanner", "SDPA"]
 
 SDPA = F.scaled_dot_product_attention
+_LOOKUP_MODULES = (nn.Embedding, nn.EmbeddingBag)  # a table lookup, no compute: not a float op
+#: Functions / methods that move or pick data without computing (not float ops when unquantized).
+_NOT_COMPUTE = frozenset(
+    {
+        operator.getitem,
+        "getitem",
+        "to",
+        "type",
+        "float",
+        "clone",
+        "detach",
+        "contiguous",
+        "expand",
+        "expand_as",
+        "repeat",
+        "masked_fill",
+        "__getitem__",
+    }
+)
 _MASKABLE = frozenset({"add", "sub", "mul", "div"})
 
 
@@ -62,8 +83,15 @@ def _tensor_nodes(args: Any) -> list[Node]:
 class FxPlanner:
     """Walks the traced graph in order and plans one op per quantized node (or fused group)."""
 
-    def __init__(self, gm: fx.GraphModule, model: nn.Module, meta: Mapping[Node, NodeMeta]) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        model: nn.Module,
+        meta: Mapping[Node, NodeMeta],
+        region: set[Node] | None = None,
+    ) -> None:
         self.gm = gm
+        self.region = region  # jit_strip: only these nodes (QuantStub .. DeQuantStub) are planned
         self.graph = gm.graph
         self.meta = meta
         self.modules = dict(gm.named_modules())
@@ -72,6 +100,7 @@ class FxPlanner:
         self.node_op: dict[Node, str] = {}
         self.node_names: dict[Node, str] = {}
         self.notes: list[str] = []
+        self.float_ops: list[FloatOp] = []
         self.sdpa: list[tuple[Node, tuple[str, str, str]]] = []
         self.act: set[Node] = set()
         self.maskish: set[Node] = set()
@@ -144,7 +173,9 @@ class FxPlanner:
                     info = OpInfo(name, "quant", OpKind.INPUT, "", 0, (), numel_of(self._shape(ph)))
                     self._add(OpPlan(info, "input", node=ph, extra={"placeholder": True}), ph)
         for node in self.graph.nodes:
-            if node.op == "call_module":
+            if self.region is not None and node not in self.region:
+                self._note_unknown(node, "outside the QuantStub .. DeQuantStub region (jit_strip)", False)
+            elif node.op == "call_module":
                 self._plan_module(node, member_of, group_names)
             elif node.op in ("call_function", "call_method"):
                 self._plan_function(node, member_of, group_names)
@@ -158,6 +189,10 @@ class FxPlanner:
             float_out = m is not None and (m.is_tensor_seq or (m.is_tensor and m.is_float))
             if float_out and not isinstance(mod, PASS_THROUGH_MODULES):
                 self.notes.append(f"kept float (no quant points inside): {target} ({type(mod).__name__})")
+                if not isinstance(mod, _LOOKUP_MODULES) and node in self.act:
+                    flops = numel_of(self._shape(node)) if m.is_tensor else 0
+                    reason = "no quant points inside this module (FLOPs: its output size, a lower bound)"
+                    self.float_ops.append(FloatOp(target, type(mod).__name__, flops, reason))
             return
         name, k = self.namer.module_op(target)
         self.node_names[node] = name
@@ -227,6 +262,7 @@ class FxPlanner:
             return
         base = self._function_base(node)
         if base is None:
+            self._note_unknown(node)
             return
         parent, pcall = _parent_of(node)
         group = member_of.get(node)
@@ -244,6 +280,9 @@ class FxPlanner:
             self.notes.append(
                 f"not quantized: {node.format_node()} has a mask-like operand (from an integer input)"
             )
+            name = self.namer.function_op(parent, pcall, base)
+            flops = numel_of(self._shape(node))
+            self.float_ops.append(FloatOp(name, base, flops, "a mask-like operand (from an integer input)"))
             return
         name = self.namer.function_op(parent, pcall, base)
         self.node_names[node] = name
@@ -293,6 +332,30 @@ class FxPlanner:
             node=node,
         )
         self._add(plan, node)
+
+    def _note_unknown(
+        self, node: Node, reason: str = "no quantized implementation of this function", on_chip: bool = True
+    ) -> None:
+        """Record a float op left unquantized (not a view / reshape / dropout / switch node)."""
+        if node.op not in ("call_module", "call_function", "call_method") or not self._float_act(node):
+            return
+        if self._transparent(node) or node.target in _NOT_COMPUTE:
+            return
+        if node.op == "call_module":
+            mod = self.modules[str(node.target)]
+            if isinstance(mod, _LOOKUP_MODULES) or is_dequant_stub(mod):
+                return
+            name, op_type = str(node.target), type(mod).__name__
+            flops = gemm_module_flops(mod, self._shape(node.args[0]), self._shape(node)) if gemm_spec_of(
+                mod
+            ) is not None and node.args else numel_of(self._shape(node))
+        else:
+            parent, _ = _parent_of(node)
+            target = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
+            name, op_type = (f"{parent}.{target}" if parent else str(target)), str(target)
+            base = self._function_base(node)
+            flops = function_flops(base or op_type, [self._shape(a) for a in node.args], self._shape(node))
+        self.float_ops.append(FloatOp(name, op_type, flops, reason, on_chip))
 
     def _plan_sdpa(self, node: Node) -> None:
         if not self._float_act(node):

@@ -28,8 +28,8 @@ from torch.fx import Node
 
 from qat_lightning.quant.fusion import FusionGroup, find_fusions
 from qat_lightning.quant.fx_plan import SDPA, FxPlanner
-from qat_lightning.quant.fx_tracer import NodeMeta, trace_with_values
-from qat_lightning.quant.ops import OpInfo
+from qat_lightning.quant.fx_tracer import NodeMeta, set_switch, trace_with_values
+from qat_lightning.quant.ops import FloatOp, OpInfo
 from qat_lightning.quant.prepare_build import OpBuilder, OpPlan
 from qat_lightning.quant.prepare_tables import (
     PASS_THROUGH_MODULES,
@@ -101,6 +101,50 @@ class FxPrepared:
     fused: list[tuple[str, ...]] = field(default_factory=list)
     unfused: list[tuple[str, ...]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    float_ops: list[FloatOp] = field(default_factory=list)
+
+
+def _stub_region(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> set[Node]:
+    """Nodes computed from a ``QuantStub`` output without passing a ``DeQuantStub`` (``jit_strip``)."""
+    region: set[Node] = set()
+    for node in graph.nodes:
+        mod = modules.get(str(node.target)) if node.op == "call_module" else None
+        if mod is not None and is_stub(mod):
+            region.add(node)
+        elif mod is not None and is_dequant_stub(mod):
+            continue
+        elif node.op != "output" and any(a in region for a in node.all_input_nodes):
+            region.add(node)
+    return region
+
+
+def _switched_off(
+    graph: fx.Graph, planner: FxPlanner, qconfigs: Mapping[str, QConfig]
+) -> list[FloatOp]:
+    """Ops that run while ``GlobalFakeQuantSwitch`` (or, for float16 ops, ``FakeCast``) is off in forward."""
+    enabled = {"GlobalFakeQuantSwitch": True, "FakeCastSwitch": True}
+    where = {"GlobalFakeQuantSwitch": "", "FakeCastSwitch": ""}
+    infos = {p.name: p.info for p in planner.plans}
+    found: list[FloatOp] = []
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is set_switch:
+            switch, on = node.args
+            enabled[switch] = on
+            where[switch] = node.meta.get("source_line") or ""
+            continue
+        name = planner.node_op.get(node)
+        if name is None:
+            continue
+        qc = qconfigs[name]
+        off = "GlobalFakeQuantSwitch" if not enabled["GlobalFakeQuantSwitch"] else None
+        fp16 = qc.output_dtype is not None and qc.output_dtype.is_float16
+        if off is None and not enabled["FakeCastSwitch"] and fp16:
+            off = "FakeCastSwitch"
+        if off is not None:
+            info = infos[name]
+            found.append(FloatOp(name, info.op_type, info.flops, f"{off} disabled in forward"))
+            planner.notes.append(f"{name} runs in float: {off} disabled in forward at {where[off] or '?'}")
+    return found
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -236,6 +280,7 @@ def prepare_fx(
     device: torch.device | None,
     output_type: type | None = None,
     verify: Callable[[nn.Module], None] | None = None,
+    strip: bool = False,
 ) -> FxPrepared:
     """Trace ``model`` and build its prepared :class:`~torch.fx.GraphModule`.
 
@@ -250,6 +295,7 @@ def prepare_fx(
         output_type: a ``dict`` subclass to rebuild the output as (HF ``ModelOutput``), or ``None``.
         verify: called with the traced float GraphModule (before any rewrite); raises when it does not
             reproduce the model.
+        strip: ``jit_strip``: quantize only what lies between a ``QuantStub`` and a ``DeQuantStub``.
 
     Raises:
         FxTraceError: when fx cannot trace the model.
@@ -262,10 +308,20 @@ def prepare_fx(
         verify(gm)
     modules = dict(gm.named_modules())
     groups, unfused = find_fusions(gm.graph, modules, meta)
-    planner = FxPlanner(gm, model, meta)
     has_stub = any(n.op == "call_module" and is_stub(modules[str(n.target)]) for n in gm.graph.nodes)
+    region = None
+    if strip:
+        if not has_stub:
+            raise ValueError(
+                "prepare(method='jit_strip') quantizes only what lies between QuantStub and DeQuantStub, "
+                "but the model calls no QuantStub; add them, or use method='fx'"
+            )
+        region = _stub_region(gm.graph, modules)
+        groups = [g for g in groups if all(n in region for n in g.nodes)]
+    planner = FxPlanner(gm, model, meta, region)
     planner.plan(groups, has_stub)
     qconfigs = assign([p.info for p in planner.plans])
+    float_ops = planner.float_ops + _switched_off(gm.graph, planner, qconfigs)
     builder = OpBuilder(qconfigs, qat_mode, device)
     ops = {plan.name: builder.build(plan) for plan in planner.plans}
     _rewrite(gm, planner, ops, output_type)
@@ -284,4 +340,4 @@ def prepare_fx(
             "traced in train mode: Python code that reads self.training was fixed to train mode "
             "(dropout / BN modules still follow train() / eval())"
         )
-    return FxPrepared(gm, planner.plans, fused, unfused_names, notes)
+    return FxPrepared(gm, planner.plans, fused, unfused_names, notes, float_ops)

@@ -12,7 +12,13 @@ node takes on the example inputs (computed on a throw-away copy of the model), s
 * control flow on a tensor *value* (``if x.sum() > 0``) is detected and reported as :class:`FxTraceError`
   with the model's source line, instead of being silently baked into the graph;
 * every node gets its example value's shape / dtype (``TraceResult.meta``), used for FLOPs and to decide
-  what is an activation.
+  what is an activation;
+* a module built inside ``forward`` (``nn.ReLU()(x)``, as HuggingFace's DistilBERT does) is traced
+  through like a function (its ops become graph nodes); one with parameters or buffers is refused, since
+  it would be rebuilt with new weights on every call;
+* the guide's switches called inside ``forward`` (``GlobalFakeQuantSwitch.disable()``,
+  ``FakeCast.disable()`` and their ``enable()``) become graph nodes calling :func:`set_switch`, so the
+  prepared graph toggles them at run time exactly where the eager model does.
 """
 
 from __future__ import annotations
@@ -33,7 +39,18 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import Node, map_aggregate
 
-__all__ = ["FxTraceError", "NodeMeta", "ReloadTracer", "TraceResult", "trace_with_values", "user_source_line"]
+from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
+
+__all__ = [
+    "FxTraceError",
+    "NodeMeta",
+    "ReloadTracer",
+    "TraceResult",
+    "set_switch",
+    "switch_nodes",
+    "trace_with_values",
+    "user_source_line",
+]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # qat_lightning/
@@ -58,6 +75,59 @@ _STATIC_ATTRS = frozenset({"dtype", "ndim", "layout", "is_cuda", "is_sparse", "i
 
 class FxTraceError(RuntimeError):
     """torch.fx could not trace the model; the message names the failing line and suggests eager/auto."""
+
+
+#: The process-wide switches a traced ``forward`` may toggle, by the name :func:`set_switch` takes.
+_SWITCHES: dict[str, type] = {
+    "GlobalFakeQuantSwitch": GlobalFakeQuantSwitch,
+    "FakeCastSwitch": FakeCastSwitch,
+}
+
+
+def set_switch(switch: str, enabled: bool) -> None:
+    """Turn a process-wide switch on or off: the graph node a traced ``Switch.enable()/disable()`` becomes.
+
+    Args:
+        switch: ``GlobalFakeQuantSwitch`` or ``FakeCastSwitch``.
+        enabled: the new setting.
+    """
+    if switch not in _SWITCHES:
+        raise ValueError(f"unknown switch {switch!r}; allowed: {', '.join(_SWITCHES)}")
+    _SWITCHES[switch]._enabled = bool(enabled)
+
+
+def switch_nodes(graph: fx.Graph) -> list[Node]:
+    """The :func:`set_switch` nodes of ``graph``, in graph order."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is set_switch]
+
+
+_ACTIVE: list[_ValueTracer] = []
+
+
+def _recorded_switch(switch: str, enabled: bool) -> classmethod:
+    def toggle(cls: type) -> None:
+        tracer = _ACTIVE[-1]
+        proxy = tracer.create_proxy("call_function", set_switch, (switch, enabled), {})
+        proxy.node.meta["source_line"] = user_source_line(sys._getframe())
+
+    return classmethod(toggle)
+
+
+class _SwitchRecording:
+    """While tracing, ``enable()`` / ``disable()`` of the switches emit graph nodes instead of flipping."""
+
+    def __enter__(self) -> None:
+        for name, cls in _SWITCHES.items():
+            if "enable" in cls.__dict__ or "disable" in cls.__dict__:
+                raise RuntimeError(f"{name} already patched (nested trace?)")
+            cls.enable = _recorded_switch(name, True)  # type: ignore[attr-defined]
+            cls.disable = _recorded_switch(name, False)  # type: ignore[attr-defined]
+
+    def __exit__(self, *exc: object) -> None:
+        for cls in _SWITCHES.values():
+            for attr in ("enable", "disable"):
+                if attr in cls.__dict__:
+                    delattr(cls, attr)
 
 
 @dataclass(frozen=True)
@@ -185,6 +255,8 @@ class _ValueTracer(fx.Tracer):
                 return self._lookup(self._shadow, str(target))
             except AttributeError:
                 return self._lookup(self.root, str(target))
+        if op == "call_function" and target is set_switch:
+            return None  # run at run time only; tracing must not flip the process-wide switch
         self._computing = True
         try:
             if op == "call_function":
@@ -237,6 +309,16 @@ class _ValueTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):  # noqa: D102
         if self._computing:
+            return forward(*args, **kwargs)
+        try:
+            self.path_of_module(m)
+        except NameError:  # built inside forward (``nn.ReLU()(x)``): trace it like a function
+            if next(m.parameters(), None) is not None or next(m.buffers(), None) is not None:
+                raise _DataDependent(
+                    f"a {type(m).__name__} with parameters or buffers is built inside forward (it gets new "
+                    "weights on every call); create it in __init__ as a submodule",
+                    user_source_line(sys._getframe()),
+                ) from None
             return forward(*args, **kwargs)
         return super().call_module(m, forward, args, kwargs)
 
@@ -331,16 +413,19 @@ def trace_with_values(
         values[key] = value
     tracer = _ValueTracer(shadow, values, leaf, len(args))
     patched = {name: getattr(torch, name) for name in _FACTORIES}
+    _ACTIVE.append(tracer)
     try:
         for name, fn in patched.items():
             setattr(torch, name, _factory_wrapper(fn))
-        graph = tracer.trace(model)
+        with _SwitchRecording():
+            graph = tracer.trace(model)
     except _DataDependent as exc:
         raise FxTraceError(_message(exc.what, exc.where)) from exc
     except Exception as exc:
         where = user_source_line(exc.__traceback__)
         raise FxTraceError(_message(f"{type(exc).__name__}: {exc}", where)) from exc
     finally:
+        _ACTIVE.pop()
         for name, fn in patched.items():
             setattr(torch, name, fn)
     meta = {node: _to_meta(value) for node, value in tracer._values.items()}

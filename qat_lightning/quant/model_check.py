@@ -12,7 +12,12 @@ The seed's ``model_check_result.txt`` sections, computed from what a prepared mo
   (qint16/float16/float32) outputs, float16 on a chip where it is slow, dtypes the chip does not
   support, non-gemm ops whose inputs have different dtypes, and the chip downgrades prepare made;
 * **Dtype summary**: number of ops and share of FLOPs per compute dtype (a gemm's compute dtype is the
-  widest of its effective inputs and weight; another op's is its output dtype).
+  widest of its effective inputs and weight; another op's is its output dtype); ops prepare left without
+  quant points (``PrepareRecord.float_ops``: functional ops eager mode cannot see, ops outside the
+  ``jit_strip`` region, ops run while a switch is disabled in ``forward``) count as float32;
+* **Not quantized**: those float32 ops with their FLOPs, share and reason, headed by their count and
+  FLOPs share (also the ``quantized`` column of the out-qconfig table), so a partly float model is never
+  reported as all-int8.
 
 Computing (``check_model``) and rendering (``ModelCheckReport.to_text``) are separate; ``write`` and
 :func:`write_changelog` write atomically (a temporary file in the same folder, then ``os.replace``).
@@ -33,7 +38,7 @@ from torch import nn
 from qat_lightning.chips import ChipSpec, get_chip
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float32
 from qat_lightning.quant.fake_quantize import FakeQuantize
-from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
+from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.qconfig_setter import chip_issues
 from qat_lightning.quant.templates import precision_rank
 
@@ -83,6 +88,7 @@ class OutQconfigRow:
     out_dtype: str
     ch_axis: str
     observer: str
+    quantized: str = "yes"
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,7 @@ class ModelCheckReport:
         dtype_summary: one row per dtype (qint8, qint16, float16, float32).
         not_covered: what the eager fallback could not quantize.
         notes: prepare's remarks.
+        float_ops: ops left computing in float32 (not quantized), see ``PrepareRecord.float_ops``.
     """
 
     method: str
@@ -182,6 +189,30 @@ class ModelCheckReport:
     dtype_summary: tuple[DtypeSummaryRow, ...]
     not_covered: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    float_ops: tuple[FloatOp, ...] = ()
+
+    @property
+    def float_flop_share(self) -> float:
+        """Share (0..1) of all FLOPs computed in float32 by ops without quant points."""
+        total = sum(r.flops for r in self.dtype_summary)
+        return sum(op.flops for op in self.float_ops) / total if total else 0.0
+
+    def _float_section(self) -> str:
+        fp32 = next((r for r in self.dtype_summary if r.dtype == "float32"), None)
+        head = (
+            f"Not quantized (float32): {len(self.float_ops)} op(s) without quant points, "
+            f"{100.0 * self.float_flop_share:.2f}% of FLOPs"
+        )
+        if fp32 is not None and fp32.ops:
+            head += (
+                f"; float32 compute in all: {fp32.ops} op(s), {100.0 * fp32.flop_share:.2f}% of FLOPs "
+                "(ops fed by unquantized outputs included)"
+            )
+        if not self.float_ops:
+            return head
+        total = sum(r.flops for r in self.dtype_summary) or 1
+        rows = [(o.name, o.op_type, o.flops, f"{100.0 * o.flops / total:.2f}%", o.reason) for o in self.float_ops]
+        return head + "\n" + _table(rows, ("name", "type", "flops", "flop share", "reason"), "simple")
 
     def to_text(self) -> str:
         """Render the report in the seed's ``model_check_result.txt`` layout."""
@@ -199,9 +230,10 @@ class ModelCheckReport:
         parts.append(
             "Each module called times:\n" + _table(rows_c, ("name", "called times", "note"), "simple")
         )
-        headers = ("Module Name", "Module Type", "Input dtype", "out dtype", "ch_axis", "observer")
+        headers = ("Module Name", "Module Type", "Input dtype", "out dtype", "ch_axis", "observer", "quantized")
         rows_o = [
-            (r.name, r.op_type, r.input_dtype, r.out_dtype, r.ch_axis, r.observer) for r in self.out_qconfigs
+            (r.name, r.op_type, r.input_dtype, r.out_dtype, r.ch_axis, r.observer, r.quantized)
+            for r in self.out_qconfigs
         ]
         parts.append("Each layer out qconfig:\n" + _table(rows_o, headers, "psql"))
         headers = ("Module Name", "Module Type", "weight dtype", "ch_axis", "observer")
@@ -215,8 +247,7 @@ class ModelCheckReport:
             parts.append("Please check if these OPs qconfigs are expected..\nNothing to check.")
         rows_s = [(r.dtype, r.ops, r.flops, f"{100.0 * r.flop_share:.2f}%") for r in self.dtype_summary]
         parts.append("Dtype summary:\n" + _table(rows_s, ("dtype", "ops", "flops", "flop share"), "simple"))
-        if self.not_covered:
-            parts.append("Not quantized (not seen by the eager fallback):\n" + "\n".join(self.not_covered))
+        parts.append(self._float_section())
         if self.notes:
             parts.append("Notes:\n" + "\n".join(self.notes))
         return "\n\n".join(parts) + "\n"
@@ -342,6 +373,7 @@ def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckRepor
     weight_rows: list[WeightQconfigRow] = []
     prompts: list[PromptRow] = []
     summary: dict[str, list[int]] = {name: [0, 0] for name in DTYPES}
+    floats = {op.name: op for op in record.float_ops}
     for info in infos:
         nodes = all_nodes[info.name]
         inputs = _effective_inputs(info, nodes, outputs)
@@ -350,13 +382,16 @@ def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckRepor
         else:
             in_text = ", ".join(str(d) if d is not None else "-" for d in inputs) or "-"
         out = nodes.get("output")
+        quantized = "yes" if info.name not in floats else f"no: {floats[info.name].reason}"
         if out is not None:
             axis = str(-1 if out.ch_axis is None else out.ch_axis)
             out_rows.append(
-                OutQconfigRow(info.name, info.op_type, in_text, str(out.dtype), axis, out.observer_name)
+                OutQconfigRow(
+                    info.name, info.op_type, in_text, str(out.dtype), axis, out.observer_name, quantized
+                )
             )
         else:
-            out_rows.append(OutQconfigRow(info.name, info.op_type, in_text, "-", "-", "-"))
+            out_rows.append(OutQconfigRow(info.name, info.op_type, in_text, "-", "-", "-", quantized))
         weight = nodes.get("weight")
         if weight is not None:
             axis = str(-1 if weight.ch_axis is None else weight.ch_axis)
@@ -368,9 +403,15 @@ def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckRepor
             compute = _widest([*inputs, weight.dtype if weight is not None else None])
         else:
             compute = outputs[info.name] or _widest(inputs)
-        entry = summary[(compute or float32).name]
+        entry = summary[(compute or float32).name if info.name not in floats else float32.name]
         entry[0] += 1
         entry[1] += int(info.flops)
+    planned = {i.name for i in infos}
+    for op in record.float_ops:
+        if op.name not in planned:
+            out_rows.append(OutQconfigRow(op.name, op.op_type, "float32", "float32", "-", "-", f"no: {op.reason}"))
+            summary[float32.name][0] += 1
+            summary[float32.name][1] += int(op.flops)
 
     types = {i.name: i.op_type for i in infos}
     for line in record.changelog:
@@ -399,4 +440,5 @@ def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckRepor
         ),
         not_covered=tuple(record.not_covered),
         notes=tuple(record.notes),
+        float_ops=tuple(record.float_ops),
     )

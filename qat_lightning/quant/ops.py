@@ -23,7 +23,7 @@ from torch import nn
 
 from qat_lightning.quant.fake_quantize import FakeQuantize
 
-__all__ = ["OpKind", "OpInfo", "PrepareRecord", "iter_quant_ops", "quant_nodes_of"]
+__all__ = ["OpKind", "OpInfo", "FloatOp", "PrepareRecord", "iter_quant_ops", "quant_nodes_of"]
 
 
 class OpKind(str, enum.Enum):
@@ -90,6 +90,29 @@ def quant_nodes_of(op: nn.Module) -> dict[str, FakeQuantize]:
 
 
 @dataclass(frozen=True)
+class FloatOp:
+    """An op with a float activation that prepare left without quant points: it computes in float32.
+
+    Attributes:
+        name: op name (same naming as quantized ops).
+        op_type: short type (``add``, ``gelu``, ``MultiheadAttention``, ...).
+        flops: multiply-accumulates per batch of the example input (one per output element for
+            elementwise ops; a lower bound for opaque modules).
+        reason: why it was left float (eager cannot see functional ops, a mask-like operand, outside the
+            QuantStub/DeQuantStub region, an opaque module, a switch disabled in forward, ...).
+        on_chip: whether the op is meant to run on the chip (``False`` for ops outside the
+            QuantStub/DeQuantStub region of ``jit_strip``, which the deployment strips off): only on-chip
+            float ops can violate the chip's rules.
+    """
+
+    name: str
+    op_type: str
+    flops: int
+    reason: str
+    on_chip: bool = True
+
+
+@dataclass(frozen=True)
 class PrepareRecord:
     """What ``prepare`` did, kept on the prepared model as ``model.prepare_record`` for the check report.
 
@@ -105,6 +128,8 @@ class PrepareRecord:
         changelog: every qconfig change the chip rules made (downgrades), one line each.
         not_covered: what the eager fallback could not quantize (functional ops it cannot see).
         notes: free-form remarks for the report.
+        float_ops: ops left computing in float32 (no quant points), with their FLOPs: the report's
+            "not quantized" share.
     """
 
     method: str
@@ -116,3 +141,4 @@ class PrepareRecord:
     changelog: tuple[str, ...] = ()
     not_covered: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    float_ops: tuple[FloatOp, ...] = ()

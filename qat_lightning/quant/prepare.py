@@ -36,14 +36,16 @@ from qat_lightning.quant.eager_prepare import prepare_eager, probe_model
 from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.fx_prepare import prepare_fx
 from qat_lightning.quant.fx_tracer import FxTraceError
-from qat_lightning.quant.ops import OpInfo, PrepareRecord
+from qat_lightning.chips import get_chip
+from qat_lightning.quant.dtypes import float32
+from qat_lightning.quant.ops import FloatOp, OpInfo, PrepareRecord
 from qat_lightning.quant.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.qconfig import QConfig
 from qat_lightning.quant.qconfig_setter import QconfigAssignment, as_qconfig_setter
 
 __all__ = ["prepare", "PREPARE_METHODS", "QAT_MODES", "FxTraceError"]
 
-PREPARE_METHODS: tuple[str, ...] = ("fx", "eager", "auto")
+PREPARE_METHODS: tuple[str, ...] = ("fx", "eager", "auto", "jit_strip")
 _USER_ATTRS = fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
 
 
@@ -214,7 +216,8 @@ def prepare(
     unfused: list[tuple[str, ...]] = []
     notes: list[str] = []
     prepared: nn.Module | None = None
-    if method in ("fx", "auto"):
+    float_ops: list[FloatOp] = []
+    if method in ("fx", "auto", "jit_strip"):
         try:
             result = prepare_fx(
                 copy.deepcopy(model),
@@ -226,12 +229,13 @@ def prepare(
                 device,
                 output_type,
                 verify=lambda traced: _check_trace(traced, probe.output, args, kwargs, device),
+                strip=method == "jit_strip",
             )
-            prepared, plans = result.model, result.plans
+            prepared, plans, float_ops = result.model, result.plans, result.float_ops
             fused, unfused, notes = result.fused, result.unfused, result.notes
-            used = "fx"
+            used = "fx" if method != "jit_strip" else method
         except Exception as exc:
-            if method == "fx" or setter_failed:
+            if method != "auto" or setter_failed:
                 raise
             reason = str(exc) if isinstance(exc, FxTraceError) else f"{type(exc).__name__}: {exc}"
             assignments.clear()
@@ -244,7 +248,7 @@ def prepare(
         result_e = prepare_eager(
             copy.deepcopy(model), _replace_functions(probe, functions), args, kwargs, assign, qat_mode, device
         )
-        prepared, plans = result_e.model, result_e.plans
+        prepared, plans, float_ops = result_e.model, result_e.plans, result_e.float_ops
         unfused, not_covered, notes = result_e.unfused, result_e.not_covered, result_e.notes
         if method == "auto":
             listed = ", ".join(not_covered) if not_covered else "nothing"
@@ -259,16 +263,19 @@ def prepare(
         warnings.warn(
             f"qconfig templates: these names match no op: {', '.join(assignment.unmatched)}", stacklevel=2
         )
+    chip = assignment.chip if assignment.chip is not None else setter.chip
+    notes = [*notes, *_float_op_violations(float_ops, chip, setter.on_violation)]
     record = PrepareRecord(
         method=used,
         qat_mode=qat_mode,
-        chip=assignment.chip if assignment.chip is not None else setter.chip,
+        chip=chip,
         call_counts=tuple(probe.call_counts.items()),
         fused=tuple(fused),
         unfused=tuple(unfused),
         changelog=tuple(assignment.changelog),
         not_covered=tuple(not_covered),
         notes=tuple(notes),
+        float_ops=tuple(float_ops),
     )
     order = [p.name for p in plans]
     prepared.quant_op_order = order
@@ -278,6 +285,28 @@ def prepare(
     if check_dir is not None:
         _write_check(prepared, check_dir, record)
     return prepared
+
+
+def _float_op_violations(float_ops: Sequence[FloatOp], chip: str | None, on_violation: str) -> list[str]:
+    """Float32 ops the chip cannot run: ``error`` raises naming them; ``downgrade`` warns (they have no quant
+    points to downgrade) and returns the report notes."""
+    if chip is None:
+        return []
+    spec = get_chip(chip)
+    bad = [op for op in float_ops if op.on_chip and not spec.allows_output(float32, op.op_type)]
+    if not bad:
+        return []
+    lines = [f"{op.name} ({op.op_type}, {op.flops} FLOPs): float32, {op.reason}" for op in bad]
+    text = "\n  ".join(lines)
+    rule = f"{spec.name} cannot run these ops in float32 and prepare left them without quant points"
+    if on_violation == "error":
+        raise ValueError(
+            f"prepare: {rule} ({len(bad)} op(s)):\n  {text}\nmake fx trace the model (method='fx' names "
+            "the line it cannot trace), quantize these ops by hand, or pass on_violation='downgrade' to "
+            "accept them with a warning"
+        )
+    warnings.warn(f"prepare: {rule}; they stay float32 ({len(bad)} op(s)):\n  {text}", stacklevel=3)
+    return [f"chip violation (not quantized, float32 on {spec.name}): {line}" for line in lines]
 
 
 def _replace_functions(probe: Any, functions: list[tuple[str, int, str]]) -> Any:
