@@ -4,6 +4,7 @@ Never imports lightning, hydra or omegaconf.
 """
 
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float16, float32, parse_dtype, qint8, qint16
+from qat_lightning.quant.eager_fusion import EagerFused, fuse_modules
 from qat_lightning.quant.fake_quantize import (
     FakeCast,
     FakeQuantize,
@@ -17,7 +18,7 @@ from qat_lightning.quant.fp16_norm import set_fp16_norm_scaling
 from qat_lightning.quant.functional import fake_cast, fake_quantize
 from qat_lightning.quant.model_check import ModelCheckReport, check_model, write_changelog
 from qat_lightning.quant.observers import OBSERVER_NAMES, Observer, make_observer
-from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
+from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.prepare import PREPARE_METHODS, QAT_MODES, FxTraceError, prepare
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
 from qat_lightning.quant.qconfig_setter import (
@@ -44,6 +45,9 @@ from qat_lightning.quant.templates import (
 )
 
 __all__ = [
+    "EagerFused",
+    "FloatOp",
+    "fuse_modules",
     "PREPARE_METHODS",
     "QAT_MODES",
     "ConvDtypeTemplate",

@@ -9,8 +9,9 @@ quantizable modules (what eager mode cannot quantize).
 extra call of a shared module gets its own op module ``path#k`` (activation nodes per call site, weight
 node shared) and the first one dispatches calls in order. A user's ``QuantStub`` becomes an input op,
 a ``DeQuantStub`` the identity; without ``QuantStub`` every float tensor input gets an ``<arg>_quant`` op,
-applied by a forward pre-hook on the model (which also resets the call-site counters). Nothing is fused:
-fusable chains (conv -> bn -> relu, linear -> relu, ...) are reported as unfused.
+applied by a forward pre-hook on the model (which also resets the call-site counters). Fusion is the
+user's fuse hook (:mod:`~qat_lightning.quant.eager_fusion`): each fused module becomes one op; fusable
+chains left unfused (conv -> bn -> relu, linear -> relu, ...) are reported.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from qat_lightning.quant.eager_fusion import fused_parts, fused_plan
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
 from qat_lightning.quant.prepare_build import OpBuilder, OpPlan
 from qat_lightning.quant.prepare_tables import (
@@ -146,6 +148,7 @@ def probe_model(
         k = counts.get(path, 0)
         counts[path] = k + 1
         covered = module_op_type(module) is not None or isinstance(module, PASS_THROUGH_MODULES)
+        covered = covered or fused_parts(module) is not None
         stack.append((path, k, covered, _switched_off()))
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -310,9 +313,18 @@ def prepare_eager(
             tid, seen = transparent[tid], seen + 1
         return by_id.get(tid) if tid is not None else None
 
-    for ev in probe.events:
+    fused = {path: parts for path, mod in modules.items() if (parts := fused_parts(mod)) is not None}
+    events = [ev for ev in probe.events if not any(ev.path.startswith(f"{f}.") for f in fused)]
+    for ev in events:
         mod = modules.get(ev.path)
         if mod is None:
+            continue
+        if ev.path in fused:
+            name, k = namer.module_op(ev.path)
+            shapes = (ev.in_shape, ev.out_shape)
+            plans.append(fused_plan(name, k, ev.path, fused[ev.path], tuple(producer(t) for t in ev.in_ids), shapes))
+            by_id.update({ev.out_id: name} if ev.out_id is not None else {})
+            switched.update({name: ev.switched_off} if ev.switched_off is not None else {})
             continue
         op_type = module_op_type(mod)
         if op_type is None:
@@ -391,8 +403,8 @@ def prepare_eager(
         name = fn_namer.function_op(parent, call, base)
         not_covered.append(f"{name} ({base})")
         float_ops.append(FloatOp(name, base, flops, "a functional op eager mode cannot see"))
-    unfused = _unfused_chains(probe.events, modules)
-    notes = [f"not fused (eager mode does not fuse): {' + '.join(chain)}" for chain in unfused]
+    unfused = _unfused_chains(events, modules)
+    notes = [f"not fused (fuse them in a fuse hook: fuse_fn / fuse_model()): {' + '.join(c)}" for c in unfused]
     notes += builder.notes
     return EagerPrepared(model, plans, unfused, not_covered, notes, float_ops)
 

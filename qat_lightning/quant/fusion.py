@@ -29,7 +29,15 @@ from torch.fx import Graph, Node
 from qat_lightning.quant.fx_tracer import NodeMeta
 from qat_lightning.quant.prepare_tables import BN_FOR_CONV, CONV_TYPES
 
-__all__ = ["FusionGroup", "UnfusedGroup", "find_fusions", "is_relu_node", "is_add_node", "fused_op_type"]
+__all__ = [
+    "FusionGroup",
+    "UnfusedGroup",
+    "find_fusions",
+    "is_relu_node",
+    "is_add_node",
+    "fused_op_type",
+    "fused_type_name",
+]
 
 
 @dataclass
@@ -95,16 +103,21 @@ def _is_inplace_add(node: Node) -> bool:
 
 def fused_op_type(gemm: nn.Module, group: FusionGroup) -> str:
     """``ConvBnReLU2d``, ``ConvBnAddReLU2d``, ``ConvReLU2d``, ``LinearBn1d``, ``LinearReLU``, ..."""
+    return fused_type_name(gemm, group.bn is not None, group.add is not None, group.relu is not None)
+
+
+def fused_type_name(gemm: nn.Module, bn: bool, add: bool, relu: bool) -> str:
+    """The fused op type of ``gemm`` followed by a BN / residual add / ReLU (fx and eager alike)."""
     if isinstance(gemm, CONV_TYPES):
         base, suffix = "Conv", type(gemm).__name__[-2:]
     else:
-        base, suffix = "Linear", "1d" if group.bn is not None else ""
+        base, suffix = "Linear", "1d" if bn else ""
     parts = [base]
-    if group.bn is not None:
+    if bn:
         parts.append("Bn")
-    if group.add is not None:
+    if add:
         parts.append("Add")
-    if group.relu is not None:
+    if relu:
         parts.append("ReLU")
     return "".join(parts) + suffix
 

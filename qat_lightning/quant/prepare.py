@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -32,6 +32,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from qat_lightning.quant.eager_fusion import run_fuse_hook
 from qat_lightning.quant.eager_prepare import prepare_eager, probe_model
 from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.fx_prepare import prepare_fx
@@ -153,6 +154,7 @@ def prepare(
     method: str = "auto",
     qat_mode: str = "fuse_bn",
     check_dir: str | os.PathLike[str] | None = None,
+    fuse_fn: Callable[[nn.Module], Any] | None = None,
 ) -> nn.Module:
     """Return a copy of ``model`` whose every quantizable op has named quant points.
 
@@ -163,13 +165,18 @@ def prepare(
         qconfig_setter: a ``QconfigSetter``, a template, a ``QConfig``, a tuple/list of them, or ``None``
             (all int8), see ``qat_lightning.quant.qconfig_setter.as_qconfig_setter``.
         method: ``fx`` (torch.fx tracing: functional ops and operators get quant points too, conv-bn-relu
-            and friends are fused), ``eager`` (module swapping plus the user's ``QuantStub`` /
+            and friends are fused), ``jit_strip`` (fx, but only what lies between ``QuantStub`` and
+            ``DeQuantStub`` is quantized; the rest is reported as float, off the chip), ``eager`` (module swapping plus the user's ``QuantStub`` /
             ``DeQuantStub``, for code fx cannot trace) or ``auto`` (fx, else eager with a warning listing
             what eager does not cover).
         qat_mode: how fused conv + BN train: ``fuse_bn``, ``with_bn`` or ``freeze_bn`` (see
             ``qat_lightning.quant.qat_modules.QatConvBn``).
         check_dir: when given, ``model_check_result.txt`` (and ``qconfig_changelog.txt`` if the chip
             rules downgraded anything) is written there.
+        fuse_fn: the user's fuse hook, run first on prepare's copy of the model: ``fuse_fn(model)``
+            fuses in place (``qat_lightning.quant.fuse_modules``) or returns the fused model; when
+            ``None``, the model's own ``fuse_model()`` method is called if it has one (torch.ao's
+            convention). Needed for fusion in eager mode; fx fuses by itself (the hook runs there too).
 
     Returns:
         The prepared model (an ``fx.GraphModule`` for fx), with ``quant_op_order`` and
@@ -183,6 +190,7 @@ def prepare(
         FxTraceError: ``method="fx"`` and fx cannot trace the model (names the failing line).
     """
     _validate(method, qat_mode, model)
+    model = run_fuse_hook(copy.deepcopy(model), fuse_fn)
     args, kwargs = _split_inputs(example_inputs)
     setter = as_qconfig_setter(qconfig_setter)
     device = _device_of(model, args, kwargs)
