@@ -4,6 +4,7 @@ Never imports lightning, hydra or omegaconf.
 """
 
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float16, float32, parse_dtype, qint8, qint16
+from qat_lightning.quant.dynamic_block import dynamic_block
 from qat_lightning.quant.eager_fusion import EagerFused, fuse_modules
 from qat_lightning.quant.fake_quantize import (
     FakeCast,
@@ -47,6 +48,7 @@ from qat_lightning.quant.templates import (
 __all__ = [
     "EagerFused",
     "FloatOp",
+    "dynamic_block",
     "fuse_modules",
     "PREPARE_METHODS",
     "QAT_MODES",

@@ -21,7 +21,7 @@ works with both methods.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,15 @@ from qat_lightning.quant.ops import OpInfo, OpKind
 from qat_lightning.quant.prepare_build import OpPlan
 from qat_lightning.quant.prepare_tables import BN_FOR_CONV, CONV_TYPES, gemm_module_flops, gemm_spec_of
 
-__all__ = ["EagerFused", "FusedParts", "fuse_modules", "fused_parts", "fused_plan", "run_fuse_hook"]
+__all__ = [
+    "EagerFused",
+    "FusedParts",
+    "fuse_modules",
+    "fused_parts",
+    "fused_plan",
+    "run_fuse_hook",
+    "unfused_chains",
+]
 
 _ADD = "add"
 
@@ -209,3 +217,38 @@ def run_fuse_hook(model: nn.Module, fuse_fn: Callable[[nn.Module], Any] | None) 
     if not isinstance(result, nn.Module):
         raise TypeError(f"the fuse hook must return None or the fused nn.Module, got {type(result).__name__}")
     return result
+
+
+def unfused_chains(events: Sequence[Any], modules: Mapping[str, nn.Module]) -> list[tuple[str, ...]]:
+    """Fusable conv/linear -> bn -> relu chains of the probe's call events (eager mode, for the report)."""
+    consumers: dict[int, list[Any]] = {}
+    for ev in events:
+        if ev.in_ids:
+            consumers.setdefault(ev.in_ids[0], []).append(ev)
+
+    def follower(ev: Any, kinds: tuple[type, ...]) -> Any | None:
+        for nxt in consumers.get(ev.out_id, []) if ev.out_id is not None else []:
+            if isinstance(modules.get(nxt.path), kinds):
+                return nxt
+        return None
+
+    def site(ev: Any) -> str:
+        return ev.path if ev.call_index == 0 else f"{ev.path}#{ev.call_index}"
+
+    chains = []
+    for ev in events:
+        mod = modules.get(ev.path)
+        if not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            continue
+        chain = [site(ev)]
+        bn = follower(ev, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+        last = ev
+        if bn is not None:
+            chain.append(site(bn))
+            last = bn
+        relu = follower(last, (nn.ReLU,))
+        if relu is not None:
+            chain.append(site(relu))
+        if len(chain) > 1:
+            chains.append(tuple(chain))
+    return chains

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from qat_lightning.quant.eager_fusion import fused_parts, fused_plan
+from qat_lightning.quant.dynamic_block import in_dynamic_block, warn_extra_calls
+from qat_lightning.quant.eager_fusion import fused_parts, fused_plan, unfused_chains
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
 from qat_lightning.quant.prepare_build import OpBuilder, OpPlan
 from qat_lightning.quant.prepare_tables import (
@@ -61,6 +62,7 @@ class CallEvent:
     out_shape: tuple[int, ...] | None
     out_float: bool
     switched_off: str | None = None  # the switch disabled in forward while this call ran
+    dynamic: bool = False  # called inside a dynamic_block()
 
 
 @dataclass
@@ -100,7 +102,7 @@ def _function_base(func: Any) -> str | None:
 
 
 class _FunctionRecorder(TorchFunctionMode):
-    def __init__(self, stack: list[tuple[str, int, bool, str | None]], out: list[tuple[str, int, str, int]]) -> None:
+    def __init__(self, stack: list[tuple[Any, ...]], out: list[tuple[str, int, str, int]]) -> None:
         super().__init__()
         self.stack = stack
         self.out = out
@@ -137,7 +139,7 @@ def probe_model(
     Exceptions of the model propagate unchanged.
     """
     counts: dict[str, int] = {}
-    stack: list[tuple[str, int, bool, str | None]] = []
+    stack: list[tuple[str, int, bool, str | None, bool]] = []
     events: list[CallEvent] = []
     keep: list[Any] = []  # keep tensors alive so their ids stay unique during the run
     handles = []
@@ -149,10 +151,10 @@ def probe_model(
         counts[path] = k + 1
         covered = module_op_type(module) is not None or isinstance(module, PASS_THROUGH_MODULES)
         covered = covered or fused_parts(module) is not None
-        stack.append((path, k, covered, _switched_off()))
+        stack.append((path, k, covered, _switched_off(), in_dynamic_block()))
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        path, k, covered, off = stack.pop()
+        path, k, covered, off, dynamic = stack.pop()
         if not covered:
             return
         keep.append((inputs, output))
@@ -168,6 +170,7 @@ def probe_model(
                 tuple(out.shape) if out is not None else None,
                 out is not None and out.is_floating_point(),
                 off,
+                dynamic,
             )
         )
 
@@ -229,40 +232,6 @@ def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
     parent.add_module(attr, module)
 
 
-def _unfused_chains(events: Sequence[CallEvent], modules: Mapping[str, nn.Module]) -> list[tuple[str, ...]]:
-    consumers: dict[int, list[CallEvent]] = {}
-    for ev in events:
-        if ev.in_ids:
-            consumers.setdefault(ev.in_ids[0], []).append(ev)
-
-    def follower(ev: CallEvent, kinds: tuple[type, ...]) -> CallEvent | None:
-        for nxt in consumers.get(ev.out_id, []) if ev.out_id is not None else []:
-            if isinstance(modules.get(nxt.path), kinds):
-                return nxt
-        return None
-
-    def site(ev: CallEvent) -> str:
-        return ev.path if ev.call_index == 0 else f"{ev.path}#{ev.call_index}"
-
-    chains = []
-    for ev in events:
-        mod = modules.get(ev.path)
-        if not isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            continue
-        chain = [site(ev)]
-        bn = follower(ev, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
-        last = ev
-        if bn is not None:
-            chain.append(site(bn))
-            last = bn
-        relu = follower(last, (nn.ReLU,))
-        if relu is not None:
-            chain.append(site(relu))
-        if len(chain) > 1:
-            chains.append(tuple(chain))
-    return chains
-
-
 def prepare_eager(
     model: nn.Module,
     probe: Probe,
@@ -315,9 +284,13 @@ def prepare_eager(
 
     fused = {path: parts for path, mod in modules.items() if (parts := fused_parts(mod)) is not None}
     events = [ev for ev in probe.events if not any(ev.path.startswith(f"{f}.") for f in fused)]
+    dynamic = _dynamic_paths(events)
     for ev in events:
         mod = modules.get(ev.path)
         if mod is None:
+            continue
+        if ev.path in dynamic and dynamic[ev.path] is not None:  # later calls of one dynamic call site
+            by_id.update({ev.out_id: dynamic[ev.path]} if ev.out_id is not None else {})
             continue
         if ev.path in fused:
             name, k = namer.module_op(ev.path)
@@ -325,6 +298,7 @@ def prepare_eager(
             plans.append(fused_plan(name, k, ev.path, fused[ev.path], tuple(producer(t) for t in ev.in_ids), shapes))
             by_id.update({ev.out_id: name} if ev.out_id is not None else {})
             switched.update({name: ev.switched_off} if ev.switched_off is not None else {})
+            dynamic.update({ev.path: name} if ev.path in dynamic else {})
             continue
         op_type = module_op_type(mod)
         if op_type is None:
@@ -364,6 +338,8 @@ def prepare_eager(
                 continue
         if ev.out_id is not None:
             by_id[ev.out_id] = name
+        if ev.path in dynamic:
+            dynamic[ev.path] = name
         if ev.switched_off is not None:
             switched[name] = ev.switched_off
     qconfigs = assign([p.info for p in plans])
@@ -383,9 +359,9 @@ def prepare_eager(
             _set_path(model, alias, ops[0])
         for k, op in enumerate(ops[1:], start=1):
             _set_path(model, f"{path}#{k}", op)
-        if len(ops) > 1:
-            ops[0]._sites = list(ops)
-            dispatchers.append(ops[0])
+        ops[0]._sites = list(ops)  # call-site dispatch and the call counter (warn_extra_calls)
+        ops[0]._dynamic = path in dynamic
+        dispatchers.append(ops[0])
     for path, mod in modules.items():
         if path and is_dequant_stub(mod):
             for alias in aliases.get(id(mod), [path]):
@@ -396,6 +372,8 @@ def prepare_eager(
     model._qat_input_ops = input_specs
     if dispatchers or input_specs:
         model.register_forward_pre_hook(_eager_pre_hook, with_kwargs=True)
+    if dispatchers:
+        model.register_forward_hook(warn_extra_calls)
     fn_namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
     not_covered = []
     float_ops = _switched_ops(plans, qconfigs, switched)
@@ -403,10 +381,22 @@ def prepare_eager(
         name = fn_namer.function_op(parent, call, base)
         not_covered.append(f"{name} ({base})")
         float_ops.append(FloatOp(name, base, flops, "a functional op eager mode cannot see"))
-    unfused = _unfused_chains(events, modules)
+    unfused = unfused_chains(events, modules)
     notes = [f"not fused (fuse them in a fuse hook: fuse_fn / fuse_model()): {' + '.join(c)}" for c in unfused]
     notes += builder.notes
     return EagerPrepared(model, plans, unfused, not_covered, notes, float_ops)
+
+
+def _dynamic_paths(events: Sequence[CallEvent]) -> dict[str, str | None]:
+    """Paths called inside dynamic blocks (-> their one op name, filled while planning)."""
+    inside = {ev.path for ev in events if ev.dynamic}
+    mixed = sorted({ev.path for ev in events if not ev.dynamic and ev.path in inside})
+    if mixed:
+        raise ValueError(
+            f"{', '.join(mixed)}: called both inside and outside dynamic_block(); a dynamic block's modules "
+            "share one call site for all its iterations, so give the other uses their own modules"
+        )
+    return dict.fromkeys(sorted(inside))
 
 
 def _switched_ops(plans: Sequence[OpPlan], qconfigs: Mapping[str, QConfig], switched: Mapping[str, str]) -> list[FloatOp]:

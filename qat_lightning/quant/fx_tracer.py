@@ -190,6 +190,13 @@ class _ValueProxy(fx.Proxy):
                 return getattr(value, k)
         return _ValueAttribute(self, k)
 
+    def __index__(self) -> int:
+        raise _DataDependent(
+            "a Python int from a tensor shape (range(x.shape[0]), a loop over a shape): its trip count varies "
+            "with the input; wrap the loop body in dynamic_block() and use method='eager' or 'auto'",
+            user_source_line(sys._getframe()),
+        )
+
     def __len__(self) -> int:
         value = self.tracer.value_of(self.node)  # type: ignore[attr-defined]
         if isinstance(value, torch.Tensor):
@@ -421,6 +428,8 @@ def trace_with_values(
             graph = tracer.trace(model)
     except _DataDependent as exc:
         raise FxTraceError(_message(exc.what, exc.where)) from exc
+    except FxTraceError:
+        raise
     except Exception as exc:
         where = user_source_line(exc.__traceback__)
         raise FxTraceError(_message(f"{type(exc).__name__}: {exc}", where)) from exc
