@@ -208,7 +208,7 @@ class QuantAnalysis:
             self.run()
         records = self._records if self._records is not None else {}
         self.comparison = compare_layers(records, self._order, range_factor, int8_limit)
-        self._write("compare_per_layer.txt", layer_text(self.comparison))
+        self._write("compare_per_layer.txt", layer_text(self.comparison, *self._float_ops()))
         self._write("compare_per_layer.csv", layer_csv(self.comparison))
         self._write("compare_per_layer.json", to_json(self.comparison))
         if plot:
@@ -247,7 +247,7 @@ class QuantAnalysis:
             raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SENSITIVITY_METHODS)}")
         batch = self.bad_case_inputs() if inputs is None else normalize_inputs(inputs)
         targets = sensitivity_targets(self.model, kinds)
-        total = sum(op.op_info.flops for _, op in iter_quant_ops(self.model))
+        float_ops, total = self._float_ops()  # the shares count the unquantized ops' FLOPs too
         if method == "exact":
             results = exact_sensitivity(self.model, batch, resolved, targets)
         else:
@@ -255,7 +255,7 @@ class QuantAnalysis:
         self.tables = build_tables(results, resolved, method, total)
         for table in self.tables:
             stem = f"sensitivity_{safe_filename(table.output_name)}"
-            self._write(f"{stem}.txt", sensitivity_text(table))
+            self._write(f"{stem}.txt", sensitivity_text(table, float_ops, total))
             self._write(f"{stem}.csv", sensitivity_csv(table))
             self._write(f"{stem}.json", to_json(table))
             if plot:
@@ -263,6 +263,13 @@ class QuantAnalysis:
         return self.tables
 
     # ------------------------------------------------------------------ helpers
+    def _float_ops(self) -> tuple[tuple[Any, ...], int]:
+        """The model's unquantized ops (``prepare_record.float_ops``) and the FLOPs of all ops."""
+        record = getattr(self.model, "prepare_record", None)
+        float_ops = tuple(getattr(record, "float_ops", ()))
+        quantized = sum(op.op_info.flops for _, op in iter_quant_ops(self.model))
+        return float_ops, quantized + sum(op.flops for op in float_ops)
+
     def _write(self, name: str, text: str) -> Path:
         return write_atomic(self.out_dir / name, text)
 

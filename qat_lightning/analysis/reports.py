@@ -38,6 +38,7 @@ __all__ = [
     "probes_csv",
     "plan_text",
     "layer_text",
+    "not_quantized_text",
     "layer_csv",
     "sensitivity_text",
     "sensitivity_csv",
@@ -209,8 +210,31 @@ def _layer_values(row: LayerRow) -> list[Any]:
     ]
 
 
-def layer_text(comparison: LayerComparison) -> str:
-    """Render the per-layer table (seed layout, grid), then the advisor and the unaligned ops."""
+def not_quantized_text(float_ops: Sequence[Any], total_flops: int) -> str:
+    """The ops a prepared model computes in float32 without quant points, with their count and FLOPs share.
+
+    Args:
+        float_ops: ``prepared.prepare_record.float_ops`` (``FloatOp``: name, op_type, flops, reason).
+        total_flops: FLOPs of the whole model (quantized ops plus ``float_ops``), for the shares.
+    """
+    flops = sum(op.flops for op in float_ops)
+    share = flops / total_flops if total_flops else 0.0
+    head = f"Not quantized (float32): {len(float_ops)} op(s), {_flops(flops, share)} FLOPs"
+    if not float_ops:
+        return head + "\n"
+    rows = [
+        [op.name, op.op_type, "float32", _flops(op.flops, op.flops / total_flops if total_flops else 0.0), op.reason]
+        for op in float_ops
+    ]
+    return head + "\n" + tabulate(rows, headers=["op_name", "op_type", "dtype", "flops", "reason"]) + "\n"
+
+
+def layer_text(comparison: LayerComparison, float_ops: Sequence[Any] = (), total_flops: int = 0) -> str:
+    """Render the per-layer table (seed layout, grid), then the advisor and the unaligned ops.
+
+    ``float_ops`` / ``total_flops``: the model's unquantized ops (see :func:`not_quantized_text`), listed
+    last so a partly float model is never shown as fully quantized.
+    """
     rows = [[r.index, *_layer_values(r)] for r in comparison.rows]
     parts = [tabulate(rows, headers=["", *LAYER_COLUMNS], tablefmt="psql", floatfmt=".7f"), ""]
     parts.append("Advisor:")
@@ -228,6 +252,7 @@ def layer_text(comparison: LayerComparison) -> str:
         parts.append(tabulate(list(comparison.unaligned), headers=["mod_name", "reason"]))
     if comparison.not_run:
         parts += ["", "Ops not called on these inputs: " + ", ".join(comparison.not_run)]
+    parts += ["", not_quantized_text(float_ops, total_flops).rstrip("\n")]
     return "\n".join(parts) + "\n"
 
 
@@ -241,8 +266,11 @@ def _flops(flops: int, share: float) -> str:
     return f"{flops}({share:.2%})"
 
 
-def sensitivity_text(table: SensitivityTable) -> str:
-    """One sensitivity table in the seed's layout (``flops`` shown as ``count(share%)``)."""
+def sensitivity_text(table: SensitivityTable, float_ops: Sequence[Any] = (), total_flops: int = 0) -> str:
+    """One sensitivity table in the seed's layout (``flops`` shown as ``count(share%)``).
+
+    ``float_ops`` / ``total_flops``: the model's unquantized ops, listed after the table.
+    """
     rows = [
         [r.op_name, r.sensitive_type, r.op_type, r.metric, r.quant_dtype, _flops(r.flops, r.flops_share)]
         for r in table.rows
@@ -253,7 +281,7 @@ def sensitivity_text(table: SensitivityTable) -> str:
         headers=["op_name", "sensitive_type", "op_type", table.metric_name, "quant_dtype", "flops"],
         floatfmt=".6g",
     )
-    return f"{header}\n{body}\n"
+    return f"{header}\n{body}\n\n{not_quantized_text(float_ops, total_flops)}"
 
 
 def sensitivity_csv(table: SensitivityTable) -> str:

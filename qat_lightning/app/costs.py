@@ -16,7 +16,8 @@ def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float 
     quantized input, the weight or the output (a ``float32`` input node means "as produced" and does not
     count). An op can count in both (a j6p gemm with int16 inputs and an fp16 output). Cost:
     ``chips.op_cost`` of every op with those dtypes (an input left as produced takes its producer's
-    output dtype), divided by the same ops' MACs (= the all-int8 cost, every factor 1).
+    output dtype), divided by the same ops' MACs (= the all-int8 cost, every factor 1); ops prepare left
+    float32 without quant points (``prepare_record.float_ops``) are priced as float32.
     """
     from qat_lightning.chips import get_chip, op_cost
     from qat_lightning.quant.ops import OpKind, iter_quant_ops, quant_nodes_of
@@ -54,6 +55,9 @@ def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float 
             second = None if weight is None else weight.dtype
         total += op_cost(info.flops, first, second, output, spec, gemm)
         reference += info.flops
+    for float_op in getattr(getattr(model, "prepare_record", None), "float_ops", ()):  # left float32: priced so
+        total += op_cost(float_op.flops, "float32", None, "float32", spec, False)
+        reference += float_op.flops
     n = max(len(ops), 1)
     cost = total / reference if reference else None
     return counts["qint16"] / n, counts["float16"] / n, cost

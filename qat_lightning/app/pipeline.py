@@ -126,12 +126,16 @@ class Pipeline:
     ) -> StageResult:
         """Add a row with the int16/fp16 ratios and the chip cost of ``lit``'s network."""
         from qat_lightning.app.costs import quant_stats
+        from qat_lightning.quant import not_quantized_share
 
-        int16 = fp16 = cost = None
+        int16 = fp16 = cost = fp32 = None
         if lit is not None and recipe is not None and recipe.quantize:
-            int16, fp16, cost = quant_stats(getattr(lit, self.cfg.prepare.submodule), self.chip)
+            net = getattr(lit, self.cfg.prepare.submodule)
+            int16, fp16, cost = quant_stats(net, self.chip)
+            fp32 = not_quantized_share(net)[1]
         name = "float" if recipe is None else recipe.name
-        return self.add(StageResult(step, name, metric, float_metric, int16, fp16, cost, ckpt, out_dir, note))
+        row = StageResult(step, name, metric, float_metric, int16, fp16, cost, ckpt, out_dir, note, fp32)
+        return self.add(row)
 
     def resolve_ckpt(self, kind: str) -> Path:
         """``ckpt=`` or ``<run dir>/checkpoints/<kind>.ckpt``; a clear error when neither exists."""

@@ -62,6 +62,7 @@ class StageResult:
         ckpt: the checkpoint written, if any.
         out_dir: where the step's files are.
         note: a short remark (decision, sanity status).
+        float32_share: share of FLOPs in ops left float32 without quant points (``None`` for float).
     """
 
     step: str
@@ -74,6 +75,7 @@ class StageResult:
     ckpt: Path | None = None
     out_dir: Path | None = None
     note: str = ""
+    float32_share: float | None = None
 
     @property
     def share_of_float(self) -> float | None:

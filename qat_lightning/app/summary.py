@@ -22,6 +22,7 @@ COLUMNS = (
     "% of float",
     "int16 ratio",
     "fp16 ratio",
+    "float32 (not quantized)",
     "est. cost (x int8)",
     "note",
 )
@@ -60,6 +61,7 @@ def row_cells(row: StageResult) -> list[str]:
         _num(None if share is None else 100 * share, "{:.2f}%"),
         _num(row.int16_ratio, "{:.1%}"),
         _num(row.fp16_ratio, "{:.1%}"),
+        _num(row.float32_share, "{:.1%}"),
         _num(row.cost, "{:.2f}"),
         row.note,
     ]
@@ -84,7 +86,8 @@ def render_markdown(summary: Summary, relative_to: Path | None = None) -> str:
         "",
         "metric: the target metric on the validation data; % of float: metric / float metric; int16 / fp16 "
         "ratio: share of quantized ops with an int16 / fp16 quant point (input, weight or output; an op can "
-        "count in both); est. cost: the chip cost model (MACs x dtype factor, `qat_lightning.chips`) "
+        "count in both); float32 (not quantized): share of FLOPs in ops prepare left without quant points "
+        "(model_check_result.txt lists them); est. cost: the chip cost model (MACs x dtype factor, `qat_lightning.chips`) "
         "relative to the same model all-int8.",
     ]
     if summary.decisions:

@@ -53,6 +53,7 @@ __all__ = [
     "DtypeSummaryRow",
     "ModelCheckReport",
     "check_model",
+    "not_quantized_share",
     "write_changelog",
 ]
 
@@ -331,6 +332,19 @@ def _module_type(model: nn.Module, path: str) -> str:
         return type(model.get_submodule(path)).__name__
     except AttributeError:
         return "-"
+
+
+def not_quantized_share(prepared: nn.Module) -> tuple[int, float]:
+    """``(number of ops, share of all FLOPs)`` that ``prepared`` computes in float32 without quant points.
+
+    All FLOPs = the quantized ops' plus the unquantized ones' (``prepare_record.float_ops``); a model
+    without a ``prepare_record`` has none recorded: ``(0, 0.0)``.
+    """
+    record = getattr(prepared, "prepare_record", None)
+    float_ops = tuple(getattr(record, "float_ops", ()))
+    flops = sum(op.flops for op in float_ops)
+    total = flops + sum(int(op.op_info.flops) for _, op in iter_quant_ops(prepared))
+    return len(float_ops), (flops / total if total else 0.0)
 
 
 def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckReport:
