@@ -264,7 +264,7 @@ class QuantAnalysis:
 
     # ------------------------------------------------------------------ helpers
     def _float_ops(self) -> tuple[tuple[Any, ...], int]:
-        """The model's unquantized ops (``prepare_record.float_ops``) and the FLOPs of all ops."""
+        """Return the model's unquantized ops (``prepare_record.float_ops``) and the FLOPs of all ops."""
         record = getattr(self.model, "prepare_record", None)
         float_ops = tuple(getattr(record, "float_ops", ()))
         quantized = sum(op.op_info.flops for _, op in iter_quant_ops(self.model))

@@ -211,7 +211,7 @@ def _layer_values(row: LayerRow) -> list[Any]:
 
 
 def not_quantized_text(float_ops: Sequence[Any], total_flops: int) -> str:
-    """The ops a prepared model computes in float32 without quant points, with their count and FLOPs share.
+    """Render the ops a prepared model computes in float32 without quant points, with count and share.
 
     Args:
         float_ops: ``prepared.prepare_record.float_ops`` (``FloatOp``: name, op_type, flops, reason).
@@ -223,7 +223,13 @@ def not_quantized_text(float_ops: Sequence[Any], total_flops: int) -> str:
     if not float_ops:
         return head + "\n"
     rows = [
-        [op.name, op.op_type, "float32", _flops(op.flops, op.flops / total_flops if total_flops else 0.0), op.reason]
+        [
+            op.name,
+            op.op_type,
+            "float32",
+            _flops(op.flops, op.flops / total_flops if total_flops else 0.0),
+            op.reason,
+        ]
         for op in float_ops
     ]
     return head + "\n" + tabulate(rows, headers=["op_name", "op_type", "dtype", "flops", "reason"]) + "\n"

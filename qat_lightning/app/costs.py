@@ -55,7 +55,9 @@ def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float 
             second = None if weight is None else weight.dtype
         total += op_cost(info.flops, first, second, output, spec, gemm)
         reference += info.flops
-    for float_op in getattr(getattr(model, "prepare_record", None), "float_ops", ()):  # left float32: priced so
+    for float_op in getattr(
+        getattr(model, "prepare_record", None), "float_ops", ()
+    ):  # left float32: priced so
         total += op_cost(float_op.flops, "float32", None, "float32", spec, False)
         reference += float_op.flops
     n = max(len(ops), 1)

@@ -87,8 +87,8 @@ def render_markdown(summary: Summary, relative_to: Path | None = None) -> str:
         "metric: the target metric on the validation data; % of float: metric / float metric; int16 / fp16 "
         "ratio: share of quantized ops with an int16 / fp16 quant point (input, weight or output; an op can "
         "count in both); float32 (not quantized): share of FLOPs in ops prepare left without quant points "
-        "(model_check_result.txt lists them); est. cost: the chip cost model (MACs x dtype factor, `qat_lightning.chips`) "
-        "relative to the same model all-int8.",
+        "(model_check_result.txt lists them); est. cost: the chip cost model (MACs x dtype factor, "
+        "`qat_lightning.chips`) relative to the same model all-int8.",
     ]
     if summary.decisions:
         lines += ["", "## Decisions", ""]

@@ -17,7 +17,12 @@ from qat_lightning.quant.fake_quantize import (
 )
 from qat_lightning.quant.fp16_norm import set_fp16_norm_scaling
 from qat_lightning.quant.functional import fake_cast, fake_quantize
-from qat_lightning.quant.model_check import ModelCheckReport, check_model, not_quantized_share, write_changelog
+from qat_lightning.quant.model_check import (
+    ModelCheckReport,
+    check_model,
+    not_quantized_share,
+    write_changelog,
+)
 from qat_lightning.quant.observers import OBSERVER_NAMES, Observer, make_observer
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.prepare import PREPARE_METHODS, QAT_MODES, FxTraceError, prepare

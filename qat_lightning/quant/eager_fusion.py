@@ -57,7 +57,9 @@ class EagerFused(nn.Module):
         relu: a ReLU last.
     """
 
-    def __init__(self, gemm: nn.Module, bn: nn.Module | None = None, add: bool = False, relu: bool = False) -> None:
+    def __init__(
+        self, gemm: nn.Module, bn: nn.Module | None = None, add: bool = False, relu: bool = False
+    ) -> None:
         super().__init__()
         self.gemm = gemm
         self.bn = bn
@@ -87,7 +89,7 @@ class FusedParts:
 
 
 def fused_parts(module: nn.Module) -> FusedParts | None:
-    """The parts of an :class:`EagerFused` or torch.ao intrinsic fused module, else ``None``."""
+    """Return the parts of an :class:`EagerFused` or torch.ao intrinsic fused module, else ``None``."""
     if isinstance(module, EagerFused):
         return FusedParts(module.gemm, module.bn, module.add, module.relu)
     if not isinstance(module, _FusedModule) or not len(module):
@@ -111,7 +113,7 @@ def fused_plan(
     producers: tuple[str | None, ...],
     shapes: tuple[tuple[int, ...] | None, tuple[int, ...] | None],
 ) -> OpPlan:
-    """The eager op plan of one call of a fused module (``shapes``: its input and output shapes)."""
+    """Plan the eager op of one call of a fused module (``shapes``: its input and output shapes)."""
     gemm = parts.gemm
     spec = gemm_spec_of(gemm)
     op_type = fused_type_name(gemm, parts.bn is not None, parts.add, parts.relu)
@@ -137,7 +139,9 @@ def _check_group(model: nn.Module, group: Sequence[str]) -> tuple[str, str | Non
         raise ValueError(f"a fuse group is a list of module paths starting with a conv/linear, got {group!r}")
     gemm = model.get_submodule(names[0])
     if not (isinstance(gemm, CONV_TYPES) or type(gemm) is nn.Linear):
-        raise ValueError(f"fuse group {names}: {names[0]} must be a Conv1d/2d/3d or Linear, got {type(gemm).__name__}")
+        raise ValueError(
+            f"fuse group {names}: {names[0]} must be a Conv1d/2d/3d or Linear, got {type(gemm).__name__}"
+        )
     rest = names[1:]
     bn_path = None
     if rest and rest[0] != _ADD and isinstance(model.get_submodule(rest[0]), nn.modules.batchnorm._BatchNorm):
@@ -150,7 +154,9 @@ def _check_group(model: nn.Module, group: Sequence[str]) -> tuple[str, str | Non
     if add:
         rest.pop(0)
         if bn_path is None:
-            raise ValueError(f"fuse group {names}: a residual add is fused after a BatchNorm only (as in fx mode)")
+            raise ValueError(
+                f"fuse group {names}: a residual add is fused after a BatchNorm only (as in fx mode)"
+            )
     relu_path = rest.pop(0) if rest else None
     if relu_path is not None and not isinstance(model.get_submodule(relu_path), nn.ReLU):
         raise ValueError(f"fuse group {names}: {relu_path} must be an nn.ReLU")
@@ -185,7 +191,10 @@ def fuse_modules(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module
     checked = [_check_group(model, g) for g in groups]
     paths = [p for c in checked for p in (c[0], c[1], c[3]) if p is not None]
     if len(set(paths)) != len(paths):
-        raise ValueError(f"fuse_modules: a module is in more than one group: {sorted(p for p in paths if paths.count(p) > 1)}")
+        raise ValueError(
+            "fuse_modules: a module is in more than one group: "
+            f"{sorted(p for p in paths if paths.count(p) > 1)}"
+        )
     for gemm_path, bn_path, add, relu_path in checked:
         bn = model.get_submodule(bn_path) if bn_path else None
         _set(model, gemm_path, EagerFused(model.get_submodule(gemm_path), bn, add, relu_path is not None))

@@ -295,7 +295,9 @@ def prepare_eager(
         if ev.path in fused:
             name, k = namer.module_op(ev.path)
             shapes = (ev.in_shape, ev.out_shape)
-            plans.append(fused_plan(name, k, ev.path, fused[ev.path], tuple(producer(t) for t in ev.in_ids), shapes))
+            plans.append(
+                fused_plan(name, k, ev.path, fused[ev.path], tuple(producer(t) for t in ev.in_ids), shapes)
+            )
             by_id.update({ev.out_id: name} if ev.out_id is not None else {})
             switched.update({name: ev.switched_off} if ev.switched_off is not None else {})
             dynamic.update({ev.path: name} if ev.path in dynamic else {})
@@ -382,7 +384,9 @@ def prepare_eager(
         not_covered.append(f"{name} ({base})")
         float_ops.append(FloatOp(name, base, flops, "a functional op eager mode cannot see"))
     unfused = unfused_chains(events, modules)
-    notes = [f"not fused (fuse them in a fuse hook: fuse_fn / fuse_model()): {' + '.join(c)}" for c in unfused]
+    notes = [
+        f"not fused (fuse them in a fuse hook: fuse_fn / fuse_model()): {' + '.join(c)}" for c in unfused
+    ]
     notes += builder.notes
     return EagerPrepared(model, plans, unfused, not_covered, notes, float_ops)
 
@@ -399,14 +403,18 @@ def _dynamic_paths(events: Sequence[CallEvent]) -> dict[str, str | None]:
     return dict.fromkeys(sorted(inside))
 
 
-def _switched_ops(plans: Sequence[OpPlan], qconfigs: Mapping[str, QConfig], switched: Mapping[str, str]) -> list[FloatOp]:
+def _switched_ops(
+    plans: Sequence[OpPlan], qconfigs: Mapping[str, QConfig], switched: Mapping[str, str]
+) -> list[FloatOp]:
     """Ops called while a switch was disabled in forward (FakeCast only matters to float16 outputs)."""
     found = []
     for plan in plans:
         switch = switched.get(plan.name)
         out = qconfigs[plan.name].output_dtype
         if switch == "GlobalFakeQuantSwitch" or (switch and out is not None and out.is_float16):
-            found.append(FloatOp(plan.name, plan.info.op_type, plan.info.flops, f"{switch} disabled in forward"))
+            found.append(
+                FloatOp(plan.name, plan.info.op_type, plan.info.flops, f"{switch} disabled in forward")
+            )
     return found
 
 

@@ -107,7 +107,7 @@ def fused_op_type(gemm: nn.Module, group: FusionGroup) -> str:
 
 
 def fused_type_name(gemm: nn.Module, bn: bool, add: bool, relu: bool) -> str:
-    """The fused op type of ``gemm`` followed by a BN / residual add / ReLU (fx and eager alike)."""
+    """Return the fused op type of ``gemm`` followed by a BN / residual add / ReLU (fx and eager alike)."""
     if isinstance(gemm, CONV_TYPES):
         base, suffix = "Conv", type(gemm).__name__[-2:]
     else:

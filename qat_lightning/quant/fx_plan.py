@@ -346,12 +346,16 @@ class FxPlanner:
             if isinstance(mod, _LOOKUP_MODULES) or is_dequant_stub(mod):
                 return
             name, op_type = str(node.target), type(mod).__name__
-            flops = gemm_module_flops(mod, self._shape(node.args[0]), self._shape(node)) if gemm_spec_of(
-                mod
-            ) is not None and node.args else numel_of(self._shape(node))
+            flops = (
+                gemm_module_flops(mod, self._shape(node.args[0]), self._shape(node))
+                if gemm_spec_of(mod) is not None and node.args
+                else numel_of(self._shape(node))
+            )
         else:
             parent, _ = _parent_of(node)
-            target = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
+            target = (
+                node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
+            )
             name, op_type = (f"{parent}.{target}" if parent else str(target)), str(target)
             base = self._function_base(node)
             flops = function_flops(base or op_type, [self._shape(a) for a in node.args], self._shape(node))

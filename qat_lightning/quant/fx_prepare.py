@@ -118,9 +118,7 @@ def _stub_region(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> set[Node]
     return region
 
 
-def _switched_off(
-    graph: fx.Graph, planner: FxPlanner, qconfigs: Mapping[str, QConfig]
-) -> list[FloatOp]:
+def _switched_off(graph: fx.Graph, planner: FxPlanner, qconfigs: Mapping[str, QConfig]) -> list[FloatOp]:
     """Ops that run while ``GlobalFakeQuantSwitch`` (or, for float16 ops, ``FakeCast``) is off in forward."""
     enabled = {"GlobalFakeQuantSwitch": True, "FakeCastSwitch": True}
     where = {"GlobalFakeQuantSwitch": "", "FakeCastSwitch": ""}

@@ -97,7 +97,7 @@ def set_switch(switch: str, enabled: bool) -> None:
 
 
 def switch_nodes(graph: fx.Graph) -> list[Node]:
-    """The :func:`set_switch` nodes of ``graph``, in graph order."""
+    """Return the :func:`set_switch` nodes of ``graph``, in graph order."""
     return [n for n in graph.nodes if n.op == "call_function" and n.target is set_switch]
 
 
@@ -192,8 +192,8 @@ class _ValueProxy(fx.Proxy):
 
     def __index__(self) -> int:
         raise _DataDependent(
-            "a Python int from a tensor shape (range(x.shape[0]), a loop over a shape): its trip count varies "
-            "with the input; wrap the loop body in dynamic_block() and use method='eager' or 'auto'",
+            "a Python int from a tensor shape (range(x.shape[0]), a loop over a shape): its trip count "
+            "varies with the input; wrap the loop body in dynamic_block() and use method='eager' or 'auto'",
             user_source_line(sys._getframe()),
         )
 

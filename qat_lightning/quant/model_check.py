@@ -212,7 +212,9 @@ class ModelCheckReport:
         if not self.float_ops:
             return head
         total = sum(r.flops for r in self.dtype_summary) or 1
-        rows = [(o.name, o.op_type, o.flops, f"{100.0 * o.flops / total:.2f}%", o.reason) for o in self.float_ops]
+        rows = [
+            (o.name, o.op_type, o.flops, f"{100.0 * o.flops / total:.2f}%", o.reason) for o in self.float_ops
+        ]
         return head + "\n" + _table(rows, ("name", "type", "flops", "flop share", "reason"), "simple")
 
     def to_text(self) -> str:
@@ -231,7 +233,15 @@ class ModelCheckReport:
         parts.append(
             "Each module called times:\n" + _table(rows_c, ("name", "called times", "note"), "simple")
         )
-        headers = ("Module Name", "Module Type", "Input dtype", "out dtype", "ch_axis", "observer", "quantized")
+        headers = (
+            "Module Name",
+            "Module Type",
+            "Input dtype",
+            "out dtype",
+            "ch_axis",
+            "observer",
+            "quantized",
+        )
         rows_o = [
             (r.name, r.op_type, r.input_dtype, r.out_dtype, r.ch_axis, r.observer, r.quantized)
             for r in self.out_qconfigs
@@ -335,7 +345,7 @@ def _module_type(model: nn.Module, path: str) -> str:
 
 
 def not_quantized_share(prepared: nn.Module) -> tuple[int, float]:
-    """``(number of ops, share of all FLOPs)`` that ``prepared`` computes in float32 without quant points.
+    """Return ``(ops, share of all FLOPs)`` that ``prepared`` computes in float32 without quant points.
 
     All FLOPs = the quantized ops' plus the unquantized ones' (``prepare_record.float_ops``); a model
     without a ``prepare_record`` has none recorded: ``(0, 0.0)``.
@@ -423,7 +433,9 @@ def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckRepor
     planned = {i.name for i in infos}
     for op in record.float_ops:
         if op.name not in planned:
-            out_rows.append(OutQconfigRow(op.name, op.op_type, "float32", "float32", "-", "-", f"no: {op.reason}"))
+            out_rows.append(
+                OutQconfigRow(op.name, op.op_type, "float32", "float32", "-", "-", f"no: {op.reason}")
+            )
             summary[float32.name][0] += 1
             summary[float32.name][1] += int(op.flops)
 

@@ -32,13 +32,13 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from qat_lightning.chips import get_chip
+from qat_lightning.quant.dtypes import float32
 from qat_lightning.quant.eager_fusion import run_fuse_hook
 from qat_lightning.quant.eager_prepare import prepare_eager, probe_model
 from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.fx_prepare import prepare_fx
 from qat_lightning.quant.fx_tracer import FxTraceError
-from qat_lightning.chips import get_chip
-from qat_lightning.quant.dtypes import float32
 from qat_lightning.quant.ops import FloatOp, OpInfo, PrepareRecord
 from qat_lightning.quant.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.qconfig import QConfig
@@ -166,9 +166,9 @@ def prepare(
             (all int8), see ``qat_lightning.quant.qconfig_setter.as_qconfig_setter``.
         method: ``fx`` (torch.fx tracing: functional ops and operators get quant points too, conv-bn-relu
             and friends are fused), ``jit_strip`` (fx, but only what lies between ``QuantStub`` and
-            ``DeQuantStub`` is quantized; the rest is reported as float, off the chip), ``eager`` (module swapping plus the user's ``QuantStub`` /
-            ``DeQuantStub``, for code fx cannot trace) or ``auto`` (fx, else eager with a warning listing
-            what eager does not cover).
+            ``DeQuantStub`` is quantized; the rest is reported as float, off the chip), ``eager`` (module
+            swapping plus the user's ``QuantStub`` / ``DeQuantStub``, for code fx cannot trace) or
+            ``auto`` (fx, else eager with a warning listing what eager does not cover).
         qat_mode: how fused conv + BN train: ``fuse_bn``, ``with_bn`` or ``freeze_bn`` (see
             ``qat_lightning.quant.qat_modules.QatConvBn``).
         check_dir: when given, ``model_check_result.txt`` (and ``qconfig_changelog.txt`` if the chip
@@ -296,8 +296,11 @@ def prepare(
 
 
 def _float_op_violations(float_ops: Sequence[FloatOp], chip: str | None, on_violation: str) -> list[str]:
-    """Float32 ops the chip cannot run: ``error`` raises naming them; ``downgrade`` warns (they have no quant
-    points to downgrade) and returns the report notes."""
+    """Check the float32 ops against the chip.
+
+    ``error`` raises naming the ops the chip cannot run; ``downgrade`` warns (they have no quant points to
+    downgrade) and returns the report notes.
+    """
     if chip is None:
         return []
     spec = get_chip(chip)

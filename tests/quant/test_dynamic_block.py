@@ -61,7 +61,9 @@ def test_dynamic_block_is_one_call_site_for_any_trip_count(seed):
 def test_more_calls_than_probed_call_sites_warn(seed):
     prepared = _calibrated(RowLoop(dynamic=False).eval(), torch.randn(2, 4))
     assert prepared.quant_op_order == ["x_quant", "fc", "fc#1"]
-    with pytest.warns(UserWarning, match=r"fc was called 3 times in this forward but prepare saw 2 call site"):
+    with pytest.warns(
+        UserWarning, match=r"fc was called 3 times in this forward but prepare saw 2 call site"
+    ):
         with torch.no_grad():
             prepared(torch.randn(3, 4))
     with warnings.catch_warnings():

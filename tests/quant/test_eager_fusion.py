@@ -7,7 +7,14 @@ import torch
 from torch import nn
 from torch.ao.quantization import fuse_modules as ao_fuse_modules
 
-from qat_lightning.quant import EagerFused, check_model, fuse_modules, iter_quant_ops, prepare, set_fake_quantize
+from qat_lightning.quant import (
+    EagerFused,
+    check_model,
+    fuse_modules,
+    iter_quant_ops,
+    prepare,
+    set_fake_quantize,
+)
 from qat_lightning.quant.qat_modules import QatConvBn, QatGemm
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -46,7 +46,9 @@ def _prepare(dtype, method: str = "fx", model: nn.Module | None = None) -> tuple
     chip = "j6p" if dtype == ql.float16 else None  # j6p keeps fp32 for a few nonlinear ops only
     # eager mode cannot see F.layer_norm: a float32 op on j6p, accepted (with a warning) by "downgrade"
     policy = "downgrade" if method == "eager" else "error"
-    setter = ql.QconfigSetter(ql.get_qconfig(), [ql.ModuleNameTemplate({"": dtype})], chip=chip, on_violation=policy)
+    setter = ql.QconfigSetter(
+        ql.get_qconfig(), [ql.ModuleNameTemplate({"": dtype})], chip=chip, on_violation=policy
+    )
     x = torch.randn(4, HIDDEN)
     return model, ql.prepare(model, example_inputs=x, qconfig_setter=setter, method=method)
 

@@ -64,7 +64,9 @@ class _InlineWithWeights(nn.Module):
 
 
 def test_inline_module_with_weights_is_refused_naming_the_line():
-    with pytest.raises(FxTraceError, match=r"built inside forward[\s\S]*test_prepare_honesty.py:\d+: return nn.Linear"):
+    with pytest.raises(
+        FxTraceError, match=r"built inside forward[\s\S]*test_prepare_honesty.py:\d+: return nn.Linear"
+    ):
         prepare(_InlineWithWeights(), torch.randn(2, 4), method="fx")
 
 
@@ -124,7 +126,9 @@ def test_float_ops_the_chip_cannot_run_are_violations(chip):
     with pytest.warns(UserWarning, match="they stay float32"):
         prepared = prepare(model, x, method="eager", qconfig_setter=setter)
     assert any(n.startswith("chip violation") for n in prepared.prepare_record.notes)
-    assert prepare(model, x, method="fx", qconfig_setter=QconfigSetter(chip=chip)).prepare_record.float_ops == ()
+    assert (
+        prepare(model, x, method="fx", qconfig_setter=QconfigSetter(chip=chip)).prepare_record.float_ops == ()
+    )
 
 
 # ------------------------------------------------------------------------------------ switches in forward
