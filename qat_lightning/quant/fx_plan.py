@@ -9,7 +9,6 @@ called it from ``node.meta["nn_module_stack"]``.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from torch import nn
 from torch.fx import Node
 
 from qat_lightning.quant.fusion import FusionGroup, fused_op_type
+from qat_lightning.quant.fx_float_ops import LOOKUP_MODULES, float_op_of
 from qat_lightning.quant.fx_tracer import NodeMeta
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
 from qat_lightning.quant.prepare_build import OpPlan
@@ -34,7 +34,6 @@ from qat_lightning.quant.prepare_tables import (
     function_flops,
     gemm_module_flops,
     gemm_spec_of,
-    is_dequant_stub,
     is_stub,
     module_op_type,
     numel_of,
@@ -43,25 +42,6 @@ from qat_lightning.quant.prepare_tables import (
 __all__ = ["FxPlanner", "SDPA"]
 
 SDPA = F.scaled_dot_product_attention
-_LOOKUP_MODULES = (nn.Embedding, nn.EmbeddingBag)  # a table lookup, no compute: not a float op
-#: Functions / methods that move or pick data without computing (not float ops when unquantized).
-_NOT_COMPUTE = frozenset(
-    {
-        operator.getitem,
-        "getitem",
-        "to",
-        "type",
-        "float",
-        "clone",
-        "detach",
-        "contiguous",
-        "expand",
-        "expand_as",
-        "repeat",
-        "masked_fill",
-        "__getitem__",
-    }
-)
 _MASKABLE = frozenset({"add", "sub", "mul", "div"})
 
 
@@ -189,7 +169,7 @@ class FxPlanner:
             float_out = m is not None and (m.is_tensor_seq or (m.is_tensor and m.is_float))
             if float_out and not isinstance(mod, PASS_THROUGH_MODULES):
                 self.notes.append(f"kept float (no quant points inside): {target} ({type(mod).__name__})")
-                if not isinstance(mod, _LOOKUP_MODULES) and node in self.act:
+                if not isinstance(mod, LOOKUP_MODULES) and node in self.act:
                     flops = numel_of(self._shape(node)) if m.is_tensor else 0
                     reason = "no quant points inside this module (FLOPs: its output size, a lower bound)"
                     self.float_ops.append(FloatOp(target, type(mod).__name__, flops, reason))
@@ -337,29 +317,10 @@ class FxPlanner:
         self, node: Node, reason: str = "no quantized implementation of this function", on_chip: bool = True
     ) -> None:
         """Record a float op left unquantized (not a view / reshape / dropout / switch node)."""
-        if node.op not in ("call_module", "call_function", "call_method") or not self._float_act(node):
-            return
-        if self._transparent(node) or node.target in _NOT_COMPUTE:
-            return
-        if node.op == "call_module":
-            mod = self.modules[str(node.target)]
-            if isinstance(mod, _LOOKUP_MODULES) or is_dequant_stub(mod):
-                return
-            name, op_type = str(node.target), type(mod).__name__
-            flops = (
-                gemm_module_flops(mod, self._shape(node.args[0]), self._shape(node))
-                if gemm_spec_of(mod) is not None and node.args
-                else numel_of(self._shape(node))
-            )
-        else:
-            parent, _ = _parent_of(node)
-            target = (
-                node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
-            )
-            name, op_type = (f"{parent}.{target}" if parent else str(target)), str(target)
-            base = self._function_base(node)
-            flops = function_flops(base or op_type, [self._shape(a) for a in node.args], self._shape(node))
-        self.float_ops.append(FloatOp(name, op_type, flops, reason, on_chip))
+        if node.op in ("call_module", "call_function", "call_method") and self._float_act(node):
+            op = float_op_of(node, self.modules, self._shape, _parent_of(node)[0], reason, on_chip)
+            if op is not None:
+                self.float_ops.append(op)
 
     def _plan_sdpa(self, node: Node) -> None:
         if not self._float_act(node):

@@ -28,7 +28,8 @@ from torch.fx import Node
 
 from qat_lightning.quant.fusion import FusionGroup, find_fusions
 from qat_lightning.quant.fx_plan import SDPA, FxPlanner
-from qat_lightning.quant.fx_tracer import NodeMeta, set_switch, trace_with_values
+from qat_lightning.quant.fx_switches import set_switch
+from qat_lightning.quant.fx_tracer import NodeMeta, trace_with_values
 from qat_lightning.quant.ops import FloatOp, OpInfo
 from qat_lightning.quant.prepare_build import OpBuilder, OpPlan
 from qat_lightning.quant.prepare_tables import (

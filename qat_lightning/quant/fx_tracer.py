@@ -17,7 +17,7 @@ node takes on the example inputs (computed on a throw-away copy of the model), s
   through like a function (its ops become graph nodes); one with parameters or buffers is refused, since
   it would be rebuilt with new weights on every call;
 * the guide's switches called inside ``forward`` (``GlobalFakeQuantSwitch.disable()``,
-  ``FakeCast.disable()`` and their ``enable()``) become graph nodes calling :func:`set_switch`, so the
+  ``FakeCast.disable()`` and their ``enable()``) become graph nodes (:mod:`.fx_switches`), so the
   prepared graph toggles them at run time exactly where the eager model does.
 """
 
@@ -39,15 +39,13 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.node import Node, map_aggregate
 
-from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
+from qat_lightning.quant.fx_switches import recording_switches, set_switch
 
 __all__ = [
     "FxTraceError",
     "NodeMeta",
     "ReloadTracer",
     "TraceResult",
-    "set_switch",
-    "switch_nodes",
     "trace_with_values",
     "user_source_line",
 ]
@@ -75,59 +73,6 @@ _STATIC_ATTRS = frozenset({"dtype", "ndim", "layout", "is_cuda", "is_sparse", "i
 
 class FxTraceError(RuntimeError):
     """torch.fx could not trace the model; the message names the failing line and suggests eager/auto."""
-
-
-#: The process-wide switches a traced ``forward`` may toggle, by the name :func:`set_switch` takes.
-_SWITCHES: dict[str, type] = {
-    "GlobalFakeQuantSwitch": GlobalFakeQuantSwitch,
-    "FakeCastSwitch": FakeCastSwitch,
-}
-
-
-def set_switch(switch: str, enabled: bool) -> None:
-    """Turn a process-wide switch on or off: the graph node a traced ``Switch.enable()/disable()`` becomes.
-
-    Args:
-        switch: ``GlobalFakeQuantSwitch`` or ``FakeCastSwitch``.
-        enabled: the new setting.
-    """
-    if switch not in _SWITCHES:
-        raise ValueError(f"unknown switch {switch!r}; allowed: {', '.join(_SWITCHES)}")
-    _SWITCHES[switch]._enabled = bool(enabled)
-
-
-def switch_nodes(graph: fx.Graph) -> list[Node]:
-    """Return the :func:`set_switch` nodes of ``graph``, in graph order."""
-    return [n for n in graph.nodes if n.op == "call_function" and n.target is set_switch]
-
-
-_ACTIVE: list[_ValueTracer] = []
-
-
-def _recorded_switch(switch: str, enabled: bool) -> classmethod:
-    def toggle(cls: type) -> None:
-        tracer = _ACTIVE[-1]
-        proxy = tracer.create_proxy("call_function", set_switch, (switch, enabled), {})
-        proxy.node.meta["source_line"] = user_source_line(sys._getframe())
-
-    return classmethod(toggle)
-
-
-class _SwitchRecording:
-    """While tracing, ``enable()`` / ``disable()`` of the switches emit graph nodes instead of flipping."""
-
-    def __enter__(self) -> None:
-        for name, cls in _SWITCHES.items():
-            if "enable" in cls.__dict__ or "disable" in cls.__dict__:
-                raise RuntimeError(f"{name} already patched (nested trace?)")
-            cls.enable = _recorded_switch(name, True)  # type: ignore[attr-defined]
-            cls.disable = _recorded_switch(name, False)  # type: ignore[attr-defined]
-
-    def __exit__(self, *exc: object) -> None:
-        for cls in _SWITCHES.values():
-            for attr in ("enable", "disable"):
-                if attr in cls.__dict__:
-                    delattr(cls, attr)
 
 
 @dataclass(frozen=True)
@@ -276,6 +221,11 @@ class _ValueTracer(fx.Tracer):
             self._computing = False
         return None
 
+    def record_switch(self, switch: str, enabled: bool) -> None:
+        """Add a :func:`~qat_lightning.quant.fx_switches.set_switch` node (a switch toggled in forward)."""
+        proxy = self.create_proxy("call_function", set_switch, (switch, enabled), {})
+        proxy.node.meta["source_line"] = user_source_line(sys._getframe())
+
     # ---- tracer hooks -------------------------------------------------------------------------------
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # noqa: D102
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -420,11 +370,10 @@ def trace_with_values(
         values[key] = value
     tracer = _ValueTracer(shadow, values, leaf, len(args))
     patched = {name: getattr(torch, name) for name in _FACTORIES}
-    _ACTIVE.append(tracer)
     try:
         for name, fn in patched.items():
             setattr(torch, name, _factory_wrapper(fn))
-        with _SwitchRecording():
+        with recording_switches(tracer.record_switch):
             graph = tracer.trace(model)
     except _DataDependent as exc:
         raise FxTraceError(_message(exc.what, exc.where)) from exc
@@ -434,7 +383,6 @@ def trace_with_values(
         where = user_source_line(exc.__traceback__)
         raise FxTraceError(_message(f"{type(exc).__name__}: {exc}", where)) from exc
     finally:
-        _ACTIVE.pop()
         for name, fn in patched.items():
             setattr(torch, name, fn)
     meta = {node: _to_meta(value) for node, value in tracer._values.items()}
