@@ -176,3 +176,15 @@ def tiny_bert(seed: int = 0) -> nn.Module:
 def bert_inputs(batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:
     """Keyword example inputs of :func:`tiny_bert`."""
     return {"input_ids": torch.randint(0, 100, (batch, seq))}
+
+
+class GeluResidual(nn.Module):
+    """``b(gelu(a(x)) + x)`` on 8 features: eager mode cannot see the functional gelu and add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+        self.b = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.nn.functional.gelu(self.a(x)) + x)

@@ -6,26 +6,16 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch import nn
 
 from qat_lightning.app.costs import quant_stats
 from qat_lightning.app.stages import StageResult
 from qat_lightning.app.summary import Summary, render_markdown
 from qat_lightning.quant import not_quantized_share, prepare
-
-
-class _Functional(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.nn.functional.gelu(self.a(x)) + x)
+from tests.models import GeluResidual
 
 
 def test_float_ops_show_in_the_share_and_the_cost():
-    model, x = _Functional().eval(), torch.randn(2, 8)
+    model, x = GeluResidual().eval(), torch.randn(2, 8)
     fx = prepare(model, x, method="fx")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -19,6 +19,7 @@ from qat_lightning.quant import (
     prepare,
     set_fake_quantize,
 )
+from tests.models import GeluResidual
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,20 +89,10 @@ def test_fx_failure_shows_the_user_source_line():
     assert "if x.sum() > 0:  # the offending line" in str(info.value)
 
 
-class _Functional(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.a = nn.Linear(8, 8)
-        self.b = nn.Linear(8, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(torch.nn.functional.gelu(self.a(x)) + x)
-
-
 def test_eager_float_ops_are_reported_with_their_share(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare(_Functional().eval(), torch.randn(2, 8), method="eager", check_dir=tmp_path)
+        prepared = prepare(GeluResidual().eval(), torch.randn(2, 8), method="eager", check_dir=tmp_path)
     floats = {op.name: op for op in prepared.prepare_record.float_ops}
     assert set(floats) == {"gelu", "add"}
     assert floats["gelu"].flops == 16 and floats["add"].flops == 16
@@ -119,7 +110,7 @@ def test_eager_float_ops_are_reported_with_their_share(tmp_path):
 
 @pytest.mark.parametrize("chip", ["j6e", "j6m", "j6p"])
 def test_float_ops_the_chip_cannot_run_are_violations(chip):
-    model, x = _Functional().eval(), torch.randn(2, 8)
+    model, x = GeluResidual().eval(), torch.randn(2, 8)
     with pytest.raises(ValueError, match=rf"{chip} cannot run these ops in float32[\s\S]*gelu[\s\S]*add"):
         prepare(model, x, method="eager", qconfig_setter=QconfigSetter(chip=chip))
     setter = QconfigSetter(chip=chip, on_violation="downgrade")
@@ -236,4 +227,4 @@ def test_jit_strip_quantizes_only_between_the_stubs(tmp_path):
 
 def test_jit_strip_without_stubs_is_refused():
     with pytest.raises(ValueError, match="calls no QuantStub"):
-        prepare(_Functional(), torch.randn(2, 8), method="jit_strip")
+        prepare(GeluResidual(), torch.randn(2, 8), method="jit_strip")
