@@ -171,6 +171,7 @@ class PrepareMethod(str, enum.Enum):
     auto = "auto"
     fx = "fx"
     eager = "eager"
+    jit_strip = "jit_strip"
 
 
 @dataclass(frozen=True)
@@ -348,7 +349,8 @@ class PrepareConf:
     """``prepare()`` options.
 
     Attributes:
-        method: ``auto`` (fx, falling back to eager), ``fx`` or ``eager``.
+        method: ``auto`` (fx, falling back to eager), ``fx``, ``eager`` or ``jit_strip`` (fx, quantizing
+            only what lies between ``QuantStub`` and ``DeQuantStub``).
         qat_mode: BatchNorm handling (``fuse_bn`` folds BN into conv, ``with_bn`` keeps it, ``freeze_bn``
             freezes its statistics); structural, so calibration and QAT use the same.
         submodule: attribute of the LightningModule holding the network.

@@ -55,7 +55,7 @@ __all__ = [
     "recipe_mismatch",
 ]
 
-METHODS = ("auto", "fx", "eager")
+METHODS = ("auto", "fx", "eager", "jit_strip")
 QAT_MODES = ("fuse_bn", "with_bn", "freeze_bn")
 _EVAL_GUARDED = (FakeQuantState.QAT, FakeQuantState.CALIBRATION)
 
@@ -131,7 +131,7 @@ def prepare_submodule(
         qconfig_setter: a ``QconfigSetter``, a ``QConfig`` or ``None`` (the default qconfig).
         example_inputs: positional args (a tuple, or one tensor) or keyword args (a dict) for tracing.
         submodule: attribute path of the network inside ``pl_module``.
-        method: ``auto``, ``fx`` or ``eager``.
+        method: ``auto``, ``fx``, ``eager`` or ``jit_strip``.
         qat_mode: ``fuse_bn``, ``with_bn`` or ``freeze_bn``.
         chip: target chip (``j6e``, ``j6m``, ``j6p``) or ``None``.
         check_dir: where ``prepare`` writes ``model_check_result.txt`` (``None``: not written).
@@ -252,7 +252,7 @@ class PrepareQuantization(Callback):
             first batch of the datamodule's (or the LightningModule's) ``train_dataloader()``. When the run
             has neither (dataloaders passed to ``trainer.fit`` directly), ``example_inputs`` is required.
         submodule: attribute path of the network inside the LightningModule (``"model"``, ``"net.backbone"``).
-        method: ``"auto"`` (fx, falling back to eager), ``"fx"`` or ``"eager"``.
+        method: ``"auto"`` (fx, falling back to eager), ``"fx"``, ``"eager"`` or ``"jit_strip"``.
         qat_mode: ``"fuse_bn"``, ``"with_bn"`` or ``"freeze_bn"``.
         chip: target chip (``"j6e"``, ``"j6m"``, ``"j6p"``), or ``None`` (the setter's own, if any).
         input_fn: turns a batch into model inputs (default: tensor / first element / dict as kwargs).

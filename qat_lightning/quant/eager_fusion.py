@@ -1,10 +1,12 @@
 """Fusion on the eager path: the user's fuse hook marks conv/linear + BN [+ residual add] [+ ReLU] groups.
 
 Eager mode cannot see the functional code between modules, so, as in torch.ao's eager mode, fusion is the
-user's job, done by a *fuse hook* that ``prepare`` runs on its copy of the model before anything else:
+user's job, done by a *fuse hook* that ``prepare`` runs on its copy of the model:
 
-* ``prepare(..., fuse_fn=fn)``: ``fn(model)`` changes the model in place (or returns the fused model);
-* or a ``fuse_model()`` method on the model (torch.ao's convention), called when ``fuse_fn`` is not given.
+* ``prepare(..., fuse_fn=fn)``: ``fn(model)`` changes the model in place (or returns the fused model),
+  before anything else, whatever the method;
+* or a ``fuse_model()`` method on the model (torch.ao's eager convention), called by eager mode (and the
+  ``auto`` fallback) when ``fuse_fn`` is not given.
 
 Inside the hook, :func:`fuse_modules` (this module) replaces ``[conv, bn, relu]`` by one
 :class:`EagerFused` module at the conv's path and the others by ``nn.Identity`` (so ``forward`` is
@@ -15,8 +17,8 @@ own ``fuse_modules`` output (``ConvBn2d``, ``ConvBnReLU2d``, ``ConvReLU2d``, ``L
 quant node after the last member), exactly like an fx fused group: ``QatConvBn`` with BN (``qat_mode``
 applies), ``QatGemm`` with ``relu`` without.
 
-The fx path fuses by itself; a fuse hook runs there too (fused modules are traced through), so one model
-works with both methods.
+The fx path fuses by itself: it does not call ``fuse_model()``; an explicit ``fuse_fn`` runs there too
+(fused modules are traced through), so one model works with both methods.
 """
 
 from __future__ import annotations

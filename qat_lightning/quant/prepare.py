@@ -173,10 +173,10 @@ def prepare(
             ``qat_lightning.quant.qat_modules.QatConvBn``).
         check_dir: when given, ``model_check_result.txt`` (and ``qconfig_changelog.txt`` if the chip
             rules downgraded anything) is written there.
-        fuse_fn: the user's fuse hook, run first on prepare's copy of the model: ``fuse_fn(model)``
-            fuses in place (``qat_lightning.quant.fuse_modules``) or returns the fused model; when
-            ``None``, the model's own ``fuse_model()`` method is called if it has one (torch.ao's
-            convention). Needed for fusion in eager mode; fx fuses by itself (the hook runs there too).
+        fuse_fn: the user's fuse hook, run first on prepare's copy of the model (every method):
+            ``fuse_fn(model)`` fuses in place (``qat_lightning.quant.fuse_modules``) or returns the fused
+            model. When ``None``, eager mode (also the ``auto`` fallback) calls the model's own
+            ``fuse_model()`` method if it has one (torch.ao's eager convention); fx fuses by itself.
 
     Returns:
         The prepared model (an ``fx.GraphModule`` for fx), with ``quant_op_order`` and
@@ -190,7 +190,8 @@ def prepare(
         FxTraceError: ``method="fx"`` and fx cannot trace the model (names the failing line).
     """
     _validate(method, qat_mode, model)
-    model = run_fuse_hook(copy.deepcopy(model), fuse_fn)
+    if fuse_fn is not None:
+        model = run_fuse_hook(copy.deepcopy(model), fuse_fn)
     args, kwargs = _split_inputs(example_inputs)
     setter = as_qconfig_setter(qconfig_setter)
     device = _device_of(model, args, kwargs)
@@ -249,12 +250,17 @@ def prepare(
             assignments.clear()
     if prepared is None:
         used = "eager"
+        eager_model, eager_probe = copy.deepcopy(model), probe
+        if fuse_fn is None and callable(getattr(model, "fuse_model", None)):  # torch.ao's eager convention
+            eager_model = run_fuse_hook(eager_model, None)
+            with _seeded(device):
+                eager_probe = probe_model(copy.deepcopy(eager_model), _clone(args), _clone(kwargs), False)
         try:
-            functions = probe_model(copy.deepcopy(model), _clone(args), _clone(kwargs)).functions
+            functions = probe_model(copy.deepcopy(eager_model), _clone(args), _clone(kwargs)).functions
         except Exception:  # noqa: BLE001 - listing what is not covered is best effort
             functions = []
         result_e = prepare_eager(
-            copy.deepcopy(model), _replace_functions(probe, functions), args, kwargs, assign, qat_mode, device
+            eager_model, _replace_functions(eager_probe, functions), args, kwargs, assign, qat_mode, device
         )
         prepared, plans, float_ops = result_e.model, result_e.plans, result_e.float_ops
         unfused, not_covered, notes = result_e.unfused, result_e.not_covered, result_e.notes

@@ -141,3 +141,22 @@ def test_fused_add_module_needs_the_residual():
     fused = EagerFused(nn.Linear(2, 2), nn.BatchNorm1d(2), add=True)
     with pytest.raises(TypeError, match="fused\\(x, residual\\)"):
         fused(torch.randn(3, 2))
+
+
+def test_fx_does_not_call_fuse_model_but_fuses_by_itself():
+    prepared = prepare(Block().eval(), torch.randn(2, 4, 6, 6), method="fx")
+    assert not any(isinstance(m, EagerFused) for m in prepared.modules())
+    types = [op.op_info.op_type for _, op in iter_quant_ops(prepared)]
+    assert types == ["quant", "ConvBnReLU2d", "ConvBnAddReLU2d"]
+
+
+def test_explicit_fuse_fn_runs_on_the_fx_path_too():
+    calls = []
+
+    def fuse(m: nn.Module) -> None:
+        calls.append(type(m).__name__)
+        m.fuse_model()
+
+    prepared = prepare(Block().eval(), torch.randn(2, 4, 6, 6), method="fx", fuse_fn=fuse)
+    assert calls == ["Block"]
+    assert any(isinstance(m, QatConvBn) and m.add for m in prepared.modules())
