@@ -122,13 +122,15 @@ def _stub_region(graph: fx.Graph, modules: Mapping[str, nn.Module]) -> set[Node]
 def _switched_off(graph: fx.Graph, planner: FxPlanner, qconfigs: Mapping[str, QConfig]) -> list[FloatOp]:
     """Ops that run while ``GlobalFakeQuantSwitch`` (or, for float16 ops, ``FakeCast``) is off in forward."""
     enabled = {"GlobalFakeQuantSwitch": True, "FakeCastSwitch": True}
+    before: dict[Node, bool] = {}
     where = {"GlobalFakeQuantSwitch": "", "FakeCastSwitch": ""}
     infos = {p.name: p.info for p in planner.plans}
     found: list[FloatOp] = []
     for node in graph.nodes:
         if node.op == "call_function" and node.target is set_switch:
             switch, on = node.args
-            enabled[switch] = on
+            before[node] = enabled[switch]
+            enabled[switch] = before.get(on, True) if isinstance(on, Node) else on  # a Node: restore
             where[switch] = node.meta.get("source_line") or ""
             continue
         name = planner.node_op.get(node)

@@ -221,10 +221,11 @@ class _ValueTracer(fx.Tracer):
             self._computing = False
         return None
 
-    def record_switch(self, switch: str, enabled: bool) -> None:
+    def record_switch(self, switch: str, enabled: Any) -> fx.Proxy:
         """Add a :func:`~qat_lightning.quant.fx_switches.set_switch` node (a switch toggled in forward)."""
         proxy = self.create_proxy("call_function", set_switch, (switch, enabled), {})
         proxy.node.meta["source_line"] = user_source_line(sys._getframe())
+        return proxy
 
     # ---- tracer hooks -------------------------------------------------------------------------------
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):  # noqa: D102

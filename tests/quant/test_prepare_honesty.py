@@ -228,3 +228,24 @@ def test_jit_strip_quantizes_only_between_the_stubs(tmp_path):
 def test_jit_strip_without_stubs_is_refused():
     with pytest.raises(ValueError, match="calls no QuantStub"):
         prepare(GeluResidual(), torch.randn(2, 8), method="jit_strip")
+
+
+class _HeadOffContext(_HeadOff):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.backbone(self.quant(x))
+        with GlobalFakeQuantSwitch.disabled():
+            x = self.head(x)
+        return self.dequant(x)
+
+
+@pytest.mark.parametrize("method", ["fx", "eager"])
+def test_switch_context_manager_inside_forward(method, seed):
+    model = _HeadOffContext().eval()
+    batches = [torch.randn(16, 8) for _ in range(3)]
+    prepared = _calibrated(model, method, batches)
+    assert {op.name for op in prepared.prepare_record.float_ops} == {"head"}
+    with torch.no_grad():
+        out = prepared(batches[0])
+        assert GlobalFakeQuantSwitch.enabled()
+        feat = prepared.get_submodule("backbone")(prepared.get_submodule("quant")(batches[0]))
+        torch.testing.assert_close(out, model.head(feat))
