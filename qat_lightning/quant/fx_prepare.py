@@ -143,7 +143,8 @@ def _switched_off(graph: fx.Graph, planner: FxPlanner, qconfigs: Mapping[str, QC
             off = "FakeCastSwitch"
         if off is not None:
             info = infos[name]
-            found.append(FloatOp(name, info.op_type, info.flops, f"{off} disabled in forward"))
+            # a debugging switch: float in simulation, meaningless on the chip (not a chip violation)
+            found.append(FloatOp(name, info.op_type, info.flops, f"{off} disabled in forward", on_chip=False))
             planner.notes.append(f"{name} runs in float: {off} disabled in forward at {where[off] or '?'}")
     return found
 

@@ -60,6 +60,7 @@ __all__ = [
     "DtypeSummaryRow",
     "ModelCheckReport",
     "check_model",
+    "float_input_gemms",
     "not_quantized_share",
     "write_changelog",
 ]
@@ -138,6 +139,22 @@ def _module_type(model: nn.Module, path: str) -> str:
         return type(model.get_submodule(path)).__name__
     except AttributeError:
         return "-"
+
+
+def float_input_gemms(prepared: nn.Module) -> list[OpInfo]:
+    """Return the gemm ops of ``prepared`` with an input that is effectively float32 (no chip runs them).
+
+    Such an input has a float32 (pass-through) input node and comes from no quantized op: an op prepare
+    left float, an opaque module, a lookup table.
+    """
+    ops = [(getattr(m, "op_info", None), quant_nodes_of(m)) for _, m in iter_quant_ops(prepared)]
+    outputs = {i.name: (n["output"].dtype if "output" in n else None) for i, n in ops if isinstance(i, OpInfo)}
+    found = []
+    for info, nodes in ops:
+        if isinstance(info, OpInfo) and info.kind == OpKind.GEMM:
+            if any(d is not None and d == float32 for d in _effective_inputs(info, nodes, outputs)):
+                found.append(info)
+    return found
 
 
 def not_quantized_share(prepared: nn.Module) -> tuple[int, float]:

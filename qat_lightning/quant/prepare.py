@@ -39,6 +39,7 @@ from qat_lightning.quant.eager_prepare import prepare_eager, probe_model
 from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.fx_prepare import prepare_fx
 from qat_lightning.quant.fx_tracer import FxTraceError
+from qat_lightning.quant.model_check import float_input_gemms
 from qat_lightning.quant.ops import FloatOp, OpInfo, PrepareRecord
 from qat_lightning.quant.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.qconfig import QConfig
@@ -278,7 +279,11 @@ def prepare(
             f"qconfig templates: these names match no op: {', '.join(assignment.unmatched)}", stacklevel=2
         )
     chip = assignment.chip if assignment.chip is not None else setter.chip
-    notes = [*notes, *_float_op_violations(float_ops, chip, setter.on_violation)]
+    gemms = [
+        FloatOp(i.name, i.op_type, i.flops, "a gemm whose input is float32 (from an op without quant points)")
+        for i in float_input_gemms(prepared)
+    ]
+    notes = [*notes, *_float_op_violations([*float_ops, *gemms], chip, setter.on_violation)]
     record = PrepareRecord(
         method=used,
         qat_mode=qat_mode,
@@ -315,7 +320,7 @@ def _float_op_violations(float_ops: Sequence[FloatOp], chip: str | None, on_viol
         return []
     lines = [f"{op.name} ({op.op_type}, {op.flops} FLOPs): float32, {op.reason}" for op in bad]
     text = "\n  ".join(lines)
-    rule = f"{spec.name} cannot run these ops in float32 and prepare left them without quant points"
+    rule = f"{spec.name} cannot run these float32 ops (left without quant points, or fed by such an op)"
     if on_violation == "error":
         raise ValueError(
             f"prepare: {rule} ({len(bad)} op(s)):\n  {text}\nmake fx trace the model (method='fx' names "

@@ -111,7 +111,8 @@ def test_eager_float_ops_are_reported_with_their_share(tmp_path):
 @pytest.mark.parametrize("chip", ["j6e", "j6m", "j6p"])
 def test_float_ops_the_chip_cannot_run_are_violations(chip):
     model, x = GeluResidual().eval(), torch.randn(2, 8)
-    with pytest.raises(ValueError, match=rf"{chip} cannot run these ops in float32[\s\S]*gelu[\s\S]*add"):
+    match = rf"{chip} cannot run these float32 ops[\s\S]*gelu[\s\S]*add[\s\S]*b \(Linear"
+    with pytest.raises(ValueError, match=match):
         prepare(model, x, method="eager", qconfig_setter=QconfigSetter(chip=chip))
     setter = QconfigSetter(chip=chip, on_violation="downgrade")
     with pytest.warns(UserWarning, match="they stay float32"):
@@ -249,3 +250,26 @@ def test_switch_context_manager_inside_forward(method, seed):
         assert GlobalFakeQuantSwitch.enabled()
         feat = prepared.get_submodule("backbone")(prepared.get_submodule("quant")(batches[0]))
         torch.testing.assert_close(out, model.head(feat))
+
+
+class _EmbeddingIntoLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.emb(ids))
+
+
+def test_a_gemm_fed_by_an_unquantized_op_is_a_float32_gemm_violation():
+    model, ids = _EmbeddingIntoLinear().eval(), torch.randint(0, 10, (2, 5))
+    assert prepare(model, ids, method="fx").prepare_record.float_ops == ()
+    with pytest.raises(ValueError, match=r"j6e cannot run these float32 ops[\s\S]*fc \(Linear"):
+        prepare(model, ids, method="fx", qconfig_setter=QconfigSetter(chip="j6e"))
+
+
+def test_debugging_switches_are_not_chip_violations():
+    prepared = _calibrated(_HeadOff().eval(), "fx", [torch.randn(4, 8)])
+    assert [op.on_chip for op in prepared.prepare_record.float_ops] == [False]
+    prepare(_HeadOff().eval(), torch.randn(4, 8), method="fx", qconfig_setter=QconfigSetter(chip="j6e"))
