@@ -148,7 +148,9 @@ def float_input_gemms(prepared: nn.Module) -> list[OpInfo]:
     left float, an opaque module, a lookup table.
     """
     ops = [(getattr(m, "op_info", None), quant_nodes_of(m)) for _, m in iter_quant_ops(prepared)]
-    outputs = {i.name: (n["output"].dtype if "output" in n else None) for i, n in ops if isinstance(i, OpInfo)}
+    outputs = {
+        i.name: (n["output"].dtype if "output" in n else None) for i, n in ops if isinstance(i, OpInfo)
+    }
     found = []
     for info, nodes in ops:
         if isinstance(info, OpInfo) and info.kind == OpKind.GEMM:
