@@ -24,8 +24,8 @@ def test_summary_table_and_decisions(pipeline_run):
     run_dir, summary = pipeline_run
     text = (run_dir / "summary.md").read_text()
     assert (
-        "| stage | recipe | metric | % of float | int16 ratio | fp16 ratio | est. cost (x int8) | note |"
-        in text
+        "| stage | recipe | metric | % of float | int16 ratio | fp16 ratio | float32 (not quantized) "
+        "| est. cost (x int8) | note |" in text
     )
     steps = [row.step for row in summary.rows]
     assert steps[0] == "float"
@@ -40,6 +40,7 @@ def test_summary_table_and_decisions(pipeline_run):
     assert rows["calibration all-int8"].int16_ratio == 0.0 and rows[
         "calibration all-int8"
     ].cost == pytest.approx(1.0)
+    assert rows["calibration all-int8"].float32_share == 0.0 and rows["float"].float32_share is None
     for row in summary.rows:
         assert row.metric is None or 0.0 <= row.metric <= 1.0
     assert rows["sanity lr0"].note in ("PASS", "FAIL") and rows["sanity float"].note in ("PASS", "FAIL")
