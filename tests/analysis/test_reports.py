@@ -8,7 +8,16 @@ import os
 
 import pytest
 
-from qat_lightning.analysis.reports import safe_filename, to_json, to_jsonable, write_atomic
+from qat_lightning.analysis.layer_compare import LayerComparison
+from qat_lightning.analysis.reports import (
+    layer_text,
+    safe_filename,
+    sensitivity_text,
+    to_json,
+    to_jsonable,
+    write_atomic,
+)
+from qat_lightning.quant import FloatOp
 from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
 
 
@@ -39,3 +48,14 @@ def test_write_atomic_replaces_and_cleans_up(tmp_path) -> None:
 
 def test_safe_filename() -> None:
     assert safe_filename("0-1") == "0-1" and safe_filename("a/b c") == "a_b_c" and safe_filename("") == "out"
+
+
+def test_per_layer_and_sensitivity_texts_list_the_unquantized_ops():
+    float_ops = (FloatOp("gelu", "gelu", 16, "a functional op eager mode cannot see"),)
+    table = SensitivityTable((SensitivityRow("fc", "activation", "Linear", 0.5, "qint8", 128, 128 / 160),))
+    text = sensitivity_text(table, float_ops, 160)
+    assert "Not quantized (float32): 1 op(s), 16(10.00%) FLOPs" in text
+    assert "gelu" in text and "float32" in text
+    layer = layer_text(LayerComparison((), ()), float_ops, 160)
+    assert "Not quantized (float32): 1 op(s), 16(10.00%) FLOPs" in layer
+    assert "Not quantized (float32): 0 op(s)" in sensitivity_text(table)
