@@ -17,14 +17,17 @@ def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float 
     count). An op can count in both (a j6p gemm with int16 inputs and an fp16 output). Cost:
     ``chips.op_cost`` of every op with those dtypes (an input left as produced takes its producer's
     output dtype), divided by the same ops' MACs (= the all-int8 cost, every factor 1); ops prepare left
-    float32 without quant points (``prepare_record.float_ops``) are priced as float32.
+    float32 without quant points (``prepare_record.float_ops``) and the gemms they feed are priced as
+    float32.
     """
     from qat_lightning.chips import get_chip, op_cost
+    from qat_lightning.quant.model_check import float_input_gemms
     from qat_lightning.quant.ops import OpKind, iter_quant_ops, quant_nodes_of
     from qat_lightning.quant.templates import precision_rank
 
     spec = get_chip(chip)
     ops = list(iter_quant_ops(model))
+    float_gemms = {info.name for info in float_input_gemms(model)}
     outputs: dict[str, Any] = {}
     for name, op in ops:
         node = quant_nodes_of(op).get("output")
@@ -53,6 +56,8 @@ def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float 
             known = [d for d in inputs if d is not None]
             first = max(known, key=precision_rank) if known else None
             second = None if weight is None else weight.dtype
+        if name in float_gemms:  # fed by an op left float32: a float32 gemm
+            first = "float32"
         total += op_cost(info.flops, first, second, output, spec, gemm)
         reference += info.flops
     for float_op in getattr(

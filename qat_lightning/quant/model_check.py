@@ -160,16 +160,19 @@ def float_input_gemms(prepared: nn.Module) -> list[OpInfo]:
 
 
 def not_quantized_share(prepared: nn.Module) -> tuple[int, float]:
-    """Return ``(ops, share of all FLOPs)`` that ``prepared`` computes in float32 without quant points.
+    """Return ``(ops, share of all FLOPs)`` that ``prepared`` computes in float32 although it is prepared.
 
-    All FLOPs = the quantized ops' plus the unquantized ones' (``prepare_record.float_ops``); a model
-    without a ``prepare_record`` has none recorded: ``(0, 0.0)``.
+    Counted: the ops prepare left without quant points (``prepare_record.float_ops``, also those run
+    while a switch is off in ``forward``) and the gemms they feed (:func:`float_input_gemms`, a float32
+    input makes a float32 gemm). All FLOPs = the quantized ops' plus the unquantized ones'. A model
+    without a ``prepare_record`` has none recorded.
     """
     record = getattr(prepared, "prepare_record", None)
-    float_ops = tuple(getattr(record, "float_ops", ()))
-    flops = sum(op.flops for op in float_ops)
-    total = flops + sum(int(op.op_info.flops) for _, op in iter_quant_ops(prepared))
-    return len(float_ops), (flops / total if total else 0.0)
+    quantized = {name: int(op.op_info.flops) for name, op in iter_quant_ops(prepared)}
+    floats = {op.name: int(op.flops) for op in getattr(record, "float_ops", ())}
+    floats.update({info.name: int(info.flops) for info in float_input_gemms(prepared)})
+    total = sum(quantized.values()) + sum(f for name, f in floats.items() if name not in quantized)
+    return len(floats), (sum(floats.values()) / total if total else 0.0)
 
 
 def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckReport:

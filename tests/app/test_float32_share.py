@@ -22,10 +22,10 @@ def test_float_ops_show_in_the_share_and_the_cost():
         eager = prepare(model, x, method="eager")
     assert not_quantized_share(fx) == (0, 0.0)
     count, share = not_quantized_share(eager)
-    assert count == 2 and share == 32 / 304  # gelu + add: 16 FLOPs each of 304
+    assert count == 3 and share == 160 / 304  # gelu + add: 16 FLOPs each, b (fed by the add) 128, of 304
     assert quant_stats(fx, "j6p")[2] == 1.0
     cost = quant_stats(eager, "j6p")[2]
-    assert cost == (16 + 128 + 128 + 16 * 32) / 304  # the float32 ops at factor 16
+    assert cost == (16 + 128 + 16 * (128 + 32)) / 304  # the float32 ops (and the gemm b) at factor 16
     row = StageResult("calibration", "int8", 0.9, 1.0, 0.0, 0.0, cost, float32_share=share)
     text = render_markdown(Summary("run", rows=[row]))
-    assert "float32 (not quantized)" in text and "| 10.5% |" in text
+    assert "float32 (not quantized)" in text and "| 52.6% |" in text
