@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_tracing
 
-__all__ = ["dynamic_block", "in_dynamic_block", "warn_extra_calls"]
+__all__ = ["count_forward", "dynamic_block", "in_dynamic_block", "warn_extra_calls"]
 
 _DEPTH = [0]
 
@@ -60,8 +60,25 @@ def in_dynamic_block() -> bool:
     return _DEPTH[0] > 0
 
 
+def count_forward(model: nn.Module) -> None:
+    """Forward pre-hook part: count running forwards of ``model`` (overlapping ones are not checked)."""
+    depth = model.__dict__.get("_qat_forward_depth", 0)
+    model.__dict__["_qat_forward_depth"] = depth + 1
+    if depth:  # two forwards of one model at once (analysis lockstep, re-entry): counts are shared
+        model.__dict__["_qat_forward_overlap"] = True
+
+
 def warn_extra_calls(model: nn.Module, args: Any, output: Any) -> None:
-    """Forward hook of an eager prepared model: warn about ops called more often than prepare probed."""
+    """Forward hook of an eager prepared model: warn about ops called more often than prepare probed.
+
+    Only a forward that ran alone is checked: overlapping forwards of the same model share the counters.
+    """
+    depth = model.__dict__.get("_qat_forward_depth", 1) - 1
+    model.__dict__["_qat_forward_depth"] = depth
+    if depth > 0:
+        return
+    if model.__dict__.pop("_qat_forward_overlap", False):
+        return
     for op in model._qat_dispatchers:
         sites = op._sites
         if op._calls > len(sites) and not getattr(op, "_dynamic", False):

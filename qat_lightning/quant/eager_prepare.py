@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qat_lightning.quant.dynamic_block import warn_extra_calls
+from qat_lightning.quant.dynamic_block import count_forward, warn_extra_calls
 from qat_lightning.quant.eager_fusion import fused_parts, fused_plan, unfused_chains
 from qat_lightning.quant.eager_probe import CallEvent, Probe, input_names, probe_model
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
@@ -58,6 +58,7 @@ class EagerPrepared:
 
 
 def _eager_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    count_forward(module)
     for op in module._qat_dispatchers:
         op._calls = 0
     specs = module._qat_input_ops
@@ -222,7 +223,7 @@ def prepare_eager(
     if dispatchers or input_specs:
         model.register_forward_pre_hook(_eager_pre_hook, with_kwargs=True)
     if dispatchers:
-        model.register_forward_hook(warn_extra_calls)
+        model.register_forward_hook(warn_extra_calls, always_call=True)
     fn_namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
     not_covered = []
     float_ops = _switched_ops(plans, qconfigs, switched)
