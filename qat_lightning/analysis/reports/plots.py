@@ -5,7 +5,7 @@
 * :func:`search_png`: accuracy vs high-precision ratio of a mixed-precision search (cost on a second
   axis when known).
 
-Each returns PNG bytes; write them with :func:`qat_lightning.analysis.reports.write_atomic`.
+Each returns PNG bytes; write them with :func:`qat_lightning.analysis.reports.render.write_atomic`.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from qat_lightning.analysis.layer_compare import LayerComparison
-from qat_lightning.quant.sensitivity_table import SensitivityTable
+from qat_lightning.analysis.compare.layer_compare import LayerComparison
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
 __all__ = ["sensitivity_png", "layer_png", "search_png"]
 

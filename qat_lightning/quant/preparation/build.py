@@ -27,7 +27,7 @@ from qat_lightning.quant.qat_modules import (
     activation_node,
     weight_node,
 )
-from qat_lightning.quant.qconfig import QConfig
+from qat_lightning.quant.qconfig.qconfig import QConfig
 
 __all__ = ["OpPlan", "OpBuilder"]
 
