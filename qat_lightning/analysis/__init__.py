@@ -6,8 +6,9 @@ Plain torch: never imports lightning, hydra or omegaconf. Callables in (``eval_f
 
 Sub-packages: ``compare`` (bad cases, per-layer comparison, metrics), ``sensitivity`` (exact and
 approximate sensitivity tables), ``search`` (mixed-precision search), ``advice`` (diagnoses with advice),
-``reports`` (text/CSV/JSON/PNG rendering). ``inputs`` (batches -> call arguments) and ``state`` (quant-state
-context managers) are shared by all of them; :class:`QuantAnalysis` (``quant_analysis``) is the facade.
+``reports`` (text/CSV/JSON/PNG rendering). ``partial`` runs chosen ops in float and bisects for the
+culprit. ``inputs`` (batches -> call arguments) and ``state`` (quant-state context managers) are shared
+by all of them; :class:`QuantAnalysis` (``quant_analysis``) is the facade.
 """
 
 from qat_lightning.analysis.advice import (
@@ -37,6 +38,15 @@ from qat_lightning.analysis.compare import (
     WorstRow,
 )
 from qat_lightning.analysis.inputs import default_input_fn, flatten_outputs
+from qat_lightning.analysis.partial import (
+    BisectResult,
+    bisect_float_blocks,
+    bisect_model_blocks,
+    block_patterns,
+    float_ops,
+    match_name,
+    matched_nodes,
+)
 from qat_lightning.analysis.quant_analysis import SENSITIVITY_METHODS, QuantAnalysis
 from qat_lightning.analysis.search import (
     MixedPrecisionPlan,
@@ -54,6 +64,7 @@ __all__ = [
     "Advice",
     "BadCaseResult",
     "BadCaseRow",
+    "BisectResult",
     "DualInt16Diagnosis",
     "Fp16Diagnosis",
     "IndexRecorder",
@@ -67,11 +78,17 @@ __all__ = [
     "QuantAnalysis",
     "SharedModuleAdvice",
     "WorstRow",
+    "bisect_float_blocks",
+    "bisect_model_blocks",
+    "block_patterns",
     "default_input_fn",
     "diagnose_dual_int16",
     "diagnose_fp16",
     "flatten_outputs",
+    "float_ops",
     "j6p_base_dtypes",
+    "match_name",
+    "matched_nodes",
     "probe_qat_lr",
     "render_dual_int16",
     "render_fp16",

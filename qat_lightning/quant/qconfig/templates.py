@@ -10,8 +10,9 @@ templates in stages (see its module docstring for the full precedence rule):
 
 Precision order used by "raise": ``qint8 < qint16 < float16 < float32``.
 
-Op names are matched on path components: the prefix ``head`` matches ``head``, ``head.cls`` and
-``head#1`` (the second call site of a shared ``head``) but not ``header``; ``""`` matches every op.
+Op names are matched by :func:`~qat_lightning.quant.op_names.match_name`, on path components: the prefix
+``head`` matches ``head``, ``head.cls`` and ``head#1`` (the second call site of a shared ``head``) but not
+``header``; ``""`` matches every op; a glob (``"*.fc"``) is matched against the whole name.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from numbers import Real
 from typing import Any, ClassVar
 
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, float32, parse_dtype, qint8, qint16
+from qat_lightning.quant.op_names import match_name, match_order
 from qat_lightning.quant.ops import OpInfo, OpKind
 from qat_lightning.quant.qconfig.qconfig import QConfig, get_qconfig
 from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityTable
@@ -36,7 +38,6 @@ __all__ = [
     "ModuleNameTemplate",
     "SensitivityTemplate",
     "precision_rank",
-    "name_matches",
     "effective_input_dtypes",
 ]
 
@@ -57,13 +58,6 @@ NAME_DICT_KEYS = (
 def precision_rank(dtype: QuantDtype | None) -> int:
     """Position of ``dtype`` in :data:`PRECISION_ORDER` (``-1`` for ``None``)."""
     return -1 if dtype is None else PRECISION_ORDER.index(dtype.name)
-
-
-def name_matches(prefix: str, name: str) -> bool:
-    """Whether op ``name`` is ``prefix`` or lies under it (on ``.`` / ``#`` component boundaries)."""
-    if prefix == "" or name == prefix:
-        return True
-    return name.startswith(prefix) and name[len(prefix)] in ".#"
 
 
 def _is_gemm(op: OpInfo) -> bool:
@@ -276,18 +270,18 @@ class ModuleNameTemplate(Template):
                 raise ValueError(f"op-name prefixes must be strings, got {key!r}")
             patches[key] = _name_patch(key, value)
         object.__setattr__(self, "mapping", dict(self.mapping))
-        object.__setattr__(self, "_patches", sorted(patches.items(), key=lambda kv: len(kv[0])))
+        object.__setattr__(self, "_patches", [(k, patches[k]) for k in match_order(patches)])
 
     def apply(self, ops: Sequence[OpInfo], qconfigs: dict[str, QConfig]) -> None:
         """Apply every matching prefix to each op, shortest first."""
         for op in ops:
             for prefix, patch in self._patches:  # type: ignore[attr-defined]
-                if name_matches(prefix, op.name):
+                if match_name(prefix, op.name):
                     qconfigs[op.name] = qconfigs[op.name].replace(**patch)
 
     def unmatched(self, ops: Sequence[OpInfo]) -> tuple[str, ...]:
         """Prefixes that match no op."""
-        return tuple(k for k in self.mapping if not any(name_matches(k, op.name) for op in ops))
+        return tuple(k for k in self.mapping if not any(match_name(k, op.name) for op in ops))
 
 
 @dataclass(frozen=True)
