@@ -1,4 +1,4 @@
-"""Stage runners: float training, calibration, QAT, analysis and the sanity checks, one Trainer each.
+"""The Session: one Trainer each for float training, calibration, QAT, analysis and the sanity checks.
 
 Each runner writes into its own output directory (a standalone ``stage=...`` run: the Hydra run dir; the
 pipeline: one numbered sub-directory per step): the TensorBoard events (the logger's ``save_dir``),

@@ -1,6 +1,6 @@
 """Qconfig templates: rules that turn a reference :class:`QConfig` into one QConfig per op.
 
-A template changes only the QConfig fields it names; ``QconfigSetter`` (``qconfig_setter.py``) applies
+A template changes only the QConfig fields it names; ``QconfigSetter`` (``setter.py``) applies
 templates in stages (see its module docstring for the full precedence rule):
 
 * stage ``TYPE`` (:class:`ConvDtypeTemplate`, :class:`MatmulDtypeTemplate`): rules by op type;
