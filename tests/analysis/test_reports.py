@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from qat_lightning.analysis.layer_compare import LayerComparison
-from qat_lightning.analysis.reports import (
+from qat_lightning.analysis.compare.layer_compare import LayerComparison
+from qat_lightning.analysis.reports.render import (
     layer_text,
     safe_filename,
     sensitivity_text,
@@ -18,7 +18,7 @@ from qat_lightning.analysis.reports import (
     write_atomic,
 )
 from qat_lightning.quant import FloatOp
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 
 
 def test_json_is_strict_with_nonfinite_values() -> None:

@@ -8,7 +8,7 @@ import warnings
 import torch
 
 from qat_lightning.app.costs import quant_stats
-from qat_lightning.app.stages import StageResult
+from qat_lightning.app.session import StageResult
 from qat_lightning.app.summary import Summary, render_markdown
 from qat_lightning.quant import not_quantized_share, prepare
 from tests.models import GeluResidual

@@ -1,0 +1,273 @@
+"""Eager-mode prepare (module swapping), from the probe run of :mod:`.eager_probe`.
+
+:func:`prepare_eager` swaps each called quantizable module for its op module at the same path; the k-th
+extra call of a shared module gets its own op module ``path#k`` (activation nodes per call site, weight
+node shared) and the first one dispatches calls in order. A user's ``QuantStub`` becomes an input op,
+a ``DeQuantStub`` the identity; without ``QuantStub`` every float tensor input gets an ``<arg>_quant`` op,
+applied by a forward pre-hook on the model (which also resets the call-site counters; a forward hook
+warns when an op ran more often than its probed call sites, see :mod:`.dynamic_block`). Fusion is the
+user's fuse hook (:mod:`.eager_fusion`): each fused module becomes one op; fusable
+chains left unfused (conv -> bn -> relu, linear -> relu, ...) are reported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
+from qat_lightning.quant.preparation.build import OpBuilder, OpPlan
+from qat_lightning.quant.preparation.dynamic_block import count_forward, warn_extra_calls
+from qat_lightning.quant.preparation.eager_fusion import fused_parts, fused_plan, unfused_chains
+from qat_lightning.quant.preparation.eager_probe import CallEvent, Probe, input_names, probe_model
+from qat_lightning.quant.preparation.tables import (
+    OpNamer,
+    gemm_module_flops,
+    gemm_spec_of,
+    is_dequant_stub,
+    is_stub,
+    module_op_type,
+    numel_of,
+)
+from qat_lightning.quant.qconfig.qconfig import QConfig
+
+__all__ = [
+    "CallEvent",
+    "Probe",
+    "probe_model",
+    "EagerPrepared",
+    "prepare_eager",
+    "input_names",
+]  # probe: re-exported
+
+
+@dataclass
+class EagerPrepared:
+    """Result of :func:`prepare_eager`."""
+
+    model: nn.Module
+    plans: list[OpPlan]
+    unfused: list[tuple[str, ...]]
+    not_covered: list[str]
+    notes: list[str]
+    float_ops: list[FloatOp] = field(default_factory=list)
+
+
+def _eager_pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    count_forward(module)
+    for op in module._qat_dispatchers:
+        op._calls = 0
+    specs = module._qat_input_ops
+    if not specs:
+        return None
+    args_l = list(args)
+    for position, key, op_name in specs:
+        op = getattr(module, op_name)
+        if key in kwargs:
+            kwargs[key] = op(kwargs[key])
+        elif position is not None and position < len(args_l):
+            args_l[position] = op(args_l[position])
+    return tuple(args_l), kwargs
+
+
+def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, attr = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent.add_module(attr, module)
+
+
+def prepare_eager(
+    model: nn.Module,
+    probe: Probe,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    assign: Callable[[Sequence[OpInfo]], Mapping[str, QConfig]],
+    qat_mode: str,
+    device: torch.device | None,
+) -> EagerPrepared:
+    """Swap the quantizable modules of ``model`` (a copy of the float model) for op modules, in place.
+
+    Args:
+        model: the float model copy to change.
+        probe: :func:`probe_model` of another copy of the same model on the same inputs.
+        args: the positional example inputs (for the model-input quant points).
+        kwargs: the keyword example inputs.
+        assign: op infos (call order) -> QConfig per op name.
+        qat_mode: recorded only (eager mode fuses nothing).
+        device: device for the new quant nodes.
+    """
+    modules = dict(model.named_modules())
+    aliases: dict[int, list[str]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        if path:
+            aliases.setdefault(id(mod), []).append(path)
+    has_stub = any(is_stub(m) for m in modules.values())
+    namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
+    plans: list[OpPlan] = []
+    by_id: dict[int, str] = {}
+    input_specs: list[tuple[int | None, str, str]] = []
+    names = input_names(model, args, kwargs)
+    values = list(args) + list(kwargs.values())
+    if not has_stub:
+        for i, (arg_name, value) in enumerate(zip(names, values, strict=True)):
+            if isinstance(value, Tensor) and value.is_floating_point():
+                name = namer.input_op(arg_name)
+                info = OpInfo(name, "quant", OpKind.INPUT, "", 0, (), value.numel())
+                plans.append(OpPlan(info, "input"))
+                input_specs.append((i if i < len(args) else None, arg_name, name))
+                if arg_name in probe.input_ids:
+                    by_id[probe.input_ids[arg_name]] = name
+    transparent: dict[int, int] = {}
+    switched: dict[str, str] = {}
+
+    def producer(tid: int | None) -> str | None:
+        seen = 0
+        while tid is not None and tid not in by_id and tid in transparent and seen < 10_000:
+            tid, seen = transparent[tid], seen + 1
+        return by_id.get(tid) if tid is not None else None
+
+    fused = {path: parts for path, mod in modules.items() if (parts := fused_parts(mod)) is not None}
+    events = [ev for ev in probe.events if not any(ev.path.startswith(f"{f}.") for f in fused)]
+    dynamic = _dynamic_paths(events)
+    for ev in events:
+        mod = modules.get(ev.path)
+        if mod is None:
+            continue
+        if ev.path in dynamic and dynamic[ev.path] is not None:  # later calls of one dynamic call site
+            by_id.update({ev.out_id: dynamic[ev.path]} if ev.out_id is not None else {})
+            continue
+        if ev.path in fused:
+            name, k = namer.module_op(ev.path)
+            shapes = (ev.in_shape, ev.out_shape)
+            plans.append(
+                fused_plan(name, k, ev.path, fused[ev.path], tuple(producer(t) for t in ev.in_ids), shapes)
+            )
+            by_id.update({ev.out_id: name} if ev.out_id is not None else {})
+            switched.update({name: ev.switched_off} if ev.switched_off is not None else {})
+            dynamic.update({ev.path: name} if ev.path in dynamic else {})
+            continue
+        op_type = module_op_type(mod)
+        if op_type is None:
+            if ev.out_id is not None and ev.in_ids:
+                transparent[ev.out_id] = ev.in_ids[0]
+            continue
+        first_in = ev.in_ids[0] if ev.in_ids else None
+        if is_stub(mod):
+            name, k = namer.module_op(ev.path)
+            info = OpInfo(
+                name, "quant", OpKind.INPUT, ev.path, k, (producer(first_in),), numel_of(ev.out_shape)
+            )
+            plans.append(OpPlan(info, "input", extra={"path": ev.path}))
+        else:
+            spec = gemm_spec_of(mod)
+            if spec is not None and getattr(mod, "weight", None) is not None:
+                name, k = namer.module_op(ev.path)
+                flops = gemm_module_flops(mod, ev.in_shape, ev.out_shape)
+                info = OpInfo(name, op_type, OpKind.GEMM, ev.path, k, (producer(first_in),), flops)
+                plans.append(
+                    OpPlan(
+                        info,
+                        "gemm",
+                        module=mod,
+                        gemm_kind=spec.kind,
+                        weight_ch_axis=spec.weight_ch_axis,
+                        weight_key=ev.path,
+                        extra={"path": ev.path},
+                    )
+                )
+            elif ev.out_float:
+                name, k = namer.module_op(ev.path)
+                producers = tuple(producer(t) for t in ev.in_ids)
+                info = OpInfo(name, op_type, OpKind.OTHER, ev.path, k, producers, numel_of(ev.out_shape))
+                plans.append(OpPlan(info, "module", module=mod, extra={"path": ev.path}))
+            else:
+                continue
+        if ev.out_id is not None:
+            by_id[ev.out_id] = name
+        if ev.path in dynamic:
+            dynamic[ev.path] = name
+        if ev.switched_off is not None:
+            switched[name] = ev.switched_off
+    qconfigs = assign([p.info for p in plans])
+    builder = OpBuilder(qconfigs, qat_mode, device)
+    sites: dict[str, list[nn.Module]] = {}
+    input_ops: dict[str, nn.Module] = {}
+    for plan in plans:
+        op = builder.build(plan)
+        path = plan.extra.get("path")
+        if path is None:
+            input_ops[plan.name] = op
+        else:
+            sites.setdefault(path, []).append(op)
+    dispatchers = []
+    for path, ops in sites.items():
+        for alias in aliases.get(id(modules[path]), [path]):
+            _set_path(model, alias, ops[0])
+        for k, op in enumerate(ops[1:], start=1):
+            _set_path(model, f"{path}#{k}", op)
+        ops[0]._sites = list(ops)  # call-site dispatch and the call counter (warn_extra_calls)
+        ops[0]._dynamic = path in dynamic
+        dispatchers.append(ops[0])
+    for path, mod in modules.items():
+        if path and is_dequant_stub(mod):
+            for alias in aliases.get(id(mod), [path]):
+                _set_path(model, alias, nn.Identity())
+    for name, op in input_ops.items():
+        model.add_module(name, op)
+    model._qat_dispatchers = dispatchers
+    model._qat_input_ops = input_specs
+    if dispatchers or input_specs:
+        model.register_forward_pre_hook(_eager_pre_hook, with_kwargs=True)
+    if dispatchers:
+        model.register_forward_hook(warn_extra_calls, always_call=True)
+    fn_namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
+    not_covered = []
+    float_ops = _switched_ops(plans, qconfigs, switched)
+    for parent, call, base, flops in probe.functions:
+        name = fn_namer.function_op(parent, call, base)
+        not_covered.append(f"{name} ({base})")
+        float_ops.append(FloatOp(name, base, flops, "a functional op eager mode cannot see"))
+    unfused = unfused_chains(events, modules)
+    notes = [
+        f"not fused (fuse them in a fuse hook: fuse_fn / fuse_model()): {' + '.join(c)}" for c in unfused
+    ]
+    notes += builder.notes
+    return EagerPrepared(model, plans, unfused, not_covered, notes, float_ops)
+
+
+def _dynamic_paths(events: Sequence[CallEvent]) -> dict[str, str | None]:
+    """Paths called inside dynamic blocks (-> their one op name, filled while planning)."""
+    inside = {ev.path for ev in events if ev.dynamic}
+    mixed = sorted({ev.path for ev in events if not ev.dynamic and ev.path in inside})
+    if mixed:
+        raise ValueError(
+            f"{', '.join(mixed)}: called both inside and outside dynamic_block(); a dynamic block's modules "
+            "share one call site for all its iterations, so give the other uses their own modules"
+        )
+    return dict.fromkeys(sorted(inside))
+
+
+def _switched_ops(
+    plans: Sequence[OpPlan], qconfigs: Mapping[str, QConfig], switched: Mapping[str, str]
+) -> list[FloatOp]:
+    """Ops called while a switch was disabled in forward (FakeCast only matters to float16 outputs)."""
+    found = []
+    for plan in plans:
+        switch = switched.get(plan.name)
+        out = qconfigs[plan.name].output_dtype
+        if switch == "GlobalFakeQuantSwitch" or (switch and out is not None and out.is_float16):
+            reason = f"{switch} disabled in forward"  # a debugging switch: not a chip violation
+            found.append(FloatOp(plan.name, plan.info.op_type, plan.info.flops, reason, on_chip=False))
+    return found
+
+
+def _taken(model: nn.Module, parent: str, child: str) -> bool:
+    try:
+        mod = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        return False
+    return child in mod._modules or child in mod._parameters or child in mod._buffers
