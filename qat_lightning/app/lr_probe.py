@@ -16,6 +16,8 @@ from qat_lightning.analysis.advice_lr import LrProbeResult, probe_qat_lr, render
 
 __all__ = ["run_lr_probe"]
 
+from qat_lightning.files import write_atomic
+
 log = logging.getLogger("qat_lightning")
 
 
@@ -66,8 +68,8 @@ def run_lr_probe(pipe: Any, calib_ckpt: Path, recipe: Any) -> float | None:
         pipe.result(f"lr probe {row.lr:g}", recipe, row.metric, None, None, None, out, note)
     if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "lr_probe.md").write_text(
-            f"# QAT LR probe ({q.lr_probe_steps} steps per LR, constant LR)\n\n{table}\n", encoding="utf-8"
+        write_atomic(
+            out / "lr_probe.md", f"# QAT LR probe ({q.lr_probe_steps} steps per LR, constant LR)\n\n{table}\n"
         )
         _log_tensorboard(pipe, out, result, table)
     probes = ", ".join(f"{r.lr:g}: {r.metric:.4f}" for r in result.rows)

@@ -37,6 +37,8 @@ from qat_lightning.app.tuning import fp16_search, int16_search
 
 __all__ = ["Pipeline", "run"]
 
+from qat_lightning.files import write_atomic
+
 log = logging.getLogger("qat_lightning")
 
 FILES = {
@@ -284,7 +286,7 @@ class Pipeline:
         if not is_rank_zero():
             return summary
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_markdown(summary), encoding="utf-8")
+        write_atomic(path, render_markdown(summary))
         self.console.print(render_table(summary))
         self.console.print(f"summary: {path}")
         log.info("summary written to %s\n%s", path, render_markdown(summary))

@@ -20,10 +20,7 @@ Computing (``check_model``) and rendering (``ModelCheckReport.to_text``) are sep
 
 from __future__ import annotations
 
-import contextlib
 import os
-import stat
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +28,7 @@ from tabulate import tabulate
 from torch import nn
 
 from qat_lightning.chips import ChipSpec, get_chip
+from qat_lightning.files import write_atomic
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float32
 from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
@@ -117,25 +115,7 @@ class DtypeSummaryRow:
 
 def _atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    target = os.path.abspath(os.fspath(path))
-    directory = os.path.dirname(target)
-    os.makedirs(directory, exist_ok=True)
-    try:
-        mode = stat.S_IMODE(os.stat(target).st_mode)
-    except FileNotFoundError:
-        mode = 0o644
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, text)
 
 
 def write_changelog(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
