@@ -23,7 +23,15 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from qat_lightning.app.schema import AppConfig, check_trainer_keys, did_you_mean, schema_node, valid_keys
+from qat_lightning.app.config_checks import ConfigError, check_config, ignored_overrides
+from qat_lightning.app.schema import (
+    AppConfig,
+    StageName,
+    check_trainer_keys,
+    did_you_mean,
+    schema_node,
+    valid_keys,
+)
 
 __all__ = [
     "CONFIG_DIR",
@@ -54,10 +62,6 @@ _FLAGS_WITH_VALUE = {
     "-p",
     "--experimental-rerun",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration the app cannot run, explained for the user."""
 
 
 def register_schema() -> None:
@@ -157,8 +161,12 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
     """Convert a composed config to the frozen :class:`AppConfig` (model/data/trainer/logger as dicts).
 
     Raises:
-        ConfigError: for trainer keys ``lightning.Trainer`` does not take, or a missing ``_target_``.
+        ConfigError: for trainer keys ``lightning.Trainer`` does not take, a missing ``_target_``, or values
+            out of range (:func:`~qat_lightning.app.config_checks.check_config`).
+        RecipeError: a recipe the chip cannot run (``stage=calibration`` / ``troubleshoot``).
     """
+    from qat_lightning.app.recipes import recipe_from_conf
+
     app = OmegaConf.to_object(cfg)
     if not isinstance(app, AppConfig):  # pragma: no cover - the schema is always first in the defaults
         raise ConfigError(f"the config was not composed with {SCHEMA_NAME} first in its defaults")
@@ -171,6 +179,9 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
             raise ConfigError(
                 f"{group}._target_ is missing: pick {group}=<option> or set {group}._target_=pkg.module.Class"
             )
+    if app.stage.name in (StageName.calibration, StageName.troubleshoot):
+        recipe_from_conf(app.recipe, app.chip, app.calibration)  # the chip rules first: RecipeError
+    check_config(app)
     return app
 
 
@@ -236,11 +247,15 @@ def main() -> None:
     register_schema()
     overrides = _overrides(sys.argv[1:])
     if overrides is not None:
+        from qat_lightning.app.recipes import RecipeError
+
         try:
-            compose(overrides)
-        except ConfigError as err:
+            app = to_app_config(compose(overrides))
+        except (ConfigError, RecipeError) as err:
             print(f"qat-lightning: error: {err}", file=sys.stderr)
             sys.exit(2)
+        for line in ignored_overrides(app.stage.name, overrides):
+            print(f"qat-lightning: warning: ignored override {line}", file=sys.stderr)
     _hydra_main()
 
 

@@ -301,8 +301,12 @@ def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> 
         run_dir: the Hydra run dir.
         factories: how to build the model, datamodule and logger.
         conf_dir: the config tree.
+
+    Raises:
+        ConfigError: from :func:`~qat_lightning.app.preflight.preflight`, before anything trains.
     """
     from qat_lightning.app import flows
+    from qat_lightning.app.preflight import preflight
     from qat_lightning.app.troubleshoot import troubleshoot_stage
 
     if cfg.torch_threads:
@@ -310,6 +314,7 @@ def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> 
 
         torch.set_num_threads(cfg.torch_threads)
     pipe = Pipeline(Session(cfg, Path(run_dir), factories), Path(conf_dir))
+    preflight(pipe)
     runner = {
         StageName.float: flows.float_stage,
         StageName.calibration: flows.calibration_stage,

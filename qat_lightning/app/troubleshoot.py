@@ -25,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from qat_lightning.app.summary import Summary
+from qat_lightning.files import write_atomic
 
 __all__ = ["CheckRow", "TroubleshootReport", "render_troubleshoot", "troubleshoot_stage"]
-
-from qat_lightning.files import write_atomic
 
 log = logging.getLogger("qat_lightning")
 

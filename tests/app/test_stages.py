@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qat_lightning.app.config_checks import ConfigError
 from qat_lightning.app.recipes import RecipeError
 from tests.app.helpers import run_app
 
@@ -80,9 +81,9 @@ def test_mixed_recipe_with_a_fixed_ratio(float_run, tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="needs a calibration checkpoint: pass ckpt="):
+    with pytest.raises(ConfigError, match="needs a calibration checkpoint: pass ckpt="):
         run_app(tmp_path, "stage=qat")
-    with pytest.raises(FileNotFoundError, match="ckpt=/nope.ckpt does not exist"):
+    with pytest.raises(ConfigError, match="ckpt='/nope.ckpt': no such file"):
         run_app(tmp_path, "stage=calibration", "ckpt=/nope.ckpt")
 
 
