@@ -23,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from qat_lightning.app.conf_dir import config_dir
 from qat_lightning.app.config_checks import ConfigError, check_config, ignored_overrides
 from qat_lightning.app.schema import (
     AppConfig,
@@ -45,8 +46,8 @@ __all__ = [
 
 log = logging.getLogger("qat_lightning")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
-"""The app's config tree (``conf/`` at the repository root)."""
+CONFIG_DIR = config_dir()
+"""The app's config tree (``qat_lightning/conf``: the repository's ``conf/``, shipped as package data)."""
 
 SCHEMA_NAME = "qat_lightning_schema"
 _FLAGS_WITH_VALUE = {
@@ -238,7 +239,7 @@ def main() -> None:
     if not CONFIG_DIR.is_dir():
         print(
             f"qat-lightning: error: the config tree {CONFIG_DIR} is missing; install from a checkout "
-            '(pip install -e ".[dev]") or pass --config-dir <a conf/ copy>',
+            '(pip install -e ".[dev]") or reinstall the package (pip install .)',
             file=sys.stderr,
         )
         sys.exit(2)

@@ -20,10 +20,17 @@ from __future__ import annotations
 import difflib
 import enum
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from qat_lightning.callbacks.sanity import SANITY_MODES
+from qat_lightning.chips import CHIPS
+from qat_lightning.quant import DTYPES, OBSERVER_NAMES, PREPARE_METHODS, QAT_MODES
+from qat_lightning.quant.qconfig_setter import ON_VIOLATION
+from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES
 
 __all__ = [
     "AnalysisConf",
@@ -31,6 +38,7 @@ __all__ = [
     "BnMode",
     "CalibrationConf",
     "ChipConf",
+    "Choice",
     "ChipName",
     "Dtype",
     "FixScales",
@@ -53,6 +61,7 @@ __all__ = [
     "TargetConf",
     "TrainConf",
     "check_trainer_keys",
+    "choices",
     "did_you_mean",
     "schema_node",
     "valid_keys",
@@ -60,117 +69,62 @@ __all__ = [
 ]
 
 
-class ChipName(str, enum.Enum):
-    """Target chips (``qat_lightning.chips.CHIPS``)."""
+class Choice(str, enum.Enum):
+    """One value of a config choice; formats as its value (``${stage.name}`` -> ``qat``, not ``StageName.qat``)."""
 
-    j6e = "j6e"
-    j6m = "j6m"
-    j6p = "j6p"
-
-
-class OnViolation(str, enum.Enum):
-    """What to do when a recipe asks for what the chip lacks."""
-
-    error = "error"
-    downgrade = "downgrade"
+    def __str__(self) -> str:
+        return str(self.value)
 
 
-class RecipeName(str, enum.Enum):
-    """Precision recipes (``conf/recipe``)."""
+def choices(name: str, values: Iterable[str], doc: str) -> Any:
+    """Build a :class:`Choice` enum whose members are ``values`` (the core's own list, defined once there).
 
-    float = "float"
-    int8 = "int8"
-    int16 = "int16"
-    int8_int16 = "int8_int16"
-    int16_fp16 = "int16_fp16"
-    int8_int16_fp16 = "int8_int16_fp16"
-    gemm_int16_other_fp16 = "gemm_int16_other_fp16"
-    gemm_int8_other_fp16 = "gemm_int8_other_fp16"
-
-
-class Dtype(str, enum.Enum):
-    """Quantization dtypes."""
-
-    qint8 = "qint8"
-    qint16 = "qint16"
-    float16 = "float16"
-    float32 = "float32"
+    Args:
+        name: the enum's name.
+        values: the allowed values, in the order error messages list them.
+        doc: the enum's docstring.
+    """
+    members = [(v, v) for v in values]
+    cls = Choice(name, members, module=__name__, qualname=name)  # type: ignore[call-overload]
+    cls.__doc__ = doc
+    return cls
 
 
-class SensitiveType(str, enum.Enum):
-    """Sensitivity rows a mixed recipe raises (``null`` in YAML = both)."""
+def _recipe_names() -> list[str]:
+    from qat_lightning.app.conf_dir import config_dir
 
-    activation = "activation"
-    weight = "weight"
-
-
-class ObserverName(str, enum.Enum):
-    """Calibration methods (``qat_lightning.quant.OBSERVER_NAMES`` without ``fixed``)."""
-
-    minmax = "minmax"
-    moving_minmax = "moving_minmax"
-    percentile = "percentile"
-    kl = "kl"
-    mse = "mse"
-    mix = "mix"
+    return sorted(p.stem for p in (config_dir() / "recipe").glob("*.yaml"))
 
 
-class StageName(str, enum.Enum):
-    """What one ``qat-lightning`` run does (``conf/stage``)."""
-
-    float = "float"
-    calibration = "calibration"
-    qat = "qat"
-    analysis = "analysis"
-    pipeline = "pipeline"
-    troubleshoot = "troubleshoot"
-
-
-class SanityMode(str, enum.Enum):
-    """The seed's checks after QAT (``conf/sanity``)."""
-
-    none = "none"
-    lr0 = "lr0"
-    float = "float"
-
-
-class MetricMode(str, enum.Enum):
-    """Whether a higher (``max``) or lower (``min``) metric is better."""
-
-    max = "max"
-    min = "min"
-
-
-class QatScheduler(str, enum.Enum):
-    """QAT learning-rate schedule: cosine decay or constant, never warmup; ``keep`` = the model's own."""
-
-    cosine = "cosine"
-    constant = "constant"
-    keep = "keep"
-
-
-class FixScales(str, enum.Enum):
-    """Which activation scales QAT keeps fixed at their calibrated values."""
-
-    none = "none"
-    input_output = "input_output"
-    all = "all"
-
-
-class BnMode(str, enum.Enum):
-    """BatchNorm handling during QAT (``prepare(qat_mode=...)``)."""
-
-    fuse_bn = "fuse_bn"
-    with_bn = "with_bn"
-    freeze_bn = "freeze_bn"
-
-
-class PrepareMethod(str, enum.Enum):
-    """``prepare(method=...)``."""
-
-    auto = "auto"
-    fx = "fx"
-    eager = "eager"
+ChipName = choices("ChipName", CHIPS, "Target chips (``qat_lightning.chips.CHIPS``).")
+OnViolation = choices("OnViolation", ON_VIOLATION, "What to do when a recipe asks for what the chip lacks.")
+RecipeName = choices("RecipeName", _recipe_names(), "Precision recipes (the files of ``conf/recipe``).")
+Dtype = choices("Dtype", DTYPES, "Quantization dtypes (``qat_lightning.quant.DTYPES``).")
+SensitiveType = choices(
+    "SensitiveType", SENSITIVE_TYPES, "Sensitivity rows a mixed recipe raises (``null`` in YAML = both)."
+)
+ObserverName = choices(
+    "ObserverName",
+    [n for n in OBSERVER_NAMES if n != "fixed"],
+    "Calibration methods (``qat_lightning.quant.OBSERVER_NAMES`` without ``fixed``).",
+)
+StageName = choices(
+    "StageName",
+    ["float", "calibration", "qat", "analysis", "pipeline", "troubleshoot"],
+    "What one ``qat-lightning`` run does (``conf/stage``).",
+)
+SanityMode = choices("SanityMode", ["none", *SANITY_MODES], "The seed's checks after QAT (``conf/sanity``).")
+MetricMode = choices("MetricMode", ["max", "min"], "Whether a higher (``max``) or lower (``min``) metric is better.")
+QatScheduler = choices(
+    "QatScheduler",
+    ["cosine", "constant", "keep"],
+    "QAT learning-rate schedule: cosine decay or constant, never warmup; ``keep`` = the model's own.",
+)
+FixScales = choices(
+    "FixScales", ["none", "input_output", "all"], "Which activation scales QAT keeps fixed at their calibrated values."
+)
+BnMode = choices("BnMode", QAT_MODES, "BatchNorm handling during QAT (``qat_lightning.quant.QAT_MODES``).")
+PrepareMethod = choices("PrepareMethod", PREPARE_METHODS, "``prepare(method=...)`` (``quant.PREPARE_METHODS``).")
 
 
 @dataclass(frozen=True)
