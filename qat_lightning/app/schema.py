@@ -70,7 +70,7 @@ __all__ = [
 
 
 class Choice(str, enum.Enum):
-    """One value of a config choice; formats as its value (``${stage.name}`` -> ``qat``, not ``StageName.qat``)."""
+    """A config choice value; formats as its value (``${stage.name}`` -> ``qat``, not ``StageName.qat``)."""
 
     def __str__(self) -> str:
         return str(self.value)
@@ -114,17 +114,17 @@ StageName = choices(
     "What one ``qat-lightning`` run does (``conf/stage``).",
 )
 SanityMode = choices("SanityMode", ["none", *SANITY_MODES], "The seed's checks after QAT (``conf/sanity``).")
-MetricMode = choices("MetricMode", ["max", "min"], "Whether a higher (``max``) or lower (``min``) metric is better.")
+MetricMode = choices("MetricMode", ["max", "min"], "Higher (``max``) or lower (``min``) is better.")
 QatScheduler = choices(
     "QatScheduler",
     ["cosine", "constant", "keep"],
     "QAT learning-rate schedule: cosine decay or constant, never warmup; ``keep`` = the model's own.",
 )
 FixScales = choices(
-    "FixScales", ["none", "input_output", "all"], "Which activation scales QAT keeps fixed at their calibrated values."
+    "FixScales", ["none", "input_output", "all"], "Activation scales QAT keeps at their calibrated values."
 )
 BnMode = choices("BnMode", QAT_MODES, "BatchNorm handling during QAT (``qat_lightning.quant.QAT_MODES``).")
-PrepareMethod = choices("PrepareMethod", PREPARE_METHODS, "``prepare(method=...)`` (``quant.PREPARE_METHODS``).")
+PrepareMethod = choices("PrepareMethod", PREPARE_METHODS, "``prepare(method=)`` (``quant.PREPARE_METHODS``).")
 
 
 @dataclass(frozen=True)

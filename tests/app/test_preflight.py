@@ -40,7 +40,7 @@ def test_wrong_target_metric_lists_the_logged_ones(tmp_path):
     [
         ("qat", "float", "a float checkpoint; stage=qat needs a calibration checkpoint"),
         ("analysis", "float", "a float checkpoint; stage=analysis needs a calibration checkpoint"),
-        ("calibration", "calibration", "a calibration checkpoint; stage=calibration needs a float checkpoint"),
+        ("calibration", "calibration", "calibration checkpoint; stage=calibration needs a float checkpoint"),
     ],
 )
 def test_wrong_kind_of_checkpoint(tmp_path, stage, kind, expected):
@@ -59,7 +59,7 @@ def test_not_a_checkpoint(tmp_path):
 
 def test_checkpoint_of_another_chip_is_refused(tmp_path):
     ckpt = _fake_ckpt(tmp_path / "calibration.ckpt", "calibration", chip="j6p")
-    with pytest.raises(ConfigError, match="calibrated for chip=j6p, this run targets chip=j6m; pass chip=j6p"):
+    with pytest.raises(ConfigError, match="for chip=j6p, this run targets chip=j6m; pass chip=j6p"):
         run_app(tmp_path / "run", "stage=qat", "chip=j6m", f"ckpt={ckpt}")
     _nothing_trained(tmp_path / "run")
 
