@@ -35,7 +35,7 @@ from qat_lightning.app.stages import Factories, Session, StageResult
 from qat_lightning.app.summary import Summary, render_markdown, render_table
 from qat_lightning.app.tuning import fp16_search, int16_search
 
-__all__ = ["Pipeline", "run"]
+__all__ = ["FILES", "Pipeline", "existing_files", "run"]
 
 from qat_lightning.files import write_atomic
 
@@ -54,6 +54,18 @@ FILES = {
     "troubleshoot.md": "stage=troubleshoot: the three checks, expected vs got, the part at fault",
     "events.out.tfevents.*": "TensorBoard: `tensorboard --logdir <run dir>`",
 }
+
+
+def existing_files(run_dir: Path, files: dict[str, str]) -> dict[str, str]:
+    """Keep the entries of ``files`` (glob patterns under ``run_dir``, at any depth) that exist.
+
+    ``summary.md`` is always kept (it is being written); a pattern ending in ``/`` names a directory.
+    """
+    kept = {}
+    for pattern, meaning in files.items():
+        if pattern == "summary.md" or any(True for _ in run_dir.rglob(pattern.rstrip("/"))):
+            kept[pattern] = meaning
+    return kept
 
 
 @dataclass
@@ -281,7 +293,8 @@ class Pipeline:
             "wall time": f"{time.perf_counter() - self.started:.1f} s",
             **(extra_facts or {}),
         }
-        summary = Summary(title, facts, tuple(self.rows), tuple(self.decisions), FILES)
+        files = existing_files(self.session.run_dir, FILES)
+        summary = Summary(title, facts, tuple(self.rows), tuple(self.decisions), files)
         path = self.session.run_dir / "summary.md"
         if not is_rank_zero():
             return summary
