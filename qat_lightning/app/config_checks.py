@@ -143,7 +143,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("qat.lr", _optional(_positive), "a number > 0, or null to keep the model's LR"),
     ("qat.max_epochs", _steps, "an int >= 1, or -1 (train by qat.max_steps)"),
     ("qat.max_steps", _steps, "an int >= 1, or -1 (train by qat.max_epochs)"),
-    ("qat.lr_probe_steps", _at_least(1), "an int >= 1"),
+    ("qat.lr_probe.steps", _at_least(1), "an int >= 1"),
     ("train.max_epochs", _steps, "an int >= 1, or -1 (train by train.max_steps)"),
     ("train.max_steps", _steps, "an int >= 1, or -1 (train by train.max_epochs)"),
     ("train.limit_train_batches", _batch_limit, "a share in (0, 1], a batch count >= 1, or null"),
@@ -196,8 +196,8 @@ def config_problems(cfg: AppConfig) -> list[str]:
         for key, ok, allowed in _RULES
         if not ok(_get(cfg, key))
     ]
-    if not all(_positive(lr) for lr in cfg.qat.lr_probe):
-        problems.append(f"qat.lr_probe={list(cfg.qat.lr_probe)}: every LR must be a number > 0")
+    if not all(_positive(lr) for lr in cfg.qat.lr_probe.lrs):
+        problems.append(f"qat.lr_probe.lrs={list(cfg.qat.lr_probe.lrs)}: every LR must be a number > 0")
     c = cfg.calibration
     _core_check(
         problems,

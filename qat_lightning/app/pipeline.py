@@ -49,7 +49,7 @@ FILES = {
     "quant_analysis/": "bad cases, compare_per_layer, sensitivity tables and plots; dual_int16.txt (ops "
     "needing int16 on both inputs vs single-type suspects), shared_modules.txt (cases B / C), "
     "fp16_diagnosis.txt (j6p)",
-    "*_lr_probe/lr_probe.md": "the QAT LR probe table (qat.lr_probe=[...])",
+    "*_lr_probe/lr_probe.md": "the QAT LR probe table (qat.lr_probe.lrs=[...])",
     "sanity_check.txt": "the lr0 / float sanity check verdicts",
     "troubleshoot.md": "stage=troubleshoot: the three checks, expected vs got, the part at fault",
     "events.out.tfevents.*": "TensorBoard: `tensorboard --logdir <run dir>`",

@@ -42,6 +42,7 @@ __all__ = [
     "ChipName",
     "Dtype",
     "FixScales",
+    "LrProbeConf",
     "MetricMode",
     "ObserverName",
     "OnViolation",
@@ -268,6 +269,20 @@ class TrainConf:
 
 
 @dataclass(frozen=True)
+class LrProbeConf:
+    """``qat.lr_probe``: the seed's LR probe (QAT §1a), the arguments of ``QatLrProbe(lrs=, steps=)``.
+
+    Attributes:
+        lrs: fixed LRs, each fine-tuned ``steps`` steps (no warmup, no decay) before QAT; the best replaces
+            ``qat.lr``. Empty: off.
+        steps: optimizer steps per probed LR.
+    """
+
+    lrs: list[float] = field(default_factory=list)
+    steps: int = 20
+
+
+@dataclass(frozen=True)
 class QatConf:
     """Quantization-aware training.
 
@@ -279,9 +294,7 @@ class QatConf:
         scheduler: ``cosine`` (decay, no warmup), ``constant``, or ``keep`` the model's own (the QAT
             callback then refuses it if it warms up).
         fix_scales: keep input/output (or all) activation scales at their calibrated values.
-        lr_probe: the seed's LR probe (QAT §1a): fixed LRs each fine-tuned ``lr_probe_steps`` steps (no
-            warmup, no decay) before QAT; the best replaces ``lr``. Empty: off (``qat.lr`` is used).
-        lr_probe_steps: optimizer steps per probed LR.
+        lr_probe: the seed's LR probe (QAT §1a, :class:`LrProbeConf`); ``lrs: []`` = off.
         scale_trial: the seed's QAT §2: when the calibration model meets the target, QAT runs twice (scales
             updated, input/output scales fixed) and the better is kept (``qat.ckpt``); otherwise QAT runs with
             ``fix_scales`` only.
@@ -292,8 +305,7 @@ class QatConf:
     lr: float | None = 1e-4
     scheduler: QatScheduler = QatScheduler.cosine
     fix_scales: FixScales = FixScales.none
-    lr_probe: list[float] = field(default_factory=list)
-    lr_probe_steps: int = 20
+    lr_probe: LrProbeConf = field(default_factory=LrProbeConf)
     scale_trial: bool = False
 
 

@@ -21,7 +21,7 @@ from tests.test_cli import cli
         ("+recipe.module_names.conv={dtype:qint12}", "unknown quantization dtype 'qint12'; allowed: qint8"),
         ("prepare.submodule=''", "prepare.submodule='': must be an attribute path"),
         ("sanity.steps=0", "sanity.steps=0: must be an int >= 1"),
-        ("qat.lr_probe=[1.0e-3,-1]", "qat.lr_probe=[0.001, -1.0]: every LR must be a number > 0"),
+        ("qat.lr_probe.lrs=[1.0e-3,-1]", "qat.lr_probe.lrs=[0.001, -1.0]: every LR must be a number > 0"),
         ("analysis.metrics=[COSINE,FOO]", "unknown ['FOO']; allowed: "),
     ],
 )
