@@ -200,12 +200,23 @@ def make_factories(cfg: DictConfig) -> Any:
             target = node.get("_target_", "?")
             raise ConfigError(f"cannot build {group} ({target}): {err}") from err
 
+    def callback(name: str, **runtime: Any) -> Any:
+        if name not in cfg.callbacks:
+            raise ConfigError(f"callbacks.{name} is missing; conf/callbacks/ defines {sorted(cfg.callbacks)}")
+        node = OmegaConf.to_container(cfg.callbacks[name], resolve=True, enum_to_str=True)
+        try:  # a partial: run-time objects (a QconfigSetter) must not go through OmegaConf
+            return instantiate(node, _partial_=True)(**runtime)
+        except Exception as err:  # noqa: BLE001 - name the callback and its target in the message
+            raise ConfigError(f"cannot build callbacks.{name} ({node.get('_target_', '?')}): {err}") from err
+
     def logger(out_dir: Path) -> Any:
         if cfg.get("logger") is None or "_target_" not in cfg.logger:
             return None
         return build("logger", save_dir=str(out_dir), name="", version="")
 
-    return Factories(model=lambda: build("model"), datamodule=lambda: build("data"), logger=logger)
+    return Factories(
+        model=lambda: build("model"), datamodule=lambda: build("data"), logger=logger, callback=callback
+    )
 
 
 def run_config(cfg: DictConfig, run_dir: Path) -> Any:

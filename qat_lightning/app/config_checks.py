@@ -42,13 +42,24 @@ _COMMON = (
     "prepare.submodule",
     "stage",
 )
-_CALIBRATE = ("ckpt", "chip", "recipe", "calibration", "prepare", "search", "analysis", "pipeline.fp16_max")
+_CALIBRATE = (
+    "callbacks",
+    "ckpt",
+    "chip",
+    "recipe",
+    "calibration",
+    "prepare",
+    "search",
+    "analysis",
+    "pipeline.fp16_max",
+)
 
 STAGE_READS: dict[StageName, tuple[str, ...]] = {
     StageName.float: (*_COMMON, "train"),
     StageName.calibration: (*_COMMON, *_CALIBRATE, "sanity"),
     StageName.qat: (
         *_COMMON,
+        "callbacks",
         "ckpt",
         "chip",
         "prepare",
@@ -57,9 +68,10 @@ STAGE_READS: dict[StageName, tuple[str, ...]] = {
         "sanity",
         "train.limit_train_batches",
     ),
-    StageName.analysis: (*_COMMON, "ckpt", "chip", "prepare", "analysis"),
+    StageName.analysis: (*_COMMON, "callbacks", "ckpt", "chip", "prepare", "analysis"),
     StageName.pipeline: (
         *_COMMON,
+        "callbacks",
         "ckpt",
         "chip",
         "recipe.module_names",
@@ -75,6 +87,7 @@ STAGE_READS: dict[StageName, tuple[str, ...]] = {
     ),
     StageName.troubleshoot: (
         *_COMMON,
+        "callbacks",
         "ckpt",
         "chip",
         "recipe",

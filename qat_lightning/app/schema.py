@@ -386,6 +386,7 @@ class AppConfig:
     data: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] | None = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
     ckpt: str | None = None
     seed: int = 0
     progress: bool = True
