@@ -42,63 +42,24 @@ _COMMON = (
     "prepare.submodule",
     "stage",
 )
-_CALIBRATE = (
-    "callbacks",
-    "ckpt",
-    "chip",
-    "recipe",
-    "calibration",
-    "prepare",
-    "search",
-    "analysis",
-    "pipeline.fp16_max",
-)
+_QUANTIZED = (*_COMMON, "callbacks", "ckpt", "chip", "prepare")
+_SANITY_RUNS = ("sanity.tolerance", "sanity.steps")
 
 STAGE_READS: dict[StageName, tuple[str, ...]] = {
     StageName.float: (*_COMMON, "train"),
-    StageName.calibration: (*_COMMON, *_CALIBRATE, "sanity"),
-    StageName.qat: (
-        *_COMMON,
-        "callbacks",
-        "ckpt",
-        "chip",
-        "prepare",
-        "calibration.num_batches",
-        "qat",
-        "sanity",
-        "train.limit_train_batches",
+    StageName.calibration: (
+        *_QUANTIZED, "recipe", "calibration", "search", "analysis", "pipeline.fp16_max", "sanity"
     ),
-    StageName.analysis: (*_COMMON, "callbacks", "ckpt", "chip", "prepare", "analysis"),
+    StageName.qat: (*_QUANTIZED, "calibration.num_batches", "qat", "sanity", "train.limit_train_batches"),
+    StageName.analysis: (*_QUANTIZED, "analysis"),
     StageName.pipeline: (
-        *_COMMON,
-        "callbacks",
-        "ckpt",
-        "chip",
-        "recipe.module_names",
-        "calibration",
-        "prepare",
-        "search",
-        "analysis",
-        "pipeline",
-        "train",
-        "qat",
-        "sanity.tolerance",
-        "sanity.steps",
+        *_QUANTIZED, "recipe.module_names", "calibration", "search", "analysis", "pipeline", "train", "qat",
+        *_SANITY_RUNS,
     ),
     StageName.troubleshoot: (
-        *_COMMON,
-        "callbacks",
-        "ckpt",
-        "chip",
-        "recipe",
-        "calibration",
-        "prepare",
-        "qat",
-        "sanity.tolerance",
-        "sanity.steps",
-        "train.limit_train_batches",
+        *_QUANTIZED, "recipe", "calibration", "qat", "train.limit_train_batches", *_SANITY_RUNS
     ),
-}
+}  # fmt: skip
 """The config keys (dotted prefixes) each stage reads; an override of any other key is ignored."""
 
 
