@@ -48,6 +48,8 @@ def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())  # on disk before the rename: a crash leaves the old file or the new
         os.chmod(tmp, mode)
         os.replace(tmp, target)
     except BaseException:
