@@ -161,9 +161,9 @@ def config_problems(cfg: AppConfig) -> list[str]:
     Args:
         cfg: the composed configuration.
     """
-    from qat_lightning.analysis.metrics import BUILTIN_METRICS
+    from qat_lightning.analysis.compare.metrics import BUILTIN_METRICS
     from qat_lightning.quant import make_observer
-    from qat_lightning.quant.templates import ModuleNameTemplate
+    from qat_lightning.quant.qconfig.templates import ModuleNameTemplate
 
     problems = [
         f"{key}={_get(cfg, key)!r}: must be {allowed}"

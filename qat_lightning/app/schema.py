@@ -29,8 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from qat_lightning.callbacks.sanity import SANITY_MODES
 from qat_lightning.chips import CHIPS
 from qat_lightning.quant import DTYPES, OBSERVER_NAMES, PREPARE_METHODS, QAT_MODES
-from qat_lightning.quant.qconfig_setter import ON_VIOLATION
-from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES
+from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES
+from qat_lightning.quant.qconfig.setter import ON_VIOLATION
 
 __all__ = [
     "AnalysisConf",
