@@ -1,4 +1,4 @@
-"""qat_lightning: the quantization accuracy-tuning workflow as Lightning callbacks and Hydra recipes.
+"""qat_lightning: the quantization accuracy-tuning workflow as Lightning callbacks and a Hydra app.
 
 ``import qat_lightning as ql`` gives the plain-torch core (``ql.fake_quantize``, ``ql.FakeQuantize``,
 ``ql.get_qconfig``, ...); Lightning callbacks live in ``qat_lightning.callbacks``. The seed's named

@@ -23,7 +23,16 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from qat_lightning.app.schema import AppConfig, check_trainer_keys, did_you_mean, schema_node, valid_keys
+from qat_lightning.app.conf_dir import config_dir
+from qat_lightning.app.config_checks import ConfigError, check_config, ignored_overrides
+from qat_lightning.app.schema import (
+    AppConfig,
+    StageName,
+    check_trainer_keys,
+    did_you_mean,
+    schema_node,
+    valid_keys,
+)
 
 __all__ = [
     "CONFIG_DIR",
@@ -37,8 +46,8 @@ __all__ = [
 
 log = logging.getLogger("qat_lightning")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
-"""The app's config tree (``conf/`` at the repository root)."""
+CONFIG_DIR = config_dir()
+"""The app's config tree (``qat_lightning/conf``: the repository's ``conf/``, shipped as package data)."""
 
 SCHEMA_NAME = "qat_lightning_schema"
 _FLAGS_WITH_VALUE = {
@@ -54,10 +63,6 @@ _FLAGS_WITH_VALUE = {
     "-p",
     "--experimental-rerun",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration the app cannot run, explained for the user."""
 
 
 def register_schema() -> None:
@@ -157,8 +162,12 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
     """Convert a composed config to the frozen :class:`AppConfig` (model/data/trainer/logger as dicts).
 
     Raises:
-        ConfigError: for trainer keys ``lightning.Trainer`` does not take, or a missing ``_target_``.
+        ConfigError: for trainer keys ``lightning.Trainer`` does not take, a missing ``_target_``, or values
+            out of range (:func:`~qat_lightning.app.config_checks.check_config`).
+        RecipeError: a recipe the chip cannot run (``stage=calibration`` / ``troubleshoot``).
     """
+    from qat_lightning.app.recipes import recipe_from_conf
+
     app = OmegaConf.to_object(cfg)
     if not isinstance(app, AppConfig):  # pragma: no cover - the schema is always first in the defaults
         raise ConfigError(f"the config was not composed with {SCHEMA_NAME} first in its defaults")
@@ -171,6 +180,9 @@ def to_app_config(cfg: DictConfig) -> AppConfig:
             raise ConfigError(
                 f"{group}._target_ is missing: pick {group}=<option> or set {group}._target_=pkg.module.Class"
             )
+    if app.stage.name in (StageName.calibration, StageName.troubleshoot):
+        recipe_from_conf(app.recipe, app.chip, app.calibration)  # the chip rules first: RecipeError
+    check_config(app)
     return app
 
 
@@ -188,12 +200,23 @@ def make_factories(cfg: DictConfig) -> Any:
             target = node.get("_target_", "?")
             raise ConfigError(f"cannot build {group} ({target}): {err}") from err
 
+    def callback(name: str, **runtime: Any) -> Any:
+        if name not in cfg.callbacks:
+            raise ConfigError(f"callbacks.{name} is missing; conf/callbacks/ defines {sorted(cfg.callbacks)}")
+        node = OmegaConf.to_container(cfg.callbacks[name], resolve=True, enum_to_str=True)
+        try:  # a partial: run-time objects (a QconfigSetter) must not go through OmegaConf
+            return instantiate(node, _partial_=True)(**runtime)
+        except Exception as err:  # noqa: BLE001 - name the callback and its target in the message
+            raise ConfigError(f"cannot build callbacks.{name} ({node.get('_target_', '?')}): {err}") from err
+
     def logger(out_dir: Path) -> Any:
         if cfg.get("logger") is None or "_target_" not in cfg.logger:
             return None
         return build("logger", save_dir=str(out_dir), name="", version="")
 
-    return Factories(model=lambda: build("model"), datamodule=lambda: build("data"), logger=logger)
+    return Factories(
+        model=lambda: build("model"), datamodule=lambda: build("data"), logger=logger, callback=callback
+    )
 
 
 def run_config(cfg: DictConfig, run_dir: Path) -> Any:
@@ -227,7 +250,7 @@ def main() -> None:
     if not CONFIG_DIR.is_dir():
         print(
             f"qat-lightning: error: the config tree {CONFIG_DIR} is missing; install from a checkout "
-            '(pip install -e ".[dev]") or pass --config-dir <a conf/ copy>',
+            '(pip install -e ".[dev]") or reinstall the package (pip install .)',
             file=sys.stderr,
         )
         sys.exit(2)
@@ -236,11 +259,15 @@ def main() -> None:
     register_schema()
     overrides = _overrides(sys.argv[1:])
     if overrides is not None:
+        from qat_lightning.app.recipes import RecipeError
+
         try:
-            compose(overrides)
-        except ConfigError as err:
+            app = to_app_config(compose(overrides))
+        except (ConfigError, RecipeError) as err:
             print(f"qat-lightning: error: {err}", file=sys.stderr)
             sys.exit(2)
+        for line in ignored_overrides(app.stage.name, overrides):
+            print(f"qat-lightning: warning: ignored override {line}", file=sys.stderr)
     _hydra_main()
 
 

@@ -103,3 +103,24 @@ def test_ddp_calibration_on_two_cpu_processes(float_run_dir, tmp_path):
     assert (tmp_path / "model_check_result.txt").is_file()
     assert (tmp_path / "train_ddp_process_1.log").is_file()  # the second rank ran
     assert (tmp_path / "summary.md").read_text().count("| calibration int8 |") == 1  # written once, by rank 0
+
+
+def test_default_run_dir_is_outputs_stage(tmp_path):
+    result = cli("stage=qat", "progress=false", cwd=tmp_path)  # no checkpoint: refused before training
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert [p.name for p in (tmp_path / "outputs").iterdir()] == ["qat"]
+    (run_dir,) = (tmp_path / "outputs" / "qat").iterdir()
+    assert str(run_dir) in result.stderr  # the error names the checkpoint path it looked for
+
+
+def test_conf_ships_as_package_data():
+    import tomllib
+
+    from qat_lightning.app.conf_dir import config_dir
+
+    assert config_dir() == (ROOT / "conf").resolve()  # qat_lightning/conf is the top-level conf/
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = ROOT / "qat_lightning"
+    shipped = {p.resolve() for pattern in patterns["qat_lightning"] for p in package.glob(pattern)}
+    every = {p.resolve() for p in (ROOT / "conf").rglob("*") if p.is_file()}
+    assert every and every == shipped

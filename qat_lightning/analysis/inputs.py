@@ -70,10 +70,25 @@ def normalize_inputs(value: Any) -> ModelInputs:
 
 
 def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
-    """Call ``model`` with positional (tuple) or keyword (dict) args."""
-    if isinstance(inputs, dict):
+    """Call ``model`` with positional (tuple) or keyword (dict) args.
+
+    Raises:
+        TypeError: when ``forward`` does not take a dict batch's keys as keyword args; the message names
+            the keys and ``input_fn=`` (the way to say what the model takes).
+    """
+    if not isinstance(inputs, dict):
+        return model(*inputs)
+    try:
         return model(**inputs)
-    return model(*inputs)
+    except TypeError as err:
+        if "argument" not in str(err):
+            raise
+        keys = ", ".join(map(str, inputs))
+        raise TypeError(
+            f"the batch is a dict, passed to {type(model).__name__}.forward as keyword args ({keys}), "
+            f"which it does not take: {err}. Pass input_fn= to say what the model takes, e.g. "
+            "input_fn=lambda batch: (batch['input_ids'],)"
+        ) from err
 
 
 def iter_batches(

@@ -1,7 +1,7 @@
-"""The seed's QAT learning-rate probe inside the app (``qat.lr_probe=[1e-3,1e-4,1e-5]``).
+"""The seed's QAT learning-rate probe inside the app (``qat.lr_probe.lrs=[1e-3,1e-4,1e-5]``).
 
 Each candidate is a short QAT run from the calibration checkpoint at a fixed LR (``constant``: no warmup,
-no decay, ``qat.lr_probe_steps`` steps), scored on the validation data; the best LR then trains the real
+no decay, ``qat.lr_probe.steps`` steps), scored on the validation data; the best LR then trains the real
 QAT run with ``qat.scheduler`` (the float run's decay shape, no warmup). The table goes into the step's
 ``lr_probe.md``, the summary (one row per candidate and a decision) and TensorBoard.
 """
@@ -15,6 +15,8 @@ from typing import Any
 from qat_lightning.analysis.advice.lr import LrProbeResult, probe_qat_lr, render_lr_probe
 
 __all__ = ["run_lr_probe"]
+
+from qat_lightning.files import write_atomic
 
 log = logging.getLogger("qat_lightning")
 
@@ -42,10 +44,10 @@ def run_lr_probe(pipe: Any, calib_ckpt: Path, recipe: Any) -> float | None:
     from qat_lightning.app.checkpoints import is_rank_zero
 
     q = pipe.cfg.qat
-    if not q.lr_probe:
+    if not q.lr_probe.lrs:
         return None
     s = pipe.session
-    out = pipe.step("lr_probe", f"QAT LR probe ({', '.join(f'{lr:g}' for lr in q.lr_probe)})")
+    out = pipe.step("lr_probe", f"QAT LR probe ({', '.join(f'{lr:g}' for lr in q.lr_probe.lrs)})")
 
     def train(lr: float) -> float:
         _, metric, _, _ = s.qat(
@@ -55,24 +57,24 @@ def run_lr_probe(pipe: Any, calib_ckpt: Path, recipe: Any) -> float | None:
             lr=lr,
             scheduler="constant",
             max_epochs=1,
-            max_steps=q.lr_probe_steps,
+            max_steps=q.lr_probe.steps,
         )
         return metric
 
-    result = probe_qat_lr(train, float, q.lr_probe, higher_is_better=s.higher_is_better)
+    result = probe_qat_lr(train, float, q.lr_probe.lrs, higher_is_better=s.higher_is_better)
     table = render_lr_probe(result, s.monitor)
     for row in result.rows:
         note = "chosen" if row.lr == result.best_lr else ""
         pipe.result(f"lr probe {row.lr:g}", recipe, row.metric, None, None, None, out, note)
     if is_rank_zero():
         out.mkdir(parents=True, exist_ok=True)
-        (out / "lr_probe.md").write_text(
-            f"# QAT LR probe ({q.lr_probe_steps} steps per LR, constant LR)\n\n{table}\n", encoding="utf-8"
+        write_atomic(
+            out / "lr_probe.md", f"# QAT LR probe ({q.lr_probe.steps} steps per LR, constant LR)\n\n{table}\n"
         )
         _log_tensorboard(pipe, out, result, table)
     probes = ", ".join(f"{r.lr:g}: {r.metric:.4f}" for r in result.rows)
     pipe.decide(
-        f"QAT LR probe ({q.lr_probe_steps} steps each, fixed LR): {probes}; QAT uses lr={result.best_lr:g} "
+        f"QAT LR probe ({q.lr_probe.steps} steps each, fixed LR): {probes}; QAT uses lr={result.best_lr:g} "
         f"({result.best_metric:.4f}) with qat.scheduler={q.scheduler.value}"
     )
     log.info("QAT LR probe:\n%s", table)

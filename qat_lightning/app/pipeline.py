@@ -37,8 +37,9 @@ from qat_lightning.app.schema import AppConfig, RecipeConf
 from qat_lightning.app.session import Session, StageResult
 from qat_lightning.app.summary import Summary, render_markdown, render_table
 from qat_lightning.app.tuning import fp16_search, int16_search
+from qat_lightning.files import write_atomic
 
-__all__ = ["Pipeline"]
+__all__ = ["FILES", "Pipeline", "existing_files"]
 
 log = logging.getLogger("qat_lightning")
 
@@ -50,11 +51,23 @@ FILES = {
     "quant_analysis/": "bad cases, compare_per_layer, sensitivity tables and plots; dual_int16.txt (ops "
     "needing int16 on both inputs vs single-type suspects), shared_modules.txt (cases B / C), "
     "fp16_diagnosis.txt (j6p)",
-    "*_lr_probe/lr_probe.md": "the QAT LR probe table (qat.lr_probe=[...])",
+    "*_lr_probe/lr_probe.md": "the QAT LR probe table (qat.lr_probe.lrs=[...])",
     "sanity_check.txt": "the lr0 / float sanity check verdicts",
     "troubleshoot.md": "stage=troubleshoot: the three checks, expected vs got, the part at fault",
     "events.out.tfevents.*": "TensorBoard: `tensorboard --logdir <run dir>`",
 }
+
+
+def existing_files(run_dir: Path, files: dict[str, str]) -> dict[str, str]:
+    """Keep the entries of ``files`` (glob patterns under ``run_dir``, at any depth) that exist.
+
+    ``summary.md`` is always kept (it is being written); a pattern ending in ``/`` names a directory.
+    """
+    kept = {}
+    for pattern, meaning in files.items():
+        if pattern == "summary.md" or any(True for _ in run_dir.rglob(pattern.rstrip("/"))):
+            kept[pattern] = meaning
+    return kept
 
 
 @dataclass
@@ -286,12 +299,13 @@ class Pipeline:
             "wall time": f"{time.perf_counter() - self.started:.1f} s",
             **(extra_facts or {}),
         }
-        summary = Summary(title, facts, tuple(self.rows), tuple(self.decisions), FILES)
+        files = existing_files(self.session.run_dir, FILES)
+        summary = Summary(title, facts, tuple(self.rows), tuple(self.decisions), files)
         path = self.session.run_dir / "summary.md"
         if not is_rank_zero():
             return summary
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_markdown(summary), encoding="utf-8")
+        write_atomic(path, render_markdown(summary))
         self.console.print(render_table(summary))
         self.console.print(f"summary: {path}")
         log.info("summary written to %s\n%s", path, render_markdown(summary))

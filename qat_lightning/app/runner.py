@@ -28,12 +28,18 @@ def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> 
         run_dir: the Hydra run dir.
         factories: how to build the model, datamodule and logger.
         conf_dir: the config tree.
+
+    Raises:
+        ConfigError: from :func:`~qat_lightning.app.preflight.preflight`, before anything trains.
     """
+    from qat_lightning.app.preflight import preflight
+
     if cfg.torch_threads:
         import torch
 
         torch.set_num_threads(cfg.torch_threads)
     pipe = Pipeline(Session(cfg, Path(run_dir), factories), Path(conf_dir))
+    preflight(pipe)
     runner = {
         StageName.float: stage_runners.float_stage,
         StageName.calibration: stage_runners.calibration_stage,

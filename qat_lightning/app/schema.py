@@ -20,10 +20,17 @@ from __future__ import annotations
 import difflib
 import enum
 import inspect
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from qat_lightning.callbacks.sanity import SANITY_MODES
+from qat_lightning.chips import CHIPS
+from qat_lightning.quant import DTYPES, OBSERVER_NAMES, PREPARE_METHODS, QAT_MODES
+from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES
+from qat_lightning.quant.qconfig.setter import ON_VIOLATION
 
 __all__ = [
     "AnalysisConf",
@@ -31,9 +38,11 @@ __all__ = [
     "BnMode",
     "CalibrationConf",
     "ChipConf",
+    "Choice",
     "ChipName",
     "Dtype",
     "FixScales",
+    "LrProbeConf",
     "MetricMode",
     "ObserverName",
     "OnViolation",
@@ -53,6 +62,7 @@ __all__ = [
     "TargetConf",
     "TrainConf",
     "check_trainer_keys",
+    "choices",
     "did_you_mean",
     "schema_node",
     "valid_keys",
@@ -60,118 +70,62 @@ __all__ = [
 ]
 
 
-class ChipName(str, enum.Enum):
-    """Target chips (``qat_lightning.chips.CHIPS``)."""
+class Choice(str, enum.Enum):
+    """A config choice value; formats as its value (``${stage.name}`` -> ``qat``, not ``StageName.qat``)."""
 
-    j6e = "j6e"
-    j6m = "j6m"
-    j6p = "j6p"
-
-
-class OnViolation(str, enum.Enum):
-    """What to do when a recipe asks for what the chip lacks."""
-
-    error = "error"
-    downgrade = "downgrade"
+    def __str__(self) -> str:
+        return str(self.value)
 
 
-class RecipeName(str, enum.Enum):
-    """Precision recipes (``conf/recipe``)."""
+def choices(name: str, values: Iterable[str], doc: str) -> Any:
+    """Build a :class:`Choice` enum whose members are ``values`` (the core's own list, defined once there).
 
-    float = "float"
-    int8 = "int8"
-    int16 = "int16"
-    int8_int16 = "int8_int16"
-    int16_fp16 = "int16_fp16"
-    int8_int16_fp16 = "int8_int16_fp16"
-    gemm_int16_other_fp16 = "gemm_int16_other_fp16"
-    gemm_int8_other_fp16 = "gemm_int8_other_fp16"
-
-
-class Dtype(str, enum.Enum):
-    """Quantization dtypes."""
-
-    qint8 = "qint8"
-    qint16 = "qint16"
-    float16 = "float16"
-    float32 = "float32"
+    Args:
+        name: the enum's name.
+        values: the allowed values, in the order error messages list them.
+        doc: the enum's docstring.
+    """
+    members = [(v, v) for v in values]
+    cls = Choice(name, members, module=__name__, qualname=name)  # type: ignore[call-overload]
+    cls.__doc__ = doc
+    return cls
 
 
-class SensitiveType(str, enum.Enum):
-    """Sensitivity rows a mixed recipe raises (``null`` in YAML = both)."""
+def _recipe_names() -> list[str]:
+    from qat_lightning.app.conf_dir import config_dir
 
-    activation = "activation"
-    weight = "weight"
-
-
-class ObserverName(str, enum.Enum):
-    """Calibration methods (``qat_lightning.quant.OBSERVER_NAMES`` without ``fixed``)."""
-
-    minmax = "minmax"
-    moving_minmax = "moving_minmax"
-    percentile = "percentile"
-    kl = "kl"
-    mse = "mse"
-    mix = "mix"
+    return sorted(p.stem for p in (config_dir() / "recipe").glob("*.yaml"))
 
 
-class StageName(str, enum.Enum):
-    """What one ``qat-lightning`` run does (``conf/stage``)."""
-
-    float = "float"
-    calibration = "calibration"
-    qat = "qat"
-    analysis = "analysis"
-    pipeline = "pipeline"
-    troubleshoot = "troubleshoot"
-
-
-class SanityMode(str, enum.Enum):
-    """The seed's checks after QAT (``conf/sanity``)."""
-
-    none = "none"
-    lr0 = "lr0"
-    float = "float"
-
-
-class MetricMode(str, enum.Enum):
-    """Whether a higher (``max``) or lower (``min``) metric is better."""
-
-    max = "max"
-    min = "min"
-
-
-class QatScheduler(str, enum.Enum):
-    """QAT learning-rate schedule: cosine decay or constant, never warmup; ``keep`` = the model's own."""
-
-    cosine = "cosine"
-    constant = "constant"
-    keep = "keep"
-
-
-class FixScales(str, enum.Enum):
-    """Which activation scales QAT keeps fixed at their calibrated values."""
-
-    none = "none"
-    input_output = "input_output"
-    all = "all"
-
-
-class BnMode(str, enum.Enum):
-    """BatchNorm handling during QAT (``prepare(qat_mode=...)``)."""
-
-    fuse_bn = "fuse_bn"
-    with_bn = "with_bn"
-    freeze_bn = "freeze_bn"
-
-
-class PrepareMethod(str, enum.Enum):
-    """``prepare(method=...)``."""
-
-    auto = "auto"
-    fx = "fx"
-    eager = "eager"
-    jit_strip = "jit_strip"
+ChipName = choices("ChipName", CHIPS, "Target chips (``qat_lightning.chips.CHIPS``).")
+OnViolation = choices("OnViolation", ON_VIOLATION, "What to do when a recipe asks for what the chip lacks.")
+RecipeName = choices("RecipeName", _recipe_names(), "Precision recipes (the files of ``conf/recipe``).")
+Dtype = choices("Dtype", DTYPES, "Quantization dtypes (``qat_lightning.quant.DTYPES``).")
+SensitiveType = choices(
+    "SensitiveType", SENSITIVE_TYPES, "Sensitivity rows a mixed recipe raises (``null`` in YAML = both)."
+)
+ObserverName = choices(
+    "ObserverName",
+    [n for n in OBSERVER_NAMES if n != "fixed"],
+    "Calibration methods (``qat_lightning.quant.OBSERVER_NAMES`` without ``fixed``).",
+)
+StageName = choices(
+    "StageName",
+    ["float", "calibration", "qat", "analysis", "pipeline", "troubleshoot"],
+    "What one ``qat-lightning`` run does (``conf/stage``).",
+)
+SanityMode = choices("SanityMode", ["none", *SANITY_MODES], "The seed's checks after QAT (``conf/sanity``).")
+MetricMode = choices("MetricMode", ["max", "min"], "Higher (``max``) or lower (``min``) is better.")
+QatScheduler = choices(
+    "QatScheduler",
+    ["cosine", "constant", "keep"],
+    "QAT learning-rate schedule: cosine decay or constant, never warmup; ``keep`` = the model's own.",
+)
+FixScales = choices(
+    "FixScales", ["none", "input_output", "all"], "Activation scales QAT keeps at their calibrated values."
+)
+BnMode = choices("BnMode", QAT_MODES, "BatchNorm handling during QAT (``qat_lightning.quant.QAT_MODES``).")
+PrepareMethod = choices("PrepareMethod", PREPARE_METHODS, "``prepare(method=)`` (``quant.PREPARE_METHODS``).")
 
 
 @dataclass(frozen=True)
@@ -315,6 +269,20 @@ class TrainConf:
 
 
 @dataclass(frozen=True)
+class LrProbeConf:
+    """``qat.lr_probe``: the seed's LR probe (QAT §1a), the arguments of ``QatLrProbe(lrs=, steps=)``.
+
+    Attributes:
+        lrs: fixed LRs, each fine-tuned ``steps`` steps (no warmup, no decay) before QAT; the best replaces
+            ``qat.lr``. Empty: off.
+        steps: optimizer steps per probed LR.
+    """
+
+    lrs: list[float] = field(default_factory=list)
+    steps: int = 20
+
+
+@dataclass(frozen=True)
 class QatConf:
     """Quantization-aware training.
 
@@ -326,9 +294,7 @@ class QatConf:
         scheduler: ``cosine`` (decay, no warmup), ``constant``, or ``keep`` the model's own (the QAT
             callback then refuses it if it warms up).
         fix_scales: keep input/output (or all) activation scales at their calibrated values.
-        lr_probe: the seed's LR probe (QAT §1a): fixed LRs each fine-tuned ``lr_probe_steps`` steps (no
-            warmup, no decay) before QAT; the best replaces ``lr``. Empty: off (``qat.lr`` is used).
-        lr_probe_steps: optimizer steps per probed LR.
+        lr_probe: the seed's LR probe (QAT §1a, :class:`LrProbeConf`); ``lrs: []`` = off.
         scale_trial: the seed's QAT §2: when the calibration model meets the target, QAT runs twice (scales
             updated, input/output scales fixed) and the better is kept (``qat.ckpt``); otherwise QAT runs with
             ``fix_scales`` only.
@@ -339,8 +305,7 @@ class QatConf:
     lr: float | None = 1e-4
     scheduler: QatScheduler = QatScheduler.cosine
     fix_scales: FixScales = FixScales.none
-    lr_probe: list[float] = field(default_factory=list)
-    lr_probe_steps: int = 20
+    lr_probe: LrProbeConf = field(default_factory=LrProbeConf)
     scale_trial: bool = False
 
 
@@ -422,6 +387,7 @@ class AppConfig:
     data: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)
     logger: dict[str, Any] | None = None
+    callbacks: dict[str, Any] = field(default_factory=dict)
     ckpt: str | None = None
     seed: int = 0
     progress: bool = True

@@ -40,11 +40,14 @@ class Factories:
         model: a fresh LightningModule.
         datamodule: a fresh LightningDataModule.
         logger: a logger writing into the given directory, or ``None`` for no logger.
+        callback: ``callback(name, **runtime)`` builds ``callbacks.<name>`` of the config
+            (``conf/callbacks/<name>.yaml``), the stage's run-time arguments on top.
     """
 
     model: Callable[[], L.LightningModule]
     datamodule: Callable[[], L.LightningDataModule]
     logger: Callable[[Path], Any] = lambda _dir: None
+    callback: Callable[..., Callback] | None = None
 
 
 @dataclass(frozen=True)
@@ -282,21 +285,15 @@ class Session:
         return lit, info or CheckpointInfo("float", float_steps=steps or None)
 
     # ------------------------------------------------------------------------------------------- quantized
-    def _prepare_callbacks(self, recipe: Recipe | None) -> list[Callback]:
-        from qat_lightning.callbacks import Calibration, PrepareQuantization
+    def callback(self, name: str, **runtime: Any) -> Callback:
+        """Build ``callbacks.<name>`` (``conf/callbacks/<name>.yaml``) with ``runtime`` arguments on top."""
+        if self.factories.callback is None:
+            raise ValueError("Factories.callback is not set: qat_lightning.cli.make_factories builds it")
+        return self.factories.callback(name, **runtime)
 
-        p = self.cfg.prepare
-        return [
-            PrepareQuantization(
-                None if recipe is None else recipe.setter(),
-                submodule=p.submodule,
-                method=p.method.value,
-                qat_mode=p.qat_mode.value,
-            ),
-            Calibration(
-                num_batches=self.cfg.calibration.num_batches, dataloader="train", submodule=p.submodule
-            ),
-        ]
+    def _prepare_callbacks(self, recipe: Recipe | None) -> list[Callback]:
+        setter = None if recipe is None else recipe.setter()
+        return [self.callback("prepare", qconfig_setter=setter), self.callback("calibration")]
 
     def calibrate(
         self, float_ckpt: Path, recipe: Recipe, out_dir: Path, name: str, float_metric: float | None
@@ -370,8 +367,6 @@ class Session:
         probe: a fixed LR, ``constant``; the QAT run after it: the chosen LR); ``fix_scales`` overrides
         ``qat.fix_scales`` (the fixed-vs-updated scales trial).
         """
-        from qat_lightning.callbacks import QuantizationAwareTraining
-
         q = self.cfg.qat
         lit, info = self.load_quantized(calib_ckpt, out_dir)
         lit.configure_optimizers = _qat_optimizers(  # type: ignore[method-assign]
@@ -383,11 +378,10 @@ class Session:
         record = Record(
             CheckpointInfo("qat", info.recipe, float_metric=info.float_metric, float_steps=info.float_steps)
         )
-        qat_cb = QuantizationAwareTraining(
-            bn_mode=self.cfg.prepare.qat_mode.value,
+        qat_cb = self.callback(
+            "qat",
             fix_scales=_fix_scales_arg(q.fix_scales.value if fix_scales is None else fix_scales),
             float_steps=info.float_steps or None,
-            submodule=self.cfg.prepare.submodule,
         )
         args: dict[str, Any] = {
             "max_epochs": q.max_epochs,
@@ -406,17 +400,8 @@ class Session:
 
     def sanity(self, mode: str, calib_ckpt: Path, reference: float, out_dir: Path) -> Any:
         """Run the seed's check ``mode`` (``lr0``/``float``) as a short QAT run; return its result."""
-        from qat_lightning.callbacks import SanityCheck
-
         s = self.cfg.sanity
-        check = SanityCheck(
-            mode=mode,
-            monitor=self.monitor,
-            tolerance=s.tolerance,
-            reference=reference,
-            raise_on_failure=False,
-            submodule=self.cfg.prepare.submodule,
-        )
+        check = self.callback("sanity", mode=mode, reference=reference)
         self.qat(
             calib_ckpt,
             out_dir,
@@ -438,16 +423,7 @@ class Session:
         Runs ``QuantAnalysisCallback`` on the validation data: reports under ``<out_dir>/quant_analysis/``,
         plots and tables also in TensorBoard.
         """
-        from qat_lightning.callbacks import QuantAnalysisCallback
-
-        a = self.cfg.analysis
-        callback = QuantAnalysisCallback(
-            dataloader="val",
-            num_steps=a.num_steps,
-            metrics=tuple(a.metrics),
-            run_on_fit_end=False,
-            submodule=self.cfg.prepare.submodule,
-        )
+        callback = self.callback("analysis")
         trainer = self.trainer(out_dir, [callback], limit_val_batches=1)
         trainer.validate(lit, datamodule=self.datamodule(), verbose=False)
         outcome = callback.run_analysis(trainer, lit)  # rank zero works, the others get None

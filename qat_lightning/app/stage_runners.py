@@ -22,6 +22,8 @@ __all__ = [
     "tune_recipe",
 ]
 
+from qat_lightning.files import write_atomic
+
 log = logging.getLogger("qat_lightning")
 
 _FP16_RECIPES = ("int16_fp16", "int8_int16_fp16")
@@ -127,7 +129,7 @@ def _float_check(pipe: Pipeline, lit: Any, float_metric: float, out: Path) -> No
     from qat_lightning.app.checkpoints import is_rank_zero
 
     if is_rank_zero():
-        (out / "sanity_check.txt").write_text(text, encoding="utf-8")
+        write_atomic(out / "sanity_check.txt", text)
     pipe.decide(
         f"float sanity check after calibration: {'PASS' if ok else 'FAIL'} "
         f"({got:.4f} vs float {float_metric:.4f})"
@@ -207,7 +209,7 @@ def dual_int16_advice(pipe: Pipeline, lit: Any, tables: list[Any], out: Path) ->
     path = out / "quant_analysis" / "dual_int16.txt"
     if is_rank_zero():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_dual_int16(diagnosis), encoding="utf-8")
+        write_atomic(path, render_dual_int16(diagnosis))
     if diagnosis.findings:
         dual = ", ".join(
             f"{f.op_name} (act {f.activation_metric:.4f}, weight {f.weight_metric:.4f})"
@@ -232,7 +234,7 @@ def fp16_advice(pipe: Pipeline, lit: Any, out: Path) -> Any:
     path = out / "quant_analysis" / "fp16_diagnosis.txt"
     if is_rank_zero():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_fp16(diagnosis), encoding="utf-8")
+        write_atomic(path, render_fp16(diagnosis))
     if diagnosis.findings:
         found = ", ".join(f"{f.op_name}/{f.kind} ({f.value:.4g})" for f in diagnosis.findings)
         pipe.decide(f"fp16 diagnosis ({path}): {found}; template lines in the file")
@@ -250,7 +252,7 @@ def _shared_module_advice(pipe: Pipeline, model: Any, out: Path) -> None:
     path = out / "quant_analysis" / "shared_modules.txt"
     if is_rank_zero():
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(render_shared_module_advice(advice), encoding="utf-8")
+        write_atomic(path, render_shared_module_advice(advice))
     verdicts = ", ".join(
         f"{f.module_path}: case {f.case} (max|x| ratio {f.range_ratio:.4f})" for f in advice.findings
     )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from qat_lightning.app.summary import Summary
+from qat_lightning.files import write_atomic
 
 __all__ = ["CheckRow", "TroubleshootReport", "render_troubleshoot", "troubleshoot_stage"]
 
@@ -164,7 +165,7 @@ def troubleshoot_stage(pipe: Any) -> Summary:
     text = render_troubleshoot(report)
     if is_rank_zero():
         s.run_dir.mkdir(parents=True, exist_ok=True)
-        (s.run_dir / "troubleshoot.md").write_text(text, encoding="utf-8")
+        write_atomic((s.run_dir / "troubleshoot.md"), text)
     log.info("troubleshooting:\n%s", text)
     for row in rows:
         pipe.decide(

@@ -6,8 +6,6 @@ these helpers and the plain-torch core, so each hook stays a few lines long.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +17,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from qat_lightning.analysis.inputs import InputFn, ModelInputs, call_model, default_input_fn, normalize_inputs
+from qat_lightning.files import write_atomic
 from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 
 __all__ = [
@@ -192,15 +191,7 @@ def resolve_log_dir(trainer: pl.Trainer) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temp file and a rename (readers never see half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)
 
 
 def write_text_rank_zero(trainer: pl.Trainer, path: Path, text: str) -> None:

@@ -1,4 +1,4 @@
-"""The advice in the app: stage=qat with qat.lr_probe, stage=analysis with the dual-int16 diagnosis."""
+"""The advice in the app: stage=qat with qat.lr_probe.lrs, stage=analysis with the dual-int16 diagnosis."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def calib_ckpt(tmp_path_factory):
 
 def test_qat_stage_with_lr_probe(calib_ckpt, tmp_path):
     summary = run_app(
-        tmp_path, "stage=qat", "qat.lr_probe=[1.0,1.0e-3]", "qat.lr_probe_steps=3", f"ckpt={calib_ckpt}"
+        tmp_path, "stage=qat", "qat.lr_probe.lrs=[1.0,1.0e-3]", "qat.lr_probe.steps=3", f"ckpt={calib_ckpt}"
     )
     steps = [r.step for r in summary.rows]
     assert steps == ["lr probe 1", "lr probe 0.001", "qat"]

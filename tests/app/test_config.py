@@ -79,6 +79,28 @@ def test_every_yaml_composes_and_instantiates(hydra_dir, group, option, tmp_path
         assert recipe.setter() is not None
     elif group == "chip":
         assert app.chip.name.value == option
+    elif group == "callbacks":
+        _check_callback_yaml(cfg, option)
+
+
+def _check_callback_yaml(cfg, name):
+    """conf/callbacks/<name>.yaml: instantiates, and every key is an argument of that name and value."""
+    import inspect
+
+    from hydra.utils import get_class
+    from lightning.pytorch.callbacks import Callback
+    from omegaconf import OmegaConf
+
+    node = OmegaConf.to_container(cfg.callbacks[name], resolve=True, enum_to_str=True)
+    params = inspect.signature(get_class(node["_target_"]).__init__).parameters
+    callback = instantiate(node, _partial_=True)()
+    assert isinstance(callback, Callback)
+    for key, value in node.items():
+        if key == "_target_":
+            continue
+        assert key in params, f"callbacks.{name}.{key} is not an argument of {node['_target_']}"
+        got = getattr(callback, key, value)
+        assert got == (tuple(value) if isinstance(got, tuple) else value), (name, key)
 
 
 def test_issue_example_override(hydra_dir):

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 import torch
 
+from qat_lightning.app.config_checks import ConfigError
 from qat_lightning.app.recipes import RecipeError
+from qat_lightning.files import default_file_mode
 from tests.app.helpers import run_app
 
 
@@ -49,6 +54,23 @@ def test_calibration_then_qat_with_ckpt(float_run, tmp_path):
     assert summary.rows[0].recipe == "int16" and summary.rows[0].int16_ratio == pytest.approx(1.0)
     assert (qat_dir / "checkpoints" / "qat.ckpt").is_file()
     assert "Sanity check (lr0)" in next(qat_dir.glob("*sanity_lr0/sanity_check.txt")).read_text()
+    reports = [
+        calib_dir / "summary.md",
+        calib_dir / "sanity_check.txt",
+        calib_dir / "model_check_result.txt",
+        qat_dir / "summary.md",
+        next(qat_dir.glob("*sanity_lr0/sanity_check.txt")),
+    ]
+    modes = {path.name: stat.S_IMODE(os.stat(path).st_mode) for path in reports}
+    assert set(modes.values()) == {default_file_mode()}, modes  # as open(path, "w") would: 0644 under 022
+
+
+def test_summary_lists_only_files_that_exist(float_run):
+    run_dir, _ = float_run
+    files = (run_dir / "summary.md").read_text().split("## Files", 1)[1]
+    assert "`checkpoints/`" in files and "`summary.md`" in files and "`events.out.tfevents.*`" in files
+    for absent in ("sanity_check.txt", "troubleshoot.md", "quant_analysis/", "lr_probe.md", "model_check"):
+        assert absent not in files
 
 
 def test_stage_finds_checkpoint_in_its_run_dir(float_run, tmp_path):
@@ -80,9 +102,9 @@ def test_mixed_recipe_with_a_fixed_ratio(float_run, tmp_path):
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="needs a calibration checkpoint: pass ckpt="):
+    with pytest.raises(ConfigError, match="needs a calibration checkpoint: pass ckpt="):
         run_app(tmp_path, "stage=qat")
-    with pytest.raises(FileNotFoundError, match="ckpt=/nope.ckpt does not exist"):
+    with pytest.raises(ConfigError, match="ckpt='/nope.ckpt': no such file"):
         run_app(tmp_path, "stage=calibration", "ckpt=/nope.ckpt")
 
 

@@ -187,3 +187,13 @@ def test_weight_fake_quant_is_per_channel() -> None:
 def test_weight_fake_quant_without_weight_dtype_raises() -> None:
     with pytest.raises(ValueError, match="conv9"):
         get_qconfig(weight_dtype=None).weight_fake_quant(4, name="conv9")
+
+
+def test_ignore_nonfinite_reaches_the_observer_through_get_qconfig() -> None:
+    qconfig = get_qconfig(observer="minmax", ignore_nonfinite=True)
+    node = qconfig.activation_fake_quant(qint8, name="x")
+    assert node.observer.ignore_nonfinite
+    node.observer(torch.tensor([1.0, float("nan"), -2.0, float("inf")]))  # dropped, not raised
+    plain = get_qconfig(observer="minmax").activation_fake_quant(qint8, name="x")
+    with pytest.raises(ValueError, match="ignore_nonfinite"):
+        plain.observer(torch.tensor([1.0, float("nan")]))

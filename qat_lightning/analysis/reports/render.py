@@ -16,7 +16,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from tabulate import tabulate
 
 from qat_lightning.analysis.compare.bad_case import BadCaseResult
 from qat_lightning.analysis.compare.layer_compare import LayerComparison, LayerRow
+from qat_lightning.files import write_atomic
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
 __all__ = [
@@ -46,20 +46,6 @@ __all__ = [
 ]
 
 
-def write_atomic(path: str | os.PathLike[str], data: str | bytes) -> Path:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``; creates parent directories."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return target
 
 
 def save_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:

@@ -47,7 +47,8 @@ class QConfig:
         weight_dtype: dtype of the weight (gemm ops), ``None`` for no weight quantization.
         output_dtype: dtype of the output quant point, ``None`` for no output quant point.
         observer: activation calibration method (one of ``OBSERVER_NAMES`` except ``fixed``).
-        observer_kwargs: extra observer arguments (``percentile``, ``averaging_constant``, ``bins``).
+        observer_kwargs: extra observer arguments (``percentile``, ``averaging_constant``, ``bins``;
+            ``ignore_nonfinite=True`` drops NaN/inf during calibration instead of raising).
         weight_observer: weight calibration method (per channel), ``minmax`` by default.
         fixed_threshold: when set, activation scales are fixed to ``threshold / qmax`` of their dtype.
         ch_axis: weight channel axis (0 = output channels of conv/linear).
@@ -111,7 +112,11 @@ class QConfig:
         if self.fixed_threshold is not None:
             fixed = {"threshold": self.fixed_threshold}
             return FakeQuantize(dtype, "fixed", observer_kwargs=fixed, name=name)
-        return FakeQuantize(dtype, self.observer, observer_kwargs=self.observer_kwargs, name=name)
+        options = dict(self.observer_kwargs)
+        ignore_nonfinite = bool(options.pop("ignore_nonfinite", False))  # an observer base option
+        return FakeQuantize(
+            dtype, self.observer, observer_kwargs=options, ignore_nonfinite=ignore_nonfinite, name=name
+        )
 
     def weight_fake_quant(self, num_channels: int, name: str = "") -> FakeQuantize:
         """Build the per-channel weight quant point (``weight_dtype`` must be set)."""
@@ -147,7 +152,8 @@ def get_qconfig(
             ``fixed_scale * qmax``, so a later dtype change keeps the same range).
         threshold: the fixed range directly (``scale = threshold / qmax``); exclusive with ``fixed_scale``.
         weight_observer: weight calibration method.
-        **observer_kwargs: passed to the activation observer.
+        **observer_kwargs: passed to the activation observer (``ignore_nonfinite=True``: drop NaN/inf
+            during calibration instead of raising).
 
     Raises:
         ValueError: for unknown names, a negative threshold, or both ``fixed_scale`` and ``threshold``.

@@ -1,0 +1,215 @@
+"""Checks of a composed configuration, before anything runs: value ranges and overrides a stage ignores.
+
+:func:`check_config` range-checks every number and choice the schema's types cannot express (``qat.lr > 0``,
+``calibration.num_batches >= 1``, ``target.ratio_of_float`` in ``(0, 1]``, the observer options and the
+``recipe.module_names`` rules, validated by the core's own constructors) and raises one
+:class:`ConfigError` listing every problem as ``key=value: allowed``. ``qat-lightning`` turns it into exit
+code 2.
+
+:func:`ignored_overrides` names the command-line overrides the chosen stage does not read (``qat.lr=...``
+with ``stage=float``), so that a setting is never accepted and silently ignored.
+
+Nothing here imports hydra; the checks that need the user's model and checkpoints are in
+``qat_lightning.app.preflight``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from qat_lightning.app.schema import AppConfig, StageName
+
+__all__ = ["STAGE_READS", "ConfigError", "check_config", "config_problems", "ignored_overrides"]
+
+
+class ConfigError(ValueError):
+    """A configuration the app cannot run, explained for the user (``qat-lightning`` exits with 2)."""
+
+
+_COMMON = (
+    "model",
+    "data",
+    "trainer",
+    "logger",
+    "seed",
+    "progress",
+    "torch_threads",
+    "target",
+    "train.limit_val_batches",
+    "prepare.submodule",
+    "stage",
+)
+_QUANTIZED = (*_COMMON, "callbacks", "ckpt", "chip", "prepare")
+_SANITY_RUNS = ("sanity.tolerance", "sanity.steps")
+
+STAGE_READS: dict[StageName, tuple[str, ...]] = {
+    StageName.float: (*_COMMON, "train"),
+    StageName.calibration: (
+        *_QUANTIZED, "recipe", "calibration", "search", "analysis", "pipeline.fp16_max", "sanity"
+    ),
+    StageName.qat: (*_QUANTIZED, "calibration.num_batches", "qat", "sanity", "train.limit_train_batches"),
+    StageName.analysis: (*_QUANTIZED, "analysis"),
+    StageName.pipeline: (
+        *_QUANTIZED, "recipe.module_names", "calibration", "search", "analysis", "pipeline", "train", "qat",
+        *_SANITY_RUNS,
+    ),
+    StageName.troubleshoot: (
+        *_QUANTIZED, "recipe", "calibration", "qat", "train.limit_train_batches", *_SANITY_RUNS
+    ),
+}  # fmt: skip
+"""The config keys (dotted prefixes) each stage reads; an override of any other key is ignored."""
+
+
+def _override_key(override: str) -> str | None:
+    """``+qat.lr=1`` -> ``qat.lr``; ``recipe=int16`` -> ``recipe``; ``None`` for Hydra's own keys."""
+    key = override.split("=", 1)[0].lstrip("+~").strip()
+    if not key or key.startswith("hydra.") or key == "hydra" or "/" in key:
+        return None
+    return key.split("@", 1)[0]
+
+
+def ignored_overrides(stage: StageName, overrides: Iterable[str]) -> list[str]:
+    """Return one line per override that ``stage`` ignores (whole or in part).
+
+    Args:
+        stage: the chosen stage.
+        overrides: the command line's ``key=value`` / ``group=option`` strings.
+    """
+    reads = STAGE_READS[stage]
+    lines = []
+    for override in overrides:
+        key = _override_key(override)
+        if key is None or any(key == p or key.startswith(p + ".") for p in reads):
+            continue
+        parts = [p for p in reads if p.startswith(key + ".")]
+        if parts:
+            lines.append(f"{override}: stage={stage.value} reads only {', '.join(parts)} of it")
+        else:
+            lines.append(f"{override}: stage={stage.value} does not read {key}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------- ranges
+def _positive(value: Any) -> bool:
+    return value is not None and math.isfinite(value) and value > 0
+
+
+def _at_least(low: int) -> Callable[[Any], bool]:
+    return lambda value: value is not None and value >= low
+
+
+def _optional(check: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda value: value is None or check(value)
+
+
+def _steps(value: Any) -> bool:
+    return value == -1 or (value is not None and value >= 1)
+
+
+def _batch_limit(value: Any) -> bool:
+    return value is None or (value > 0 and (value <= 1 or float(value).is_integer()))
+
+
+_RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("qat.lr", _optional(_positive), "a number > 0, or null to keep the model's LR"),
+    ("qat.max_epochs", _steps, "an int >= 1, or -1 (train by qat.max_steps)"),
+    ("qat.max_steps", _steps, "an int >= 1, or -1 (train by qat.max_epochs)"),
+    ("qat.lr_probe.steps", _at_least(1), "an int >= 1"),
+    ("train.max_epochs", _steps, "an int >= 1, or -1 (train by train.max_steps)"),
+    ("train.max_steps", _steps, "an int >= 1, or -1 (train by train.max_epochs)"),
+    ("train.limit_train_batches", _batch_limit, "a share in (0, 1], a batch count >= 1, or null"),
+    ("train.limit_val_batches", _batch_limit, "a share in (0, 1], a batch count >= 1, or null"),
+    ("calibration.num_batches", _at_least(1), "an int >= 1"),
+    ("sanity.tolerance", lambda v: v >= 0 and math.isfinite(v), "a number >= 0"),
+    ("sanity.steps", _at_least(1), "an int >= 1"),
+    ("target.ratio_of_float", lambda v: 0 < v <= 1, "a share in (0, 1] of the float metric"),
+    ("target.value", _optional(math.isfinite), "a finite number, or null (use target.ratio_of_float)"),
+    (
+        "recipe.int16_ratio",
+        _optional(lambda v: v >= 0 and (v < 1 or float(v).is_integer())),
+        "a share in [0, 1), a row count >= 1, or null (searched)",
+    ),
+    ("recipe.fp16_topk", _optional(_at_least(0)), "an int >= 0, or null (searched)"),
+    ("pipeline.fp16_max", _at_least(0), "an int >= 0"),
+    ("search.eval_batches", _optional(_at_least(1)), "an int >= 1, or null (all)"),
+    ("analysis.num_steps", _optional(_at_least(1)), "an int >= 1, or null (all)"),
+    ("torch_threads", _optional(_at_least(1)), "an int >= 1, or null (torch's default)"),
+)
+
+
+def _get(cfg: AppConfig, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _core_check(problems: list[str], key: str, value: Any, build: Callable[[], Any]) -> None:
+    """Run a core constructor on a config value; its error (listing the allowed values) is the problem."""
+    try:
+        build()
+    except (ValueError, TypeError) as err:
+        problems.append(f"{key}={value!r}: {err}")
+
+
+def config_problems(cfg: AppConfig) -> list[str]:
+    """Return one line per out-of-range value of ``cfg`` (empty: the config is runnable).
+
+    Args:
+        cfg: the composed configuration.
+    """
+    from qat_lightning.analysis.compare.metrics import BUILTIN_METRICS
+    from qat_lightning.quant import make_observer
+    from qat_lightning.quant.qconfig.templates import ModuleNameTemplate
+
+    problems = [
+        f"{key}={_get(cfg, key)!r}: must be {allowed}"
+        for key, ok, allowed in _RULES
+        if not ok(_get(cfg, key))
+    ]
+    if not all(_positive(lr) for lr in cfg.qat.lr_probe.lrs):
+        problems.append(f"qat.lr_probe.lrs={list(cfg.qat.lr_probe.lrs)}: every LR must be a number > 0")
+    c = cfg.calibration
+    _core_check(
+        problems,
+        "calibration.observer_kwargs",
+        dict(c.observer_kwargs),
+        lambda: make_observer(c.observer.value, **dict(c.observer_kwargs)),
+    )
+    names = dict(cfg.recipe.module_names)
+    _core_check(problems, "recipe.module_names", names, lambda: names and ModuleNameTemplate(names))
+    unknown = [m for m in cfg.analysis.metrics if str(m).upper() not in BUILTIN_METRICS]
+    if unknown:
+        problems.append(
+            f"analysis.metrics={list(cfg.analysis.metrics)}: unknown {unknown}; allowed: "
+            f"{', '.join(BUILTIN_METRICS)}"
+        )
+    table = cfg.recipe.sensitivity_table
+    if table and not Path(table).expanduser().is_file():
+        problems.append(f"recipe.sensitivity_table={table!r}: no such file")
+    if cfg.ckpt and not Path(cfg.ckpt).expanduser().is_file():
+        problems.append(f"ckpt={cfg.ckpt!r}: no such file")
+    if not cfg.prepare.submodule or not all(p.isidentifier() for p in cfg.prepare.submodule.split(".")):
+        problems.append(
+            f"prepare.submodule={cfg.prepare.submodule!r}: must be an attribute path (e.g. model)"
+        )
+    return problems
+
+
+def check_config(cfg: AppConfig, extra: Sequence[str] = ()) -> None:
+    """Raise :class:`ConfigError` listing every problem :func:`config_problems` finds.
+
+    Args:
+        cfg: the composed configuration.
+        extra: more problem lines found by the caller.
+
+    Raises:
+        ConfigError: one line per problem, ``key=value: what is allowed``.
+    """
+    problems = [*config_problems(cfg), *extra]
+    if problems:
+        lines = "\n  ".join(problems)
+        raise ConfigError(f"invalid configuration ({len(problems)} problem(s)):\n  {lines}")
