@@ -20,7 +20,9 @@ from itertools import islice
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
+
+from qat_lightning.quant.inputs import InputFn, ModelInputs, call_model, default_input_fn, normalize_inputs
 
 __all__ = [
     "ModelInputs",
@@ -35,45 +37,6 @@ __all__ = [
     "flatten_outputs",
     "map_tensors",
 ]
-
-ModelInputs = tuple[Any, ...] | dict[str, Any]
-"""Positional args (tuple) or keyword args (dict) of one model call."""
-
-InputFn = Callable[[Any], Any]
-
-
-def default_input_fn(batch: Any) -> ModelInputs:
-    """Apply the DESIGN's default: tensor → ``(batch,)``; tuple/list → ``(batch[0],)``; dict → kwargs."""
-    if isinstance(batch, Tensor):
-        return (batch,)
-    if isinstance(batch, (tuple, list)):
-        if not batch:
-            raise ValueError("empty tuple/list batch: pass input_fn= to say what the model takes")
-        return (batch[0],)
-    if isinstance(batch, Mapping):
-        return dict(batch)
-    raise ValueError(
-        f"cannot feed a batch of type {type(batch).__name__}; the default input_fn accepts a tensor, "
-        "a tuple/list (first element = input) or a dict (keyword args); pass input_fn= otherwise"
-    )
-
-
-def normalize_inputs(value: Any) -> ModelInputs:
-    """Turn what an ``input_fn`` returned (or ``example_inputs``) into a tuple or a dict."""
-    if isinstance(value, tuple):
-        return value
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, Mapping):
-        return dict(value)
-    return (value,)
-
-
-def call_model(model: nn.Module, inputs: ModelInputs) -> Any:
-    """Call ``model`` with positional (tuple) or keyword (dict) args."""
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(*inputs)
 
 
 def iter_batches(

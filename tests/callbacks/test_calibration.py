@@ -84,12 +84,18 @@ def test_calibration_from_explicit_batches_and_val_split(tmp_path, lit, data):
     assert calib_val.batches_used == 4  # 128 validation samples / 32
 
 
-def test_example_inputs_required_without_a_datamodule(tmp_path):
+def test_example_inputs_required_without_any_loader(tmp_path):
     lit = LitClassifier()
     lit.example_input_array = None
     trainer = make_trainer(tmp_path, [PrepareQuantization()], max_epochs=0)
     with pytest.raises(ValueError, match="needs example inputs"):
-        trainer.fit(lit, train_dataloaders=make_loader())
+        trainer.predict(lit, dataloaders=make_loader())  # predict loaders are not a train/val/test split
+    # the loaders passed to fit() give the example inputs
+    trainer = make_trainer(tmp_path, [PrepareQuantization()], max_epochs=0)
+    trainer.fit(lit, train_dataloaders=make_loader())
+    assert any(True for _ in ql.iter_fake_quantize(lit.model))
+    lit = LitClassifier()
+    lit.example_input_array = None
     # with explicit example inputs it works
     trainer = make_trainer(tmp_path, [PrepareQuantization(example_inputs=torch.randn(4, 8))], max_epochs=0)
     trainer.fit(lit, train_dataloaders=make_loader())

@@ -100,7 +100,7 @@ def test_qat_from_a_calibrated_checkpoint_never_recalibrates(tmp_path, data):
 )
 def test_warmup_is_refused(tmp_path, data, scheduler, needle):
     lit = LitClassifier(scheduler=scheduler)
-    trainer = make_trainer(tmp_path, [PrepareQuantization(), QuantizationAwareTraining()], max_epochs=1)
+    trainer = make_trainer(tmp_path, [PrepareQuantization(), Calibration(10), QuantizationAwareTraining()], max_epochs=1)
     with pytest.raises(ValueError, match=f"QAT refuses learning-rate warmup: .*{needle}.*no warmup"):
         trainer.fit(lit, datamodule=data)
     assert all(n.state is not ql.FakeQuantState.QAT for _, n in ql.iter_fake_quantize(lit.model))
@@ -108,16 +108,16 @@ def test_warmup_is_refused(tmp_path, data, scheduler, needle):
 
 def test_decay_scheduler_and_check_lr_off_are_accepted(tmp_path, data):
     make_trainer(
-        tmp_path, [PrepareQuantization(), QuantizationAwareTraining()], max_epochs=1, limit_train_batches=2
+        tmp_path, [PrepareQuantization(), Calibration(10), QuantizationAwareTraining()], max_epochs=1, limit_train_batches=2
     ).fit(LitClassifier(scheduler="cosine"), datamodule=data)
-    callbacks = [PrepareQuantization(), QuantizationAwareTraining(check_lr=False)]
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(check_lr=False)]
     make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2, version=1).fit(
         LitClassifier(scheduler="linear_warmup"), datamodule=data
     )
 
 
 def test_too_many_qat_steps_warn(tmp_path, lit, data):
-    callbacks = [PrepareQuantization(), QuantizationAwareTraining(float_steps=20)]
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(float_steps=20)]
     trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=5)
     with pytest.warns(UserWarning, match="5 optimizer steps, 25% of the float training's 20.*at most 20%"):
         trainer.fit(lit, datamodule=data)
