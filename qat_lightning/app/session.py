@@ -414,6 +414,7 @@ class Session:
             reference=reference,
             raise_on_failure=False,
             submodule=self.cfg.prepare.submodule,
+            monitor_mode="max" if self.higher_is_better else "min",
         )
         self.qat(
             calib_ckpt,

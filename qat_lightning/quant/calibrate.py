@@ -105,11 +105,13 @@ def _needs_data(node: FakeQuantize) -> bool:
 
 
 def uncalibrated_nodes(model: nn.Module) -> list[str]:
-    """Names of the integer quant nodes that never got a scale from data (empty for a calibrated model)."""
+    """Names of the integer quant nodes that never saw data (no ready scale, no statistics)."""
     if is_calibrated(model):
         return []
     return [
-        name for name, node in iter_fake_quantize(model) if _needs_data(node) and not bool(node.scale_ready)
+        name
+        for name, node in iter_fake_quantize(model)
+        if _needs_data(node) and not bool(node.scale_ready) and not node.observer.has_data
     ]
 
 
