@@ -119,8 +119,9 @@ def require_calibrated(model: nn.Module, who: str, strict: bool = True) -> list[
     """Refuse a model whose quant nodes were never calibrated, with one clear error (not one per node).
 
     A model counts as calibrated when its ``qat_calibrated`` flag is set (by :func:`calibrate` or the
-    ``Calibration`` callback) or when every integer node that needs data has a ready scale (calibrated by
-    hand, or loaded from a checkpoint).
+    ``Calibration`` callback) or when any integer node that needs data has seen some (calibrated by hand,
+    or loaded from a checkpoint; nodes of branches the calibration data never reach are not held against
+    it).
 
     Args:
         model: a prepared network.
@@ -129,15 +130,15 @@ def require_calibrated(model: nn.Module, who: str, strict: bool = True) -> list[
             scale, or from the first QAT batch).
 
     Returns:
-        The names of the uncalibrated nodes (empty when calibrated).
+        The names of the uncalibrated nodes (empty when the model counts as calibrated).
 
     Raises:
         UncalibratedModelError: when ``strict`` and some nodes have no calibrated scale.
     """
     missing = uncalibrated_nodes(model)
-    if not missing:
-        return missing
     total = sum(1 for _, node in iter_fake_quantize(model) if _needs_data(node))
+    if len(missing) < total or not missing:  # nodes that calibration never reached (unused branches) pass
+        return []
     shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
     message = (
         f"{who}: the model is not calibrated: {len(missing)} of {total} quant node(s) never saw calibration "
