@@ -11,6 +11,14 @@ When it runs (Lightning 2.6):
 * ``trainer.validate`` / ``test`` / ``predict`` on an uncalibrated model: at their start, so a
   calibration-only run can also be ``Trainer(callbacks=[...]).validate(model, datamodule=dm)``. Once the
   flag is set, evaluation never touches the observers.
+
+Where the batches come from: the loaders passed to ``trainer.fit(module, train_loader, val_loader)`` (or
+``validate`` / ``test``), else the datamodule's, else the module's own ``*_dataloader()`` hooks - the source
+the trainer's loop itself will use - sharded per rank under DDP. Each batch is moved to the device and
+converted the way Lightning's loops do (``strategy.batch_to_device``, then
+``precision_plugin.convert_input``: a ``bf16-true`` model gets bf16 inputs), under the precision's
+validation context (autocast for the ``*-mixed`` precisions). The work itself is the plain-torch
+:func:`qat_lightning.quant.calibrate.calibrate`; an empty loader raises and leaves the model uncalibrated.
 """
 
 from __future__ import annotations
