@@ -1,4 +1,4 @@
-"""Plain-torch QAT helpers: warmup detection, input/output nodes, BatchNorm freezing (no Lightning needed)."""
+"""qat_lightning.quant.qat in plain torch: warmup detection, input/output nodes, BatchNorm freezing."""
 
 from __future__ import annotations
 
