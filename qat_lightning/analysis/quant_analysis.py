@@ -53,6 +53,7 @@ from qat_lightning.analysis.sensitivity.exact import (
     sensitivity_targets,
 )
 from qat_lightning.analysis.state import analysis_mode, eval_mode
+from qat_lightning.quant.calibrate import require_calibrated
 from qat_lightning.quant.fake_quantize import fake_quant_disabled
 from qat_lightning.quant.ops import iter_quant_ops
 from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityTable
@@ -70,9 +71,11 @@ class QuantAnalysis:
             prepared model itself.
         calib_model: the calibrated prepared model (``None``: ``float_model`` is it).
         out_dir: where reports are written (created on first write).
+        strict: refuse a model that was never calibrated with one clear error (``False``: warn once).
 
     Raises:
         ValueError: when the calibrated model has no quantized ops (not a prepared model).
+        UncalibratedModelError: when the model was never calibrated (unless ``strict=False``).
     """
 
     def __init__(
@@ -80,12 +83,14 @@ class QuantAnalysis:
         float_model: nn.Module,
         calib_model: nn.Module | None = None,
         out_dir: str | os.PathLike = "quant_analysis",
+        strict: bool = True,
     ) -> None:
         model = float_model if calib_model is None else calib_model
         if not any(True for _ in iter_quant_ops(model)):
             raise ValueError(
                 "the calibrated model has no quantized ops; pass the model returned by prepare()"
             )
+        require_calibrated(model, "QuantAnalysis", strict=strict)
         self.model = model
         self.float_model = None if calib_model is None or calib_model is float_model else float_model
         self.out_dir = Path(out_dir)

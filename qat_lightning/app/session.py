@@ -401,7 +401,9 @@ class Session:
     def sanity(self, mode: str, calib_ckpt: Path, reference: float, out_dir: Path) -> Any:
         """Run the seed's check ``mode`` (``lr0``/``float``) as a short QAT run; return its result."""
         s = self.cfg.sanity
-        check = self.callback("sanity", mode=mode, reference=reference)
+        check = self.callback(
+            "sanity", mode=mode, reference=reference, monitor_mode="max" if self.higher_is_better else "min"
+        )
         self.qat(
             calib_ckpt,
             out_dir,

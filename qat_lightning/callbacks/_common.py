@@ -6,19 +6,25 @@ these helpers and the plain-torch core, so each hook stays a few lines long.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from qat_lightning.analysis.inputs import InputFn, ModelInputs, call_model, default_input_fn, normalize_inputs
 from qat_lightning.files import write_atomic
+from qat_lightning.quant.calibrate import (
+    CALIBRATED_FLAG,
+    ensure_calibrated_flag,
+    is_calibrated,
+    preserved_modes,
+)
 from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.inputs import InputFn, ModelInputs, call_model, default_input_fn, normalize_inputs
 
 __all__ = [
     "CALIBRATED_FLAG",
@@ -37,15 +43,13 @@ __all__ = [
     "write_text_rank_zero",
     "atomic_write_text",
     "request_dataloader",
+    "batch_transfer",
     "first_batch",
     "switch_states",
     "preserved_modes",
     "broadcast_module_state",
     "check_choice",
 ]
-
-CALIBRATED_FLAG = "qat_calibrated"
-"""Name of the bool buffer on a prepared model that records that calibration ran (survives checkpoints)."""
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
@@ -94,47 +98,6 @@ def require_prepared(model: nn.Module, who: str, submodule: str) -> None:
         )
 
 
-def _fill_missing_flag(
-    module: nn.Module,
-    state_dict: dict[str, Any],
-    prefix: str,
-    local_metadata: Any,
-    strict: bool,
-    missing_keys: list[str],
-    unexpected_keys: list[str],
-    error_msgs: list[str],
-) -> None:
-    """Load pre-hook: a checkpoint saved before the flag existed still loads strictly.
-
-    The flag is then derived from the checkpoint itself: calibrated when every quant node has a ready scale.
-    """
-    key = prefix + CALIBRATED_FLAG
-    if key in state_dict:
-        return
-    ready = [v for k, v in state_dict.items() if k.startswith(prefix) and k.endswith("scale_ready")]
-    state_dict[key] = torch.tensor(bool(ready) and all(bool(v) for v in ready))
-
-
-def ensure_calibrated_flag(model: nn.Module) -> torch.Tensor:
-    """Register the ``qat_calibrated`` buffer on a prepared model (idempotent) and return it.
-
-    A load-state-dict pre-hook fills the flag in for checkpoints that predate it, so strict loading works.
-    """
-    flag = getattr(model, CALIBRATED_FLAG, None)
-    if isinstance(flag, torch.Tensor):
-        return flag
-    device = next((b.device for b in model.buffers()), torch.device("cpu"))
-    model.register_buffer(CALIBRATED_FLAG, torch.tensor(False, device=device))
-    model.register_load_state_dict_pre_hook(_fill_missing_flag)
-    return getattr(model, CALIBRATED_FLAG)
-
-
-def is_calibrated(model: nn.Module) -> bool:
-    """Value of the ``qat_calibrated`` buffer (False when absent)."""
-    flag = getattr(model, CALIBRATED_FLAG, None)
-    return bool(flag) if isinstance(flag, torch.Tensor) else False
-
-
 def switch_states(
     model: nn.Module, from_states: Iterable[FakeQuantState], to_state: FakeQuantState
 ) -> list[tuple[FakeQuantize, FakeQuantState]]:
@@ -165,20 +128,6 @@ def broadcast_module_state(trainer: pl.Trainer, module: nn.Module, src: int = 0)
             buf.copy_(carrier.to(torch.bool))
 
 
-@contextmanager
-def preserved_modes(model: nn.Module) -> Iterator[None]:
-    """Restore every submodule's ``training`` flag and every quant node's state on exit (also on error)."""
-    modes = [(m, m.training) for m in model.modules()]
-    states = [(node, node.state) for _, node in iter_fake_quantize(model)]
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-        for node, state in states:
-            node.state = state
-
-
 # ----------------------------------------------------------------------------------------------- files
 def resolve_log_dir(trainer: pl.Trainer) -> Path:
     """Return the run's log dir (``trainer.log_dir``, else ``default_root_dir``).
@@ -201,17 +150,39 @@ def write_text_rank_zero(trainer: pl.Trainer, path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- data
-_STAGE_LOADER = {"train": "train_dataloader", "val": "val_dataloader", "test": "test_dataloader"}
 DATALOADER_CHOICES = ("train", "val", "test")
 
 
 def _trainer_loader(trainer: pl.Trainer, which: str) -> Any:
-    loaders = {
+    """Return the loader the trainer already set up for that split (``None`` before its loop did)."""
+    return {
         "train": trainer.train_dataloader,
         "val": trainer.val_dataloaders,
         "test": trainer.test_dataloaders,
     }[which]
-    return loaders
+
+
+def _loader_source(trainer: pl.Trainer, which: str) -> Any:
+    """Where the trainer's loop will take that split's loaders from (Lightning's ``_DataLoaderSource``).
+
+    It holds the loaders passed to ``fit`` / ``validate`` / ``test``, else the attached datamodule, else the
+    LightningModule, exactly as the loop itself will resolve them once it starts.
+    """
+    if which == "train":
+        return trainer.fit_loop._data_source
+    if which == "test":
+        return trainer.test_loop._data_source
+    if trainer.state.fn == TrainerFn.FITTING:
+        return trainer.fit_loop.epoch_loop.val_loop._data_source
+    return trainer.validate_loop._data_source
+
+
+def _source_loader(trainer: pl.Trainer, which: str) -> Any:
+    """Ask the split's data source for its loaders (``None`` when that source defines none)."""
+    source = _loader_source(trainer, which)
+    if source.instance is None or not source.is_defined():
+        return None
+    return _request_dataloader(source)
 
 
 def _distributed(trainer: pl.Trainer, loader: Any) -> Any:
@@ -253,9 +224,11 @@ def request_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, which
         trainer: the running trainer.
         pl_module: the LightningModule.
         which: an iterable of batches (used as is), or ``"train"`` / ``"val"`` / ``"test"``: the loader the
-            trainer already set up for that split, else the attached datamodule's, else the LightningModule's
-            own ``*_dataloader()`` hook. Under multi-process strategies a map-style loader that lacks one gets
-            a ``DistributedSampler`` so each rank reads a different shard.
+            trainer already set up for that split, else the one its loop will use: the loaders passed to
+            ``trainer.fit(module, train_loader, val_loader)`` (or ``validate`` / ``test``), else the
+            attached datamodule's, else the LightningModule's own ``*_dataloader()`` hook. Under multi-process
+            strategies a map-style loader that lacks one gets a ``DistributedSampler`` so each rank reads a
+            different shard.
 
     Raises:
         ValueError: when no loader for that split can be found (the message says what to pass instead).
@@ -265,20 +238,29 @@ def request_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, which
     check_choice("dataloader", which, DATALOADER_CHOICES)
     loader = _first_loader(_trainer_loader(trainer, which))
     if loader is None:
-        hook = _STAGE_LOADER[which]
-        source = None
-        if trainer.datamodule is not None and is_overridden(hook, trainer.datamodule):
-            source = trainer.datamodule
-        elif is_overridden(hook, pl_module):
-            source = pl_module
-        if source is None:
+        loader = _first_loader(_source_loader(trainer, which))
+        if loader is None:
+            hook = f"{which}_dataloader"
             raise ValueError(
-                f"no {which!r} dataloader is available here: attach a LightningDataModule with {hook}(), "
-                f"define {type(pl_module).__name__}.{hook}(), or pass the batches (any iterable) directly"
+                f"no {which!r} dataloader is available here: pass it to trainer.fit/validate/test, attach a "
+                f"LightningDataModule with {hook}(), define {type(pl_module).__name__}.{hook}(), or pass the "
+                "batches (any iterable) directly"
             )
-        loader = _first_loader(getattr(source, hook)())
         loader = _distributed(trainer, loader)
     return loader
+
+
+def batch_transfer(trainer: pl.Trainer) -> Callable[[Any], Any]:
+    """Prepare a batch the way Lightning's loops do: move it to the device, then convert it for the precision.
+
+    ``trainer.precision_plugin.convert_input`` casts floating-point tensors for the ``*-true`` precisions
+    (a ``bf16-true`` model gets bf16 inputs); other tensors pass unchanged.
+    """
+
+    def transfer(batch: Any) -> Any:
+        return trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(batch))
+
+    return transfer
 
 
 def first_batch(loader: Iterable[Any]) -> Any:

@@ -11,105 +11,43 @@ When it runs (Lightning 2.6):
 * ``trainer.validate`` / ``test`` / ``predict`` on an uncalibrated model: at their start, so a
   calibration-only run can also be ``Trainer(callbacks=[...]).validate(model, datamodule=dm)``. Once the
   flag is set, evaluation never touches the observers.
+
+Where the batches come from: the loaders passed to ``trainer.fit(module, train_loader, val_loader)`` (or
+``validate`` / ``test``), else the datamodule's, else the module's own ``*_dataloader()`` hooks - the source
+the trainer's loop itself will use - sharded per rank under DDP. Each batch is moved to the device and
+converted the way Lightning's loops do (``strategy.batch_to_device``, then
+``precision_plugin.convert_input``: a ``bf16-true`` model gets bf16 inputs), under the precision's
+validation context (autocast for the ``*-mixed`` precisions). The work itself is the plain-torch
+:func:`qat_lightning.quant.calibrate.calibrate`; an empty loader raises and leaves the model uncalibrated.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from itertools import islice
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from torch import nn
-from tqdm.auto import tqdm
 
 from qat_lightning.callbacks._common import (
-    CALIBRATED_FLAG,
     InputFn,
-    call_model,
-    default_input_fn,
+    batch_transfer,
     ensure_calibrated_flag,
     get_submodule,
     is_calibrated,
-    normalize_inputs,
-    preserved_modes,
     request_dataloader,
     require_prepared,
 )
 from qat_lightning.callbacks.logging import log_quant_scales, log_scalars
-from qat_lightning.quant.fake_quantize import FakeQuantState, iter_fake_quantize, set_fake_quantize
+from qat_lightning.quant.calibrate import calibrate, reduce_observer_statistics
+from qat_lightning.quant.fake_quantize import iter_fake_quantize
 
 __all__ = ["MIN_RECOMMENDED_BATCHES", "Calibration", "calibrate", "reduce_observer_statistics"]
 
 MIN_RECOMMENDED_BATCHES = 10
 """The seed recommends at least 10 to 100 calibration steps; fewer warns."""
-
-
-def reduce_observer_statistics(model: nn.Module, group: Any = None) -> int:
-    """All-reduce every observer's statistics across ranks and recompute the scales (no-op without DDP).
-
-    Returns:
-        The number of quant nodes reduced (0 when ``torch.distributed`` is not initialized).
-    """
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0
-    nodes = [node for _, node in iter_fake_quantize(model)]
-    for node in nodes:  # same module order on every rank -> collectives match
-        node.observer.reduce_statistics(group)
-    for node in nodes:
-        node.refresh_scale()
-    return len(nodes)
-
-
-def calibrate(
-    model: nn.Module,
-    batches: Iterable[Any],
-    num_batches: int | None = None,
-    input_fn: InputFn | None = None,
-    transfer: Callable[[Any], Any] | None = None,
-    progress: bool = False,
-) -> int:
-    """Run ``model`` forward-only in CALIBRATION state (eval mode, no grad), then leave it in VALIDATION.
-
-    The training flags of every submodule are restored afterwards; on an error the quant states are too.
-
-    Args:
-        model: a prepared network.
-        batches: any iterable of batches.
-        num_batches: how many batches to use (``None``: all).
-        input_fn: batch -> model inputs (default: tensor / first element / dict as kwargs).
-        transfer: moves a batch to the model's device (e.g. ``trainer.strategy.batch_to_device``).
-        progress: show a progress bar.
-
-    Returns:
-        The number of batches actually used.
-    """
-    fn = input_fn or default_input_fn
-    total = num_batches
-    if total is None:
-        try:
-            total = len(batches)  # type: ignore[arg-type]
-        except TypeError:
-            total = None
-    seen = 0
-    with preserved_modes(model):
-        model.eval()
-        set_fake_quantize(model, FakeQuantState.CALIBRATION)
-        with torch.no_grad():
-            for batch in tqdm(
-                islice(batches, num_batches), total=total, desc="Calibration", disable=not progress
-            ):
-                if transfer is not None:
-                    batch = transfer(batch)
-                call_model(model, normalize_inputs(fn(batch)))
-                seen += 1
-    set_fake_quantize(model, FakeQuantState.VALIDATION)
-    return seen
 
 
 class Calibration(Callback):
@@ -225,28 +163,31 @@ class Calibration(Callback):
         if is_calibrated(model) and not self.force:
             return
         loader = request_dataloader(trainer, pl_module, self.dataloader)
+        self._warn_few_batches(loader)
+        with trainer.precision_plugin.val_step_context():  # autocast for the *-mixed precisions
+            used = calibrate(
+                model,
+                loader,
+                num_batches=self.num_batches,
+                input_fn=self.input_fn,
+                transfer=batch_transfer(trainer),
+                progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
+            )
+        if trainer.world_size > 1:
+            reduce_observer_statistics(model)
+        self.batches_used = used
+        rank_zero_info(f"Calibration: {used} batch(es) per rank on {trainer.world_size} rank(s)")
+        log_scalars(trainer, {"calibration/batches": used})
+        log_quant_scales(trainer, model, prefix="calibration")
+
+    def _warn_few_batches(self, loader: Any) -> None:
         available = _length(loader)
         planned = self.num_batches if available is None else min(available, self.num_batches or available)
-        if planned is not None and planned < MIN_RECOMMENDED_BATCHES:
+        if planned is not None and 0 < planned < MIN_RECOMMENDED_BATCHES:
             rank_zero_warn(
                 f"Calibration uses only {planned} batch(es); the seed recommends at least "
                 f"{MIN_RECOMMENDED_BATCHES} (10 to 100) for stable scales"
             )
-        used = calibrate(
-            model,
-            loader,
-            num_batches=self.num_batches,
-            input_fn=self.input_fn,
-            transfer=trainer.strategy.batch_to_device,
-            progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
-        )
-        if trainer.world_size > 1:
-            reduce_observer_statistics(model)
-        self.batches_used = used
-        model.get_buffer(CALIBRATED_FLAG).fill_(True)
-        rank_zero_info(f"Calibration: {used} batch(es) per rank on {trainer.world_size} rank(s)")
-        log_scalars(trainer, {"calibration/batches": used})
-        log_quant_scales(trainer, model, prefix="calibration")
 
 
 def _length(loader: Any) -> int | None:

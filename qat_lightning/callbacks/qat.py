@@ -8,7 +8,7 @@ more than 20% of the float training's, and the "fixing or updating input/output 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,7 +16,6 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
-from torch.optim import lr_scheduler as sched
 
 from qat_lightning.callbacks._common import (
     broadcast_module_state,
@@ -25,8 +24,9 @@ from qat_lightning.callbacks._common import (
     switch_states,
 )
 from qat_lightning.callbacks.logging import log_scalars
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
-from qat_lightning.quant.ops import OpKind, iter_quant_ops
+from qat_lightning.quant.calibrate import require_calibrated
+from qat_lightning.quant.fake_quantize import FakeQuantState
+from qat_lightning.quant.qat import activation_nodes, find_lr_warmup, freeze_batchnorm, io_quant_nodes
 
 __all__ = [
     "BN_MODES",
@@ -42,110 +42,23 @@ FIX_SCALES = (None, "input_output", "all")
 QAT_STEP_SHARE = 0.2
 """The seed: QAT training steps should not exceed 20% of the floating-point training steps."""
 
-_LAMBDA_PROBE_STEPS = 2000
-_BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
-
-
-# ----------------------------------------------------------------------------------------------- warmup
-def _lambdas(scheduler: Any) -> list[Callable[[int], float]]:
-    fns = getattr(scheduler, "lr_lambdas", None)
-    return [f for f in (fns or []) if callable(f)]
-
-
-def _rising_lambda(fn: Callable[[int], float], steps: int) -> tuple[int, float, float] | None:
-    try:
-        start = float(fn(0))
-        for t in range(1, steps + 1):
-            value = float(fn(t))
-            if value > start * (1 + 1e-6) + 1e-12:
-                return t, start, value
-    except Exception:  # noqa: BLE001 - a lambda that cannot be probed is not judged
-        return None
-    return None
-
-
-def _children(scheduler: Any) -> list[Any]:
-    return list(getattr(scheduler, "_schedulers", None) or [])
-
-
-def find_lr_warmup(scheduler: Any, steps: int = _LAMBDA_PROBE_STEPS) -> str | None:
-    """Say why ``scheduler`` warms the learning rate up, or return ``None`` when it does not.
-
-    Recognised: ``LinearLR`` rising (``start_factor < end_factor``), ``ConstantLR`` with ``factor < 1``,
-    ``OneCycleLR`` and ``CyclicLR`` (both start low and rise), ``LambdaLR`` / ``MultiplicativeLR`` whose
-    factor rises above its step-0 value within ``steps`` steps (e.g. ``transformers``' warmup schedules), and
-    any of these inside ``SequentialLR`` / ``ChainedScheduler``.
-    """
-    name = type(scheduler).__name__
-    for child in _children(scheduler):
-        reason = find_lr_warmup(child, steps)
-        if reason is not None:
-            return f"{name} contains a warmup: {reason}"
-    if isinstance(scheduler, sched.LinearLR) and scheduler.start_factor < scheduler.end_factor:
-        return (
-            f"LinearLR rises from {scheduler.start_factor:g}x to {scheduler.end_factor:g}x of the base LR "
-            f"over {scheduler.total_iters} steps"
-        )
-    if isinstance(scheduler, sched.ConstantLR) and scheduler.factor < 1 and scheduler.total_iters > 0:
-        return (
-            f"ConstantLR runs at {scheduler.factor:g}x of the base LR for {scheduler.total_iters} steps, "
-            "then jumps up"
-        )
-    if isinstance(scheduler, sched.OneCycleLR):
-        return "OneCycleLR starts at max_lr / div_factor and rises to max_lr (its first phase is a warmup)"
-    if isinstance(scheduler, sched.CyclicLR):
-        return "CyclicLR starts at base_lr and rises to max_lr"
-    if isinstance(scheduler, sched.MultiplicativeLR):
-        for fn in _lambdas(scheduler):
-            try:
-                if any(float(fn(t)) > 1.0 + 1e-9 for t in range(1, min(steps, 200) + 1)):
-                    return "MultiplicativeLR multiplies the LR by a factor > 1"
-            except Exception:  # noqa: BLE001
-                continue
-    for fn in _lambdas(scheduler):
-        found = _rising_lambda(fn, steps)
-        if found is not None:
-            t, start, value = found
-            return f"{name}'s factor rises from {start:g} at step 0 to {value:g} at step {t}"
-    return None
-
 
 def _schedulers(trainer: pl.Trainer) -> Iterator[Any]:
     for config in trainer.lr_scheduler_configs:
         yield config.scheduler
 
 
-# ----------------------------------------------------------------------------------------------- scales
-def io_quant_nodes(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
-    """Return the model's input/output quant nodes: outputs of its INPUT ops and of its last ops.
-
-    The last ops are those whose output feeds no other quantized op (from the producers recorded by
-    ``prepare``). Without op records the first and last quant nodes are used.
-    """
-    ops = list(iter_quant_ops(model))
-    picked: list[tuple[str, FakeQuantize]] = []
-    if ops:
-        consumed = {p for _, op in ops for p in op.op_info.input_producers if p}
-        for name, op in ops:
-            info = op.op_info
-            node = getattr(op, "output_quant", None)
-            if isinstance(node, FakeQuantize) and (info.kind == OpKind.INPUT or name not in consumed):
-                picked.append((f"{name}.output_quant", node))
-        return picked
-    nodes = [(n, q) for n, q in iter_fake_quantize(model) if q.ch_axis is None]
-    return [nodes[0], nodes[-1]] if len(nodes) > 1 else nodes
-
-
-def _activation_nodes(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
-    return [(n, q) for n, q in iter_fake_quantize(model) if q.ch_axis is None and q.dtype.is_integer]
-
-
 # ----------------------------------------------------------------------------------------------- callback
 class QuantizationAwareTraining(Callback):
     r"""QAT state while training; VALIDATION (frozen scales, no observer update) in val / test / predict.
 
-    At ``on_train_start`` (after any checkpoint restore and the optimizer creation) it:
+    At ``on_fit_start`` it puts the network in train mode: a model reloaded for QAT (e.g. by
+    ``load_quantized_checkpoint``, which returns it in eval mode) would otherwise train in eval mode under
+    Lightning 2.x, with BatchNorm frozen whatever ``bn_mode`` says. Other children of the LightningModule (a
+    teacher, a frozen loss network) keep their modes. At ``on_train_start`` (after any checkpoint restore and
+    the optimizer creation) it:
 
+    * refuses an uncalibrated model with one clear error (``strict=False``: one warning instead);
     * refuses LR warmup (``check_lr``): the seed says QAT must align the decay with the float run but use no
       warmup; the error names the scheduler and why;
     * warns when the planned QAT steps exceed 20% of ``float_steps``;
@@ -162,10 +75,13 @@ class QuantizationAwareTraining(Callback):
         check_lr: refuse warmup schedulers.
         float_steps: optimizer steps of the float training (``None``: not checked).
         submodule: attribute path of the network inside the LightningModule.
+        strict: refuse to train a model that was never calibrated (``False``: warn once and start from
+            uncalibrated scales).
 
     Raises:
         ValueError: at construction for an unknown option; at train start for a warmup scheduler or a bn_mode
             the prepared model cannot honour; on resume when the checkpoint used other QAT settings.
+        UncalibratedModelError: at train start for an uncalibrated model (unless ``strict=False``).
     """
 
     def __init__(
@@ -175,6 +91,7 @@ class QuantizationAwareTraining(Callback):
         check_lr: bool = True,
         float_steps: int | None = None,
         submodule: str = "model",
+        strict: bool = True,
     ) -> None:
         super().__init__()
         if bn_mode is not None and bn_mode not in BN_MODES:
@@ -190,6 +107,7 @@ class QuantizationAwareTraining(Callback):
         self.check_lr = check_lr
         self.float_steps = None if float_steps is None else int(float_steps)
         self.submodule = submodule
+        self.strict = bool(strict)
         self._bn_saved: list[tuple[nn.Module, bool]] = []
 
     @property
@@ -199,14 +117,16 @@ class QuantizationAwareTraining(Callback):
 
     # ---------------------------------------------------------------------------------------------- hooks
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Check that the network is prepared and the requested BN mode fits it."""
+        """Check that the network is prepared and the requested BN mode fits it; put it in train mode."""
         model = self._model(pl_module)
         require_prepared(model, "QuantizationAwareTraining", self.submodule)
         self._check_bn_mode(model)
+        self._train_mode(pl_module, model)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the LR schedule and step budget, fix scales, enter QAT state."""
         model = self._model(pl_module)
+        require_calibrated(model, "QuantizationAwareTraining", strict=self.strict)
         if self.check_lr:
             self._refuse_warmup(trainer)
         self._check_steps(trainer)
@@ -299,7 +219,7 @@ class QuantizationAwareTraining(Callback):
     def _fix_scales(self, model: nn.Module) -> int:
         if self.fix_scales is None:
             return 0
-        nodes = io_quant_nodes(model) if self.fix_scales == "input_output" else _activation_nodes(model)
+        nodes = io_quant_nodes(model) if self.fix_scales == "input_output" else activation_nodes(model)
         for _, node in nodes:
             node.fix_scale()
         return len(nodes)
@@ -316,15 +236,21 @@ class QuantizationAwareTraining(Callback):
                 "is structural), or use bn_mode='freeze_bn' / None"
             )
 
+    def _train_mode(self, pl_module: pl.LightningModule, model: nn.Module) -> None:
+        evaluating = sum(1 for m in model.modules() if not m.training)
+        if evaluating:
+            rank_zero_info(
+                f"QuantizationAwareTraining: {evaluating} module(s) of `{self.submodule}` were in eval mode "
+                "(e.g. a reloaded checkpoint); QAT trains them in train mode, BatchNorm as bn_mode says"
+            )
+        model.train()
+        pl_module.training = True  # the LightningModule itself; its other children keep their modes
+
     def _freeze_bn(self, model: nn.Module) -> None:
         if self.bn_mode != "freeze_bn":
             return
         known = {id(m) for m, _ in self._bn_saved}
-        for module in model.modules():
-            if isinstance(module, _BN_TYPES):
-                if id(module) not in known:
-                    self._bn_saved.append((module, module.training))
-                module.eval()
+        self._bn_saved += [(m, was) for m, was in freeze_batchnorm(model) if id(m) not in known]
 
     def _restore_bn(self) -> None:
         for module, training in self._bn_saved:

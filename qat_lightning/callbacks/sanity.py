@@ -1,17 +1,25 @@
 """``SanityCheck``: the seed's checks for a QAT pipeline that does not converge, as a callback.
 
-* ``mode="lr0"`` (seed check 3): every learning rate is held at 0 during training. The QAT model's metric
-  must then equal the calibration model's: weights cannot move, so a difference comes from what QAT still
-  updates from the training data (activation scales, BN statistics) - i.e. from the training pipeline.
+* ``mode="lr0"`` (seed check 3): every learning rate is held at 0 during training, and so is everything
+  else QAT would learn from the training data: the activation scales (nodes in VALIDATION state) and the
+  BatchNorm running statistics (momentum 0; BN still normalizes with the batch statistics as in training).
+  The model therefore cannot change, and its metric must equal the calibration model's; a difference means
+  the training pipeline changes the model some other way. What the held statistics would have learnt is
+  measured instead (:class:`~qat_lightning.quant.calibrate.DataDriftMeter`): training batches whose
+  BatchNorm inputs lie more than ``BN_SHIFT_LIMIT`` running std from the calibrated statistics fail the
+  check with that drift named as the cause (a preprocessing mismatch), while the ordinary drift of QAT
+  (scales moving a few percent per epoch) no longer raises a false alarm.
 * ``mode="float"`` (seed check 2): fake quant is off during the whole run (every node FLOAT). The metric
-  must equal the float model's; a difference points at the training pipeline, not the quantization tool.
+  must match a float fine-tune of the same length and settings; with ``monitor_mode`` the comparison is
+  one-sided (scoring better is not a failure), and the report says which comparison was made.
 
-The reference ("calibration model" / "float model") is ``reference=`` when given (e.g. the metric of the
-float fine-tune run, the seed's exact check 2), else measured by one validation pass at train start,
-before any step. The result is the monitored metric of the last validation of the fit. Pass/fail, both
-numbers and the metric name are logged (``sanity/<mode>/*``) and written to ``<log_dir>/sanity_check.txt``;
-a failure raises :class:`SanityCheckError` naming the seed's causes to check (or warns loudly when
-``raise_on_failure=False``).
+The reference ("calibration model" / "float model") is ``reference=`` when given (for ``float``: the metric
+of a float fine-tune with the same steps and settings, the seed's exact check 2, as ``stage=troubleshoot``
+passes it), else measured by one validation pass at train start, before any step (for ``float`` that is the
+float model before this run, which the report states). The result is the monitored metric of the last
+validation of the fit. Pass/fail, both numbers and the metric name are logged (``sanity/<mode>/*``) and
+written to ``<log_dir>/sanity_check.txt``; a failure raises :class:`SanityCheckError` naming the seed's
+causes to check (or warns loudly when ``raise_on_failure=False``).
 """
 
 from __future__ import annotations
@@ -25,19 +33,28 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
 
-from qat_lightning.callbacks._common import get_submodule, resolve_log_dir, write_text_rank_zero
+from qat_lightning.callbacks._common import (
+    get_submodule,
+    resolve_log_dir,
+    switch_states,
+    write_text_rank_zero,
+)
 from qat_lightning.callbacks.logging import flush_loggers, log_scalars, log_text
+from qat_lightning.quant.calibrate import DataDrift, DataDriftMeter
 from qat_lightning.quant.fake_quantize import FakeQuantState, set_fake_quantize
+from qat_lightning.quant.qat import BN_TYPES
 
-__all__ = ["SANITY_MODES", "SanityCheck", "SanityCheckError", "SanityResult", "CAUSES"]
+__all__ = ["MONITOR_MODES", "SANITY_MODES", "SanityCheck", "SanityCheckError", "SanityResult", "CAUSES"]
 
 SANITY_MODES = ("lr0", "float")
+MONITOR_MODES = (None, "min", "max")
 
 CAUSES = {
     "lr0": (
-        "With every learning rate at 0 the weights cannot move, so the QAT model should score like the "
-        "calibration model. Check, from the seed:\n"
+        "With every learning rate at 0 and the activation scales and BN statistics held, the model cannot "
+        "change, so it should score like the calibration model. Check, from the seed:\n"
         "  - the QAT training data pipeline against the calibration/validation one (a preprocessing or "
         "normalization mismatch moves the BN statistics and the QAT activation scales);\n"
         "  - the BN mode (QAT mode WithBN / freeze BN if the float training froze BN);\n"
@@ -70,9 +87,11 @@ class SanityResult:
         reference: the calibration model's (lr0) or the float model's (float) metric.
         result: the metric at the end of the run (``None`` when no validation ran after the reference).
         tolerance: allowed absolute difference (plus ``rtol * |reference|``).
-        passed: whether ``|result - reference|`` is within tolerance.
+        passed: whether ``|result - reference|`` is within tolerance (one-sided: or better), and, for
+            ``lr0``, the training data do not drift from the calibrated statistics.
         status: ``PASS``, ``FAIL``, ``NO RESULT`` or ``INCOMPLETE``.
-        note: free text (how the reference was obtained, why it is incomplete).
+        note: free text (how the reference was obtained, the comparison made, why it failed or is incomplete).
+        drift: for ``lr0``, what the held statistics would have learnt (``None`` otherwise).
     """
 
     mode: str
@@ -83,6 +102,7 @@ class SanityResult:
     passed: bool
     status: str
     note: str = ""
+    drift: DataDrift | None = None
 
     def render(self) -> str:
         """Render as the text of ``sanity_check.txt``."""
@@ -94,14 +114,19 @@ class SanityResult:
             f"Sanity check ({self.mode}): {self.status}",
             f"monitor: {self.monitor}",
             f"reference ({what}): {_fmt(self.reference)}",
-            f"result (QAT run, {'lr=0' if self.mode == 'lr0' else 'fake quant off'}): {_fmt(self.result)}",
+            f"result (QAT run, {_CONDITION[self.mode]}): {_fmt(self.result)}",
             f"difference: {diff} (tolerance {self.tolerance:g})",
         ]
+        if self.drift is not None:
+            lines.append(self.drift.render())
         if self.note:
             lines.append(f"note: {self.note}")
         if self.status != "PASS":
             lines += ["", CAUSES[self.mode]]
         return "\n".join(lines) + "\n"
+
+
+_CONDITION = {"lr0": "lr=0, activation scales and BN statistics held", "float": "fake quant off"}
 
 
 def _fmt(value: float | None) -> str:
@@ -115,17 +140,20 @@ class SanityCheck(Callback):
     not given (an extra validation pass; with ``ModelCheckpoint`` nothing is saved for step 0).
 
     Args:
-        mode: ``"lr0"`` (learning rates held at 0; QAT metric must equal the calibration model's) or
-            ``"float"`` (fake quant off; metric must equal the float model's).
+        mode: ``"lr0"`` (learning rates, activation scales and BN statistics held; the metric must equal the
+            calibration model's and the training data must not drift from the calibrated statistics) or
+            ``"float"`` (fake quant off; the metric must match the float fine-tune's).
         monitor: a metric the LightningModule logs in ``validation_step`` (e.g. ``"val_acc"``).
         tolerance: allowed absolute difference.
         rtol: allowed difference relative to ``|reference|`` (added to ``tolerance``).
         reference: the metric to compare with; ``None`` measures it at train start.
         raise_on_failure: raise :class:`SanityCheckError` on failure (else a loud warning).
         submodule: attribute path of the network inside the LightningModule.
+        monitor_mode: ``"max"`` (higher is better), ``"min"`` or ``None``. With a direction the ``float``
+            check is one-sided: scoring better than the reference passes. ``None``: two-sided.
 
     Raises:
-        ValueError: at construction for an unknown mode or a negative tolerance.
+        ValueError: at construction for an unknown mode or monitor_mode, or a negative tolerance.
     """
 
     def __init__(
@@ -137,10 +165,13 @@ class SanityCheck(Callback):
         reference: float | None = None,
         raise_on_failure: bool = True,
         submodule: str = "model",
+        monitor_mode: str | None = None,
     ) -> None:
         super().__init__()
         if mode not in SANITY_MODES:
             raise ValueError(f"mode={mode!r} is not supported; allowed: {', '.join(SANITY_MODES)}")
+        if monitor_mode not in MONITOR_MODES:
+            raise ValueError(f"monitor_mode={monitor_mode!r} is not supported; allowed: None, 'min', 'max'")
         if not (tolerance >= 0 and rtol >= 0):
             raise ValueError(f"tolerance and rtol must be >= 0, got {tolerance} and {rtol}")
         self.mode = mode
@@ -150,11 +181,15 @@ class SanityCheck(Callback):
         self.reference = None if reference is None else float(reference)
         self.raise_on_failure = raise_on_failure
         self.submodule = submodule
+        self.monitor_mode = monitor_mode
         self.result: SanityResult | None = None
         self._measured = False
         self._measuring = False
         self._last: float | None = None
         self._log_dir: Path | None = None
+        self._bn_momentum: list[tuple[nn.Module, float | None]] = []
+        self._meter: DataDriftMeter | None = None
+        self._drift: DataDrift | None = None
 
     @property
     def state_key(self) -> str:
@@ -167,21 +202,31 @@ class SanityCheck(Callback):
         self._log_dir = resolve_log_dir(trainer)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Apply the check's condition and measure the reference if needed."""
+        """Apply the check's condition, measure the reference if needed, start measuring the drift."""
         self._condition(trainer, pl_module)
         if self.reference is None:
             self._measure_reference(trainer)
             self._measured = True
             self._condition(trainer, pl_module)
+        if self.mode == "lr0":
+            self._meter = DataDriftMeter(self._model(pl_module))
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
         """Hold the condition for every step (schedulers may rewrite the LR, callbacks the states)."""
         self._condition(trainer, pl_module)
+        if self._meter is not None:
+            self._meter.active = True
+            self._meter.batches += 1
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Measure the drift on training batches only."""
+        if self._meter is not None:
+            self._meter.active = False
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Validate in float too in ``float`` mode."""
         if self.mode == "float" and trainer.state.fn == TrainerFn.FITTING:
-            set_fake_quantize(get_submodule(pl_module, self.submodule), FakeQuantState.FLOAT)
+            set_fake_quantize(self._model(pl_module), FakeQuantState.FLOAT)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Record the monitored metric of validations that ran inside training."""
@@ -193,8 +238,7 @@ class SanityCheck(Callback):
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Judge, report and fail loudly."""
-        if self.mode == "float":
-            set_fake_quantize(get_submodule(pl_module, self.submodule), FakeQuantState.VALIDATION)
+        self._release(pl_module)
         self.result = self._judge()
         self._report(trainer, self.result)
         if self.result.status == "NO RESULT":
@@ -210,12 +254,11 @@ class SanityCheck(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
         """Mark the report incomplete (unless it is this check's own failure) and flush the writers."""
-        if self.mode == "float":
-            set_fake_quantize(get_submodule(pl_module, self.submodule), FakeQuantState.VALIDATION)
+        self._release(pl_module)
         if not isinstance(exception, SanityCheckError):
             self.result = SanityResult(
                 self.mode, self.monitor, self.reference, self._last, self.tolerance, False, "INCOMPLETE",
-                f"the run stopped early: {type(exception).__name__}: {exception}",
+                f"the run stopped early: {type(exception).__name__}: {exception}", self._drift,
             )  # fmt: skip
             self._report(trainer, self.result)
         flush_loggers(trainer)
@@ -232,13 +275,33 @@ class SanityCheck(Callback):
         self._last = state_dict.get("last")
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def _model(self, pl_module: pl.LightningModule) -> nn.Module:
+        return get_submodule(pl_module, self.submodule)
+
     def _condition(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.mode == "lr0":
-            for optimizer in trainer.optimizers:
-                for group in optimizer.param_groups:
-                    group["lr"] = 0.0
-        else:
-            set_fake_quantize(get_submodule(pl_module, self.submodule), FakeQuantState.FLOAT)
+        model = self._model(pl_module)
+        if self.mode == "float":
+            set_fake_quantize(model, FakeQuantState.FLOAT)
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = 0.0
+        switch_states(model, (FakeQuantState.QAT, FakeQuantState.CALIBRATION), FakeQuantState.VALIDATION)
+        if not self._bn_momentum:  # hold the running statistics; BN still normalizes like in training
+            self._bn_momentum = [(m, m.momentum) for m in model.modules() if isinstance(m, BN_TYPES)]
+            for module, _ in self._bn_momentum:
+                module.momentum = 0.0
+
+    def _release(self, pl_module: pl.LightningModule) -> None:
+        """Undo the condition: fake quant back on (float mode), BN momentum restored, drift hooks removed."""
+        if self.mode == "float":
+            set_fake_quantize(self._model(pl_module), FakeQuantState.VALIDATION)
+        for module, momentum in self._bn_momentum:
+            module.momentum = momentum
+        self._bn_momentum = []
+        if self._meter is not None:
+            self._drift = self._meter.close()
+            self._meter = None
 
     def _metric(self, trainer: pl.Trainer) -> float | None:
         value = trainer.callback_metrics.get(self.monitor)
@@ -264,9 +327,32 @@ class SanityCheck(Callback):
         self.reference = value
         rank_zero_info(f"SanityCheck({self.mode}): reference {self.monitor} = {value:.6g}")
 
+    def _reference_note(self) -> str:
+        if not self._measured:
+            return "reference given"
+        if self.mode == "float":
+            return (
+                "reference measured at train start: the float model before this run, not a float "
+                "fine-tune of the same length and settings (pass reference= that fine-tune's metric for "
+                "the seed's check)"
+            )
+        return "reference measured at train start"
+
+    def _comparison(self, allowed: float) -> tuple[bool, str]:
+        """Whether the result is within ``allowed`` of the reference, and how that was judged."""
+        assert self.reference is not None and self._last is not None
+        diff = self._last - self.reference
+        if self.mode == "float" and self.monitor_mode is not None:
+            better = diff if self.monitor_mode == "max" else -diff
+            return (
+                better >= -allowed,
+                f"one-sided ({self.monitor_mode}): scoring better than the reference passes",
+            )
+        side = "two-sided" if self.mode == "lr0" else "two-sided (pass monitor_mode to accept improvements)"
+        return abs(diff) <= allowed, side
+
     def _judge(self) -> SanityResult:
-        origin = "given" if not self._measured else "measured at train start"
-        note = f"reference {origin}"
+        note = self._reference_note()
         if self.reference is None or self._last is None or not math.isfinite(self._last):
             reason = (
                 "no validation ran after the reference" if self._last is None else "the metric is not finite"
@@ -274,20 +360,27 @@ class SanityCheck(Callback):
             status = "NO RESULT" if self._last is None else "FAIL"
             return SanityResult(
                 self.mode, self.monitor, self.reference, self._last, self.tolerance, False, status,
-                f"{note}; {reason}",
+                f"{note}; {reason}", self._drift,
             )  # fmt: skip
         allowed = self.tolerance + self.rtol * abs(self.reference)
-        passed = abs(self._last - self.reference) <= allowed
+        passed, side = self._comparison(allowed)
+        notes = [note, side]
+        if not passed and self.mode == "lr0":
+            notes.append(
+                "the model changed during training although weights, scales and BN statistics were held"
+            )
+        if self._drift is not None and self._drift.bn_mismatch:
+            passed = False
+            notes.append(
+                "cause: the training batches differ from the data the model was calibrated on "
+                f"(BatchNorm inputs off by {self._drift.bn_shift:.3g} running std at "
+                f"{self._drift.bn_name}): QAT would learn BN statistics and scales from them"
+            )
+        status = "PASS" if passed else "FAIL"
         return SanityResult(
-            self.mode,
-            self.monitor,
-            self.reference,
-            self._last,
-            allowed,
-            passed,
-            "PASS" if passed else "FAIL",
-            note,
-        )
+            self.mode, self.monitor, self.reference, self._last, allowed, passed, status, "; ".join(notes),
+            self._drift,
+        )  # fmt: skip
 
     def _report(self, trainer: pl.Trainer, result: SanityResult) -> None:
         text = result.render()
@@ -298,6 +391,9 @@ class SanityCheck(Callback):
             scalars[f"sanity/{self.mode}/reference"] = result.reference
         if result.result is not None and math.isfinite(result.result):
             scalars[f"sanity/{self.mode}/result"] = result.result
+        if result.drift is not None:
+            scalars[f"sanity/{self.mode}/bn_shift"] = result.drift.bn_shift
+            scalars[f"sanity/{self.mode}/range_ratio"] = result.drift.range_ratio
         log_scalars(trainer, scalars)
         log_text(trainer, f"sanity/{self.mode}", text)
         rank_zero_info(text)

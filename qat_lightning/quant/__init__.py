@@ -7,6 +7,13 @@ Sub-packages: ``qconfig`` (QConfig, templates, QconfigSetter, sensitivity table)
 Never imports lightning, hydra or omegaconf.
 """
 
+from qat_lightning.quant.calibrate import (
+    CALIBRATED_FLAG,
+    UncalibratedModelError,
+    calibrate,
+    reduce_observer_statistics,
+    require_calibrated,
+)
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float16, float32, parse_dtype, qint8, qint16
 from qat_lightning.quant.fake_quantize import (
     FakeCast,
@@ -34,6 +41,7 @@ from qat_lightning.quant.preparation import (
     prepare,
     write_changelog,
 )
+from qat_lightning.quant.qat import find_lr_warmup, freeze_batchnorm, io_quant_nodes
 from qat_lightning.quant.qconfig import (
     ConvDtypeTemplate,
     MatmulDtypeTemplate,
@@ -55,6 +63,14 @@ __all__ = [
     "dynamic_block",
     "not_quantized_share",
     "fuse_modules",
+    "CALIBRATED_FLAG",
+    "UncalibratedModelError",
+    "calibrate",
+    "find_lr_warmup",
+    "freeze_batchnorm",
+    "io_quant_nodes",
+    "reduce_observer_statistics",
+    "require_calibrated",
     "PREPARE_METHODS",
     "QAT_MODES",
     "ConvDtypeTemplate",

@@ -99,3 +99,16 @@ def test_eager_fallback_model_and_search(tmp_path) -> None:
         warnings.simplefilter("error")  # no index-op warning: observers never run inside the analysis
         plan = search_mixed_precision(prepared, table, eval_fn, target=eval_fn(prepared) / 2)
     assert plan.reached and plan.raised
+
+
+def test_an_uncalibrated_model_is_refused_with_one_error(tmp_path) -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_module.prepare(models.TinyResNet().eval(), models.TinyResNet.example_inputs(8))
+    with pytest.raises(ql.UncalibratedModelError, match=r"QuantAnalysis: the model is not calibrated"):
+        QuantAnalysis(prepared, out_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        QuantAnalysis(prepared, out_dir=tmp_path, strict=False)
+    assert [str(w.message).count("not calibrated") for w in caught] == [1]

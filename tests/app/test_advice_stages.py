@@ -54,6 +54,18 @@ def test_troubleshoot_passes_a_sound_pipeline(calib_ckpt, tmp_path):
     assert "all three checks pass" in summary.facts["verdict"]
 
 
+def test_troubleshoot_lr0_check_holds_at_the_default_tolerance(calib_ckpt, tmp_path):
+    # int8 on the built-in example: the lr=0 check used to fail from scale / BN drift alone
+    float_ckpt = calib_ckpt.parent.parent.parent / "float" / "checkpoints" / "float.ckpt"
+    overrides = ("stage=troubleshoot", "recipe=int8", "sanity.tolerance=0.005", "sanity.steps=12")
+    run_app(tmp_path, *overrides, f"ckpt={float_ckpt}")  # old code: lr=0 drifted +0.0028 here
+    text = (tmp_path / "troubleshoot.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| lr = 0"))
+    assert "| PASS |" in row and "| +0.0000 |" in row, text
+    fake_quant_off = next(line for line in text.splitlines() if line.startswith("| fake quant off"))
+    assert "| PASS |" in fake_quant_off or "not conclusive" in fake_quant_off, text
+
+
 def test_troubleshoot_pinpoints_a_preprocessing_mismatch(calib_ckpt, tmp_path):
     float_ckpt = calib_ckpt.parent.parent.parent / "float" / "checkpoints" / "float.ckpt"
     summary = run_app(

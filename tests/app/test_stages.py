@@ -53,6 +53,11 @@ def test_calibration_then_qat_with_ckpt(float_run, tmp_path):
     assert steps == ["qat", "sanity lr0"]
     assert summary.rows[0].recipe == "int16" and summary.rows[0].int16_ratio == pytest.approx(1.0)
     assert (qat_dir / "checkpoints" / "qat.ckpt").is_file()
+    # the reloaded model trained in train mode: every BatchNorm (qat_mode fuse_bn) updated its statistics
+    calib_state = torch.load(ckpt, weights_only=False)["state_dict"]
+    qat_state = torch.load(qat_dir / "checkpoints" / "qat.ckpt", weights_only=False)["state_dict"]
+    means = [k for k in calib_state if k.endswith("running_mean")]
+    assert means and all(not torch.equal(calib_state[k], qat_state[k]) for k in means)
     assert "Sanity check (lr0)" in next(qat_dir.glob("*sanity_lr0/sanity_check.txt")).read_text()
     reports = [
         calib_dir / "summary.md",

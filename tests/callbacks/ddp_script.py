@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
-from cb_helpers import LitClassifier, TinyData, scales  # noqa: E402
+from cb_helpers import LitClassifier, TinyData, make_loader, scales  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from qat_lightning.callbacks import (  # noqa: E402
@@ -77,6 +77,30 @@ def main(out_dir: Path) -> None:
     )
     qat.fit(lit, datamodule=TinyData())
     torch.save({"state": lit.model.state_dict()}, out_dir / f"qat_rank{qat.global_rank}.pt")
+    fit_loaders(out_dir, setter)
+
+
+def fit_loaders(out_dir: Path, setter: QconfigSetter) -> None:
+    """Calibration on the loaders passed to ``fit()`` (no datamodule): each rank reads its own shard."""
+    lit = LitClassifier()
+    calib = Calibration(num_batches=None)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=0,
+        logger=False,
+        callbacks=[PrepareQuantization(setter), calib],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(lit, make_loader(256, 0), make_loader(128, 1))
+    torch.save(
+        {"scales": scales(lit.model), "batches": calib.batches_used},
+        out_dir / f"fit_loaders_rank{trainer.global_rank}.pt",
+    )
 
 
 if __name__ == "__main__":

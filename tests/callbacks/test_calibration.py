@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from cb_helpers import LitClassifier, TinyData, make_loader, make_trainer, scales
@@ -84,12 +85,18 @@ def test_calibration_from_explicit_batches_and_val_split(tmp_path, lit, data):
     assert calib_val.batches_used == 4  # 128 validation samples / 32
 
 
-def test_example_inputs_required_without_a_datamodule(tmp_path):
+def test_example_inputs_required_without_any_loader(tmp_path):
     lit = LitClassifier()
     lit.example_input_array = None
     trainer = make_trainer(tmp_path, [PrepareQuantization()], max_epochs=0)
     with pytest.raises(ValueError, match="needs example inputs"):
-        trainer.fit(lit, train_dataloaders=make_loader())
+        trainer.predict(lit, dataloaders=make_loader())  # predict loaders are not a train/val/test split
+    # the loaders passed to fit() give the example inputs
+    trainer = make_trainer(tmp_path, [PrepareQuantization()], max_epochs=0)
+    trainer.fit(lit, train_dataloaders=make_loader())
+    assert any(True for _ in ql.iter_fake_quantize(lit.model))
+    lit = LitClassifier()
+    lit.example_input_array = None
     # with explicit example inputs it works
     trainer = make_trainer(tmp_path, [PrepareQuantization(example_inputs=torch.randn(4, 8))], max_epochs=0)
     trainer.fit(lit, train_dataloaders=make_loader())
@@ -122,3 +129,67 @@ def test_many_data_small_batches_no_warning(tmp_path, lit):
 def test_calibration_without_prepare_is_a_clear_error(tmp_path, lit, data):
     with pytest.raises(ValueError, match="Calibration: `model` has no quant nodes; add PrepareQuantization"):
         make_trainer(tmp_path, [Calibration(10)], max_epochs=0).fit(lit, datamodule=data)
+
+
+class _InputDtypes(pl.Callback):
+    """Records the dtype of every input the network sees from ``on_fit_start`` on (after prepare)."""
+
+    def __init__(self) -> None:
+        self.dtypes: list[torch.dtype] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        pl_module.model.register_forward_pre_hook(lambda m, args: self.dtypes.append(args[0].dtype))
+
+
+class _CalibratedBeforeTraining(pl.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 0:
+            self.calibrated = bool(getattr(pl_module.model, CALIBRATED_FLAG))
+
+
+class _NoHooks(LitClassifier):
+    """A LightningModule without any ``*_dataloader`` hook: data come only from ``fit()``."""
+
+
+def test_calibration_sees_the_loaders_passed_to_fit(tmp_path):
+    lit, spy = _NoHooks(), _CalibratedBeforeTraining()
+    calib = Calibration(num_batches=None)
+    trainer = make_trainer(tmp_path, [PrepareQuantization(), calib, spy], limit_train_batches=1)
+    trainer.fit(lit, make_loader(256, 0), make_loader(128, 1))
+    assert calib.batches_used == 8 and spy.calibrated  # 256 / 32, before the first training step
+    reference = LitClassifier()
+    make_trainer(tmp_path, [PrepareQuantization(), Calibration(None)], max_epochs=0, version=1).fit(
+        reference, datamodule=TinyData()
+    )
+    ours, theirs = scales(lit.model), scales(reference.model)
+    assert ours.keys() == theirs.keys()
+    for name in ours:  # the same batches as through the datamodule (the QAT steps then moved the weights)
+        if "weight" not in name:
+            torch.testing.assert_close(ours[name], theirs[name], rtol=0, atol=0, msg=name)
+    calib_val = Calibration(num_batches=None, dataloader="val")
+    make_trainer(tmp_path, [PrepareQuantization(), calib_val], max_epochs=0, version=2).fit(
+        _NoHooks(), make_loader(256, 0), make_loader(128, 1)
+    )
+    assert calib_val.batches_used == 4
+
+
+def test_an_empty_calibration_loader_raises_and_marks_nothing_calibrated(tmp_path, lit, data):
+    trainer = make_trainer(tmp_path, [PrepareQuantization(), Calibration(dataloader=[])], max_epochs=0)
+    with pytest.raises(ValueError, match="calibration loader is empty"):
+        trainer.fit(lit, datamodule=data)
+    assert not bool(getattr(lit.model, CALIBRATED_FLAG))
+    assert all(not bool(node.scale_ready) for _, node in ql.iter_fake_quantize(lit.model))
+
+
+def test_bf16_true_calibration_feeds_bf16_batches(tmp_path):
+    lit, spy = _NoHooks(), _InputDtypes()
+    callbacks = [PrepareQuantization(), spy, Calibration(num_batches=4)]
+    trainer = make_trainer(
+        tmp_path, callbacks, max_epochs=0, precision="bf16-true", enable_model_summary=False
+    )
+    with pytest.warns(UserWarning, match="only 4 batch"):
+        trainer.fit(lit, make_loader(256, 0), make_loader(128, 1))
+    assert spy.dtypes[:4] == [torch.bfloat16] * 4
+    assert bool(getattr(lit.model, CALIBRATED_FLAG))
+    integer = [node for _, node in ql.iter_fake_quantize(lit.model) if node.dtype.is_integer]
+    assert integer and all(bool(node.scale_ready) for node in integer)

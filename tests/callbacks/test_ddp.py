@@ -48,6 +48,13 @@ def test_ddp_calibration_is_reduced_across_ranks(tmp_path):
     for name, value in single.items():
         torch.testing.assert_close(r0["scales"][name], value, rtol=2e-3, atol=0, msg=name)
 
+    # the loaders passed to fit(): sharded by rank and reduced the same way as the datamodule's
+    f0, f1 = (torch.load(tmp_path / f"fit_loaders_rank{k}.pt", weights_only=False) for k in (0, 1))
+    assert f0["batches"] == f1["batches"] == 4
+    for name in r0["scales"]:
+        torch.testing.assert_close(f0["scales"][name], r0["scales"][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(f1["scales"][name], r0["scales"][name], rtol=0, atol=0, msg=name)
+
     q0, q1 = (torch.load(tmp_path / f"qat_rank{k}.pt", weights_only=False)["state"] for k in (0, 1))
     for key in q0:
         torch.testing.assert_close(q0[key], q1[key], rtol=0, atol=0, msg=key)

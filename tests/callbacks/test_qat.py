@@ -100,7 +100,9 @@ def test_qat_from_a_calibrated_checkpoint_never_recalibrates(tmp_path, data):
 )
 def test_warmup_is_refused(tmp_path, data, scheduler, needle):
     lit = LitClassifier(scheduler=scheduler)
-    trainer = make_trainer(tmp_path, [PrepareQuantization(), QuantizationAwareTraining()], max_epochs=1)
+    trainer = make_trainer(
+        tmp_path, [PrepareQuantization(), Calibration(10), QuantizationAwareTraining()], max_epochs=1
+    )
     with pytest.raises(ValueError, match=f"QAT refuses learning-rate warmup: .*{needle}.*no warmup"):
         trainer.fit(lit, datamodule=data)
     assert all(n.state is not ql.FakeQuantState.QAT for _, n in ql.iter_fake_quantize(lit.model))
@@ -108,16 +110,19 @@ def test_warmup_is_refused(tmp_path, data, scheduler, needle):
 
 def test_decay_scheduler_and_check_lr_off_are_accepted(tmp_path, data):
     make_trainer(
-        tmp_path, [PrepareQuantization(), QuantizationAwareTraining()], max_epochs=1, limit_train_batches=2
+        tmp_path,
+        [PrepareQuantization(), Calibration(10), QuantizationAwareTraining()],
+        max_epochs=1,
+        limit_train_batches=2,
     ).fit(LitClassifier(scheduler="cosine"), datamodule=data)
-    callbacks = [PrepareQuantization(), QuantizationAwareTraining(check_lr=False)]
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(check_lr=False)]
     make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2, version=1).fit(
         LitClassifier(scheduler="linear_warmup"), datamodule=data
     )
 
 
 def test_too_many_qat_steps_warn(tmp_path, lit, data):
-    callbacks = [PrepareQuantization(), QuantizationAwareTraining(float_steps=20)]
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(float_steps=20)]
     trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=5)
     with pytest.warns(UserWarning, match="5 optimizer steps, 25% of the float training's 20.*at most 20%"):
         trainer.fit(lit, datamodule=data)
@@ -228,3 +233,55 @@ def test_chip_option(tmp_path, data):
         make_trainer(tmp_path, [PrepareQuantization(setter, chip="j6m")], max_epochs=0, version=1).fit(
             LitClassifier(), datamodule=data
         )
+
+
+class TrainingFlags(Callback):
+    """Records, at each training step, whether the network and its BatchNorms are in train mode."""
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        modules = list(pl_module.model.modules())
+        self.network = all(m.training for m in modules if not isinstance(m, torch.nn.BatchNorm1d))
+        self.bn = [m.training for m in modules if isinstance(m, torch.nn.BatchNorm1d)]
+
+
+def _running_means(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if k.endswith("running_mean")}
+
+
+@pytest.mark.parametrize("bn_mode", [None, "freeze_bn"])
+def test_qat_after_a_reload_trains_in_train_mode(tmp_path, data, bn_mode):
+    lit = LitClassifier()
+    calib = make_trainer(tmp_path, [PrepareQuantization(), Calibration(10)], max_epochs=0, version=0)
+    calib.fit(lit, datamodule=data)
+    ckpt = tmp_path / "calibration.ckpt"
+    calib.save_checkpoint(ckpt)
+    reloaded = load_quantized_checkpoint(LitClassifier, ckpt)
+    assert not reloaded.training  # returned in eval mode, ready for evaluation
+    before = _running_means(reloaded.model)
+    assert before
+    flags = TrainingFlags()
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(bn_mode=bn_mode), flags]
+    make_trainer(tmp_path, callbacks, limit_train_batches=3, version=1).fit(reloaded, datamodule=data)
+    assert flags.network
+    after = _running_means(reloaded.model)
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    if bn_mode == "freeze_bn":
+        assert flags.bn == [False] and moved == []
+    else:
+        assert flags.bn == [True] and moved == list(before)
+
+
+def test_qat_refuses_an_uncalibrated_model_with_one_error(tmp_path, lit, data):
+    trainer = make_trainer(tmp_path, [PrepareQuantization(), QuantizationAwareTraining()], max_epochs=1)
+    with pytest.raises(
+        ql.UncalibratedModelError, match=r"QuantizationAwareTraining: the model is not calibrated"
+    ):
+        trainer.fit(lit, datamodule=data)
+    assert trainer.global_step == 0
+    other = LitClassifier()
+    callbacks = [PrepareQuantization(), QuantizationAwareTraining(strict=False)]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2, version=1)
+    with pytest.warns(RuntimeWarning, match="not calibrated") as caught:
+        trainer.fit(other, datamodule=data)
+    assert sum("not calibrated" in str(w.message) for w in caught) == 1
+    assert trainer.global_step == 2

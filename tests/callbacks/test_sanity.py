@@ -67,6 +67,8 @@ def test_lr0_fails_loudly_on_a_preprocessing_mismatch(tmp_path):
         trainer.fit(lit, datamodule=broken)
     text = (tmp_path / "run" / "version_0" / "sanity_check.txt").read_text()
     assert "FAIL" in text and "training data pipeline" in text
+    assert "cause: the training batches differ from the data the model was calibrated on" in text
+    assert "BatchNorm input mean shift" in text
     assert _scalars(tmp_path / "run" / "version_0")["sanity/lr0/passed"] == [0.0]
 
 
@@ -105,3 +107,62 @@ def test_no_failure_raise_when_disabled(tmp_path):
     with pytest.warns(UserWarning, match="SANITY CHECK FAILED"):
         make_trainer(tmp_path, callbacks, max_epochs=1).fit(lit, datamodule=broken)
     assert check.result.status == "FAIL"
+
+
+class StateAtTrainStart(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.state = {k: v.clone() for k, v in pl_module.model.state_dict().items()}
+
+
+def test_lr0_holds_scales_and_bn_statistics_so_the_metric_is_exact(tmp_path):
+    # calibrated on the validation split, trained on another sample of the same distribution: QAT would
+    # move the scales and BN statistics a little; the check holds them, so nothing may change at all
+    lit, spy = LitClassifier(), StateAtTrainStart()
+    check = SanityCheck(mode="lr0", monitor="val_loss", tolerance=0.0)
+    callbacks = [
+        PrepareQuantization(),
+        Calibration(None, dataloader="val"),
+        QuantizationAwareTraining(),
+        spy,
+        check,
+    ]
+    make_trainer(tmp_path, callbacks, max_epochs=2).fit(lit, datamodule=TinyData())
+    assert check.result.status == "PASS", check.result.render()
+    assert check.result.result == check.result.reference
+    for key, value in lit.model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(value, spy.state[key]), key
+    assert all(m.momentum == 0.1 for m in lit.model.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    drift = check.result.drift
+    assert drift is not None and drift.batches == 16 and 0 < drift.bn_shift < 1.0
+    text = (tmp_path / "run" / "version_0" / "sanity_check.txt").read_text()
+    assert "activation scales and BN statistics held" in text and "data drift over 16 training batch" in text
+
+
+@pytest.mark.parametrize("monitor_mode", ["max", None])
+def test_float_check_is_one_sided_with_a_monitor_mode(tmp_path, monitor_mode):
+    lit = LitClassifier(lr=0.001)
+    check = SanityCheck(
+        mode="float", monitor="val_acc", tolerance=0.0, reference=0.25, monitor_mode=monitor_mode,
+        raise_on_failure=False,
+    )  # fmt: skip
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(), check]
+    make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2).fit(lit, datamodule=TinyData())
+    result = check.result
+    assert result.result > 0.25  # the trained float model scores far better than this reference
+    text = (tmp_path / "run" / "version_0" / "sanity_check.txt").read_text()
+    if monitor_mode == "max":
+        assert result.status == "PASS" and "one-sided (max): scoring better than the reference passes" in text
+    else:
+        assert result.status == "FAIL" and "two-sided (pass monitor_mode to accept improvements)" in text
+
+
+def test_float_reference_measured_at_train_start_says_what_it_is(tmp_path):
+    lit, check, trainer = _run(tmp_path, "float", TinyData(), lr=0.001)
+    trainer.fit(lit, datamodule=TinyData())
+    assert "not a float fine-tune of the same length and settings" in check.result.note
+
+
+def test_unknown_monitor_mode_is_refused():
+    with pytest.raises(ValueError, match="monitor_mode='up' is not supported; allowed: None, 'min', 'max'"):
+        SanityCheck(monitor_mode="up")

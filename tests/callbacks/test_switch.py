@@ -81,7 +81,7 @@ def test_switch_during_qat_keeps_the_head_unquantized(tmp_path, data):
     }
     assert head_nodes
     switch = FakeQuantSwitch(disable=["head.*"], stages=("fit",))
-    callbacks = [PrepareQuantization(), QuantizationAwareTraining(), switch]
+    callbacks = [PrepareQuantization(), Calibration(10), QuantizationAwareTraining(), switch]
     make_trainer(tmp_path, callbacks, max_epochs=1, version=1).fit(lit, datamodule=data)
     after = scales(lit.model)
     for name in head_nodes:
