@@ -159,6 +159,23 @@ def _trace(
     if axes is not None:
         axes.update({n: {0: "batch"} for n in out_names})
     buf = io.BytesIO()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # MultiheadAttention's fused kernel has no ONNX form
+    try:
+        _run_exporter(flat, args, buf, names, out_names, axes)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+    return onnx.load_from_string(buf.getvalue())
+
+
+def _run_exporter(
+    flat: _Flat,
+    args: tuple[Tensor, ...],
+    buf: io.BytesIO,
+    names: tuple[str, ...],
+    out_names: tuple[str, ...],
+    axes: dict[str, dict[int, str]] | None,
+) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -173,7 +190,6 @@ def _trace(
             custom_opsets={CUSTOM_DOMAIN: 1},
             do_constant_folding=True,
         )
-    return onnx.load_from_string(buf.getvalue())
 
 
 def _write_atomic(files: list[tuple[Path, bytes]]) -> None:
