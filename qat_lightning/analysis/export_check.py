@@ -6,9 +6,11 @@ integer quant point the encodings place in the graph, and at least one when the 
 and that the encodings' dtypes and scales are still the model's. ``passed`` is false on any problem or
 when an output misses ``min_cosine`` / ``min_top1``.
 
-onnxruntime runs on the CPU provider with its default optimizations except ``QDQS8ToU8Transformer``
-(onnxruntime 1.2x/1.3x rejects its own rewrite of opset-21 ``QuantizeLinear`` after QDQ propagation:
-"output_dtype INT8 does not match y_zero_point type UINT8"; the transform only shifts int8 to uint8).
+onnxruntime runs on the CPU provider with its default optimizations except ``QDQS8ToU8Transformer``:
+onnxruntime (1.32 here) rejects its own rewrite of an opset-21 ``QuantizeLinear`` that QDQ propagation
+inserted after a Reshape/Transpose ("output_dtype INT8 does not match y_zero_point type UINT8",
+microsoft/onnxruntime#25526); that transform only shifts int8 codes to uint8. An int8/fp16-only model can be
+exported with ``opset=20`` instead, which a default session loads.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import io
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -39,8 +40,10 @@ from qat_lightning.quant.outputs import flatten_outputs, graph_output_name
 
 __all__ = ["EXPORT_OPSETS", "ExportError", "ExportResult", "export_onnx"]
 
-EXPORT_OPSETS: tuple[int, ...] = (21,)
-"""Opsets ``export_onnx`` writes (21: the first with int16 QuantizeLinear/DequantizeLinear)."""
+EXPORT_OPSETS: tuple[int, ...] = (20, 21)
+"""Opsets ``export_onnx`` writes. 21 is the first with int16 QuantizeLinear/DequantizeLinear; 20 (int8 and
+float16 only) is for runtimes that reject opset-21 QDQ, e.g. onnxruntime's default session on some graphs
+(see ``qat_lightning.analysis.export_check``)."""
 
 _TRACE_OPSET = 20
 
@@ -147,6 +150,9 @@ def _check_model(model: nn.Module, opset: int, path: Path) -> None:
     if cold:
         shown = ", ".join(cold[:8]) + (f" and {len(cold) - 8} more" if len(cold) > 8 else "")
         raise ExportError(f"quant nodes without a scale (calibrate or train the model first): {shown}")
+    int16 = [name for name, n in nodes if n.dtype.bits == 16 and n.dtype.is_integer]
+    if int16 and opset < 21:
+        raise ExportError(f"int16 quant points need opset >= 21, got opset={opset} (e.g. {int16[0]})")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise ExportError(f"cannot write {str(path)!r}: {str(parent)!r} is not a writable directory")
@@ -190,6 +196,23 @@ def _run_exporter(
             custom_opsets={CUSTOM_DOMAIN: 1},
             do_constant_folding=True,
         )
+
+
+def _describe_failure(exc: Exception) -> str:
+    """Return the exporter's first message line plus the module path and source line of the op it names."""
+    text = str(exc)
+    head = text.strip().split("\n")[0]
+    op = re.search(r"'((?:aten|prim|onnx)::\w+)'", head)
+    where = ""
+    if op is not None:
+        for line in text.split("\n"):
+            if f"= {op.group(1)}(" in line and "scope:" in line:
+                scope, _, source = line.split("scope:", 1)[1].partition("#")
+                parts = [seg.rpartition("::")[2] for seg in scope.strip().split("/")[1:]]
+                path = ".".join(p for p in parts[1:] if p)  # parts[0] is the prepared model itself
+                where = f" at node {path or '<model>'!r} ({source.strip()})"
+                break
+    return f"torch.onnx could not export the model: {head}{where}"
 
 
 def _write_atomic(files: list[tuple[Path, bytes]]) -> None:
@@ -256,8 +279,8 @@ def export_onnx(
                 raise ExportError("the model returned no tensor output: nothing to export")
             try:
                 proto = _trace(flat, args, names, out_names, dynamic_batch)
-            except Exception as exc:  # the exporter's own message names the op and its node
-                raise ExportError(f"torch.onnx could not export the model: {exc}".split("\n\n")[0]) from exc
+            except Exception as exc:  # the exporter's own message names the op; add the node
+                raise ExportError(_describe_failure(exc)) from exc
     finally:
         model.train(was_training)
     placed = rewrite_quant_points(proto, opset)
