@@ -4,9 +4,13 @@
 ``ql.get_qconfig``, ...); Lightning callbacks live in ``qat_lightning.callbacks``.
 """
 
+from typing import Any
+
 from qat_lightning.analysis import (
+    ExportCheck,
     MixedPrecisionPlan,
     QuantAnalysis,
+    check_export,
     search_fp16_topk,
     search_j6p,
     search_mixed_precision,
@@ -18,11 +22,27 @@ from qat_lightning.quant import __all__ as _quant_all
 __version__ = "0.1.0"
 __all__ = [
     *_quant_all,
+    "ExportCheck",
+    "ExportError",  # noqa: F405 - lazy, see __getattr__
+    "ExportResult",  # noqa: F405
     "MixedPrecisionPlan",
     "QuantAnalysis",
+    "check_export",
+    "export_onnx",  # noqa: F405
     "keep_heap",
     "search_fp16_topk",
     "search_j6p",
     "search_mixed_precision",
     "__version__",
 ]
+
+_EXPORT_NAMES = ("export_onnx", "ExportResult", "ExportError")
+
+
+def __getattr__(name: str) -> Any:
+    """``ql.export_onnx`` & co. import ``onnx`` on first use (``pip install qat_lightning[export]``)."""
+    if name in _EXPORT_NAMES:
+        from qat_lightning.quant import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'qat_lightning' has no attribute {name!r}")

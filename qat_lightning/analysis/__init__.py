@@ -14,6 +14,7 @@ from qat_lightning.analysis.advice_shared import (
     shared_module_advice,
 )
 from qat_lightning.analysis.bad_case import BadCaseResult, BadCaseRow, WorstRow
+from qat_lightning.analysis.export_check import ExportCheck, OutputAgreement, check_export
 from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
 from qat_lightning.analysis.inputs import default_input_fn, flatten_outputs
 from qat_lightning.analysis.layer_compare import Advice, LayerComparison, LayerRow
@@ -34,6 +35,7 @@ __all__ = [
     "BadCaseResult",
     "BadCaseRow",
     "DualInt16Diagnosis",
+    "ExportCheck",
     "Fp16Diagnosis",
     "IndexRecorder",
     "IndexReplayer",
@@ -42,10 +44,12 @@ __all__ = [
     "LrProbeResult",
     "Metric",
     "MixedPrecisionPlan",
+    "OutputAgreement",
     "Probe",
     "QuantAnalysis",
     "SharedModuleAdvice",
     "WorstRow",
+    "check_export",
     "default_input_fn",
     "diagnose_dual_int16",
     "diagnose_fp16",
