@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from qat_lightning.analysis.inputs import InputFn, iter_batches
+from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
 from qat_lightning.analysis.reports import write_atomic
 from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
 from qat_lightning.quant.outputs import flatten_outputs, graph_output_name
@@ -229,12 +229,14 @@ def check_export(
     out_names = [o.name for o in session.get_outputs()]
     accs: dict[str, _Acc] = {n: _Acc() for n in out_names}
     count, was_training = 0, model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     try:
         model.eval()
         with fake_quant_state(model, FakeQuantState.VALIDATION), torch.no_grad():
             for inputs in iter_batches(dataloader, num_batches, input_fn):
                 feeds = _feeds(session, inputs)  # first: a batch that does not fit the graph is named
-                out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+                on_device = map_tensors(inputs, lambda t: t.to(device))
+                out = model(**on_device) if isinstance(on_device, dict) else model(*on_device)
                 ref = {graph_output_name(k): v for k, v in flatten_outputs(out)}
                 got = session.run(out_names, feeds)
                 for name, expected, value in zip(out_names, _pair(ref, out_names), got, strict=True):
