@@ -50,6 +50,8 @@ FILES = {
     "*_lr_probe/lr_probe.md": "the QAT LR probe table (qat.lr_probe=[...])",
     "sanity_check.txt": "the lr0 / float sanity check verdicts",
     "troubleshoot.md": "stage=troubleshoot: the three checks, expected vs got, the part at fault",
+    "*_export/model.onnx": "the chosen model as QDQ ONNX, with model.encodings.json and export_check.txt "
+    "(onnxruntime vs fake quant)",
     "events.out.tfevents.*": "TensorBoard: `tensorboard --logdir <run dir>`",
 }
 
@@ -301,6 +303,7 @@ def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> 
         conf_dir: the config tree.
     """
     from qat_lightning.app import flows
+    from qat_lightning.app.export import export_stage
     from qat_lightning.app.troubleshoot import troubleshoot_stage
 
     if cfg.torch_threads:
@@ -315,5 +318,6 @@ def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> 
         StageName.analysis: flows.analysis_stage,
         StageName.pipeline: flows.pipeline_stage,
         StageName.troubleshoot: troubleshoot_stage,
+        StageName.export: export_stage,
     }[cfg.stage.name]
     return runner(pipe)
