@@ -15,6 +15,11 @@ from qat_lightning.analysis.advice_shared import (
 )
 from qat_lightning.analysis.bad_case import BadCaseResult, BadCaseRow, WorstRow
 from qat_lightning.analysis.export_check import ExportCheck, OutputAgreement, check_export
+from qat_lightning.analysis.export_layers import (
+    ExportLayerRow,
+    compare_export_per_layer,
+    first_export_mismatch,
+)
 from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
 from qat_lightning.analysis.inputs import default_input_fn, flatten_outputs
 from qat_lightning.analysis.layer_compare import Advice, LayerComparison, LayerRow
@@ -36,6 +41,7 @@ __all__ = [
     "BadCaseRow",
     "DualInt16Diagnosis",
     "ExportCheck",
+    "ExportLayerRow",
     "Fp16Diagnosis",
     "IndexRecorder",
     "IndexReplayer",
@@ -50,9 +56,11 @@ __all__ = [
     "SharedModuleAdvice",
     "WorstRow",
     "check_export",
+    "compare_export_per_layer",
     "default_input_fn",
     "diagnose_dual_int16",
     "diagnose_fp16",
+    "first_export_mismatch",
     "flatten_outputs",
     "j6p_base_dtypes",
     "probe_qat_lr",

@@ -129,7 +129,8 @@ class _Acc:
         return OutputAgreement(name, self.max_abs, cosine, sqnr, top1, self.numel)
 
 
-def _feeds(session: Any, inputs: Any) -> dict[str, np.ndarray]:
+def onnx_feeds(session: Any, inputs: Any) -> dict[str, np.ndarray]:
+    """Map one batch's model inputs (tuple or dict) onto the session's graph inputs, as numpy arrays."""
     names = [i.name for i in session.get_inputs()]
     if isinstance(inputs, dict):
         missing = [n for n in names if n not in inputs]
@@ -234,7 +235,7 @@ def check_export(
         model.eval()
         with fake_quant_state(model, FakeQuantState.VALIDATION), torch.no_grad():
             for inputs in iter_batches(dataloader, num_batches, input_fn):
-                feeds = _feeds(session, inputs)  # first: a batch that does not fit the graph is named
+                feeds = onnx_feeds(session, inputs)  # first: a batch that does not fit the graph is named
                 on_device = map_tensors(inputs, lambda t: t.to(device))
                 out = model(**on_device) if isinstance(on_device, dict) else model(*on_device)
                 ref = {graph_output_name(k): v for k, v in flatten_outputs(out)}

@@ -173,5 +173,3 @@ def concat_samples(samples: list[ModelInputs]) -> ModelInputs:
         return head
 
     return merge(list(samples)) if len(samples) > 1 else first
-
-

@@ -4,7 +4,9 @@ On global rank zero only (the other ranks return at once), after ``trainer.fit``
 (:meth:`ExportOnnx.export`): :func:`qat_lightning.quant.export.export_onnx` writes ``path`` and its
 ``.encodings.json`` (atomically), then :func:`qat_lightning.analysis.check_export` runs onnxruntime beside
 the fake-quant network on ``check_batches`` batches and writes ``export_check.txt`` / ``.json`` beside the
-model. The example inputs are the first batch of ``dataloader``.
+model; when the check fails, ``compare_export_per_layer.txt`` too (onnxruntime vs fake quant per quant point,
+in graph order) and a warning naming the first point where they part. The example inputs are the first batch
+of ``dataloader``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from qat_lightning.analysis import ExportCheck, check_export
+from qat_lightning.analysis import ExportCheck, check_export, compare_export_per_layer, first_export_mismatch
+from qat_lightning.analysis.export_layers import render_export_layers
 from qat_lightning.callbacks._common import (
     DATALOADER_CHOICES,
     InputFn,
+    atomic_write_text,
     check_choice,
     default_input_fn,
     first_batch,
@@ -118,9 +122,22 @@ class ExportOnnx(Callback):
                 model, target, loader, input_fn=self.input_fn, num_batches=self.check_batches
             )
             log_scalars(trainer, _check_scalars(check))
+            if not check.passed:
+                _explain_failure(model, target, loader, self.input_fn)
             rank_zero_info(f"ONNX export check {'passed' if check.passed else 'FAILED'}: {target.parent}")
         self.outcome = ExportOutcome(result, check)
         return self.outcome
+
+
+def _explain_failure(model: Any, target: Path, loader: Any, input_fn: InputFn | None) -> None:
+    """Write ``compare_export_per_layer.txt`` (onnxruntime vs fake quant per point); warn with the first."""
+    rows = compare_export_per_layer(model, target, loader, input_fn=input_fn, num_batches=1)
+    atomic_write_text(target.parent / "compare_export_per_layer.txt", render_export_layers(rows))
+    bad = first_export_mismatch(rows)
+    where = "none above 1 quantization step" if bad is None else f"{bad.node} ({bad.max_steps:.1f} steps)"
+    rank_zero_warn(
+        f"ONNX export check FAILED; first quant point where onnxruntime and fake quant part: {where}"
+    )
 
 
 def _export_module() -> Any:

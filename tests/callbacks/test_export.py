@@ -61,3 +61,27 @@ def test_unprepared_network_is_refused(tmp_path, lit, data):
     trainer = make_trainer(tmp_path, [ExportOnnx()], max_epochs=0)
     with pytest.raises(ValueError, match="ExportOnnx: `model` has no quant nodes"):
         trainer.fit(lit, datamodule=data)
+
+
+def test_failed_check_writes_the_per_layer_comparison(tmp_path, lit, data, monkeypatch):
+    import qat_lightning.callbacks.export as export_mod
+    from tests.analysis.test_export_check import _tamper_scale
+
+    real_check = export_mod.check_export
+
+    def check_a_broken_file(model, path, *args, **kwargs):  # a deployment that disagrees on one scale
+        enc = {e.node: e for e in ql.quant.export.read_encodings(path)}
+        node = next(n for n, e in enc.items() if e.role == "output" and e.onnx_tensors)
+        _tamper_scale(path, enc[node].onnx_tensors[0], 0.25, False)
+        return real_check(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(export_mod, "check_export", check_a_broken_file)
+    export = ExportOnnx(path="m.onnx", check_batches=2)
+    trainer = make_trainer(
+        tmp_path, [PrepareQuantization(), Calibration(num_batches=2), export], max_epochs=0
+    )
+    with pytest.warns(UserWarning, match="first quant point where onnxruntime and fake quant part: .*steps"):
+        trainer.fit(lit, datamodule=data)
+    assert not export.outcome.check.passed
+    table = (tmp_path / "run" / "version_0" / "compare_export_per_layer.txt").read_text()
+    assert table.startswith("op_name") and "cosine" in table
