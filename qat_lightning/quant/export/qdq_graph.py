@@ -49,10 +49,14 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     """Values of initializers and of ``Constant`` node outputs, by tensor name."""
     values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     for node in graph.node:
-        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Constant":
             attrs = {a.name: a for a in node.attribute}
             if "value" in attrs:
                 values[node.output[0]] = numpy_helper.to_array(attrs["value"].t)
+        elif node.op_type == "Identity" and node.input[0] in values:  # the exporter's shared-weight alias
+            values[node.output[0]] = values[node.input[0]]
     return values
 
 
@@ -99,10 +103,10 @@ def _rewrite_one(
 
 
 def _prune(graph: onnx.GraphProto) -> None:
-    """Drop initializers and ``Constant`` nodes nothing reads any more (the float copies of the weights)."""
+    """Drop nodes, initializers and constants nothing reads any more (the float copies of the weights)."""
     while True:
         used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-        dead = [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
         for n in dead:
             graph.node.remove(n)
         unused = [init for init in graph.initializer if init.name not in used]
