@@ -174,6 +174,10 @@ def test_torch_transformer_encoder(tmp_path):
     model = _calibrated(encoder, (xs[0],), xs)
     result = export_onnx(model, (xs[0],), tmp_path / "enc.onnx")
     assert result.num_qdq > 0
+    # the two layers start as copies: the exporter aliases layer 1's weights (Identity); still int8 here
+    graph = _graph(result.path)
+    float_ffn = [i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2]
+    assert not [n for n in float_ffn if "linear" in n], float_ffn  # (MultiheadAttention stays float)
     with torch.no_grad():
         ref = model(xs[1])
     (got,) = _run_ort(result.path, (xs[1],))
