@@ -1,7 +1,9 @@
 """qat_lightning: the quantization accuracy-tuning workflow as Lightning callbacks and Hydra recipes.
 
 ``import qat_lightning as ql`` gives the plain-torch core (``ql.fake_quantize``, ``ql.FakeQuantize``,
-``ql.get_qconfig``, ...); Lightning callbacks live in ``qat_lightning.callbacks``.
+``ql.get_qconfig``, ...); Lightning callbacks live in ``qat_lightning.callbacks``. The seed's named
+setters (``default_calibration_qconfig_setter``, ...) live in :mod:`qat_lightning.compat`; ``ql.<name>``
+still finds them (not listed in ``__all__``).
 """
 
 from typing import Any
@@ -40,9 +42,15 @@ _EXPORT_NAMES = ("export_onnx", "ExportResult", "ExportError")
 
 
 def __getattr__(name: str) -> Any:
-    """``ql.export_onnx`` & co. import ``onnx`` on first use (``pip install qat_lightning[export]``)."""
-    if name in _EXPORT_NAMES:
-        from qat_lightning.quant import export
+    """Resolve ``ql.export_onnx`` & co. and the seed's compatibility names (:mod:`qat_lightning.compat`).
 
-        return getattr(export, name)
+    The export names import ``onnx`` on first use (``pip install qat_lightning[export]``).
+    """
+    import importlib
+
+    if name in _EXPORT_NAMES:
+        return getattr(importlib.import_module("qat_lightning.quant.export"), name)
+    compat = importlib.import_module("qat_lightning.compat")
+    if name in compat.__all__:
+        return getattr(compat, name)
     raise AttributeError(f"module 'qat_lightning' has no attribute {name!r}")

@@ -31,13 +31,8 @@ This module is data: it never imports the ``quant`` layer. Dtypes are compared b
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # pragma: no cover - typing only, keeps chips.py free of quant imports at runtime
-    from qat_lightning.quant.ops import OpInfo
-    from qat_lightning.quant.qconfig_setter import QconfigAssignment
+from typing import Any
 
 __all__ = [
     "ChipSpec",
@@ -48,8 +43,6 @@ __all__ = [
     "dtype_name",
     "dtype_factor",
     "op_cost",
-    "op_costs",
-    "model_cost",
 ]
 
 
@@ -202,41 +195,3 @@ def op_cost(
     given = [d for d in (input_dtype, weight_dtype, output_dtype) if d is not None]
     factor = max((dtype_factor(d, spec) for d in given), default=1.0)
     return float(flops) * factor
-
-
-def _widest(dtypes: Iterable[Any], chip: ChipSpec) -> Any:
-    known = [d for d in dtypes if d is not None]
-    return max(known, key=lambda d: dtype_factor(d, chip)) if known else None
-
-
-def op_costs(ops: Iterable[OpInfo], assignment: QconfigAssignment, chip: str | ChipSpec) -> dict[str, float]:
-    """Per-op cost of ``assignment`` on ``chip``, using each gemm's effective input dtypes.
-
-    Args:
-        ops: the ops (``OpInfo``) in graph order.
-        assignment: a ``QconfigAssignment`` (its ``qconfigs`` and ``input_dtypes(op)``).
-        chip: chip name or spec.
-    """
-    spec = get_chip(chip)
-    qconfigs: Mapping[str, Any] = assignment.qconfigs
-    costs: dict[str, float] = {}
-    for op in ops:
-        qconfig = qconfigs[op.name]
-        inputs = assignment.input_dtypes(op)
-        is_gemm = getattr(op.kind, "value", op.kind) == "gemm"
-        if is_gemm and op.is_matmul:
-            first = inputs[0] if inputs else None
-            second = inputs[1] if len(inputs) > 1 else first
-            costs[op.name] = op_cost(op.flops, first, second, qconfig.output_dtype, spec, True)
-        elif is_gemm:
-            act = _widest(inputs, spec)
-            costs[op.name] = op_cost(op.flops, act, qconfig.weight_dtype, qconfig.output_dtype, spec, True)
-        else:
-            act = _widest(inputs, spec)
-            costs[op.name] = op_cost(op.flops, act, None, qconfig.output_dtype, spec, False)
-    return costs
-
-
-def model_cost(ops: Iterable[OpInfo], assignment: QconfigAssignment, chip: str | ChipSpec) -> float:
-    """Total relative cost of ``assignment`` on ``chip`` (the sum of :func:`op_costs`)."""
-    return float(sum(op_costs(ops, assignment, chip).values()))

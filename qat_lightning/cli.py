@@ -3,7 +3,7 @@
 The only module that imports hydra. It registers the typed schema (``qat_lightning.app.schema``) in
 Hydra's ConfigStore, composes ``conf/config.yaml`` with the command-line overrides, instantiates the
 user's LightningModule / LightningDataModule / logger from their ``_target_`` and hands plain factories to
-``qat_lightning.app.pipeline.run``.
+``qat_lightning.app.runner.run``.
 
 Before Hydra takes over, the overrides are composed once on their own so that a misspelt key gets an
 error that lists the valid keys (Hydra's own message only says the key is not in the struct).
@@ -178,7 +178,7 @@ def make_factories(cfg: DictConfig) -> Any:
     """Plain factories for the model, datamodule and logger of a composed config."""
     from hydra.utils import instantiate
 
-    from qat_lightning.app.stages import Factories
+    from qat_lightning.app.session import Factories
 
     def build(group: str, **kwargs: Any) -> Any:
         node = cfg[group]
@@ -203,7 +203,7 @@ def run_config(cfg: DictConfig, run_dir: Path) -> Any:
         cfg: the composed config (a ``DictConfig`` with the schema).
         run_dir: where the run writes.
     """
-    from qat_lightning.app.pipeline import run
+    from qat_lightning.app.runner import run
 
     app = to_app_config(cfg)
     return run(app, run_dir, make_factories(cfg), CONFIG_DIR)

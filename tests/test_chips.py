@@ -13,14 +13,13 @@ from qat_lightning.chips import (
     dtype_factor,
     dtype_name,
     get_chip,
-    model_cost,
     op_cost,
-    op_costs,
 )
 from qat_lightning.quant.dtypes import float16, float32, qint8, qint16
 from qat_lightning.quant.ops import OpInfo, OpKind
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.templates import ConvDtypeTemplate, MatmulDtypeTemplate, ModuleNameTemplate
+from qat_lightning.quant.qconfig.costs import model_cost, op_costs
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import ConvDtypeTemplate, MatmulDtypeTemplate, ModuleNameTemplate
 
 
 def test_chip_table() -> None:

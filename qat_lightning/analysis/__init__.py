@@ -2,36 +2,67 @@
 
 Plain torch: never imports lightning, hydra or omegaconf. Callables in (``eval_fn(model) -> float``,
 ``input_fn(batch)``), frozen result dataclasses out; rendering (text, CSV, JSON, PNG) is separate
-(:mod:`~qat_lightning.analysis.reports`, :mod:`~qat_lightning.analysis.plots`).
+(:mod:`~qat_lightning.analysis.reports`).
+
+Sub-packages: ``compare`` (bad cases, per-layer comparison, metrics), ``sensitivity`` (exact and
+approximate sensitivity tables), ``search`` (mixed-precision search), ``advice`` (diagnoses with advice),
+``reports`` (text/CSV/JSON/PNG rendering). ``partial`` runs chosen ops in float and bisects for the
+culprit. ``inputs`` (batches -> call arguments) and ``state`` (quant-state context managers) are shared
+by all of them; :class:`QuantAnalysis` (``quant_analysis``) is the facade.
 """
 
-from qat_lightning.analysis.advice_fp16 import Fp16Diagnosis, diagnose_fp16, render_fp16
-from qat_lightning.analysis.advice_int16 import DualInt16Diagnosis, diagnose_dual_int16, render_dual_int16
-from qat_lightning.analysis.advice_lr import LrProbeResult, probe_qat_lr, render_lr_probe
-from qat_lightning.analysis.advice_shared import (
+from qat_lightning.analysis.advice import (
+    DualInt16Diagnosis,
+    Fp16Diagnosis,
+    LrProbeResult,
     SharedModuleAdvice,
+    diagnose_dual_int16,
+    diagnose_fp16,
+    probe_qat_lr,
+    render_dual_int16,
+    render_fp16,
+    render_lr_probe,
     render_shared_module_advice,
     shared_module_advice,
 )
-from qat_lightning.analysis.bad_case import BadCaseResult, BadCaseRow, WorstRow
+from qat_lightning.analysis.compare import (
+    BUILTIN_METRICS,
+    Advice,
+    BadCaseResult,
+    BadCaseRow,
+    IndexRecorder,
+    IndexReplayer,
+    LayerComparison,
+    LayerRow,
+    Metric,
+    WorstRow,
+)
 from qat_lightning.analysis.export_check import ExportCheck, OutputAgreement, check_export
 from qat_lightning.analysis.export_layers import (
     ExportLayerRow,
     compare_export_per_layer,
     first_export_mismatch,
 )
-from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
 from qat_lightning.analysis.inputs import default_input_fn, flatten_outputs
-from qat_lightning.analysis.layer_compare import Advice, LayerComparison, LayerRow
-from qat_lightning.analysis.metrics import BUILTIN_METRICS, Metric
-from qat_lightning.analysis.mixed_precision import (
+from qat_lightning.analysis.partial import (
+    BisectResult,
+    bisect_float_blocks,
+    bisect_model_blocks,
+    block_patterns,
+    float_ops,
+    match_name,
+    matched_nodes,
+)
+from qat_lightning.analysis.quant_analysis import SENSITIVITY_METHODS, QuantAnalysis
+from qat_lightning.analysis.search import (
     MixedPrecisionPlan,
     Probe,
+    j6p_base_dtypes,
+    search_fp16_topk,
+    search_j6p,
     search_mixed_precision,
     write_plan,
 )
-from qat_lightning.analysis.precision_paths import j6p_base_dtypes, search_fp16_topk, search_j6p
-from qat_lightning.analysis.quant_analysis import SENSITIVITY_METHODS, QuantAnalysis
 
 __all__ = [
     "BUILTIN_METRICS",
@@ -39,6 +70,7 @@ __all__ = [
     "Advice",
     "BadCaseResult",
     "BadCaseRow",
+    "BisectResult",
     "DualInt16Diagnosis",
     "ExportCheck",
     "ExportLayerRow",
@@ -55,6 +87,9 @@ __all__ = [
     "QuantAnalysis",
     "SharedModuleAdvice",
     "WorstRow",
+    "bisect_float_blocks",
+    "bisect_model_blocks",
+    "block_patterns",
     "check_export",
     "compare_export_per_layer",
     "default_input_fn",
@@ -62,7 +97,10 @@ __all__ = [
     "diagnose_fp16",
     "first_export_mismatch",
     "flatten_outputs",
+    "float_ops",
     "j6p_base_dtypes",
+    "match_name",
+    "matched_nodes",
     "probe_qat_lr",
     "render_dual_int16",
     "render_fp16",

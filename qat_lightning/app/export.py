@@ -15,7 +15,7 @@ from typing import Any
 from qat_lightning.app.pipeline import Pipeline
 from qat_lightning.app.summary import Summary
 
-__all__ = ["export_model", "export_stage"]
+__all__ = ["export_chosen", "export_model", "export_stage"]
 
 log = logging.getLogger("qat_lightning")
 
@@ -58,6 +58,14 @@ def export_model(pipe: Pipeline, lit: Any, recipe: Any, out: Path, what: str) ->
         )
     pipe.result(f"onnx export ({what})", recipe, None, None, lit, None, out, note)
     return outcome
+
+
+def export_chosen(pipe: Pipeline, qat_lit: Any, chosen_ckpt: Path, chosen: Any) -> Any:
+    """Run the pipeline's last step: export the QAT module (``None``: reload the chosen calibration)."""
+    what = f"QAT {chosen.name}" if qat_lit is not None else f"calibration {chosen.name}"
+    out = pipe.step("export", f"ONNX export of the {what} model + onnxruntime check")
+    lit = qat_lit if qat_lit is not None else pipe.session.load_quantized(chosen_ckpt, out)[0]
+    return export_model(pipe, lit, chosen, out, what)
 
 
 def _numbers(check: Any) -> str:

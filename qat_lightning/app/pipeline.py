@@ -1,4 +1,7 @@
-"""``stage=...``: run one stage, or the seed's whole tuning pipeline, and write ``summary.md``.
+"""``Pipeline``: the state one ``stage=...`` run shares (session, steps, results, decisions, ``summary.md``).
+
+The runners of each stage are in :mod:`qat_lightning.app.stage_runners`; ``run`` (the dispatcher) is in
+:mod:`qat_lightning.app.runner`.
 
 Pipeline for j6e / j6m (the seed's "J6E/M Mixed Precision Tuning" flow):
 
@@ -30,12 +33,12 @@ from typing import Any
 
 from qat_lightning.app.checkpoints import is_rank_zero, read_checkpoint_info
 from qat_lightning.app.recipes import Recipe, load_recipe_conf, recipe_from_conf
-from qat_lightning.app.schema import AppConfig, RecipeConf, StageName
-from qat_lightning.app.stages import Factories, Session, StageResult
+from qat_lightning.app.schema import AppConfig, RecipeConf
+from qat_lightning.app.session import Session, StageResult
 from qat_lightning.app.summary import Summary, render_markdown, render_table
 from qat_lightning.app.tuning import fp16_search, int16_search
 
-__all__ = ["Pipeline", "run"]
+__all__ = ["Pipeline"]
 
 log = logging.getLogger("qat_lightning")
 
@@ -291,33 +294,3 @@ class Pipeline:
         self.console.print(f"summary: {path}")
         log.info("summary written to %s\n%s", path, render_markdown(summary))
         return summary
-
-
-def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> Summary:
-    """Run ``cfg.stage`` in ``run_dir``; returns the summary (also written to ``summary.md``).
-
-    Args:
-        cfg: the configuration.
-        run_dir: the Hydra run dir.
-        factories: how to build the model, datamodule and logger.
-        conf_dir: the config tree.
-    """
-    from qat_lightning.app import flows
-    from qat_lightning.app.export import export_stage
-    from qat_lightning.app.troubleshoot import troubleshoot_stage
-
-    if cfg.torch_threads:
-        import torch
-
-        torch.set_num_threads(cfg.torch_threads)
-    pipe = Pipeline(Session(cfg, Path(run_dir), factories), Path(conf_dir))
-    runner = {
-        StageName.float: flows.float_stage,
-        StageName.calibration: flows.calibration_stage,
-        StageName.qat: flows.qat_stage,
-        StageName.analysis: flows.analysis_stage,
-        StageName.pipeline: flows.pipeline_stage,
-        StageName.troubleshoot: troubleshoot_stage,
-        StageName.export: export_stage,
-    }[cfg.stage.name]
-    return runner(pipe)

@@ -151,10 +151,10 @@ class Recipe:
         if not self.quantize:
             return None
         from qat_lightning.quant.dtypes import float16
-        from qat_lightning.quant.qconfig import get_qconfig
-        from qat_lightning.quant.qconfig_setter import QconfigSetter
-        from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
-        from qat_lightning.quant.templates import (
+        from qat_lightning.quant.qconfig.qconfig import get_qconfig
+        from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
+        from qat_lightning.quant.qconfig.setter import QconfigSetter
+        from qat_lightning.quant.qconfig.templates import (
             ConvDtypeTemplate,
             MatmulDtypeTemplate,
             ModuleNameTemplate,

@@ -1,5 +1,9 @@
 """Plain-torch quantization core: dtypes, fake quant/cast, observers, qconfig, prepare, model check.
 
+Sub-packages: ``qconfig`` (QConfig, templates, QconfigSetter, sensitivity table), ``preparation``
+(prepare, fx/eager preparation, fusion, model check). The seed's named setters live in
+:mod:`qat_lightning.compat`.
+
 Never imports lightning, hydra or omegaconf.
 """
 
@@ -15,33 +19,31 @@ from qat_lightning.quant.fake_quantize import (
 )
 from qat_lightning.quant.fp16_norm import set_fp16_norm_scaling
 from qat_lightning.quant.functional import fake_cast, fake_quantize
-from qat_lightning.quant.model_check import ModelCheckReport, check_model, write_changelog
 from qat_lightning.quant.observers import OBSERVER_NAMES, Observer, make_observer
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
-from qat_lightning.quant.prepare import PREPARE_METHODS, QAT_MODES, FxTraceError, prepare
-from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.qconfig_setter import (
-    ModuleNameQconfigSetter,
-    QconfigAssignment,
-    QconfigSetter,
-    as_qconfig_setter,
-    calibration_8bit_weight_16bit_act_qconfig_setter,
-    default_calibration_qconfig_setter,
-    default_qat_qconfig_setter,
-    qat_8bit_weight_16bit_act_qconfig_setter,
-    sensitive_op_8bit_weight_16bit_act_calibration_setter,
-    sensitive_op_8bit_weight_16bit_act_qat_setter,
-    sensitive_op_calibration_8bit_weight_16bit_act_qconfig_setter,
-    sensitive_op_qat_8bit_weight_16bit_act_qconfig_setter,
+from qat_lightning.quant.preparation import (
+    PREPARE_METHODS,
+    QAT_MODES,
+    FxTraceError,
+    ModelCheckReport,
+    check_model,
+    prepare,
+    write_changelog,
 )
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
-from qat_lightning.quant.switches import GlobalFakeQuantSwitch
-from qat_lightning.quant.templates import (
+from qat_lightning.quant.qconfig import (
     ConvDtypeTemplate,
     MatmulDtypeTemplate,
     ModuleNameTemplate,
+    QConfig,
+    QconfigAssignment,
+    QconfigSetter,
+    SensitivityRow,
+    SensitivityTable,
     SensitivityTemplate,
+    as_qconfig_setter,
+    get_qconfig,
 )
+from qat_lightning.quant.switches import GlobalFakeQuantSwitch
 
 __all__ = [
     "PREPARE_METHODS",
@@ -50,7 +52,6 @@ __all__ = [
     "FxTraceError",
     "MatmulDtypeTemplate",
     "ModelCheckReport",
-    "ModuleNameQconfigSetter",
     "ModuleNameTemplate",
     "PrepareRecord",
     "QconfigAssignment",
@@ -59,16 +60,8 @@ __all__ = [
     "SensitivityTable",
     "SensitivityTemplate",
     "as_qconfig_setter",
-    "calibration_8bit_weight_16bit_act_qconfig_setter",
     "check_model",
-    "default_calibration_qconfig_setter",
-    "default_qat_qconfig_setter",
     "prepare",
-    "qat_8bit_weight_16bit_act_qconfig_setter",
-    "sensitive_op_8bit_weight_16bit_act_calibration_setter",
-    "sensitive_op_8bit_weight_16bit_act_qat_setter",
-    "sensitive_op_calibration_8bit_weight_16bit_act_qconfig_setter",
-    "sensitive_op_qat_8bit_weight_16bit_act_qconfig_setter",
     "write_changelog",
     "DTYPES",
     "OBSERVER_NAMES",

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState
 from qat_lightning.quant.functional import fake_cast
+from qat_lightning.quant.op_names import match_name
 from qat_lightning.quant.ops import iter_quant_ops
 from qat_lightning.quant.qat_modules import QatFunction, QatModuleOp
 from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
@@ -219,17 +220,15 @@ def set_fp16_norm_scaling(model: nn.Module, enabled: bool, prefix: str = "") -> 
     Args:
         model: a prepared model.
         enabled: the new setting.
-        prefix: only ops whose name is ``prefix`` or starts with ``prefix + "."`` (``""``: all).
+        prefix: only ops matched by this pattern (:func:`~qat_lightning.quant.op_names.match_name`:
+            a prefix on name components, ``""`` for all, or a glob).
 
     Returns:
         The names of the norm ops that were set.
     """
     names = []
     for name, op in iter_quant_ops(model):
-        base = name.split("#")[0]  # ``name#k``: the k-th extra call site of a shared module
-        if isinstance(op, (QatNormOp, QatNormFunction)) and (
-            not prefix or base == prefix or base.startswith(prefix + ".")
-        ):
+        if isinstance(op, (QatNormOp, QatNormFunction)) and match_name(prefix, name):
             op.fp16_input_scaling = bool(enabled)
             names.append(name)
     return names

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from qat_lightning.quant.dtypes import QuantDtype, float32
 from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState
 from qat_lightning.quant.ops import OpInfo
-from qat_lightning.quant.qconfig import QConfig
+from qat_lightning.quant.qconfig.qconfig import QConfig
 from qat_lightning.quant.switches import GlobalFakeQuantSwitch
 
 __all__ = [

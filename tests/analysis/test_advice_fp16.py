@@ -8,7 +8,7 @@ from analysis_toys import QElementwise, QInput
 from torch import nn
 
 import qat_lightning as ql
-from qat_lightning.analysis.advice_fp16 import diagnose_fp16, render_fp16
+from qat_lightning.analysis.advice.fp16 import diagnose_fp16, render_fp16
 
 
 class Net(nn.Module):

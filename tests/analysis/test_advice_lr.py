@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from qat_lightning.analysis.advice_lr import probe_qat_lr, render_lr_probe
+from qat_lightning.analysis.advice.lr import probe_qat_lr, render_lr_probe
 
 
 def _task():

@@ -10,7 +10,7 @@ from analysis_toys import QInput, QLinear
 from torch import nn
 
 import qat_lightning as ql
-from qat_lightning.analysis.advice_shared import render_shared_module_advice, shared_module_advice
+from qat_lightning.analysis.advice.shared import render_shared_module_advice, shared_module_advice
 
 
 class Shared(nn.Module):

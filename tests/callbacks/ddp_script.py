@@ -24,8 +24,8 @@ from qat_lightning.callbacks import (  # noqa: E402
     QuantStatsMonitor,
 )
 from qat_lightning.quant.fake_quantize import iter_fake_quantize  # noqa: E402
-from qat_lightning.quant.qconfig import get_qconfig  # noqa: E402
-from qat_lightning.quant.qconfig_setter import QconfigSetter  # noqa: E402
+from qat_lightning.quant.qconfig.qconfig import get_qconfig  # noqa: E402
+from qat_lightning.quant.qconfig.setter import QconfigSetter  # noqa: E402
 
 
 def main(out_dir: Path) -> None:

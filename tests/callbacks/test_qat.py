@@ -17,8 +17,8 @@ from qat_lightning.callbacks import (
     load_quantized_checkpoint,
     prepare_submodule,
 )
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.templates import ModuleNameTemplate
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import ModuleNameTemplate
 
 
 class Boom:

@@ -18,8 +18,8 @@ from qat_lightning.callbacks import (
     float_ops,
 )
 from qat_lightning.callbacks.switch import matched_nodes
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.templates import ModuleNameTemplate
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import ModuleNameTemplate
 
 
 def _val_loss(model):

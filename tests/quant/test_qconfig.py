@@ -1,4 +1,4 @@
-"""qat_lightning.quant.qconfig: QConfig validation and the quant nodes it builds."""
+"""qat_lightning.quant.qconfig.qconfig: QConfig validation and the quant nodes it builds."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from qat_lightning.quant.dtypes import float16, qint8, qint16
 from qat_lightning.quant.fake_quantize import FakeQuantize, set_fake_quantize
 from qat_lightning.quant.functional import fake_quantize
 from qat_lightning.quant.observers import OBSERVER_NAMES
-from qat_lightning.quant.qconfig import QConfig, get_qconfig
+from qat_lightning.quant.qconfig.qconfig import QConfig, get_qconfig
 
 
 def test_defaults() -> None:

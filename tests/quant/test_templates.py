@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from qat_lightning.quant.dtypes import float16, float32, qint8, qint16
+from qat_lightning.quant.op_names import match_name
 from qat_lightning.quant.ops import OpInfo, OpKind
-from qat_lightning.quant.qconfig import get_qconfig
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
-from qat_lightning.quant.templates import (
+from qat_lightning.quant.qconfig.qconfig import get_qconfig
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
+from qat_lightning.quant.qconfig.templates import (
     PRECISION_ORDER,
     ConvDtypeTemplate,
     MatmulDtypeTemplate,
@@ -15,7 +16,6 @@ from qat_lightning.quant.templates import (
     SensitivityTemplate,
     Template,
     effective_input_dtypes,
-    name_matches,
     precision_rank,
 )
 
@@ -37,7 +37,7 @@ TABLE = SensitivityTable((SensitivityRow("a", "activation", "add", 1.0, "qint8")
     ],
 )
 def test_name_matches_on_components(prefix: str, name: str, expected: bool) -> None:
-    assert name_matches(prefix, name) is expected
+    assert match_name(prefix, name) is expected
 
 
 def test_precision_order() -> None:

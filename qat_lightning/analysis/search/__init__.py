@@ -1,0 +1,24 @@
+"""Mixed-precision search (the seed's int8/int16, int16/fp16 and J6P tuning procedures).
+
+* ``mixed_precision``: :func:`search_mixed_precision`, the int8/int16 binary search on a sensitivity table;
+* ``precision_paths``: the int16 -> fp16 top-k step and the J6P procedure, on top of it;
+* ``precision_nodes``: which quant nodes a sensitivity row stands for, and what an assignment costs.
+"""
+
+from qat_lightning.analysis.search.mixed_precision import (
+    MixedPrecisionPlan,
+    Probe,
+    search_mixed_precision,
+    write_plan,
+)
+from qat_lightning.analysis.search.precision_paths import j6p_base_dtypes, search_fp16_topk, search_j6p
+
+__all__ = [
+    "MixedPrecisionPlan",
+    "Probe",
+    "j6p_base_dtypes",
+    "search_fp16_topk",
+    "search_j6p",
+    "search_mixed_precision",
+    "write_plan",
+]

@@ -1,0 +1,177 @@
+"""The seed's other mixed-precision procedures, on top of :mod:`.mixed_precision` (same package).
+
+* :func:`search_fp16_topk`: the int16→fp16 step ("set a small number of fp16 based on the int16
+  sensitivity results"): the top-k activation rows of an int16 sensitivity table get float16 outputs,
+  k = 1, 2, ... until the target is met;
+* :func:`search_j6p`: the J6P path: every op output float16 (fast on J6P), gemm inputs and weights
+  searched between qint8 and qint16 (double int16 allowed), starting from :func:`j6p_base_dtypes`.
+
+Probes change node dtypes in place and restore them, like :func:`search_mixed_precision`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from qat_lightning.analysis.search.mixed_precision import (
+    MixedPrecisionPlan,
+    Probe,
+    _Search,
+    search_mixed_precision,
+    write_plan,
+)
+from qat_lightning.analysis.search.precision_nodes import assignment_cost, collect_ops
+from qat_lightning.analysis.state import analysis_mode, node_dtypes
+from qat_lightning.chips import get_chip
+from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, float16, parse_dtype, qint8, qint16
+from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.ops import OpKind
+from qat_lightning.quant.qconfig.qconfig import QConfig, get_qconfig
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import (
+    ConvDtypeTemplate,
+    MatmulDtypeTemplate,
+    ModuleNameTemplate,
+    Template,
+)
+
+__all__ = ["search_fp16_topk", "j6p_base_dtypes", "search_j6p"]
+
+
+def search_fp16_topk(
+    model: nn.Module,
+    table: SensitivityTable,
+    eval_fn: Callable[[nn.Module], float],
+    target: float,
+    max_k: int = 5,
+    chip: str | None = None,
+    higher_is_better: bool = True,
+    base_templates: Sequence[Template] = (),
+    reference_qconfig: QConfig | None = None,
+    out_dir: str | os.PathLike | None = None,
+) -> MixedPrecisionPlan:
+    """Run the int16→fp16 step: top-k ops of an int16 sensitivity table to float16, k = 1..max_k.
+
+    Only ``activation`` rows count (an op's output becomes float16; gemm inputs stay integer, no chip runs
+    a float16 gemm). Stops at the first k that meets the target (``reached=False`` after ``max_k``).
+    The setter is ``reference`` (default all-int16 activations, int8 weights) + ``ModuleNameTemplate``
+    mapping the chosen ops to float16.
+
+    Raises:
+        ValueError: for ``max_k < 1`` or a chip that cannot run float16 outputs.
+    """
+    if max_k < 1:
+        raise ValueError(f"max_k must be >= 1, got {max_k}")
+    if chip is not None and "float16" not in get_chip(chip).other_dtypes:
+        raise ValueError(f"chip {chip} has no float16 ops")
+    s = _Search(model, eval_fn, target, higher_is_better, {}, chip, out_dir)
+    rows = [
+        r
+        for r in table.rows
+        if r.sensitive_type == "activation" and r.op_name in s.ops and s.ops[r.op_name].output is not None
+    ][:max_k]
+    best: Probe | None = None
+    chosen: list[str] = []
+    for k in range(1, len(rows) + 1):
+        names = [r.op_name for r in rows[:k]]
+        dtypes = {s.ops[n].output: float16 for n in names}
+        cost = assignment_cost(s.ops, dtypes, chip)
+        with node_dtypes(dtypes), analysis_mode(model):
+            metric = float(eval_fn(model))
+        p = Probe("fp16", k / max(len(table.rows), 1), (k,), metric, cost, k, s.ok(metric))
+        s.probes.append(p)
+        s._progress()
+        if best is None or s.better(metric, best.metric) or p.ok:
+            best, chosen = p, names
+        if p.ok:
+            break
+    if best is None:
+        raise ValueError("the table has no activation row of this model")
+    setter = QconfigSetter(
+        reference_qconfig=reference_qconfig or get_qconfig(weight_dtype=qint8, out_dtype=qint16),
+        templates=[*base_templates, ModuleNameTemplate({n: float16 for n in chosen})],
+        chip=chip,
+        on_violation="downgrade",
+    )
+    plan = MixedPrecisionPlan(
+        reached=best.ok,
+        ratio=best.ratio,
+        ratios=(best.ratio,),
+        metric=best.metric,
+        target=target,
+        raised=tuple((n, "activation") for n in chosen),
+        low="qint16",
+        high="float16",
+        cost=best.cost,
+        cost_low=assignment_cost(s.ops, {}, chip),
+        cost_high=assignment_cost(s.ops, {s.ops[r.op_name].output: float16 for r in rows}, chip),
+        probes=tuple(s.probes),
+        setter=setter,
+        chip=chip,
+        notes=() if best.ok else (f"target {target:g} not reached with up to {max_k} float16 ops",),
+    )
+    if out_dir is not None:
+        write_plan(plan, out_dir, "fp16_topk")
+    return plan
+
+
+def j6p_base_dtypes(model: nn.Module, gemm_dtype: DtypeLike = qint8) -> dict[FakeQuantize, QuantDtype]:
+    """Return the J6P starting point: every op output float16, gemm inputs and weights ``gemm_dtype``."""
+    gemm = parse_dtype(gemm_dtype)
+    dtypes: dict[FakeQuantize, QuantDtype] = {}
+    for op in collect_ops(model).values():
+        if op.output is not None:
+            dtypes[op.output] = float16
+        if op.info.kind is OpKind.GEMM:
+            for node in op.inputs:
+                dtypes[node] = gemm
+            if op.weight is not None:
+                dtypes[op.weight] = gemm
+    return dtypes
+
+
+def search_j6p(
+    model: nn.Module,
+    tables: SensitivityTable | Sequence[SensitivityTable],
+    eval_fn: Callable[[nn.Module], float],
+    target: float,
+    **kwargs: Any,
+) -> MixedPrecisionPlan:
+    """Run the J6P path: non-gemm ops float16, gemm inputs/weights searched between qint8 and qint16.
+
+    Every probe runs with all op outputs in float16 and gemm inputs and weights in qint8 (the seed's
+    "gemm int8 + other FP16" configuration), and raises the most sensitive gemm rows (activation = the
+    gemm's inputs, weight = its weight; double int16 allowed on j6p) to qint16. The setter starts from
+    ``ModuleNameTemplate({"": float16})``, ``ConvDtypeTemplate(qint8, qint8)`` and
+    ``MatmulDtypeTemplate(qint8)``. Use tables measured in this configuration for the best ranking.
+
+    Args:
+        model: the calibrated prepared model.
+        tables: sensitivity table(s), ideally measured in the J6P base configuration.
+        eval_fn: ``eval_fn(model) -> float``.
+        target: the metric to reach.
+        kwargs: passed to :func:`search_mixed_precision` (``cost_aware``, ``out_dir``, ...).
+    """
+    templates = [
+        ModuleNameTemplate({"": float16}),
+        ConvDtypeTemplate(input_dtype=qint8, weight_dtype=qint8),
+        MatmulDtypeTemplate(input_dtypes=qint8),
+    ]
+    return search_mixed_precision(
+        model,
+        tables,
+        eval_fn,
+        target,
+        low=qint8,
+        high=qint16,
+        chip=kwargs.pop("chip", "j6p"),
+        base_dtypes=j6p_base_dtypes(model),
+        base_templates=templates,
+        op_filter=lambda op: op.info.kind is OpKind.GEMM,
+        **kwargs,
+    )

@@ -1,0 +1,475 @@
+"""The Session: one Trainer each for float training, calibration, QAT, analysis and the sanity checks.
+
+Each runner writes into its own output directory (a standalone ``stage=...`` run: the Hydra run dir; the
+pipeline: one numbered sub-directory per step): the TensorBoard events (the logger's ``save_dir``),
+``model_check_result.txt`` (prepare), ``quant_analysis/`` (analysis), ``sanity_check.txt`` (sanity
+checks). Checkpoints go to ``<run dir>/checkpoints/<name>.ckpt`` and carry the decided recipe under
+``checkpoint["qat_lightning"]`` so that a later stage rebuilds the same qconfig.
+
+Nothing here imports hydra: ``qat_lightning.cli`` instantiates the user's classes and hands the runners
+plain factories (:class:`Factories`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from qat_lightning.app.checkpoints import CheckpointInfo, Record, read_checkpoint_info
+from qat_lightning.app.recipes import Recipe
+from qat_lightning.app.schema import AppConfig, QatScheduler
+
+__all__ = ["Factories", "Session", "StageResult"]
+
+log = logging.getLogger("qat_lightning")
+
+
+@dataclass(frozen=True)
+class Factories:
+    """How to build the user's objects (``qat_lightning.cli`` makes these with ``hydra.utils.instantiate``).
+
+    Attributes:
+        model: a fresh LightningModule.
+        datamodule: a fresh LightningDataModule.
+        logger: a logger writing into the given directory, or ``None`` for no logger.
+    """
+
+    model: Callable[[], L.LightningModule]
+    datamodule: Callable[[], L.LightningDataModule]
+    logger: Callable[[Path], Any] = lambda _dir: None
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One row of the summary table.
+
+    Attributes:
+        step: what ran (``float``, ``calibration int8``, ``qat``, ...).
+        recipe: the recipe name (``float`` for the float model).
+        metric: the target metric on the validation data (``None`` if not measured).
+        float_metric: the float model's metric, for the "% of float" column.
+        int16_ratio: share of ops in int16 (``None``: not a quantized model).
+        fp16_ratio: share of ops in float16 (``None``: not a quantized model).
+        cost: estimated cost on the chip, relative to the same model all-int8 (``None`` for float).
+        ckpt: the checkpoint written, if any.
+        out_dir: where the step's files are.
+        note: a short remark (decision, sanity status).
+    """
+
+    step: str
+    recipe: str
+    metric: float | None
+    float_metric: float | None = None
+    int16_ratio: float | None = None
+    fp16_ratio: float | None = None
+    cost: float | None = None
+    ckpt: Path | None = None
+    out_dir: Path | None = None
+    note: str = ""
+
+    @property
+    def share_of_float(self) -> float | None:
+        """``metric / float_metric`` (``None`` when either is missing or the float metric is 0)."""
+        if self.metric is None or not self.float_metric:
+            return None
+        return self.metric / self.float_metric
+
+
+def _qat_optimizers(
+    lit: L.LightningModule, original: Callable[[], Any], lr: float | None, scheduler: str
+) -> Any:
+    """Wrap ``configure_optimizers``: QAT learning rate on the model's own optimizer, no warmup.
+
+    Every parameter group is scaled so the first group's LR is ``lr`` (ratios between groups kept, the
+    seed's "replicate per-module LRs"). ``cosine`` decays to 0 over the run's steps, ``constant`` keeps the
+    LR, ``keep`` returns the model's own configuration (the QAT callback refuses it if it warms up).
+    """
+
+    def configure() -> Any:
+        config = original()
+        if scheduler == QatScheduler.keep.value and lr is None:
+            return config
+        optimizer = _first_optimizer(config)
+        if lr is not None:
+            base = optimizer.param_groups[0]["lr"] or 1.0
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * lr / base if base else lr
+                group["initial_lr"] = group["lr"]
+        if scheduler == QatScheduler.keep.value:
+            return config
+        if scheduler == QatScheduler.constant.value:
+            return optimizer
+        total = max(1, int(lit.trainer.estimated_stepping_batches))
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
+
+    return configure
+
+
+def _fix_scales_arg(value: str) -> str | None:
+    return None if value == "none" else value
+
+
+def _first_optimizer(config: Any) -> torch.optim.Optimizer:
+    if isinstance(config, torch.optim.Optimizer):
+        return config
+    if isinstance(config, dict):
+        return _first_optimizer(config["optimizer"])
+    if isinstance(config, (list, tuple)) and config:
+        return _first_optimizer(config[0])
+    raise ValueError(
+        f"cannot find the optimizer in configure_optimizers()' result {type(config).__name__}; "
+        "use qat.scheduler=keep qat.lr=null to train QAT with the model's own configuration"
+    )
+
+
+@dataclass
+class Session:
+    """Runs stages for one ``qat-lightning`` invocation.
+
+    Args:
+        cfg: the composed configuration.
+        run_dir: the Hydra run dir.
+        factories: how to build the model, datamodule and logger.
+    """
+
+    cfg: AppConfig
+    run_dir: Path
+    factories: Factories
+    _datamodule: L.LightningDataModule | None = field(default=None, init=False, repr=False)
+
+    # ------------------------------------------------------------------------------------------- plumbing
+    @property
+    def ckpt_dir(self) -> Path:
+        """``<run dir>/checkpoints``."""
+        return self.run_dir / "checkpoints"
+
+    @property
+    def monitor(self) -> str:
+        """The target metric's name."""
+        return self.cfg.target.metric
+
+    def datamodule(self) -> L.LightningDataModule:
+        """Return the run's datamodule (built once)."""
+        if self._datamodule is None:
+            self._datamodule = self.factories.datamodule()
+        return self._datamodule
+
+    def new_model(self) -> L.LightningModule:
+        """Build a fresh LightningModule (seeded)."""
+        L.seed_everything(self.cfg.seed, workers=True, verbose=False)
+        return self.factories.model()
+
+    def trainer(
+        self, out_dir: Path, callbacks: list[Callback] | None = None, logger: bool = True, **kw: Any
+    ) -> L.Trainer:
+        """Build a Trainer from ``cfg.trainer`` writing into ``out_dir`` (stage settings in ``kw`` win)."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        args: dict[str, Any] = dict(self.cfg.trainer)
+        args.update(
+            default_root_dir=str(out_dir),
+            logger=(self.factories.logger(out_dir) or False) if logger else False,
+            callbacks=callbacks or [],
+            enable_checkpointing=False,
+            enable_progress_bar=self.cfg.progress,
+            num_sanity_val_steps=0,
+        )
+        args.update(kw)
+        return L.Trainer(**args)
+
+    def _metric(self, results: list[dict[str, float]], trainer: L.Trainer) -> float:
+        values = results[0] if results else {}
+        if self.monitor in values:
+            return float(values[self.monitor])
+        if self.monitor in trainer.callback_metrics:
+            return float(trainer.callback_metrics[self.monitor])
+        logged = ", ".join(sorted({*values, *trainer.callback_metrics})) or "(none)"
+        raise ValueError(
+            f"target.metric={self.monitor!r} is not logged by the model's validation_step; logged: {logged}. "
+            f"Set target.metric=<one of them> (and target.mode=min for a loss)"
+        )
+
+    def validate(
+        self,
+        lit: L.LightningModule,
+        out_dir: Path,
+        callbacks: list[Callback] | None = None,
+        logger: bool = False,
+    ) -> float:
+        """Run ``trainer.validate`` and return the target metric."""
+        trainer = self.trainer(out_dir, callbacks, logger=logger, limit_val_batches=self._val_limit())
+        return self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+
+    def _val_limit(self) -> Any:
+        return self.cfg.train.limit_val_batches  # None: Lightning's default (all batches)
+
+    def evaluator(self, lit: L.LightningModule, out_dir: Path) -> Callable[[Any], float]:
+        """Build a plain ``eval_fn(model) -> float`` for the search (``lit`` holds the probed model)."""
+        limit = self.cfg.search.eval_batches
+        trainer = self.trainer(
+            out_dir,
+            logger=False,
+            enable_progress_bar=False,
+            limit_val_batches=self._val_limit() if limit is None else limit,
+        )
+
+        def eval_fn(_model: Any) -> float:
+            return self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+
+        return eval_fn
+
+    def example_inputs(self, lit: L.LightningModule) -> Any:
+        """Return the module's ``example_input_array``, else the inputs of the first training batch."""
+        example = getattr(lit, "example_input_array", None)
+        if example is not None:
+            return example
+        from qat_lightning.analysis.inputs import default_input_fn
+
+        dm = self.datamodule()
+        dm.setup("fit")
+        return default_input_fn(next(iter(dm.train_dataloader())))
+
+    def save(self, trainer: L.Trainer, record: Record, name: str) -> Path:
+        """Save the trainer's model as ``checkpoints/<name>.ckpt``."""
+        path = self.ckpt_dir / f"{name}.ckpt"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        trainer.save_checkpoint(str(path))
+        log.info("saved %s (%s)", path, record.info.kind)
+        return path
+
+    # ------------------------------------------------------------------------------------------- float
+    def train_float(self, out_dir: Path) -> tuple[L.LightningModule, float, Path, int]:
+        """Train the float model; returns ``(module, metric, checkpoint, optimizer steps)``."""
+        t = self.cfg.train
+        lit = self.new_model()
+        record = Record(CheckpointInfo("float"))
+        limits = {} if t.limit_train_batches is None else {"limit_train_batches": t.limit_train_batches}
+        trainer = self.trainer(
+            out_dir,
+            [record],
+            max_epochs=t.max_epochs,
+            max_steps=t.max_steps,
+            limit_val_batches=self._val_limit(),
+            **limits,
+        )
+        trainer.fit(lit, datamodule=self.datamodule())
+        metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+        steps = int(trainer.global_step)
+        record.info = CheckpointInfo("float", metric=metric, float_metric=metric, float_steps=steps)
+        return lit, metric, self.save(trainer, record, "float"), steps
+
+    def load_float(self, path: Path) -> tuple[L.LightningModule, CheckpointInfo]:
+        """Build a fresh module with the float weights of ``path`` (an app or any Lightning checkpoint)."""
+        ckpt, info = read_checkpoint_info(path)
+        if info is not None and info.kind != "float":
+            raise ValueError(
+                f"{path} is a {info.kind} checkpoint; this step needs a float one (checkpoints/float.ckpt)"
+            )
+        lit = self.new_model()
+        state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else ckpt
+        lit.load_state_dict(state, strict=True)
+        steps = int(ckpt.get("global_step", 0)) if isinstance(ckpt, dict) else 0
+        return lit, info or CheckpointInfo("float", float_steps=steps or None)
+
+    # ------------------------------------------------------------------------------------------- quantized
+    def _prepare_callbacks(self, recipe: Recipe | None) -> list[Callback]:
+        from qat_lightning.callbacks import Calibration, PrepareQuantization
+
+        p = self.cfg.prepare
+        return [
+            PrepareQuantization(
+                None if recipe is None else recipe.setter(),
+                submodule=p.submodule,
+                method=p.method.value,
+                qat_mode=p.qat_mode.value,
+            ),
+            Calibration(
+                num_batches=self.cfg.calibration.num_batches, dataloader="train", submodule=p.submodule
+            ),
+        ]
+
+    def calibrate(
+        self, float_ckpt: Path, recipe: Recipe, out_dir: Path, name: str, float_metric: float | None
+    ) -> tuple[L.LightningModule, float, Path]:
+        """Prepare the float model with ``recipe``, calibrate, validate, save ``checkpoints/<name>.ckpt``."""
+        lit, info = self.load_float(float_ckpt)
+        record = Record(
+            CheckpointInfo("calibration", recipe, float_metric=float_metric, float_steps=info.float_steps)
+        )
+        trainer = self.trainer(
+            out_dir, [*self._prepare_callbacks(recipe), record], limit_val_batches=self._val_limit()
+        )
+        metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+        record.info = CheckpointInfo("calibration", recipe, metric, float_metric, info.float_steps)
+        changelog = out_dir / "qconfig_changelog.txt"
+        if changelog.is_file():
+            log.warning("chip downgrades (%s):\n%s", changelog, changelog.read_text(encoding="utf-8").strip())
+        return lit, metric, self.save(trainer, record, name)
+
+    def load_quantized(
+        self, path: Path, out_dir: Path | None = None
+    ) -> tuple[L.LightningModule, CheckpointInfo]:
+        """Build a fresh module prepared with the checkpoint's recorded recipe, loaded strictly."""
+        from qat_lightning.callbacks.prepare import load_quantized_checkpoint, prepare_submodule
+
+        _, info = read_checkpoint_info(path)
+        if info is None or info.recipe is None:
+            raise ValueError(
+                f"{path} was not written by a qat-lightning calibration/qat stage (no recorded recipe); "
+                "pass the checkpoint written by stage=calibration (checkpoints/calibration.ckpt)"
+            )
+        lit = self.new_model()
+        p = self.cfg.prepare
+        setter = info.recipe.setter()
+        example = self.example_inputs(lit)
+        prepare_submodule(
+            lit,
+            setter,
+            example,
+            submodule=p.submodule,
+            method=p.method.value,
+            qat_mode=p.qat_mode.value,
+            check_dir=out_dir,
+        )
+        load_quantized_checkpoint(
+            lit,
+            path,
+            setter,
+            example,
+            submodule=p.submodule,
+            method=p.method.value,
+            qat_mode=p.qat_mode.value,
+        )
+        return lit, info
+
+    def qat(
+        self,
+        calib_ckpt: Path,
+        out_dir: Path,
+        name: str = "qat",
+        extra: list[Callback] | None = None,
+        lr: float | None = None,
+        scheduler: str | None = None,
+        fix_scales: str | None = None,
+        **kw: Any,
+    ) -> tuple[L.LightningModule, float, Path | None, CheckpointInfo]:
+        """QAT from a calibration checkpoint; returns ``(module, metric, checkpoint, calibration info)``.
+
+        ``extra`` callbacks (a ``SanityCheck``) and trainer overrides ``kw`` make the short sanity runs; those
+        are not saved (``name=""``). ``lr`` / ``scheduler`` override ``qat.lr`` / ``qat.scheduler`` (the LR
+        probe: a fixed LR, ``constant``; the QAT run after it: the chosen LR); ``fix_scales`` overrides
+        ``qat.fix_scales`` (the fixed-vs-updated scales trial).
+        """
+        from qat_lightning.callbacks import QuantizationAwareTraining
+
+        q = self.cfg.qat
+        lit, info = self.load_quantized(calib_ckpt, out_dir)
+        lit.configure_optimizers = _qat_optimizers(  # type: ignore[method-assign]
+            lit,
+            lit.configure_optimizers,
+            q.lr if lr is None else lr,
+            q.scheduler.value if scheduler is None else scheduler,
+        )
+        record = Record(
+            CheckpointInfo("qat", info.recipe, float_metric=info.float_metric, float_steps=info.float_steps)
+        )
+        qat_cb = QuantizationAwareTraining(
+            bn_mode=self.cfg.prepare.qat_mode.value,
+            fix_scales=_fix_scales_arg(q.fix_scales.value if fix_scales is None else fix_scales),
+            float_steps=info.float_steps or None,
+            submodule=self.cfg.prepare.submodule,
+        )
+        args: dict[str, Any] = {
+            "max_epochs": q.max_epochs,
+            "max_steps": q.max_steps,
+            "limit_val_batches": self._val_limit(),
+        }
+        if self.cfg.train.limit_train_batches is not None:
+            args["limit_train_batches"] = self.cfg.train.limit_train_batches
+        args.update(kw)
+        callbacks = [*self._prepare_callbacks(info.recipe), qat_cb, *(extra or []), record]
+        trainer = self.trainer(out_dir, callbacks, **args)
+        trainer.fit(lit, datamodule=self.datamodule())
+        metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+        record.info = CheckpointInfo("qat", info.recipe, metric, info.float_metric, info.float_steps)
+        return lit, metric, self.save(trainer, record, name) if name else None, info
+
+    def sanity(self, mode: str, calib_ckpt: Path, reference: float, out_dir: Path) -> Any:
+        """Run the seed's check ``mode`` (``lr0``/``float``) as a short QAT run; return its result."""
+        from qat_lightning.callbacks import SanityCheck
+
+        s = self.cfg.sanity
+        check = SanityCheck(
+            mode=mode,
+            monitor=self.monitor,
+            tolerance=s.tolerance,
+            reference=reference,
+            raise_on_failure=False,
+            submodule=self.cfg.prepare.submodule,
+        )
+        self.qat(
+            calib_ckpt,
+            out_dir,
+            name="",
+            extra=[check],
+            max_epochs=1,
+            max_steps=-1,
+            limit_train_batches=s.steps,
+        )
+        result = check.result
+        if result is not None and result.status != "PASS":
+            log.error("SANITY CHECK %s: %s\n%s", mode, result.status, result.render())
+        return result
+
+    # ------------------------------------------------------------------------------------------- analysis
+    def analyze(self, lit: L.LightningModule, out_dir: Path) -> list[Any]:
+        """Bad cases, layer-by-layer comparison and sensitivity of a calibrated module; returns the tables.
+
+        Runs ``QuantAnalysisCallback`` on the validation data: reports under ``<out_dir>/quant_analysis/``,
+        plots and tables also in TensorBoard.
+        """
+        from qat_lightning.callbacks import QuantAnalysisCallback
+
+        a = self.cfg.analysis
+        callback = QuantAnalysisCallback(
+            dataloader="val",
+            num_steps=a.num_steps,
+            metrics=tuple(a.metrics),
+            run_on_fit_end=False,
+            submodule=self.cfg.prepare.submodule,
+        )
+        trainer = self.trainer(out_dir, [callback], limit_val_batches=1)
+        trainer.validate(lit, datamodule=self.datamodule(), verbose=False)
+        outcome = callback.run_analysis(trainer, lit)  # rank zero works, the others get None
+        tables = list(outcome.sensitivity) if outcome is not None else []
+        tables = trainer.strategy.broadcast(tables, src=0)  # every rank searches with the same tables
+        for table in tables:
+            top = ", ".join(f"{r.op_name}/{r.sensitive_type}={r.metric:.4g}" for r in table.rows[:5])
+            log.info("sensitivity (%s, output %s) top 5: %s", table.metric_name, table.output_name, top)
+        return tables
+
+    def target(self, float_metric: float) -> float:
+        """Return the metric to reach: ``target.value``, else ``ratio_of_float`` of the float metric."""
+        t = self.cfg.target
+        if t.value is not None:
+            return float(t.value)
+        if t.mode.value == "max":
+            return float_metric * t.ratio_of_float
+        return float_metric / t.ratio_of_float if t.ratio_of_float else math.inf
+
+    @property
+    def higher_is_better(self) -> bool:
+        """``target.mode == max``."""
+        return self.cfg.target.mode.value == "max"
+
+    def meets(self, metric: float, target: float) -> bool:
+        """Whether ``metric`` reaches ``target`` in the configured direction."""
+        return metric >= target if self.cfg.target.mode.value == "max" else metric <= target

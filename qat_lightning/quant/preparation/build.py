@@ -1,0 +1,172 @@
+"""Planned ops and how one becomes an op module once its :class:`QConfig` is known (fx and eager).
+
+Norm ops (``nn.LayerNorm``, ``nn.GroupNorm``, ``F.layer_norm``, ``F.group_norm``) become
+:class:`~qat_lightning.quant.fp16_norm.QatNormOp` / ``QatNormFunction``: fp16 simulation with automatic
+input scaling when their output is float16 (see :mod:`qat_lightning.quant.fp16_norm`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.fp16_norm import NORM_FUNCTIONS, NORM_MODULES, QatNormFunction, QatNormOp
+from qat_lightning.quant.ops import OpInfo
+from qat_lightning.quant.qat_modules import (
+    QatConvBn,
+    QatFunction,
+    QatGemm,
+    QatInput,
+    QatModuleOp,
+    QuantOp,
+    activation_node,
+    weight_node,
+)
+from qat_lightning.quant.qconfig.qconfig import QConfig
+
+__all__ = ["OpPlan", "OpBuilder"]
+
+
+@dataclass
+class OpPlan:
+    """Everything needed to build one op module, decided before qconfigs are assigned.
+
+    Attributes:
+        info: the op's :class:`OpInfo` (what templates see).
+        build: ``gemm``, ``convbn``, ``module``, ``function`` or ``input``.
+        module: the float module (gemm / module ops; the conv or linear of a ``convbn``).
+        bn: the BatchNorm of a ``convbn``.
+        gemm_kind: ``conv`` / ``conv_transpose`` / ``linear`` for gemm modules.
+        weight_ch_axis: channel axis of the weight quant node.
+        relu / add: fused ReLU / residual add.
+        target / is_method: function (or method name) of a functional op.
+        act_args: positions of a functional op's activation inputs that get input quant nodes.
+        weight_arg: position of a functional op's weight argument.
+        weight: the weight tensor (example value) of a functional gemm, for the channel count.
+        weight_key: ops with the same key share one weight quant node (call sites of one module).
+        node: the fx node(s) this op replaces (fx only).
+        extra: free-form data for the graph rewrite.
+    """
+
+    info: OpInfo
+    build: str
+    module: nn.Module | None = None
+    bn: nn.Module | None = None
+    gemm_kind: str = ""
+    weight_ch_axis: int = 0
+    relu: bool = False
+    add: bool = False
+    target: Any = None
+    is_method: bool = False
+    act_args: tuple[int, ...] = ()
+    weight_arg: int | None = None
+    weight: torch.Tensor | None = None
+    weight_key: str | None = None
+    node: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        """The op name."""
+        return self.info.name
+
+
+class OpBuilder:
+    """Builds op modules from plans, sharing weight quant nodes between call sites of one module.
+
+    Args:
+        qconfigs: op name -> QConfig (every planned op).
+        qat_mode: ``fuse_bn`` / ``with_bn`` / ``freeze_bn`` for fused conv-bn ops.
+        device: device for the new quant nodes (the model's).
+    """
+
+    def __init__(self, qconfigs: Mapping[str, QConfig], qat_mode: str, device: torch.device | None) -> None:
+        self.qconfigs = qconfigs
+        self.qat_mode = qat_mode
+        self.device = device
+        self.shared_weights: dict[str, FakeQuantize] = {}
+        self.notes: list[str] = []
+
+    def _node(self, fq: FakeQuantize) -> FakeQuantize:
+        return fq.to(self.device) if self.device is not None else fq
+
+    def _weight(self, plan: OpPlan, qconfig: QConfig, weight: torch.Tensor) -> FakeQuantize:
+        key = plan.weight_key
+        if key is not None and key in self.shared_weights:
+            shared = self.shared_weights[key]
+            if qconfig.weight_dtype is not None and qconfig.weight_dtype != shared.dtype:
+                self.notes.append(
+                    f"{plan.name}: weight dtype {qconfig.weight_dtype} ignored, the weight node is "
+                    f"shared with {shared.name} ({shared.dtype})"
+                )
+            return shared
+        fq = self._node(weight_node(qconfig, weight, plan.weight_ch_axis, f"{plan.name}.weight"))
+        if key is not None:
+            self.shared_weights[key] = fq
+        return fq
+
+    def _inputs(self, plan: OpPlan, qconfig: QConfig, count: int) -> list[FakeQuantize]:
+        return [
+            self._node(activation_node(qconfig, qconfig.input_dtype_at(i), f"{plan.name}.input.{i}"))
+            for i in range(count)
+        ]
+
+    def _output(self, plan: OpPlan, qconfig: QConfig) -> FakeQuantize:
+        return self._node(activation_node(qconfig, qconfig.output_dtype, f"{plan.name}.output"))
+
+    def build(self, plan: OpPlan) -> QuantOp:
+        """Build the op module of ``plan``."""
+        qc = self.qconfigs[plan.name]
+        info = plan.info
+        if plan.build == "gemm":
+            m = plan.module
+            return QatGemm(
+                info,
+                m,
+                plan.gemm_kind,
+                self._inputs(plan, qc, 1),
+                self._weight(plan, qc, m.weight),
+                self._output(plan, qc),
+                relu=plan.relu,
+            )
+        if plan.build == "convbn":
+            m = plan.module
+            return QatConvBn(
+                info,
+                m,
+                plan.bn,
+                plan.gemm_kind,
+                self.qat_mode,
+                self._inputs(plan, qc, 2 if plan.add else 1),
+                self._weight(plan, qc, m.weight),
+                self._output(plan, qc),
+                relu=plan.relu,
+                add=plan.add,
+            )
+        if plan.build == "module":
+            module_cls = QatNormOp if isinstance(plan.module, NORM_MODULES) else QatModuleOp
+            return module_cls(info, plan.module, self._output(plan, qc))
+        if plan.build == "function":
+            weight = None
+            if plan.weight_arg is not None and plan.weight is not None:
+                weight = self._weight(plan, qc, plan.weight)
+            norm = not plan.is_method and plan.target in NORM_FUNCTIONS
+            function_cls = QatNormFunction if norm else QatFunction
+            return function_cls(
+                info,
+                plan.target,
+                plan.is_method,
+                self._output(plan, qc),
+                input_quant=self._inputs(plan, qc, len(plan.act_args)),
+                act_args=plan.act_args,
+                weight_quant=weight,
+                weight_arg=plan.weight_arg if weight is not None else None,
+            )
+        if plan.build == "input":
+            return QatInput(info, self._output(plan, qc))
+        raise ValueError(f"unknown op build kind {plan.build!r}")

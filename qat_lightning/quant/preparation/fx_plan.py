@@ -1,0 +1,383 @@
+"""Planning for fx-mode prepare: classify, name and describe every op of a traced graph.
+
+:class:`FxPlanner` walks the graph in order and produces one
+:class:`~qat_lightning.quant.preparation.build.OpPlan` per quantized node or fused group, with its
+:class:`~qat_lightning.quant.ops.OpInfo` (name, type, kind, producers, FLOPs). Names follow
+:class:`~qat_lightning.quant.preparation.tables.OpNamer`; a functional op takes the module whose forward
+called it from ``node.meta["nn_module_stack"]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import Node
+
+from qat_lightning.quant.ops import OpInfo, OpKind
+from qat_lightning.quant.preparation.build import OpPlan
+from qat_lightning.quant.preparation.fusion import FusionGroup, fused_op_type
+from qat_lightning.quant.preparation.fx_tracer import NodeMeta
+from qat_lightning.quant.preparation.tables import (
+    FUNCTION_OPS,
+    GEMM_FUNCTIONS,
+    METHOD_OPS,
+    PASS_THROUGH_MODULES,
+    TRANSPARENT_FUNCTIONS,
+    TRANSPARENT_METHODS,
+    OpNamer,
+    function_flops,
+    gemm_module_flops,
+    gemm_spec_of,
+    is_stub,
+    module_op_type,
+    numel_of,
+)
+
+__all__ = ["FxPlanner", "SDPA"]
+
+SDPA = F.scaled_dot_product_attention
+_MASKABLE = frozenset({"add", "sub", "mul", "div"})
+
+
+def _parent_of(node: Node) -> tuple[str, int]:
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", 0
+    key, value = next(reversed(stack.items()))
+    call = int(key.rsplit("@", 1)[1]) if "@" in key else 0
+    return str(value[0]), call
+
+
+def _tensor_nodes(args: Any) -> list[Node]:
+    found: list[Node] = []
+    fx.node.map_arg(args, found.append)
+    return found
+
+
+class FxPlanner:
+    """Walks the traced graph in order and plans one op per quantized node (or fused group)."""
+
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, meta: Mapping[Node, NodeMeta]) -> None:
+        self.gm = gm
+        self.graph = gm.graph
+        self.meta = meta
+        self.modules = dict(gm.named_modules())
+        self.namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
+        self.plans: list[OpPlan] = []
+        self.node_op: dict[Node, str] = {}
+        self.node_names: dict[Node, str] = {}
+        self.notes: list[str] = []
+        self.sdpa: list[tuple[Node, tuple[str, str, str]]] = []
+        self.act: set[Node] = set()
+        self.maskish: set[Node] = set()
+        self._mark_activations()
+
+    # ---- classification --------------------------------------------------------------------------------
+    def _mark_activations(self) -> None:
+        for node in self.graph.nodes:
+            m = self.meta.get(node)
+            carries = m is not None and (m.is_tensor or m.is_tensor_seq)
+            inputs = node.all_input_nodes
+            if node.op == "placeholder":
+                if m is not None and m.is_tensor and not m.is_float:
+                    self.maskish.add(node)
+                elif carries:
+                    self.act.add(node)
+            elif node.op == "call_module":
+                self.act.add(node)
+            elif node.op in ("call_function", "call_method") and carries:
+                if any(a in self.act for a in inputs):
+                    self.act.add(node)
+                elif any(a in self.maskish for a in inputs):
+                    self.maskish.add(node)
+
+    def _float_act(self, node: Node) -> bool:
+        m = self.meta.get(node)
+        return node in self.act and m is not None and m.is_tensor and m.is_float
+
+    def _shape(self, node: Any) -> tuple[int, ...] | None:
+        m = self.meta.get(node) if isinstance(node, Node) else None
+        return m.shape if m is not None else None
+
+    def _transparent(self, node: Node) -> bool:
+        if node.op == "call_method":
+            return node.target in TRANSPARENT_METHODS
+        if node.op == "call_function":
+            return node.target in TRANSPARENT_FUNCTIONS
+        if node.op == "call_module":
+            return isinstance(self.modules.get(str(node.target)), PASS_THROUGH_MODULES)
+        return False
+
+    def producer(self, node: Any) -> str | None:
+        """Name of the op whose output feeds ``node`` (looking through view/reshape/dropout/...)."""
+        for _ in range(10_000):
+            if not isinstance(node, Node):
+                return None
+            if node in self.node_op:
+                return self.node_op[node]
+            if not self._transparent(node) or not node.args:
+                return None
+            node = node.args[0]
+            if isinstance(node, (list, tuple)):
+                node = node[0] if node else None
+        return None
+
+    # ---- planning --------------------------------------------------------------------------------------
+    def _add(self, plan: OpPlan, output_node: Node) -> None:
+        self.plans.append(plan)
+        self.node_op[output_node] = plan.name
+
+    def plan(self, groups: Sequence[FusionGroup], has_stub: bool) -> None:
+        """Plan every op of the graph (``self.plans``, graph order); ``groups`` are the fused groups."""
+        member_of = {n: g for g in groups for n in g.nodes}
+        group_names: dict[int, dict[Node, str]] = {id(g): {} for g in groups}
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        if not has_stub:
+            for ph in placeholders:
+                if self._float_act(ph):
+                    name = self.namer.input_op(str(ph.target))
+                    info = OpInfo(name, "quant", OpKind.INPUT, "", 0, (), numel_of(self._shape(ph)))
+                    self._add(OpPlan(info, "input", node=ph, extra={"placeholder": True}), ph)
+        for node in self.graph.nodes:
+            if node.op == "call_module":
+                self._plan_module(node, member_of, group_names)
+            elif node.op in ("call_function", "call_method"):
+                self._plan_function(node, member_of, group_names)
+
+    def _plan_module(self, node: Node, member_of: dict, group_names: dict) -> None:
+        target = str(node.target)
+        mod = self.modules[target]
+        op_type = module_op_type(mod)
+        if op_type is None:
+            m = self.meta.get(node)
+            float_out = m is not None and (m.is_tensor_seq or (m.is_tensor and m.is_float))
+            if float_out and not isinstance(mod, PASS_THROUGH_MODULES):
+                self.notes.append(f"kept float (no quant points inside): {target} ({type(mod).__name__})")
+            return
+        name, k = self.namer.module_op(target)
+        self.node_names[node] = name
+        if is_stub(mod):
+            info = OpInfo(name, "quant", OpKind.INPUT, target, k, (self.producer(node.args[0]),), 0)
+            self._add(OpPlan(info, "input", node=node), node)
+            return
+        group = member_of.get(node)
+        if group is not None:
+            group_names[id(group)][node] = name
+            if node is group.last:
+                self._plan_fused(group, group_names[id(group)])
+            return
+        spec = gemm_spec_of(mod)
+        x = node.args[0] if node.args else None
+        if spec is not None and getattr(mod, "weight", None) is not None:
+            flops = gemm_module_flops(mod, self._shape(x), self._shape(node))
+            info = OpInfo(name, op_type, OpKind.GEMM, target, k, (self.producer(x),), flops)
+            plan = OpPlan(info, "gemm", module=mod, gemm_kind=spec.kind, weight_ch_axis=spec.weight_ch_axis)
+            plan.weight_key, plan.node = target, node
+            self._add(plan, node)
+            return
+        if not self._float_act(node):
+            return
+        producers = tuple(self.producer(a) for a in _tensor_nodes(node.args) if a in self.act)
+        info = OpInfo(name, op_type, OpKind.OTHER, target, k, producers, numel_of(self._shape(node)))
+        self._add(OpPlan(info, "module", module=mod, node=node), node)
+
+    def _plan_fused(self, group: FusionGroup, names: dict[Node, str]) -> None:
+        gemm_node = group.gemm
+        target = str(gemm_node.target)
+        gemm = self.modules[target]
+        spec = gemm_spec_of(gemm)
+        name = names[gemm_node]
+        x = gemm_node.args[0]
+        producers = [self.producer(x)]
+        if group.add is not None:
+            producers.append(self.producer(group.residual))
+        flops = gemm_module_flops(gemm, self._shape(x), self._shape(gemm_node))
+        info = OpInfo(name, fused_op_type(gemm, group), OpKind.GEMM, target, 0, tuple(producers), flops)
+        plan = OpPlan(
+            info,
+            "convbn" if group.bn is not None else "gemm",
+            module=gemm,
+            bn=self.modules[str(group.bn.target)] if group.bn is not None else None,
+            gemm_kind=spec.kind,
+            weight_ch_axis=spec.weight_ch_axis,
+            relu=group.relu is not None,
+            add=group.add is not None,
+            weight_key=target,
+            node=group,
+        )
+        self._add(plan, group.last)
+        members = []
+        for n in group.nodes:
+            members.append(names.get(n) or self.node_names.get(n) or str(n.target))
+        plan.extra["members"] = tuple(members)
+
+    def _function_base(self, node: Node) -> str | None:
+        if node.op == "call_function":
+            return FUNCTION_OPS.get(node.target)  # type: ignore[arg-type]
+        return METHOD_OPS.get(str(node.target))
+
+    def _plan_function(self, node: Node, member_of: dict, group_names: dict) -> None:
+        if node.op == "call_function" and node.target is SDPA:
+            self._plan_sdpa(node)
+            return
+        base = self._function_base(node)
+        if base is None:
+            return
+        parent, pcall = _parent_of(node)
+        group = member_of.get(node)
+        if group is not None:
+            name = self.namer.function_op(parent, pcall, base)
+            self.node_names[node] = name
+            group_names[id(group)][node] = name
+            if node is group.last:
+                self._plan_fused(group, group_names[id(group)])
+            return
+        if not self._float_act(node):
+            return
+        inputs = _tensor_nodes((node.args, node.kwargs))
+        if base in _MASKABLE and any(a in self.maskish for a in inputs):
+            self.notes.append(
+                f"not quantized: {node.format_node()} has a mask-like operand (from an integer input)"
+            )
+            return
+        name = self.namer.function_op(parent, pcall, base)
+        self.node_names[node] = name
+        arg_shapes = [self._shape(a) for a in node.args]
+        flops = function_flops(base, arg_shapes, self._shape(node))
+        gemm = GEMM_FUNCTIONS.get(base)
+        act_args: tuple[int, ...] = ()
+        weight_arg = None
+        weight = None
+        weight_key = None
+        if gemm is not None:
+            positions, w_pos, _ = gemm
+            if all(i < len(node.args) and isinstance(node.args[i], Node) for i in positions):
+                act_args = positions
+            if w_pos is not None and w_pos < len(node.args) and isinstance(node.args[w_pos], Node):
+                w_node = node.args[w_pos]
+                w_shape = self._shape(w_node)
+                if w_shape:
+                    weight_arg = w_pos
+                    weight = torch.empty(w_shape, device="meta")
+                    weight_key = str(w_node.target) if w_node.op == "get_attr" else None
+        is_gemm = bool(act_args) and (weight_arg is not None or base in ("matmul", "bmm"))
+        if is_gemm:
+            producers = tuple(self.producer(node.args[i]) for i in act_args)
+        else:
+            act_args, weight_arg, weight = (), None, None
+            producers = tuple(self.producer(a) for a in inputs if a in self.act)
+        info = OpInfo(
+            name,
+            base,
+            OpKind.GEMM if is_gemm else OpKind.OTHER,
+            parent,
+            pcall,
+            producers,
+            flops,
+            is_matmul=is_gemm and base in ("matmul", "bmm"),
+        )
+        plan = OpPlan(
+            info,
+            "function",
+            target=node.target if node.op == "call_function" else str(node.target),
+            is_method=node.op == "call_method",
+            act_args=act_args,
+            weight_arg=weight_arg,
+            weight=weight,
+            weight_key=weight_key,
+            node=node,
+        )
+        self._add(plan, node)
+
+    def _plan_sdpa(self, node: Node) -> None:
+        if not self._float_act(node):
+            return
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+        bound = dict(zip(names, node.args, strict=False))
+        bound.update(node.kwargs)
+        parent, pcall = _parent_of(node)
+        q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
+        dropout = bound.get("dropout_p", 0.0)
+        simple = (
+            all(isinstance(t, Node) for t in (q, k, v))
+            and isinstance(dropout, (int, float))
+            and dropout == 0
+            and not bound.get("enable_gqa", False)
+        )
+        if not simple:
+            name = self.namer.function_op(parent, pcall, "scaled_dot_product_attention")
+            producers = tuple(self.producer(a) for a in (q, k, v))
+            info = OpInfo(
+                name,
+                "scaled_dot_product_attention",
+                OpKind.OTHER,
+                parent,
+                pcall,
+                producers,
+                numel_of(self._shape(node)),
+            )
+            self._add(OpPlan(info, "function", target=SDPA, node=node), node)
+            self.notes.append(
+                f"{name}: scaled_dot_product_attention with dropout kept as one op (output quant only)"
+            )
+            return
+        qs, ks, out = self._shape(q) or (), self._shape(k) or (), self._shape(node)
+        scores = numel_of(qs[:-1]) * (ks[-2] if len(ks) >= 2 else 1)
+        mm1 = self.namer.function_op(parent, pcall, "matmul")
+        sm = self.namer.function_op(parent, pcall, "softmax")
+        mm2 = self.namer.function_op(parent, pcall, "matmul")
+        e = qs[-1] if qs else 1
+        s = ks[-2] if len(ks) >= 2 else 1
+        p1 = (self.producer(q), self.producer(k))
+        self.plans.append(
+            OpPlan(
+                OpInfo(mm1, "matmul", OpKind.GEMM, parent, pcall, p1, scores * e, is_matmul=True),
+                "function",
+                target=torch.matmul,
+                act_args=(0, 1),
+                node=node,
+            )
+        )
+        self.plans.append(
+            OpPlan(
+                OpInfo(sm, "softmax", OpKind.OTHER, parent, pcall, (mm1,), scores),
+                "function",
+                target=F.softmax,
+                node=node,
+            )
+        )
+        self.plans.append(
+            OpPlan(
+                OpInfo(
+                    mm2,
+                    "matmul",
+                    OpKind.GEMM,
+                    parent,
+                    pcall,
+                    (sm, self.producer(v)),
+                    numel_of(out) * s,
+                    is_matmul=True,
+                ),
+                "function",
+                target=torch.matmul,
+                act_args=(0, 1),
+                node=node,
+            )
+        )
+        self.node_op[node] = mm2
+        self.sdpa.append((node, (mm1, sm, mm2)))
+
+
+def _taken(model: nn.Module, parent: str, child: str) -> bool:
+    try:
+        mod = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        return False
+    if child in mod._modules or child in mod._parameters or child in mod._buffers:
+        return True
+    return not parent and hasattr(fx.GraphModule, child)

@@ -1,0 +1,287 @@
+"""fx-mode prepare: trace, fuse, name and plan every op, then rewrite the graph with op modules.
+
+The rewrite keeps the model's structure in module paths: a module op replaces its module at the same
+path (``layer1.0.conv1``), a functional op is added under the module whose forward called it
+(``layer1.0.add``), a model input gets ``<arg>_quant`` at the root. See
+:class:`~qat_lightning.quant.preparation.tables.OpNamer` for the naming rules.
+
+What counts as an activation (and so gets quantized): model inputs that are float tensors, outputs of
+module calls, and float results of ops with at least one activation input. Values computed only from
+non-float inputs (attention masks from an integer ``attention_mask``, position ids) or from parameters
+and constants are not quantized, and an add/sub/mul/div with such a mask-like operand is left float (a
+``-inf``/``finfo.min`` mask would otherwise wreck the output scale); both are listed in the notes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx import Node
+
+from qat_lightning.quant.ops import OpInfo
+from qat_lightning.quant.preparation.build import OpBuilder, OpPlan
+from qat_lightning.quant.preparation.fusion import FusionGroup, find_fusions
+from qat_lightning.quant.preparation.fx_plan import SDPA, FxPlanner
+from qat_lightning.quant.preparation.fx_tracer import NodeMeta, trace_with_values
+from qat_lightning.quant.preparation.tables import (
+    PASS_THROUGH_MODULES,
+    is_dequant_stub,
+    is_stub,
+    module_op_type,
+)
+from qat_lightning.quant.qconfig.qconfig import QConfig
+
+__all__ = ["FxPrepared", "prepare_fx", "OutputRebuild", "sdpa_scores"]
+
+_PURE_FUNCTIONS = frozenset(
+    {
+        builtins.getattr,
+        builtins.len,
+        operator.getitem,
+        operator.eq,
+        operator.ne,
+        operator.lt,
+        operator.le,
+        operator.gt,
+        operator.ge,
+        operator.not_,
+    }
+)
+
+
+def sdpa_scores(
+    scores: torch.Tensor,
+    query: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Scale and mask attention scores as ``F.scaled_dot_product_attention`` does (decomposed sdpa)."""
+    scores = scores * (1.0 / math.sqrt(query.size(-1)) if scale is None else scale)
+    if is_causal:
+        keep = torch.ones(scores.size(-2), scores.size(-1), dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return scores
+
+
+class OutputRebuild(nn.Module):
+    """Turns the graph's plain-dict output back into the model's output class (HF ``ModelOutput``)."""
+
+    def __init__(self, cls: type) -> None:
+        super().__init__()
+        self.cls = cls
+
+    def forward(self, out: dict[str, Any]) -> Any:
+        """Rebuild ``cls`` from the dict."""
+        try:
+            return self.cls(**out)
+        except TypeError:
+            return self.cls(out)
+
+
+@dataclass
+class FxPrepared:
+    """Result of :func:`prepare_fx`."""
+
+    model: fx.GraphModule
+    plans: list[OpPlan]
+    fused: list[tuple[str, ...]] = field(default_factory=list)
+    unfused: list[tuple[str, ...]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_leaf(module: nn.Module) -> bool:
+    """Tell whether fx keeps ``module`` as one node instead of tracing into it.
+
+    Leaves: quantizable and pass-through types, attention / RNN modules, and torch.nn modules without
+    children; torch.nn containers (``TransformerEncoderLayer``) and user modules are traced through.
+    """
+    if module_op_type(module) is not None or isinstance(module, (*PASS_THROUGH_MODULES, *_OPAQUE)):
+        return True
+    return module.__module__.startswith(("torch.nn", "torch.ao.nn")) and not module._modules
+
+
+_OPAQUE = (nn.MultiheadAttention, nn.RNNBase)
+
+
+def _remove_dead_code(graph: fx.Graph, meta: Mapping[Node, NodeMeta]) -> None:
+    def impure(node: Node) -> bool:
+        if node.op in ("placeholder", "output"):
+            return True
+        if node.op == "get_attr":
+            return False
+        if node.op == "call_function" and node.target in _PURE_FUNCTIONS:
+            return False
+        m = meta.get(node)
+        if node.op == "call_method" and m is not None and not m.is_tensor and not m.is_tensor_seq:
+            return False  # .size(), .dim(), ... results feeding nothing
+        return True
+
+    graph.eliminate_dead_code(is_impure_node=impure)
+
+
+def _rewrite(
+    gm: fx.GraphModule, planner: FxPlanner, ops: Mapping[str, nn.Module], output_type: type | None
+) -> None:
+    graph = gm.graph
+    for name, op in ops.items():
+        gm.add_submodule(name, op)
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    sdpa_done: set[Node] = set()
+    for plan in planner.plans:
+        node = plan.node
+        if plan.build == "input" and plan.extra.get("placeholder"):
+            with graph.inserting_after(placeholders[-1]):
+                new = graph.call_module(plan.name, (node,))
+            node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+        elif isinstance(node, FusionGroup):
+            group = node
+            args = (group.gemm.args[0],)
+            if group.add is not None:  # read the add's args now: an earlier rewrite may have replaced them
+                a, b = group.add.args[0], group.add.args[1]
+                args = (group.gemm.args[0], b if a is group.bn else a)
+            with graph.inserting_before(group.last):
+                new = graph.call_module(plan.name, args)
+            group.last.replace_all_uses_with(new)
+            for member in reversed(group.nodes):
+                graph.erase_node(member)
+        elif node.op == "call_module":
+            node.target = plan.name
+        elif node.target is SDPA and plan.info.op_type != "scaled_dot_product_attention":
+            if node in sdpa_done:
+                continue
+            sdpa_done.add(node)
+            _rewrite_sdpa(graph, node, next(names for n, names in planner.sdpa if n is node))
+        else:
+            with graph.inserting_before(node):
+                new = graph.call_module(plan.name, node.args, node.kwargs)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "call_module" and is_dequant_stub(planner.modules.get(str(node.target), nn.Module())):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+    if output_type is not None:
+        out = next(n for n in reversed(graph.nodes) if n.op == "output")
+        gm.add_submodule("_qat_output", OutputRebuild(output_type))
+        with graph.inserting_before(out):
+            new = graph.call_module("_qat_output", (out.args[0],))
+        out.args = (new,)
+
+
+def _delete_unused_paths(gm: fx.GraphModule) -> None:
+    """Delete every submodule path the graph does not use.
+
+    ``GraphModule.delete_all_unused_submodules`` misses a module that is also reachable at a used path
+    (a fused BN lives on inside the fused op, but its old path must go, or ``train()`` would reach it twice).
+    """
+    used: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op in ("call_module", "get_attr"):
+            parts = str(node.target).split(".")
+            used.update(".".join(parts[: i + 1]) for i in range(len(parts)))
+    deleted: list[str] = []
+    for name, _ in list(gm.named_modules(remove_duplicate=False)):
+        if not name or any(name.startswith(d + ".") for d in deleted):
+            continue
+        inside_used = any(name.startswith(u + ".") for u in used)
+        if name not in used and not inside_used:
+            gm.delete_submodule(name)
+            deleted.append(name)
+
+
+def _rewrite_sdpa(graph: fx.Graph, node: Node, names: tuple[str, str, str]) -> None:
+    arg_names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    bound = dict(zip(arg_names, node.args, strict=False))
+    bound.update(node.kwargs)
+    mm1, sm, mm2 = names
+    with graph.inserting_before(node):
+        kt = graph.call_method("transpose", (bound["key"], -2, -1))
+        scores = graph.call_module(mm1, (bound["query"], kt))
+        scores = graph.call_function(
+            sdpa_scores,
+            (scores, bound["query"]),
+            {
+                "attn_mask": bound.get("attn_mask"),
+                "is_causal": bound.get("is_causal", False),
+                "scale": bound.get("scale"),
+            },
+        )
+        probs = graph.call_module(sm, (scores,), {"dim": -1})
+        out = graph.call_module(mm2, (probs, bound["value"]))
+    node.replace_all_uses_with(out)
+    graph.erase_node(node)
+
+
+def prepare_fx(
+    model: nn.Module,
+    shadow: nn.Module,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    assign: Callable[[Sequence[OpInfo]], Mapping[str, QConfig]],
+    qat_mode: str,
+    device: torch.device | None,
+    output_type: type | None = None,
+    verify: Callable[[nn.Module], None] | None = None,
+) -> FxPrepared:
+    """Trace ``model`` and build its prepared :class:`~torch.fx.GraphModule`.
+
+    Args:
+        model: the (already copied) float model; its modules end up inside the op modules.
+        shadow: another copy of the float model, run to compute example values.
+        args: positional example inputs.
+        kwargs: keyword example inputs.
+        assign: op infos (graph order) -> QConfig per op name (the qconfig setter).
+        qat_mode: BN mode of fused conv-bn ops.
+        device: device for new quant nodes.
+        output_type: a ``dict`` subclass to rebuild the output as (HF ``ModelOutput``), or ``None``.
+        verify: called with the traced float GraphModule (before any rewrite); raises when it does not
+            reproduce the model.
+
+    Raises:
+        FxTraceError: when fx cannot trace the model.
+    """
+    traced = trace_with_values(model, shadow, args, kwargs, _is_leaf)
+    gm, meta = traced.graph_module, traced.meta
+    _remove_dead_code(gm.graph, meta)
+    if verify is not None:
+        gm.recompile()
+        verify(gm)
+    modules = dict(gm.named_modules())
+    groups, unfused = find_fusions(gm.graph, modules, meta)
+    planner = FxPlanner(gm, model, meta)
+    has_stub = any(n.op == "call_module" and is_stub(modules[str(n.target)]) for n in gm.graph.nodes)
+    planner.plan(groups, has_stub)
+    qconfigs = assign([p.info for p in planner.plans])
+    builder = OpBuilder(qconfigs, qat_mode, device)
+    ops = {plan.name: builder.build(plan) for plan in planner.plans}
+    _rewrite(gm, planner, ops, output_type)
+    gm.graph.lint()
+    gm.recompile()
+    _delete_unused_paths(gm)
+    fused = [p.extra["members"] for p in planner.plans if "members" in p.extra]
+    unfused_names = []
+    notes = list(dict.fromkeys(planner.notes)) + builder.notes
+    for group in unfused:
+        names = tuple(planner.node_names.get(n) or str(n.target) for n in group.nodes)
+        unfused_names.append(names)
+        notes.append(f"not fused: {' + '.join(names)} ({group.reason})")
+    if model.training:
+        notes.append(
+            "traced in train mode: Python code that reads self.training was fixed to train mode "
+            "(dropout / BN modules still follow train() / eval())"
+        )
+    return FxPrepared(gm, planner.plans, fused, unfused_names, notes)

@@ -1,0 +1,300 @@
+"""``prepare``: turn a float model into a calibration / QAT model with named quant points.
+
+>>> qat_model = prepare(model, example_inputs=x, qconfig_setter=setter, method="auto", check_dir=".")
+
+Steps:
+
+1. validate the arguments; the user's model is never changed (everything works on deep copies);
+2. run a copy of the float model on the example inputs with hooks: call counts of every module (the
+   check report's "called times"), the reference output, and the call order (eager mode);
+3. ``fx`` / ``auto``: trace with :mod:`.fx_tracer`, fuse, plan and name the ops,
+   assign qconfigs with the setter, rewrite the graph (:mod:`.fx_prepare`); the
+   traced float graph is first checked against the reference output (same mode, same RNG seed), so a
+   wrong trace is an error (``fx``) or a fallback (``auto``), never a silently different model;
+4. ``eager`` (or the ``auto`` fallback, with a warning listing what it does not cover): module swapping
+   (:mod:`~qat_lightning.quant.preparation.eager_prepare`);
+5. attach ``quant_op_order`` (op names in graph order) and ``prepare_record`` (:class:`PrepareRecord`),
+   warn about template names that matched no op, and with ``check_dir`` write ``model_check_result.txt``
+   (and ``qconfig_changelog.txt`` when the chip rules changed anything).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.ops import OpInfo, PrepareRecord
+from qat_lightning.quant.preparation.eager_prepare import prepare_eager, probe_model
+from qat_lightning.quant.preparation.fx_prepare import prepare_fx
+from qat_lightning.quant.preparation.fx_tracer import FxTraceError
+from qat_lightning.quant.qat_modules import QAT_MODES, QuantOp
+from qat_lightning.quant.qconfig.qconfig import QConfig
+from qat_lightning.quant.qconfig.setter import QconfigAssignment, as_qconfig_setter
+
+__all__ = ["prepare", "PREPARE_METHODS", "QAT_MODES", "FxTraceError"]
+
+PREPARE_METHODS: tuple[str, ...] = ("fx", "eager", "auto")
+_USER_ATTRS = fx.graph_module._USER_PRESERVED_ATTRIBUTES_KEY
+
+
+def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if isinstance(example_inputs, Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, (tuple, list)):
+        return tuple(example_inputs), {}
+    raise TypeError(
+        "example_inputs must be a tensor, a tuple of positional inputs, or a dict of keyword inputs; "
+        f"got {type(example_inputs).__name__}"
+    )
+
+
+def _clone(tree: Any) -> Any:
+    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, tree)
+
+
+def _device_of(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    for t in tree_flatten((args, kwargs))[0]:
+        if isinstance(t, Tensor):
+            return t.device
+    return None
+
+
+@contextmanager
+def _seeded(device: torch.device | None, seed: int = 0) -> Any:
+    devices = []
+    if device is not None and device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _outputs_match(ref: Any, out: Any) -> str | None:
+    """``None`` when the outputs agree (float tensors to 1e-4 relative), else a description."""
+    ref_leaves, ref_spec = tree_flatten(ref)
+    out_leaves, out_spec = tree_flatten(out)
+    if len(ref_leaves) != len(out_leaves):
+        return f"the output structure differs ({ref_spec} vs {out_spec})"
+    for i, (a, b) in enumerate(zip(ref_leaves, out_leaves, strict=True)):
+        if isinstance(a, Tensor) != isinstance(b, Tensor):
+            return f"output {i} is a tensor in one model only"
+        if not isinstance(a, Tensor):
+            continue
+        if a.shape != b.shape:
+            return f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
+        if a.is_floating_point():
+            err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+            tol = 1e-4 * float(a.double().abs().max()) + 1e-6 if a.numel() else 0.0
+            if not err <= tol:
+                return f"output {i} differs by {err:.3g} (tolerance {tol:.3g})"
+        elif not torch.equal(a, b):
+            return f"output {i} differs"
+    return None
+
+
+def _check_trace(traced: nn.Module, ref: Any, args: Any, kwargs: Any, device: Any) -> None:
+    """Run the traced float graph like the probe run (same RNG seed); restore every buffer afterwards."""
+    saved = [(b, b.detach().clone()) for b in traced.buffers()]
+    try:
+        with torch.no_grad(), _seeded(device):
+            out = traced(*_clone(args), **_clone(kwargs))
+    except Exception as exc:
+        raise FxTraceError(
+            f"the traced model fails on the example inputs ({type(exc).__name__}: {exc}); "
+            "use method='eager' or method='auto'"
+        ) from exc
+    finally:
+        with torch.no_grad():
+            for buf, value in saved:
+                buf.copy_(value)
+    problem = _outputs_match(ref, out)
+    if problem is not None:
+        raise FxTraceError(
+            f"the traced graph does not reproduce the model on the example inputs: {problem}. "
+            "Some Python logic was fixed at trace time; use method='eager' or method='auto'"
+        )
+
+
+def _validate(method: str, qat_mode: str, model: Any) -> None:
+    if method not in PREPARE_METHODS:
+        raise ValueError(f"unknown prepare method {method!r}; allowed: {', '.join(PREPARE_METHODS)}")
+    if qat_mode not in QAT_MODES:
+        raise ValueError(f"unknown qat_mode {qat_mode!r}; allowed: {', '.join(QAT_MODES)}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if any(isinstance(m, (QuantOp, FakeQuantize)) for m in model.modules()):
+        raise ValueError(
+            "the model is already prepared (it contains quant nodes); call prepare() on the float model"
+        )
+
+
+def prepare(
+    model: nn.Module,
+    example_inputs: Any,
+    qconfig_setter: Any = None,
+    method: str = "auto",
+    qat_mode: str = "fuse_bn",
+    check_dir: str | os.PathLike[str] | None = None,
+) -> nn.Module:
+    """Return a copy of ``model`` whose every quantizable op has named quant points.
+
+    Args:
+        model: the float model (left unchanged; train/eval mode is kept and decides what fx traces).
+        example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs (HF models).
+            Every input the model will be called with must be in it (fx makes them the graph's inputs).
+        qconfig_setter: a ``QconfigSetter``, a template, a ``QConfig``, a tuple/list of them, or ``None``
+            (all int8), see ``qat_lightning.quant.qconfig.setter.as_qconfig_setter``.
+        method: ``fx`` (torch.fx tracing: functional ops and operators get quant points too, conv-bn-relu
+            and friends are fused), ``eager`` (module swapping plus the user's ``QuantStub`` /
+            ``DeQuantStub``, for code fx cannot trace) or ``auto`` (fx, else eager with a warning listing
+            what eager does not cover).
+        qat_mode: how fused conv + BN train: ``fuse_bn``, ``with_bn`` or ``freeze_bn`` (see
+            ``qat_lightning.quant.qat_modules.QatConvBn``).
+        check_dir: when given, ``model_check_result.txt`` (and ``qconfig_changelog.txt`` if the chip
+            rules downgraded anything) is written there.
+
+    Returns:
+        The prepared model (an ``fx.GraphModule`` for fx), with ``quant_op_order`` and
+        ``prepare_record`` attributes. Quant nodes start in the QAT state; call
+        ``set_fake_quantize(model, "calibration")`` to calibrate.
+
+    Raises:
+        ValueError: unknown ``method`` / ``qat_mode``; the model fails on ``example_inputs`` (the model's
+            exception is chained); an already prepared model; a chip violation of the setter.
+        TypeError: a bad ``model``, ``example_inputs`` or ``qconfig_setter``.
+        FxTraceError: ``method="fx"`` and fx cannot trace the model (names the failing line).
+    """
+    _validate(method, qat_mode, model)
+    args, kwargs = _split_inputs(example_inputs)
+    setter = as_qconfig_setter(qconfig_setter)
+    device = _device_of(model, args, kwargs)
+    shadow = copy.deepcopy(model)
+    try:
+        with _seeded(device):
+            probe = probe_model(shadow, _clone(args), _clone(kwargs), record_functions=False)
+    except Exception as exc:
+        raise ValueError(
+            f"prepare: the model fails on example_inputs ({type(exc).__name__}: {exc}); pass inputs the "
+            "model accepts (a tuple of positional inputs, or a dict of keyword inputs)"
+        ) from exc
+
+    assignments: list[QconfigAssignment] = []
+    setter_failed: list[BaseException] = []
+
+    def assign(ops: Sequence[OpInfo]) -> Mapping[str, QConfig]:
+        try:
+            assignment = setter.assign(ops)
+        except Exception as exc:
+            setter_failed.append(exc)
+            raise
+        assignments.append(assignment)
+        return assignment.qconfigs
+
+    out = probe.output
+    output_type = type(out) if isinstance(out, dict) and type(out) is not dict else None
+    used = method
+    not_covered: list[str] = []
+    fused: list[tuple[str, ...]] = []
+    unfused: list[tuple[str, ...]] = []
+    notes: list[str] = []
+    prepared: nn.Module | None = None
+    if method in ("fx", "auto"):
+        try:
+            result = prepare_fx(
+                copy.deepcopy(model),
+                shadow,
+                _clone(args),
+                _clone(kwargs),
+                assign,
+                qat_mode,
+                device,
+                output_type,
+                verify=lambda traced: _check_trace(traced, probe.output, args, kwargs, device),
+            )
+            prepared, plans = result.model, result.plans
+            fused, unfused, notes = result.fused, result.unfused, result.notes
+            used = "fx"
+        except Exception as exc:
+            if method == "fx" or setter_failed:
+                raise
+            reason = str(exc) if isinstance(exc, FxTraceError) else f"{type(exc).__name__}: {exc}"
+            assignments.clear()
+    if prepared is None:
+        used = "eager"
+        try:
+            functions = probe_model(copy.deepcopy(model), _clone(args), _clone(kwargs)).functions
+        except Exception:  # noqa: BLE001 - listing what is not covered is best effort
+            functions = []
+        result_e = prepare_eager(
+            copy.deepcopy(model), _replace_functions(probe, functions), args, kwargs, assign, qat_mode, device
+        )
+        prepared, plans = result_e.model, result_e.plans
+        unfused, not_covered, notes = result_e.unfused, result_e.not_covered, result_e.notes
+        if method == "auto":
+            listed = ", ".join(not_covered) if not_covered else "nothing"
+            warnings.warn(
+                f"prepare(method='auto'): fx tracing failed, fell back to eager mode.\n{reason}\n"
+                f"Not covered in eager mode (functional ops / operators left in float): {listed}",
+                stacklevel=2,
+            )
+            notes = [f"fx failed, eager fallback: {reason.splitlines()[0]}", *notes]
+    assignment = assignments[-1]
+    if assignment.unmatched:
+        warnings.warn(
+            f"qconfig templates: these names match no op: {', '.join(assignment.unmatched)}", stacklevel=2
+        )
+    record = PrepareRecord(
+        method=used,
+        qat_mode=qat_mode,
+        chip=assignment.chip if assignment.chip is not None else setter.chip,
+        call_counts=tuple(probe.call_counts.items()),
+        fused=tuple(fused),
+        unfused=tuple(unfused),
+        changelog=tuple(assignment.changelog),
+        not_covered=tuple(not_covered),
+        notes=tuple(notes),
+    )
+    order = [p.name for p in plans]
+    prepared.quant_op_order = order
+    prepared.prepare_record = record
+    if isinstance(prepared, fx.GraphModule):
+        prepared.meta[_USER_ATTRS] = {"quant_op_order": order, "prepare_record": record}
+    if check_dir is not None:
+        _write_check(prepared, check_dir, record)
+    return prepared
+
+
+def _replace_functions(probe: Any, functions: list[tuple[str, int, str]]) -> Any:
+    new = copy.copy(probe)
+    new.functions = functions
+    return new
+
+
+def _write_check(prepared: nn.Module, check_dir: str | os.PathLike[str], record: PrepareRecord) -> None:
+    from qat_lightning.quant.preparation.model_check import (
+        CHANGELOG_FILENAME,
+        MODEL_CHECK_FILENAME,
+        check_model,
+        write_changelog,
+    )
+
+    os.makedirs(check_dir, exist_ok=True)
+    if record.changelog:
+        write_changelog(os.path.join(check_dir, CHANGELOG_FILENAME), record.changelog)
+    check_model(prepared).write(os.path.join(check_dir, MODEL_CHECK_FILENAME))
