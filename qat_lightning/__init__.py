@@ -9,8 +9,10 @@ still finds them (not listed in ``__all__``).
 from typing import Any
 
 from qat_lightning.analysis import (
+    ExportCheck,
     MixedPrecisionPlan,
     QuantAnalysis,
+    check_export,
     search_fp16_topk,
     search_j6p,
     search_mixed_precision,
@@ -22,8 +24,13 @@ from qat_lightning.quant import __all__ as _quant_all
 __version__ = "0.1.0"
 __all__ = [
     *_quant_all,
+    "ExportCheck",
+    "ExportError",  # noqa: F405 - lazy, see __getattr__
+    "ExportResult",  # noqa: F405
     "MixedPrecisionPlan",
     "QuantAnalysis",
+    "check_export",
+    "export_onnx",  # noqa: F405
     "keep_heap",
     "search_fp16_topk",
     "search_j6p",
@@ -31,11 +38,18 @@ __all__ = [
     "__version__",
 ]
 
+_EXPORT_NAMES = ("export_onnx", "ExportResult", "ExportError")
+
 
 def __getattr__(name: str) -> Any:
-    """Resolve the seed's compatibility names (:mod:`qat_lightning.compat`) as ``ql.<name>``."""
+    """Resolve ``ql.export_onnx`` & co. and the seed's compatibility names (:mod:`qat_lightning.compat`).
+
+    The export names import ``onnx`` on first use (``pip install qat_lightning[export]``).
+    """
     import importlib
 
+    if name in _EXPORT_NAMES:
+        return getattr(importlib.import_module("qat_lightning.quant.export"), name)
     compat = importlib.import_module("qat_lightning.compat")
     if name in compat.__all__:
         return getattr(compat, name)

@@ -37,6 +37,12 @@ from qat_lightning.analysis.compare import (
     Metric,
     WorstRow,
 )
+from qat_lightning.analysis.export_check import ExportCheck, OutputAgreement, check_export
+from qat_lightning.analysis.export_layers import (
+    ExportLayerRow,
+    compare_export_per_layer,
+    first_export_mismatch,
+)
 from qat_lightning.analysis.inputs import default_input_fn, flatten_outputs
 from qat_lightning.analysis.partial import (
     BisectResult,
@@ -66,6 +72,8 @@ __all__ = [
     "BadCaseRow",
     "BisectResult",
     "DualInt16Diagnosis",
+    "ExportCheck",
+    "ExportLayerRow",
     "Fp16Diagnosis",
     "IndexRecorder",
     "IndexReplayer",
@@ -74,6 +82,7 @@ __all__ = [
     "LrProbeResult",
     "Metric",
     "MixedPrecisionPlan",
+    "OutputAgreement",
     "Probe",
     "QuantAnalysis",
     "SharedModuleAdvice",
@@ -81,9 +90,12 @@ __all__ = [
     "bisect_float_blocks",
     "bisect_model_blocks",
     "block_patterns",
+    "check_export",
+    "compare_export_per_layer",
     "default_input_fn",
     "diagnose_dual_int16",
     "diagnose_fp16",
+    "first_export_mismatch",
     "flatten_outputs",
     "float_ops",
     "j6p_base_dtypes",

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from qat_lightning.quant.inputs import InputFn, ModelInputs, call_model, default_input_fn, normalize_inputs
+from qat_lightning.quant.outputs import flatten_outputs
 
 __all__ = [
     "ModelInputs",
@@ -134,29 +135,3 @@ def concat_samples(samples: list[ModelInputs]) -> ModelInputs:
         return head
 
     return merge(list(samples)) if len(samples) > 1 else first
-
-
-def flatten_outputs(output: Any) -> list[tuple[str, Tensor]]:
-    """Name every tensor of a model output like the seed (``0``, ``0-0``, ``0-1``, dict keys).
-
-    Returns:
-        ``(name, tensor)`` pairs in traversal order.
-    """
-    found: list[tuple[str, Tensor]] = []
-
-    def walk(obj: Any, path: tuple[str, ...]) -> None:
-        if isinstance(obj, Tensor):
-            found.append(("-".join(path), obj))
-        elif isinstance(obj, (tuple, list)):
-            for i, item in enumerate(obj):
-                walk(item, (*path, str(i)))
-        elif isinstance(obj, Mapping):
-            for key, item in obj.items():
-                walk(item, (*path, str(key)))
-
-    if isinstance(output, Mapping):
-        for key, item in output.items():
-            walk(item, (str(key),))
-    else:
-        walk(output, ("0",))
-    return found

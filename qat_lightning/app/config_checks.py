@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qat_lightning.app.schema import AppConfig, StageName
+from qat_lightning.quant.export.onnx_export import EXPORT_OPSETS
 
 __all__ = ["STAGE_READS", "ConfigError", "check_config", "config_problems", "ignored_overrides"]
 
@@ -54,11 +55,12 @@ STAGE_READS: dict[StageName, tuple[str, ...]] = {
     StageName.analysis: (*_QUANTIZED, "analysis"),
     StageName.pipeline: (
         *_QUANTIZED, "recipe.module_names", "calibration", "search", "analysis", "pipeline", "train", "qat",
-        *_SANITY_RUNS,
+        "export", *_SANITY_RUNS,
     ),
     StageName.troubleshoot: (
         *_QUANTIZED, "recipe", "calibration", "qat", "train.limit_train_batches", *_SANITY_RUNS
     ),
+    StageName.export: (*_QUANTIZED, "export"),
 }  # fmt: skip
 """The config keys (dotted prefixes) each stage reads; an override of any other key is ignored."""
 
@@ -137,6 +139,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("search.eval_batches", _optional(_at_least(1)), "an int >= 1, or null (all)"),
     ("analysis.num_steps", _optional(_at_least(1)), "an int >= 1, or null (all)"),
     ("torch_threads", _optional(_at_least(1)), "an int >= 1, or null (torch's default)"),
+    ("export.check_batches", _optional(_at_least(0)), "an int >= 0 (0: no check), or null (all)"),
+    ("export.opset", lambda v: v in EXPORT_OPSETS, f"one of {', '.join(map(str, EXPORT_OPSETS))}"),
 )
 
 

@@ -54,6 +54,8 @@ FILES = {
     "*_lr_probe/lr_probe.md": "the QAT LR probe table (qat.lr_probe.lrs=[...])",
     "sanity_check.txt": "the lr0 / float sanity check verdicts",
     "troubleshoot.md": "stage=troubleshoot: the three checks, expected vs got, the part at fault",
+    "*_export/model.onnx": "the chosen model as QDQ ONNX, with model.encodings.json and export_check.txt "
+    "(onnxruntime vs fake quant)",
     "events.out.tfevents.*": "TensorBoard: `tensorboard --logdir <run dir>`",
 }
 

@@ -31,6 +31,7 @@ CKPT_KIND: dict[StageName, str] = {
     StageName.troubleshoot: "float",
     StageName.qat: "calibration",
     StageName.analysis: "calibration",
+    StageName.export: "calibration",
 }
 """The checkpoint kind each stage starts from (``stage=pipeline`` only with ``ckpt=``: float)."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from qat_lightning.app import stage_runners
+from qat_lightning.app.export import export_stage
 from qat_lightning.app.pipeline import Pipeline
 from qat_lightning.app.schema import AppConfig, StageName
 from qat_lightning.app.session import Factories, Session
@@ -47,5 +48,6 @@ def run(cfg: AppConfig, run_dir: Path, factories: Factories, conf_dir: Path) -> 
         StageName.analysis: stage_runners.analysis_stage,
         StageName.pipeline: stage_runners.pipeline_stage,
         StageName.troubleshoot: troubleshoot_stage,
+        StageName.export: export_stage,
     }[cfg.stage.name]
     return runner(pipe)

@@ -46,6 +46,7 @@ __all__ = [
     "MetricMode",
     "ObserverName",
     "OnViolation",
+    "ExportConf",
     "PipelineConf",
     "PrepareConf",
     "PrepareMethod",
@@ -111,7 +112,7 @@ ObserverName = choices(
 )
 StageName = choices(
     "StageName",
-    ["float", "calibration", "qat", "analysis", "pipeline", "troubleshoot"],
+    ["float", "calibration", "qat", "analysis", "pipeline", "troubleshoot", "export"],
     "What one ``qat-lightning`` run does (``conf/stage``).",
 )
 SanityMode = choices("SanityMode", ["none", *SANITY_MODES], "The seed's checks after QAT (``conf/sanity``).")
@@ -368,6 +369,23 @@ class PipelineConf:
 
 
 @dataclass(frozen=True)
+class ExportConf:
+    """ONNX export: ``stage=export`` and the pipeline's last step.
+
+    Attributes:
+        enabled: the pipeline exports the chosen model at the end (``stage=export`` always exports).
+        check_batches: validation batches for the onnxruntime check (``0``: no check, ``null``: all).
+        opset: ``21`` (int16 QDQ) or ``20`` (int8/fp16-only models, runtimes without opset 21).
+        dynamic_batch: dim 0 of the inputs and outputs symbolic.
+    """
+
+    enabled: bool = True
+    check_batches: int | None = 8
+    opset: int = 21
+    dynamic_batch: bool = True
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """The whole ``qat-lightning`` configuration (``conf/config.yaml``)."""
 
@@ -383,6 +401,7 @@ class AppConfig:
     analysis: AnalysisConf = field(default_factory=AnalysisConf)
     search: SearchConf = field(default_factory=SearchConf)
     pipeline: PipelineConf = field(default_factory=PipelineConf)
+    export: ExportConf = field(default_factory=ExportConf)
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)

@@ -373,6 +373,7 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
         barrier()
         chosen_ckpt = pipe.session.ckpt_dir / "calibration.ckpt"
     # 6. QAT
+    qat_lit = None
     if cfg.pipeline.qat:
         from qat_lightning.app.lr_probe import run_lr_probe
 
@@ -381,13 +382,17 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
         from qat_lightning.app.scale_trial import run_qat
 
         title = f"QAT of {chosen.name} (no-warmup LR {shown}, {cfg.qat.scheduler.value})"
-        _, m_qat, _, _ = run_qat(pipe, chosen_ckpt, chosen, chosen_metric, float_metric, lr, title)
+        qat_lit, m_qat, _, _ = run_qat(pipe, chosen_ckpt, chosen, chosen_metric, float_metric, lr, title)
         verdict = "meets" if s.meets(m_qat, target) else "is below"
         pipe.decide(f"QAT {m_qat:.4f} {verdict} the target {target:.4f} (calibration {chosen_metric:.4f})")
     # 7. sanity
     if cfg.pipeline.sanity:
         _sanity(pipe, "lr0", chosen_ckpt, chosen_metric, chosen)
         _sanity(pipe, "float", chosen_ckpt, float_metric, chosen)
+    if cfg.export.enabled:  # 8. ONNX export of the chosen model (QAT if it ran), checked in onnxruntime
+        from qat_lightning.app.export import export_chosen
+
+        export_chosen(pipe, qat_lit, chosen_ckpt, chosen)
     return pipe.finish(f"qat-lightning pipeline on {pipe.chip}", {"chosen recipe": chosen.describe()})
 
 

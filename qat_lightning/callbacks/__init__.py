@@ -21,6 +21,7 @@ Reload a quantized checkpoint strictly with :func:`load_quantized_checkpoint`.
 from qat_lightning.callbacks._common import CALIBRATED_FLAG, default_input_fn
 from qat_lightning.callbacks.analysis import AnalysisOutcome, QuantAnalysisCallback, output_cosine_eval_fn
 from qat_lightning.callbacks.calibration import Calibration, calibrate, reduce_observer_statistics
+from qat_lightning.callbacks.export import ExportOnnx, ExportOutcome
 from qat_lightning.callbacks.lr_probe import QatLrProbe
 from qat_lightning.callbacks.monitor import QuantStatsMonitor
 from qat_lightning.callbacks.prepare import (
@@ -45,6 +46,8 @@ __all__ = [
     "AnalysisOutcome",
     "BisectResult",
     "Calibration",
+    "ExportOnnx",
+    "ExportOutcome",
     "FakeQuantSwitch",
     "PrepareQuantization",
     "QatLrProbe",

@@ -94,3 +94,26 @@ def test_analysis_and_search_artefacts(pipeline_run):
     assert (out / "mixed_precision.json").is_file()
     assert any("int16 ratio" in d and "raise" in d for d in summary.decisions)
     assert "cat" in (run_dir / "summary.md").read_text()
+
+
+def test_last_step_exports_and_checks_the_chosen_model(pipeline_run):
+    run_dir, summary = pipeline_run
+    (out,) = run_dir.glob("*_export")
+    assert {"model.onnx", "model.encodings.json", "export_check.txt", "export_check.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    check = json.loads((out / "export_check.json").read_text())
+    row = summary.rows[-1]
+    assert row.step.startswith("onnx export (QAT") and "ort cosine" in row.note
+    assert check["outputs"][0]["cosine"] >= 0.999 and check["passed"]
+    decision = next(d for d in summary.decisions if d.startswith("ONNX export"))
+    assert f"cosine {check['outputs'][0]['cosine']:.5f}" in decision
+    assert "onnx export" in (run_dir / "summary.md").read_text()
+
+
+def test_export_stage_from_a_checkpoint(pipeline_run, tmp_path):
+    run_dir, _ = pipeline_run
+    summary = run_app(tmp_path, "stage=export", f"ckpt={run_dir / 'checkpoints' / 'qat.ckpt'}")
+    assert (tmp_path / "model.onnx").is_file() and (tmp_path / "export_check.txt").is_file()
+    assert summary.rows[-1].step == "onnx export (qat.ckpt)"
+    assert "PASS" in summary.rows[-1].note

@@ -1,0 +1,146 @@
+"""ONNX QDQ export: onnxruntime vs fake quant, file size vs the float ONNX, export + check time.
+
+``python benchmarks/export.py [--repeats 3]``
+
+Models (random weights, calibrated on the data below, all int8 unless named): the built-in example
+(``DigitsNet`` on load_digits, the float model trained 2 epochs here first), a CNN (``TinyResNet`` width 64,
+residual adds, conv+bn+relu fused), a torch ``nn.TransformerEncoder`` (d=128, 2 layers), a HF BERT
+(hidden 128, 2 layers, from ``BertConfig``) and the CNN in int16. One process; times are medians of
+``--repeats`` runs, also given as a ratio to the float model's own ONNX export (torch.onnx, same process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import qat_lightning as ql  # noqa: E402
+from qat_lightning.analysis import check_export  # noqa: E402
+from tests.models import TinyResNet  # noqa: E402
+
+
+def _digits(train_epochs: int = 2):
+    from qat_lightning.example.data import load_digits_tensors
+    from qat_lightning.example.model import DigitsNet
+
+    x, y = load_digits_tensors()
+    model = DigitsNet()
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for _ in range(train_epochs):
+        for i in range(0, 1400, 32):
+            loss = nn.functional.cross_entropy(model(x[i : i + 32]), y[i : i + 32])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    calib = [x[i : i + 64] for i in range(0, 640, 64)]
+    check = [(x[i : i + 64], y[i : i + 64]) for i in range(1400, 1797, 64)]
+    return model, (x[:8],), calib, check
+
+
+def _cnn():
+    xs = [torch.randn(16, 3, 32, 32) for _ in range(8)]
+    return TinyResNet(width=64).eval(), (xs[0],), xs[:4], xs[4:]
+
+
+def _encoder():
+    layer = nn.TransformerEncoderLayer(128, 4, 512, batch_first=True)
+    xs = [torch.randn(8, 16, 128) for _ in range(8)]
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval(), (xs[0],), xs[:4], xs[4:]
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=512, vocab_size=1000
+    )
+    xs = [{"input_ids": torch.randint(0, 1000, (8, 16))} for _ in range(8)]
+    return BertModel(cfg).eval(), xs[0], xs[:4], xs[4:]
+
+
+def _calibrated(model, example, calib, setter=None):
+    prepared = ql.prepare(model, example_inputs=example, qconfig_setter=setter).eval()
+    ql.set_fake_quantize(prepared, "calibration")
+    with torch.no_grad():
+        for b in calib:
+            prepared(**b) if isinstance(b, dict) else prepared(b)
+    ql.set_fake_quantize(prepared, "validation")
+    return prepared
+
+
+class _Kwargs(nn.Module):
+    def __init__(self, model, names):
+        super().__init__()
+        self.model, self.names = model, names
+
+    def forward(self, *args):
+        return tuple(self.model(**dict(zip(self.names, args, strict=True))).values())
+
+
+def _float_onnx(model, example, path):
+    if isinstance(example, dict):
+        model, example = _Kwargs(model, tuple(example)), tuple(example.values())
+    t = time.perf_counter()
+    torch.onnx.export(model, example, str(path), dynamo=False, opset_version=20)
+    return time.perf_counter() - t
+
+
+def run(name, build, repeats, setter=None):
+    torch.manual_seed(0)
+    model, example, calib, check_data = build()
+    prepared = _calibrated(model, example, calib, setter)
+    times, float_times = [], []
+    with tempfile.TemporaryDirectory() as d:
+        for _ in range(repeats):
+            float_times.append(_float_onnx(model, example, Path(d) / "float.onnx"))
+            t = time.perf_counter()
+            result = ql.export_onnx(prepared, example, Path(d) / "q.onnx")
+            check = check_export(prepared, result.path, check_data)
+            times.append(time.perf_counter() - t)
+        float_size = (Path(d) / "float.onnx").stat().st_size
+    worst = min(check.outputs, key=lambda o: o.cosine)
+    top1 = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
+    med, fmed = statistics.median(times), statistics.median(float_times)
+    print(
+        f"| {name} | {worst.cosine:.6f} | {worst.sqnr_db:.1f} | "
+        f"{'-' if not top1 else f'{100 * min(top1):.2f}%'} | {result.num_qdq} | "
+        f"{result.size_bytes / float_size:.3f} ({result.size_bytes // 1024} / {float_size // 1024} KiB) | "
+        f"{med:.2f} s ({med / fmed:.1f}x float export) | {'PASS' if check.passed else 'FAIL'} |",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(
+        "| model | worst cosine | SQNR dB | top-1 agree | QDQ | size vs float ONNX | export+check | check |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    run("built-in example (DigitsNet, int8)", _digits, args.repeats)
+    run("CNN (TinyResNet w64, int8)", _cnn, args.repeats)
+    run(
+        "CNN (TinyResNet w64, int16)",
+        _cnn,
+        args.repeats,
+        ql.get_qconfig(weight_dtype=ql.qint16, out_dtype=ql.qint16),
+    )
+    run("nn.TransformerEncoder d128 (int8)", _encoder, args.repeats)
+    run("HF BERT h128 (int8)", _bert, args.repeats)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""``check_export``: run the exported ONNX model in onnxruntime beside the fake-quant model.
+
+Per output: max abs error, cosine, SQNR (dB) and, for classification outputs (2-D ``(batch, classes)``),
+top-1 agreement. The check also proves the graph is really quantized (a ``DequantizeLinear`` for every
+integer quant point the encodings place in the graph, and at least one when the model has integer points)
+and that the encodings' dtypes and scales are still the model's. ``passed`` is false on any problem or
+when an output misses ``min_cosine`` / ``min_top1``.
+
+onnxruntime runs on the CPU provider with its default optimizations except ``QDQS8ToU8Transformer``:
+onnxruntime (1.32 here) rejects its own rewrite of an opset-21 ``QuantizeLinear`` that QDQ propagation
+inserted after a Reshape/Transpose ("output_dtype INT8 does not match y_zero_point type UINT8",
+microsoft/onnxruntime#25526); that transform only shifts int8 codes to uint8. An int8/fp16-only model can be
+exported with ``opset=20`` instead, which a default session loads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
+from qat_lightning.analysis.reports import write_atomic
+from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
+from qat_lightning.quant.outputs import flatten_outputs, graph_output_name
+
+__all__ = [
+    "ExportCheck",
+    "OutputAgreement",
+    "check_export",
+    "ort_session",
+    "render_export_check",
+    "write_export_check",
+]
+
+ORT_DISABLED_OPTIMIZERS = ("QDQS8ToU8Transformer",)
+
+
+@dataclass(frozen=True)
+class OutputAgreement:
+    """onnxruntime vs fake quant for one model output, over all checked batches.
+
+    Attributes:
+        name: output name (``0``, ``0-1``, a dict key).
+        max_abs_error: largest ``|onnx - fake quant|``.
+        cosine: cosine similarity of the flattened outputs.
+        sqnr_db: ``10 log10(sum(fq^2) / sum((onnx - fq)^2))`` (``inf`` when identical).
+        top1_agreement: share of rows with the same argmax (``None`` when not a classification output).
+        numel: number of compared values.
+    """
+
+    name: str
+    max_abs_error: float
+    cosine: float
+    sqnr_db: float
+    top1_agreement: float | None
+    numel: int
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """Result of :func:`check_export`."""
+
+    onnx_path: str
+    num_batches: int
+    outputs: tuple[OutputAgreement, ...]
+    qdq_nodes: int
+    integer_points: int
+    problems: tuple[str, ...] = field(default_factory=tuple)
+    min_cosine: float = 0.999
+    min_top1: float = 0.995
+    min_sqnr_db: float = 20.0
+
+    @property
+    def passed(self) -> bool:
+        """No problem and every output at or above the thresholds."""
+        return not self.problems and all(
+            o.cosine >= self.min_cosine
+            and o.sqnr_db >= self.min_sqnr_db
+            and (o.top1_agreement is None or o.top1_agreement >= self.min_top1)
+            for o in self.outputs
+        )
+
+
+def ort_session(onnx_path: str | os.PathLike[str]) -> Any:
+    """Open an onnxruntime CPU session on an exported file (see the module docstring for the options)."""
+    import onnxruntime as ort
+
+    return ort.InferenceSession(
+        str(onnx_path), providers=["CPUExecutionProvider"], disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS)
+    )
+
+
+class _Acc:
+    """Running sums of one output's comparison."""
+
+    def __init__(self) -> None:
+        self.max_abs, self.dot, self.ref2, self.got2, self.err2 = 0.0, 0.0, 0.0, 0.0, 0.0
+        self.numel, self.rows, self.agree, self.classification = 0, 0, 0, True
+
+    def add(self, ref: Tensor, got: Tensor) -> None:
+        r, g = ref.detach().double().reshape(-1), got.double().reshape(-1)
+        err = g - r
+        self.max_abs = max(self.max_abs, float(err.abs().max()) if err.numel() else 0.0)
+        self.dot += float(r @ g)
+        self.ref2 += float(r @ r)
+        self.got2 += float(g @ g)
+        self.err2 += float(err @ err)
+        self.numel += r.numel()
+        if ref.dim() == 2 and ref.shape[1] >= 2:
+            self.rows += ref.shape[0]
+            self.agree += int((ref.argmax(1) == got.argmax(1)).sum())
+        else:
+            self.classification = False
+
+    def result(self, name: str) -> OutputAgreement:
+        denom = math.sqrt(self.ref2 * self.got2)
+        cosine = self.dot / denom if denom > 0 else (1.0 if self.err2 == 0 else 0.0)
+        sqnr = math.inf if self.err2 == 0 else 10 * math.log10(max(self.ref2, 1e-300) / self.err2)
+        top1 = self.agree / self.rows if self.classification and self.rows else None
+        return OutputAgreement(name, self.max_abs, cosine, sqnr, top1, self.numel)
+
+
+def onnx_feeds(session: Any, inputs: Any) -> dict[str, np.ndarray]:
+    """Map one batch's model inputs (tuple or dict) onto the session's graph inputs, as numpy arrays."""
+    names = [i.name for i in session.get_inputs()]
+    if isinstance(inputs, dict):
+        missing = [n for n in names if n not in inputs]
+        if missing:
+            raise ValueError(f"the batch has no value for the graph inputs {missing}; graph inputs: {names}")
+        return {n: inputs[n].detach().cpu().numpy() for n in names}
+    tensors = [t for t in inputs if isinstance(t, Tensor)]
+    if len(tensors) != len(names):
+        raise ValueError(
+            f"the graph takes {len(names)} inputs {names}, the batch gives {len(tensors)} tensors"
+        )
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=True)}
+
+
+def _pair(ref: dict[str, Tensor], out_names: Sequence[str]) -> list[Tensor]:
+    """Pick the model output of each graph output: by name, or by position for a graph named otherwise."""
+    if all(n in ref for n in out_names):
+        return [ref[n] for n in out_names]
+    if len(ref) == len(out_names):
+        return list(ref.values())
+    raise ValueError(f"graph outputs {list(out_names)} do not match the model's outputs {sorted(ref)}")
+
+
+def _graph_problems(
+    model: nn.Module, onnx_path: Path, encodings: Sequence[Any] | None
+) -> tuple[list[str], int, int]:
+    import onnx
+
+    graph = onnx.load(str(onnx_path)).graph
+    dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    nodes = dict(iter_fake_quantize(model))
+    integer = [name for name, n in nodes.items() if n.dtype.is_integer]
+    problems = []
+    if integer and not dq_outputs:
+        problems.append(f"the graph holds no QDQ node but the model has {len(integer)} integer quant points")
+    for e in encodings or ():
+        node = nodes.get(e.node)
+        if node is None:
+            problems.append(f"encodings name {e.node!r}, which the model does not have")
+            continue
+        if node.dtype.name != e.dtype:
+            problems.append(f"{e.node}: dtype {node.dtype.name} in the model, {e.dtype} in the export")
+            continue
+        lost = [t for t in e.onnx_tensors if t not in dq_outputs] if node.dtype.is_integer else []
+        if lost:
+            problems.append(f"{e.node}: no DequantizeLinear produces {lost[0]!r} in the graph")
+        if node.dtype.is_integer:
+            now = node.scale.detach().float().reshape(-1).tolist()
+            if len(now) != len(e.scale) or not np.allclose(now, e.scale, rtol=1e-6, atol=0.0):
+                problems.append(
+                    f"{e.node}: scale changed since the export (model {now[:4]}, export {list(e.scale)[:4]})"
+                )
+    return problems, len(dq_outputs), len(integer)
+
+
+def check_export(
+    model: nn.Module,
+    onnx_path: str | os.PathLike[str],
+    dataloader: Iterable[Any],
+    *,
+    input_fn: InputFn | None = None,
+    num_batches: int | None = None,
+    min_cosine: float = 0.999,
+    min_top1: float = 0.995,
+    min_sqnr_db: float = 20.0,
+    out_dir: str | os.PathLike[str] | None = None,
+) -> ExportCheck:
+    """Compare onnxruntime on ``onnx_path`` with ``model`` (fake quant, VALIDATION) on the same batches.
+
+    Args:
+        model: the prepared model that was exported (left in its states and train/eval mode).
+        onnx_path: the file written by ``export_onnx`` (its ``.encodings.json`` is read when present).
+        dataloader: any iterable of batches.
+        input_fn: batch -> model inputs (default: tensor / first element / dict as kwargs).
+        num_batches: how many batches (``None``: all).
+        min_cosine: per-output cosine an export must reach to pass.
+        min_top1: top-1 agreement a classification output must reach to pass.
+        min_sqnr_db: per-output SQNR an export must reach to pass (cosine alone misses a wrong magnitude;
+            cosine 0.999 is about 27 dB).
+        out_dir: where ``export_check.txt`` / ``.json`` go (default: the ONNX file's folder); written
+            atomically.
+
+    Raises:
+        ValueError: for a missing file, no batches, or batches that do not fit the graph's inputs.
+    """
+    from qat_lightning.quant.export import read_encodings
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ValueError(f"no ONNX file at {str(path)!r}: run export_onnx first")
+    enc_file = path.with_suffix(".encodings.json")
+    encodings = read_encodings(enc_file) if enc_file.is_file() else None
+    problems, qdq, integer = _graph_problems(model, path, encodings)
+    if encodings is None:
+        problems.append(f"no encodings file {enc_file.name} beside the model")
+    session = ort_session(path)
+    out_names = [o.name for o in session.get_outputs()]
+    accs: dict[str, _Acc] = {n: _Acc() for n in out_names}
+    count, was_training = 0, model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        with fake_quant_state(model, FakeQuantState.VALIDATION), torch.no_grad():
+            for inputs in iter_batches(dataloader, num_batches, input_fn):
+                feeds = onnx_feeds(session, inputs)  # first: a batch that does not fit the graph is named
+                on_device = map_tensors(inputs, lambda t: t.to(device))
+                out = model(**on_device) if isinstance(on_device, dict) else model(*on_device)
+                ref = {graph_output_name(k): v for k, v in flatten_outputs(out)}
+                got = session.run(out_names, feeds)
+                for name, expected, value in zip(out_names, _pair(ref, out_names), got, strict=True):
+                    accs[name].add(expected.float().cpu(), torch.from_numpy(np.asarray(value)).float())
+                count += 1
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("the dataloader gave no batch: nothing to check")
+    result = ExportCheck(
+        onnx_path=str(path),
+        num_batches=count,
+        outputs=tuple(accs[n].result(n) for n in out_names),
+        qdq_nodes=qdq,
+        integer_points=integer,
+        problems=tuple(problems),
+        min_cosine=min_cosine,
+        min_top1=min_top1,
+    )
+    write_export_check(result, Path(out_dir) if out_dir is not None else path.parent)
+    return result
+
+
+def render_export_check(check: ExportCheck) -> str:
+    """Render the text report (``export_check.txt``)."""
+    lines = [
+        f"export check: {'PASSED' if check.passed else 'FAILED'} ({check.onnx_path})",
+        f"batches: {check.num_batches}; DequantizeLinear nodes: {check.qdq_nodes}; "
+        f"integer quant points in the model: {check.integer_points}",
+        f"thresholds: cosine >= {check.min_cosine}, SQNR >= {check.min_sqnr_db} dB, "
+        f"top-1 agreement >= {check.min_top1}",
+        "",
+        f"{'output':<24}{'max_abs_err':>14}{'cosine':>12}{'sqnr_db':>10}{'top1_agree':>12}",
+    ]
+    for o in check.outputs:
+        top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
+        lines.append(f"{o.name:<24}{o.max_abs_error:>14.6g}{o.cosine:>12.6f}{o.sqnr_db:>10.2f}{top1:>12}")
+    if check.problems:
+        lines += ["", "problems:", *(f"  - {p}" for p in check.problems)]
+    return "\n".join(lines) + "\n"
+
+
+def _json_value(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def write_export_check(check: ExportCheck, out_dir: Path) -> tuple[Path, Path]:
+    """Write ``export_check.txt`` and ``export_check.json`` into ``out_dir`` (atomically)."""
+    doc = asdict(check)
+    doc["passed"] = check.passed
+    doc["outputs"] = [{k: _json_value(v) for k, v in o.items()} for o in doc["outputs"]]
+    txt = write_atomic(out_dir / "export_check.txt", render_export_check(check))
+    js = write_atomic(out_dir / "export_check.json", json.dumps(doc, indent=1) + "\n")
+    return txt, js

@@ -1,0 +1,214 @@
+"""Layer-by-layer comparison of the deployed (onnxruntime) model with the fake-quant model.
+
+The "quantized" reference mode of the analysis: every quant point the encodings place in the graph (a
+``DequantizeLinear`` output, i.e. exactly what the next deployed op reads) is made a graph output and
+compared with the fake-quant node's output on the same batch, paired by the encodings' node names (a node
+traced ``k`` times is paired call by call). Rows come in graph order, so the first row that disagrees is
+where deployment and fake quant part, the way ``compare_per_layer`` finds where float and calibration part.
+
+Per row: cosine, max abs error, the error in quantization steps (``max |err| / scale``; 0 = bit-exact,
+1 = a rounding tie or accumulation-order flip, more = a real mismatch) and the share of values that differ.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from qat_lightning.analysis.export_check import onnx_feeds
+from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
+from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
+
+__all__ = ["ExportLayerRow", "compare_export_per_layer", "first_export_mismatch", "render_export_layers"]
+
+
+@dataclass(frozen=True)
+class ExportLayerRow:
+    """One quant point: onnxruntime's dequantized tensor vs the fake-quant node's output.
+
+    Attributes:
+        node: the quant node's module path.
+        op_name: the op it belongs to (per-layer table name).
+        role: ``input.<i>``, ``weight`` or ``output``.
+        dtype: ``qint8`` / ``qint16``.
+        onnx_tensor: the graph tensor compared.
+        cosine: cosine similarity over the compared batches.
+        max_abs_error: largest ``|onnx - fake quant|``.
+        max_steps: ``max_abs_error / scale`` (per-channel: the largest over channels).
+        mismatch_share: share of values that differ at all.
+    """
+
+    node: str
+    op_name: str
+    role: str
+    dtype: str
+    onnx_tensor: str
+    cosine: float
+    max_abs_error: float
+    max_steps: float
+    mismatch_share: float
+
+
+def _recorder(model: nn.Module, wanted: set[str]) -> tuple[dict[str, list[Tensor]], list[Any]]:
+    seen: dict[str, list[Tensor]] = {}
+    handles = []
+    for name, node in iter_fake_quantize(model):
+        if name in wanted:
+
+            def hook(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
+                seen.setdefault(name, []).append(out.detach().float().cpu())
+
+            handles.append(node.register_forward_hook(hook))
+    return seen, handles
+
+
+def _session_with_outputs(onnx_path: Path, tensors: list[str]) -> Any:
+    import onnx
+    import onnxruntime as ort
+
+    from qat_lightning.analysis.export_check import ORT_DISABLED_OPTIMIZERS
+
+    proto = onnx.load(str(onnx_path))
+    present = {o.name for o in proto.graph.output}
+    for t in tensors:
+        if t not in present:
+            proto.graph.output.append(onnx.helper.make_empty_tensor_value_info(t))
+    return ort.InferenceSession(
+        proto.SerializeToString(),
+        providers=["CPUExecutionProvider"],
+        disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS),
+    )
+
+
+class _Pair:
+    def __init__(self) -> None:
+        self.dot = self.a2 = self.b2 = 0.0
+        self.max_err = self.max_steps = 0.0
+        self.diff = self.numel = 0
+
+    def add(self, ref: Tensor, got: Tensor, scale: Tensor, axis: int | None) -> None:
+        r, g = ref.double(), got.double()
+        err = (g - r).abs()
+        self.dot += float((r * g).sum())
+        self.a2 += float((r * r).sum())
+        self.b2 += float((g * g).sum())
+        self.max_err = max(self.max_err, float(err.max()) if err.numel() else 0.0)
+        if axis is None:
+            steps = err / float(scale.reshape(-1)[0])
+        else:
+            shape = [1] * err.dim()
+            shape[axis] = -1
+            steps = err / scale.double().reshape(shape)
+        self.max_steps = max(self.max_steps, float(steps.max()) if steps.numel() else 0.0)
+        self.diff += int((err > 0).sum())
+        self.numel += err.numel()
+
+    def cosine(self) -> float:
+        denom = (self.a2 * self.b2) ** 0.5
+        return self.dot / denom if denom > 0 else 1.0
+
+
+def compare_export_per_layer(
+    model: nn.Module,
+    onnx_path: str | os.PathLike[str],
+    dataloader: Iterable[Any],
+    *,
+    input_fn: InputFn | None = None,
+    num_batches: int | None = 1,
+) -> tuple[ExportLayerRow, ...]:
+    """Compare every integer quant point of the exported graph with the fake-quant model, in graph order.
+
+    Args:
+        model: the prepared model that was exported (run in VALIDATION; its states are restored).
+        onnx_path: the file ``export_onnx`` wrote (its ``.encodings.json`` names the points).
+        dataloader: any iterable of batches.
+        input_fn: batch -> model inputs.
+        num_batches: batches to compare (``None``: all).
+
+    Raises:
+        ValueError: without an encodings file, or when the graph and the model disagree on a point's calls.
+    """
+    from qat_lightning.quant.export import read_encodings
+
+    path = Path(onnx_path)
+    enc_file = path.with_suffix(".encodings.json")
+    if not enc_file.is_file():
+        raise ValueError(f"no encodings file {enc_file}: export the model with export_onnx first")
+    points = [e for e in read_encodings(enc_file) if e.dtype in ("qint8", "qint16") and e.onnx_tensors]
+    tensors = [t for e in points for t in e.onnx_tensors]
+    session = _session_with_outputs(path, tensors)
+    nodes = dict(iter_fake_quantize(model))
+    pairs = {t: _Pair() for t in tensors}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    seen, handles = _recorder(model, {e.node for e in points})
+    was_training = model.training
+    try:
+        model.eval()
+        with fake_quant_state(model, FakeQuantState.VALIDATION), torch.no_grad():
+            for inputs in iter_batches(dataloader, num_batches, input_fn):
+                feeds = onnx_feeds(session, inputs)
+                seen.clear()
+                on_device = map_tensors(inputs, lambda t: t.to(device))
+                model(**on_device) if isinstance(on_device, dict) else model(*on_device)
+                got = dict(zip(tensors, session.run(tensors, feeds), strict=True))
+                for e in points:
+                    calls = seen.get(e.node, [])
+                    if len(calls) != len(e.onnx_tensors):
+                        raise ValueError(
+                            f"{e.node}: {len(calls)} call(s) in the model, {len(e.onnx_tensors)} in the graph"
+                        )
+                    scale = nodes[e.node].scale.detach().float().cpu()
+                    for ref, t in zip(calls, e.onnx_tensors, strict=True):
+                        pairs[t].add(ref, torch.from_numpy(np.asarray(got[t])).float(), scale, e.axis)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    rows = [
+        ExportLayerRow(
+            e.node,
+            e.op_name,
+            e.role,
+            e.dtype,
+            t,
+            pairs[t].cosine(),
+            pairs[t].max_err,
+            pairs[t].max_steps,
+            pairs[t].diff / max(pairs[t].numel, 1),
+        )
+        for e in points
+        for t in e.onnx_tensors
+    ]
+    order = {t: i for i, t in enumerate(_graph_order(path))}
+    return tuple(sorted(rows, key=lambda r: order.get(r.onnx_tensor, len(order))))
+
+
+def _graph_order(path: Path) -> list[str]:
+    import onnx
+
+    return [n.output[0] for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"]
+
+
+def first_export_mismatch(rows: Iterable[ExportLayerRow], max_steps: float = 1.0) -> ExportLayerRow | None:
+    """Return the first row (graph order) whose error exceeds ``max_steps`` quantization steps."""
+    return next((r for r in rows if r.max_steps > max_steps), None)
+
+
+def render_export_layers(rows: Iterable[ExportLayerRow]) -> str:
+    """Render the rows as a fixed-width table (``compare_export_per_layer.txt``)."""
+    lines = [
+        f"{'op_name':<28}{'role':<9}{'dtype':<8}{'cosine':>10}{'max_abs_err':>13}{'max_steps':>10}{'differ':>8}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{r.op_name or r.node:<28}{r.role:<9}{r.dtype:<8}{r.cosine:>10.6f}{r.max_abs_error:>13.4g}"
+            f"{r.max_steps:>10.2f}{100 * r.mismatch_share:>7.2f}%"
+        )
+    return "\n".join(lines) + "\n"

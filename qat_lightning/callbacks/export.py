@@ -1,0 +1,160 @@
+"""``ExportOnnx``: write the network as a QDQ ONNX model at the end of fit, and check it in onnxruntime.
+
+On global rank zero only (the other ranks return at once), after ``trainer.fit`` (``on_fit_end``) or on demand
+(:meth:`ExportOnnx.export`): :func:`qat_lightning.quant.export.export_onnx` writes ``path`` and its
+``.encodings.json`` (atomically), then :func:`qat_lightning.analysis.check_export` runs onnxruntime beside
+the fake-quant network on ``check_batches`` batches and writes ``export_check.txt`` / ``.json`` beside the
+model; when the check fails, ``compare_export_per_layer.txt`` too (onnxruntime vs fake quant per quant point,
+in graph order) and a warning naming the first point where they part. The example inputs are the first batch
+of ``dataloader``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from qat_lightning.analysis import ExportCheck, check_export, compare_export_per_layer, first_export_mismatch
+from qat_lightning.analysis.export_layers import render_export_layers
+from qat_lightning.callbacks._common import (
+    DATALOADER_CHOICES,
+    InputFn,
+    atomic_write_text,
+    check_choice,
+    default_input_fn,
+    first_batch,
+    get_submodule,
+    normalize_inputs,
+    request_dataloader,
+    require_prepared,
+    resolve_log_dir,
+)
+from qat_lightning.callbacks.logging import log_scalars
+
+__all__ = ["ExportOnnx", "ExportOutcome"]
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    """What :meth:`ExportOnnx.export` produced: the export (``ExportResult``) and its check (or ``None``)."""
+
+    result: Any
+    check: ExportCheck | None
+
+
+class ExportOnnx(Callback):
+    """Export the prepared network to ONNX (QDQ) after fit and check it in onnxruntime.
+
+    Args:
+        path: the ``.onnx`` file; a relative path is placed under the trainer's log dir.
+        check_batches: batches of ``dataloader`` for :func:`~qat_lightning.analysis.check_export`
+            (``0``: no check; ``None``: all).
+        dataloader: ``"val"`` (default), ``"train"``, ``"test"`` or any iterable of batches.
+        opset: ONNX opset (``21``; ``20`` for int8/fp16-only models and runtimes without opset 21).
+        dynamic_batch: make dim 0 of inputs and outputs symbolic.
+        input_fn: batch -> model inputs (default: tensor / first element / dict as kwargs).
+        run_on_fit_end: export automatically at the end of ``trainer.fit``.
+        submodule: attribute path of the network inside the LightningModule.
+
+    Raises:
+        ValueError: at construction for a path not ending in ``.onnx``, a negative ``check_batches``, an
+            unknown dataloader name or opset.
+    """
+
+    def __init__(
+        self,
+        path: str | Path = "model.onnx",
+        check_batches: int | None = 8,
+        dataloader: str | Iterable[Any] = "val",
+        opset: int = 21,
+        dynamic_batch: bool = True,
+        input_fn: InputFn | None = None,
+        run_on_fit_end: bool = True,
+        submodule: str = "model",
+    ) -> None:
+        super().__init__()
+        if Path(path).suffix != ".onnx":
+            raise ValueError(f"path must end with .onnx, got {str(path)!r}")
+        if check_batches is not None and (isinstance(check_batches, bool) or int(check_batches) < 0):
+            raise ValueError(
+                f"check_batches must be an int >= 0 (0: no check) or None (all), got {check_batches!r}"
+            )
+        if isinstance(dataloader, str):
+            check_choice("dataloader", dataloader, DATALOADER_CHOICES)
+        check_choice("opset", opset, _export_module().EXPORT_OPSETS)
+        self.path = Path(path)
+        self.check_batches = check_batches
+        self.dataloader = dataloader
+        self.opset = opset
+        self.dynamic_batch = dynamic_batch
+        self.input_fn = input_fn
+        self.run_on_fit_end = run_on_fit_end
+        self.submodule = submodule
+        self.outcome: ExportOutcome | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Export (and check) when ``run_on_fit_end``."""
+        if self.run_on_fit_end:
+            self.export(trainer, pl_module)
+
+    def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> ExportOutcome | None:
+        """Export and check now; rank zero returns the outcome, other ranks ``None``."""
+        target = self.path if self.path.is_absolute() else resolve_log_dir(trainer) / self.path
+        if not trainer.is_global_zero:
+            return None
+        model = get_submodule(pl_module, self.submodule)
+        require_prepared(model, "ExportOnnx", self.submodule)
+        loader = request_dataloader(trainer, pl_module, self.dataloader)
+        example = normalize_inputs((self.input_fn or default_input_fn)(first_batch(loader)))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        result = _export_module().export_onnx(
+            model, example, target, opset=self.opset, dynamic_batch=self.dynamic_batch
+        )
+        check = None
+        if self.check_batches != 0:
+            check = check_export(
+                model, target, loader, input_fn=self.input_fn, num_batches=self.check_batches
+            )
+            log_scalars(trainer, _check_scalars(check))
+            if not check.passed:
+                _explain_failure(model, target, loader, self.input_fn)
+            rank_zero_info(f"ONNX export check {'passed' if check.passed else 'FAILED'}: {target.parent}")
+        self.outcome = ExportOutcome(result, check)
+        return self.outcome
+
+
+def _explain_failure(model: Any, target: Path, loader: Any, input_fn: InputFn | None) -> None:
+    """Write ``compare_export_per_layer.txt`` (onnxruntime vs fake quant per point); warn with the first."""
+    rows = compare_export_per_layer(model, target, loader, input_fn=input_fn, num_batches=1)
+    atomic_write_text(target.parent / "compare_export_per_layer.txt", render_export_layers(rows))
+    bad = first_export_mismatch(rows)
+    where = "none above 1 quantization step" if bad is None else f"{bad.node} ({bad.max_steps:.1f} steps)"
+    rank_zero_warn(
+        f"ONNX export check FAILED; first quant point where onnxruntime and fake quant part: {where}"
+    )
+
+
+def _export_module() -> Any:
+    """``qat_lightning.quant.export`` (imports onnx: a clear error when the ``[export]`` extra is missing)."""
+    try:
+        from qat_lightning.quant import export
+    except ImportError as exc:
+        raise ImportError(
+            f"ExportOnnx needs onnx and onnxruntime ({exc}): pip install 'qat_lightning[export]'"
+        ) from exc
+    return export
+
+
+def _check_scalars(check: ExportCheck) -> dict[str, float]:
+    out = {}
+    for o in check.outputs:
+        out[f"export/{o.name}/cosine"] = o.cosine
+        if o.top1_agreement is not None:
+            out[f"export/{o.name}/top1_agreement"] = o.top1_agreement
+    return out

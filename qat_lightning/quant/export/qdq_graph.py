@@ -1,0 +1,146 @@
+"""Turn the traced graph's ``qat_lightning::QuantDequant`` placeholders into standard ONNX QDQ nodes.
+
+* activation: ``QuantizeLinear(x, scale, zero_point)`` → ``DequantizeLinear`` (the zero point's type,
+  ``int8`` or ``int16``, sets the integer type; opset 21 allows both);
+* constant weight (after constant folding, e.g. conv + BN folded): the integer codes are computed here
+  (``clamp(round(w * (1 / scale)))``, as the node computes them) and stored as an ``int8`` / ``int16``
+  initializer followed by ``DequantizeLinear``: the file holds no float copy of the weight.
+
+Afterwards unused initializers and constants are dropped and the default opset is raised to the target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from qat_lightning.quant.export.points import CUSTOM_DOMAIN
+
+__all__ = ["QdqNode", "rewrite_quant_points"]
+
+_INT_TYPES = {(-128, 127): (TensorProto.INT8, np.int8), (-32768, 32767): (TensorProto.INT16, np.int16)}
+
+
+@dataclass(frozen=True)
+class QdqNode:
+    """Where one quant point ended up in the ONNX graph.
+
+    Attributes:
+        point: the quant node's module path.
+        tensor: name of the dequantized (float) tensor its consumers read.
+        quantized_tensor: name of the integer tensor (a ``QuantizeLinear`` output or a weight initializer).
+        constant: whether the input was a constant (weight stored as integers).
+    """
+
+    point: str
+    tensor: str
+    quantized_tensor: str
+    constant: bool
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Values of initializers and of ``Constant`` node outputs, by tensor name."""
+    values = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type == "Constant":
+            attrs = {a.name: a for a in node.attribute}
+            if "value" in attrs:
+                values[node.output[0]] = numpy_helper.to_array(attrs["value"].t)
+        elif node.op_type == "Identity" and node.input[0] in values:  # the exporter's shared-weight alias
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def _rewrite_one(
+    node: onnx.NodeProto, index: int, values: dict[str, np.ndarray], graph: onnx.GraphProto
+) -> tuple[list[onnx.NodeProto], QdqNode]:
+    attrs = _attrs(node)
+    qmin, qmax, axis = int(attrs["qmin"]), int(attrs["qmax"]), int(attrs["axis"])
+    point = attrs["point"].decode() if isinstance(attrs["point"], bytes) else str(attrs["point"])
+    onnx_type, np_type = _INT_TYPES[(qmin, qmax)]
+    x_name, scale_name = node.input[0], node.input[1]
+    scale = values[scale_name].astype(np.float32)
+    prefix = f"{point}/q{index}"
+    new_scale, zp = f"{prefix}/scale", f"{prefix}/zero_point"
+    graph.initializer.append(numpy_helper.from_array(scale, new_scale))
+    graph.initializer.append(numpy_helper.from_array(np.zeros(scale.shape, dtype=np_type), zp))
+    axis_attrs = {"axis": axis} if axis >= 0 else {}
+    out = node.output[0]
+    if x_name in values:
+        w = values[x_name].astype(np.float32)
+        shape = [1] * w.ndim
+        if axis >= 0:
+            shape[axis] = -1
+        inv = np.reciprocal(scale).reshape(shape)
+        codes = np.clip(np.rint(w * inv), qmin, qmax).astype(np_type)
+        q_name = f"{prefix}/quantized"
+        graph.initializer.append(numpy_helper.from_array(codes, q_name))
+        dq = helper.make_node(
+            "DequantizeLinear",
+            [q_name, new_scale, zp],
+            [out],
+            name=f"{prefix}/DequantizeLinear",
+            **axis_attrs,
+        )
+        return [dq], QdqNode(point, out, q_name, True)
+    q_name = f"{prefix}/quantized"
+    q = helper.make_node(
+        "QuantizeLinear", [x_name, new_scale, zp], [q_name], name=f"{prefix}/QuantizeLinear", **axis_attrs
+    )
+    dq = helper.make_node(
+        "DequantizeLinear", [q_name, new_scale, zp], [out], name=f"{prefix}/DequantizeLinear", **axis_attrs
+    )
+    return [q, dq], QdqNode(point, out, q_name, False)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Drop nodes, initializers and constants nothing reads any more (the float copies of the weights)."""
+    while True:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if not any(o in used for o in n.output)]
+        for n in dead:
+            graph.node.remove(n)
+        unused = [init for init in graph.initializer if init.name not in used]
+        for init in unused:
+            graph.initializer.remove(init)
+        if not dead and not unused:
+            return
+
+
+def rewrite_quant_points(model: onnx.ModelProto, opset: int) -> list[QdqNode]:
+    """Replace every placeholder of ``model`` (in place) by QDQ nodes; return where each point went.
+
+    Args:
+        model: the traced ONNX model (placeholders in the ``qat_lightning`` domain).
+        opset: the default-domain opset of the result (21 or more for int16).
+    """
+    graph = model.graph
+    values = _constants(graph)
+    placed: list[QdqNode] = []
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.domain == CUSTOM_DOMAIN and node.op_type == "QuantDequant":
+            new_nodes, qdq = _rewrite_one(node, len(placed), values, graph)
+            nodes.extend(new_nodes)
+            placed.append(qdq)
+        else:
+            nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _prune(graph)
+    imports = [o for o in model.opset_import if o.domain != CUSTOM_DOMAIN]
+    del model.opset_import[:]
+    model.opset_import.extend(imports)
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, opset)
+    return placed

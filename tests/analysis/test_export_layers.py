@@ -1,0 +1,62 @@
+"""compare_export_per_layer: onnxruntime's quant points vs the fake-quant nodes, found where they part."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qat_lightning as ql
+from qat_lightning.analysis.export_layers import (
+    compare_export_per_layer,
+    first_export_mismatch,
+    render_export_layers,
+)
+from qat_lightning.quant.export import export_onnx
+from tests.analysis.test_export_check import _tamper_scale
+from tests.models import TinyResNet
+
+pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture
+def exported(tmp_path):
+    xs = [torch.randn(8, 3, 16, 16) for _ in range(2)]
+    model = ql.prepare(TinyResNet().eval(), example_inputs=(xs[0],)).eval()
+    ql.set_fake_quantize(model, "calibration")
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    ql.set_fake_quantize(model, "validation")
+    return model, export_onnx(model, (xs[0],), tmp_path / "m.onnx"), xs
+
+
+def test_faithful_export_agrees_point_by_point(exported):
+    model, result, xs = exported
+    rows = compare_export_per_layer(model, result.path, xs, num_batches=2)
+    assert len(rows) == result.num_qdq
+    ops = {name for name, _ in ql.iter_quant_ops(model)}
+    assert {r.op_name for r in rows} <= ops and rows[0].op_name == "x_quant"  # graph order: input first
+    assert all(r.max_steps <= 1.0 and r.cosine > 0.9999 for r in rows)
+    assert first_export_mismatch(rows) is None
+    weights = [r for r in rows if r.role == "weight"]
+    assert weights and all(r.max_abs_error == 0.0 for r in weights)  # integer initializers: exact
+    assert "layer1.0.conv1" in render_export_layers(rows)
+
+
+def test_first_mismatch_is_the_tampered_point(exported):
+    model, result, xs = exported
+    enc = {e.node: e for e in result.encodings}
+    _tamper_scale(result.path, enc["layer1.0.conv1.output_quant"].onnx_tensors[0], 0.5, False)
+    rows = compare_export_per_layer(model, result.path, xs)
+    bad = first_export_mismatch(rows)
+    assert bad is not None and bad.node == "layer1.0.conv1.output_quant" and bad.max_steps > 1.0
+    before = rows[: rows.index(bad)]
+    assert before and all(r.max_steps <= 1.0 for r in before)
+
+
+def test_needs_the_encodings(exported, tmp_path):
+    model, result, xs = exported
+    result.encodings_path.unlink()
+    with pytest.raises(ValueError, match="no encodings file"):
+        compare_export_per_layer(model, result.path, xs)
