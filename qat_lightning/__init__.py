@@ -44,7 +44,7 @@ _EXPORT_NAMES = ("export_onnx", "ExportResult", "ExportError")
 def __getattr__(name: str) -> Any:
     """Resolve ``ql.export_onnx`` & co. and the seed's compatibility names (:mod:`qat_lightning.compat`).
 
-    The export names import ``onnx`` on first use (``pip install qat_lightning[export]``).
+    The export names import ``onnx`` on first use (a dependency; importing it is deferred).
     """
     import importlib
 

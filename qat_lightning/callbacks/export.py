@@ -141,12 +141,12 @@ def _explain_failure(model: Any, target: Path, loader: Any, input_fn: InputFn | 
 
 
 def _export_module() -> Any:
-    """``qat_lightning.quant.export`` (imports onnx: a clear error when the ``[export]`` extra is missing)."""
+    """``qat_lightning.quant.export`` (imports onnx: a clear error when it is not installed)."""
     try:
         from qat_lightning.quant import export
     except ImportError as exc:
         raise ImportError(
-            f"ExportOnnx needs onnx and onnxruntime ({exc}): pip install 'qat_lightning[export]'"
+            f"ExportOnnx needs onnx and onnxruntime ({exc}): pip install onnx onnxruntime"
         ) from exc
     return export
 
