@@ -19,8 +19,11 @@ from qat_lightning.analysis.inputs import default_input_fn, flatten_outputs
 from qat_lightning.analysis.layer_compare import Advice, LayerComparison, LayerRow
 from qat_lightning.analysis.metrics import BUILTIN_METRICS, Metric
 from qat_lightning.analysis.mixed_precision import (
+    SEARCH_METHODS,
     MixedPrecisionPlan,
     Probe,
+    SearchConfig,
+    SearchReporter,
     search_mixed_precision,
     write_plan,
 )
@@ -59,6 +62,9 @@ __all__ = [
     "search_fp16_topk",
     "search_j6p",
     "search_mixed_precision",
+    "SearchConfig",
+    "SearchReporter",
+    "SEARCH_METHODS",
     "shared_module_advice",
     "write_plan",
 ]
