@@ -107,7 +107,7 @@ def kl_threshold(
         thr = _band_pick(kl, cand, m, amax, last, nq, qmax, tolerance)
     if math.isinf(max_mse_loss):
         return thr
-    return _guard(kl, cand, m, amax, qmax, thr, max_mse_loss)
+    return _guard(kl, cand, m, amax, last, qmax, thr, max_mse_loss)
 
 
 def _band_pick(
@@ -138,14 +138,18 @@ def _guard(
     cand: torch.Tensor,
     m: Moments,
     amax: torch.Tensor,
+    last: torch.Tensor,
     qmax: int,
     thr: torch.Tensor,
     max_loss: float,
 ) -> torch.Tensor:
-    """Keep the pick's estimated error within ``1 + max_loss`` of the best candidate's (see kl_threshold)."""
+    """Keep the pick's estimated error within ``1 + max_loss`` of the best candidate's (see kl_threshold).
+
+    Every candidate up to the row's last non-empty bin counts, also one of infinite divergence.
+    """
     rows = torch.arange(kl.shape[0], device=kl.device)
     t = torch.minimum(cand[None, :].double() * m.width, amax[:, None])
-    valid = torch.isfinite(kl)
+    valid = cand[None, :] <= last[:, None]
     err = mse_at(m, rows[:, None], t, qmax).masked_fill_(~valid, torch.inf)
     bound = err.amin(1) * (1 + max_loss)
     worse = mse_at(m, rows, thr, qmax) > bound
