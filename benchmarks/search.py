@@ -71,7 +71,7 @@ def trained(steps: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     train, val = perm[:1400], perm[1400:]
     model = DigitsEncoder()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
-    for step in range(steps):
+    for _ in range(steps):
         idx = train[torch.randint(0, len(train), (64,))]
         loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()

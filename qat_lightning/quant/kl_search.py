@@ -120,7 +120,7 @@ def _band_pick(
     qmax: int,
     tolerance: float,
 ) -> torch.Tensor:
-    """The tie-break of :func:`kl_threshold`: smallest error in the divergence band, then smallest ``i``."""
+    """Break kl_threshold's tie: smallest error in the divergence band, then smallest ``i``."""
     bound = (kl.amin(1, keepdim=True) * (1 + tolerance) + _KL_ABS_SLACK).nan_to_num_(posinf=-1.0)
     band = kl <= bound  # (a row without a finite divergence gets an empty band)
     row, col = band.nonzero(as_tuple=True)
