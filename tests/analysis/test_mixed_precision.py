@@ -267,3 +267,37 @@ def test_search_config_is_validated_and_files_come_from_the_reporter(tmp_path) -
     assert tuple(seen) == plan.probes and json.loads((out / "mixed_precision_probes.json").read_text())
     reporter.write(plan)
     assert json.loads((out / "mixed_precision.json").read_text())["method"] == "fast"
+
+
+def test_fast_search_equals_exact_search_on_the_built_in_example(tmp_path) -> None:
+    from qat_lightning.example import DigitsNet, load_digits_tensors
+
+    torch.manual_seed(0)
+    images, _ = load_digits_tensors()
+    net = DigitsNet().eval()
+    model = ql.prepare(net, images[:32])
+    ql.set_fake_quantize(model, ql.FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        model(images[:128])
+    ql.set_fake_quantize(model, ql.FakeQuantState.VALIDATION)
+    model.eval()
+    x = images[128:384]
+    with torch.no_grad():
+        ref = net(x)
+
+    def eval_fn(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cosine_similarity(m(x), ref, dim=1).mean())
+
+    tables = QuantAnalysis(model, out_dir=tmp_path).sensitivity("COSINE", inputs=x[:64], plot=False)
+    low = search_mixed_precision(model, tables, eval_fn, 2.0, method="exact")  # all-int8 and all-int16
+    base, full = low.probes[0].metric, low.probes[1].metric
+    compared = 0
+    for share in (0.2, 0.5, 0.8, 0.95, 0.99):
+        target = base + share * (full - base)
+        exact = search_mixed_precision(model, tables, eval_fn, target, method="exact")
+        fast = search_mixed_precision(model, tables, eval_fn, target, method="fast")
+        if _monotone(exact.probes + fast.probes):
+            compared += 1
+            assert (fast.raised, fast.metric, fast.ratios) == (exact.raised, exact.metric, exact.ratios)
+    assert compared >= 3
