@@ -119,13 +119,16 @@ def main() -> None:
 
     with torch.no_grad():
         q_acc = float((prepared(x_val).argmax(1) == y_val).float().mean())
-    print(f"model: {ops} quant ops; float accuracy {acc:.4f}; all-int8 accuracy {q_acc:.4f}; "
-          f"all-int8 cosine {eval_fn(prepared):.6f}; target cosine {args.target}")
+    print(
+        f"model: {ops} quant ops; float accuracy {acc:.4f}; all-int8 accuracy {q_acc:.4f}; "
+        f"all-int8 cosine {eval_fn(prepared):.6f}; target cosine {args.target}"
+    )
     qa = QuantAnalysis(prepared, out_dir=None)
     tables = {}
     for method in ("exact", "approximate"):
-        seconds, got = median_time(lambda method=method: qa.sensitivity(
-            "COSINE", method=method, inputs=x_val[:64], plot=False), 1)
+        seconds, got = median_time(
+            lambda method=method: qa.sensitivity("COSINE", method=method, inputs=x_val[:64], plot=False), 1
+        )
         tables[method] = got
         print(f"sensitivity table {method}: {seconds:.2f} s ({len(got[0].rows)} rows)")
     for name, table in tables.items():
@@ -141,8 +144,10 @@ def main() -> None:
         print(f"search on the {name} table (median of {args.repeats}):")
         for method in ("exact", "fast"):
             p = plans[method]
-            print(f"  {method:<6} {med[method]:7.2f} s  probes {len(p.probes):3d}  reached {p.reached}  "
-                  f"int16 share {len(p.raised) / len(table[0].rows):.3f}  metric {p.metric:.6f}")
+            print(
+                f"  {method:<6} {med[method]:7.2f} s  probes {len(p.probes):3d}  reached {p.reached}  "
+                f"int16 share {len(p.raised) / len(table[0].rows):.3f}  metric {p.metric:.6f}"
+            )
         print(f"  fast/exact time ratio {med['fast'] / med['exact']:.2f}; plans equal: {same}")
     print(f"load average after: {os.getloadavg()}")
 
