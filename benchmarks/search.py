@@ -98,8 +98,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"load average before: {os.getloadavg()}; torch {torch.__version__}; {args.threads} threads")
+    print(
+        f"load average before: {os.getloadavg()}; torch {torch.__version__}; {args.threads} threads",
+        flush=True,
+    )
+    start = time.perf_counter()
     model, x_train, x_val, y_val = trained(args.steps)
+    print(f"trained {args.steps} steps in {time.perf_counter() - start:.1f} s", flush=True)
     with torch.no_grad():
         float_logits = model(x_val)
     acc = float((float_logits.argmax(1) == y_val).float().mean())
@@ -121,7 +126,8 @@ def main() -> None:
         q_acc = float((prepared(x_val).argmax(1) == y_val).float().mean())
     print(
         f"model: {ops} quant ops; float accuracy {acc:.4f}; all-int8 accuracy {q_acc:.4f}; "
-        f"all-int8 cosine {eval_fn(prepared):.6f}; target cosine {args.target}"
+        f"all-int8 cosine {eval_fn(prepared):.6f}; target cosine {args.target}",
+        flush=True,
     )
     qa = QuantAnalysis(prepared, out_dir=None)
     tables = {}
@@ -130,7 +136,7 @@ def main() -> None:
             lambda method=method: qa.sensitivity("COSINE", method=method, inputs=x_val[:64], plot=False), 1
         )
         tables[method] = got
-        print(f"sensitivity table {method}: {seconds:.2f} s ({len(got[0].rows)} rows)")
+        print(f"sensitivity table {method}: {seconds:.2f} s ({len(got[0].rows)} rows)", flush=True)
     for name, table in tables.items():
         times: dict[str, list[float]] = {"exact": [], "fast": []}
         plans = {}
@@ -148,7 +154,7 @@ def main() -> None:
                 f"  {method:<6} {med[method]:7.2f} s  probes {len(p.probes):3d}  reached {p.reached}  "
                 f"int16 share {len(p.raised) / len(table[0].rows):.3f}  metric {p.metric:.6f}"
             )
-        print(f"  fast/exact time ratio {med['fast'] / med['exact']:.2f}; plans equal: {same}")
+        print(f"  fast/exact time ratio {med['fast'] / med['exact']:.2f}; plans equal: {same}", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 
