@@ -11,9 +11,9 @@
    raised ops are tried back in ``low``, most FLOPs first, keeping each one that still meets the target.
 
 Steps 2 and 3 look for the smallest count that meets the target between a failing and a passing one
-(:func:`~qat_lightning.analysis.search_probes.smallest_ok`): ``method="exact"`` bisects;
+(:func:`~qat_lightning.analysis.search.probes.smallest_ok`): ``method="exact"`` bisects;
 ``method="fast"`` (the default) first predicts the boundary from the tables' own first-order numbers
-(:class:`~qat_lightning.analysis.search_probes.FirstOrderGuess`) and verifies only the counts around
+(:class:`~qat_lightning.analysis.search.probes.FirstOrderGuess`) and verifies only the counts around
 the prediction. Both find the same counts, hence the same plan, whenever the metric does not get worse
 when more rows are raised (which the bisection assumes too); the probes are all reported so a violation
 is visible.
@@ -22,15 +22,15 @@ Each probe is an evaluation only: node dtypes are changed in place (``fq.dtype =
 recomputed from the observers' dtype-agnostic statistics, no recalibration), ``eval_fn(model)`` is
 called with the model in eval mode and its nodes in VALIDATION, and every dtype and scale is restored.
 
-The plan carries a ready :class:`~qat_lightning.quant.qconfig_setter.QconfigSetter`: ``base_templates``
-plus one :class:`~qat_lightning.quant.templates.SensitivityTemplate` over exactly the raised rows, with
+The plan carries a ready :class:`~qat_lightning.quant.qconfig.setter.QconfigSetter`: ``base_templates``
+plus one :class:`~qat_lightning.quant.qconfig.templates.SensitivityTemplate` over exactly the raised rows, with
 the chip (``on_violation="downgrade"``, the rule the probes follow). Cost = ``chips.op_cost`` summed
 over ops with their effective dtypes (``j6m`` prices when no chip is given).
 
 The search computes and writes nothing; files come from
-:class:`~qat_lightning.analysis.search_report.SearchReporter` (``on_probe=reporter.probe``, then
+:class:`~qat_lightning.analysis.search.report.SearchReporter` (``on_probe=reporter.probe``, then
 ``reporter.write(plan)``). The int16→fp16 step and the J6P path are in
-:mod:`qat_lightning.analysis.precision_paths`.
+:mod:`qat_lightning.analysis.search.precision_paths`.
 """
 
 from __future__ import annotations
@@ -43,16 +43,16 @@ from typing import Any
 
 from torch import nn
 
-from qat_lightning.analysis.precision_nodes import DEFAULT_COST_CHIP, OpNodes, assignment_cost
-from qat_lightning.analysis.search_probes import FirstOrderGuess, ProbeRunner, smallest_ok
-from qat_lightning.analysis.search_report import SearchReporter, write_plan
-from qat_lightning.analysis.search_result import MixedPrecisionPlan, Probe
+from qat_lightning.analysis.search.precision_nodes import DEFAULT_COST_CHIP, OpNodes, assignment_cost
+from qat_lightning.analysis.search.probes import FirstOrderGuess, ProbeRunner, smallest_ok
+from qat_lightning.analysis.search.report import SearchReporter, write_plan
+from qat_lightning.analysis.search.result import MixedPrecisionPlan, Probe
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype, qint8, qint16
 from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable
-from qat_lightning.quant.templates import SensitivityTemplate, Template, precision_rank
+from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import SensitivityTemplate, Template, precision_rank
 
 __all__ = [
     "SEARCH_METHODS",

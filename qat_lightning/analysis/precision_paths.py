@@ -1,4 +1,4 @@
-"""The seed's other mixed-precision procedures, on top of :mod:`qat_lightning.analysis.mixed_precision`.
+"""The seed's other mixed-precision procedures, on top of :mod:`qat_lightning.analysis.search.mixed_precision`.
 
 * :func:`search_fp16_topk`: the int16→fp16 step ("set a small number of fp16 based on the int16
   sensitivity results"): the top-k activation rows of an int16 sensitivity table get float16 outputs,
@@ -7,7 +7,7 @@
   searched between qint8 and qint16 (double int16 allowed), starting from :func:`j6p_base_dtypes`.
 
 Probes change node dtypes in place and restore them, like :func:`search_mixed_precision`; nothing is
-written (files: :class:`~qat_lightning.analysis.search_report.SearchReporter`, stem ``fp16_topk`` for the
+written (files: :class:`~qat_lightning.analysis.search.report.SearchReporter`, stem ``fp16_topk`` for the
 fp16 step).
 """
 
@@ -18,18 +18,23 @@ from typing import Any
 
 from torch import nn
 
-from qat_lightning.analysis.mixed_precision import search_mixed_precision
-from qat_lightning.analysis.precision_nodes import assignment_cost, collect_ops
-from qat_lightning.analysis.search_probes import ProbeRunner
-from qat_lightning.analysis.search_result import MixedPrecisionPlan, Probe
+from qat_lightning.analysis.search.mixed_precision import search_mixed_precision
+from qat_lightning.analysis.search.precision_nodes import assignment_cost, collect_ops
+from qat_lightning.analysis.search.probes import ProbeRunner
+from qat_lightning.analysis.search.result import MixedPrecisionPlan, Probe
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, float16, parse_dtype, qint8, qint16
 from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpKind
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.sensitivity_table import SensitivityTable
-from qat_lightning.quant.templates import ConvDtypeTemplate, MatmulDtypeTemplate, ModuleNameTemplate, Template
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import (
+    ConvDtypeTemplate,
+    MatmulDtypeTemplate,
+    ModuleNameTemplate,
+    Template,
+)
 
 __all__ = ["search_fp16_topk", "j6p_base_dtypes", "search_j6p"]
 

@@ -6,9 +6,9 @@ import math
 import random
 
 import pytest
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 
-from qat_lightning.analysis.search_probes import FirstOrderGuess, row_energy, smallest_ok
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
+from qat_lightning.analysis.search.probes import FirstOrderGuess, row_energy, smallest_ok
 
 
 @pytest.mark.parametrize("seed", range(40))

@@ -19,15 +19,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
+from qat_lightning.analysis.search.precision_nodes import assignment_cost, collect_ops, raise_assignment
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 from torch import nn
 
-from qat_lightning.analysis.precision_nodes import assignment_cost, collect_ops, raise_assignment
-from qat_lightning.analysis.search_result import Probe
+from qat_lightning.analysis.search.result import Probe
 from qat_lightning.analysis.state import analysis_mode, node_dtypes
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import QuantDtype
 from qat_lightning.quant.fake_quantize import FakeQuantize
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
 
 __all__ = ["ProbeRunner", "smallest_ok", "FirstOrderGuess", "row_energy"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from qat_lightning.quant.qconfig_setter import QconfigSetter
+from qat_lightning.quant.qconfig.setter import QconfigSetter
 
 __all__ = ["Probe", "MixedPrecisionPlan"]
 

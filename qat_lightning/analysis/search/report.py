@@ -1,6 +1,6 @@
 """Files of a mixed-precision search, written apart from the search itself.
 
-The searches return a frozen :class:`~qat_lightning.analysis.search_result.MixedPrecisionPlan` and write
+The searches return a frozen :class:`~qat_lightning.analysis.search.result.MixedPrecisionPlan` and write
 nothing. :class:`SearchReporter` is what callers hand them to keep a progress file
 (``<stem>_probes.json`` after every probe: ``on_probe=reporter.probe``) and to write the plan at the end
 (:meth:`SearchReporter.write`, or :func:`write_plan` alone).
@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from qat_lightning.analysis.plots import search_png
+from qat_lightning.analysis.reports.plots import search_png
+
 from qat_lightning.analysis.reports import plan_text, probes_csv, to_json, write_atomic
-from qat_lightning.analysis.search_result import MixedPrecisionPlan, Probe
+from qat_lightning.analysis.search.result import MixedPrecisionPlan, Probe
 
 __all__ = ["SearchReporter", "write_plan"]
 
