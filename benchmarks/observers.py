@@ -7,9 +7,11 @@ torch.ao ``MinMaxObserver`` update on the same tensor in the same run (so number
 are comparable). ``kernel/ATen``: median over runs of the ratio of ``compute_scale`` with the fused
 search kernels (``_search_kernels.c``) to the same call on the ATen code (``search_kernels.disabled()``),
 timed back to back in each run (printed when the kernels are built). SQNR = 10 log10(E[x^2] /
-E[(x - fq(x))^2]) on a held-out batch after calibrating on ``CALIB_BATCHES`` batches; torch.ao
-``HistogramObserver`` runs with ``qscheme=per_tensor_symmetric`` and its scale is applied with the same
-int8 range [-128, 127].
+E[(x - fq(x))^2]) on a held-out batch after calibrating on ``CALIB_BATCHES`` batches, and on the
+calibration data itself after one small batch of 4096 values (where entropy calibration used to clip
+heavy tails far too much); torch.ao ``HistogramObserver`` runs with ``qscheme=per_tensor_symmetric`` and
+``quant_min``/``quant_max`` of the dtype (int16: ``torch.qint32`` with [-32768, 32767]), and its scale is
+applied with the same range.
 """
 
 from __future__ import annotations
@@ -106,6 +108,10 @@ def sample(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Ten
         return exp[0] - exp[1]
     if kind == "relu_gauss":
         return torch.relu(torch.randn(shape, generator=gen))
+    if kind == "normal":
+        return torch.randn(shape, generator=gen)
+    if kind == "uniform":
+        return torch.rand(shape, generator=gen) * 2 - 1
     raise ValueError(kind)
 
 
@@ -114,31 +120,54 @@ def sqnr(x: torch.Tensor, scale: float, qmin: int, qmax: int) -> float:
     return float(10 * torch.log10(x.pow(2).mean() / (x - q).pow(2).mean()))
 
 
+SQNR_KINDS = ("student_t3", "normal", "uniform", "laplace", "relu_gauss")
+SQNR_CASES = (
+    ("held-out batch, 8 calibration batches", CALIB_SHAPE, CALIB_BATCHES, True),
+    ("calibration data, one batch of 4096", (4096,), 1, False),
+)
+
+
+def _ao_scale(batches: list[torch.Tensor], dtype: QuantDtype) -> float:
+    ao = HistogramObserver(
+        dtype=torch.qint8 if dtype is qint8 else torch.qint32,
+        qscheme=torch.per_tensor_symmetric,
+        quant_min=-dtype.qmax - 1,
+        quant_max=dtype.qmax,
+    )
+    for batch in batches:
+        ao(batch)
+    return float(ao.calculate_qparams()[0])
+
+
 def sqnr_table() -> list[str]:
     torch.set_num_threads(2)
     names = [m.replace("moving_minmax", "moving") for m in METHODS]
-    lines = ["int8 SQNR (dB) on a held-out batch:"]
-    lines.append(f"  {'data':<12}" + "".join(f"{m:>11}" for m in (*names, "ao_hist")) + f"{'mix pick':>10}")
-    lines16 = ["int16 SQNR (dB), same statistics (no torch.ao reference):"]
-    lines16.append(f"  {'data':<12}" + "".join(f"{m:>11}" for m in names))
-    for kind in ("student_t3", "laplace", "relu_gauss"):
-        gen = torch.Generator().manual_seed(1)
-        calib = [sample(kind, CALIB_SHAPE, gen) for _ in range(CALIB_BATCHES)]
-        held = sample(kind, CALIB_SHAPE, gen)
-        ao = HistogramObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
-        observers = {m: make_observer(m) for m in METHODS}
-        for batch in calib:
-            ao(batch)
-            for obs in observers.values():
-                obs(batch)
-        ao_scale = float(ao.calculate_qparams()[0])
-        row16 = [sqnr(held, float(o.compute_scale(qint16)), -32768, 32767) for o in observers.values()]
-        row8 = [sqnr(held, float(o.compute_scale(qint8)), -128, 127) for o in observers.values()]
-        row8.append(sqnr(held, ao_scale, -128, 127))
-        pick = observers["mix"].last_choice  # from the int8 compute_scale just above
-        lines.append(f"  {kind:<12}" + "".join(f"{v:>11.2f}" for v in row8) + f"{pick:>10}")
-        lines16.append(f"  {kind:<12}" + "".join(f"{v:>11.2f}" for v in row16))
-    return [*lines, *lines16]
+    lines = []
+    for title, shape, batches, held_out in SQNR_CASES:
+        for dtype in (qint8, qint16):
+            lo, hi = -dtype.qmax - 1, dtype.qmax
+            lines.append(f"{dtype.name} SQNR (dB), {title}:")
+            lines.append(
+                f"  {'data':<12}"
+                + "".join(f"{m:>11}" for m in (*names, "ao_hist"))
+                + f"{'kl-ao':>8}{'mix pick':>10}"
+            )
+            for kind in SQNR_KINDS:
+                gen = torch.Generator().manual_seed(1)
+                calib = [sample(kind, shape, gen) for _ in range(batches)]
+                held = sample(kind, shape, gen) if held_out else torch.cat([c.reshape(-1) for c in calib])
+                observers = {m: make_observer(m) for m in METHODS}
+                for batch in calib:
+                    for obs in observers.values():
+                        obs(batch)
+                row = [sqnr(held, float(o.compute_scale(dtype)), lo, hi) for o in observers.values()]
+                row.append(sqnr(held, _ao_scale(calib, dtype), lo, hi))
+                pick = observers["mix"].last_choice
+                gap = row[METHODS.index("kl")] - row[-1]
+                lines.append(
+                    f"  {kind:<12}" + "".join(f"{v:>11.2f}" for v in row) + f"{gap:>+8.2f}{pick:>10}"
+                )
+    return lines
 
 
 def kernel_ratio(obs: torch.nn.Module, dtype: QuantDtype) -> float:

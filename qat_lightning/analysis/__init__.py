@@ -55,8 +55,11 @@ from qat_lightning.analysis.partial import (
 )
 from qat_lightning.analysis.quant_analysis import SENSITIVITY_METHODS, QuantAnalysis
 from qat_lightning.analysis.search import (
+    SEARCH_METHODS,
     MixedPrecisionPlan,
     Probe,
+    SearchConfig,
+    SearchReporter,
     j6p_base_dtypes,
     search_fp16_topk,
     search_j6p,
@@ -109,6 +112,9 @@ __all__ = [
     "search_fp16_topk",
     "search_j6p",
     "search_mixed_precision",
+    "SearchConfig",
+    "SearchReporter",
+    "SEARCH_METHODS",
     "shared_module_advice",
     "write_plan",
 ]

@@ -92,8 +92,9 @@ def fp16_search(
     if topk is not None:
         names = [r.op_name for r in table.rows if r.sensitive_type == "activation"][:topk]
         return SearchOutcome(tuple(dict.fromkeys(names)), None, False)
-    from qat_lightning.analysis import search_fp16_topk
+    from qat_lightning.analysis import SearchReporter, search_fp16_topk
 
+    reporter = SearchReporter(out_dir, "fp16_topk") if out_dir is not None else None
     plan = search_fp16_topk(
         model,
         table,
@@ -102,8 +103,10 @@ def fp16_search(
         max_k=max(1, max_ops),
         chip=chip,
         higher_is_better=higher_is_better,
-        out_dir=out_dir,
+        on_probe=reporter.probe if reporter is not None else None,
     )
+    if reporter is not None:
+        reporter.write(plan)
     probes = tuple((float(p.raised), float(p.metric)) for p in plan.probes)
     chosen = tuple(dict.fromkeys(op for op, _ in plan.raised))
     return SearchOutcome(chosen, float(plan.metric), bool(plan.reached), probes, None, _relative(plan))
@@ -149,9 +152,14 @@ def int16_search(
 
         chosen = SensitivityTemplate(list(tables), ratio, sensitive_type, high).selected()
         return SearchOutcome(tuple(chosen), None, False, (), ratio)
-    from qat_lightning.analysis import search_j6p, search_mixed_precision
+    from qat_lightning.analysis import SearchReporter, search_j6p, search_mixed_precision
 
-    common = {"cost_aware": cost_aware, "higher_is_better": higher_is_better, "out_dir": out_dir}
+    reporter = SearchReporter(out_dir) if out_dir is not None else None
+    common = {
+        "cost_aware": cost_aware,
+        "higher_is_better": higher_is_better,
+        "on_probe": reporter.probe if reporter is not None else None,
+    }
     if gemm_only:
         plan = search_j6p(
             model, list(tables), eval_fn, target, chip=chip, sensitive_type=sensitive_type, **common
@@ -167,6 +175,8 @@ def int16_search(
             sensitive_type=sensitive_type,
             **common,
         )
+    if reporter is not None:
+        reporter.write(plan)
     probes = tuple((float(p.ratio), float(p.metric)) for p in plan.probes)
     pairs = tuple((str(op), str(kind)) for op, kind in plan.raised)
     return SearchOutcome(

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
-from qat_lightning.analysis import QuantAnalysis, search_mixed_precision
+from qat_lightning.analysis import QuantAnalysis, SearchReporter, search_mixed_precision
 from qat_lightning.analysis.inputs import flatten_outputs
 from qat_lightning.callbacks._common import (
     InputFn,
@@ -294,9 +294,11 @@ class QuantAnalysisCallback(Callback):
         if self.search_target is not None and tables:
             eval_fn = self.search_eval_fn or output_cosine_eval_fn(loader, input_fn=fn)
             chip = getattr(getattr(model, "prepare_record", None), "chip", None)
+            reporter = SearchReporter(out_dir)
             plan = search_mixed_precision(
-                model, list(tables), eval_fn, target=self.search_target, chip=chip, out_dir=str(out_dir)
+                model, list(tables), eval_fn, target=self.search_target, chip=chip, on_probe=reporter.probe
             )
+            reporter.write(plan)
         return AnalysisOutcome(out_dir, per_layer, tables, plan)
 
     def _mark_incomplete(self, why: str) -> None:

@@ -9,7 +9,13 @@ import torch
 from analysis_toys import calibrated, data
 
 import qat_lightning as ql
-from qat_lightning.analysis import QuantAnalysis, search_fp16_topk, search_j6p, search_mixed_precision
+from qat_lightning.analysis import (
+    QuantAnalysis,
+    SearchReporter,
+    search_fp16_topk,
+    search_j6p,
+    search_mixed_precision,
+)
 from qat_lightning.analysis.search.precision_nodes import collect_ops, raise_assignment
 from qat_lightning.analysis.search.precision_paths import j6p_base_dtypes
 from qat_lightning.analysis.state import node_dtypes
@@ -58,7 +64,10 @@ def test_reaches_target_with_the_broken_op_raised_at_the_minimal_ratio(tmp_path)
     target = by_k[3] - 1e-9
     minimal = next(k for k, v in enumerate(by_k) if v >= target)
     calls.clear()
-    plan = search_mixed_precision(model, table, eval_fn, target, out_dir=tmp_path)
+    reporter = SearchReporter(tmp_path)
+    plan = reporter.write(
+        search_mixed_precision(model, table, eval_fn, target, method="exact", on_probe=reporter.probe)
+    )
     assert plan.reached and ("big", "activation") in plan.raised
     assert len(plan.raised) == minimal and plan.ratio == pytest.approx(minimal / len(table.rows))
     assert plan.metric == pytest.approx(by_k[minimal]) and plan.metric >= target
@@ -92,7 +101,8 @@ def test_target_not_reachable_reports_best_and_keeps_files(tmp_path) -> None:
     model, x, eval_fn, _ = _setup()
     (table,) = QuantAnalysis(model, out_dir=tmp_path).sensitivity(inputs=x, plot=False)
     before = _snapshot(model)
-    plan = search_mixed_precision(model, table, eval_fn, target=1.5, out_dir=tmp_path)
+    reporter = SearchReporter(tmp_path)
+    plan = reporter.write(search_mixed_precision(model, table, eval_fn, target=1.5, on_probe=reporter.probe))
     assert not plan.reached and [p.stage for p in plan.probes] == ["baseline", "all_high"]
     assert plan.metric == max(p.metric for p in plan.probes) and plan.ratio == 1.0
     assert any("not reached" in n for n in plan.notes)
@@ -147,7 +157,11 @@ def test_fp16_topk_step(tmp_path) -> None:
     top = next(r.op_name for r in table.rows if r.sensitive_type == "activation")
     with node_dtypes({model.get_submodule(top).output_quant: ql.float16}):
         with_one = eval_fn(model)
-    plan = search_fp16_topk(model, table, eval_fn, target=with_one - 1e-9, chip="j6m", out_dir=tmp_path)
+    reporter = SearchReporter(tmp_path, "fp16_topk")
+    plan = search_fp16_topk(
+        model, table, eval_fn, target=with_one - 1e-9, chip="j6m", on_probe=reporter.probe
+    )
+    reporter.write(plan)
     assert plan.reached and plan.raised == ((top, "activation"),) and plan.high == "float16"
     assert (
         plan.setter.assign([op.op_info for _, op in ql.iter_quant_ops(model)]).qconfigs[top].output_dtype
@@ -181,3 +195,109 @@ def test_bad_arguments() -> None:
         search_mixed_precision(model, [], eval_fn, 0.5)
     with pytest.raises(ValueError, match="unknown chip"):
         search_mixed_precision(model, table, eval_fn, 0.5, chip="j7")
+
+
+def _brute_targets(model, table, eval_fn) -> list[float]:
+    ops = collect_ops(model)
+    by_k = []
+    for k in range(len(table.rows) + 1):
+        rows = [(r.op_name, r.sensitive_type) for r in table.rows[:k]]
+        with node_dtypes(raise_assignment(rows, ops, ql.qint16)[0]):
+            by_k.append(eval_fn(model))
+    return sorted({v - 1e-9 for v in by_k})
+
+
+def _monotone(probes) -> bool:
+    """No probe meets the target while one raising a superset of its rows misses it."""
+    seen = [p for p in probes if p.stage != "cost"]
+    return not any(
+        p.ok and not q.ok and all(a <= b for a, b in zip(p.counts, q.counts, strict=True))
+        for p in seen
+        for q in seen
+    )
+
+
+@pytest.mark.parametrize("method", ["exact", "approximate"])
+@pytest.mark.parametrize("outputs", ["single", "tuple"])
+def test_fast_search_equals_exact_search(tmp_path, method: str, outputs: str) -> None:
+    """Equal plans wherever the metric behaves as both searches assume (never worse with more rows raised)."""
+    model, x, eval_fn, calls = _setup(outputs)
+    tables = QuantAnalysis(model, out_dir=tmp_path).sensitivity(inputs=x, plot=False, method=method)
+    before = _snapshot(model)
+    compared = 0
+    for target in _brute_targets(model, tables[0], eval_fn):
+        exact = search_mixed_precision(model, tables, eval_fn, target, method="exact", cost_aware=True)
+        fast = search_mixed_precision(
+            model, tables, eval_fn, target, ql.analysis.SearchConfig(cost_aware=True)
+        )
+        assert fast.method == "fast" and exact.method == "exact"
+        if not _monotone(exact.probes + fast.probes):
+            continue
+        compared += 1
+        assert (fast.raised, fast.ratio, fast.ratios, fast.metric, fast.reached) == (
+            exact.raised,
+            exact.ratio,
+            exact.ratios,
+            exact.metric,
+            exact.reached,
+        )
+    assert compared >= 5  # (fewer probes needs more rows than this toy has: see test_search_probes)
+    assert _same(before, _snapshot(model))
+
+
+def test_search_config_is_validated_and_files_come_from_the_reporter(tmp_path) -> None:
+    model, x, eval_fn, _ = _setup()
+    (table,) = QuantAnalysis(model, out_dir=tmp_path).sensitivity(inputs=x, plot=False)
+    with pytest.raises(ValueError, match="allowed: exact, fast"):
+        ql.analysis.SearchConfig(method="quick")
+    with pytest.raises(ValueError, match="max_cost_probes"):
+        ql.analysis.SearchConfig(max_cost_probes=-1)
+    with pytest.raises(TypeError, match="SearchReporter"):
+        search_mixed_precision(model, table, eval_fn, 0.5, out_dir=tmp_path)
+    with pytest.raises(TypeError, match="allowed: low, high"):
+        search_mixed_precision(model, table, eval_fn, 0.5, ratio=0.3)
+    out = tmp_path / "search"
+    plan = search_mixed_precision(model, table, eval_fn, 0.5)
+    assert not out.exists()  # the search itself writes nothing
+    seen = []
+    reporter = SearchReporter(out)
+    plan = search_mixed_precision(
+        model, table, eval_fn, 0.999, on_probe=lambda p: (seen.append(p), reporter.probe(p))
+    )
+    assert tuple(seen) == plan.probes and json.loads((out / "mixed_precision_probes.json").read_text())
+    reporter.write(plan)
+    assert json.loads((out / "mixed_precision.json").read_text())["method"] == "fast"
+
+
+def test_fast_search_equals_exact_search_on_the_built_in_example(tmp_path) -> None:
+    from qat_lightning.example import DigitsNet, load_digits_tensors
+
+    torch.manual_seed(0)
+    images, _ = load_digits_tensors()
+    net = DigitsNet().eval()
+    model = ql.prepare(net, images[:32])
+    ql.set_fake_quantize(model, ql.FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        model(images[:128])
+    ql.set_fake_quantize(model, ql.FakeQuantState.VALIDATION)
+    model.eval()
+    x = images[128:384]
+    with torch.no_grad():
+        ref = net(x)
+
+    def eval_fn(m: torch.nn.Module) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cosine_similarity(m(x), ref, dim=1).mean())
+
+    tables = QuantAnalysis(model, out_dir=tmp_path).sensitivity("COSINE", inputs=x[:64], plot=False)
+    low = search_mixed_precision(model, tables, eval_fn, 2.0, method="exact")  # all-int8 and all-int16
+    base, full = low.probes[0].metric, low.probes[1].metric
+    compared = 0
+    for share in (0.2, 0.5, 0.8, 0.95, 0.99):
+        target = base + share * (full - base)
+        exact = search_mixed_precision(model, tables, eval_fn, target, method="exact")
+        fast = search_mixed_precision(model, tables, eval_fn, target, method="fast")
+        if _monotone(exact.probes + fast.probes):
+            compared += 1
+            assert (fast.raised, fast.metric, fast.ratios) == (exact.raised, exact.metric, exact.ratios)
+    assert compared >= 3

@@ -92,7 +92,7 @@ def test_kl_threshold_tie_break_and_cap() -> None:
     amax = width * 119.5  # the last edges lie above amax: capped
     qmax = 9
     for tol in (0.0, KL_TOLERANCE, 0.3):
-        got = kl_threshold(counts, width, amax, qmax, tolerance=tol)
+        got = kl_threshold(counts, width, amax, qmax, tolerance=tol, max_mse_loss=math.inf)
         cand, kl, last = kl_divergences(counts, qmax + 1)
         for row in range(5):
             finite = torch.isfinite(kl[row])

@@ -6,26 +6,22 @@
 * :func:`search_j6p`: the J6P path: every op output float16 (fast on J6P), gemm inputs and weights
   searched between qint8 and qint16 (double int16 allowed), starting from :func:`j6p_base_dtypes`.
 
-Probes change node dtypes in place and restore them, like :func:`search_mixed_precision`.
+Probes change node dtypes in place and restore them, like :func:`search_mixed_precision`; nothing is
+written (files: :class:`~qat_lightning.analysis.search.report.SearchReporter`, stem ``fp16_topk`` for the
+fp16 step).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
 
-from qat_lightning.analysis.search.mixed_precision import (
-    MixedPrecisionPlan,
-    Probe,
-    _Search,
-    search_mixed_precision,
-    write_plan,
-)
+from qat_lightning.analysis.search.mixed_precision import search_mixed_precision
 from qat_lightning.analysis.search.precision_nodes import assignment_cost, collect_ops
-from qat_lightning.analysis.state import analysis_mode, node_dtypes
+from qat_lightning.analysis.search.probes import ProbeRunner
+from qat_lightning.analysis.search.result import MixedPrecisionPlan, Probe
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, float16, parse_dtype, qint8, qint16
 from qat_lightning.quant.fake_quantize import FakeQuantize
@@ -53,14 +49,14 @@ def search_fp16_topk(
     higher_is_better: bool = True,
     base_templates: Sequence[Template] = (),
     reference_qconfig: QConfig | None = None,
-    out_dir: str | os.PathLike | None = None,
+    on_probe: Callable[[Probe], None] | None = None,
 ) -> MixedPrecisionPlan:
     """Run the int16→fp16 step: top-k ops of an int16 sensitivity table to float16, k = 1..max_k.
 
     Only ``activation`` rows count (an op's output becomes float16; gemm inputs stay integer, no chip runs
     a float16 gemm). Stops at the first k that meets the target (``reached=False`` after ``max_k``).
     The setter is ``reference`` (default all-int16 activations, int8 weights) + ``ModuleNameTemplate``
-    mapping the chosen ops to float16.
+    mapping the chosen ops to float16. ``on_probe`` is called with every probe.
 
     Raises:
         ValueError: for ``max_k < 1`` or a chip that cannot run float16 outputs.
@@ -69,7 +65,7 @@ def search_fp16_topk(
         raise ValueError(f"max_k must be >= 1, got {max_k}")
     if chip is not None and "float16" not in get_chip(chip).other_dtypes:
         raise ValueError(f"chip {chip} has no float16 ops")
-    s = _Search(model, eval_fn, target, higher_is_better, {}, chip, out_dir)
+    s = ProbeRunner(model, eval_fn, target, higher_is_better, {}, chip, on_probe)
     rows = [
         r
         for r in table.rows
@@ -80,13 +76,8 @@ def search_fp16_topk(
     for k in range(1, len(rows) + 1):
         names = [r.op_name for r in rows[:k]]
         dtypes = {s.ops[n].output: float16 for n in names}
-        cost = assignment_cost(s.ops, dtypes, chip)
-        with node_dtypes(dtypes), analysis_mode(model):
-            metric = float(eval_fn(model))
-        p = Probe("fp16", k / max(len(table.rows), 1), (k,), metric, cost, k, s.ok(metric))
-        s.probes.append(p)
-        s._progress()
-        if best is None or s.better(metric, best.metric) or p.ok:
+        p = s.measure("fp16", dtypes, k / max(len(table.rows), 1), (k,), k)
+        if best is None or s.better(p.metric, best.metric) or p.ok:
             best, chosen = p, names
         if p.ok:
             break
@@ -98,7 +89,7 @@ def search_fp16_topk(
         chip=chip,
         on_violation="downgrade",
     )
-    plan = MixedPrecisionPlan(
+    return MixedPrecisionPlan(
         reached=best.ok,
         ratio=best.ratio,
         ratios=(best.ratio,),
@@ -115,9 +106,6 @@ def search_fp16_topk(
         chip=chip,
         notes=() if best.ok else (f"target {target:g} not reached with up to {max_k} float16 ops",),
     )
-    if out_dir is not None:
-        write_plan(plan, out_dir, "fp16_topk")
-    return plan
 
 
 def j6p_base_dtypes(model: nn.Module, gemm_dtype: DtypeLike = qint8) -> dict[FakeQuantize, QuantDtype]:
@@ -155,7 +143,7 @@ def search_j6p(
         tables: sensitivity table(s), ideally measured in the J6P base configuration.
         eval_fn: ``eval_fn(model) -> float``.
         target: the metric to reach.
-        kwargs: passed to :func:`search_mixed_precision` (``cost_aware``, ``out_dir``, ...).
+        kwargs: passed to :func:`search_mixed_precision` (``cost_aware``, ``method``, ``on_probe``, ...).
     """
     templates = [
         ModuleNameTemplate({"": float16}),

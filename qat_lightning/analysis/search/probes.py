@@ -1,0 +1,205 @@
+"""Probe machinery of the mixed-precision searches: evaluation, the boundary search, the first-order guess.
+
+* :class:`ProbeRunner` raises rows in place, evaluates ``eval_fn`` and restores every dtype and scale;
+  identical assignments are evaluated once;
+* :func:`smallest_ok` finds the smallest count meeting the target between a failing and a passing one:
+  by bisection (``exact``) or, given a guess, by probing the guess and galloping away from it
+  (``fast``). Both return the same count whenever the metric does not get worse when more rows are
+  raised (the searches' assumption), the fast one in fewer probes when the guess is close;
+* :class:`FirstOrderGuess` predicts where the boundary lies from the sensitivity tables' own numbers:
+  each row's error value is turned into an additive error energy (``MSE`` and ``1-COSINE`` are
+  proportional to the squared output error, ``-SQNR`` is ``10 log10`` of it, ``L1`` and the others
+  are proportional to its square root), the energy left in ``low`` is summed, and the metric is
+  interpolated linearly in that energy between the nearest probes measured so far on either side
+  (at first the all-low and the all-raised probes).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+from torch import nn
+
+from qat_lightning.analysis.search.precision_nodes import assignment_cost, collect_ops, raise_assignment
+from qat_lightning.analysis.search.result import Probe
+from qat_lightning.analysis.state import analysis_mode, node_dtypes
+from qat_lightning.chips import get_chip
+from qat_lightning.quant.dtypes import QuantDtype
+from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
+
+__all__ = ["ProbeRunner", "smallest_ok", "FirstOrderGuess", "row_energy"]
+
+Row = tuple[str, str]
+
+
+class ProbeRunner:
+    """Evaluates assignments of raised rows: ``eval_fn`` under changed node dtypes, then restored."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        eval_fn: Callable[[nn.Module], float],
+        target: float,
+        higher_is_better: bool,
+        base: Mapping[FakeQuantize, QuantDtype],
+        chip: str | None,
+        on_probe: Callable[[Probe], None] | None = None,
+    ) -> None:
+        self.model = model
+        self.eval_fn = eval_fn
+        self.target = target
+        self.higher = higher_is_better
+        self.ops = collect_ops(model)
+        self.base = dict(base)
+        self.chip = chip
+        self.spec = get_chip(chip) if chip is not None else None
+        self.probes: list[Probe] = []
+        self.notes: list[str] = []
+        self.on_probe = on_probe
+        self.cache: dict[tuple, tuple[float, float]] = {}
+
+    def ok(self, metric: float) -> bool:
+        """Whether ``metric`` meets the target (NaN never does)."""
+        if math.isnan(metric):
+            return False
+        return metric >= self.target if self.higher else metric <= self.target
+
+    def better(self, a: float, b: float) -> bool:
+        """Whether metric ``a`` is better than ``b``."""
+        if math.isnan(b):
+            return not math.isnan(a)
+        return a > b if self.higher else a < b
+
+    def assignment(self, rows: Sequence[Row], high: QuantDtype) -> dict[FakeQuantize, QuantDtype]:
+        """Node dtypes after raising ``rows`` over the base assignment (chip notes collected)."""
+        dtypes, notes = raise_assignment(list(rows), self.ops, high, self.base, self.spec)
+        self.notes.extend(n for n in notes if n not in self.notes)
+        return dtypes
+
+    def measure(
+        self,
+        stage: str,
+        dtypes: Mapping[FakeQuantize, QuantDtype],
+        ratio: float,
+        counts: tuple[int, ...],
+        raised: int,
+    ) -> Probe:
+        """Evaluate the model under ``dtypes`` (always a new evaluation) and record the probe."""
+        cost = assignment_cost(self.ops, dtypes, self.chip)
+        with node_dtypes(dict(dtypes)), analysis_mode(self.model):
+            metric = float(self.eval_fn(self.model))
+        probe = Probe(stage, ratio, counts, metric, cost, raised, self.ok(metric))
+        self.probes.append(probe)
+        if self.on_probe is not None:
+            self.on_probe(probe)
+        return probe
+
+    def evaluate(
+        self, stage: str, rows: Sequence[Row], high: QuantDtype, ratio: float, counts: tuple[int, ...]
+    ) -> Probe:
+        """Evaluate ``rows`` raised to ``high``; an assignment seen before is not evaluated again."""
+        dtypes = self.assignment(rows, high)
+        key = tuple(sorted((id(n), d.name) for n, d in dtypes.items()))
+        cached = self.cache.get(key)
+        if cached is not None:
+            metric, cost = cached
+            return Probe(stage, ratio, counts, metric, cost, len(set(rows)), self.ok(metric))
+        probe = self.measure(stage, dtypes, ratio, counts, len(set(rows)))
+        self.cache[key] = (probe.metric, probe.cost)
+        return probe
+
+
+def smallest_ok(
+    lo: int,
+    hi: int,
+    ok_at: Callable[[int], bool],
+    guess: int | Callable[[int, int], int | None] | None = None,
+) -> int:
+    """Return the smallest ``k`` in ``(lo, hi]`` with ``ok_at(k)``, given ``ok_at(hi)`` holds.
+
+    ``lo`` fails (or lies below the range: ``lo = start - 1``). Without a guess: bisection. With one (a
+    count, or ``guess(lo, hi)`` asked again after every probe), the guess clipped into ``(lo, hi)`` is
+    probed instead of the middle (a guess at ``hi`` probes ``hi - 1``: the neighbour that confirms the
+    boundary); after a guessed probe that did not halve the interval, the next probe is the middle
+    unless the guess only checks a neighbour of a bound, so a poor guess costs a bounded number of extra
+    probes.
+    """
+    predict = None if guess is None else guess if callable(guess) else (lambda _lo, _hi: guess)
+    misses = 0  # guessed probes in a row that did not halve the interval
+    while hi - lo > 1:
+        width, mid = hi - lo, (lo + hi) // 2
+        g = predict(lo, hi) if predict is not None else None
+        k = mid if g is None else min(max(g, lo + 1), hi - 1)
+        if misses >= 2 or (misses == 1 and k not in (lo + 1, hi - 1)):
+            k = mid  # after a guess that did not halve: bisect, unless it only checks a neighbour once
+        if ok_at(k):
+            hi = k
+        else:
+            lo = k
+        misses = 0 if k == mid or hi - lo <= width // 2 else misses + 1
+    return hi
+
+
+def row_energy(metric_name: str, value: float) -> float:
+    """Turn a table's error value into a quantity additive over rows (module docstring)."""
+    if math.isnan(value):
+        return math.inf
+    name = metric_name.upper()
+    if name in ("MSE", "1-COSINE"):
+        return max(value, 0.0)
+    if name == "-SQNR":
+        return 10.0 ** (value / 10.0) if value < 3000 else math.inf
+    return max(value, 0.0) ** 2
+
+
+class FirstOrderGuess:
+    """Predicts the metric of an assignment from the tables' error values (module docstring)."""
+
+    def __init__(
+        self, tables: Sequence[SensitivityTable], per_table: Sequence[Sequence[SensitivityRow]]
+    ) -> None:
+        self.energy: list[dict[Row, float]] = []
+        for table, rows in zip(tables, per_table, strict=True):
+            values = {(r.op_name, r.sensitive_type): row_energy(table.metric_name, r.metric) for r in rows}
+            finite = sum(v for v in values.values() if math.isfinite(v))
+            self.energy.append(
+                {k: (v / finite if finite > 0 and math.isfinite(v) else v) for k, v in values.items()}
+            )
+        self.points: list[tuple[float, float]] = []  # (residual, metric) of every probe seen
+
+    def observe(self, raised: Sequence[Row], metric: float) -> None:
+        """Record a measured probe (NaN metrics are ignored)."""
+        r = self.residual(raised)
+        if not math.isnan(metric) and math.isfinite(r):
+            self.points.append((r, metric))
+
+    def residual(self, raised: Sequence[Row]) -> float:
+        """Share of the estimated error energy left in ``low`` (mean over tables; ``inf``: a NaN row left)."""
+        chosen = set(raised)
+        parts = [sum(v for k, v in e.items() if k not in chosen) for e in self.energy if e]
+        return sum(parts) / len(parts) if parts else 0.0
+
+    def predicted(self, raised: Sequence[Row]) -> float:
+        """Predict the metric: linear in :meth:`residual` between the nearest measured probes."""
+        r = self.residual(raised)
+        below = [p for p in self.points if p[0] <= r]
+        above = [p for p in self.points if p[0] >= r]
+        if not below or not above:
+            return math.nan
+        (r0, m0), (r1, m1) = max(below), min(above)
+        return m0 if r1 <= r0 else m0 + (m1 - m0) * (r - r0) / (r1 - r0)
+
+    def first(
+        self, lo: int, hi: int, rows_at: Callable[[int], Sequence[Row]], ok: Callable[[float], bool]
+    ) -> int:
+        """Return the smallest ``k`` in ``(lo, hi]`` whose predicted metric meets the target (else ``hi``)."""
+        left, right = lo, hi  # predicted residual falls with k: bisect on the prediction, no evaluation
+        while right - left > 1:
+            mid = (left + right) // 2
+            if ok(self.predicted(rows_at(mid))):
+                right = mid
+            else:
+                left = mid
+        return right
