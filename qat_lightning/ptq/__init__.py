@@ -1,0 +1,29 @@
+"""Post-training algorithms (plain torch): equalization before prepare, bias correction and AdaRound after
+calibration. Never imports lightning, hydra or omegaconf.
+"""
+
+from qat_lightning.ptq.adaround import AdaRoundConfig, AdaRoundResult, AdaRoundRow, adaround, rounding_error
+from qat_lightning.ptq.bias_correction import BiasCorrectionResult, BiasCorrectionRow, bias_correction
+from qat_lightning.ptq.equalize import (
+    DEFAULT_ALPHAS,
+    EQUALIZE_KINDS,
+    EqualizationResult,
+    EqualizedGroup,
+    equalize,
+)
+
+__all__ = [
+    "DEFAULT_ALPHAS",
+    "EQUALIZE_KINDS",
+    "AdaRoundConfig",
+    "AdaRoundResult",
+    "AdaRoundRow",
+    "BiasCorrectionResult",
+    "BiasCorrectionRow",
+    "EqualizationResult",
+    "EqualizedGroup",
+    "adaround",
+    "bias_correction",
+    "equalize",
+    "rounding_error",
+]
