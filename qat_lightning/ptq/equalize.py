@@ -130,12 +130,12 @@ def _smooth_scale(group: ScaleGroup, act: list[Tensor], alpha: float) -> Tensor:
 def _search(gm: fx.GraphModule, group: ScaleGroup, batches: list[ModelInputs], alphas: Sequence[float], dtype: Any) -> tuple[float | None, float, float]:
     """Best alpha (``None``: no scaling is best), and the error without and with it."""
     act, probes = record_nodes(gm, batches, group.act_nodes, group.probes)
-    base = probe_error(gm, group.probes, probes, dtype)
+    base, reference = probe_error(gm, group.probes, probes, dtype)
     best: tuple[float | None, float] = (None, base)
     for alpha in alphas:
         saved = [p.detach().clone() for p in group.params()]
         _apply(group, _smooth_scale(group, act, float(alpha)))
-        err = probe_error(gm, group.probes, record_nodes(gm, batches, [], group.probes)[1], dtype)
+        err, _ = probe_error(gm, group.probes, record_nodes(gm, batches, [], group.probes)[1], dtype, reference)
         _restore(group, saved)
         if err < best[1]:
             best = (float(alpha), err)
@@ -155,8 +155,12 @@ def _smooth(gm: fx.GraphModule, group: ScaleGroup, batches: list[ModelInputs], a
     return EqualizedGroup(group.kind, group.name, alpha, before, after, True)
 
 
+def _group_error(gm: fx.GraphModule, group: ScaleGroup, batches: list[ModelInputs], dtype: Any) -> float:
+    return probe_error(gm, group.probes, record_nodes(gm, batches, [], group.probes)[1], dtype)[0]
+
+
 def _cross_layer(gm: fx.GraphModule, groups: list[ScaleGroup], batches: list[ModelInputs], rounds: int, dtype: Any, check: Any) -> list[EqualizedGroup]:
-    before = [probe_error(gm, g.probes, record_nodes(gm, batches, [], g.probes)[1], dtype) for g in groups]
+    before = [_group_error(gm, g, batches, dtype) for g in groups]
     saved = [[p.detach().clone() for p in g.params()] for g in groups]
     for _ in range(rounds):
         for g in groups:
@@ -168,7 +172,7 @@ def _cross_layer(gm: fx.GraphModule, groups: list[ScaleGroup], batches: list[Mod
         for g, old in zip(groups, saved, strict=True):
             _restore(g, old)
         return [EqualizedGroup(g.kind, g.name, None, b, b, False, "not function-preserving: undone") for g, b in zip(groups, before, strict=True)]
-    after = [probe_error(gm, g.probes, record_nodes(gm, batches, [], g.probes)[1], dtype) for g in groups]
+    after = [_group_error(gm, g, batches, dtype) for g in groups]
     return [EqualizedGroup(g.kind, g.name, None, b, a, True) for g, b, a in zip(groups, before, after, strict=True)]
 
 

@@ -86,15 +86,27 @@ def _pair(gm: fx.GraphModule, node: fx.Node, args: tuple[Any, ...], dtype: Quant
 
 @torch.no_grad()
 def probe_error(
-    gm: fx.GraphModule, probes: Sequence[fx.Node], recorded: dict[fx.Node, list[tuple[Any, ...]]], dtype: QuantDtype
-) -> float:
-    """Sum over the probe ops of ``||q(op) - op||^2 / ||op||^2`` on the recorded inputs."""
-    total = 0.0
+    gm: fx.GraphModule,
+    probes: Sequence[fx.Node],
+    recorded: dict[fx.Node, list[tuple[Any, ...]]],
+    dtype: QuantDtype,
+    reference: dict[fx.Node, list[Tensor]] | None = None,
+) -> tuple[float, dict[fx.Node, list[Tensor]]]:
+    """Sum over the probe ops of ``||q(op) - ref||^2 / ||ref||^2`` on the recorded inputs.
+
+    ``ref`` is ``reference`` (the float outputs before a change, so a change that alters the float
+    function is charged for it) or, when ``None``, the op's float output on these inputs. Returns the error
+    and the float outputs.
+    """
+    total, outputs = 0.0, {}
     for node in probes:
         err = ref = 0.0
-        for args in recorded[node]:
+        outputs[node] = []
+        for i, args in enumerate(recorded[node]):
             y, yq = _pair(gm, node, args, dtype)
-            err += float((yq - y).double().square().sum())
-            ref += float(y.double().square().sum())
+            outputs[node].append(y)
+            target = y if reference is None else reference[node][i]
+            err += float((yq - target).double().square().sum())
+            ref += float(target.double().square().sum())
         total += err / max(ref, 1e-30)
-    return total
+    return total, outputs
