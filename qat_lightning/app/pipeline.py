@@ -177,11 +177,13 @@ class Pipeline:
         float_metric: float,
         ckpt_name: str,
         own_dir: bool = True,
+        ptq: bool = False,
     ) -> tuple[Any, float, Path, Path]:
-        """Calibrate ``recipe``; returns ``(module, metric, checkpoint, step dir)``."""
+        """Calibrate ``recipe`` (with the ``ptq=`` callbacks if ``ptq``); returns ``(module, metric, checkpoint,
+        step dir)``."""
         out = self.step(name, title, own_dir)
         log.info("recipe: %s", recipe.describe())
-        lit, metric, ckpt = self.session.calibrate(float_ckpt, recipe, out, ckpt_name, float_metric)
+        lit, metric, ckpt = self.session.calibrate(float_ckpt, recipe, out, ckpt_name, float_metric, ptq)
         self.result(title, recipe, metric, float_metric, lit, ckpt, out)
         return lit, metric, ckpt, out
 

@@ -40,11 +40,13 @@ class Factories:
         model: a fresh LightningModule.
         datamodule: a fresh LightningDataModule.
         logger: a logger writing into the given directory, or ``None`` for no logger.
+        ptq: fresh ``ptq=`` callbacks: the ``Equalization`` (or ``None``) and those run after calibration.
     """
 
     model: Callable[[], L.LightningModule]
     datamodule: Callable[[], L.LightningDataModule]
     logger: Callable[[Path], Any] = lambda _dir: None
+    ptq: Callable[[], tuple[Callback | None, list[Callback]]] = lambda: (None, [])
 
 
 @dataclass(frozen=True)
@@ -280,11 +282,13 @@ class Session:
         return lit, info or CheckpointInfo("float", float_steps=steps or None)
 
     # ------------------------------------------------------------------------------------------- quantized
-    def _prepare_callbacks(self, recipe: Recipe | None) -> list[Callback]:
+    def _prepare_callbacks(self, recipe: Recipe | None, ptq: bool = False) -> list[Callback]:
         from qat_lightning.callbacks import Calibration, PrepareQuantization
 
         p = self.cfg.prepare
+        equalization, after = self.factories.ptq() if ptq else (None, [])
         return [
+            *([equalization] if equalization is not None else []),
             PrepareQuantization(
                 None if recipe is None else recipe.setter(),
                 submodule=p.submodule,
@@ -294,18 +298,28 @@ class Session:
             Calibration(
                 num_batches=self.cfg.calibration.num_batches, dataloader="train", submodule=p.submodule
             ),
+            *after,
         ]
 
     def calibrate(
-        self, float_ckpt: Path, recipe: Recipe, out_dir: Path, name: str, float_metric: float | None
+        self,
+        float_ckpt: Path,
+        recipe: Recipe,
+        out_dir: Path,
+        name: str,
+        float_metric: float | None,
+        ptq: bool = False,
     ) -> tuple[L.LightningModule, float, Path]:
-        """Prepare the float model with ``recipe``, calibrate, validate, save ``checkpoints/<name>.ckpt``."""
+        """Prepare the float model with ``recipe``, calibrate, validate, save ``checkpoints/<name>.ckpt``.
+
+        With ``ptq`` the ``ptq=`` callbacks run too: equalization before prepare, the others after calibration.
+        """
         lit, info = self.load_float(float_ckpt)
         record = Record(
             CheckpointInfo("calibration", recipe, float_metric=float_metric, float_steps=info.float_steps)
         )
         trainer = self.trainer(
-            out_dir, [*self._prepare_callbacks(recipe), record], limit_val_batches=self._val_limit()
+            out_dir, [*self._prepare_callbacks(recipe, ptq), record], limit_val_batches=self._val_limit()
         )
         metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
         record.info = CheckpointInfo("calibration", recipe, metric, float_metric, info.float_steps)

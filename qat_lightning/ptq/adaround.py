@@ -186,11 +186,13 @@ def adaround(
     views, skipped = calibrated_views(model, "adaround")
     batches = calibration_batches(dataloader, num_batches, input_fn, "adaround")
     rows = []
-    for view in views:
-        with record(view.op, lambda args, _o, v=view: v.input_quant(args[0]).detach(), inputs_only=True) as xs:
-            run_all(model, batches)
-        if not xs:
-            skipped += ((view.name, "never ran on the calibration batches"),)
-            continue
-        rows.append(_round_op(view, xs, cfg))
+    # callers may sit in an evaluation loop (inference mode): the rounding is learned with autograd
+    with torch.inference_mode(False), torch.enable_grad():
+        for view in views:
+            with record(view.op, lambda args, _o, v=view: v.input_quant(args[0]).clone(), inputs_only=True) as xs:
+                run_all(model, batches)
+            if not xs:
+                skipped += ((view.name, "never ran on the calibration batches"),)
+                continue
+            rows.append(_round_op(view, xs, cfg))
     return AdaRoundResult(tuple(rows), skipped)

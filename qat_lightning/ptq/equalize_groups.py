@@ -135,13 +135,14 @@ def _cross_layer(gm: fx.GraphModule, node: fx.Node) -> ScaleGroup | None:
 
 def _layernorm(gm: fx.GraphModule, node: fx.Node) -> ScaleGroup | None:
     ln = _module(gm, node, (nn.LayerNorm,))
-    if ln is None or not ln.elementwise_affine or len(ln.normalized_shape) != 1 or not node.users:
+    users = [user for user in node.users if not _is_metadata(user)]
+    if ln is None or not ln.elementwise_affine or len(ln.normalized_shape) != 1 or not users:
         return None
-    linears = [_module(gm, user, (nn.Linear,)) for user in node.users]
-    if any(lin is None or user.args[0] is not node for lin, user in zip(linears, node.users, strict=True)):
+    linears = [_module(gm, user, (nn.Linear,)) for user in users]
+    if any(lin is None or user.args[0] is not node for lin, user in zip(linears, users, strict=True)):
         return None
-    names = ", ".join(str(u.target) for u in node.users)
-    group = ScaleGroup("layernorm", f"{node.target} -> {names}", probes=list(node.users), act_nodes=[node])
+    names = ", ".join(str(u.target) for u in users)
+    group = ScaleGroup("layernorm", f"{node.target} -> {names}", probes=users, act_nodes=[node])
     group.divide = [(ln.weight, 0)] + ([(ln.bias, 0)] if ln.bias is not None else [])
     group.multiply = [(lin.weight, 1) for lin in linears if lin is not None]
     return group

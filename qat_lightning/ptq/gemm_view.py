@@ -85,8 +85,10 @@ class GemmView:
     def shift_bias(self, delta: Tensor) -> None:
         """Add ``delta`` (one value per output channel) to the op's output (a bias is created if needed)."""
         owner = self.bn if self.bn is not None else self.module
-        if owner.bias is None:
-            owner.bias = nn.Parameter(torch.zeros_like(delta, dtype=self.module.weight.dtype))
+        if owner.bias is None:  # a real parameter even when called from an evaluation loop (inference mode)
+            with torch.inference_mode(False):
+                w = self.module.weight
+                owner.bias = nn.Parameter(torch.zeros(delta.shape, dtype=w.dtype, device=w.device))
         owner.bias.add_(delta.to(owner.bias))
 
     def gemm(self, x: Tensor, weight: Tensor) -> Tensor:
