@@ -179,8 +179,11 @@ class Pipeline:
         own_dir: bool = True,
         ptq: bool = False,
     ) -> tuple[Any, float, Path, Path]:
-        """Calibrate ``recipe`` (with the ``ptq=`` callbacks if ``ptq``); returns ``(module, metric, checkpoint,
-        step dir)``."""
+        """Calibrate ``recipe`` (``ptq``: with the ``ptq=`` callbacks).
+
+        Returns:
+            ``(module, metric, checkpoint, step dir)``.
+        """
         out = self.step(name, title, own_dir)
         log.info("recipe: %s", recipe.describe())
         lit, metric, ckpt = self.session.calibrate(float_ckpt, recipe, out, ckpt_name, float_metric, ptq)

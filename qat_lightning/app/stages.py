@@ -312,7 +312,7 @@ class Session:
     ) -> tuple[L.LightningModule, float, Path]:
         """Prepare the float model with ``recipe``, calibrate, validate, save ``checkpoints/<name>.ckpt``.
 
-        With ``ptq`` the ``ptq=`` callbacks run too: equalization before prepare, the others after calibration.
+        With ``ptq`` the ``ptq=`` callbacks run too: equalization before prepare, the rest after calibration.
         """
         lit, info = self.load_float(float_ckpt)
         record = Record(

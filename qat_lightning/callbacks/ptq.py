@@ -1,5 +1,6 @@
-"""Post-training algorithms as callbacks: ``Equalization`` before prepare, ``BiasCorrection`` and ``AdaRound``
-after calibration.
+"""Post-training algorithms as callbacks: ``Equalization``, ``BiasCorrection``, ``AdaRound``.
+
+``Equalization`` runs before prepare, ``BiasCorrection`` and ``AdaRound`` after calibration.
 
 Order in ``Trainer(callbacks=[...])`` is the order of their work::
 
@@ -58,7 +59,9 @@ def _batches(trainer: pl.Trainer, pl_module: pl.LightningModule, which: str | It
 
 def _broadcast(trainer: pl.Trainer, model: nn.Module) -> None:
     """Give every rank rank zero's parameters and buffers (no-op on one process)."""
-    if trainer.world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    if trainer.world_size <= 1 or not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
         return
     for p in model.parameters():
         torch.distributed.broadcast(p.data, src=0)
@@ -73,7 +76,7 @@ def _check_common(num_batches: int | None, dataloader: Any) -> None:
 
 
 class Equalization(Callback):
-    """Equalize the float network in ``setup()`` (cross-layer + SmoothQuant LayerNorm / matmul, alpha searched).
+    """Equalize the float network in ``setup()`` (cross-layer + SmoothQuant LN / matmul, alpha searched).
 
     Put it before ``PrepareQuantization`` in the callback list; on an already prepared network it raises.
 
@@ -102,7 +105,12 @@ class Equalization(Callback):
         for kind in kinds:
             check_choice("kinds", kind, EQUALIZE_KINDS)
         self.num_batches, self.dataloader, self.input_fn = num_batches, dataloader, input_fn
-        self.submodule, self.kinds, self.alphas, self.cle_rounds = submodule, tuple(kinds), tuple(alphas), cle_rounds
+        self.submodule, self.kinds, self.alphas, self.cle_rounds = (
+            submodule,
+            tuple(kinds),
+            tuple(alphas),
+            cle_rounds,
+        )
         self.result: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -110,29 +118,43 @@ class Equalization(Callback):
         model = get_submodule(pl_module, self.submodule)
         if is_prepared(model):
             raise ValueError(
-                f"Equalization: pl_module.{self.submodule} is already prepared; equalization changes the float "
-                "network, so put Equalization before PrepareQuantization in the callback list"
+                f"Equalization: pl_module.{self.submodule} is already prepared; equalization changes the "
+                "float network, so put Equalization before PrepareQuantization in the callback list"
             )
         batches = _batches(trainer, pl_module, self.dataloader)
         self.result = equalize(
-            model, batches, num_batches=self.num_batches, input_fn=self.input_fn, kinds=self.kinds,
-            alphas=self.alphas, cle_rounds=self.cle_rounds,
+            model,
+            batches,
+            num_batches=self.num_batches,
+            input_fn=self.input_fn,
+            kinds=self.kinds,
+            alphas=self.alphas,
+            cle_rounds=self.cle_rounds,
         )
         _broadcast(trainer, model)
         rank_zero_info(f"Equalization: {self.result.applied} of {len(self.result.groups)} group(s) applied")
 
 
 class _AfterCalibration(Callback):
-    """Runs ``self._apply(model, batches)`` once, on a calibrated network, at the start of fit/validate/test."""
+    """Runs ``self._apply(model, batches)`` once, on a calibrated network, at fit/validate/test start."""
 
     who = ""
 
     def __init__(
-        self, num_batches: int | None, dataloader: str | Iterable[Any], input_fn: InputFn | None, submodule: str
+        self,
+        num_batches: int | None,
+        dataloader: str | Iterable[Any],
+        input_fn: InputFn | None,
+        submodule: str,
     ) -> None:
         super().__init__()
         _check_common(num_batches, dataloader)
-        self.num_batches, self.dataloader, self.input_fn, self.submodule = num_batches, dataloader, input_fn, submodule
+        self.num_batches, self.dataloader, self.input_fn, self.submodule = (
+            num_batches,
+            dataloader,
+            input_fn,
+            submodule,
+        )
         self.applied = False
         self.result: Any = None
 
@@ -169,8 +191,8 @@ class _AfterCalibration(Callback):
         require_prepared(model, self.who, self.submodule)
         if not is_calibrated(model):
             raise ValueError(
-                f"{self.who}: pl_module.{self.submodule} is not calibrated; put Calibration before {self.who} "
-                "in the callback list"
+                f"{self.who}: pl_module.{self.submodule} is not calibrated; "
+                f"put Calibration before {self.who} in the callback list"
             )
         self.result = self._apply(model, _batches(trainer, pl_module, self.dataloader))
         _broadcast(trainer, model)
@@ -237,8 +259,14 @@ class AdaRound(_AfterCalibration):
     ) -> None:
         super().__init__(num_batches, dataloader, input_fn, submodule)
         self.config = AdaRoundConfig(
-            iterations=iterations, reg_weight=reg_weight, lr=lr, batch_size=batch_size, max_samples=max_samples
+            iterations=iterations,
+            reg_weight=reg_weight,
+            lr=lr,
+            batch_size=batch_size,
+            max_samples=max_samples,
         )
 
     def _apply(self, model: nn.Module, batches: Iterable[Any]) -> Any:
-        return adaround(model, batches, num_batches=self.num_batches, input_fn=self.input_fn, config=self.config)
+        return adaround(
+            model, batches, num_batches=self.num_batches, input_fn=self.input_fn, config=self.config
+        )

@@ -1,5 +1,6 @@
-"""Post-training algorithms (plain torch): equalization before prepare, bias correction and AdaRound after
-calibration. Never imports lightning, hydra or omegaconf.
+"""Post-training algorithms (plain torch), never importing lightning, hydra or omegaconf.
+
+Equalization runs on the float model before prepare; bias correction and AdaRound after calibration.
 """
 
 from qat_lightning.ptq.adaround import AdaRoundConfig, AdaRoundResult, AdaRoundRow, adaround, rounding_error

@@ -57,8 +57,8 @@ class AdaRoundConfig:
                 raise ValueError(f"AdaRound {key} must be a positive int, got {getattr(self, key)!r}")
         if not self.reg_weight >= 0.0 or not self.lr > 0.0 or not 0.0 <= self.warmup < 1.0:
             raise ValueError(
-                f"AdaRound needs reg_weight >= 0, lr > 0 and 0 <= warmup < 1; got reg_weight={self.reg_weight}, "
-                f"lr={self.lr}, warmup={self.warmup}"
+                f"AdaRound needs reg_weight >= 0, lr > 0 and 0 <= warmup < 1; got "
+                f"reg_weight={self.reg_weight}, lr={self.lr}, warmup={self.warmup}"
             )
 
 
@@ -82,7 +82,7 @@ class AdaRoundResult:
 
 
 def _rows(view: GemmView, xs: list[Tensor], cfg: AdaRoundConfig) -> Tensor:
-    """The op's quantized inputs as rows (linear: one per token; conv: one per sample), a seeded subset."""
+    """Return the op's quantized inputs as rows (linear: per token; conv: per sample), a seeded subset."""
     if view.kind == "linear":
         x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs])
     else:
@@ -113,7 +113,9 @@ def _soft(v: Tensor) -> Tensor:
     return (torch.sigmoid(v) * (_ZETA - _GAMMA) + _GAMMA).clamp(0.0, 1.0)
 
 
-def _learn(view: GemmView, x: Tensor, floor: Tensor, scale: Tensor, bounds: tuple[int, int], cfg: AdaRoundConfig) -> Tensor:
+def _learn(
+    view: GemmView, x: Tensor, floor: Tensor, scale: Tensor, bounds: tuple[int, int], cfg: AdaRoundConfig
+) -> Tensor:
     """Train ``V`` and return the hard rounding ``floor + (V >= 0)`` (clamped to the integer range)."""
     w = view.weight()
     rest = (w / scale - floor).clamp(0.01, 0.99)
@@ -189,7 +191,9 @@ def adaround(
     # callers may sit in an evaluation loop (inference mode): the rounding is learned with autograd
     with torch.inference_mode(False), torch.enable_grad():
         for view in views:
-            with record(view.op, lambda args, _o, v=view: v.input_quant(args[0]).clone(), inputs_only=True) as xs:
+            with record(
+                view.op, lambda args, _o, v=view: v.input_quant(args[0]).clone(), inputs_only=True
+            ) as xs:
                 run_all(model, batches)
             if not xs:
                 skipped += ((view.name, "never ran on the calibration batches"),)

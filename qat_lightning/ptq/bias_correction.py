@@ -73,12 +73,17 @@ def bias_correction(
         input_fn: batch -> model inputs (default: tensor / first element / dict as kwargs).
 
     Returns:
-        What was corrected, op by op, and what was skipped (and why).
+        What was corrected, op by op, and what was skipped (and why: e.g. an op without a bias; a bias is
+        not added, so checkpoints keep loading into a freshly prepared model).
 
     Raises:
         ValueError: for an uncalibrated model, a model in CALIBRATION state, bad ``num_batches`` or no batch.
     """
     views, skipped = calibrated_views(model, "bias_correction")
+    skipped += tuple(
+        (v.name, "no bias (adding one would change the state_dict keys)") for v in views if not v.has_bias
+    )
+    views = [v for v in views if v.has_bias]
     batches = calibration_batches(dataloader, num_batches, input_fn, "bias_correction")
     with fake_quant_state(model, FakeQuantState.FLOAT):
         reference = {v.name: _channel_means(model, v, batches) for v in views}

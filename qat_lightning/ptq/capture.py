@@ -17,7 +17,7 @@ __all__ = ["calibration_batches", "channel_sum", "record", "run_all"]
 def calibration_batches(
     dataloader: Iterable[Any], num_batches: int | None, input_fn: InputFn | None, who: str
 ) -> list[ModelInputs]:
-    """The first ``num_batches`` batches of ``dataloader`` as model inputs (kept: the algorithms re-read them).
+    """Return the first ``num_batches`` batches as model inputs (kept: the algorithms re-read them).
 
     Raises:
         ValueError: for a non-positive ``num_batches`` or an empty ``dataloader``.
@@ -46,7 +46,9 @@ def run_all(model: nn.Module, batches: list[ModelInputs]) -> list[Any]:
 def record(
     module: nn.Module, fn: Callable[[tuple[Any, ...], Any], Any], *, inputs_only: bool = False
 ) -> Iterator[list[Any]]:
-    """Hook ``module``: each call appends ``fn(args, output)`` (``output`` is ``None`` with ``inputs_only``).
+    """Record with a hook on ``module``: each call appends ``fn(args, output)``.
+
+    ``output`` is ``None`` with ``inputs_only``.
 
     With ``inputs_only`` the hook is a forward pre-hook, so the recorded inputs are those of the call
     before the module changes anything.

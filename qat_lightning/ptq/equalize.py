@@ -78,9 +78,13 @@ def _check_args(kinds: Sequence[str], alphas: Sequence[float], cle_rounds: int, 
     if unknown or not kinds:
         raise ValueError(f"equalize: kinds {list(kinds)!r} invalid; allowed: {', '.join(EQUALIZE_KINDS)}")
     if not alphas or any(not 0.0 <= float(a) <= 1.0 for a in alphas):
-        raise ValueError(f"equalize: alphas must be a non-empty list of values in [0, 1], got {list(alphas)!r}")
+        raise ValueError(
+            f"equalize: alphas must be a non-empty list of values in [0, 1], got {list(alphas)!r}"
+        )
     if isinstance(cle_rounds, bool) or int(cle_rounds) < 1 or not tolerance > 0.0:
-        raise ValueError(f"equalize: cle_rounds must be >= 1 and tolerance > 0, got {cle_rounds}, {tolerance}")
+        raise ValueError(
+            f"equalize: cle_rounds must be >= 1 and tolerance > 0, got {cle_rounds}, {tolerance}"
+        )
 
 
 def _reshape(s: Tensor, p: Tensor, dim: int) -> Tensor:
@@ -127,7 +131,9 @@ def _smooth_scale(group: ScaleGroup, act: list[Tensor], alpha: float) -> Tensor:
     return s.clamp(1e-4, 1e4)
 
 
-def _search(gm: fx.GraphModule, group: ScaleGroup, batches: list[ModelInputs], alphas: Sequence[float], dtype: Any) -> tuple[float | None, float, float]:
+def _search(
+    gm: fx.GraphModule, group: ScaleGroup, batches: list[ModelInputs], alphas: Sequence[float], dtype: Any
+) -> tuple[float | None, float, float]:
     """Best alpha (``None``: no scaling is best), and the error without and with it."""
     act, probes = record_nodes(gm, batches, group.act_nodes, group.probes)
     base, reference = probe_error(gm, group.probes, probes, dtype)
@@ -135,23 +141,36 @@ def _search(gm: fx.GraphModule, group: ScaleGroup, batches: list[ModelInputs], a
     for alpha in alphas:
         saved = [p.detach().clone() for p in group.params()]
         _apply(group, _smooth_scale(group, act, float(alpha)))
-        err, _ = probe_error(gm, group.probes, record_nodes(gm, batches, [], group.probes)[1], dtype, reference)
+        err, _ = probe_error(
+            gm, group.probes, record_nodes(gm, batches, [], group.probes)[1], dtype, reference
+        )
         _restore(group, saved)
         if err < best[1]:
             best = (float(alpha), err)
     return best[0], base, best[1]
 
 
-def _smooth(gm: fx.GraphModule, group: ScaleGroup, batches: list[ModelInputs], alphas: Sequence[float], dtype: Any, check: Any) -> EqualizedGroup:
+def _smooth(
+    gm: fx.GraphModule,
+    group: ScaleGroup,
+    batches: list[ModelInputs],
+    alphas: Sequence[float],
+    dtype: Any,
+    check: Any,
+) -> EqualizedGroup:
     alpha, before, after = _search(gm, group, batches, alphas, dtype)
     if alpha is None:
-        return EqualizedGroup(group.kind, group.name, None, before, before, False, "no alpha beats no scaling")
+        return EqualizedGroup(
+            group.kind, group.name, None, before, before, False, "no alpha beats no scaling"
+        )
     saved = [p.detach().clone() for p in group.params()]
     act, _ = record_nodes(gm, batches, group.act_nodes, [])
     _apply(group, _smooth_scale(group, act, alpha))
     if not check():
         _restore(group, saved)
-        return EqualizedGroup(group.kind, group.name, None, before, before, False, "not function-preserving: undone")
+        return EqualizedGroup(
+            group.kind, group.name, None, before, before, False, "not function-preserving: undone"
+        )
     return EqualizedGroup(group.kind, group.name, alpha, before, after, True)
 
 
@@ -159,7 +178,14 @@ def _group_error(gm: fx.GraphModule, group: ScaleGroup, batches: list[ModelInput
     return probe_error(gm, group.probes, record_nodes(gm, batches, [], group.probes)[1], dtype)[0]
 
 
-def _cross_layer(gm: fx.GraphModule, groups: list[ScaleGroup], batches: list[ModelInputs], rounds: int, dtype: Any, check: Any) -> list[EqualizedGroup]:
+def _cross_layer(
+    gm: fx.GraphModule,
+    groups: list[ScaleGroup],
+    batches: list[ModelInputs],
+    rounds: int,
+    dtype: Any,
+    check: Any,
+) -> list[EqualizedGroup]:
     before = [_group_error(gm, g, batches, dtype) for g in groups]
     saved = [[p.detach().clone() for p in g.params()] for g in groups]
     for _ in range(rounds):
@@ -171,18 +197,28 @@ def _cross_layer(gm: fx.GraphModule, groups: list[ScaleGroup], batches: list[Mod
     if not check():
         for g, old in zip(groups, saved, strict=True):
             _restore(g, old)
-        return [EqualizedGroup(g.kind, g.name, None, b, b, False, "not function-preserving: undone") for g, b in zip(groups, before, strict=True)]
+        return [
+            EqualizedGroup(g.kind, g.name, None, b, b, False, "not function-preserving: undone")
+            for g, b in zip(groups, before, strict=True)
+        ]
     after = [_group_error(gm, g, batches, dtype) for g in groups]
-    return [EqualizedGroup(g.kind, g.name, None, b, a, True) for g, b, a in zip(groups, before, after, strict=True)]
+    return [
+        EqualizedGroup(g.kind, g.name, None, b, a, True)
+        for g, b, a in zip(groups, before, after, strict=True)
+    ]
 
 
 def _trace(float_model: nn.Module) -> fx.GraphModule:
     if any(True for _ in iter_fake_quantize(float_model)):
-        raise ValueError("equalize: the model is already prepared; equalize the float model before ql.prepare")
+        raise ValueError(
+            "equalize: the model is already prepared; equalize the float model before ql.prepare"
+        )
     try:
         return fx.symbolic_trace(float_model)
     except Exception as err:  # noqa: BLE001 - any tracing failure means the same to the user
-        raise ValueError(f"equalize: the float model is not fx-traceable ({type(err).__name__}: {err})") from err
+        raise ValueError(
+            f"equalize: the float model is not fx-traceable ({type(err).__name__}: {err})"
+        ) from err
 
 
 def equalize(

@@ -38,8 +38,9 @@ _MATMULS = (torch.matmul, operator.matmul, torch.bmm)
 
 @dataclass
 class ScaleGroup:
-    """Tensors that share one per-channel scale ``s``: ``divide`` ones are divided by it, ``multiply`` ones
-    multiplied, each along its channel dim, keeping the float function.
+    """Tensors sharing one per-channel scale ``s``, keeping the float function.
+
+    ``divide`` ones are divided by it, ``multiply`` ones multiplied, each along its channel dim.
 
     Attributes:
         kind: ``cross_layer``, ``layernorm`` or ``matmul``.
@@ -75,7 +76,7 @@ def _module(gm: fx.GraphModule, node: object, types: tuple[type, ...]) -> nn.Mod
 
 
 def _is_metadata(node: fx.Node) -> bool:
-    """A use that reads only the shape (``t.shape``, ``t.size()``, ``t.dim()``), never the values."""
+    """Tell whether ``node`` only reads the shape (``t.shape``, ``t.size()``, ``t.dim()``)."""
     if node.op == "call_function" and node.target is getattr:
         return len(node.args) > 1 and node.args[1] in ("shape", "dtype", "device", "ndim")
     return node.op == "call_method" and node.target in ("size", "dim")
@@ -162,7 +163,7 @@ def _is_layout(node: fx.Node) -> bool:
 
 
 def _linear_source(gm: fx.GraphModule, value: object) -> fx.Node | None:
-    """The Linear node ``value`` comes from through single-use layout ops, or ``None``."""
+    """Return the Linear node ``value`` comes from through single-use layout ops, or ``None``."""
     node = value
     while isinstance(node, fx.Node) and _single_use(node) and _is_layout(node):
         node = node.args[0]

@@ -54,7 +54,7 @@ def _positional(gm: fx.GraphModule, inputs: ModelInputs) -> tuple[Any, ...]:
 def record_nodes(
     gm: fx.GraphModule, batches: list[ModelInputs], act: Sequence[fx.Node], probes: Sequence[fx.Node]
 ) -> tuple[list[Tensor], dict[fx.Node, list[tuple[Any, ...]]]]:
-    """Run ``gm`` on every batch: per ``act`` node its ``max |x|`` per last-dim channel; per probe its args."""
+    """Run ``gm`` on every batch: per ``act`` node ``max |x|`` per last-dim channel; per probe its args."""
     rec = _Recorder(gm, act, probes)
     for batch in batches:
         rec.run(*_positional(gm, batch))
@@ -72,8 +72,10 @@ def _quant(x: Tensor, dtype: QuantDtype, ch_axis: int | None = None) -> Tensor:
     return fake_quantize(x, (amax / dtype.qmax).clamp_min(1e-12), dtype, ch_axis)
 
 
-def _pair(gm: fx.GraphModule, node: fx.Node, args: tuple[Any, ...], dtype: QuantDtype) -> tuple[Tensor, Tensor]:
-    """The probe op's float output and its output with quantized inputs (and weight)."""
+def _pair(
+    gm: fx.GraphModule, node: fx.Node, args: tuple[Any, ...], dtype: QuantDtype
+) -> tuple[Tensor, Tensor]:
+    """Return the probe op's float output and its output with quantized inputs (and weight)."""
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         x, w = args[0], mod.weight

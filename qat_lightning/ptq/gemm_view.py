@@ -59,12 +59,12 @@ class GemmView:
         return t.reshape((-1,) + (1,) * (self.module.weight.dim() - 1))
 
     def weight(self) -> Tensor:
-        """The weight the weight quant node sees (``w * gamma / std`` for a folded conv-bn), detached."""
+        """Return the weight the weight quant node sees (``w * gamma / std`` for a conv-bn), detached."""
         w = self.module.weight.detach()
         return w if self.bn is None else w * self._per_channel(self._fold().detach())
 
     def bias(self) -> Tensor | None:
-        """The op's effective bias (BN-folded for a conv-bn), detached."""
+        """Return the op's effective bias (BN-folded for a conv-bn), detached."""
         b = self.module.bias
         if self.bn is None:
             return None if b is None else b.detach()
@@ -81,18 +81,26 @@ class GemmView:
             value = value / self._per_channel(fold.masked_fill(fold == 0, 1.0))
         self.module.weight.copy_(value)
 
+    @property
+    def has_bias(self) -> bool:
+        """Whether the op has a bias parameter to shift (the BN's beta for a folded conv-bn)."""
+        owner = self.bn if self.bn is not None else self.module
+        return isinstance(owner.bias, Tensor)
+
     @torch.no_grad()
     def shift_bias(self, delta: Tensor) -> None:
-        """Add ``delta`` (one value per output channel) to the op's output (a bias is created if needed)."""
+        """Add ``delta`` (one value per output channel) to the op's bias.
+
+        Raises:
+            ValueError: when the op has no bias (adding one would change the model's state_dict keys).
+        """
         owner = self.bn if self.bn is not None else self.module
-        if owner.bias is None:  # a real parameter even when called from an evaluation loop (inference mode)
-            with torch.inference_mode(False):
-                w = self.module.weight
-                owner.bias = nn.Parameter(torch.zeros(delta.shape, dtype=w.dtype, device=w.device))
+        if not isinstance(owner.bias, Tensor):
+            raise ValueError(f"{self.name}: the op has no bias to shift")
         owner.bias.add_(delta.to(owner.bias))
 
     def gemm(self, x: Tensor, weight: Tensor) -> Tensor:
-        """The op's conv / linear of ``x`` with ``weight`` (in the weight quant node's view) and its bias."""
+        """Compute the op's conv / linear of ``x`` with ``weight`` (as the weight node sees it) + bias."""
         bias = self.bias()
         if self.kind == "linear":
             return F.linear(x, weight, bias)
@@ -105,7 +113,7 @@ class GemmView:
 
 
 def _view_of(name: str, op: nn.Module) -> GemmView | str:
-    """A :class:`GemmView` of ``op``, or the reason it is not one."""
+    """Return a :class:`GemmView` of ``op``, or the reason it is not one."""
     wq = getattr(op, "weight_quant", None)
     inputs = getattr(op, "input_quant", None)
     kind = getattr(op, "kind", None)
@@ -138,7 +146,7 @@ def gemm_views(model: nn.Module) -> Iterator[GemmView | tuple[str, str]]:
 
 
 def calibrated_views(model: nn.Module, who: str) -> tuple[list[GemmView], tuple[tuple[str, str], ...]]:
-    """The :class:`GemmView` s of a calibrated model, and the weighted ops skipped with the reason.
+    """Return the :class:`GemmView` s of a calibrated model, and the weighted ops skipped with the reason.
 
     Raises:
         ValueError: when the model has no conv / linear op, a node is still in CALIBRATION state (running
@@ -155,7 +163,9 @@ def calibrated_views(model: nn.Module, who: str) -> tuple[list[GemmView], tuple[
         raise ValueError(f"{who}: the model has no prepared conv / linear op (call ql.prepare first)")
     for _, node in iter_fake_quantize(model):
         if node.state is FakeQuantState.CALIBRATION:
-            raise ValueError(f"{who}: quant node {node.name!r} is in CALIBRATION state; finish calibration first")
+            raise ValueError(
+                f"{who}: quant node {node.name!r} is in CALIBRATION state; finish calibration first"
+            )
     for view in views:
         for node in (view.input_quant, view.weight_quant):
             node.scale  # noqa: B018 - reading the scale brings it up to date with the statistics

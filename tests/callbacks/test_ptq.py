@@ -1,4 +1,4 @@
-"""Equalization / AdaRound / BiasCorrection callbacks through a real Trainer; the conf/ptq YAMLs build them."""
+"""Equalization / AdaRound / BiasCorrection callbacks through a real Trainer; conf/ptq YAMLs build them."""
 
 from __future__ import annotations
 
@@ -50,8 +50,14 @@ class _Lit(pl.LightningModule):
 
 def _trainer(tmp_path: Path, callbacks: list) -> pl.Trainer:
     return pl.Trainer(
-        callbacks=callbacks, max_epochs=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=str(tmp_path), limit_val_batches=2,
+        callbacks=callbacks,
+        max_epochs=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        limit_val_batches=2,
     )
 
 
@@ -59,7 +65,11 @@ def test_callbacks_run_in_order_on_a_real_trainer(tmp_path: Path) -> None:
     lit = _Lit()
     reference = copy.deepcopy(lit.model).eval()
     x = next(iter(lit.train_dataloader()))[0]
-    eq, ada, bc = Equalization(num_batches=2), AdaRound(num_batches=2, iterations=10), BiasCorrection(num_batches=2)
+    eq, ada, bc = (
+        Equalization(num_batches=2),
+        AdaRound(num_batches=2, iterations=10),
+        BiasCorrection(num_batches=2),
+    )
     trainer = _trainer(tmp_path, [eq, PrepareQuantization(), Calibration(num_batches=4), ada, bc])
     trainer.validate(lit, verbose=False)
     assert {g.kind for g in eq.result.groups if g.applied} >= {"layernorm"}
@@ -76,7 +86,9 @@ def test_callbacks_run_in_order_on_a_real_trainer(tmp_path: Path) -> None:
 
 def test_wrong_order_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="not calibrated; put Calibration before BiasCorrection"):
-        _trainer(tmp_path, [PrepareQuantization(), BiasCorrection(), Calibration()]).validate(_Lit(), verbose=False)
+        _trainer(tmp_path, [PrepareQuantization(), BiasCorrection(), Calibration()]).validate(
+            _Lit(), verbose=False
+        )
     with pytest.raises(ValueError, match="before PrepareQuantization"):
         _trainer(tmp_path, [PrepareQuantization(), Equalization()]).validate(_Lit(), verbose=False)
     with pytest.raises(ValueError, match="allowed"):
@@ -94,5 +106,7 @@ def test_every_ptq_yaml_instantiates(choice: str) -> None:
     assert cfg.ptq.name == choice
     assert (equalization is None) == (cfg.ptq.equalization is None)
     assert equalization is None or isinstance(equalization, Equalization)
-    assert [type(c).__name__ for c in after] == [c["_target_"].rsplit(".", 1)[1] for c in cfg.ptq.after_calibration]
+    assert [type(c).__name__ for c in after] == [
+        c["_target_"].rsplit(".", 1)[1] for c in cfg.ptq.after_calibration
+    ]
     assert set(PTQ_CHOICES) >= {"none", "equalize", "bias_correction", "adaround", "all"}

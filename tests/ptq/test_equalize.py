@@ -20,7 +20,9 @@ def _batches(shape: tuple[int, ...], n: int = 3, dtype: torch.dtype = torch.floa
     ("model_cls", "shape", "kinds"),
     [(ConvChain, (8, 2, 6, 6), {"cross_layer"}), (AttentionBlock, (8, 5, 8), set(EQUALIZE_KINDS))],
 )
-def test_function_preserved_in_float64(model_cls: type[nn.Module], shape: tuple[int, ...], kinds: set[str]) -> None:
+def test_function_preserved_in_float64(
+    model_cls: type[nn.Module], shape: tuple[int, ...], kinds: set[str]
+) -> None:
     model = perturb(model_cls()).double()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     xs = _batches(shape)
