@@ -20,4 +20,4 @@ def test_pipeline_tries_ptq_before_the_int16_search(tmp_path: Path) -> None:
     assert "->" in decision and ("kept" in decision or "dropped" in decision)
     assert summary.index("ptq=equalize_bias_correction on") < summary.index("minimal int16 ratio")
     assert list((tmp_path / "checkpoints").glob("calibration_int8*_ptq.ckpt"))
-    assert "QAT of" in summary  # QAT starts from the ptq checkpoint (same state_dict keys)
+    assert "| qat |" in summary  # QAT starts from the ptq checkpoint (same state_dict keys)

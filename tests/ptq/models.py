@@ -1,10 +1,24 @@
-"""Tiny float models for the ptq tests: a conv-bn-relu chain, an MLP and a pre-LN attention block."""
+"""Tiny float models for the ptq tests (a conv-bn-relu chain, a pre-LN attention block) and calibration."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+import qat_lightning as ql
+
+
+def calibrated(model: nn.Module, xs: list[Tensor]) -> nn.Module:
+    """``ql.prepare`` (all int8) + calibration on ``xs``; returns the model in VALIDATION state."""
+    torch.manual_seed(0)
+    qm = ql.prepare(model.eval(), example_inputs=xs[0])
+    ql.set_fake_quantize(qm, ql.FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        for x in xs:
+            qm(x)
+    ql.set_fake_quantize(qm, ql.FakeQuantState.VALIDATION)
+    return qm
 
 
 class ConvChain(nn.Module):

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 import qat_lightning as ql
 from qat_lightning.ptq import AdaRoundConfig, adaround
+from tests.ptq.models import calibrated
 
 
 class _Net(nn.Module):
@@ -28,13 +29,7 @@ def _calibrated(xs: list[Tensor]) -> nn.Module:
     with torch.no_grad():
         model.bn.running_var.uniform_(0.5, 2.0)
         model.bn.weight.uniform_(0.5, 2.0)
-    qm = ql.prepare(model, example_inputs=xs[0])
-    ql.set_fake_quantize(qm, ql.FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for x in xs:
-            qm(x)
-    ql.set_fake_quantize(qm, ql.FakeQuantState.VALIDATION)
-    return qm
+    return calibrated(model, xs)
 
 
 def _data() -> list[Tensor]:

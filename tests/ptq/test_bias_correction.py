@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 import qat_lightning as ql
 from qat_lightning.ptq import bias_correction
+from tests.ptq.models import calibrated
 
 
 class _Linears(nn.Module):
@@ -35,17 +36,6 @@ def _data(shape: tuple[int, ...]) -> list[Tensor]:
     gen = torch.Generator().manual_seed(0)
     # skewed inputs with rare large values: the mse observer clips them, a biased error
     return [torch.rand(*shape, generator=gen).pow(4) * 10 for _ in range(4)]
-
-
-def _calibrated(model: nn.Module, xs: list[Tensor]) -> nn.Module:
-    torch.manual_seed(0)
-    qm = ql.prepare(model.eval(), example_inputs=xs[0])
-    ql.set_fake_quantize(qm, ql.FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        for x in xs:
-            qm(x)
-    ql.set_fake_quantize(qm, ql.FakeQuantState.VALIDATION)
-    return qm
 
 
 def _op_outputs(model: nn.Module, xs: list[Tensor], state: ql.FakeQuantState) -> dict[str, list[Tensor]]:
@@ -84,7 +74,7 @@ def _mean_errors(
 @pytest.mark.parametrize(("model_cls", "shape", "dim"), [(_Linears, (16, 6), -1), (_ConvBn, (8, 3, 6, 6), 1)])
 def test_mean_output_error_is_zeroed(model_cls: type[nn.Module], shape: tuple[int, ...], dim: int) -> None:
     xs = _data(shape)
-    qm = _calibrated(model_cls(), xs)
+    qm = calibrated(model_cls(), xs)
     reference = _op_outputs(qm, xs, ql.FakeQuantState.FLOAT)  # the float function, before any change
     before = _mean_errors(reference, qm, xs, dim)
     assert max(float(e.abs().max()) for e in before.values()) > 1e-3
@@ -105,7 +95,7 @@ def test_refuses_uncalibrated_model_and_empty_loader() -> None:
     qm = ql.prepare(_Linears().eval(), example_inputs=xs[0])
     with pytest.raises(ValueError, match="calibrate the model first"):
         bias_correction(qm, xs)
-    qm = _calibrated(_Linears(), xs)
+    qm = calibrated(_Linears(), xs)
     with pytest.raises(ValueError, match="no batch"):
         bias_correction(qm, [])
     with pytest.raises(ValueError, match="num_batches"):
