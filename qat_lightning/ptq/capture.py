@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from qat_lightning.analysis.inputs import InputFn, ModelInputs, call_model, iter_batches
 
-__all__ = ["calibration_batches", "channel_sum", "record", "run_all"]
+__all__ = ["calibration_batches", "channel_sum", "eval_mode", "record", "run_all"]
 
 
 def calibration_batches(
@@ -30,16 +30,23 @@ def calibration_batches(
     return batches
 
 
-@torch.no_grad()
-def run_all(model: nn.Module, batches: list[ModelInputs]) -> list[Any]:
-    """Run ``model`` in eval mode on every batch (no grad) and return the outputs; train flags restored."""
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode (BN running statistics, no dropout); restore every module's flag after."""
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        return [call_model(model, b) for b in batches]
+        yield model
     finally:
         for m, flag in flags:
             m.training = flag
+
+
+@torch.no_grad()
+def run_all(model: nn.Module, batches: list[ModelInputs]) -> list[Any]:
+    """Run ``model`` in eval mode on every batch (no grad) and return the outputs; train flags restored."""
+    with eval_mode(model):
+        return [call_model(model, b) for b in batches]
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, fx, nn
 
 from qat_lightning.analysis.inputs import ModelInputs
+from qat_lightning.ptq.capture import eval_mode
 from qat_lightning.quant import QuantDtype, fake_quantize
 
 __all__ = ["probe_error", "record_nodes"]
@@ -56,8 +57,9 @@ def record_nodes(
 ) -> tuple[list[Tensor], dict[fx.Node, list[tuple[Any, ...]]]]:
     """Run ``gm`` on every batch: per ``act`` node ``max |x|`` per last-dim channel; per probe its args."""
     rec = _Recorder(gm, act, probes)
-    for batch in batches:
-        rec.run(*_positional(gm, batch))
+    with eval_mode(gm):
+        for batch in batches:
+            rec.run(*_positional(gm, batch))
     missing = [n.name for n, r in zip(act, rec.ranges, strict=True) if r is None]
     if missing:
         raise ValueError(f"equalize: graph nodes {missing} never ran on the calibration batches")

@@ -98,3 +98,11 @@ def test_change_beyond_tolerance_is_undone_exactly() -> None:
     for key in ("ln1.weight", "q.weight", "fc1.weight", "fc2.weight"):
         if any(key.split(".")[0] in g.name for g in undone):
             torch.testing.assert_close(model.state_dict()[key], before[key], rtol=0, atol=0)
+
+
+def test_train_mode_model_keeps_its_bn_statistics_and_flags() -> None:
+    model = perturb(ConvChain()).double().train()
+    stats = model.bn1.running_mean.clone()
+    equalize(model, _batches((8, 2, 6, 6)))
+    assert model.training and all(m.training for m in model.modules())
+    torch.testing.assert_close(model.bn1.running_mean, stats, rtol=0, atol=0)
