@@ -14,7 +14,8 @@ Order in ``Trainer(callbacks=[...])`` is the order of their work::
 
 ``AdaRound`` / ``BiasCorrection`` run once: a resumed run (the callback's state says it ran) keeps the
 weights of its checkpoint. ``Equalization`` runs in every ``setup()`` on the fresh float network; a checkpoint
-restored afterwards brings the weights it saved. Under DDP the algorithms run on every rank's shard and rank zero's result is broadcast.
+restored afterwards brings the weights it saved. Under DDP the algorithms run on every rank's shard and
+rank zero's result is broadcast.
 """
 
 from __future__ import annotations
