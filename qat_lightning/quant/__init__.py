@@ -15,12 +15,13 @@ from qat_lightning.quant.fake_quantize import (
 )
 from qat_lightning.quant.fp16_norm import set_fp16_norm_scaling
 from qat_lightning.quant.functional import fake_cast, fake_quantize
-from qat_lightning.quant.model_check import ModelCheckReport, check_model, write_changelog
 from qat_lightning.quant.observers import OBSERVER_NAMES, Observer, make_observer
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
-from qat_lightning.quant.prepare import PREPARE_METHODS, QAT_MODES, FxTraceError, prepare
+from qat_lightning.quant.preparation.model_check import ModelCheckReport, check_model, write_changelog
+from qat_lightning.quant.preparation.prepare import PREPARE_METHODS, QAT_MODES, FxTraceError, prepare
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.qconfig_setter import (
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
+from qat_lightning.quant.qconfig.setter import (
     ModuleNameQconfigSetter,
     QconfigAssignment,
     QconfigSetter,
@@ -34,14 +35,13 @@ from qat_lightning.quant.qconfig_setter import (
     sensitive_op_calibration_8bit_weight_16bit_act_qconfig_setter,
     sensitive_op_qat_8bit_weight_16bit_act_qconfig_setter,
 )
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
-from qat_lightning.quant.switches import GlobalFakeQuantSwitch
-from qat_lightning.quant.templates import (
+from qat_lightning.quant.qconfig.templates import (
     ConvDtypeTemplate,
     MatmulDtypeTemplate,
     ModuleNameTemplate,
     SensitivityTemplate,
 )
+from qat_lightning.quant.switches import GlobalFakeQuantSwitch
 
 __all__ = [
     "PREPARE_METHODS",

@@ -5,10 +5,7 @@ import pathlib
 
 import pytest
 import torch
-from torch import nn
-
-from qat_lightning.quant.fake_quantize import FakeQuantize
-from qat_lightning.quant.model_check import (
+from qat_lightning.quant.preparation.model_check import (
     CallCountRow,
     DtypeSummaryRow,
     FusableRow,
@@ -19,6 +16,9 @@ from qat_lightning.quant.model_check import (
     check_model,
     write_changelog,
 )
+from torch import nn
+
+from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord
 
 CHANGE = "conv#1: weight qint16 -> qint8 (j6m: gemm cannot take int16 on both activation and weight)"

@@ -7,12 +7,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from qat_lightning.quant.preparation.prepare import prepare
 from torch import nn
 
 from qat_lightning.quant import functional
 from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
 from qat_lightning.quant.overwrite import overwrite_target
-from qat_lightning.quant.prepare import prepare
 from tests.models import TinyEncoder, TinyResNet
 
 needs_kernels = pytest.mark.skipif(not functional.kernels_available(), reason="fused kernels not built")
