@@ -214,8 +214,20 @@ def make_factories(cfg: DictConfig) -> Any:
             return None
         return build("logger", save_dir=str(out_dir), name="", version="")
 
+    def ptq() -> tuple[Any, list[Any]]:
+        node = cfg.ptq
+        try:
+            equalization = None if node.equalization is None else instantiate(node.equalization)
+            return equalization, [instantiate(c) for c in node.after_calibration]
+        except Exception as err:  # noqa: BLE001 - name the group and the choice in the message
+            raise ConfigError(f"cannot build the ptq={node.name} callbacks: {err}") from err
+
     return Factories(
-        model=lambda: build("model"), datamodule=lambda: build("data"), logger=logger, callback=callback
+        model=lambda: build("model"),
+        datamodule=lambda: build("data"),
+        logger=logger,
+        callback=callback,
+        ptq=ptq,
     )
 
 

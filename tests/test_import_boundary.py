@@ -1,4 +1,4 @@
-"""The plain-torch core (quant/, analysis/) never imports lightning, hydra or omegaconf."""
+"""The plain-torch core (quant/, analysis/, ptq/) never imports lightning, hydra or omegaconf."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "qat_lightning"
-CORE_DIRS = [PACKAGE / "quant", PACKAGE / "analysis"]
+CORE_DIRS = [PACKAGE / "quant", PACKAGE / "analysis", PACKAGE / "ptq"]
 FORBIDDEN = ("lightning", "pytorch_lightning", "hydra", "omegaconf")
 
 

@@ -9,7 +9,9 @@ Pipeline for j6e / j6m (the seed's "J6E/M Mixed Precision Tuning" flow):
 2. all-int16 calibration (int16 activations, int8 weights: the upper bound the chip can run);
 3. if below target: int16/fp16 — the ops most sensitive under int16 go to fp16, the fewest that reach the
    target (the fp16 ops are then kept in every later step);
-4. all-int8 calibration;
+4. all-int8 calibration; if below target and ``ptq=`` names post-training algorithms (equalization before
+   prepare, AdaRound / bias correction after calibration), all-int8 again with them, kept if better (the
+   cheaper fix first: the int16 search below then runs on the improved model);
 5. if below target: bad cases + layer-by-layer comparison + sensitivity on the int8 model, then the minimal
    int16 ratio by ``search_mixed_precision``, and a calibration of that mixed recipe;
 6. QAT of the chosen recipe (no-warmup LR);
@@ -199,11 +201,16 @@ class Pipeline:
         float_metric: float,
         ckpt_name: str,
         own_dir: bool = True,
+        ptq: bool = False,
     ) -> tuple[Any, float, Path, Path]:
-        """Calibrate ``recipe``; returns ``(module, metric, checkpoint, step dir)``."""
+        """Calibrate ``recipe`` (``ptq``: with the ``ptq=`` callbacks).
+
+        Returns:
+            ``(module, metric, checkpoint, step dir)``.
+        """
         out = self.step(name, title, own_dir)
         log.info("recipe: %s", recipe.describe())
-        lit, metric, ckpt = self.session.calibrate(float_ckpt, recipe, out, ckpt_name, float_metric)
+        lit, metric, ckpt = self.session.calibrate(float_ckpt, recipe, out, ckpt_name, float_metric, ptq)
         self.result(title, recipe, metric, float_metric, lit, ckpt, out)
         return lit, metric, ckpt, out
 

@@ -50,6 +50,7 @@ __all__ = [
     "PipelineConf",
     "PrepareConf",
     "PrepareMethod",
+    "PtqConf",
     "QatConf",
     "QatScheduler",
     "RecipeConf",
@@ -386,6 +387,28 @@ class ExportConf:
 
 
 @dataclass(frozen=True)
+class PtqConf:
+    """``ptq=``: post-training algorithms the pipeline tries when all-int8 calibration misses the target.
+
+    Attributes:
+        name: the choice.
+        equalization: the ``Equalization`` callback (``_target_`` + its arguments), run on the float model
+            before prepare, or ``None``.
+        after_calibration: callbacks (``_target_`` + arguments: ``AdaRound``, ``BiasCorrection``) run after
+            calibration, in this order.
+    """
+
+    name: str = "none"
+    equalization: dict[str, Any] | None = None
+    after_calibration: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the choice does anything."""
+        return self.equalization is not None or bool(self.after_calibration)
+
+
+@dataclass(frozen=True)
 class AppConfig:
     """The whole ``qat-lightning`` configuration (``conf/config.yaml``)."""
 
@@ -402,6 +425,7 @@ class AppConfig:
     search: SearchConf = field(default_factory=SearchConf)
     pipeline: PipelineConf = field(default_factory=PipelineConf)
     export: ExportConf = field(default_factory=ExportConf)
+    ptq: PtqConf = field(default_factory=PtqConf)
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     trainer: dict[str, Any] = field(default_factory=dict)

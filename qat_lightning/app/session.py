@@ -42,12 +42,14 @@ class Factories:
         logger: a logger writing into the given directory, or ``None`` for no logger.
         callback: ``callback(name, **runtime)`` builds ``callbacks.<name>`` of the config
             (``conf/callbacks/<name>.yaml``), the stage's run-time arguments on top.
+        ptq: fresh ``ptq=`` callbacks: the ``Equalization`` (or ``None``) and those run after calibration.
     """
 
     model: Callable[[], L.LightningModule]
     datamodule: Callable[[], L.LightningDataModule]
     logger: Callable[[Path], Any] = lambda _dir: None
     callback: Callable[..., Callback] | None = None
+    ptq: Callable[[], tuple[Callback | None, list[Callback]]] = lambda: (None, [])
 
 
 @dataclass(frozen=True)
@@ -291,20 +293,35 @@ class Session:
             raise ValueError("Factories.callback is not set: qat_lightning.cli.make_factories builds it")
         return self.factories.callback(name, **runtime)
 
-    def _prepare_callbacks(self, recipe: Recipe | None) -> list[Callback]:
+    def _prepare_callbacks(self, recipe: Recipe | None, ptq: bool = False) -> list[Callback]:
         setter = None if recipe is None else recipe.setter()
-        return [self.callback("prepare", qconfig_setter=setter), self.callback("calibration")]
+        equalization, after = self.factories.ptq() if ptq else (None, [])
+        return [
+            *([equalization] if equalization is not None else []),
+            self.callback("prepare", qconfig_setter=setter),
+            self.callback("calibration"),
+            *after,
+        ]
 
     def calibrate(
-        self, float_ckpt: Path, recipe: Recipe, out_dir: Path, name: str, float_metric: float | None
+        self,
+        float_ckpt: Path,
+        recipe: Recipe,
+        out_dir: Path,
+        name: str,
+        float_metric: float | None,
+        ptq: bool = False,
     ) -> tuple[L.LightningModule, float, Path]:
-        """Prepare the float model with ``recipe``, calibrate, validate, save ``checkpoints/<name>.ckpt``."""
+        """Prepare the float model with ``recipe``, calibrate, validate, save ``checkpoints/<name>.ckpt``.
+
+        With ``ptq`` the ``ptq=`` callbacks run too: equalization before prepare, the rest after calibration.
+        """
         lit, info = self.load_float(float_ckpt)
         record = Record(
             CheckpointInfo("calibration", recipe, float_metric=float_metric, float_steps=info.float_steps)
         )
         trainer = self.trainer(
-            out_dir, [*self._prepare_callbacks(recipe), record], limit_val_batches=self._val_limit()
+            out_dir, [*self._prepare_callbacks(recipe, ptq), record], limit_val_batches=self._val_limit()
         )
         metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
         record.info = CheckpointInfo("calibration", recipe, metric, float_metric, info.float_steps)

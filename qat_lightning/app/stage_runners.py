@@ -96,14 +96,16 @@ def calibration_stage(pipe: Pipeline) -> Summary:
     float_ckpt = pipe.resolve_ckpt("float")
     float_metric = pipe.float_metric_of(float_ckpt, pipe.session.run_dir)
     recipe = tune_recipe(pipe, cfg.recipe, recipe, float_ckpt, float_metric)
+    ptq = cfg.ptq.enabled
     lit, _, _, out = pipe.calibrate(
         "calibration",
-        f"calibration {recipe.name}",
+        f"calibration {recipe.name}" + (f" + ptq={cfg.ptq.name}" if ptq else ""),
         float_ckpt,
         recipe,
         float_metric,
         "calibration",
         own_dir=False,
+        ptq=ptq,
     )
     _float_check(pipe, lit, float_metric, out)
     return pipe.finish(f"qat-lightning: calibration ({recipe.name} on {pipe.chip})")
@@ -339,6 +341,10 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
         float_metric,
         f"calibration_{low.name}",
     )
+    use_ptq = False
+    if not s.meets(m_low, target) and cfg.ptq.enabled:
+        lit, m_low, ckpt_low, use_ptq = _ptq_step(pipe, float_ckpt, low, low_title, float_metric, target,
+                                                  (lit, m_low, ckpt_low))
     chosen, chosen_ckpt, chosen_metric = low, ckpt_low, m_low
     if s.meets(m_low, target):
         pipe.decide(f"{low_title} {m_low:.4f} meets the target {target:.4f}: no int16 needed")
@@ -357,11 +363,12 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
     if chosen.raised:
         _, chosen_metric, chosen_ckpt, _ = pipe.calibrate(
             "calibration_mixed",
-            f"calibration {chosen.name} (chosen)",
+            f"calibration {chosen.name} (chosen)" + (f" + ptq={cfg.ptq.name}" if use_ptq else ""),
             float_ckpt,
             chosen,
             float_metric,
             "calibration",
+            ptq=use_ptq,
         )
     if chosen_ckpt != pipe.session.ckpt_dir / "calibration.ckpt":  # the chosen one under the standard name
         import shutil
@@ -394,6 +401,42 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
 
         export_chosen(pipe, qat_lit, chosen_ckpt, chosen)
     return pipe.finish(f"qat-lightning pipeline on {pipe.chip}", {"chosen recipe": chosen.describe()})
+
+
+def _ptq_step(
+    pipe: Pipeline,
+    float_ckpt: Path,
+    low: Recipe,
+    low_title: str,
+    float_metric: float,
+    target: float,
+    plain: tuple[Any, float, Path],
+) -> tuple[Any, float, Path, bool]:
+    """All-int8 missed the target: calibrate it again with the ``ptq=`` algorithms; keep whichever is better.
+
+    Returns the module, metric and checkpoint to go on with, and whether they are the ``ptq=`` ones.
+    """
+    s, name = pipe.session, pipe.cfg.ptq.name
+    lit, metric, ckpt, _ = pipe.calibrate(
+        "calibration_low_ptq",
+        f"calibration {low_title} + ptq={name}",
+        float_ckpt,
+        low,
+        float_metric,
+        f"calibration_{low.name}_ptq",
+        ptq=True,
+    )
+    m_plain = plain[1]
+    better = metric > m_plain if s.higher_is_better else metric < m_plain
+    verdict = "meets" if s.meets(metric, target) else "is below"
+    if better:
+        pipe.decide(
+            f"ptq={name} on {low_title}: {m_plain:.4f} -> {metric:.4f}, {verdict} the target {target:.4f}; "
+            "kept (any int16 search runs on this improved model)"
+        )
+        return lit, metric, ckpt, True
+    pipe.decide(f"ptq={name} on {low_title}: {m_plain:.4f} -> {metric:.4f}, no gain: dropped")
+    return (*plain, False)
 
 
 def _target_text(pipe: Pipeline) -> str:

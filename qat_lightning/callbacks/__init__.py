@@ -30,6 +30,7 @@ from qat_lightning.callbacks.prepare import (
     prepare_submodule,
     recipe_of,
 )
+from qat_lightning.callbacks.ptq import AdaRound, BiasCorrection, Equalization
 from qat_lightning.callbacks.qat import QuantizationAwareTraining, find_lr_warmup, io_quant_nodes
 from qat_lightning.callbacks.sanity import SanityCheck, SanityCheckError, SanityResult
 from qat_lightning.callbacks.switch import (
@@ -43,11 +44,14 @@ from qat_lightning.callbacks.switch import (
 
 __all__ = [
     "CALIBRATED_FLAG",
+    "AdaRound",
     "AnalysisOutcome",
+    "BiasCorrection",
     "BisectResult",
     "Calibration",
     "ExportOnnx",
     "ExportOutcome",
+    "Equalization",
     "FakeQuantSwitch",
     "PrepareQuantization",
     "QatLrProbe",

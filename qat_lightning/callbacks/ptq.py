@@ -1,0 +1,274 @@
+"""Post-training algorithms as callbacks: ``Equalization``, ``BiasCorrection``, ``AdaRound``.
+
+``Equalization`` runs before prepare, ``BiasCorrection`` and ``AdaRound`` after calibration.
+
+Order in ``Trainer(callbacks=[...])`` is the order of their work::
+
+    Trainer(callbacks=[
+        Equalization(),            # setup(): on the float network, before PrepareQuantization's setup
+        PrepareQuantization(setter),
+        Calibration(num_batches=50),
+        AdaRound(),                # on_fit_start, after Calibration's (same hook, later in the list)
+        BiasCorrection(),
+    ], max_epochs=0)
+
+``AdaRound`` / ``BiasCorrection`` run once: a resumed run (the callback's state says it ran) keeps the
+weights of its checkpoint. ``Equalization`` runs in every ``setup()`` on the fresh float network; a checkpoint
+restored afterwards brings the weights it saved. Under DDP the algorithms run on every rank's shard and
+rank zero's result is broadcast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import nn
+
+from qat_lightning.callbacks._common import (
+    InputFn,
+    broadcast_module_state,
+    check_choice,
+    get_submodule,
+    is_calibrated,
+    is_prepared,
+    request_dataloader,
+    require_prepared,
+)
+from qat_lightning.ptq import (
+    DEFAULT_ALPHAS,
+    EQUALIZE_KINDS,
+    AdaRoundConfig,
+    adaround,
+    bias_correction,
+    equalize,
+)
+
+__all__ = ["AdaRound", "BiasCorrection", "Equalization"]
+
+_LOADERS = ("train", "val", "test")
+
+
+def _batches(trainer: pl.Trainer, pl_module: pl.LightningModule, which: str | Iterable[Any]) -> Iterable[Any]:
+    loader = request_dataloader(trainer, pl_module, which)
+    return (trainer.strategy.batch_to_device(b) for b in loader)
+
+
+def _broadcast(trainer: pl.Trainer, model: nn.Module) -> None:
+    """Give every rank rank zero's parameters and buffers (no-op on one process)."""
+    if trainer.world_size <= 1 or not (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):
+        return
+    for p in model.parameters():
+        torch.distributed.broadcast(p.data, src=0)
+    broadcast_module_state(trainer, model)
+
+
+def _check_common(num_batches: int | None, dataloader: Any) -> None:
+    if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) < 1):
+        raise ValueError(f"num_batches must be a positive int or None (whole loader), got {num_batches!r}")
+    if isinstance(dataloader, str):
+        check_choice("dataloader", dataloader, _LOADERS)
+
+
+class Equalization(Callback):
+    """Equalize the float network in ``setup()`` (cross-layer + SmoothQuant LN / matmul, alpha searched).
+
+    Put it before ``PrepareQuantization`` in the callback list; on an already prepared network it raises.
+
+    Args:
+        num_batches: calibration batches for activation ranges and the alpha search.
+        dataloader: ``"train"`` (default), ``"val"``, ``"test"`` or any iterable of batches.
+        input_fn: batch -> model inputs.
+        submodule: attribute path of the network inside the LightningModule.
+        kinds: groups to equalize (``cross_layer``, ``layernorm``, ``matmul``).
+        alphas: SmoothQuant alphas tried per group.
+        cle_rounds: cross-layer passes.
+    """
+
+    def __init__(
+        self,
+        num_batches: int | None = 4,
+        dataloader: str | Iterable[Any] = "train",
+        input_fn: InputFn | None = None,
+        submodule: str = "model",
+        kinds: Sequence[str] = EQUALIZE_KINDS,
+        alphas: Sequence[float] = DEFAULT_ALPHAS,
+        cle_rounds: int = 3,
+    ) -> None:
+        super().__init__()
+        _check_common(num_batches, dataloader)
+        for kind in kinds:
+            check_choice("kinds", kind, EQUALIZE_KINDS)
+        self.num_batches, self.dataloader, self.input_fn = num_batches, dataloader, input_fn
+        self.submodule, self.kinds, self.alphas, self.cle_rounds = (
+            submodule,
+            tuple(kinds),
+            tuple(alphas),
+            cle_rounds,
+        )
+        self.result: Any = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Equalize the float network (once per setup; Lightning restores a checkpoint after this)."""
+        model = get_submodule(pl_module, self.submodule)
+        if is_prepared(model):
+            raise ValueError(
+                f"Equalization: pl_module.{self.submodule} is already prepared; equalization changes the "
+                "float network, so put Equalization before PrepareQuantization in the callback list"
+            )
+        batches = _batches(trainer, pl_module, self.dataloader)
+        self.result = equalize(
+            model,
+            batches,
+            num_batches=self.num_batches,
+            input_fn=self.input_fn,
+            kinds=self.kinds,
+            alphas=self.alphas,
+            cle_rounds=self.cle_rounds,
+        )
+        _broadcast(trainer, model)
+        rank_zero_info(f"Equalization: {self.result.applied} of {len(self.result.groups)} group(s) applied")
+
+
+class _AfterCalibration(Callback):
+    """Runs ``self._apply(model, batches)`` once, on a calibrated network, at fit/validate/test start."""
+
+    who = ""
+
+    def __init__(
+        self,
+        num_batches: int | None,
+        dataloader: str | Iterable[Any],
+        input_fn: InputFn | None,
+        submodule: str,
+    ) -> None:
+        super().__init__()
+        _check_common(num_batches, dataloader)
+        self.num_batches, self.dataloader, self.input_fn, self.submodule = (
+            num_batches,
+            dataloader,
+            input_fn,
+            submodule,
+        )
+        self.applied = False
+        self.result: Any = None
+
+    @property
+    def state_key(self) -> str:
+        """One state per submodule."""
+        return self._generate_state_key(submodule=self.submodule)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Whether it ran (a resumed run does not run it again: the checkpoint holds its weights)."""
+        return {"applied": self.applied}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore whether it ran."""
+        self.applied = bool(state_dict.get("applied", False))
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run after Calibration (put this callback after it)."""
+        self._run(trainer, pl_module)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run at the start of ``trainer.validate``."""
+        if trainer.state.fn != TrainerFn.FITTING:
+            self._run(trainer, pl_module)
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Run at the start of ``trainer.test``."""
+        self._run(trainer, pl_module)
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.applied:
+            return
+        model = get_submodule(pl_module, self.submodule)
+        require_prepared(model, self.who, self.submodule)
+        if not is_calibrated(model):
+            raise ValueError(
+                f"{self.who}: pl_module.{self.submodule} is not calibrated; "
+                f"put Calibration before {self.who} in the callback list"
+            )
+        self.result = self._apply(model, _batches(trainer, pl_module, self.dataloader))
+        _broadcast(trainer, model)
+        self.applied = True
+        rank_zero_info(f"{self.who}: {len(self.result.rows)} op(s), {len(self.result.skipped)} skipped")
+
+    def _apply(self, model: nn.Module, batches: Iterable[Any]) -> Any:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class BiasCorrection(_AfterCalibration):
+    """Empirical bias correction of every conv / linear op after calibration (``ql.ptq.bias_correction``).
+
+    Args:
+        num_batches: calibration batches (``None``: the whole loader).
+        dataloader: ``"train"`` (default), ``"val"``, ``"test"`` or any iterable of batches.
+        input_fn: batch -> model inputs.
+        submodule: attribute path of the network inside the LightningModule.
+    """
+
+    who = "BiasCorrection"
+
+    def __init__(
+        self,
+        num_batches: int | None = 16,
+        dataloader: str | Iterable[Any] = "train",
+        input_fn: InputFn | None = None,
+        submodule: str = "model",
+    ) -> None:
+        super().__init__(num_batches, dataloader, input_fn, submodule)
+
+    def _apply(self, model: nn.Module, batches: Iterable[Any]) -> Any:
+        return bias_correction(model, batches, num_batches=self.num_batches, input_fn=self.input_fn)
+
+
+class AdaRound(_AfterCalibration):
+    """AdaRound of every conv / linear weight after calibration (``ql.ptq.adaround``), frozen into the weight.
+
+    Args:
+        num_batches: calibration batches (``None``: the whole loader).
+        dataloader: ``"train"`` (default), ``"val"``, ``"test"`` or any iterable of batches.
+        input_fn: batch -> model inputs.
+        submodule: attribute path of the network inside the LightningModule.
+        iterations: Adam steps per op.
+        reg_weight: weight of the rounding regulariser.
+        lr: Adam learning rate.
+        batch_size: rows per step.
+        max_samples: rows kept per op.
+    """
+
+    who = "AdaRound"
+
+    def __init__(
+        self,
+        num_batches: int | None = 16,
+        dataloader: str | Iterable[Any] = "train",
+        input_fn: InputFn | None = None,
+        submodule: str = "model",
+        iterations: int = 500,
+        reg_weight: float = 0.01,
+        lr: float = 1e-2,
+        batch_size: int = 256,
+        max_samples: int = 4096,
+    ) -> None:
+        super().__init__(num_batches, dataloader, input_fn, submodule)
+        self.config = AdaRoundConfig(
+            iterations=iterations,
+            reg_weight=reg_weight,
+            lr=lr,
+            batch_size=batch_size,
+            max_samples=max_samples,
+        )
+
+    def _apply(self, model: nn.Module, batches: Iterable[Any]) -> Any:
+        return adaround(
+            model, batches, num_batches=self.num_batches, input_fn=self.input_fn, config=self.config
+        )
