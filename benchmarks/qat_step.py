@@ -25,7 +25,7 @@ of training. Ratios are to float. ``peak`` runs with glibc's default allocator (
 includes freed memory the heap keeps), ``live`` with ``MALLOC_MMAP_THRESHOLD_=65536`` (large allocations
 unmapped when freed, so the peak follows the live tensors).
 
-``--keep-heap`` calls :func:`qat_lightning.keep_heap` at the start (timing process and ``peak`` children):
+``--keep-heap`` calls :func:`~qat_lightning.quant.backends.keep_heap` first (timing and ``peak`` processes):
 glibc then keeps freed memory mapped instead of re-faulting it every step; all contenders run under it.
 
 Usage: ``python benchmarks/qat_step.py [--model cnn|encoder|all] [--steps 9] [--threads 2] [--no-memory]
@@ -147,7 +147,7 @@ def make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tenso
     if contender == "float":
         return model, data
     if contender == "ours":
-        from qat_lightning.quant.fake_quantize import set_fake_quantize
+        from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
         from qat_lightning.quant.prepare import prepare
 
         prepared = prepare(model, calib[0][:4])
@@ -217,7 +217,7 @@ def time_steps(name: str, steps: int, warmup: int = 2) -> tuple[dict[str, float]
 
 
 def time_float_state(name: str, steps: int, warmup: int = 2) -> tuple[float, float]:
-    from qat_lightning.quant.fake_quantize import set_fake_quantize
+    from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
     from qat_lightning.quant.prepare import prepare
 
     model, data = build(name)
@@ -295,19 +295,19 @@ def main() -> None:
     parser.add_argument(
         "--keep-heap",
         action="store_true",
-        help="call qat_lightning.keep_heap() first (glibc keeps freed memory mapped; every contender alike)",
+        help="call quant.backends.keep_heap() first (glibc keeps freed memory mapped; every contender alike)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.keep_heap:
         import qat_lightning
 
-        qat_lightning.keep_heap()
+        qat_lightning.quant.backends.keep_heap()
     if args.memory_child:
         memory_child(*args.memory_child)
         return
     names = ["cnn", "encoder"] if args.model == "all" else [args.model]
-    from qat_lightning.quant.functional import kernels_available
+    from qat_lightning.quant.nodes.functional import kernels_available
 
     kernels = "fused C kernels" if kernels_available() else "ATen formulas (no fused kernels)"
     heap = "keep_heap()" if args.keep_heap else "default glibc heap"

@@ -46,7 +46,7 @@ from qat_lightning.analysis.reports import plan_text, probes_csv, to_json, write
 from qat_lightning.analysis.state import analysis_mode, node_dtypes
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype, qint8, qint16
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
 from qat_lightning.quant.qconfig_setter import QconfigSetter
 from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable

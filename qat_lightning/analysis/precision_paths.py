@@ -28,7 +28,7 @@ from qat_lightning.analysis.precision_nodes import assignment_cost, collect_ops
 from qat_lightning.analysis.state import analysis_mode, node_dtypes
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, float16, parse_dtype, qint8, qint16
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpKind
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
 from qat_lightning.quant.qconfig_setter import QconfigSetter

@@ -53,7 +53,7 @@ from qat_lightning.analysis.sensitivity import (
     sensitivity_targets,
 )
 from qat_lightning.analysis.state import analysis_mode, eval_mode
-from qat_lightning.quant.fake_quantize import fake_quant_disabled
+from qat_lightning.quant.nodes.fake_quantize import fake_quant_disabled
 from qat_lightning.quant.ops import iter_quant_ops
 from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES, SensitivityTable
 

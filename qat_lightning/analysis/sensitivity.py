@@ -34,7 +34,7 @@ from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
 from qat_lightning.analysis.inputs import ModelInputs, call_model, flatten_outputs
 from qat_lightning.analysis.metrics import Metric, error_name, error_value, whole
 from qat_lightning.analysis.state import analysis_mode
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, fake_quant_disabled
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, fake_quant_disabled
 from qat_lightning.quant.ops import OpInfo, OpKind, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable
 

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 from qat_lightning.analysis.inputs import InputFn, ModelInputs, call_model, default_input_fn, normalize_inputs
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 
 __all__ = [
     "CALIBRATED_FLAG",

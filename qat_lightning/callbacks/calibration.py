@@ -42,7 +42,7 @@ from qat_lightning.callbacks._common import (
     require_prepared,
 )
 from qat_lightning.callbacks.logging import log_quant_scales, log_scalars
-from qat_lightning.quant.fake_quantize import FakeQuantState, iter_fake_quantize, set_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, iter_fake_quantize, set_fake_quantize
 
 __all__ = ["MIN_RECOMMENDED_BATCHES", "Calibration", "calibrate", "reduce_observer_statistics"]
 

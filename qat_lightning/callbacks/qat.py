@@ -25,7 +25,7 @@ from qat_lightning.callbacks._common import (
     switch_states,
 )
 from qat_lightning.callbacks.logging import log_scalars
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 from qat_lightning.quant.ops import OpKind, iter_quant_ops
 
 __all__ = [

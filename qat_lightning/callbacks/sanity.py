@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from qat_lightning.callbacks._common import get_submodule, resolve_log_dir, write_text_rank_zero
 from qat_lightning.callbacks.logging import flush_loggers, log_scalars, log_text
-from qat_lightning.quant.fake_quantize import FakeQuantState, set_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, set_fake_quantize
 
 __all__ = ["SANITY_MODES", "SanityCheck", "SanityCheckError", "SanityResult", "CAUSES"]
 

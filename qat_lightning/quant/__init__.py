@@ -4,7 +4,8 @@ Never imports lightning, hydra or omegaconf.
 """
 
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float16, float32, parse_dtype, qint8, qint16
-from qat_lightning.quant.fake_quantize import (
+from qat_lightning.quant.model_check import ModelCheckReport, check_model, write_changelog
+from qat_lightning.quant.nodes.fake_quantize import (
     FakeCast,
     FakeQuantize,
     FakeQuantState,
@@ -13,9 +14,9 @@ from qat_lightning.quant.fake_quantize import (
     iter_fake_quantize,
     set_fake_quantize,
 )
-from qat_lightning.quant.fp16_norm import set_fp16_norm_scaling
-from qat_lightning.quant.functional import fake_cast, fake_quantize
-from qat_lightning.quant.model_check import ModelCheckReport, check_model, write_changelog
+from qat_lightning.quant.nodes.fp16_norm import set_fp16_norm_scaling
+from qat_lightning.quant.nodes.functional import fake_cast, fake_quantize
+from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 from qat_lightning.quant.observers import OBSERVER_NAMES, Observer, make_observer
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.prepare import PREPARE_METHODS, QAT_MODES, FxTraceError, prepare
@@ -35,7 +36,6 @@ from qat_lightning.quant.qconfig_setter import (
     sensitive_op_qat_8bit_weight_16bit_act_qconfig_setter,
 )
 from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
-from qat_lightning.quant.switches import GlobalFakeQuantSwitch
 from qat_lightning.quant.templates import (
     ConvDtypeTemplate,
     MatmulDtypeTemplate,

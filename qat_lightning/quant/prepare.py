@@ -33,11 +33,11 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 from qat_lightning.quant.eager_prepare import prepare_eager, probe_model
-from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.fx_prepare import prepare_fx
 from qat_lightning.quant.fx_tracer import FxTraceError
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.ops import OpInfo, PrepareRecord
-from qat_lightning.quant.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.qconfig import QConfig
 from qat_lightning.quant.qconfig_setter import QconfigAssignment, as_qconfig_setter
 
@@ -165,7 +165,7 @@ def prepare(
             ``DeQuantStub``, for code fx cannot trace) or ``auto`` (fx, else eager with a warning listing
             what eager does not cover).
         qat_mode: how fused conv + BN train: ``fuse_bn``, ``with_bn`` or ``freeze_bn`` (see
-            ``qat_lightning.quant.qat_modules.QatConvBn``).
+            ``qat_lightning.quant.nodes.qat_modules.QatConvBn``).
         check_dir: when given, ``model_check_result.txt`` (and ``qconfig_changelog.txt`` if the chip
             rules downgraded anything) is written there.
 

@@ -26,7 +26,7 @@ from qat_lightning.analysis.metrics import (
     whole,
 )
 from qat_lightning.analysis.stats import ClipStats, PairStats
-from qat_lightning.quant.functional import fake_quantize
+from qat_lightning.quant.nodes.functional import fake_quantize
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

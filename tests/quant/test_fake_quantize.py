@@ -1,4 +1,4 @@
-"""qat_lightning.quant.fake_quantize: FakeQuantize states, switches, dtype changes and state round-trips."""
+"""quant.nodes.fake_quantize: FakeQuantize states, switches, dtype changes and state round-trips."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import qat_lightning as ql
-from qat_lightning.quant import functional as qf
 from qat_lightning.quant.dtypes import float16, float32, qint8, qint16
-from qat_lightning.quant.fake_quantize import (
+from qat_lightning.quant.nodes import functional as qf
+from qat_lightning.quant.nodes.fake_quantize import (
     FakeCast,
     FakeQuantize,
     FakeQuantState,
@@ -22,9 +22,9 @@ from qat_lightning.quant.fake_quantize import (
     iter_fake_quantize,
     set_fake_quantize,
 )
-from qat_lightning.quant.functional import fake_quantize
+from qat_lightning.quant.nodes.functional import fake_quantize
+from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.observers import DEFAULT_SCALE, OBSERVER_NAMES
-from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
 DATA_OBSERVERS = [name for name in OBSERVER_NAMES if name != "fixed"]
 STATE_NAMES = ["QAT", "CALIBRATION", "VALIDATION", "FLOAT"]
@@ -278,7 +278,7 @@ def test_fused_qat_weight_path_equals_the_general_path(observer, with_fold, thre
 
 @pytest.mark.skipif(not qf.kernels_available(), reason="fused kernels not built")
 def test_fused_qat_weight_reuses_its_buffer_only_when_nothing_holds_it(generator) -> None:
-    from qat_lightning.quant.qat_modules import quantize_weight
+    from qat_lightning.quant.nodes.qat_modules import quantize_weight
 
     fq = FakeQuantize(qint8, "minmax", ch_axis=0, num_channels=8)
     set_fake_quantize(fq, FakeQuantState.QAT)

@@ -1,4 +1,4 @@
-"""qat_lightning.quant.functional: fake_quantize / fake_cast against torch's reference kernels."""
+"""qat_lightning.quant.nodes.functional: fake_quantize / fake_cast against torch's reference kernels."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qat_lightning.quant import functional as qf
 from qat_lightning.quant.dtypes import QuantDtype, float16, float32, qint8, qint16
-from qat_lightning.quant.functional import FP16_MAX, fake_cast, fake_quantize
+from qat_lightning.quant.nodes import functional as qf
+from qat_lightning.quant.nodes.functional import FP16_MAX, fake_cast, fake_quantize
 
 INT_DTYPES = [qint8, qint16]
 

@@ -1,4 +1,4 @@
-"""qat_lightning/quant/_kernels.c: the fused fake-quant kernels against the ATen formulas and torch."""
+"""quant/backends/_kernels.c: the fused fake-quant kernels against the ATen formulas and torch."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from qat_lightning.quant import functional as qf
 from qat_lightning.quant.dtypes import qint8, qint16
-from qat_lightning.quant.functional import fake_quantize
+from qat_lightning.quant.nodes import functional as qf
+from qat_lightning.quant.nodes.functional import fake_quantize
 
 needs_kernels = pytest.mark.skipif(not qf.kernels_available(), reason="fused kernels not built")
 
@@ -39,7 +39,7 @@ def run_both(monkeypatch, x, scale, dtype, ch_axis, upstream):
 def test_kernels_are_built_by_the_install() -> None:
     if os.environ.get("QAT_LIGHTNING_NO_KERNELS"):
         pytest.skip("kernels switched off by QAT_LIGHTNING_NO_KERNELS")
-    assert qf.kernels_available(), "setup.py did not build qat_lightning.quant._kernels (no C compiler?)"
+    assert qf.kernels_available(), "setup.py did not build quant.backends._kernels (no C compiler?)"
 
 
 @needs_kernels
@@ -139,7 +139,7 @@ def test_expanded_upstream_gradient() -> None:
 
 
 def test_environment_switch_turns_the_kernels_off() -> None:
-    code = "from qat_lightning.quant import functional as f; print(f.kernels_available())"
+    code = "from qat_lightning.quant.nodes import functional as f; print(f.kernels_available())"
     env = dict(os.environ, QAT_LIGHTNING_NO_KERNELS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -147,8 +147,8 @@ def test_environment_switch_turns_the_kernels_off() -> None:
 
 _ISA_CHECK = """
 import torch
-from qat_lightning.quant import functional as qf
-from qat_lightning.quant import _kernels
+from qat_lightning.quant.nodes import functional as qf
+from qat_lightning.quant.backends import _kernels
 gen = torch.Generator().manual_seed(5)
 for threads in (1, 2):
     torch.set_num_threads(threads)

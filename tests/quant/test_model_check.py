@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from qat_lightning.quant.fake_quantize import FakeQuantize
 from qat_lightning.quant.model_check import (
     CallCountRow,
     DtypeSummaryRow,
@@ -19,6 +18,7 @@ from qat_lightning.quant.model_check import (
     check_model,
     write_changelog,
 )
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord
 
 CHANGE = "conv#1: weight qint16 -> qint8 (j6m: gemm cannot take int16 on both activation and weight)"

@@ -24,12 +24,6 @@ from torch.ao.quantization import (
 from torch.ao.quantization import MinMaxObserver as AoMinMaxObserver
 
 from qat_lightning.quant.dtypes import qint8, qint16
-from qat_lightning.quant.histogram import (
-    MIX_CANDIDATES,
-    AbsHistogram,
-    estimate_mse,
-    mix_candidates,
-)
 from qat_lightning.quant.observers import (
     DEFAULT_SCALE,
     OBSERVER_NAMES,
@@ -43,6 +37,12 @@ from qat_lightning.quant.observers import (
     Observer,
     PercentileObserver,
     make_observer,
+)
+from qat_lightning.quant.observers.histogram import (
+    MIX_CANDIDATES,
+    AbsHistogram,
+    estimate_mse,
+    mix_candidates,
 )
 
 HIST_METHODS = ("percentile", "kl", "mse", "mix")
@@ -682,7 +682,7 @@ def test_reduce_statistics_two_process_gloo() -> None:
 @pytest.mark.parametrize("observer", ["minmax", "moving_minmax", "mse"])
 @pytest.mark.parametrize("bad", [None, float("nan"), float("inf")])
 def test_range_update_is_the_same_with_and_without_the_fused_kernel(observer, bad, monkeypatch) -> None:
-    from qat_lightning.quant import functional as qf
+    from qat_lightning.quant.nodes import functional as qf
 
     gen = torch.Generator().manual_seed(3)
     batches = [torch.randn(4, 300, generator=gen) * (i + 1) for i in range(3)]

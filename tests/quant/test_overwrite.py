@@ -1,4 +1,4 @@
-"""When a QAT quant node writes its result into the op's output (qat_lightning.quant.overwrite)."""
+"""When a QAT quant node writes its result into the op's output (qat_lightning.quant.backends.overwrite)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.quant import functional
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
-from qat_lightning.quant.overwrite import overwrite_target
+from qat_lightning.quant.backends.overwrite import overwrite_target
+from qat_lightning.quant.nodes import functional
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
 from qat_lightning.quant.prepare import prepare
 from tests.models import TinyEncoder, TinyResNet
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from qat_lightning.quant.dtypes import QuantDtype
-from qat_lightning.quant.observers import Observer
+from qat_lightning.quant.observers.base import Observer
 
 __all__ = ["MovingMinMaxObserver", "FixedScaleObserver"]
 

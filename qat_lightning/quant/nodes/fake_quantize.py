@@ -31,12 +31,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules import module as _nn_module
 
+from qat_lightning.quant.backends.overwrite import overwrite_target
+from qat_lightning.quant.backends.qat_weight import fused_qat_weight
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
-from qat_lightning.quant.functional import _FakeQuantizeSTE, _scale_view, fake_cast
+from qat_lightning.quant.nodes.functional import _FakeQuantizeSTE, _scale_view, fake_cast
+from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.observers import SCALE_EPS, Observer, make_observer
-from qat_lightning.quant.overwrite import overwrite_target
-from qat_lightning.quant.qat_weight import fused_qat_weight
-from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
 _SCALE_EPS_F32 = float(torch.tensor(SCALE_EPS, dtype=torch.float32))
 """``SCALE_EPS`` rounded to float32, as ``clamp_min_`` applies it to a float32 scale."""
@@ -311,7 +311,7 @@ class FakeQuantize(nn.Module):
         """``self(x)`` for a tensor only the caller holds (an op's fresh result): QAT may overwrite ``x``.
 
         In QAT, when no forward hook could see ``x`` and autograd kept nothing aliasing it
-        (:func:`~qat_lightning.quant.overwrite.overwrite_target`), the fused kernel writes the result into
+        (:func:`~..backends.overwrite.overwrite_target`), the fused kernel writes the result into
         ``x``'s memory instead of a new buffer. Same values and gradients as ``self(x)``.
         """
         if self.state is FakeQuantState.QAT and not (

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from qat_lightning.quant import functional
+from qat_lightning.quant.nodes import functional
 from qat_lightning.quant.observers import SCALE_EPS
 
 if TYPE_CHECKING:
-    from qat_lightning.quant.fake_quantize import FakeQuantize
+    from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 
 __all__ = ["fused_qat_weight"]
 

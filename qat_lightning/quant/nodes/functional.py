@@ -33,21 +33,21 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from qat_lightning.quant.backends.overwrite import exclusive_grad, grad_holders
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
-from qat_lightning.quant.overwrite import exclusive_grad, grad_holders
 
 __all__ = ["fake_quantize", "fake_cast", "FP16_MAX", "kernels_available"]
 
 
 def load_extension(name: str) -> ModuleType | None:
-    """Import the optional C extension ``qat_lightning.quant.<name>`` (built by ``setup.py``).
+    """Import the optional C extension ``qat_lightning.quant.backends.<name>`` (built by ``setup.py``).
 
     ``None`` when it was not built (no compiler) or ``QAT_LIGHTNING_NO_KERNELS`` is set (not ``0``).
     """
     if os.environ.get("QAT_LIGHTNING_NO_KERNELS", "") not in ("", "0"):
         return None
     try:
-        return importlib.import_module(f"qat_lightning.quant.{name}")
+        return importlib.import_module(f"qat_lightning.quant.backends.{name}")
     except ImportError:
         return None
 
@@ -144,7 +144,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 
     ``seen``: an empty list that receives ``[min(x), max(x)]``, taken by the kernel in the same pass over
     ``x`` (it stays empty where the kernel does not apply). ``inplace``: the kernel may write the result
-    into ``x`` (marked dirty), for a tensor nothing else holds (see :mod:`~qat_lightning.quant.overwrite`).
+    into ``x`` (marked dirty), for a tensor nothing else holds (see :mod:`~..backends.overwrite`).
     """
 
     @staticmethod

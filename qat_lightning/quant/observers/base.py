@@ -3,8 +3,8 @@
 An observer watches tensors and turns what it saw into a scale for ``q = clamp(round(x / scale), qmin,
 qmax)``: ``scale = amax / qmax`` for a clipping threshold ``amax`` chosen by the method. Statistics are
 dtype-agnostic (running min/max for every observer, plus a growing ``|x|`` histogram for
-``percentile``/``kl``/``mse``/``mix``, defined in :mod:`qat_lightning.quant.histogram_observers` and
-re-exported here; see :mod:`qat_lightning.quant.histogram`), so
+``percentile``/``kl``/``mse``/``mix``, defined in :mod:`.histogram_observers` and
+re-exported here; see :mod:`.histogram`), so
 ``compute_scale(qint8)`` and ``compute_scale(qint16)`` both work from one calibration pass. Everything
 lives in fixed-shape buffers (``state_dict``, deepcopy, DDP broadcast).
 
@@ -25,7 +25,6 @@ empty tensors are ignored; all-zero data gives ``SCALE_EPS``; an observer that s
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 import warnings
 from typing import Any, ClassVar
@@ -33,9 +32,9 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from qat_lightning.quant import functional as _functional
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
-from qat_lightning.quant.histogram import AbsHistogram
+from qat_lightning.quant.nodes import functional as _functional
+from qat_lightning.quant.observers.histogram import AbsHistogram
 
 __all__ = [
     "OBSERVER_NAMES",
@@ -43,14 +42,6 @@ __all__ = [
     "DEFAULT_SCALE",
     "Observer",
     "MinMaxObserver",
-    "MovingMinMaxObserver",
-    "PercentileObserver",
-    "KLObserver",
-    "MSEObserver",
-    "MixObserver",
-    "FixedScaleObserver",
-    "OBSERVERS",
-    "make_observer",
 ]
 
 OBSERVER_NAMES: tuple[str, ...] = ("minmax", "moving_minmax", "percentile", "kl", "mse", "mix", "fixed")
@@ -344,74 +335,3 @@ class MinMaxObserver(Observer):
 
     def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
         return self.observed_amax()
-
-
-# The moving-average / fixed and the histogram families live in their own modules, which subclass
-# Observer from this one: import them only now that Observer is defined (one-way at import time).
-from qat_lightning.quant.histogram_observers import (  # noqa: E402
-    KLObserver,
-    MixObserver,
-    MSEObserver,
-    PercentileObserver,
-)
-from qat_lightning.quant.range_observers import FixedScaleObserver, MovingMinMaxObserver  # noqa: E402
-
-OBSERVERS: dict[str, type[Observer]] = {
-    cls.kind: cls
-    for cls in (
-        MinMaxObserver,
-        MovingMinMaxObserver,
-        PercentileObserver,
-        KLObserver,
-        MSEObserver,
-        MixObserver,
-        FixedScaleObserver,
-    )
-}
-
-
-def _options(cls: type[Observer]) -> tuple[str, ...]:
-    """Return the method options of an observer class: its keyword-only parameters, in order."""
-    return tuple(p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY)
-
-
-def make_observer(
-    name: str,
-    ch_axis: int | None = None,
-    num_channels: int | None = None,
-    ignore_nonfinite: bool = False,
-    name_for_messages: str = "",
-    **kwargs: Any,
-) -> Observer:
-    """Build an observer by method name.
-
-    Args:
-        name: one of :data:`OBSERVER_NAMES`.
-        ch_axis: None (per tensor) or the channel axis.
-        num_channels: channel count, required with ``ch_axis``.
-        ignore_nonfinite: drop NaN/inf instead of raising.
-        name_for_messages: owner's name used in errors and warnings (the observer's ``name``).
-        **kwargs: method options: ``averaging_constant`` (moving_minmax); ``percentile``, ``bins``,
-            ``max_samples`` (percentile, mix); ``bins``, ``max_samples`` (kl, mse); ``threshold`` (fixed,
-            required).
-
-    Returns:
-        A fresh observer.
-
-    Raises:
-        ValueError: unknown method or option (the message lists the allowed ones), or invalid values.
-    """
-    if name not in OBSERVERS:
-        raise ValueError(
-            f"unknown observer {name!r} for {name_for_messages!r}; allowed: {', '.join(OBSERVER_NAMES)}"
-        )
-    allowed = _options(OBSERVERS[name])
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for observer {name!r} ({name_for_messages!r}); "
-            f"allowed: {', '.join(allowed) or 'none'}"
-        )
-    if name == "fixed" and "threshold" not in kwargs:
-        raise ValueError(f"observer 'fixed' ({name_for_messages!r}) needs threshold=<number >= 0>")
-    return OBSERVERS[name](ch_axis, num_channels, ignore_nonfinite, name_for_messages, **kwargs)

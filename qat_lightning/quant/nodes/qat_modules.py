@@ -7,7 +7,7 @@ Every class derives from :class:`QuantOp`, which carries the contract of :mod:`q
 * :class:`QatConvBn`: conv (or linear) + BatchNorm, optionally + residual add and ReLU, in one of three QAT
   modes (see the class docstring).
 * :class:`QatModuleOp`: any other module op (LayerNorm, Softmax, pooling, ...): output quant point.
-  Norm ops (LayerNorm, GroupNorm) use its subclass ``QatNormOp`` in :mod:`~qat_lightning.quant.fp16_norm`
+  Norm ops (LayerNorm, GroupNorm) use its subclass ``QatNormOp`` in :mod:`~.fp16_norm`
   (fp16 simulation with automatic input scaling).
 * :class:`QatFunction`: a functional op / operator (``add``, ``matmul``, ``softmax``, ...).
 * :class:`QatInput`: a model input (or a user's ``QuantStub``).
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qat_lightning.quant.dtypes import QuantDtype, float32
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
+from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 from qat_lightning.quant.ops import OpInfo
 from qat_lightning.quant.qconfig import QConfig
-from qat_lightning.quant.switches import GlobalFakeQuantSwitch
 
 __all__ = [
     "QAT_MODES",
