@@ -3,9 +3,11 @@
 Never imports lightning, hydra or omegaconf.
 """
 
+from qat_lightning.quant.backends import BACKENDS, get_backend, set_backend
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float16, float32, parse_dtype, qint8, qint16
 from qat_lightning.quant.model_check import ModelCheckReport, check_model, write_changelog
-from qat_lightning.quant.nodes.fake_quantize import (
+from qat_lightning.quant.nodes import (
+    SCALE_MODES,
     FakeCast,
     FakeQuantize,
     FakeQuantState,
@@ -13,6 +15,7 @@ from qat_lightning.quant.nodes.fake_quantize import (
     fake_quant_state,
     iter_fake_quantize,
     set_fake_quantize,
+    set_qat_scales,
 )
 from qat_lightning.quant.nodes.fp16_norm import set_fp16_norm_scaling
 from qat_lightning.quant.nodes.functional import fake_cast, fake_quantize
@@ -44,6 +47,9 @@ from qat_lightning.quant.templates import (
 )
 
 __all__ = [
+    "BACKENDS",
+    "get_backend",
+    "set_backend",
     "PREPARE_METHODS",
     "QAT_MODES",
     "ConvDtypeTemplate",
@@ -96,5 +102,7 @@ __all__ = [
     "qint16",
     "quant_nodes_of",
     "set_fake_quantize",
+    "set_qat_scales",
+    "SCALE_MODES",
     "set_fp16_norm_scaling",
 ]

@@ -5,8 +5,9 @@ Modules: :mod:`.functional` (``fake_quantize``, ``fake_cast``), :mod:`.switches`
 :mod:`.fp16_norm` (fp16 norm simulation).
 """
 
+from qat_lightning.quant.nodes.fake_cast import FakeCast
 from qat_lightning.quant.nodes.fake_quantize import (
-    FakeCast,
+    SCALE_MODES,
     FakeQuantize,
     FakeQuantState,
     fake_quant_disabled,
@@ -14,10 +15,21 @@ from qat_lightning.quant.nodes.fake_quantize import (
     iter_fake_quantize,
     set_fake_quantize,
 )
-from qat_lightning.quant.nodes.functional import FP16_MAX, fake_cast, fake_quantize
+from qat_lightning.quant.nodes.functional import (
+    FP16_MAX,
+    fake_cast,
+    fake_quantize,
+    lsq_quantize,
+    quantize_tensor,
+)
+from qat_lightning.quant.nodes.qat_scales import set_qat_scales
 from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
 __all__ = [
+    "SCALE_MODES",
+    "lsq_quantize",
+    "quantize_tensor",
+    "set_qat_scales",
     "FP16_MAX",
     "FakeCast",
     "FakeCastSwitch",

@@ -1,23 +1,36 @@
 """The quant node: :class:`FakeQuantize`, its :class:`FakeQuantState`, and :class:`FakeCast`.
 
-A ``FakeQuantize`` owns one observer and a ``scale`` buffer. Its behaviour is set by its state:
+A ``FakeQuantize`` owns one observer and a float32 ``scale`` buffer. Its behaviour is set by its state:
 
-* ``QAT``: fake quant with a straight-through gradient. Activation scales follow the data with a
-  moving average of the batch ``|x|`` max (``scale += c * (amax / qmax - scale)``, ``c =
-  qat_averaging_constant``), starting from the calibrated scale: each batch is fake-quantized with the
-  scale as it stands and then moves it, so the fused kernel takes the batch's range in the same pass
-  (torch.ao's ``FakeQuantize`` observes first; with ``c = 0.01`` the two scales differ by 1 % of the
-  gap between the batch max and the average). Before the first scale, and with ``c = 1`` (the scale is
-  each batch's own max), the batch is observed first. Weight scales are the per-channel ``|w|`` max of
-  the current weights. Fixed scales never move.
+* ``QAT``: fake quant with a straight-through gradient. How the scale moves is the node's ``scale_mode``
+  (:data:`SCALE_MODES`, set for a whole model by :func:`set_qat_scales`), starting from the calibrated
+  scale:
+
+  - ``moving`` (default): activation scales follow the data with a moving average of the batch ``|x|``
+    max (``scale += c * (amax / qmax - scale)``, ``c = qat_averaging_constant``); each batch is
+    fake-quantized with the scale as it stands and then moves it (torch.ao's ``FakeQuantize`` observes
+    first; with ``c = 0.01`` the two differ by 1 % of the gap). Before the first scale, and with
+    ``c = 1``, the batch is observed first. Weight (per-channel) scales are the per-channel ``|w|`` max
+    of the current weights.
+  - ``fixed``: the scale never moves (also the ``fixed`` observer).
+  - ``learned``: per-tensor scales are a parameter ``scale_param`` trained by the LSQ gradient
+    (:func:`~qat_lightning.quant.nodes.functional.lsq_quantize`); per-channel weight scales keep
+    following the weights.
 * ``CALIBRATION``: the observer collects statistics; values pass through unchanged.
 * ``VALIDATION``: fake quant with the frozen scale; nothing is observed.
-* ``FLOAT``: identity, one attribute test.
+* ``FLOAT``: identity.
+
+Device-neutral: no forward reads a tensor back to the host (no ``.item()``, ``bool(t)``); the moving
+average, the first-batch and non-finite cases are tensor ops (``torch.where``), so a step runs on a GPU
+without a sync, and ``torch.compile(fullgraph=True)`` / ``torch.export`` trace it. The scale is computed
+from the observer statistics outside the forward: when the state leaves ``CALIBRATION``, on access of
+``.scale`` after eager calibration, on ``state_dict`` and on a dtype change (histogram methods cost
+milliseconds). Half-precision inputs are fake-quantized in float32 and returned in their dtype; under
+autocast the node therefore computes the float32 fake quant.
 
 All state that must survive a checkpoint is in buffers with shapes fixed at construction: ``scale``,
-``dtype_code`` (so a mixed-precision change of dtype is restored), ``scale_fixed`` and the observer's
-statistics. The scale is computed lazily from the statistics (histogram methods cost milliseconds),
-on first use after calibration, on access of ``.scale``, on ``state_dict`` and on a dtype change.
+``dtype_code`` (a mixed-precision change of dtype is restored), ``scale_fixed``, ``scale_ready`` and the
+observer's statistics (plus ``scale_param`` in ``learned`` mode).
 """
 
 from __future__ import annotations
@@ -29,19 +42,15 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules import module as _nn_module
 
-from qat_lightning.quant.backends.overwrite import overwrite_target
-from qat_lightning.quant.backends.qat_weight import fused_qat_weight
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
-from qat_lightning.quant.nodes.functional import _FakeQuantizeSTE, _scale_view, fake_cast
+from qat_lightning.quant.nodes.fake_cast import FakeCast
+from qat_lightning.quant.nodes.functional import fake_cast, lsq_quantize, quantize_tensor
 from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.observers import SCALE_EPS, Observer, make_observer
 
-_SCALE_EPS_F32 = float(torch.tensor(SCALE_EPS, dtype=torch.float32))
-"""``SCALE_EPS`` rounded to float32, as ``clamp_min_`` applies it to a float32 scale."""
-
 __all__ = [
+    "SCALE_MODES",
     "FakeQuantState",
     "FakeQuantize",
     "FakeCast",
@@ -50,6 +59,9 @@ __all__ = [
     "fake_quant_disabled",
     "iter_fake_quantize",
 ]
+
+SCALE_MODES: tuple[str, ...] = ("moving", "fixed", "learned")
+"""How QAT moves a scale: moving average of the data / pinned / learned (LSQ)."""
 
 
 class FakeQuantState(str, enum.Enum):
@@ -73,8 +85,8 @@ class FakeQuantState(str, enum.Enum):
         raise ValueError(f"unknown FakeQuantState {value!r}; allowed: {', '.join(s.name for s in cls)}")
 
 
-def _set_flag(module: nn.Module, name: str, value: bool) -> None:
-    """Set a plain attribute without ``nn.Module.__setattr__``'s checks (a per-call flag on the hot path)."""
+def _set_flag(module: nn.Module, name: str, value: Any) -> None:
+    """Set a plain attribute without ``nn.Module.__setattr__``'s checks."""
     object.__setattr__(module, name, value)
 
 
@@ -118,7 +130,7 @@ class FakeQuantize(nn.Module):
         )
         self.observer_name = observer
         self.ch_axis = ch_axis
-        self.qat_averaging_constant = qat_averaging_constant
+        self.qat_averaging_constant = float(qat_averaging_constant)
         self._name = name
         self._dtype = parse_dtype(dtype)
         scale_shape = () if ch_axis is None else (int(num_channels or 1),)
@@ -126,12 +138,12 @@ class FakeQuantize(nn.Module):
         self.register_buffer("dtype_code", torch.tensor(self._dtype.code, dtype=torch.long))
         self.register_buffer("scale_fixed", torch.tensor(observer == "fixed"))
         self.register_buffer("scale_ready", torch.tensor(False))
-        self.state = FakeQuantState.QAT
-        self._dirty = observer == "fixed"
-        self._relu_fused = False  # set by forward_relu for the duration of one call
-        self._overwrite = False  # set by forward_owned for the duration of one call
-        self._fixed = observer == "fixed"  # python mirrors of the flag buffers: no tensor read per forward
-        self._ready = False
+        self._state = FakeQuantState.QAT
+        self._fixed = observer == "fixed"  # python mirrors of the flag buffers: read by the forward
+        self._scale_mode = "fixed" if self._fixed else "moving"
+        self._dirty = False
+        if self._fixed:
+            self.refresh_scale()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -143,6 +155,25 @@ class FakeQuantize(nn.Module):
     def name(self, value: str) -> None:
         self._name = value
         self.observer.name = value
+
+    @property
+    def state(self) -> FakeQuantState:
+        """What ``forward`` does. Leaving ``CALIBRATION`` computes the scale from the statistics."""
+        return self._state
+
+    @state.setter
+    def state(self, value: FakeQuantState | str) -> None:
+        new = FakeQuantState.parse(value)
+        if self.__dict__.get("_state", new) is not new:
+            self.observer.check_finite()  # NaN/inf counted by a sync-free forward: raise now
+        _set_flag(self, "_state", new)
+        if new is FakeQuantState.CALIBRATION:
+            _set_flag(self, "_dirty", True)  # statistics will change (also when the forward is compiled)
+            return
+        if self._dirty:
+            self.refresh_scale()
+        if new is FakeQuantState.VALIDATION and self._dtype.is_integer and not bool(self.scale_ready):
+            self._use_default_scale()
 
     @property
     def dtype(self) -> QuantDtype:
@@ -159,13 +190,45 @@ class FakeQuantize(nn.Module):
         if self.observer.has_data or self.observer_name == "fixed":
             self._dirty = True
             self.refresh_scale()
-        elif old.is_integer and self._ready:
+        elif old.is_integer and bool(self.scale_ready):
             self._buffers["scale"].mul_(old.qmax / new.qmax)
+        if self._scale_mode == "learned":
+            self.scale_param.data.copy_(self._buffers["scale"])
 
     @property
     def is_fixed(self) -> bool:
-        """Whether the scale is pinned (fixed-scale observer or ``fix_scale()``)."""
+        """Whether the scale is pinned (fixed-scale observer, ``scale_mode="fixed"`` or ``fix_scale()``)."""
         return self._fixed
+
+    @property
+    def scale_mode(self) -> str:
+        """How QAT moves the scale: one of :data:`SCALE_MODES` (see the module docstring)."""
+        return self._scale_mode
+
+    @scale_mode.setter
+    def scale_mode(self, mode: str) -> None:
+        if mode not in SCALE_MODES:
+            raise ValueError(
+                f"unknown scale mode {mode!r} for {self._name!r}; allowed: {', '.join(SCALE_MODES)}"
+            )
+        if mode == "learned" and (self.ch_axis is not None or not self._dtype.is_integer):
+            raise ValueError(
+                f"scale_mode='learned' needs a per-tensor integer node; {self._name!r} is "
+                f"{'per channel' if self.ch_axis is not None else self._dtype}"
+            )
+        if self._dirty:
+            self.refresh_scale()
+        if mode == "learned":  # start from the current (calibrated) scale
+            start = self._buffers["scale"].detach().clone()
+            if "scale_param" in self._parameters:
+                self.scale_param.data.copy_(start)
+            else:
+                self.scale_param = nn.Parameter(start)
+        elif "scale_param" in self._parameters:
+            del self._parameters["scale_param"]
+        self._fixed = mode == "fixed" or self.observer_name == "fixed"
+        self.scale_fixed.fill_(self._fixed)
+        self._scale_mode = "fixed" if self._fixed else mode
 
     def __getattr__(self, name: str) -> Any:
         if name == "scale" and self.__dict__.get("_dirty", False):
@@ -174,219 +237,114 @@ class FakeQuantize(nn.Module):
 
     # ------------------------------------------------------------------ scale management
     def refresh_scale(self) -> None:
-        """Recompute ``scale`` from the observer statistics if they changed since the last time."""
+        """Recompute ``scale`` from the observer statistics (outside the forward; may read the host).
+
+        Raises:
+            ValueError: when the observer saw NaN/inf and does not ignore them.
+        """
         self._dirty = False
         if not self._dtype.is_integer:
             return
+        self.observer.check_finite()
         if not (self.observer.has_data or self.observer_name == "fixed"):
             return
-        self._copy_scale(self.observer.compute_scale(self._dtype))
+        scale = self._buffers["scale"]
+        scale.copy_(
+            self.observer.compute_scale(self._dtype).to(scale.device, scale.dtype).reshape(scale.shape)
+        )
+        self.scale_ready.fill_(True)
+        if self._scale_mode == "learned":
+            self.scale_param.data.copy_(scale)
 
     def _use_default_scale(self) -> None:
-        """Give a node used before any data the observer's default scale (it warns, naming the node), once."""
-        if not self.__dict__.get("_defaulted", False):
-            self._defaulted = True
-            scale = self._buffers["scale"]
-            default = self.observer.compute_scale(self._dtype)
-            scale.copy_(default.to(scale.device, scale.dtype).reshape(scale.shape))
-
-    def _copy_scale(self, new: Tensor) -> None:
+        """Give a node used before any data the observer's default scale (it warns, naming the node)."""
         scale = self._buffers["scale"]
-        scale.copy_(new.to(scale.device, scale.dtype).reshape(scale.shape))
-        self._mark_ready()
-
-    def _mark_ready(self) -> None:
-        if not self._ready:
-            self._ready = True
-            self.scale_ready.fill_(True)
+        scale.copy_(
+            self.observer.compute_scale(self._dtype).to(scale.device, scale.dtype).reshape(scale.shape)
+        )
 
     def fix_scale(self, fixed: bool = True) -> None:
-        """Pin (or release) the current scale: QAT and calibration then leave it unchanged."""
-        if self._dirty:
-            self.refresh_scale()
-        self._fixed = fixed or self.observer_name == "fixed"
-        self.scale_fixed.fill_(self._fixed)
-
-    def _qat_update(self, x: Tensor) -> None:
-        """Observe ``x`` and move the scale (QAT state): the documented moving average, or the weight max."""
-        if self._dirty:
-            self.refresh_scale()
-        if self._fixed:
-            return
-        scale = self._buffers["scale"]
-        amax_f = self.observer._update_range_fused(x.detach())
-        if amax_f is not None:
-            self._move_scale(amax_f)
-            return
-        amax = self.observer.update_range(x.detach())
-        batch_scale = (amax.float() / self._dtype.qmax).clamp_min_(SCALE_EPS)
-        if self.ch_axis is not None or not self._ready:
-            scale.copy_(batch_scale.reshape(scale.shape))
-            self._mark_ready()
-        else:
-            scale.lerp_(batch_scale.reshape(scale.shape), self.qat_averaging_constant)
-
-    def _averages(self) -> bool:
-        """Whether QAT moves this scale by a moving average (per tensor, averaging constant below 1)."""
-        return self.ch_axis is None and self.qat_averaging_constant < 1.0
-
-    def _move_scale(self, amax: float) -> None:
-        """Move a per-tensor scale with the batch ``max |x|`` ``amax`` (float32 scale from Python floats)."""
-        batch_scale = torch.tensor(max(amax / self._dtype.qmax, _SCALE_EPS_F32))
-        if not self._ready:
-            self._buffers["scale"].copy_(batch_scale)
-            self._mark_ready()
-        else:
-            self._buffers["scale"].lerp_(batch_scale, self.qat_averaging_constant)
-
-    def _quantize_then_observe(self, x: Tensor, relu: bool) -> Tensor:
-        """QAT activation: fake-quantize with the scale as it stands, then move it with the batch's range.
-
-        With the fused kernels the range comes from the same pass over ``x`` (one read of the batch instead
-        of two); otherwise, or when the batch holds NaN/inf, the observer then sees the batch as usual.
-        """
-        dtype, seen = self._dtype, []
-        target = overwrite_target(x) if self._overwrite else None  # x, or the whole result x reshapes
-        src = x if target is None else target
-        out = _FakeQuantizeSTE.apply(
-            src, self._buffers["scale"], dtype.qmin, dtype.qmax, relu, seen, target is not None
-        )
-        if src is not x:
-            out = out.view(x.shape)
-        amax = self.observer._record_range(*seen) if seen else None
-        if amax is None:
-            self._qat_update(x)
-        else:
-            self._move_scale(amax)
-        return out
-
-    _qat_weight_fused = fused_qat_weight  # QAT per-channel weight in one kernel (quant/qat_weight.py)
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state.pop("_weight_out", None)  # scratch memory: not pickled, not deep-copied
-        return state
+        """Pin (or release to ``moving``) the current scale: QAT and calibration then leave it unchanged."""
+        self.scale_mode = "fixed" if fixed else "moving"
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
         """Observe and/or fake-quantize ``x`` according to ``state`` and the global switches."""
-        state = self.state
+        state = self._state
         if state is FakeQuantState.FLOAT or not GlobalFakeQuantSwitch._enabled:
             return x
         if state is FakeQuantState.CALIBRATION:
             if not self._fixed or self.observer_name == "fixed":
                 self.observer(x.detach())
-                self._dirty = True
+                if not torch.compiler.is_compiling():
+                    _set_flag(self, "_dirty", True)
             return x
         dtype = self._dtype
         if not dtype.is_integer:
             if dtype.is_float16 and FakeCastSwitch._enabled:
                 return fake_cast(x)
             return x
-        return self._fake_quantize(x, relu=self._relu_fused)
+        if state is FakeQuantState.QAT and not self._fixed:
+            return self._qat_forward(x)
+        return quantize_tensor(x, self._current_scale(), dtype.qmin, dtype.qmax, self.ch_axis)
 
-    def forward_relu(self, x: Tensor) -> Tensor:
-        """``self(F.relu(x))`` (same values and gradients; ``x`` is overwritten with ``relu(x)`` in place).
+    def _current_scale(self) -> Tensor:
+        """Return the scale the node quantizes with (the learned parameter's value in ``learned`` mode)."""
+        scale = self._buffers["scale"]
+        if self._scale_mode == "learned":
+            scale.copy_(self.scale_param.detach().abs().clamp_min(SCALE_EPS))
+        return scale
 
-        In QAT and VALIDATION state with an integer dtype the ReLU is fused into the fake quant: the ReLU
-        runs in place without autograd and its gradient (``x > 0``) joins the fake quant's mask, so ReLU's
-        output is not kept for backward (one activation less per fused conv/linear + ReLU).
-        """
-        state = self.state
-        if (
-            state in (FakeQuantState.QAT, FakeQuantState.VALIDATION)
-            and GlobalFakeQuantSwitch._enabled
-            and self._dtype.is_integer
-        ):
-            with torch.no_grad():
-                x.relu_()
-            _set_flag(self, "_relu_fused", True)  # through __call__, so forward hooks on this node still run
-            try:
-                return self.forward_owned(x)
-            finally:
-                _set_flag(self, "_relu_fused", False)
-        return self(torch.relu_(x))
-
-    def forward_owned(self, x: Tensor) -> Tensor:
-        """``self(x)`` for a tensor only the caller holds (an op's fresh result): QAT may overwrite ``x``.
-
-        In QAT, when no forward hook could see ``x`` and autograd kept nothing aliasing it
-        (:func:`~..backends.overwrite.overwrite_target`), the fused kernel writes the result into
-        ``x``'s memory instead of a new buffer. Same values and gradients as ``self(x)``.
-        """
-        if self.state is FakeQuantState.QAT and not (
-            self._forward_hooks
-            or self._forward_pre_hooks
-            or _nn_module._global_forward_hooks
-            or _nn_module._global_forward_pre_hooks
-        ):
-            _set_flag(self, "_overwrite", True)
-            try:
-                return self(x)
-            finally:
-                _set_flag(self, "_overwrite", False)
-        return self(x)
-
-    def _fake_quantize(self, x: Tensor, relu: bool) -> Tensor:
-        """QAT / VALIDATION: update (QAT) or refresh the scale, then fake-quantize."""
-        dtype = self._dtype
-        if self.state is FakeQuantState.QAT:
-            if self._dirty:
-                self.refresh_scale()
-            if self._ready and not self._fixed and self._averages():
-                return self._quantize_then_observe(x, relu)
-            self._qat_update(x)
-        elif self._dirty or not self._ready:
-            self.refresh_scale()
-            if not self._ready:
-                self._use_default_scale()
-        scale = _scale_view(self._buffers["scale"], x, self.ch_axis)
-        return _FakeQuantizeSTE.apply(x, scale, dtype.qmin, dtype.qmax, relu)
+    def _qat_forward(self, x: Tensor) -> Tensor:
+        """QAT with a moving or learned scale: tensor ops only (no host sync)."""
+        dtype, scale = self._dtype, self._buffers["scale"]
+        if self._scale_mode == "learned":
+            s = self.scale_param.abs().clamp_min(SCALE_EPS)
+            scale.copy_(s.detach())
+            numel = x[0].numel() if x.dim() > 1 else x.numel()
+            return lsq_quantize(x, s, dtype.qmin, dtype.qmax, (max(numel, 1) * dtype.qmax) ** -0.5)
+        amax, finite = self.observer.update_range(x)
+        batch = (amax / dtype.qmax).clamp_min(SCALE_EPS)
+        ready = self._buffers["scale_ready"]
+        if self.ch_axis is not None or self.qat_averaging_constant == 1.0:
+            new = torch.where(finite, batch, scale)
+            use = new
+        else:  # quantize with the scale as it stands, then move it (the batch's own scale before any)
+            new = torch.where(
+                finite, torch.where(ready, scale.lerp(batch, self.qat_averaging_constant), batch), scale
+            )
+            use = torch.where(ready, scale, new)
+        scale.copy_(new)
+        ready.copy_(ready | finite.all())
+        return quantize_tensor(x, use, dtype.qmin, dtype.qmax, self.ch_axis)
 
     # ------------------------------------------------------------------ state dict
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
         if self._dirty:
             self.refresh_scale()
+        if self._scale_mode == "learned":
+            self._current_scale()
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        learned = f"{prefix}scale_param" in state_dict
+        if learned and "scale_param" not in self._parameters:  # a checkpoint of a learned-scale run
+            self.scale_param = nn.Parameter(self._buffers["scale"].detach().clone())
+            self._scale_mode = "learned"
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._dtype = parse_dtype(int(self.dtype_code))
         self._fixed = bool(self.scale_fixed)
-        self._ready = bool(self.scale_ready)
+        if self._fixed:
+            self._scale_mode = "fixed"
+        elif not learned:
+            self._scale_mode = "moving"
         self._dirty = False
 
     def extra_repr(self) -> str:
-        """Return dtype, observer, channel axis and state for ``repr``."""
+        """Return dtype, observer, channel axis, state and QAT scale mode for ``repr``."""
         axis = "" if self.ch_axis is None else f", ch_axis={self.ch_axis}"
-        return f"dtype={self._dtype}, observer={self.observer_name}{axis}, state={self.state.name}"
-
-
-class FakeCast(nn.Module):
-    """A float16 quant point (round trip through fp16, saturating at ±65504), and the global switch.
-
-    ``FakeCast.disable()`` / ``FakeCast.enable()`` turn every float16 node off/on, also from inside a
-    ``forward`` (the seed's partial-quantization idiom).
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        """Fake-cast ``x`` to float16 precision when fake cast is enabled."""
-        return fake_cast(x) if FakeCastSwitch._enabled else x
-
-    @staticmethod
-    def enable() -> None:
-        """Turn float16 fake cast on for every node."""
-        FakeCastSwitch.enable()
-
-    @staticmethod
-    def disable() -> None:
-        """Turn float16 fake cast off for every node."""
-        FakeCastSwitch.disable()
-
-    @staticmethod
-    def enabled() -> bool:
-        """Whether float16 fake cast is on."""
-        return FakeCastSwitch.enabled()
+        mode = "" if self._scale_mode == "moving" else f", scales={self._scale_mode}"
+        return f"dtype={self._dtype}, observer={self.observer_name}{axis}, state={self._state.name}{mode}"
 
 
 def iter_fake_quantize(module: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:

@@ -1,42 +1,43 @@
-"""Functional fake quantization and fake cast with a straight-through gradient.
+"""Functional fake quantization and fake cast with a straight-through gradient; device-neutral.
 
 ``fake_quantize`` computes ``clamp(round(x * (1 / scale)), qmin, qmax) * scale`` (symmetric, zero point 0,
 round half to even), exactly as ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` do:
-``1 / scale`` is rounded to the tensor's dtype first and ``x`` is multiplied by it. The results (values and
-gradients) are therefore bit-identical to torch's builtins (tested, exact ties included). Against the exact
-quotient ``x / scale`` the code can differ by one step only where ``x / scale`` lies within about one ulp
-of a rounding tie ``k + 0.5`` (the product and the quotient differ in the last bit).
+``1 / scale`` is rounded to float32 first and ``x`` is multiplied by it. The gradient passes where
+``qmin - 0.5 <= x * (1 / scale) < qmax + 0.5`` and is zero where the value was clipped.
 
-The gradient passes where ``qmin <= round(x * (1 / scale)) <= qmax`` (both integer ranges have an even
-``qmin``, so: ``qmin - 0.5 <= x * (1 / scale) < qmax + 0.5``) and is zero where the value was clipped.
+:func:`quantize_tensor` is what every quant node runs. It takes the scale as a float32 tensor, so
+nothing is read back to the host, and runs the same ATen formula (an ``autograd.Function``: multiply,
+round, clamp, multiply; the boolean mask kept for backward) in eager mode, under ``torch.compile`` (inductor
+fuses it into one loop), ``torch.export`` and on ``meta`` tensors. torch's fused ops
+(``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``) give the same values and gradients
+for finite inputs (tested bit for bit) but are not used: they have no fake (meta) kernel, so they cannot be
+compiled or exported, the per-tensor one turns NaN into ``qmin * scale`` (a diverging run would go on
+silently) and the per-channel one wraps ``inf`` to the wrong end. Measured in eager mode on this CPU the
+formula is as fast as the fused op (``benchmarks/README.md``). With the opt-in ``cpu_kernels`` backend
+(:mod:`qat_lightning.quant.backends`) a float32 CPU tensor goes through a fused C kernel instead (a custom
+op; same values).
 
-Two implementations give the same values (tested bit for bit):
-
-* **fused C kernels** (``_kernels.c``, built by ``setup.py`` at install; ``kernels_available()``): for
-  contiguous float32 CPU tensors. The forward is one pass that writes the result and the gradient mask
-  (one bit per element with one scale, one byte per element per channel); the backward is one pass
-  ``grad * mask``. So QAT keeps 1/32 (or 1/4) of the activation for the backward instead of the float32
-  input, and each direction touches memory once. When a per-tensor mask has no zero (nothing clipped)
-  it is not kept at all and the backward returns the upstream gradient itself. Large tensors are split over
-  ``torch.get_num_threads()`` threads. ``QAT_LIGHTNING_NO_KERNELS=1`` switches them off.
-* **ATen formulas** for everything else (other dtypes or devices, non-contiguous tensors, no compiler):
-  multiply, mask, round, clamp, multiply; the boolean mask is kept for the backward.
+float16/bfloat16 inputs are computed in float32 and returned in their own dtype; the scale stays float32.
 """
 
 from __future__ import annotations
 
 import importlib
-import math
 import os
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
-from qat_lightning.quant.backends.overwrite import exclusive_grad, grad_holders
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
 
-__all__ = ["fake_quantize", "fake_cast", "FP16_MAX", "kernels_available"]
+__all__ = ["fake_quantize", "fake_cast", "quantize_tensor", "lsq_quantize", "FP16_MAX", "load_extension"]
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+_BACKEND_HOOK: list[Callable[[Tensor, Tensor, int, int, int | None], Tensor | None]] = []
+"""The selected opt-in backend's fake quant (at most one; see ``qat_lightning.quant.backends``)."""
 
 
 def load_extension(name: str) -> ModuleType | None:
@@ -52,17 +53,6 @@ def load_extension(name: str) -> ModuleType | None:
         return None
 
 
-_KERNELS = load_extension("_kernels")
-
-
-def kernels_available() -> bool:
-    """Whether the fused C fake-quant kernels are in use (else the ATen formulas: same values, slower)."""
-    return _KERNELS is not None
-
-
-FP16_MAX = float(torch.finfo(torch.float16).max)
-
-
 def _scale_view(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
     """Reshape a per-channel scale so it broadcasts along ``ch_axis`` of ``x``."""
     if ch_axis is None:
@@ -72,155 +62,43 @@ def _scale_view(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
     return scale.reshape(shape)
 
 
-def _kernel_shape(x: Tensor, scale: Tensor) -> tuple[int, int, int] | None:
-    """``(outer, channels, inner)`` for the fused kernel, or ``None`` when it does not apply to ``x``."""
-    if (
-        _KERNELS is None
-        or x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or scale.dtype != torch.float32
-        or scale.device.type != "cpu"
-        or not x.is_contiguous()
-        or not scale.is_contiguous()
-        or x.numel() == 0
-    ):
-        return None
-    axes = [d for d, size in enumerate(scale.shape) if size != 1]
-    if not axes:
-        return x.numel(), 1, 1
-    if len(axes) > 1 or scale.dim() != x.dim():
-        return None
-    axis = axes[0]
-    outer = math.prod(x.shape[:axis])
-    return outer, x.shape[axis], x.numel() // (outer * x.shape[axis])
-
-
-def _kernel_forward(
-    x: Tensor,
-    scale: Tensor,
-    qmin: int,
-    qmax: int,
-    shape: tuple[int, int, int],
-    mask: bool,
-    relu: bool,
-    seen: list[float] | None = None,
-    inplace: bool = False,
-):
-    """Run the fused forward kernel: the fake-quantized tensor and the uint8 gradient mask (or ``None``).
-
-    One scale: the mask is bit-packed (``ceil(numel / 8)`` bytes) and dropped (``None``) when it has no
-    zero bit, i.e. nothing was clipped: the gradient is then ``grad`` itself. Per channel: one byte per
-    element. ``seen`` (one scale only) receives ``[min(x), max(x)]`` from the same pass (NaN for NaN/inf).
-    ``inplace`` (one scale, with a mask): the result is written into ``x``, which is returned.
-    """
-    out = x if inplace and mask and shape[1] == 1 else torch.empty_like(x)
-    keep = None
-    if mask:
-        keep = torch.empty((x.numel() + 7) // 8 if shape[1] == 1 else x.shape, dtype=torch.uint8)
-    clipped = _KERNELS.fake_quantize_forward(
-        x.data_ptr(),
-        out.data_ptr(),
-        0 if keep is None else keep.data_ptr(),
-        scale.data_ptr(),
-        *shape,
-        float(qmin),
-        float(qmax),
-        relu,
-        torch.get_num_threads(),
-        seen is not None,
-    )
-    if seen is not None:
-        clipped, lo, hi = clipped
-        seen += (lo, hi)
-    return out, keep if clipped else None
-
-
-class _FakeQuantizeSTE(torch.autograd.Function):
-    """Fake quant forward; straight-through gradient inside the quantization range.
-
-    ``relu=True``: ``x`` already holds ``max(x, 0)`` (applied in place without autograd by the caller) and
-    the gradient mask also carries ReLU's ``x > 0``: the result and gradient of ``fake_quant(relu(x))``
-    without ReLU's output kept for backward.
-
-    ``seen``: an empty list that receives ``[min(x), max(x)]``, taken by the kernel in the same pass over
-    ``x`` (it stays empty where the kernel does not apply). ``inplace``: the kernel may write the result
-    into ``x`` (marked dirty), for a tensor nothing else holds (see :mod:`~..backends.overwrite`).
-    """
+class _FakeQuantizeFormula(torch.autograd.Function):
+    """The ATen formula with a straight-through gradient (compile, export and meta tensors)."""
 
     @staticmethod
-    def forward(  # noqa: D102
-        ctx,
-        x: Tensor,
-        scale: Tensor,
-        qmin: int,
-        qmax: int,
-        relu: bool = False,
-        seen: list[float] | None = None,
-        inplace: bool = False,
-    ) -> Tensor:
-        need_mask = ctx.needs_input_grad[0]
-        shape = _kernel_shape(x, scale)
-        ctx.packed = shape is not None and shape[1] == 1
-        if shape is not None:
-            out, keep = _kernel_forward(x, scale, qmin, qmax, shape, need_mask, relu, seen, inplace)
-            if out is x:
-                ctx.mark_dirty(x)
-        else:
-            out, keep = _aten_forward(x, scale, qmin, qmax, need_mask, relu)
-        ctx.save_for_backward(keep)
-        return out
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+        v = x * scale.reciprocal()
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((v >= qmin - 0.5).logical_and_(v < qmax + 0.5))
+        return v.round_().clamp_(qmin, qmax).mul_(scale)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None, None, None, None]:  # noqa: D102
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None, None, None
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         (keep,) = ctx.saved_tensors
-        if keep is None:  # nothing clipped: the straight-through gradient is the identity
-            return grad, None, None, None, None, None, None
-        # the masked gradient goes into `grad` itself when nothing else holds it (see quant.overwrite)
-        inplace = ctx.packed and exclusive_grad(grad_holders(grad))
-        return _masked_grad(grad, keep, ctx.packed, inplace), None, None, None, None, None, None
+        return grad * keep, None, None, None
 
 
-def _aten_forward(
-    x: Tensor, scale: Tensor, qmin: int, qmax: int, mask: bool, relu: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Compute with ATen ops: the fake-quantized tensor and the boolean gradient mask (or ``None``)."""
-    v = torch.mul(x, scale.reciprocal())
-    keep = None
-    if mask:
-        keep = (x > 0) if relu else (v >= qmin - 0.5)
-        keep.logical_and_(v < qmax + 0.5)
-    return v.round_().clamp_(qmin, qmax).mul_(scale), keep
+def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int | None = None) -> Tensor:
+    """Fake-quantize ``x`` with a float32 ``scale`` tensor (shape ``()`` or ``(channels,)``); no host sync.
 
+    Args:
+        x: float tensor of any dtype and device (half precision is computed in float32).
+        scale: positive float32 scale(s) on ``x``'s device.
+        qmin: lowest integer code.
+        qmax: highest integer code.
+        ch_axis: channel axis of a per-channel scale, ``None`` for one scale.
 
-def _masked_grad(grad: Tensor, keep: Tensor, packed: bool, inplace: bool = False) -> Tensor:
-    """``grad`` where the forward's mask is set, 0 elsewhere (the fused backward kernel when it applies).
-
-    ``inplace`` (a bit mask): write the result into ``grad``, which nothing else holds.
+    Returns:
+        The fake-quantized tensor in ``x``'s dtype; straight-through gradient inside the range.
     """
-    if packed:
-        return _kernel_backward(grad.float().contiguous(), keep, True, inplace)
-    if (
-        keep.dtype != torch.uint8  # a boolean mask from the ATen formulas
-        or grad.dtype != torch.float32
-        or grad.device.type != "cpu"
-        or not grad.is_contiguous()
-    ):  # one strided pass (a copy to contiguous first costs more); 0 * inf would be NaN here
-        return grad * keep
-    return _kernel_backward(grad, keep, False)
-
-
-def _kernel_backward(grad: Tensor, keep: Tensor, packed: bool, inplace: bool = False) -> Tensor:
-    """Run the fused backward kernel on a contiguous float32 ``grad`` (``packed``: a bit mask).
-
-    ``inplace``: the result goes into ``grad``.
-    """
-    out = grad if inplace else torch.empty_like(grad)
-    _KERNELS.fake_quantize_backward(
-        grad.data_ptr(), keep.data_ptr(), out.data_ptr(), grad.numel(), packed, torch.get_num_threads()
-    )
-    return out
+    dtype = x.dtype
+    xf = x if dtype == torch.float32 else x.float()
+    out = None
+    if _BACKEND_HOOK:
+        out = _BACKEND_HOOK[0](xf, scale, qmin, qmax, ch_axis)
+    if out is None:
+        out = _FakeQuantizeFormula.apply(xf, _scale_view(scale, xf, ch_axis), qmin, qmax)
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 def _check_scale(scale: Tensor, x: Tensor, ch_axis: int | None) -> None:
@@ -245,7 +123,7 @@ def fake_quantize(
     Args:
         x: float tensor.
         scale: one scale (float or tensor) for per-tensor, or a 1-d tensor with ``x.shape[ch_axis]``
-            entries for per-channel quantization. Must be positive.
+            entries for per-channel quantization. Must be positive. Used as float32.
         dtype: ``qint8``/``qint16`` quantize; ``float16`` fake-casts (scale ignored); ``float32`` returns
             ``x`` unchanged.
         ch_axis: channel axis for per-channel scales, ``None`` for per-tensor.
@@ -261,13 +139,14 @@ def fake_quantize(
         return x
     if qdtype.is_float16:
         return fake_cast(x)
-    scale_t = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
     _check_scale(scale_t, x, ch_axis)
-    return _FakeQuantizeSTE.apply(x, _scale_view(scale_t, x, ch_axis), qdtype.qmin, qdtype.qmax)
+    scale_t = scale_t.reshape(()) if ch_axis is None else scale_t.reshape(-1)
+    return quantize_tensor(x, scale_t, qdtype.qmin, qdtype.qmax, ch_axis)
 
 
 class _FakeCastSTE(torch.autograd.Function):
-    """float32 -> float16 -> float32 round trip, saturating at the fp16 max; identity gradient."""
+    """Round trip through float16, saturating at the fp16 max; identity gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
@@ -281,8 +160,34 @@ class _FakeCastSTE(torch.autograd.Function):
 def fake_cast(x: Tensor) -> Tensor:
     """Round ``x`` to float16 precision and back, saturating at ±65504 instead of producing inf.
 
-    NaN stays NaN. The gradient is the identity (straight-through).
+    NaN stays NaN. The gradient is the identity (straight-through). A float16 ``x`` is returned as is.
     """
     if x.dtype == torch.float16:
         return x
     return _FakeCastSTE.apply(x)
+
+
+def lsq_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:
+    """Fake quant with a learned per-tensor ``scale`` (LSQ / LSQ+ gradient; tensor ops, compile-safe).
+
+    The value is :func:`quantize_tensor`'s (``clamp(round(x * (1 / s)), qmin, qmax) * s``). Gradients:
+    ``x`` straight through inside the range (0 where clipped); ``scale``: ``round(x / s) - x / s`` inside
+    the range and ``qmin`` / ``qmax`` where clipped, times ``grad_factor`` (LSQ uses
+    ``1 / sqrt(numel * qmax)``) -- Esser et al., "Learned Step Size Quantization", ICLR 2020.
+
+    Args:
+        x: float tensor (half precision is computed in float32 and returned in its dtype).
+        scale: positive float32 scalar tensor (a parameter).
+        qmin: lowest integer code.
+        qmax: highest integer code.
+        grad_factor: multiplier of the scale's gradient.
+    """
+    dtype = x.dtype
+    xf = x if dtype == torch.float32 else x.float()
+    s = scale.reshape(())
+    sg = s * grad_factor
+    s = s.detach() + (sg - sg.detach())  # exactly the value s; gradient scaled by grad_factor
+    v = xf * s.reciprocal()
+    v = (v.round() - v).detach() + v  # round with a straight-through gradient
+    out = v.clamp(qmin, qmax) * s
+    return out if dtype == torch.float32 else out.to(dtype)
