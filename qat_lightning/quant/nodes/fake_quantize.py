@@ -48,6 +48,7 @@ from qat_lightning.quant.nodes.fake_cast import FakeCast
 from qat_lightning.quant.nodes.functional import fake_cast, lsq_quantize, quantize_tensor
 from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.observers import SCALE_EPS, Observer, make_observer
+from qat_lightning.quant.observers.base import apply_keeping_float32
 
 __all__ = [
     "SCALE_MODES",
@@ -170,6 +171,9 @@ class FakeQuantize(nn.Module):
         if new is FakeQuantState.CALIBRATION:
             _set_flag(self, "_dirty", True)  # statistics will change (also when the forward is compiled)
             return
+        if self._buffers["scale"].is_meta:
+            _set_flag(self, "_dirty", False)
+            return  # a shape-only copy: nothing to compute
         if self._dirty:
             self.refresh_scale()
         if new is FakeQuantState.VALIDATION and self._dtype.is_integer and not bool(self.scale_ready):
@@ -317,6 +321,10 @@ class FakeQuantize(nn.Module):
         scale.copy_(new)
         ready.copy_(ready | finite.all())
         return quantize_tensor(x, use, dtype.qmin, dtype.qmax, self.ch_axis)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """Move with the model; ``scale`` (and ``scale_param``) stay float32 whatever the model's dtype."""
+        return apply_keeping_float32(self, super()._apply, fn, recurse)
 
     # ------------------------------------------------------------------ state dict
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:

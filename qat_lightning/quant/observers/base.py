@@ -54,6 +54,34 @@ DEFAULT_SCALE: float = 1.0
 """Scale returned (with a warning naming the observer) by an observer that never saw data."""
 
 
+def apply_keeping_float32(module: torch.nn.Module, apply: Any, fn: Any, recurse: bool = True) -> Any:
+    """``module._apply(fn)`` that moves quant state between devices but keeps its float32 dtype.
+
+    ``model.half()`` / ``.to(torch.bfloat16)`` / ``Trainer(precision="bf16-true")`` convert every float
+    buffer and parameter; scales and statistics must stay float32 (an fp16 scale cannot hold 2**-24, and a
+    bf16 moving average stalls). ``apply`` is the parent class's ``_apply``.
+    """
+    saved = [
+        (
+            m,
+            {k: b for k, b in m._buffers.items() if b is not None and b.dtype == torch.float32},
+            {k: p.data for k, p in m._parameters.items() if p is not None and p.dtype == torch.float32},
+        )
+        for m in (module.modules() if recurse else (module,))
+    ]
+    result = apply(fn, recurse)
+    for m, buffers, params in saved:
+        for name, old in buffers.items():
+            new = m._buffers[name]
+            if new is not None and new.dtype != torch.float32:
+                m._buffers[name] = old.to(device=new.device)
+        for name, old in params.items():
+            param = m._parameters[name]
+            if param is not None and param.dtype != torch.float32:
+                param.data = old.to(device=param.device)
+    return result
+
+
 class Observer(torch.nn.Module, abc.ABC):
     """Base of all observers: validation, running min/max, non-finite handling, scale and reduction.
 
@@ -102,6 +130,9 @@ class Observer(torch.nn.Module, abc.ABC):
         # batches with NaN/inf seen by the sync-free path (raised at compute_scale); not checkpointed
         self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64), persistent=False)
         self.histogram: AbsHistogram | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        return apply_keeping_float32(self, super()._apply, fn, recurse)
 
     # ---- observing ---------------------------------------------------------------------------------------
 
@@ -288,6 +319,8 @@ class Observer(torch.nn.Module, abc.ABC):
         Raises:
             ValueError: naming the observer and the number of such batches.
         """
+        if self.nonfinite_batches.is_meta:
+            return  # a shape-only copy has no values to check
         bad = int(self.nonfinite_batches)
         if bad and not self.ignore_nonfinite:
             raise ValueError(
