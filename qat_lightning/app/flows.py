@@ -378,7 +378,10 @@ def pipeline_stage(pipe: Pipeline) -> Summary:
         shown = cfg.qat.lr if lr is None else lr
         from qat_lightning.app.scale_trial import run_qat
 
-        title = f"QAT of {chosen.name} (no-warmup LR {shown}, {cfg.qat.scheduler.value})"
+        title = (
+            f"QAT of {chosen.name} (no-warmup LR {shown}, {cfg.qat.scheduler.value}, "
+            f"scales {cfg.qat.scales.value})"
+        )
         _, m_qat, _, _ = run_qat(pipe, chosen_ckpt, chosen, chosen_metric, float_metric, lr, title)
         verdict = "meets" if s.meets(m_qat, target) else "is below"
         pipe.decide(f"QAT {m_qat:.4f} {verdict} the target {target:.4f} (calibration {chosen_metric:.4f})")

@@ -34,6 +34,7 @@ __all__ = [
     "ChipName",
     "Dtype",
     "FixScales",
+    "QatScales",
     "MetricMode",
     "ObserverName",
     "OnViolation",
@@ -155,6 +156,19 @@ class FixScales(str, enum.Enum):
     none = "none"
     input_output = "input_output"
     all = "all"
+
+
+class QatScales(str, enum.Enum):
+    """How QAT moves activation scales (``QuantizationAwareTraining(scales=...)``).
+
+    ``fix_scales`` is the old name of the fixed modes (none -> moving, input_output -> fixed_input_output,
+    all -> fixed).
+    """
+
+    moving = "moving"
+    fixed_input_output = "fixed_input_output"
+    fixed = "fixed"
+    learned = "learned"
 
 
 class BnMode(str, enum.Enum):
@@ -324,7 +338,8 @@ class QatConf:
             keeps the model's.
         scheduler: ``cosine`` (decay, no warmup), ``constant``, or ``keep`` the model's own (the QAT
             callback then refuses it if it warms up).
-        fix_scales: keep input/output (or all) activation scales at their calibrated values.
+        fix_scales: keep input/output (or all) activation scales at their calibrated values (old name).
+        scales: QAT scale mode: ``moving`` (default), ``fixed_input_output``, ``fixed``, ``learned`` (LSQ).
         lr_probe: the seed's LR probe (QAT §1a): fixed LRs each fine-tuned ``lr_probe_steps`` steps (no
             warmup, no decay) before QAT; the best replaces ``lr``. Empty: off (``qat.lr`` is used).
         lr_probe_steps: optimizer steps per probed LR.
@@ -338,6 +353,7 @@ class QatConf:
     lr: float | None = 1e-4
     scheduler: QatScheduler = QatScheduler.cosine
     fix_scales: FixScales = FixScales.none
+    scales: QatScales = QatScales.moving
     lr_probe: list[float] = field(default_factory=list)
     lr_probe_steps: int = 20
     scale_trial: bool = False

@@ -384,6 +384,7 @@ class Session:
         qat_cb = QuantizationAwareTraining(
             bn_mode=self.cfg.prepare.qat_mode.value,
             fix_scales=_fix_scales_arg(q.fix_scales.value if fix_scales is None else fix_scales),
+            scales=None if q.scales.value == "moving" else q.scales.value,
             float_steps=info.float_steps or None,
             submodule=self.cfg.prepare.submodule,
         )
