@@ -237,7 +237,7 @@ class Calibration(Callback):
             loader,
             num_batches=self.num_batches,
             input_fn=self.input_fn,
-            transfer=trainer.strategy.batch_to_device,
+            transfer=lambda b: trainer.precision_plugin.convert_input(trainer.strategy.batch_to_device(b)),
             progress=trainer.is_global_zero and trainer.progress_bar_callback is not None,
         )
         if trainer.world_size > 1:
