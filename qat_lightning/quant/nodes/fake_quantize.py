@@ -47,7 +47,7 @@ from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
 from qat_lightning.quant.nodes.fake_cast import FakeCast
 from qat_lightning.quant.nodes.functional import fake_cast, lsq_quantize, quantize_tensor
 from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
-from qat_lightning.quant.observers import SCALE_EPS, Observer, make_observer
+from qat_lightning.quant.observers import DEFAULT_SCALE, SCALE_EPS, Observer, make_observer
 from qat_lightning.quant.observers.base import apply_keeping_float32
 
 __all__ = [
@@ -261,11 +261,13 @@ class FakeQuantize(nn.Module):
             self.scale_param.data.copy_(scale)
 
     def _use_default_scale(self) -> None:
-        """Give a node used before any data the observer's default scale (it warns, naming the node)."""
-        scale = self._buffers["scale"]
-        scale.copy_(
-            self.observer.compute_scale(self._dtype).to(scale.device, scale.dtype).reshape(scale.shape)
-        )
+        """Give a node without data the default scale; it warns (naming the node) when it first runs."""
+        self._buffers["scale"].fill_(DEFAULT_SCALE)
+        _set_flag(self, "_warn_default", True)
+
+    def _warn_default_scale(self) -> None:
+        _set_flag(self, "_warn_default", False)
+        self.observer.compute_scale(self._dtype)  # warns: seen no data, DEFAULT_SCALE
 
     def fix_scale(self, fixed: bool = True) -> None:
         """Pin (or release to ``moving``) the current scale: QAT and calibration then leave it unchanged."""
@@ -290,6 +292,8 @@ class FakeQuantize(nn.Module):
             return x
         if state is FakeQuantState.QAT and not self._fixed:
             return self._qat_forward(x)
+        if self.__dict__.get("_warn_default", False) and not torch.compiler.is_compiling():
+            self._warn_default_scale()
         return quantize_tensor(x, self._current_scale(), dtype.qmin, dtype.qmax, self.ch_axis)
 
     def _current_scale(self) -> Tensor:
