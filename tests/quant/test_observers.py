@@ -685,5 +685,3 @@ def test_reduce_statistics_two_process_gloo() -> None:
     avg = (res[0]["local_moving"] + res[1]["local_moving"]) / 2
     torch.testing.assert_close(res[0]["reduced_moving"], avg)
     assert torch.equal(res[0]["reduced_moving"], res[1]["reduced_moving"])
-
-
