@@ -163,8 +163,9 @@ def _make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tens
     if contender == "float":
         return model, data
     if contender in ("ours", "ours+kernels"):
+        from qat_lightning.quant.preparation.prepare import prepare
+
         from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
-        from qat_lightning.quant.prepare import prepare
 
         prepared = prepare(model, calib[0][:4])
         prepared.eval()
@@ -242,8 +243,9 @@ def time_steps(name: str, steps: int, warmup: int = 2) -> tuple[dict[str, float]
 
 
 def time_float_state(name: str, steps: int, warmup: int = 2) -> tuple[float, float]:
+    from qat_lightning.quant.preparation.prepare import prepare
+
     from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
-    from qat_lightning.quant.prepare import prepare
 
     model, data = build(name)
     model.eval()

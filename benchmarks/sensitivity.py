@@ -24,14 +24,14 @@ import time
 import warnings
 
 import torch
+from qat_lightning.analysis.compare.metrics import resolve_metric
+from qat_lightning.analysis.sensitivity.approximate import approximate_sensitivity
+from qat_lightning.quant.preparation.prepare import prepare
 from scipy.stats import spearmanr
 from torch import nn
 
 import qat_lightning as ql
-from qat_lightning.analysis.approximate import approximate_sensitivity
-from qat_lightning.analysis.metrics import resolve_metric
 from qat_lightning.analysis.sensitivity import build_tables, exact_sensitivity, sensitivity_targets
-from qat_lightning.quant.prepare import prepare
 
 
 class BasicBlock(nn.Module):

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover - typing only, keeps chips.py free of quant imports at runtime
     from qat_lightning.quant.ops import OpInfo
-    from qat_lightning.quant.qconfig_setter import QconfigAssignment
+    from qat_lightning.quant.qconfig.setter import QconfigAssignment
 
 __all__ = [
     "ChipSpec",

@@ -178,7 +178,7 @@ def make_factories(cfg: DictConfig) -> Any:
     """Plain factories for the model, datamodule and logger of a composed config."""
     from hydra.utils import instantiate
 
-    from qat_lightning.app.stages import Factories
+    from qat_lightning.app.session import Factories
 
     def build(group: str, **kwargs: Any) -> Any:
         node = cfg[group]

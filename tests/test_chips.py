@@ -5,6 +5,8 @@ import pathlib
 
 import pytest
 import torch
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import ConvDtypeTemplate, MatmulDtypeTemplate, ModuleNameTemplate
 
 import qat_lightning.chips as chips_module
 from qat_lightning.chips import (
@@ -19,8 +21,6 @@ from qat_lightning.chips import (
 )
 from qat_lightning.quant.dtypes import float16, float32, qint8, qint16
 from qat_lightning.quant.ops import OpInfo, OpKind
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.templates import ConvDtypeTemplate, MatmulDtypeTemplate, ModuleNameTemplate
 
 
 def test_chip_table() -> None:

@@ -2,30 +2,30 @@
 
 Plain torch: never imports lightning, hydra or omegaconf. Callables in (``eval_fn(model) -> float``,
 ``input_fn(batch)``), frozen result dataclasses out; rendering (text, CSV, JSON, PNG) is separate
-(:mod:`~qat_lightning.analysis.reports`, :mod:`~qat_lightning.analysis.plots`).
+(:mod:`~qat_lightning.analysis.reports`, :mod:`~qat_lightning.analysis.reports.plots`).
 """
 
-from qat_lightning.analysis.advice_fp16 import Fp16Diagnosis, diagnose_fp16, render_fp16
-from qat_lightning.analysis.advice_int16 import DualInt16Diagnosis, diagnose_dual_int16, render_dual_int16
-from qat_lightning.analysis.advice_lr import LrProbeResult, probe_qat_lr, render_lr_probe
-from qat_lightning.analysis.advice_shared import (
+from qat_lightning.analysis.advice.fp16 import Fp16Diagnosis, diagnose_fp16, render_fp16
+from qat_lightning.analysis.advice.int16 import DualInt16Diagnosis, diagnose_dual_int16, render_dual_int16
+from qat_lightning.analysis.advice.lr import LrProbeResult, probe_qat_lr, render_lr_probe
+from qat_lightning.analysis.advice.shared import (
     SharedModuleAdvice,
     render_shared_module_advice,
     shared_module_advice,
 )
-from qat_lightning.analysis.bad_case import BadCaseResult, BadCaseRow, WorstRow
-from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.bad_case import BadCaseResult, BadCaseRow, WorstRow
+from qat_lightning.analysis.compare.index_ops import IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.layer_compare import Advice, LayerComparison, LayerRow
+from qat_lightning.analysis.compare.metrics import BUILTIN_METRICS, Metric
 from qat_lightning.analysis.inputs import default_input_fn, flatten_outputs
-from qat_lightning.analysis.layer_compare import Advice, LayerComparison, LayerRow
-from qat_lightning.analysis.metrics import BUILTIN_METRICS, Metric
 from qat_lightning.analysis.mixed_precision import (
     MixedPrecisionPlan,
     Probe,
     search_mixed_precision,
     write_plan,
 )
-from qat_lightning.analysis.precision_paths import j6p_base_dtypes, search_fp16_topk, search_j6p
 from qat_lightning.analysis.quant_analysis import SENSITIVITY_METHODS, QuantAnalysis
+from qat_lightning.analysis.search.precision_paths import j6p_base_dtypes, search_fp16_topk, search_j6p
 
 __all__ = [
     "BUILTIN_METRICS",

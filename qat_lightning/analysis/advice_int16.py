@@ -31,7 +31,7 @@ from torch import nn
 
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import iter_quant_ops, quant_nodes_of
-from qat_lightning.quant.sensitivity_table import SensitivityTable
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
 __all__ = [
     "DEFAULT_MIN_METRIC",

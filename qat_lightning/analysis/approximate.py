@@ -34,8 +34,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from qat_lightning.analysis.compare.metrics import Metric, error_value
 from qat_lightning.analysis.inputs import ModelInputs, batch_size_of, call_model, flatten_outputs
-from qat_lightning.analysis.metrics import Metric, error_value
 from qat_lightning.analysis.sensitivity import SensitivityTarget
 from qat_lightning.analysis.state import analysis_mode
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, fake_quant_disabled

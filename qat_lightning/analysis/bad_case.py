@@ -1,7 +1,7 @@
 """Find bad cases (the seed's "Find Badcase"): the worst sample per model output per metric.
 
 Every batch runs through the float reference and the quantized model (index ops replayed from the float
-run, :mod:`qat_lightning.analysis.index_ops`); each output is split along its batch dimension (dim 0)
+run, :mod:`qat_lightning.analysis.compare.index_ops`); each output is split along its batch dimension (dim 0)
 and every sample is scored with every metric. Sample indices count samples over the whole traversal
 (batch ``b`` of size ``B``, position ``i`` → ``b * B + i`` with constant batch sizes). An output whose
 dim 0 is not the batch size (a scalar loss, a reduced tensor) cannot be attributed to samples and is
@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.index_ops import IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.metrics import Metric, badness, per_sample
 from qat_lightning.analysis.inputs import (
     InputFn,
     ModelInputs,
@@ -38,7 +39,6 @@ from qat_lightning.analysis.inputs import (
     iter_batches,
     select_samples,
 )
-from qat_lightning.analysis.metrics import Metric, badness, per_sample
 
 __all__ = ["BadCaseRow", "WorstRow", "BadCaseResult", "find_bad_cases"]
 

@@ -11,7 +11,7 @@ Details:
 
 * A start node can be given its new value directly (``overrides``): an op whose only enabled node is
   its output node needs no recomputation, its new output is that node applied to the cached output.
-* Index ops (see :mod:`qat_lightning.analysis.index_ops`) are recorded per node during the cached run and
+* Index ops (see :mod:`qat_lightning.analysis.compare.index_ops`) are recorded per node during the cached run and
   replayed per node, so a slice replays exactly what a full quantized run would.
 * In-place mutation breaks caching (a later node may change a cached tensor). The cached run checks
   every cached tensor's version counter; if any was mutated :attr:`GraphSlicer.safe` is False (and
@@ -30,7 +30,7 @@ from typing import Any
 from torch import Tensor, fx
 from torch.fx.node import Node, map_arg
 
-from qat_lightning.analysis.index_ops import IndexRecord, IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.index_ops import IndexRecord, IndexRecorder, IndexReplayer
 from qat_lightning.analysis.inputs import ModelInputs
 
 __all__ = ["FloatCache", "GraphSlicer"]

@@ -1,9 +1,9 @@
 """Layer-by-layer comparison table and advisor (the seed's ``qa.compare_per_layer()``).
 
-:func:`compare_layers` turns the summaries of :func:`~qat_lightning.analysis.layer_record.record_layers`
+:func:`compare_layers` turns the summaries of :func:`~qat_lightning.analysis.compare.layer_record.record_layers`
 into the table (the seed's columns plus ``clip_share``, ``round_share`` and ``clip_ratio``: the share of
 the op's own quant error, in squared error, due to clipping vs rounding, and the share of clipped
-elements) and the advisor (see :func:`advise`). Column definitions: :mod:`qat_lightning.analysis.stats`
+elements) and the advisor (see :func:`advise`). Column definitions: :mod:`qat_lightning.analysis.compare.stats`
 (``max_atol_diff`` = Atol, ``max_qscale_diff`` = Atol / qscale: how many quantization steps off).
 """
 
@@ -13,8 +13,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from qat_lightning.analysis.layer_record import OpRecord
-from qat_lightning.analysis.stats import Moments
+from qat_lightning.analysis.compare.layer_record import OpRecord
+from qat_lightning.analysis.compare.stats import Moments
 
 __all__ = ["LayerRow", "Advice", "LayerComparison", "compare_layers", "advise"]
 

@@ -1,9 +1,9 @@
 """Record per-op summaries while the float reference and the quantized model run op-aligned.
 
 :func:`record_layers` (the seed's ``qa.run()``) runs both models with
-:class:`~qat_lightning.analysis.lockstep.Lockstep` over some batches and keeps, per op, streaming
-summaries (:class:`~qat_lightning.analysis.stats.PairStats` of the op's float vs quantized output and
-:class:`~qat_lightning.analysis.stats.ClipStats` of the op's own quant node), never whole tensors.
+:class:`~qat_lightning.analysis.compare.lockstep.Lockstep` over some batches and keeps, per op, streaming
+summaries (:class:`~qat_lightning.analysis.compare.stats.PairStats` of the op's float vs quantized output and
+:class:`~qat_lightning.analysis.compare.stats.ClipStats` of the op's own quant node), never whole tensors.
 
 The quant node that defines an op's ``quant_dtype``/``qscale`` and whose error is split into clipping and
 rounding is the op's output node when it quantizes to an integer dtype, else its first integer input
@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from qat_lightning.analysis.alignment import align_ops
-from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.alignment import align_ops
+from qat_lightning.analysis.compare.index_ops import IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.lockstep import Lockstep
+from qat_lightning.analysis.compare.stats import ClipStats, Moments, PairStats
 from qat_lightning.analysis.inputs import ModelInputs, call_model
-from qat_lightning.analysis.lockstep import Lockstep
 from qat_lightning.analysis.state import analysis_mode, eval_mode
-from qat_lightning.analysis.stats import ClipStats, Moments, PairStats
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 from qat_lightning.quant.ops import iter_quant_ops, quant_nodes_of
 

@@ -16,12 +16,12 @@ called with the model in eval mode and its nodes in VALIDATION, and every dtype 
 The search assumes the metric does not get worse when more ops are raised (binary search); the probes
 are all reported so a violation is visible.
 
-The plan carries a ready :class:`~qat_lightning.quant.qconfig_setter.QconfigSetter`: ``base_templates``
-plus one :class:`~qat_lightning.quant.templates.SensitivityTemplate` over exactly the raised rows, with
+The plan carries a ready :class:`~qat_lightning.quant.qconfig.setter.QconfigSetter`: ``base_templates``
+plus one :class:`~qat_lightning.quant.qconfig.templates.SensitivityTemplate` over exactly the raised rows, with
 the chip (``on_violation="downgrade"``, the rule the probes follow). Cost = ``chips.op_cost`` summed
 over ops with their effective dtypes (``j6m`` prices when no chip is given).
 
-The int16→fp16 step and the J6P path are in :mod:`qat_lightning.analysis.precision_paths`.
+The int16→fp16 step and the J6P path are in :mod:`qat_lightning.analysis.search.precision_paths`.
 """
 
 from __future__ import annotations
@@ -34,23 +34,23 @@ from pathlib import Path
 
 from torch import nn
 
-from qat_lightning.analysis.plots import search_png
-from qat_lightning.analysis.precision_nodes import (
+from qat_lightning.analysis.reports import plan_text, probes_csv, to_json, write_atomic
+from qat_lightning.analysis.reports.plots import search_png
+from qat_lightning.analysis.search.precision_nodes import (
     DEFAULT_COST_CHIP,
     OpNodes,
     assignment_cost,
     collect_ops,
     raise_assignment,
 )
-from qat_lightning.analysis.reports import plan_text, probes_csv, to_json, write_atomic
 from qat_lightning.analysis.state import analysis_mode, node_dtypes
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype, qint8, qint16
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable
-from qat_lightning.quant.templates import (
+from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import (
     SensitivityTemplate,
     Template,
     precision_rank,

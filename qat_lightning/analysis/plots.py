@@ -18,8 +18,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from qat_lightning.analysis.layer_compare import LayerComparison
-from qat_lightning.quant.sensitivity_table import SensitivityTable
+from qat_lightning.analysis.compare.layer_compare import LayerComparison
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
 __all__ = ["sensitivity_png", "layer_png", "search_png"]
 

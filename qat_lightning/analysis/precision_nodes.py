@@ -1,6 +1,6 @@
 """Which quant nodes a sensitivity row stands for, and what a dtype assignment costs on a chip.
 
-Raising a row in place mirrors what :class:`~qat_lightning.quant.templates.SensitivityTemplate` does to
+Raising a row in place mirrors what :class:`~qat_lightning.quant.qconfig.templates.SensitivityTemplate` does to
 the qconfig, so a probe measures what the produced setter will prepare:
 
 * ``activation`` row: the op's output node (when below ``high``) and, for a gemm, every input node whose
@@ -23,7 +23,7 @@ from qat_lightning.chips import ChipSpec, get_chip, op_cost
 from qat_lightning.quant.dtypes import QuantDtype, float32
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, iter_quant_ops, quant_nodes_of
-from qat_lightning.quant.templates import precision_rank
+from qat_lightning.quant.qconfig.templates import precision_rank
 
 __all__ = ["OpNodes", "collect_ops", "raise_assignment", "assignment_cost", "DEFAULT_COST_CHIP"]
 

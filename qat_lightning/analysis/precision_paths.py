@@ -24,16 +24,21 @@ from qat_lightning.analysis.mixed_precision import (
     search_mixed_precision,
     write_plan,
 )
-from qat_lightning.analysis.precision_nodes import assignment_cost, collect_ops
+from qat_lightning.analysis.search.precision_nodes import assignment_cost, collect_ops
 from qat_lightning.analysis.state import analysis_mode, node_dtypes
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, float16, parse_dtype, qint8, qint16
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpKind
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.sensitivity_table import SensitivityTable
-from qat_lightning.quant.templates import ConvDtypeTemplate, MatmulDtypeTemplate, ModuleNameTemplate, Template
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import (
+    ConvDtypeTemplate,
+    MatmulDtypeTemplate,
+    ModuleNameTemplate,
+    Template,
+)
 
 __all__ = ["search_fp16_topk", "j6p_base_dtypes", "search_j6p"]
 

@@ -13,7 +13,7 @@ The calibrated model is evaluated as the seed's "calibration model": ``eval()``,
 ``VALIDATION`` (nodes a user put in FLOAT stay FLOAT); every state change is undone afterwards. With one
 model, the float reference is that model with its quant nodes in FLOAT (names align exactly). With two,
 bad cases compare the float model's outputs, the per-layer table aligns ops to float modules where it can
-(:mod:`qat_lightning.analysis.alignment`), and sensitivity always uses the prepared model in FLOAT as the
+(:mod:`qat_lightning.analysis.compare.alignment`), and sensitivity always uses the prepared model in FLOAT as the
 reference (it measures quant nodes, which only the prepared model has).
 """
 
@@ -27,13 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat_lightning.analysis.approximate import approximate_sensitivity
-from qat_lightning.analysis.bad_case import BadCaseResult, BadCaseRow, WorstRow, find_bad_cases
+from qat_lightning.analysis.compare.bad_case import BadCaseResult, BadCaseRow, WorstRow, find_bad_cases
+from qat_lightning.analysis.compare.layer_compare import LayerComparison, compare_layers
+from qat_lightning.analysis.compare.layer_record import OpRecord, record_layers
+from qat_lightning.analysis.compare.metrics import MetricLike, resolve_metric, resolve_metrics
 from qat_lightning.analysis.inputs import InputFn, ModelInputs, iter_batches, normalize_inputs
-from qat_lightning.analysis.layer_compare import LayerComparison, compare_layers
-from qat_lightning.analysis.layer_record import OpRecord, record_layers
-from qat_lightning.analysis.metrics import MetricLike, resolve_metric, resolve_metrics
-from qat_lightning.analysis.plots import layer_png, sensitivity_png
 from qat_lightning.analysis.reports import (
     bad_case_csv,
     bad_case_text,
@@ -46,16 +44,18 @@ from qat_lightning.analysis.reports import (
     to_json,
     write_atomic,
 )
+from qat_lightning.analysis.reports.plots import layer_png, sensitivity_png
 from qat_lightning.analysis.sensitivity import (
     build_tables,
     check_types,
     exact_sensitivity,
     sensitivity_targets,
 )
+from qat_lightning.analysis.sensitivity.approximate import approximate_sensitivity
 from qat_lightning.analysis.state import analysis_mode, eval_mode
 from qat_lightning.quant.nodes.fake_quantize import fake_quant_disabled
 from qat_lightning.quant.ops import iter_quant_ops
-from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES, SensitivityTable
+from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityTable
 
 __all__ = ["QuantAnalysis", "SENSITIVITY_METHODS"]
 
@@ -112,7 +112,7 @@ class QuantAnalysis:
             dataloader: any iterable of batches.
             num_steps: only the first ``num_steps`` batches.
             metrics: names among COSINE, L1, ATOL, MSE, SQNR, KL, or callables ``fn(base, analy) -> float``
-                (lower = better; wrap in :class:`~qat_lightning.analysis.metrics.Metric` otherwise).
+                (lower = better; wrap in :class:`~qat_lightning.analysis.compare.metrics.Metric` otherwise).
             input_fn: batch → model inputs (default: tensor as is, first element of a tuple, dict as kwargs).
         """
         resolved = resolve_metrics(metrics)
@@ -233,7 +233,7 @@ class QuantAnalysis:
             metric: the error metric (as for bad cases); COSINE/SQNR rows hold ``1 - cos``/``-SQNR``.
             types: ``activation`` and/or ``weight``.
             method: ``exact`` (only that op's nodes enabled, downstream slice on fx graphs) or
-                ``approximate`` (first-order estimate, :mod:`qat_lightning.analysis.approximate`).
+                ``approximate`` (first-order estimate, :mod:`qat_lightning.analysis.sensitivity.approximate`).
             inputs: model inputs (a tensor, a tuple of args or a dict of kwargs); default: the bad cases.
             num_probes: random probes per output for ``approximate``.
             plot: also write the bar charts.

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from tabulate import tabulate
 
-from qat_lightning.analysis.bad_case import BadCaseResult
-from qat_lightning.analysis.layer_compare import LayerComparison, LayerRow
-from qat_lightning.quant.sensitivity_table import SensitivityTable
+from qat_lightning.analysis.compare.bad_case import BadCaseResult
+from qat_lightning.analysis.compare.layer_compare import LayerComparison, LayerRow
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
 __all__ = [
     "write_atomic",

@@ -9,9 +9,9 @@ inputs:
 * ``weight``: the op's weight node (gemm ops).
 
 On an fx ``GraphModule`` the float run is cached once and each probe re-runs only the nodes downstream
-of the op (:mod:`qat_lightning.analysis.downstream`); eager models (or graphs that mutate cached tensors
+of the op (:mod:`qat_lightning.analysis.sensitivity.downstream`); eager models (or graphs that mutate cached tensors
 in place) run one full forward per probe. Both give the same numbers. Index ops are replayed from the
-float run (:mod:`qat_lightning.analysis.index_ops`).
+float run (:mod:`qat_lightning.analysis.compare.index_ops`).
 
 One :class:`SensitivityTable` per model output, rows most sensitive first. ``metric`` holds an error
 value (larger = worse): the metric itself for error metrics, ``1 - cosine`` for COSINE (named
@@ -29,14 +29,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, fx, nn
 
-from qat_lightning.analysis.downstream import FloatCache, GraphSlicer
-from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.index_ops import IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.metrics import Metric, error_name, error_value, whole
 from qat_lightning.analysis.inputs import ModelInputs, call_model, flatten_outputs
-from qat_lightning.analysis.metrics import Metric, error_name, error_value, whole
+from qat_lightning.analysis.sensitivity.downstream import FloatCache, GraphSlicer
 from qat_lightning.analysis.state import analysis_mode
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, fake_quant_disabled
 from qat_lightning.quant.ops import OpInfo, OpKind, iter_quant_ops, quant_nodes_of
-from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable
+from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable
 
 __all__ = ["SensitivityTarget", "sensitivity_targets", "exact_sensitivity", "build_tables", "check_types"]
 

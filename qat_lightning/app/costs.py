@@ -20,7 +20,7 @@ def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float 
     """
     from qat_lightning.chips import get_chip, op_cost
     from qat_lightning.quant.ops import OpKind, iter_quant_ops, quant_nodes_of
-    from qat_lightning.quant.templates import precision_rank
+    from qat_lightning.quant.qconfig.templates import precision_rank
 
     spec = get_chip(chip)
     ops = list(iter_quant_ops(model))

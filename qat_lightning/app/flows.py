@@ -197,7 +197,7 @@ def analysis_stage(pipe: Pipeline) -> Summary:
 
 def dual_int16_advice(pipe: Pipeline, lit: Any, tables: list[Any], out: Path) -> Any:
     """Write ``quant_analysis/dual_int16.txt`` and ``shared_modules.txt`` (the seed's advice); decide."""
-    from qat_lightning.analysis.advice_int16 import diagnose_dual_int16, render_dual_int16
+    from qat_lightning.analysis.advice.int16 import diagnose_dual_int16, render_dual_int16
     from qat_lightning.app.checkpoints import is_rank_zero
 
     if not tables:
@@ -224,7 +224,7 @@ def dual_int16_advice(pipe: Pipeline, lit: Any, tables: list[Any], out: Path) ->
 
 def fp16_advice(pipe: Pipeline, lit: Any, out: Path) -> Any:
     """Write ``quant_analysis/fp16_diagnosis.txt`` (j6p: fp16 overflow / precision per op); decide."""
-    from qat_lightning.analysis.advice_fp16 import diagnose_fp16, render_fp16
+    from qat_lightning.analysis.advice.fp16 import diagnose_fp16, render_fp16
     from qat_lightning.app.checkpoints import is_rank_zero
 
     model = getattr(lit, pipe.cfg.prepare.submodule)
@@ -241,7 +241,7 @@ def fp16_advice(pipe: Pipeline, lit: Any, out: Path) -> Any:
 
 def _shared_module_advice(pipe: Pipeline, model: Any, out: Path) -> None:
     """Write ``quant_analysis/shared_modules.txt`` (cases B / C from the call sites' observers)."""
-    from qat_lightning.analysis.advice_shared import render_shared_module_advice, shared_module_advice
+    from qat_lightning.analysis.advice.shared import render_shared_module_advice, shared_module_advice
     from qat_lightning.app.checkpoints import is_rank_zero
 
     advice = shared_module_advice(model)

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from qat_lightning.analysis.advice_lr import LrProbeResult, probe_qat_lr, render_lr_probe
+from qat_lightning.analysis.advice.lr import LrProbeResult, probe_qat_lr, render_lr_probe
 
 __all__ = ["run_lr_probe"]
 

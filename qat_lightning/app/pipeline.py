@@ -31,7 +31,7 @@ from typing import Any
 from qat_lightning.app.checkpoints import is_rank_zero, read_checkpoint_info
 from qat_lightning.app.recipes import Recipe, load_recipe_conf, recipe_from_conf
 from qat_lightning.app.schema import AppConfig, RecipeConf, StageName
-from qat_lightning.app.stages import Factories, Session, StageResult
+from qat_lightning.app.session import Factories, Session, StageResult
 from qat_lightning.app.summary import Summary, render_markdown, render_table
 from qat_lightning.app.tuning import fp16_search, int16_search
 

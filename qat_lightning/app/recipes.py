@@ -152,9 +152,9 @@ class Recipe:
             return None
         from qat_lightning.quant.dtypes import float16
         from qat_lightning.quant.qconfig import get_qconfig
-        from qat_lightning.quant.qconfig_setter import QconfigSetter
-        from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
-        from qat_lightning.quant.templates import (
+        from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
+        from qat_lightning.quant.qconfig.setter import QconfigSetter
+        from qat_lightning.quant.qconfig.templates import (
             ConvDtypeTemplate,
             MatmulDtypeTemplate,
             ModuleNameTemplate,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qat_lightning.app.stages import StageResult
+from qat_lightning.app.session import StageResult
 
 __all__ = ["COLUMNS", "Summary", "render_markdown", "render_table", "row_cells"]
 

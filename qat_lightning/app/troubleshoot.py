@@ -118,7 +118,7 @@ def troubleshoot_stage(pipe: Any) -> Summary:
     """``stage=troubleshoot``: calibrate, run the three checks, write the diagnosis table."""
     from qat_lightning.app.checkpoints import is_rank_zero
     from qat_lightning.app.recipes import recipe_from_conf
-    from qat_lightning.app.stages import _qat_optimizers
+    from qat_lightning.app.session import _qat_optimizers
 
     cfg, s = pipe.cfg, pipe.session
     recipe = recipe_from_conf(cfg.recipe, cfg.chip, cfg.calibration)

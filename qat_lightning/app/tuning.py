@@ -50,7 +50,7 @@ class SearchOutcome:
 
 def merged_table(tables: Sequence[Any]) -> Any:
     """One table holding every table's rows, interleaved by rank (the union, most sensitive first)."""
-    from qat_lightning.quant.sensitivity_table import SensitivityTable
+    from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
     if len(tables) == 1:
         return tables[0]
@@ -145,7 +145,7 @@ def int16_search(
         out_dir: where the plan is written.
     """
     if ratio is not None:
-        from qat_lightning.quant.templates import SensitivityTemplate
+        from qat_lightning.quant.qconfig.templates import SensitivityTemplate
 
         chosen = SensitivityTemplate(list(tables), ratio, sensitive_type, high).selected()
         return SearchOutcome(tuple(chosen), None, False, (), ratio)
@@ -184,7 +184,7 @@ def load_sensitivity_table(path: Path) -> Any:
     import dataclasses
     import json
 
-    from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
+    from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 
     path = Path(path)
     if not path.is_file():

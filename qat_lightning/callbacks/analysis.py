@@ -41,7 +41,7 @@ from qat_lightning.callbacks._common import (
 )
 from qat_lightning.callbacks.logging import flush_loggers, log_figure, log_image_file, log_scalars, log_text
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, fake_quant_state
-from qat_lightning.quant.sensitivity_table import SensitivityTable
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
 __all__ = [
     "INCOMPLETE_MARKER",

@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from qat_lightning.analysis.advice_lr import DEFAULT_LRS, LrProbeResult, probe_qat_lr, render_lr_probe
+from qat_lightning.analysis.advice.lr import DEFAULT_LRS, LrProbeResult, probe_qat_lr, render_lr_probe
 from qat_lightning.callbacks._common import get_submodule, request_dataloader, switch_states
 from qat_lightning.callbacks.logging import log_scalars, log_text
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState
@@ -71,7 +71,7 @@ class QatLrProbe(Callback):
         submodule: attribute path of the network (for the fake-quant state during scoring).
 
     Attributes:
-        result: the probe's :class:`~qat_lightning.analysis.advice_lr.LrProbeResult` after ``fit`` starts.
+        result: the probe's :class:`~qat_lightning.analysis.advice.lr.LrProbeResult` after ``fit`` starts.
 
     Raises:
         ValueError: at construction for no/negative LRs or a step count below 1.

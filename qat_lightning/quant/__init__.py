@@ -5,7 +5,6 @@ Never imports lightning, hydra or omegaconf.
 
 from qat_lightning.quant.backends import BACKENDS, get_backend, set_backend
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float16, float32, parse_dtype, qint8, qint16
-from qat_lightning.quant.model_check import ModelCheckReport, check_model, write_changelog
 from qat_lightning.quant.nodes import (
     SCALE_MODES,
     FakeCast,
@@ -22,9 +21,11 @@ from qat_lightning.quant.nodes.functional import fake_cast, fake_quantize
 from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 from qat_lightning.quant.observers import OBSERVER_NAMES, Observer, make_observer
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
-from qat_lightning.quant.prepare import PREPARE_METHODS, QAT_MODES, FxTraceError, prepare
+from qat_lightning.quant.preparation.model_check import ModelCheckReport, check_model, write_changelog
+from qat_lightning.quant.preparation.prepare import PREPARE_METHODS, QAT_MODES, FxTraceError, prepare
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.qconfig_setter import (
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
+from qat_lightning.quant.qconfig.setter import (
     ModuleNameQconfigSetter,
     QconfigAssignment,
     QconfigSetter,
@@ -38,8 +39,7 @@ from qat_lightning.quant.qconfig_setter import (
     sensitive_op_calibration_8bit_weight_16bit_act_qconfig_setter,
     sensitive_op_qat_8bit_weight_16bit_act_qconfig_setter,
 )
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
-from qat_lightning.quant.templates import (
+from qat_lightning.quant.qconfig.templates import (
     ConvDtypeTemplate,
     MatmulDtypeTemplate,
     ModuleNameTemplate,

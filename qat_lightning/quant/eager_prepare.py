@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from qat_lightning.quant.ops import OpInfo, OpKind
-from qat_lightning.quant.prepare_build import OpBuilder, OpPlan
-from qat_lightning.quant.prepare_tables import (
+from qat_lightning.quant.preparation.build import OpBuilder, OpPlan
+from qat_lightning.quant.preparation.tables import (
     FUNCTION_OPS,
     METHOD_OPS,
     PASS_THROUGH_MODULES,

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Graph, Node
 
-from qat_lightning.quant.fx_tracer import NodeMeta
-from qat_lightning.quant.prepare_tables import BN_FOR_CONV, CONV_TYPES
+from qat_lightning.quant.preparation.fx_tracer import NodeMeta
+from qat_lightning.quant.preparation.tables import BN_FOR_CONV, CONV_TYPES
 
 __all__ = ["FusionGroup", "UnfusedGroup", "find_fusions", "is_relu_node", "is_add_node", "fused_op_type"]
 

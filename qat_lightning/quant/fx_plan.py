@@ -1,9 +1,9 @@
 """Planning for fx-mode prepare: classify, name and describe every op of a traced graph.
 
 :class:`FxPlanner` walks the graph in order and produces one
-:class:`~qat_lightning.quant.prepare_build.OpPlan` per quantized node or fused group, with its
+:class:`~qat_lightning.quant.preparation.build.OpPlan` per quantized node or fused group, with its
 :class:`~qat_lightning.quant.ops.OpInfo` (name, type, kind, producers, FLOPs). Names follow
-:class:`~qat_lightning.quant.prepare_tables.OpNamer`; a functional op takes the module whose forward
+:class:`~qat_lightning.quant.preparation.tables.OpNamer`; a functional op takes the module whose forward
 called it from ``node.meta["nn_module_stack"]``.
 """
 
@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
-from qat_lightning.quant.fusion import FusionGroup, fused_op_type
-from qat_lightning.quant.fx_tracer import NodeMeta
 from qat_lightning.quant.ops import OpInfo, OpKind
-from qat_lightning.quant.prepare_build import OpPlan
-from qat_lightning.quant.prepare_tables import (
+from qat_lightning.quant.preparation.build import OpPlan
+from qat_lightning.quant.preparation.fusion import FusionGroup, fused_op_type
+from qat_lightning.quant.preparation.fx_tracer import NodeMeta
+from qat_lightning.quant.preparation.tables import (
     FUNCTION_OPS,
     GEMM_FUNCTIONS,
     METHOD_OPS,

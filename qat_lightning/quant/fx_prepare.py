@@ -3,7 +3,7 @@
 The rewrite keeps the model's structure in module paths: a module op replaces its module at the same
 path (``layer1.0.conv1``), a functional op is added under the module whose forward called it
 (``layer1.0.add``), a model input gets ``<arg>_quant`` at the root. See
-:class:`~qat_lightning.quant.prepare_tables.OpNamer` for the naming rules.
+:class:`~qat_lightning.quant.preparation.tables.OpNamer` for the naming rules.
 
 What counts as an activation (and so gets quantized): model inputs that are float tensors, outputs of
 module calls, and float results of ops with at least one activation input. Values computed only from
@@ -26,12 +26,12 @@ import torch.fx as fx
 from torch import nn
 from torch.fx import Node
 
-from qat_lightning.quant.fusion import FusionGroup, find_fusions
-from qat_lightning.quant.fx_plan import SDPA, FxPlanner
-from qat_lightning.quant.fx_tracer import NodeMeta, trace_with_values
 from qat_lightning.quant.ops import OpInfo
-from qat_lightning.quant.prepare_build import OpBuilder, OpPlan
-from qat_lightning.quant.prepare_tables import (
+from qat_lightning.quant.preparation.build import OpBuilder, OpPlan
+from qat_lightning.quant.preparation.fusion import FusionGroup, find_fusions
+from qat_lightning.quant.preparation.fx_plan import SDPA, FxPlanner
+from qat_lightning.quant.preparation.fx_tracer import NodeMeta, trace_with_values
+from qat_lightning.quant.preparation.tables import (
     PASS_THROUGH_MODULES,
     is_dequant_stub,
     is_stub,

@@ -34,8 +34,8 @@ from qat_lightning.chips import ChipSpec, get_chip
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float32
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
-from qat_lightning.quant.qconfig_setter import chip_issues
-from qat_lightning.quant.templates import precision_rank
+from qat_lightning.quant.qconfig.setter import chip_issues
+from qat_lightning.quant.qconfig.templates import precision_rank
 
 __all__ = [
     "MODEL_CHECK_FILENAME",

@@ -7,12 +7,12 @@ Steps:
 1. validate the arguments; the user's model is never changed (everything works on deep copies);
 2. run a copy of the float model on the example inputs with hooks: call counts of every module (the
    check report's "called times"), the reference output, and the call order (eager mode);
-3. ``fx`` / ``auto``: trace with :mod:`~qat_lightning.quant.fx_tracer`, fuse, plan and name the ops,
-   assign qconfigs with the setter, rewrite the graph (:mod:`~qat_lightning.quant.fx_prepare`); the
+3. ``fx`` / ``auto``: trace with :mod:`~qat_lightning.quant.preparation.fx_tracer`, fuse, plan and name the ops,
+   assign qconfigs with the setter, rewrite the graph (:mod:`~qat_lightning.quant.preparation.fx_prepare`); the
    traced float graph is first checked against the reference output (same mode, same RNG seed), so a
    wrong trace is an error (``fx``) or a fallback (``auto``), never a silently different model;
 4. ``eager`` (or the ``auto`` fallback, with a warning listing what it does not cover): module swapping
-   (:mod:`~qat_lightning.quant.eager_prepare`);
+   (:mod:`~qat_lightning.quant.preparation.eager_prepare`);
 5. attach ``quant_op_order`` (op names in graph order) and ``prepare_record`` (:class:`PrepareRecord`),
    warn about template names that matched no op, and with ``check_dir`` write ``model_check_result.txt``
    (and ``qconfig_changelog.txt`` when the chip rules changed anything).
@@ -32,14 +32,14 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from qat_lightning.quant.eager_prepare import prepare_eager, probe_model
-from qat_lightning.quant.fx_prepare import prepare_fx
-from qat_lightning.quant.fx_tracer import FxTraceError
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.nodes.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.ops import OpInfo, PrepareRecord
+from qat_lightning.quant.preparation.eager_prepare import prepare_eager, probe_model
+from qat_lightning.quant.preparation.fx_prepare import prepare_fx
+from qat_lightning.quant.preparation.fx_tracer import FxTraceError
 from qat_lightning.quant.qconfig import QConfig
-from qat_lightning.quant.qconfig_setter import QconfigAssignment, as_qconfig_setter
+from qat_lightning.quant.qconfig.setter import QconfigAssignment, as_qconfig_setter
 
 __all__ = ["prepare", "PREPARE_METHODS", "QAT_MODES", "FxTraceError"]
 
@@ -159,7 +159,7 @@ def prepare(
         example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs (HF models).
             Every input the model will be called with must be in it (fx makes them the graph's inputs).
         qconfig_setter: a ``QconfigSetter``, a template, a ``QConfig``, a tuple/list of them, or ``None``
-            (all int8), see ``qat_lightning.quant.qconfig_setter.as_qconfig_setter``.
+            (all int8), see ``qat_lightning.quant.qconfig.setter.as_qconfig_setter``.
         method: ``fx`` (torch.fx tracing: functional ops and operators get quant points too, conv-bn-relu
             and friends are fused), ``eager`` (module swapping plus the user's ``QuantStub`` /
             ``DeQuantStub``, for code fx cannot trace) or ``auto`` (fx, else eager with a warning listing
@@ -287,7 +287,7 @@ def _replace_functions(probe: Any, functions: list[tuple[str, int, str]]) -> Any
 
 
 def _write_check(prepared: nn.Module, check_dir: str | os.PathLike[str], record: PrepareRecord) -> None:
-    from qat_lightning.quant.model_check import (
+    from qat_lightning.quant.preparation.model_check import (
         CHANGELOG_FILENAME,
         MODEL_CHECK_FILENAME,
         check_model,

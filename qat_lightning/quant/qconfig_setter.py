@@ -42,8 +42,8 @@ from qat_lightning.chips import ChipSpec, get_chip
 from qat_lightning.quant.dtypes import QuantDtype, float16, qint8, qint16
 from qat_lightning.quant.ops import OpInfo, OpKind
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.sensitivity_table import SensitivityTable
-from qat_lightning.quant.templates import (
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
+from qat_lightning.quant.qconfig.templates import (
     ModuleNameTemplate,
     SensitivityTemplate,
     Template,

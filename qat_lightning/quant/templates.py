@@ -26,7 +26,7 @@ from typing import Any, ClassVar
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, float32, parse_dtype, qint8, qint16
 from qat_lightning.quant.ops import OpInfo, OpKind
 from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.sensitivity_table import SENSITIVE_TYPES, SensitivityTable
+from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityTable
 
 __all__ = [
     "PRECISION_ORDER",

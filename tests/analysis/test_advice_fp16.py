@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from analysis_toys import QElementwise, QInput
+from qat_lightning.analysis.advice.fp16 import diagnose_fp16, render_fp16
 from torch import nn
 
 import qat_lightning as ql
-from qat_lightning.analysis.advice_fp16 import diagnose_fp16, render_fp16
 
 
 class Net(nn.Module):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import torch
 from analysis_toys import QInput, QLinear
+from qat_lightning.analysis.advice.int16 import diagnose_dual_int16, render_dual_int16
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 from torch import nn
 
 import qat_lightning as ql
 from qat_lightning.analysis import QuantAnalysis
-from qat_lightning.analysis.advice_int16 import diagnose_dual_int16, render_dual_int16
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
 
 
 class Gemm(nn.Module):

@@ -7,9 +7,8 @@ import math
 
 import pytest
 import torch
+from qat_lightning.analysis.advice.lr import probe_qat_lr, render_lr_probe
 from torch import nn
-
-from qat_lightning.analysis.advice_lr import probe_qat_lr, render_lr_probe
 
 
 def _task():

@@ -7,10 +7,10 @@ import dataclasses
 import pytest
 import torch
 from analysis_toys import QInput, QLinear
+from qat_lightning.analysis.advice.shared import render_shared_module_advice, shared_module_advice
 from torch import nn
 
 import qat_lightning as ql
-from qat_lightning.analysis.advice_shared import render_shared_module_advice, shared_module_advice
 
 
 class Shared(nn.Module):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from analysis_toys import BAD_INDEX, IndexNet, bad_batch, calibrate, calibrated, data
+from qat_lightning.analysis.compare.metrics import Metric
 
 import qat_lightning as ql
 from qat_lightning.analysis import QuantAnalysis
-from qat_lightning.analysis.metrics import Metric
 
 
 def test_bad_case_is_the_clipped_sample_and_files_are_written(tmp_path) -> None:

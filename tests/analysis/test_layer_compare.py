@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 from analysis_toys import BrokenNet, bad_batch, calib_data, calibrate, calibrated, data
+from qat_lightning.analysis.compare.lockstep import Lockstep
 
 import qat_lightning as ql
 from qat_lightning.analysis import QuantAnalysis
-from qat_lightning.analysis.lockstep import Lockstep
 
 
 def _capture(model: torch.nn.Module, x: torch.Tensor, float_run: bool) -> tuple[dict, dict]:

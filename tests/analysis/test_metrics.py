@@ -7,15 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from qat_lightning.analysis.index_ops import IndexRecorder, IndexReplayer
-from qat_lightning.analysis.inputs import (
-    concat_samples,
-    default_input_fn,
-    flatten_outputs,
-    select_samples,
-)
-from qat_lightning.analysis.metrics import (
+from qat_lightning.analysis.compare.index_ops import IndexRecorder, IndexReplayer
+from qat_lightning.analysis.compare.metrics import (
     Metric,
     badness,
     error_name,
@@ -25,7 +18,14 @@ from qat_lightning.analysis.metrics import (
     resolve_metrics,
     whole,
 )
-from qat_lightning.analysis.stats import ClipStats, PairStats
+from qat_lightning.analysis.compare.stats import ClipStats, PairStats
+
+from qat_lightning.analysis.inputs import (
+    concat_samples,
+    default_input_fn,
+    flatten_outputs,
+    select_samples,
+)
 from qat_lightning.quant.nodes.functional import fake_quantize
 
 

@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from analysis_toys import calibrated, data
+from qat_lightning.analysis.search.precision_nodes import collect_ops, raise_assignment
+from qat_lightning.analysis.search.precision_paths import j6p_base_dtypes
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
 import qat_lightning as ql
 from qat_lightning.analysis import QuantAnalysis, search_fp16_topk, search_j6p, search_mixed_precision
-from qat_lightning.analysis.precision_nodes import collect_ops, raise_assignment
-from qat_lightning.analysis.precision_paths import j6p_base_dtypes
 from qat_lightning.analysis.state import node_dtypes
-from qat_lightning.quant.sensitivity_table import SensitivityTable
 
 
 def _setup(outputs: str = "single"):

@@ -8,13 +8,13 @@ import warnings
 
 import pytest
 import torch
+from qat_lightning.analysis.compare.metrics import resolve_metric
 
 import qat_lightning as ql
 from qat_lightning.analysis import QuantAnalysis, search_mixed_precision
-from qat_lightning.analysis.metrics import resolve_metric
 from qat_lightning.analysis.sensitivity import exact_sensitivity, sensitivity_targets
 
-prepare_module = pytest.importorskip("qat_lightning.quant.prepare")
+prepare_module = pytest.importorskip("qat_lightning.quant.preparation.prepare")
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 models = pytest.importorskip("models")
 

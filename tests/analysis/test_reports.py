@@ -7,9 +7,9 @@ import math
 import os
 
 import pytest
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 
 from qat_lightning.analysis.reports import safe_filename, to_json, to_jsonable, write_atomic
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
 
 
 def test_json_is_strict_with_nonfinite_values() -> None:

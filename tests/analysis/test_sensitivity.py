@@ -7,15 +7,15 @@ import warnings
 import pytest
 import torch
 from analysis_toys import IndexNet, InplaceNet, bad_batch, calibrate, calibrated, data, trace
+from qat_lightning.analysis.compare.metrics import resolve_metric
+from qat_lightning.analysis.sensitivity.downstream import GraphSlicer
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import SensitivityTemplate
 
 import qat_lightning as ql
 from qat_lightning.analysis import QuantAnalysis
-from qat_lightning.analysis.downstream import GraphSlicer
-from qat_lightning.analysis.metrics import resolve_metric
 from qat_lightning.analysis.sensitivity import build_tables, exact_sensitivity, sensitivity_targets
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.sensitivity_table import SensitivityTable
-from qat_lightning.quant.templates import SensitivityTemplate
 
 
 def _spearman(a: list[float], b: list[float]) -> float:

@@ -15,6 +15,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from cb_helpers import LitClassifier, TinyData, scales  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+from qat_lightning.quant.qconfig.setter import QconfigSetter  # noqa: E402
 
 from qat_lightning.callbacks import (  # noqa: E402
     Calibration,
@@ -25,7 +26,6 @@ from qat_lightning.callbacks import (  # noqa: E402
 )
 from qat_lightning.quant.nodes.fake_quantize import iter_fake_quantize  # noqa: E402
 from qat_lightning.quant.qconfig import get_qconfig  # noqa: E402
-from qat_lightning.quant.qconfig_setter import QconfigSetter  # noqa: E402
 
 
 def main(out_dir: Path) -> None:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 from cb_helpers import LitClassifier, TinyData, make_trainer, scales
+from qat_lightning.quant.qconfig.setter import QconfigSetter
 
 from qat_lightning.callbacks import Calibration, PrepareQuantization
 from qat_lightning.quant.qconfig import get_qconfig
-from qat_lightning.quant.qconfig_setter import QconfigSetter
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 

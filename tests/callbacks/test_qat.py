@@ -6,6 +6,8 @@ import pytest
 import torch
 from cb_helpers import IN, LitClassifier, accuracy, make_loader, make_trainer, scales
 from lightning.pytorch import Callback
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import ModuleNameTemplate
 
 import qat_lightning as ql
 from qat_lightning.callbacks import (
@@ -17,8 +19,6 @@ from qat_lightning.callbacks import (
     load_quantized_checkpoint,
     prepare_submodule,
 )
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.templates import ModuleNameTemplate
 
 
 class Boom:

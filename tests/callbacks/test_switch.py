@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from cb_helpers import LitClassifier, make_loader, make_trainer, scales
 from lightning.pytorch import Callback
+from qat_lightning.quant.qconfig.setter import QconfigSetter
+from qat_lightning.quant.qconfig.templates import ModuleNameTemplate
 
 import qat_lightning as ql
 from qat_lightning.callbacks import (
@@ -18,8 +20,6 @@ from qat_lightning.callbacks import (
     float_ops,
 )
 from qat_lightning.callbacks.switch import matched_nodes
-from qat_lightning.quant.qconfig_setter import QconfigSetter
-from qat_lightning.quant.templates import ModuleNameTemplate
 
 
 def _val_loss(model):

@@ -5,9 +5,7 @@ import pathlib
 
 import pytest
 import torch
-from torch import nn
-
-from qat_lightning.quant.model_check import (
+from qat_lightning.quant.preparation.model_check import (
     CallCountRow,
     DtypeSummaryRow,
     FusableRow,
@@ -18,6 +16,8 @@ from qat_lightning.quant.model_check import (
     check_model,
     write_changelog,
 )
+from torch import nn
+
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord
 

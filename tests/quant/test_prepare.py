@@ -9,12 +9,12 @@ import warnings
 
 import pytest
 import torch
+from qat_lightning.quant.preparation.fx_tracer import FxTraceError
+from qat_lightning.quant.preparation.prepare import prepare
 from torch import nn
 
-from qat_lightning.quant.fx_tracer import FxTraceError
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, iter_fake_quantize, set_fake_quantize
 from qat_lightning.quant.ops import OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
-from qat_lightning.quant.prepare import prepare
 from qat_lightning.quant.qconfig import get_qconfig
 from tests.models import (
     CheckModel,
@@ -218,8 +218,8 @@ def test_shared_module_gets_per_call_site_nodes(method, seed):
 
 
 def test_fixed_scale_quant_stub_via_setter(seed):
-    from qat_lightning.quant.qconfig_setter import QconfigSetter
-    from qat_lightning.quant.templates import ModuleNameTemplate
+    from qat_lightning.quant.qconfig.setter import QconfigSetter
+    from qat_lightning.quant.qconfig.templates import ModuleNameTemplate
 
     setter = QconfigSetter(templates=[ModuleNameTemplate({"quant": {"threshold": 200.0}})])
     prepared = prepare(CheckModel().eval(), CheckModel.example_inputs(), qconfig_setter=setter)
@@ -236,8 +236,8 @@ def test_check_dir_writes_report(tmp_path, seed):
 
 
 def test_unmatched_template_names_warn(seed):
-    from qat_lightning.quant.qconfig_setter import QconfigSetter
-    from qat_lightning.quant.templates import ModuleNameTemplate
+    from qat_lightning.quant.qconfig.setter import QconfigSetter
+    from qat_lightning.quant.qconfig.templates import ModuleNameTemplate
 
     setter = QconfigSetter(templates=[ModuleNameTemplate({"no_such_layer": "qint16"})])
     with pytest.warns(UserWarning, match="no_such_layer"):

@@ -2,11 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from qat_lightning.quant.dtypes import float16, float32, qint8, qint16
-from qat_lightning.quant.ops import OpInfo, OpKind
-from qat_lightning.quant.qconfig import QConfig, get_qconfig
-from qat_lightning.quant.qconfig_setter import (
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
+from qat_lightning.quant.qconfig.setter import (
     ModuleNameQconfigSetter,
     QconfigAssignment,
     QconfigSetter,
@@ -19,13 +16,16 @@ from qat_lightning.quant.qconfig_setter import (
     sensitive_op_calibration_8bit_weight_16bit_act_qconfig_setter,
     sensitive_op_qat_8bit_weight_16bit_act_qconfig_setter,
 )
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
-from qat_lightning.quant.templates import (
+from qat_lightning.quant.qconfig.templates import (
     ConvDtypeTemplate,
     MatmulDtypeTemplate,
     ModuleNameTemplate,
     SensitivityTemplate,
 )
+
+from qat_lightning.quant.dtypes import float16, float32, qint8, qint16
+from qat_lightning.quant.ops import OpInfo, OpKind
+from qat_lightning.quant.qconfig import QConfig, get_qconfig
 
 GEMM, OTHER, INPUT = OpKind.GEMM, OpKind.OTHER, OpKind.INPUT
 

@@ -2,12 +2,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from qat_lightning.quant.dtypes import float16, float32, qint8, qint16
-from qat_lightning.quant.ops import OpInfo, OpKind
-from qat_lightning.quant.qconfig import get_qconfig
-from qat_lightning.quant.sensitivity_table import SensitivityRow, SensitivityTable
-from qat_lightning.quant.templates import (
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
+from qat_lightning.quant.qconfig.templates import (
     PRECISION_ORDER,
     ConvDtypeTemplate,
     MatmulDtypeTemplate,
@@ -18,6 +14,10 @@ from qat_lightning.quant.templates import (
     name_matches,
     precision_rank,
 )
+
+from qat_lightning.quant.dtypes import float16, float32, qint8, qint16
+from qat_lightning.quant.ops import OpInfo, OpKind
+from qat_lightning.quant.qconfig import get_qconfig
 
 TABLE = SensitivityTable((SensitivityRow("a", "activation", "add", 1.0, "qint8"),))
 
