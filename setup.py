@@ -30,15 +30,15 @@ class _BuildExt(build_ext):
 setup(
     ext_modules=[
         Extension(
-            "qat_lightning.quant._kernels",
-            ["qat_lightning/quant/_kernels.c"],
+            "qat_lightning.quant.backends._kernels",
+            ["qat_lightning/quant/backends/_kernels.c"],
             extra_compile_args=(["-O3", "-fno-math-errno", "-Wno-psabi"] if _UNIX else ["/O2"]) + _OPENMP,
             extra_link_args=list(_OPENMP) if _UNIX else [],
             optional=True,
         ),
         Extension(
-            "qat_lightning.quant._search_kernels",
-            ["qat_lightning/quant/_search_kernels.c"],
+            "qat_lightning.quant.backends._search_kernels",
+            ["qat_lightning/quant/backends/_search_kernels.c"],
             extra_compile_args=(
                 ["-O3", "-fno-math-errno", "-ffp-contract=off", "-Wno-psabi"] if _UNIX else ["/O2"]
             )

@@ -10,7 +10,7 @@ For each thread count (``torch.set_num_threads``), dtype (qint8, qint16) and gra
 per channel on axis 1) it times, on one float32 activation-sized tensor:
 
 * ``fwd+bwd``: forward and backward (``torch.autograd.grad`` with a fixed upstream gradient) of
-  ``qat_lightning.quant.functional.fake_quantize`` ("ours"), of ``torch.fake_quantize_per_tensor_affine``
+  ``quant.nodes.functional.fake_quantize`` ("ours"), of ``torch.fake_quantize_per_tensor_affine``
   / ``torch.fake_quantize_per_channel_affine`` ("builtin", zero point 0, same integer range) and of a
   copy floor (``x.clone()`` forward, ``grad.clone()`` backward: the least any out-of-place fake quant
   must do in each direction);
@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from qat_lightning.quant.dtypes import QuantDtype, qint8, qint16
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
-from qat_lightning.quant.functional import fake_quantize, kernels_available
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, set_fake_quantize
+from qat_lightning.quant.nodes.functional import fake_quantize, kernels_available
 
 
 class _CopyFloor(torch.autograd.Function):

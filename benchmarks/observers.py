@@ -26,7 +26,7 @@ import torch
 from torch.ao.quantization import HistogramObserver
 from torch.ao.quantization import MinMaxObserver as AoMinMax
 
-from qat_lightning.quant import search_kernels
+from qat_lightning.quant.backends import search_kernels
 from qat_lightning.quant.dtypes import QuantDtype, qint8, qint16
 from qat_lightning.quant.observers import make_observer
 
@@ -182,7 +182,7 @@ def kernel_ratio(obs: torch.nn.Module, dtype: QuantDtype) -> float:
 
 def _search_kernel_state() -> str:
     if search_kernels.search_kernels_available():
-        return "in use (qat_lightning.quant._search_kernels)"
+        return "in use (qat_lightning.quant.backends._search_kernels)"
     if os.environ.get("QAT_LIGHTNING_NO_KERNELS", "") not in ("", "0"):
         return "off (QAT_LIGHTNING_NO_KERNELS)"
     return "not built (ATen code)"

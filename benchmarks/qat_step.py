@@ -25,7 +25,7 @@ of training. Ratios are to float. ``peak`` runs with glibc's default allocator (
 includes freed memory the heap keeps), ``live`` with ``MALLOC_MMAP_THRESHOLD_=65536`` (large allocations
 unmapped when freed, so the peak follows the live tensors).
 
-``--keep-heap`` calls :func:`qat_lightning.keep_heap` at the start (timing process and ``peak`` children):
+``--keep-heap`` calls :func:`~qat_lightning.quant.backends.keep_heap` first (timing and ``peak`` processes):
 glibc then keeps freed memory mapped instead of re-faulting it every step; all contenders run under it.
 
 Usage: ``python benchmarks/qat_step.py [--model cnn|encoder|all] [--steps 9] [--threads 2] [--no-memory]
@@ -140,14 +140,30 @@ def build(name: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
 
 
 # ------------------------------------------------------------------------------------------------- contenders
+OPTIONS = {"device": "cpu", "compile": False}
+"""``--device`` / ``--compile``: where every contender runs, and whether it runs ``torch.compile``d."""
+
+
 def make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    model, data = _make(name, contender)
+    device = OPTIONS["device"]
+    model = model.to(device)
+    if OPTIONS["compile"]:
+        model = torch.compile(model)
+    return model, lambda: data().to(device)
+
+
+def _make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    from qat_lightning.quant.backends import set_backend
+
+    set_backend("default")
     model, data = build(name)
     model.train()
     calib = [data() for _ in range(3)]
     if contender == "float":
         return model, data
-    if contender == "ours":
-        from qat_lightning.quant.fake_quantize import set_fake_quantize
+    if contender in ("ours", "ours+kernels"):
+        from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
         from qat_lightning.quant.preparation.prepare import prepare
 
         prepared = prepare(model, calib[0][:4])
@@ -177,7 +193,11 @@ def make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tenso
 
 
 def contenders() -> list[str]:
+    from qat_lightning.quant.backends.cpu_kernels import kernels_available
+
     names = ["float", "ours", "torch.ao"]
+    if kernels_available() and OPTIONS["device"] == "cpu":
+        names.insert(2, "ours+kernels")  # the opt-in cpu_kernels backend (process-wide: set per step)
     try:
         import modelopt.torch.quantization  # noqa: F401
 
@@ -187,12 +207,17 @@ def contenders() -> list[str]:
     return names
 
 
-def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> None:
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, contender: str = "") -> None:
+    from qat_lightning.quant.backends import set_backend
+
+    set_backend("cpu_kernels" if contender == "ours+kernels" else "default")
     out = model(x)
     loss = out.float().square().mean()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    if OPTIONS["device"].startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 # ------------------------------------------------------------------------------------------------- timing
@@ -206,7 +231,7 @@ def time_steps(name: str, steps: int, warmup: int = 2) -> tuple[dict[str, float]
     for i in range(warmup + steps):
         for c, (model, _) in models.items():
             t, p = time.perf_counter(), time.process_time()
-            train_step(model, opts[c], batches[c])
+            train_step(model, opts[c], batches[c], c)
             if i >= warmup:
                 wall[c].append(time.perf_counter() - t)
                 cpu[c].append(time.process_time() - p)
@@ -217,7 +242,7 @@ def time_steps(name: str, steps: int, warmup: int = 2) -> tuple[dict[str, float]
 
 
 def time_float_state(name: str, steps: int, warmup: int = 2) -> tuple[float, float]:
-    from qat_lightning.quant.fake_quantize import set_fake_quantize
+    from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
     from qat_lightning.quant.preparation.prepare import prepare
 
     model, data = build(name)
@@ -255,7 +280,7 @@ def memory_child(name: str, contender: str) -> None:
         f.write("5")
     base = _status("VmRSS")
     for _ in range(3):
-        train_step(model, opt, x)
+        train_step(model, opt, x, contender)
     print(json.dumps({"peak": _status("VmHWM") - base}))
 
 
@@ -295,31 +320,35 @@ def main() -> None:
     parser.add_argument(
         "--keep-heap",
         action="store_true",
-        help="call qat_lightning.keep_heap() first (glibc keeps freed memory mapped; every contender alike)",
+        help="call quant.backends.keep_heap() first (glibc keeps freed memory mapped; every contender alike)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (every contender)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every contender (inductor)")
     args = parser.parse_args()
+    OPTIONS.update(device=args.device, compile=args.compile)
     torch.set_num_threads(args.threads)
     if args.keep_heap:
         import qat_lightning
 
-        qat_lightning.keep_heap()
+        qat_lightning.quant.backends.keep_heap()
     if args.memory_child:
         memory_child(*args.memory_child)
         return
     names = ["cnn", "encoder"] if args.model == "all" else [args.model]
-    from qat_lightning.quant.functional import kernels_available
+    from qat_lightning.quant.backends.cpu_kernels import kernels_available
 
-    kernels = "fused C kernels" if kernels_available() else "ATen formulas (no fused kernels)"
+    kernels = "ours+kernels = cpu_kernels backend" if kernels_available() else "no C kernels built"
     heap = "keep_heap()" if args.keep_heap else "default glibc heap"
     print(
-        f"torch {torch.__version__}, {args.threads} threads, median of {args.steps} steps, ours: {kernels}, "
-        f"{heap}"
+        f"torch {torch.__version__}, {args.device}{', compiled' if args.compile else ''}, {args.threads} "
+        f"threads, median of {args.steps} steps, {kernels}, {heap}"
     )
     for name in names:
         times, cpu = time_steps(name, args.steps)
         f_float, f_state = time_float_state(name, args.steps)
-        mem = {} if args.no_memory else measure_memory(name, args.threads, keep_heap=args.keep_heap)
-        live = {} if args.no_memory else measure_memory(name, args.threads, LIVE_ENV)
+        no_memory = args.no_memory or args.device != "cpu"
+        mem = {} if no_memory else measure_memory(name, args.threads, keep_heap=args.keep_heap)
+        live = {} if no_memory else measure_memory(name, args.threads, LIVE_ENV)
         print(f"\n{name}: train step (forward + backward + SGD)")
         print(
             f"  {'contender':<10} {'wall ms':>9} {'x float':>8} {'cpu ms':>8} {'x float':>8} "

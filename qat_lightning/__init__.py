@@ -17,7 +17,6 @@ from qat_lightning.analysis import (
     search_j6p,
     search_mixed_precision,
 )
-from qat_lightning.heap import keep_heap
 from qat_lightning.quant import *  # noqa: F403
 from qat_lightning.quant import __all__ as _quant_all
 
@@ -31,7 +30,6 @@ __all__ = [
     "QuantAnalysis",
     "check_export",
     "export_onnx",  # noqa: F405
-    "keep_heap",
     "search_fp16_topk",
     "search_j6p",
     "search_mixed_precision",

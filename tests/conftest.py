@@ -50,7 +50,7 @@ def generator() -> torch.Generator:
 def _restore_quant_switches() -> Iterator[None]:
     """Re-enable GlobalFakeQuantSwitch and FakeCast after each test, so a failing test cannot leak."""
     yield
-    from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
+    from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
     GlobalFakeQuantSwitch.enable()
     FakeCastSwitch.enable()

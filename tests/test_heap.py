@@ -9,13 +9,14 @@ import sys
 
 import pytest
 
-import qat_lightning as ql
-from qat_lightning.heap import _glibc
+from qat_lightning.quant.backends import keep_heap
+from qat_lightning.quant.backends.heap import _glibc
 
 _CHILD = """
 import json, resource, sys, torch
 import qat_lightning as ql
-applied = ql.keep_heap() if sys.argv[1] == "keep" else None
+from qat_lightning.quant.backends import keep_heap
+applied = keep_heap() if sys.argv[1] == "keep" else None
 def step():  # a forward/backward-like pattern: grow to 24 x 4 MiB, free from the top, grow again
     live = [torch.ones(2**20) for _ in range(24)]
     while live:
@@ -60,4 +61,4 @@ def test_keep_heap_stops_the_page_faults_of_regrown_memory() -> None:
 )
 def test_keep_heap_rejects_sizes_out_of_range(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        ql.keep_heap(**kwargs)
+        keep_heap(**kwargs)

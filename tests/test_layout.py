@@ -120,8 +120,8 @@ def import_circles(graph: dict[str, set[str]]) -> list[set[str]]:
 KNOWN_CIRCLES = [
     {
         "qat_lightning.quant.observers",
-        "qat_lightning.quant.histogram_observers",
-        "qat_lightning.quant.range_observers",
+        "qat_lightning.quant.observers.histogram_observers",
+        "qat_lightning.quant.observers.range_observers",
     },
 ]
 

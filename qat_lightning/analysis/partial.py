@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 from qat_lightning.quant.op_names import match_name
 from qat_lightning.quant.ops import iter_quant_ops, quant_nodes_of
 

@@ -54,7 +54,7 @@ from qat_lightning.analysis.sensitivity.exact import (
 )
 from qat_lightning.analysis.state import analysis_mode, eval_mode
 from qat_lightning.quant.calibrate import require_calibrated
-from qat_lightning.quant.fake_quantize import fake_quant_disabled
+from qat_lightning.quant.nodes.fake_quantize import fake_quant_disabled
 from qat_lightning.quant.ops import iter_quant_ops
 from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityTable
 

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from torch import nn
 
 from qat_lightning.quant.dtypes import DtypeLike, parse_dtype
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 
 __all__ = ["analysis_mode", "only_enabled", "node_dtypes", "eval_mode"]
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qat_lightning.callbacks.qat import QAT_SCALES
 from qat_lightning.callbacks.sanity import SANITY_MODES
 from qat_lightning.chips import CHIPS
 from qat_lightning.quant import DTYPES, OBSERVER_NAMES, PREPARE_METHODS, QAT_MODES
@@ -43,6 +44,7 @@ __all__ = [
     "Dtype",
     "FixScales",
     "LrProbeConf",
+    "QatScales",
     "MetricMode",
     "ObserverName",
     "OnViolation",
@@ -128,6 +130,11 @@ FixScales = choices(
 )
 BnMode = choices("BnMode", QAT_MODES, "BatchNorm handling during QAT (``qat_lightning.quant.QAT_MODES``).")
 PrepareMethod = choices("PrepareMethod", PREPARE_METHODS, "``prepare(method=)`` (``quant.PREPARE_METHODS``).")
+QatScales = choices(
+    "QatScales",
+    QAT_SCALES,
+    "How QAT moves activation scales (``QuantizationAwareTraining(scales=)``; old name ``fix_scales``).",
+)
 
 
 @dataclass(frozen=True)
@@ -296,6 +303,7 @@ class QatConf:
         scheduler: ``cosine`` (decay, no warmup), ``constant``, or ``keep`` the model's own (the QAT
             callback then refuses it if it warms up).
         fix_scales: keep input/output (or all) activation scales at their calibrated values.
+        scales: QAT scale mode: ``moving`` (default), ``fixed_input_output``, ``fixed``, ``learned`` (LSQ).
         lr_probe: the seed's LR probe (QAT §1a, :class:`LrProbeConf`); ``lrs: []`` = off.
         scale_trial: the seed's QAT §2: when the calibration model meets the target, QAT runs twice (scales
             updated, input/output scales fixed) and the better is kept (``qat.ckpt``); otherwise QAT runs with
@@ -307,6 +315,7 @@ class QatConf:
     lr: float | None = 1e-4
     scheduler: QatScheduler = QatScheduler.cosine
     fix_scales: FixScales = FixScales.none
+    scales: QatScales = QatScales.moving
     lr_probe: LrProbeConf = field(default_factory=LrProbeConf)
     scale_trial: bool = False
 

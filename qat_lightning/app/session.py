@@ -398,6 +398,7 @@ class Session:
         qat_cb = self.callback(
             "qat",
             fix_scales=_fix_scales_arg(q.fix_scales.value if fix_scales is None else fix_scales),
+            scales=None if q.scales.value == "moving" else q.scales.value,
             float_steps=info.float_steps or None,
         )
         args: dict[str, Any] = {

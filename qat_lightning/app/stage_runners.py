@@ -116,7 +116,7 @@ def _float_check(pipe: Pipeline, lit: Any, float_metric: float, out: Path) -> No
         if pipe.cfg.sanity.mode.value == "lr0":
             log.info("sanity=lr0 applies to QAT (stage=qat / pipeline); nothing to check after calibration")
         return
-    from qat_lightning.quant.fake_quantize import fake_quant_disabled
+    from qat_lightning.quant.nodes.fake_quantize import fake_quant_disabled
 
     with fake_quant_disabled(getattr(lit, pipe.cfg.prepare.submodule)):
         got = pipe.session.validate(lit, out)

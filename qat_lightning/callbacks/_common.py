@@ -23,8 +23,8 @@ from qat_lightning.quant.calibrate import (
     is_calibrated,
     preserved_modes,
 )
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 from qat_lightning.quant.inputs import InputFn, ModelInputs, call_model, default_input_fn, normalize_inputs
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 
 __all__ = [
     "CALIBRATED_FLAG",

@@ -40,7 +40,7 @@ from qat_lightning.callbacks._common import (
     switch_states,
 )
 from qat_lightning.callbacks.logging import flush_loggers, log_figure, log_image_file, log_scalars, log_text
-from qat_lightning.quant.fake_quantize import FakeQuantState, fake_quant_state
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, fake_quant_state
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
 __all__ = [

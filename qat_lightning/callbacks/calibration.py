@@ -42,7 +42,7 @@ from qat_lightning.callbacks._common import (
 )
 from qat_lightning.callbacks.logging import log_quant_scales, log_scalars
 from qat_lightning.quant.calibrate import calibrate, reduce_observer_statistics
-from qat_lightning.quant.fake_quantize import iter_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import iter_fake_quantize
 
 __all__ = ["MIN_RECOMMENDED_BATCHES", "Calibration", "calibrate", "reduce_observer_statistics"]
 

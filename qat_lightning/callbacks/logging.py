@@ -19,7 +19,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from qat_lightning.quant.dtypes import QuantDtype
-from qat_lightning.quant.fake_quantize import FakeQuantize, iter_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, iter_fake_quantize
 from qat_lightning.quant.ops import iter_quant_ops, quant_nodes_of
 
 __all__ = [

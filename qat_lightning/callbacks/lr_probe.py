@@ -27,7 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from qat_lightning.analysis.advice.lr import DEFAULT_LRS, LrProbeResult, probe_qat_lr, render_lr_probe
 from qat_lightning.callbacks._common import get_submodule, request_dataloader, switch_states
 from qat_lightning.callbacks.logging import log_scalars, log_text
-from qat_lightning.quant.fake_quantize import FakeQuantState
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantState
 
 __all__ = ["QatLrProbe"]
 

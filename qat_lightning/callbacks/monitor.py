@@ -22,8 +22,8 @@ from torch import Tensor
 from qat_lightning.analysis.partial import match_name
 from qat_lightning.callbacks._common import get_submodule
 from qat_lightning.callbacks.logging import dtype_ratios, log_scalars
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
-from qat_lightning.quant.functional import _scale_view
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.nodes.functional import _scale_view
 
 __all__ = ["QuantStatsMonitor", "clipped_count"]
 

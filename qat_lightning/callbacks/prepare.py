@@ -39,7 +39,7 @@ from qat_lightning.callbacks._common import (
 )
 from qat_lightning.callbacks.logging import dtype_ratios, log_scalars, log_text
 from qat_lightning.chips import get_chip
-from qat_lightning.quant.fake_quantize import FakeQuantState, iter_fake_quantize, set_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, iter_fake_quantize, set_fake_quantize
 from qat_lightning.quant.preparation.model_check import check_model
 from qat_lightning.quant.preparation.prepare import prepare
 from qat_lightning.quant.qconfig.qconfig import QConfig

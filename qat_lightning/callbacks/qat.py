@@ -24,13 +24,15 @@ from qat_lightning.callbacks._common import (
     switch_states,
 )
 from qat_lightning.callbacks.logging import log_scalars
+from qat_lightning.quant import set_qat_scales
 from qat_lightning.quant.calibrate import require_calibrated
-from qat_lightning.quant.fake_quantize import FakeQuantState
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantState
 from qat_lightning.quant.qat import activation_nodes, find_lr_warmup, freeze_batchnorm, io_quant_nodes
 
 __all__ = [
     "BN_MODES",
     "FIX_SCALES",
+    "QAT_SCALES",
     "QAT_STEP_SHARE",
     "QuantizationAwareTraining",
     "find_lr_warmup",
@@ -39,6 +41,11 @@ __all__ = [
 
 BN_MODES = ("fuse_bn", "with_bn", "freeze_bn")
 FIX_SCALES = (None, "input_output", "all")
+QAT_SCALES = ("moving", "fixed_input_output", "fixed", "learned")
+"""``scales=``: activation scales follow the data (default: the seed fixes scales only when calibration
+accuracy is already good) / pinned on the model's input and output ops / all pinned / learned (LSQ).
+The old ``fix_scales`` names map onto it: None -> moving, input_output -> fixed_input_output, all -> fixed."""
+_FIX_TO_SCALES = {None: "moving", "input_output": "fixed_input_output", "all": "fixed"}
 QAT_STEP_SHARE = 0.2
 """The seed: QAT training steps should not exceed 20% of the floating-point training steps."""
 
@@ -71,7 +78,9 @@ class QuantizationAwareTraining(Callback):
     Args:
         bn_mode: ``None`` (as prepared), ``"fuse_bn"``, ``"with_bn"`` or ``"freeze_bn"``. ``fuse_bn`` and
             ``with_bn`` are structural (chosen at prepare time) and must match the prepared model's mode.
-        fix_scales: ``None``, ``"input_output"`` or ``"all"``.
+        fix_scales: ``None``, ``"input_output"`` or ``"all"`` (old name; use ``scales``).
+        scales: QAT scale mode, one of :data:`QAT_SCALES` (default ``"moving"``); ``"learned"`` adds the
+            LSQ scale parameters to the first optimizer as a new parameter group.
         check_lr: refuse warmup schedulers.
         float_steps: optimizer steps of the float training (``None``: not checked).
         submodule: attribute path of the network inside the LightningModule.
@@ -89,6 +98,7 @@ class QuantizationAwareTraining(Callback):
         bn_mode: str | None = None,
         fix_scales: str | None = None,
         check_lr: bool = True,
+        scales: str | None = None,
         float_steps: int | None = None,
         submodule: str = "model",
         strict: bool = True,
@@ -103,7 +113,12 @@ class QuantizationAwareTraining(Callback):
         if float_steps is not None and (isinstance(float_steps, bool) or int(float_steps) < 1):
             raise ValueError(f"float_steps must be a positive int or None, got {float_steps!r}")
         self.bn_mode = bn_mode
-        self.fix_scales = fix_scales
+        if scales is not None and scales not in QAT_SCALES:
+            raise ValueError(f"scales={scales!r} is not supported; allowed: {', '.join(QAT_SCALES)}")
+        if scales is not None and fix_scales is not None and _FIX_TO_SCALES[fix_scales] != scales:
+            raise ValueError(f"fix_scales={fix_scales!r} contradicts scales={scales!r}; give only scales")
+        self.scales = scales if scales is not None else _FIX_TO_SCALES[fix_scales]
+        self.fix_scales = {v: k for k, v in _FIX_TO_SCALES.items()}.get(self.scales)
         self.check_lr = check_lr
         self.float_steps = None if float_steps is None else int(float_steps)
         self.submodule = submodule
@@ -130,9 +145,9 @@ class QuantizationAwareTraining(Callback):
         if self.check_lr:
             self._refuse_warmup(trainer)
         self._check_steps(trainer)
-        pinned = self._fix_scales(model)
+        pinned = self._fix_scales(model, trainer)
         if pinned:
-            rank_zero_info(f"QuantizationAwareTraining: fixed {pinned} scale(s) ({self.fix_scales})")
+            rank_zero_info(f"QuantizationAwareTraining: {pinned} scale(s) {self.scales}")
         switch_states(model, (FakeQuantState.VALIDATION, FakeQuantState.CALIBRATION), FakeQuantState.QAT)
         self._freeze_bn(model)
         log_scalars(trainer, {"qat/fixed_scales": float(pinned)})
@@ -177,11 +192,16 @@ class QuantizationAwareTraining(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain config: the QAT recipe (bn_mode, fix_scales)."""
-        return {"bn_mode": self.bn_mode, "fix_scales": self.fix_scales, "float_steps": self.float_steps}
+        return {
+            "bn_mode": self.bn_mode,
+            "fix_scales": self.fix_scales,
+            "scales": self.scales,
+            "float_steps": self.float_steps,
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse to resume a QAT run made with other scale fixing or BN mode."""
-        for key in ("bn_mode", "fix_scales"):
+        for key in ("bn_mode", "fix_scales", "scales"):
             if key in state_dict and state_dict[key] != getattr(self, key):
                 raise ValueError(
                     f"the checkpoint was trained with QuantizationAwareTraining({key}={state_dict[key]!r}) "
@@ -216,12 +236,14 @@ class QuantizationAwareTraining(Callback):
                 "Watch the training loss and the evaluation results and stop earlier if they are flat"
             )
 
-    def _fix_scales(self, model: nn.Module) -> int:
-        if self.fix_scales is None:
+    def _fix_scales(self, model: nn.Module, trainer: pl.Trainer) -> int:
+        if self.scales == "moving":
             return 0
-        nodes = io_quant_nodes(model) if self.fix_scales == "input_output" else activation_nodes(model)
-        for _, node in nodes:
-            node.fix_scale()
+        io = self.scales == "fixed_input_output"
+        nodes = [n for _, n in (io_quant_nodes(model) if io else activation_nodes(model))]
+        params = set_qat_scales(model, "fixed" if io else self.scales, nodes)
+        if params:  # learned: the optimizer was built before the parameters existed
+            trainer.optimizers[0].add_param_group({"params": params})
         return len(nodes)
 
     def _check_bn_mode(self, model: nn.Module) -> None:

@@ -43,7 +43,7 @@ from qat_lightning.callbacks._common import (
 )
 from qat_lightning.callbacks.logging import flush_loggers, log_scalars, log_text
 from qat_lightning.quant.calibrate import DataDrift, DataDriftMeter
-from qat_lightning.quant.fake_quantize import FakeQuantState, set_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, set_fake_quantize
 from qat_lightning.quant.qat import BN_TYPES
 
 __all__ = ["MONITOR_MODES", "SANITY_MODES", "SanityCheck", "SanityCheckError", "SanityResult", "CAUSES"]

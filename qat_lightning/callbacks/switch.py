@@ -28,7 +28,7 @@ from qat_lightning.analysis.partial import (
     switch_to_float,
 )
 from qat_lightning.callbacks._common import get_submodule
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 
 __all__ = [
     "STAGES",

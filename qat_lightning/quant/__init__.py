@@ -7,6 +7,7 @@ Sub-packages: ``qconfig`` (QConfig, templates, QconfigSetter, sensitivity table)
 Never imports lightning, hydra or omegaconf.
 """
 
+from qat_lightning.quant.backends import BACKENDS, get_backend, set_backend
 from qat_lightning.quant.calibrate import (
     CALIBRATED_FLAG,
     UncalibratedModelError,
@@ -15,7 +16,8 @@ from qat_lightning.quant.calibrate import (
     require_calibrated,
 )
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float16, float32, parse_dtype, qint8, qint16
-from qat_lightning.quant.fake_quantize import (
+from qat_lightning.quant.nodes import (
+    SCALE_MODES,
     FakeCast,
     FakeQuantize,
     FakeQuantState,
@@ -23,9 +25,11 @@ from qat_lightning.quant.fake_quantize import (
     fake_quant_state,
     iter_fake_quantize,
     set_fake_quantize,
+    set_qat_scales,
 )
-from qat_lightning.quant.fp16_norm import set_fp16_norm_scaling
-from qat_lightning.quant.functional import fake_cast, fake_quantize
+from qat_lightning.quant.nodes.fp16_norm import set_fp16_norm_scaling
+from qat_lightning.quant.nodes.functional import fake_cast, fake_quantize
+from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 from qat_lightning.quant.observers import OBSERVER_NAMES, Observer, make_observer
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.preparation import (
@@ -55,7 +59,6 @@ from qat_lightning.quant.qconfig import (
     as_qconfig_setter,
     get_qconfig,
 )
-from qat_lightning.quant.switches import GlobalFakeQuantSwitch
 
 __all__ = [
     "EagerFused",
@@ -71,6 +74,11 @@ __all__ = [
     "io_quant_nodes",
     "reduce_observer_statistics",
     "require_calibrated",
+    "BACKENDS",
+    "get_backend",
+    "set_backend",
+    "set_qat_scales",
+    "SCALE_MODES",
     "PREPARE_METHODS",
     "QAT_MODES",
     "ConvDtypeTemplate",
@@ -114,5 +122,7 @@ __all__ = [
     "qint16",
     "quant_nodes_of",
     "set_fake_quantize",
+    "set_qat_scales",
+    "SCALE_MODES",
     "set_fp16_norm_scaling",
 ]

@@ -24,13 +24,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qat_lightning.quant.fake_quantize import (
+from qat_lightning.quant.inputs import InputFn, call_model, default_input_fn, normalize_inputs
+from qat_lightning.quant.nodes.fake_quantize import (
     FakeQuantize,
     FakeQuantState,
     iter_fake_quantize,
     set_fake_quantize,
 )
-from qat_lightning.quant.inputs import InputFn, call_model, default_input_fn, normalize_inputs
 
 __all__ = [
     "BN_SHIFT_LIMIT",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 
 __all__ = ["OpKind", "OpInfo", "FloatOp", "PrepareRecord", "iter_quant_ops", "quant_nodes_of"]
 

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 from torch.optim import lr_scheduler as sched
 
-from qat_lightning.quant.fake_quantize import FakeQuantize, iter_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, iter_fake_quantize
 from qat_lightning.quant.ops import OpKind, iter_quant_ops
 
 __all__ = ["BN_TYPES", "activation_nodes", "find_lr_warmup", "freeze_batchnorm", "io_quant_nodes"]

@@ -26,7 +26,7 @@ from qat_lightning.analysis.inputs import (
     flatten_outputs,
     select_samples,
 )
-from qat_lightning.quant.functional import fake_quantize
+from qat_lightning.quant.nodes.functional import fake_quantize
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

@@ -9,7 +9,7 @@ from torch import nn
 import qat_lightning as ql
 import qat_lightning.callbacks.monitor as monitor
 import qat_lightning.callbacks.switch as switch
-import qat_lightning.quant.fp16_norm as fp16_norm
+import qat_lightning.quant.nodes.fp16_norm as fp16_norm
 import qat_lightning.quant.qconfig.templates as templates
 from qat_lightning.analysis import partial
 from qat_lightning.quant.op_names import match_name, match_order

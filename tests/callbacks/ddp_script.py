@@ -23,7 +23,7 @@ from qat_lightning.callbacks import (  # noqa: E402
     QuantizationAwareTraining,
     QuantStatsMonitor,
 )
-from qat_lightning.quant.fake_quantize import iter_fake_quantize  # noqa: E402
+from qat_lightning.quant.nodes.fake_quantize import iter_fake_quantize  # noqa: E402
 from qat_lightning.quant.qconfig.qconfig import get_qconfig  # noqa: E402
 from qat_lightning.quant.qconfig.setter import QconfigSetter  # noqa: E402
 

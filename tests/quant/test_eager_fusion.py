@@ -15,7 +15,7 @@ from qat_lightning.quant import (
     prepare,
     set_fake_quantize,
 )
-from qat_lightning.quant.qat_modules import QatConvBn, QatGemm
+from qat_lightning.quant.nodes.qat_modules import QatConvBn, QatGemm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

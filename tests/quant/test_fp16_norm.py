@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import qat_lightning as ql
-from qat_lightning.quant.fp16_norm import (
+from qat_lightning.quant.nodes.fp16_norm import (
     SAFE_AMAX,
     QatNormFunction,
     QatNormOp,
@@ -17,8 +17,8 @@ from qat_lightning.quant.fp16_norm import (
     norm_input_scale,
     set_fp16_norm_scaling,
 )
+from qat_lightning.quant.nodes.switches import FakeCastSwitch
 from qat_lightning.quant.ops import iter_quant_ops
-from qat_lightning.quant.switches import FakeCastSwitch
 
 HIDDEN = 64
 

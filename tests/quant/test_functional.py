@@ -1,4 +1,4 @@
-"""qat_lightning.quant.functional: fake_quantize / fake_cast against torch's reference kernels."""
+"""qat_lightning.quant.nodes.functional: fake_quantize / fake_cast against torch's reference kernels."""
 
 from __future__ import annotations
 
@@ -11,22 +11,24 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from qat_lightning.quant import functional as qf
+from qat_lightning.quant.backends import cpu_kernels, set_backend
 from qat_lightning.quant.dtypes import QuantDtype, float16, float32, qint8, qint16
-from qat_lightning.quant.functional import FP16_MAX, fake_cast, fake_quantize
+from qat_lightning.quant.nodes.functional import FP16_MAX, fake_cast, fake_quantize
 
 INT_DTYPES = [qint8, qint16]
 
 
-@pytest.fixture(autouse=True, scope="module", params=["kernels", "aten"])
+@pytest.fixture(autouse=True, scope="module", params=["cpu_kernels", "default"])
 def implementation(request):
-    """Every test runs twice: with the fused C kernels (when built) and with the ATen formulas."""
-    with pytest.MonkeyPatch.context() as patch:
-        if request.param == "aten":
-            patch.setattr(qf, "_KERNELS", None)
-        elif not qf.kernels_available():
+    """Every test runs twice: the opt-in C-kernel backend (when built) and the default ATen formula."""
+    if request.param == "cpu_kernels":
+        if not cpu_kernels.kernels_available():
             pytest.skip("fused kernels not built")
+        set_backend("cpu_kernels")
+    try:
         yield request.param
+    finally:
+        set_backend("default")
 
 
 # ----------------------------------------------------------------------------------------------- helpers

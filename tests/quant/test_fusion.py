@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from qat_lightning.quant.dtypes import float32
-from qat_lightning.quant.fake_quantize import iter_fake_quantize, set_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import iter_fake_quantize, set_fake_quantize
+from qat_lightning.quant.nodes.qat_modules import QatConvBn, QatGemm
 from qat_lightning.quant.ops import iter_quant_ops
 from qat_lightning.quant.preparation.prepare import prepare
-from qat_lightning.quant.qat_modules import QatConvBn, QatGemm
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add barrier waits
 

@@ -10,8 +10,9 @@ import torch
 from torch.ao.quantization import HistogramObserver
 
 from qat_lightning.quant.dtypes import qint8, qint16
-from qat_lightning.quant.histogram import AbsHistogram
-from qat_lightning.quant.histogram_error import (
+from qat_lightning.quant.observers import make_observer
+from qat_lightning.quant.observers.histogram import AbsHistogram
+from qat_lightning.quant.observers.histogram_error import (
     all_rows,
     coarsen,
     edge_mse,
@@ -19,14 +20,13 @@ from qat_lightning.quant.histogram_error import (
     moments,
     mse_at,
 )
-from qat_lightning.quant.histogram_search import (
+from qat_lightning.quant.observers.histogram_search import (
     MIX_CANDIDATES,
     mix_candidates,
     mix_threshold,
     mse_threshold,
 )
-from qat_lightning.quant.kl_search import KL_TOLERANCE, kl_divergences, kl_threshold
-from qat_lightning.quant.observers import make_observer
+from qat_lightning.quant.observers.kl_search import KL_TOLERANCE, kl_divergences, kl_threshold
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -224,7 +224,7 @@ def test_kl_sqnr_within_0p2_db_of_torch_ao_histogram(data: str, shape: tuple[int
 
 
 def test_histogram_modules_reexport_the_searches() -> None:
-    from qat_lightning.quant import histogram
+    from qat_lightning.quant.observers import histogram
 
     names = ("coarsen", "estimate_mse", "kl_threshold", "mse_threshold", "mix_threshold", "MIX_CANDIDATES")
     for name in names:

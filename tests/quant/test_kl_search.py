@@ -9,9 +9,9 @@ import torch
 from torch.ao.quantization import HistogramObserver
 
 from qat_lightning.quant.dtypes import QuantDtype, qint8, qint16
-from qat_lightning.quant.histogram_error import coarsen, estimate_mse
-from qat_lightning.quant.kl_search import KL_MAX_MSE_LOSS, kl_threshold
 from qat_lightning.quant.observers import make_observer
+from qat_lightning.quant.observers.histogram_error import coarsen, estimate_mse
+from qat_lightning.quant.observers.kl_search import KL_MAX_MSE_LOSS, kl_threshold
 
 
 def _sample(kind: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:

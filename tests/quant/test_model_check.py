@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord
 from qat_lightning.quant.preparation.model_check import (
     CallCountRow,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from qat_lightning.quant.fake_quantize import FakeQuantize, iter_fake_quantize, set_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, iter_fake_quantize, set_fake_quantize
 from qat_lightning.quant.ops import OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.preparation.fx_tracer import FxTraceError
 from qat_lightning.quant.preparation.prepare import prepare

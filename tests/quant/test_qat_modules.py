@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat_lightning.quant.fake_quantize import set_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
+from qat_lightning.quant.nodes.qat_modules import QatConvBn, QatFunction, QatInput, fold_bn
 from qat_lightning.quant.ops import OpInfo, OpKind, iter_quant_ops
 from qat_lightning.quant.preparation.prepare import prepare
-from qat_lightning.quant.qat_modules import QatConvBn, QatFunction, QatInput, fold_bn
 from qat_lightning.quant.qconfig.qconfig import get_qconfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add barrier waits

@@ -9,8 +9,8 @@ import torch
 
 import qat_lightning as ql
 from qat_lightning.quant.dtypes import float16, qint8, qint16
-from qat_lightning.quant.fake_quantize import FakeQuantize, set_fake_quantize
-from qat_lightning.quant.functional import fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, set_fake_quantize
+from qat_lightning.quant.nodes.functional import fake_quantize
 from qat_lightning.quant.observers import OBSERVER_NAMES
 from qat_lightning.quant.qconfig.qconfig import QConfig, get_qconfig
 

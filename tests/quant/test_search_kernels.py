@@ -1,4 +1,4 @@
-"""qat_lightning/quant/_search_kernels.c: the fused search kernels against the ATen code of the searches."""
+"""quant/backends/_search_kernels.c: the fused search kernels against the ATen code of the searches."""
 
 from __future__ import annotations
 
@@ -7,11 +7,18 @@ import importlib.util
 import pytest
 import torch
 
-from qat_lightning.quant import search_kernels
-from qat_lightning.quant.functional import load_extension
-from qat_lightning.quant.histogram_error import all_rows, edge_argmin, edge_mse, estimate_mse, moments, mse_at
-from qat_lightning.quant.histogram_search import mix_candidates, mix_threshold, mse_threshold
-from qat_lightning.quant.kl_search import kl_divergences, kl_threshold
+from qat_lightning.quant.backends import search_kernels
+from qat_lightning.quant.nodes.functional import load_extension
+from qat_lightning.quant.observers.histogram_error import (
+    all_rows,
+    edge_argmin,
+    edge_mse,
+    estimate_mse,
+    moments,
+    mse_at,
+)
+from qat_lightning.quant.observers.histogram_search import mix_candidates, mix_threshold, mse_threshold
+from qat_lightning.quant.observers.kl_search import kl_divergences, kl_threshold
 
 needs_kernels = pytest.mark.skipif(
     not search_kernels.search_kernels_available(), reason="search kernels not built"
@@ -179,7 +186,7 @@ def test_kernels_switch_off_with_the_environment(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("QAT_LIGHTNING_NO_KERNELS", "1")
     assert load_extension("_search_kernels") is None and load_extension("_kernels") is None
     monkeypatch.setenv("QAT_LIGHTNING_NO_KERNELS", "0")
-    built = importlib.util.find_spec("qat_lightning.quant._search_kernels") is not None
+    built = importlib.util.find_spec("qat_lightning.quant.backends._search_kernels") is not None
     assert (load_extension("_search_kernels") is not None) == built
     with search_kernels.disabled():
         assert not search_kernels.search_kernels_available()

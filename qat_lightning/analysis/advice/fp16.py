@@ -6,7 +6,7 @@ A float forward (fake quant off) over ``inputs`` records every quantized op's in
 * **intermediate overflow** of norm ops (LayerNorm, GroupNorm, ...): ``max(x^2)`` (their variance term)
   beyond the fp16 range. The seed: scale the input down first (a norm is scale invariant). Prepared
   LayerNorm / GroupNorm ops (``nn`` and ``F``) in fp16 configs do this automatically
-  (:mod:`qat_lightning.quant.fp16_norm`): the finding reports whether the scaling is on for the op
+  (:mod:`qat_lightning.quant.nodes.fp16_norm`): the finding reports whether the scaling is on for the op
   (``auto_scaling``), the factor it uses for this batch, and what to do when it is off or not available;
 * **precision** of nonlinear ops (sigmoid, tanh, exp, softmax, log, silu, gelu): the op recomputed in fp16
   vs float; the 99th percentile of the elementwise relative error beyond ``precision_threshold`` (default
@@ -29,8 +29,8 @@ from torch import nn
 
 from qat_lightning.analysis.inputs import call_model, normalize_inputs
 from qat_lightning.analysis.state import eval_mode
-from qat_lightning.quant.fake_quantize import fake_quant_disabled
-from qat_lightning.quant.fp16_norm import norm_input_scale
+from qat_lightning.quant.nodes.fake_quantize import fake_quant_disabled
+from qat_lightning.quant.nodes.fp16_norm import norm_input_scale
 from qat_lightning.quant.ops import iter_quant_ops
 
 __all__ = ["FP16_MAX", "Fp16Diagnosis", "Fp16Finding", "diagnose_fp16", "render_fp16"]

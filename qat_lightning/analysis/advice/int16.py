@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 

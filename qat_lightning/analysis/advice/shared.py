@@ -27,7 +27,7 @@ from torch import nn
 
 from qat_lightning.analysis.inputs import call_model, normalize_inputs
 from qat_lightning.analysis.state import eval_mode
-from qat_lightning.quant.fake_quantize import FakeQuantize, fake_quant_disabled
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, fake_quant_disabled
 from qat_lightning.quant.ops import OpInfo, iter_quant_ops
 
 __all__ = [

@@ -28,7 +28,7 @@ from qat_lightning.analysis.compare.lockstep import Lockstep
 from qat_lightning.analysis.compare.stats import ClipStats, Moments, PairStats
 from qat_lightning.analysis.inputs import ModelInputs, call_model
 from qat_lightning.analysis.state import analysis_mode, eval_mode
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 from qat_lightning.quant.ops import iter_quant_ops, quant_nodes_of
 
 __all__ = ["OpRecord", "record_layers"]

@@ -52,7 +52,7 @@ from qat_lightning.analysis.search.probes import FirstOrderGuess, ProbeRunner, s
 from qat_lightning.analysis.search.report import SearchReporter, write_plan
 from qat_lightning.analysis.search.result import MixedPrecisionPlan, Probe
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype, qint8, qint16
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.qconfig.qconfig import QConfig, get_qconfig
 from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable
 from qat_lightning.quant.qconfig.setter import QconfigSetter

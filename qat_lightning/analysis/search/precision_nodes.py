@@ -21,7 +21,7 @@ from torch import nn
 
 from qat_lightning.chips import ChipSpec, get_chip, op_cost
 from qat_lightning.quant.dtypes import QuantDtype, float32
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.qconfig.templates import precision_rank
 

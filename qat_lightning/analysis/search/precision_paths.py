@@ -24,7 +24,7 @@ from qat_lightning.analysis.search.probes import ProbeRunner
 from qat_lightning.analysis.search.result import MixedPrecisionPlan, Probe
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, float16, parse_dtype, qint8, qint16
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpKind
 from qat_lightning.quant.qconfig.qconfig import QConfig, get_qconfig
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable

@@ -26,7 +26,7 @@ from qat_lightning.analysis.search.result import Probe
 from qat_lightning.analysis.state import analysis_mode, node_dtypes
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import QuantDtype
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 
 __all__ = ["ProbeRunner", "smallest_ok", "FirstOrderGuess", "row_energy"]

@@ -38,7 +38,7 @@ from qat_lightning.analysis.compare.metrics import Metric, error_value
 from qat_lightning.analysis.inputs import ModelInputs, batch_size_of, call_model, flatten_outputs
 from qat_lightning.analysis.sensitivity.exact import SensitivityTarget
 from qat_lightning.analysis.state import analysis_mode
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, fake_quant_disabled
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, fake_quant_disabled
 
 __all__ = ["approximate_sensitivity", "estimate_to_metric"]
 

@@ -34,7 +34,7 @@ from qat_lightning.analysis.compare.metrics import Metric, error_name, error_val
 from qat_lightning.analysis.inputs import ModelInputs, call_model, flatten_outputs
 from qat_lightning.analysis.sensitivity.downstream import FloatCache, GraphSlicer
 from qat_lightning.analysis.state import analysis_mode
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState, fake_quant_disabled
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, fake_quant_disabled
 from qat_lightning.quant.ops import OpInfo, OpKind, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityRow, SensitivityTable
 

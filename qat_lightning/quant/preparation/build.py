@@ -1,8 +1,8 @@
 """Planned ops and how one becomes an op module once its :class:`QConfig` is known (fx and eager).
 
 Norm ops (``nn.LayerNorm``, ``nn.GroupNorm``, ``F.layer_norm``, ``F.group_norm``) become
-:class:`~qat_lightning.quant.fp16_norm.QatNormOp` / ``QatNormFunction``: fp16 simulation with automatic
-input scaling when their output is float16 (see :mod:`qat_lightning.quant.fp16_norm`).
+:class:`~qat_lightning.quant.nodes.fp16_norm.QatNormOp` / ``QatNormFunction``: fp16 simulation with automatic
+input scaling when their output is float16 (see :mod:`qat_lightning.quant.nodes.fp16_norm`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from qat_lightning.quant.fake_quantize import FakeQuantize
-from qat_lightning.quant.fp16_norm import NORM_FUNCTIONS, NORM_MODULES, QatNormFunction, QatNormOp
-from qat_lightning.quant.ops import OpInfo
-from qat_lightning.quant.qat_modules import (
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fp16_norm import NORM_FUNCTIONS, NORM_MODULES, QatNormFunction, QatNormOp
+from qat_lightning.quant.nodes.qat_modules import (
     QatConvBn,
     QatFunction,
     QatGemm,
@@ -27,6 +26,7 @@ from qat_lightning.quant.qat_modules import (
     activation_node,
     weight_node,
 )
+from qat_lightning.quant.ops import OpInfo
 from qat_lightning.quant.qconfig.qconfig import QConfig
 
 __all__ = ["OpPlan", "OpBuilder"]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.preparation.dynamic_block import in_dynamic_block
 from qat_lightning.quant.preparation.eager_fusion import fused_parts
 from qat_lightning.quant.preparation.tables import (
@@ -28,7 +29,6 @@ from qat_lightning.quant.preparation.tables import (
     function_flops,
     module_op_type,
 )
-from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
 __all__ = ["CallEvent", "Probe", "probe_model", "input_names"]
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch.fx as fx
 from torch.fx import Node
 
-from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
+from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
 __all__ = ["SWITCH_NAMES", "recording_switches", "set_switch", "switch_nodes"]
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from qat_lightning.chips import ChipSpec, get_chip
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float32
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.preparation.model_check_report import (
     CHANGELOG_FILENAME,

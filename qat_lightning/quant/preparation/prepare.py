@@ -34,14 +34,14 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import float32
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.ops import FloatOp, OpInfo, PrepareRecord
 from qat_lightning.quant.preparation.eager_fusion import run_fuse_hook
 from qat_lightning.quant.preparation.eager_prepare import prepare_eager, probe_model
 from qat_lightning.quant.preparation.fx_prepare import prepare_fx
 from qat_lightning.quant.preparation.fx_tracer import FxTraceError
 from qat_lightning.quant.preparation.model_check import float_input_gemms
-from qat_lightning.quant.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.qconfig.qconfig import QConfig
 from qat_lightning.quant.qconfig.setter import QconfigAssignment, as_qconfig_setter
 
@@ -171,7 +171,7 @@ def prepare(
             swapping plus the user's ``QuantStub`` / ``DeQuantStub``, for code fx cannot trace) or
             ``auto`` (fx, else eager with a warning listing what eager does not cover).
         qat_mode: how fused conv + BN train: ``fuse_bn``, ``with_bn`` or ``freeze_bn`` (see
-            ``qat_lightning.quant.qat_modules.QatConvBn``).
+            ``qat_lightning.quant.nodes.qat_modules.QatConvBn``).
         check_dir: when given, ``model_check_result.txt`` (and ``qconfig_changelog.txt`` if the chip
             rules downgraded anything) is written there.
         fuse_fn: the user's fuse hook, run first on prepare's copy of the model (every method):

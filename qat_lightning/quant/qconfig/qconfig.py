@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype, qint8
-from qat_lightning.quant.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.observers import OBSERVER_NAMES
 
 __all__ = ["QConfig", "get_qconfig"]

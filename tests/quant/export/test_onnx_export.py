@@ -13,7 +13,7 @@ from torch import nn
 import qat_lightning as ql
 from qat_lightning.quant import quant_nodes_of
 from qat_lightning.quant.export import ExportError, export_onnx, read_encodings
-from qat_lightning.quant.qat_modules import fold_bn
+from qat_lightning.quant.nodes.qat_modules import fold_bn
 from tests.models import TinyResNet, bert_inputs, tiny_bert
 
 onnx = pytest.importorskip("onnx")

@@ -1,12 +1,12 @@
 """Quantization-error model on an ``|x|`` histogram, shared by the threshold searches.
 
-Histogram layout (see :class:`~qat_lightning.quant.histogram.AbsHistogram`): ``counts`` of shape
+Histogram layout (see :class:`~.histogram.AbsHistogram`): ``counts`` of shape
 ``(rows, bins + 1)``, column 0 the exact zeros, column ``j >= 1`` the values in ``((j - 1) w, j w]`` for the
 row's bin width ``w``. Inside a bin values are taken as uniformly spread.
 
 All functions work on every row at once (one row per channel, a single row per tensor) and return float64.
 :func:`moments`, :func:`mse_at` and :func:`edge_mse` run the fused C kernels of
-:mod:`qat_lightning.quant.search_kernels` on CPU when built (bit-identical results), else the ATen code here.
+:mod:`..backends.search_kernels` on CPU when built (bit-identical results), else the ATen code here.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from qat_lightning.quant import search_kernels
+from qat_lightning.quant.backends import search_kernels
 
 __all__ = [
     "SEARCH_CELLS",

@@ -15,7 +15,7 @@ from types import ModuleType
 
 import torch
 
-from qat_lightning.quant.functional import load_extension
+from qat_lightning.quant.nodes.functional import load_extension
 
 __all__ = ["search_kernels_available", "disabled", "moments", "edge_mse", "mse_at", "kl_low", "kl_pick"]
 

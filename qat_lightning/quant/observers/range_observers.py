@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from qat_lightning.quant.dtypes import QuantDtype
-from qat_lightning.quant.observers import Observer
+from qat_lightning.quant.observers.base import Observer
 
 __all__ = ["MovingMinMaxObserver", "FixedScaleObserver"]
 
@@ -50,20 +50,14 @@ class MovingMinMaxObserver(Observer):
         self.register_buffer("avg_min", torch.full(self._shape, math.inf))
         self.register_buffer("avg_max", torch.full(self._shape, -math.inf))
 
-    def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+    def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor | None = None) -> None:
+        # tensor ops only (no host sync): an average still at +-inf (no data so far) takes the batch value,
+        # later batches lerp; rows whose batch value is not finite keep their average
         c = self.averaging_constant
-        if not self.ignore_nonfinite:  # lo/hi are finite: first batch copies, later ones lerp
-            first = not self.has_data
-            for avg, new in ((self.avg_min, lo), (self.avg_max, hi)):
-                if first:
-                    avg.copy_(new)
-                else:
-                    avg.lerp_(new, c)
-            return
-        # a channel may have had no finite value so far (average still +-inf) or in this batch (new +-inf)
         for avg, new in ((self.avg_min, lo), (self.avg_max, hi)):
-            moved = torch.where(torch.isinf(avg), new, avg + c * (new - avg))
-            avg.copy_(torch.where(torch.isfinite(new), moved, avg))
+            ok = torch.isfinite(new) if finite is None else finite & torch.isfinite(new)
+            moved = torch.where(torch.isinf(avg), new, avg.lerp(new, c))
+            avg.copy_(torch.where(ok, moved, avg))
 
     def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
         return torch.maximum(-self.avg_min, self.avg_max).double().reshape(self._rows).clamp_min(0)

@@ -1,18 +1,18 @@
 """Histogram-family calibration observers: ``percentile``, ``kl``, ``mse`` and ``mix``.
 
-Each keeps, besides the running min/max of :class:`~qat_lightning.quant.observers.Observer`, a growing
-``|x|`` histogram (:class:`~qat_lightning.quant.histogram.AbsHistogram`, filled by ``forward`` only) and
-turns it into a clipping threshold with one of the searches of :mod:`qat_lightning.quant.histogram_search`.
+Each keeps, besides the running min/max of :class:`~.Observer`, a growing
+``|x|`` histogram (:class:`~.histogram.AbsHistogram`, filled by ``forward`` only) and
+turns it into a clipping threshold with one of the searches of :mod:`.histogram_search`.
 Import them from :mod:`qat_lightning.quant.observers` (which re-exports them and registers them in
 ``OBSERVERS``) or from here.
 
 Options of all four, after the base ones (``ch_axis``, ``num_channels``, ``ignore_nonfinite``, ``name``):
 ``bins``, histogram bins per row, a power of two in ``[256, 65536]`` (default
-:func:`~qat_lightning.quant.histogram.default_bins`: 2048 per tensor and for ``percentile``; per channel
+:func:`~.histogram.default_bins`: 2048 per tensor and for ``percentile``; per channel
 for ``kl``/``mse``/``mix`` the bins their search uses, ``min(2048, max(256, 2**16 // channels))`` rounded
 down to a power of two, e.g. 256 for 256 channels: same scales as 2048 bins, less memory and update
 time; the buffer shapes are fixed at construction); ``max_samples``, per-batch sampling cap
-(see :mod:`qat_lightning.quant.histogram`), None bins every element. ``percentile`` and ``mix`` also take
+(see :mod:`.histogram`), None bins every element. ``percentile`` and ``mix`` also take
 ``percentile`` in ``(0, 100]``; options are checked in that order (base, ``percentile``, histogram).
 """
 
@@ -24,15 +24,15 @@ from typing import Any
 import torch
 
 from qat_lightning.quant.dtypes import QuantDtype
-from qat_lightning.quant.histogram import DEFAULT_MAX_SAMPLES, AbsHistogram, default_bins
-from qat_lightning.quant.histogram_search import (
+from qat_lightning.quant.observers.base import Observer
+from qat_lightning.quant.observers.histogram import DEFAULT_MAX_SAMPLES, AbsHistogram, default_bins
+from qat_lightning.quant.observers.histogram_search import (
     MIX_CANDIDATES,
     kl_threshold,
     mix_threshold,
     mse_threshold,
     percentile_threshold,
 )
-from qat_lightning.quant.observers import Observer
 
 __all__ = ["PercentileObserver", "KLObserver", "MSEObserver", "MixObserver"]
 
@@ -113,7 +113,7 @@ class PercentileObserver(Observer):
 class KLObserver(Observer):
     """``kl``: entropy (KL-divergence) calibration on the ``|x|`` histogram.
 
-    See :func:`~qat_lightning.quant.kl_search.kl_threshold` for the exact algorithm: TensorRT's search
+    See :func:`~.kl_search.kl_threshold` for the exact algorithm: TensorRT's search
     with levels of (at most one bin) equal width, exact zeros left out, and ties (divergence within 5 %
     of the minimum) broken by the smallest estimated quantization error. For int8 it searches thresholds
     with 128 quantized levels; for int16 (32768 levels, finer than any histogram bin) it returns the

@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState
-from qat_lightning.quant.functional import fake_cast
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
+from qat_lightning.quant.nodes.functional import fake_cast
+from qat_lightning.quant.nodes.qat_modules import QatFunction, QatModuleOp
+from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.op_names import match_name
 from qat_lightning.quant.ops import iter_quant_ops
-from qat_lightning.quant.qat_modules import QatFunction, QatModuleOp
-from qat_lightning.quant.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
 __all__ = [
     "SAFE_AMAX",

@@ -35,9 +35,9 @@ maxima (weight 1), the bins up to the cut from the subsample. Above the cut a bl
 values, so the tail count is low by at most about 1.6 % near the cut and exact further out. Every
 search also caps its threshold at the exact ``amax``, and ``minmax`` never depends on sampling.
 
-The threshold searches built on these statistics live in :mod:`qat_lightning.quant.histogram_search`
-(percentile, mse, mix), :mod:`qat_lightning.quant.kl_search` (kl) and
-:mod:`qat_lightning.quant.histogram_error` (the error model); their public names are re-exported here.
+The threshold searches built on these statistics live in :mod:`.histogram_search`
+(percentile, mse, mix), :mod:`.kl_search` (kl) and
+:mod:`.histogram_error` (the error model); their public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from qat_lightning.quant.histogram_error import coarsen, estimate_mse, search_bins
-from qat_lightning.quant.histogram_search import (
+from qat_lightning.quant.observers.histogram_error import coarsen, estimate_mse, search_bins
+from qat_lightning.quant.observers.histogram_search import (
     MIX_CANDIDATES,
     kl_threshold,
     mix_candidates,
@@ -125,7 +125,7 @@ def default_bins(rows: int, coarsened: bool) -> int:
     Args:
         rows: 1 per tensor, the channel count per channel.
         coarsened: True for the kl / mse / mix searches, which merge many-channel histograms to
-            :func:`~qat_lightning.quant.histogram_error.search_bins` bins per row before searching: their
+            :func:`~.histogram_error.search_bins` bins per row before searching: their
             histograms are built with that many bins (``min(2048, max(256, 2**16 // rows))`` rounded down
             to a power of two: 2048 up to 32 rows, 256 from 256 rows). The bin edges are nested powers of
             two, so binning directly at that count gives the same merged histogram (and the same scales)

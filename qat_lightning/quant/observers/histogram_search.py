@@ -1,17 +1,17 @@
 """Threshold searches on an ``|x|`` histogram: ``percentile``, ``mse``, ``kl`` and ``mix``.
 
-Every search takes the histogram of :class:`~qat_lightning.quant.histogram.AbsHistogram` (``counts`` of
+Every search takes the histogram of :class:`~.histogram.AbsHistogram` (``counts`` of
 shape ``(rows, bins + 1)``, bin widths ``(rows,)``) and the exact ``max |x|`` per row, and returns a
 clipping threshold per row (``scale = threshold / qmax``), never more than ``amax``. They never modify the
 statistics, so one set of statistics serves int8 and int16. All rows (channels) are searched at once;
-many-channel histograms are first merged by :func:`~qat_lightning.quant.histogram_error.coarsen`.
+many-channel histograms are first merged by :func:`~.histogram_error.coarsen`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from qat_lightning.quant.histogram_error import (
+from qat_lightning.quant.observers.histogram_error import (
     SEARCH_CELLS,
     Moments,
     all_rows,
@@ -21,7 +21,7 @@ from qat_lightning.quant.histogram_error import (
     moments,
     mse_at,
 )
-from qat_lightning.quant.kl_search import KL_TOLERANCE, kl_threshold
+from qat_lightning.quant.observers.kl_search import KL_TOLERANCE, kl_threshold
 
 __all__ = [
     "SEARCH_CELLS",

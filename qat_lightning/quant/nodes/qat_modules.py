@@ -7,7 +7,7 @@ Every class derives from :class:`QuantOp`, which carries the contract of :mod:`q
 * :class:`QatConvBn`: conv (or linear) + BatchNorm, optionally + residual add and ReLU, in one of three QAT
   modes (see the class docstring).
 * :class:`QatModuleOp`: any other module op (LayerNorm, Softmax, pooling, ...): output quant point.
-  Norm ops (LayerNorm, GroupNorm) use its subclass ``QatNormOp`` in :mod:`~qat_lightning.quant.fp16_norm`
+  Norm ops (LayerNorm, GroupNorm) use its subclass ``QatNormOp`` in :mod:`~.fp16_norm`
   (fp16 simulation with automatic input scaling).
 * :class:`QatFunction`: a functional op / operator (``add``, ``matmul``, ``softmax``, ...).
 * :class:`QatInput`: a model input (or a user's ``QuantStub``).
@@ -22,7 +22,7 @@ BN-folded weight and bias (one weight-sized multiply per forward).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qat_lightning.quant.dtypes import QuantDtype, float32
-from qat_lightning.quant.fake_quantize import FakeQuantize, FakeQuantState
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
+from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 from qat_lightning.quant.ops import OpInfo
 from qat_lightning.quant.qconfig.qconfig import QConfig
-from qat_lightning.quant.switches import GlobalFakeQuantSwitch
 
 __all__ = [
     "QAT_MODES",
@@ -97,28 +97,12 @@ def quantize_weight(wq: FakeQuantize, weight: Tensor, fold: Tensor | None = None
         and torch.is_grad_enabled()
     ):
         with torch.no_grad():
-            value = wq._qat_weight_fused(weight, fold)  # one fused pass over the weight (C kernel)
-            if value is None and fold is None:
-                value = wq(weight)
-            elif value is None:  # a fresh tensor: its input is the temporary weight * fold
-                value = wq(weight * fold).div_(fold)
+            value = wq(weight) if fold is None else wq(weight * fold).div_(fold)
         return _StraightThrough.apply(weight, value)
     if fold is None:
         return wq(weight)
     fold = fold.detach()
     return wq(weight * fold) / fold
-
-
-def _fresh(y: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bool:
-    """Whether tensor ``y`` shares no memory with a tensor among ``args``/``kwargs`` (one level of lists)."""
-    if not isinstance(y, Tensor):
-        return False
-    ptr = y.untyped_storage().data_ptr()
-    for a in (*args, *kwargs.values()):
-        for t in a if isinstance(a, (list, tuple)) else (a,):
-            if isinstance(t, Tensor) and t.untyped_storage().data_ptr() == ptr:
-                return False
-    return True
 
 
 class QuantOp(nn.Module):
@@ -160,12 +144,12 @@ class QuantOp(nn.Module):
     def _forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _out(self, y: Any, owned: bool = False) -> Any:
-        """Apply the output quant node (``owned``: ``y`` is the op's fresh result, held by no one else)."""
+    def _out(self, y: Any) -> Any:
+        """Apply the output quant node to a tensor result."""
         q = self.output_quant
         if q is None or not isinstance(y, Tensor):
             return y
-        return q.forward_owned(y) if owned else q(y)
+        return q(y)
 
     def extra_repr(self) -> str:
         """Show the op name and type."""
@@ -217,7 +201,7 @@ class QatGemm(QuantOp):
         m = self.module
         x = self.input_quant[0](x)
         y = _gemm(self.kind, m, x, quantize_weight(self.weight_quant, m.weight), m.bias, output_size)
-        return self.output_quant.forward_relu(y) if self.relu else self.output_quant.forward_owned(y)
+        return self.output_quant(torch.relu(y) if self.relu else y)
 
 
 def fold_bn(
@@ -317,7 +301,9 @@ class QatConvBn(QuantOp):
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return fold_bn(conv.weight, conv.bias, bn)
-        key = (bn.eps,) + tuple(None if t is None else (t.data_ptr(), t._version, t.device) for t in tensors)
+        if torch.compiler.is_compiling():  # traced: no cache (the graph recomputes the fold)
+            return fold_bn(conv.weight, conv.bias, bn)
+        key = (bn.eps,) + tuple(None if t is None else (id(t), t._version, t.device) for t in tensors)
         cache = self.__dict__.get("_fold_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():
@@ -334,7 +320,7 @@ class QatConvBn(QuantOp):
         y = self._conv_bn(self.input_quant[0](x))
         if self.add:
             y = y.add_(self.input_quant[1](residual))
-        return self.output_quant.forward_relu(y) if self.relu else self.output_quant.forward_owned(y)
+        return self.output_quant(torch.relu(y) if self.relu else y)
 
     def extra_repr(self) -> str:
         """Show name, type and QAT mode."""
@@ -350,8 +336,7 @@ class QatModuleOp(QuantOp):
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:
         y = self.module(*args, **kwargs)
-        # the result is ours unless a hook on the module could have kept it or it shares an input's memory
-        return self._out(y, not self.module._forward_hooks and _fresh(y, args, kwargs))
+        return self._out(y)
 
 
 class QatFunction(QuantOp):
@@ -392,7 +377,7 @@ class QatFunction(QuantOp):
             out = getattr(args[0], self.target)(*args[1:], **kwargs)
         else:
             out = self.target(*args, **kwargs)
-        return self._out(out, _fresh(out, args, kwargs))
+        return self._out(out)
 
     def extra_repr(self) -> str:
         """Show name, type and the function."""

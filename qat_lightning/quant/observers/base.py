@@ -3,8 +3,8 @@
 An observer watches tensors and turns what it saw into a scale for ``q = clamp(round(x / scale), qmin,
 qmax)``: ``scale = amax / qmax`` for a clipping threshold ``amax`` chosen by the method. Statistics are
 dtype-agnostic (running min/max for every observer, plus a growing ``|x|`` histogram for
-``percentile``/``kl``/``mse``/``mix``, defined in :mod:`qat_lightning.quant.histogram_observers` and
-re-exported here; see :mod:`qat_lightning.quant.histogram`), so
+``percentile``/``kl``/``mse``/``mix``, defined in :mod:`.histogram_observers` and
+re-exported here; see :mod:`.histogram`), so
 ``compute_scale(qint8)`` and ``compute_scale(qint16)`` both work from one calibration pass. Everything
 lives in fixed-shape buffers (``state_dict``, deepcopy, DDP broadcast).
 
@@ -25,7 +25,6 @@ empty tensors are ignored; all-zero data gives ``SCALE_EPS``; an observer that s
 from __future__ import annotations
 
 import abc
-import inspect
 import math
 import warnings
 from typing import Any, ClassVar
@@ -33,9 +32,8 @@ from typing import Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from qat_lightning.quant import functional as _functional
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
-from qat_lightning.quant.histogram import AbsHistogram
+from qat_lightning.quant.observers.histogram import AbsHistogram
 
 __all__ = [
     "OBSERVER_NAMES",
@@ -43,14 +41,6 @@ __all__ = [
     "DEFAULT_SCALE",
     "Observer",
     "MinMaxObserver",
-    "MovingMinMaxObserver",
-    "PercentileObserver",
-    "KLObserver",
-    "MSEObserver",
-    "MixObserver",
-    "FixedScaleObserver",
-    "OBSERVERS",
-    "make_observer",
 ]
 
 OBSERVER_NAMES: tuple[str, ...] = ("minmax", "moving_minmax", "percentile", "kl", "mse", "mix", "fixed")
@@ -62,6 +52,34 @@ int16): such a tensor is treated as (near) zero."""
 
 DEFAULT_SCALE: float = 1.0
 """Scale returned (with a warning naming the observer) by an observer that never saw data."""
+
+
+def apply_keeping_float32(module: torch.nn.Module, apply: Any, fn: Any, recurse: bool = True) -> Any:
+    """``module._apply(fn)`` that moves quant state between devices but keeps its float32 dtype.
+
+    ``model.half()`` / ``.to(torch.bfloat16)`` / ``Trainer(precision="bf16-true")`` convert every float
+    buffer and parameter; scales and statistics must stay float32 (an fp16 scale cannot hold 2**-24, and a
+    bf16 moving average stalls). ``apply`` is the parent class's ``_apply``.
+    """
+    saved = [
+        (
+            m,
+            {k: b for k, b in m._buffers.items() if b is not None and b.dtype == torch.float32},
+            {k: p.data for k, p in m._parameters.items() if p is not None and p.dtype == torch.float32},
+        )
+        for m in (module.modules() if recurse else (module,))
+    ]
+    result = apply(fn, recurse)
+    for m, buffers, params in saved:
+        for name, old in buffers.items():
+            new = m._buffers[name]
+            if new is not None and new.dtype != torch.float32:
+                m._buffers[name] = old.to(device=new.device)
+        for name, old in params.items():
+            param = m._parameters[name]
+            if param is not None and param.dtype != torch.float32:
+                param.data = old.to(device=param.device)
+    return result
 
 
 class Observer(torch.nn.Module, abc.ABC):
@@ -109,7 +127,12 @@ class Observer(torch.nn.Module, abc.ABC):
         self.register_buffer("min_val", torch.full(shape, math.inf))
         self.register_buffer("max_val", torch.full(shape, -math.inf))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
+        # batches with NaN/inf seen by the sync-free path (raised at compute_scale); not checkpointed
+        self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64), persistent=False)
         self.histogram: AbsHistogram | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        return apply_keeping_float32(self, super()._apply, fn, recurse)
 
     # ---- observing ---------------------------------------------------------------------------------------
 
@@ -193,8 +216,8 @@ class Observer(torch.nn.Module, abc.ABC):
         self.num_batches += 1
         return amax.clamp_min(0)
 
-    def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
-        """Update range statistics beyond running min/max (moving averages); no-op here."""
+    def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor | None = None) -> None:
+        """Update range statistics beyond running min/max (moving averages) where ``finite``; no-op here."""
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> None:
@@ -203,52 +226,46 @@ class Observer(torch.nn.Module, abc.ABC):
         Raises:
             ValueError: on NaN/inf (unless ``ignore_nonfinite``) or a channel-count mismatch.
         """
-        self._observe(x, with_histogram=True)
+        if self.histogram is None:
+            self.update_range(x)
+        else:
+            self._observe(x, with_histogram=True)
 
     @torch.no_grad()
-    def update_range(self, x: torch.Tensor) -> torch.Tensor:
-        """Cheap QAT path: update the range statistics only (no histogram), about one ``torch.aminmax``.
+    def update_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Update the range statistics (no histogram) without any host sync; the QAT and range-only path.
+
+        A batch holding NaN/inf leaves the statistics of the rows it touches unchanged (with
+        ``ignore_nonfinite`` only the non-finite values are dropped) and counts in ``nonfinite_batches``:
+        the error is raised when the scale is next computed (``compute_scale``), not inside the forward.
 
         Returns:
-            The batch ``max |x|``: a scalar tensor per tensor, shape ``(num_channels,)`` per channel.
+            ``(amax, finite)``: the batch ``max |x|`` (float32, ``>= 0``; shape ``()`` per tensor,
+            ``(num_channels,)`` per channel) and whether each row was finite (bool, same shape).
         """
-        amax = self._update_range_fused(x)
-        return torch.tensor(amax) if amax is not None else self._observe(x, with_histogram=False)
-
-    def _update_range_fused(self, x: torch.Tensor) -> float | None:
-        """``update_range`` of a finite per-tensor float32 CPU batch with the fused range kernel; ``max |x|``.
-
-        The same statistics as ``_observe`` with a handful of scalar ops instead of a dozen tensor ops (QAT
-        runs this once per activation node and step). ``None`` (nothing updated) when it does not apply
-        or the batch holds NaN/inf: the general path then raises or drops them.
-        """
-        kernels = _functional._KERNELS
-        if (
-            kernels is None
-            or self._rows != 1
-            or x.dtype != torch.float32
-            or x.device.type != "cpu"
-            or not x.is_contiguous()
-            or x.numel() == 0
-        ):
-            return None
-        lo, hi = kernels.tensor_range(x.data_ptr(), x.numel(), torch.get_num_threads())
-        return self._record_range(lo, hi)
-
-    def _record_range(self, lo: float, hi: float) -> float | None:
-        """Add the range ``(lo, hi)`` of a finite per-tensor batch to the statistics; ``max |x|``.
-
-        ``None`` (nothing recorded) when ``lo``/``hi`` is NaN or inf: the general path must then see the
-        batch (it raises, or drops the non-finite values).
-        """
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            return None
-        self.min_val.clamp_(max=lo)
-        self.max_val.clamp_(min=hi)
-        if type(self)._update_extra is not Observer._update_extra:
-            self._update_extra(torch.tensor(lo), torch.tensor(hi))
-        self.num_batches.add_(1)
-        return max(-lo, hi, 0.0)
+        x = x.detach()
+        if x.numel() == 0:
+            return torch.zeros(self._shape, device=x.device), torch.zeros(
+                self._shape, dtype=torch.bool, device=x.device
+            )
+        x2 = self._rows_view(x if x.dtype == torch.float32 else x.float())
+        if self.ignore_nonfinite:
+            ok = torch.isfinite(x2)
+            lo = torch.where(ok, x2, math.inf).amin(1)
+            hi = torch.where(ok, x2, -math.inf).amax(1)
+        elif self._rows > 1:
+            lo, hi = x2.amin(1), x2.amax(1)
+        else:
+            lo, hi = torch.aminmax(x2)
+        lo, hi = lo.reshape(self._shape), hi.reshape(self._shape)
+        finite = torch.isfinite(lo) & torch.isfinite(hi)
+        if not self.ignore_nonfinite:
+            self.nonfinite_batches.add_((~finite).any().to(torch.int64))
+        self.min_val.copy_(torch.where(finite, torch.minimum(self.min_val, lo), self.min_val))
+        self.max_val.copy_(torch.where(finite, torch.maximum(self.max_val, hi), self.max_val))
+        self._update_extra(lo, hi, finite)
+        self.num_batches.add_(finite.any().to(torch.int64))
+        return torch.where(finite, torch.maximum(-lo, hi).clamp_min(0), 0.0), finite
 
     # ---- results -----------------------------------------------------------------------------------------
 
@@ -285,6 +302,7 @@ class Observer(torch.nn.Module, abc.ABC):
             raise ValueError(
                 f"observer {self._label}: compute_scale needs an integer dtype (qint8, qint16), got {qdtype}"
             )
+        self.check_finite()
         if self.needs_data and not self.has_data:
             warnings.warn(
                 f"observer {self._label} has seen no data; using DEFAULT_SCALE={DEFAULT_SCALE}",
@@ -295,8 +313,24 @@ class Observer(torch.nn.Module, abc.ABC):
         thr = self._threshold(qdtype).double().nan_to_num(nan=0.0, posinf=0.0).clamp_min(0)
         return (thr / qdtype.qmax).clamp_min(SCALE_EPS).float().reshape(self._shape)
 
+    def check_finite(self) -> None:
+        """Raise if a batch seen by :meth:`update_range` held NaN/inf (and ``ignore_nonfinite`` is off).
+
+        Raises:
+            ValueError: naming the observer and the number of such batches.
+        """
+        if self.nonfinite_batches.is_meta:
+            return  # a shape-only copy has no values to check
+        bad = int(self.nonfinite_batches)
+        if bad and not self.ignore_nonfinite:
+            raise ValueError(
+                f"observer {self._label} got non-finite value(s) (NaN/inf) in {bad} batch(es); fix the input "
+                "or build the observer with ignore_nonfinite=True to drop them"
+            )
+
     def reset_statistics(self) -> None:
         """Forget everything observed (buffers keep their shapes)."""
+        self.nonfinite_batches.zero_()
         self.min_val.fill_(math.inf)
         self.max_val.fill_(-math.inf)
         self.num_batches.zero_()
@@ -344,74 +378,3 @@ class MinMaxObserver(Observer):
 
     def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:
         return self.observed_amax()
-
-
-# The moving-average / fixed and the histogram families live in their own modules, which subclass
-# Observer from this one: import them only now that Observer is defined (one-way at import time).
-from qat_lightning.quant.histogram_observers import (  # noqa: E402
-    KLObserver,
-    MixObserver,
-    MSEObserver,
-    PercentileObserver,
-)
-from qat_lightning.quant.range_observers import FixedScaleObserver, MovingMinMaxObserver  # noqa: E402
-
-OBSERVERS: dict[str, type[Observer]] = {
-    cls.kind: cls
-    for cls in (
-        MinMaxObserver,
-        MovingMinMaxObserver,
-        PercentileObserver,
-        KLObserver,
-        MSEObserver,
-        MixObserver,
-        FixedScaleObserver,
-    )
-}
-
-
-def _options(cls: type[Observer]) -> tuple[str, ...]:
-    """Return the method options of an observer class: its keyword-only parameters, in order."""
-    return tuple(p.name for p in inspect.signature(cls).parameters.values() if p.kind is p.KEYWORD_ONLY)
-
-
-def make_observer(
-    name: str,
-    ch_axis: int | None = None,
-    num_channels: int | None = None,
-    ignore_nonfinite: bool = False,
-    name_for_messages: str = "",
-    **kwargs: Any,
-) -> Observer:
-    """Build an observer by method name.
-
-    Args:
-        name: one of :data:`OBSERVER_NAMES`.
-        ch_axis: None (per tensor) or the channel axis.
-        num_channels: channel count, required with ``ch_axis``.
-        ignore_nonfinite: drop NaN/inf instead of raising.
-        name_for_messages: owner's name used in errors and warnings (the observer's ``name``).
-        **kwargs: method options: ``averaging_constant`` (moving_minmax); ``percentile``, ``bins``,
-            ``max_samples`` (percentile, mix); ``bins``, ``max_samples`` (kl, mse); ``threshold`` (fixed,
-            required).
-
-    Returns:
-        A fresh observer.
-
-    Raises:
-        ValueError: unknown method or option (the message lists the allowed ones), or invalid values.
-    """
-    if name not in OBSERVERS:
-        raise ValueError(
-            f"unknown observer {name!r} for {name_for_messages!r}; allowed: {', '.join(OBSERVER_NAMES)}"
-        )
-    allowed = _options(OBSERVERS[name])
-    unknown = sorted(set(kwargs) - set(allowed))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {', '.join(unknown)} for observer {name!r} ({name_for_messages!r}); "
-            f"allowed: {', '.join(allowed) or 'none'}"
-        )
-    if name == "fixed" and "threshold" not in kwargs:
-        raise ValueError(f"observer 'fixed' ({name_for_messages!r}) needs threshold=<number >= 0>")
-    return OBSERVERS[name](ch_axis, num_channels, ignore_nonfinite, name_for_messages, **kwargs)

@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 import torch
 
-from qat_lightning.quant import search_kernels
-from qat_lightning.quant.histogram_error import Moments, coarsen, moments, mse_at
+from qat_lightning.quant.backends import search_kernels
+from qat_lightning.quant.observers.histogram_error import Moments, coarsen, moments, mse_at
 
 __all__ = ["KL_TOLERANCE", "KL_MAX_MSE_LOSS", "kl_threshold", "kl_divergences"]
 
@@ -51,7 +51,7 @@ def kl_threshold(
 
     Tie-break: every candidate whose divergence is at most ``(1 + tolerance) * min KL + 1e-12``
     (``tolerance`` defaults to :data:`KL_TOLERANCE`, 5 %) counts as minimal, and among those the one
-    with the smallest :func:`~qat_lightning.quant.histogram_error.estimate_mse` of its threshold wins
+    with the smallest :func:`~.histogram_error.estimate_mse` of its threshold wins
     (then the smallest ``i``). The threshold is ``i * w``, capped at ``amax``. The divergence decides
     the band; the error only orders thresholds the divergence cannot tell apart (on ReLU(Gaussian) data
     the plain minimum clips 0.6 dB of SQNR too little, see ``benchmarks/README.md``).
@@ -63,7 +63,7 @@ def kl_threshold(
     single bins (prefix sums over pairs); beyond, ``D`` of the groups of ``L`` bins starting at every
     needed bin, summed along chains of stride ``L`` (suffix sums), gives the sum over any run of equal
     groups by two look-ups. With many channels the histogram is first merged by
-    :func:`~qat_lightning.quant.histogram_error.coarsen` (per tensor: every bin, every candidate).
+    :func:`~.histogram_error.coarsen` (per tensor: every bin, every candidate).
 
     Guard (``max_mse_loss``, default :data:`KL_MAX_MSE_LOSS`): the divergence weighs every element
     alike, whatever its magnitude, so on heavy tails (Student-t(3)) its minimum clips far more than an
@@ -85,7 +85,7 @@ def kl_threshold(
         amax: ``(rows,)`` exact ``max |x|``.
         qmax: largest integer code of the dtype.
         tolerance: relative tolerance of the tie-break (0: plain minimum of the divergence).
-        m: :func:`~qat_lightning.quant.histogram_error.moments` of the coarsened histogram, if at hand.
+        m: :func:`~.histogram_error.moments` of the coarsened histogram, if at hand.
         max_mse_loss: the guard's relative error bound (``math.inf``: no guard).
 
     Returns:

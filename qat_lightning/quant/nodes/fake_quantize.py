@@ -1,0 +1,396 @@
+"""The quant node: :class:`FakeQuantize`, its :class:`FakeQuantState`, and :class:`FakeCast`.
+
+A ``FakeQuantize`` owns one observer and a float32 ``scale`` buffer. Its behaviour is set by its state:
+
+* ``QAT``: fake quant with a straight-through gradient. How the scale moves is the node's ``scale_mode``
+  (:data:`SCALE_MODES`, set for a whole model by :func:`set_qat_scales`), starting from the calibrated
+  scale:
+
+  - ``moving`` (default): activation scales follow the data with a moving average of the batch ``|x|``
+    max (``scale += c * (amax / qmax - scale)``, ``c = qat_averaging_constant``); each batch is
+    fake-quantized with the scale as it stands and then moves it (torch.ao's ``FakeQuantize`` observes
+    first; with ``c = 0.01`` the two differ by 1 % of the gap). Before the first scale, and with
+    ``c = 1``, the batch is observed first. Weight (per-channel) scales are the per-channel ``|w|`` max
+    of the current weights.
+  - ``fixed``: the scale never moves (also the ``fixed`` observer).
+  - ``learned``: per-tensor scales are a parameter ``scale_param`` trained by the LSQ gradient
+    (:func:`~qat_lightning.quant.nodes.functional.lsq_quantize`); per-channel weight scales keep
+    following the weights.
+* ``CALIBRATION``: the observer collects statistics; values pass through unchanged.
+* ``VALIDATION``: fake quant with the frozen scale; nothing is observed.
+* ``FLOAT``: identity.
+
+Device-neutral: no forward reads a tensor back to the host (no ``.item()``, ``bool(t)``); the moving
+average, the first-batch and non-finite cases are tensor ops (``torch.where``), so a step runs on a GPU
+without a sync, and ``torch.compile(fullgraph=True)`` / ``torch.export`` trace it. The scale is computed
+from the observer statistics outside the forward: when the state leaves ``CALIBRATION``, on access of
+``.scale`` after eager calibration, on ``state_dict`` and on a dtype change (histogram methods cost
+milliseconds). Half-precision inputs are fake-quantized in float32 and returned in their dtype; under
+autocast the node therefore computes the float32 fake quant.
+
+All state that must survive a checkpoint is in buffers with shapes fixed at construction: ``scale``,
+``dtype_code`` (a mixed-precision change of dtype is restored), ``scale_fixed``, ``scale_ready`` and the
+observer's statistics (plus ``scale_param`` in ``learned`` mode).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
+from qat_lightning.quant.nodes.fake_cast import FakeCast
+from qat_lightning.quant.nodes.functional import fake_cast, lsq_quantize, quantize_tensor
+from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
+from qat_lightning.quant.observers import DEFAULT_SCALE, SCALE_EPS, Observer, make_observer
+from qat_lightning.quant.observers.base import apply_keeping_float32
+
+__all__ = [
+    "SCALE_MODES",
+    "FakeQuantState",
+    "FakeQuantize",
+    "FakeCast",
+    "set_fake_quantize",
+    "fake_quant_state",
+    "fake_quant_disabled",
+    "iter_fake_quantize",
+]
+
+SCALE_MODES: tuple[str, ...] = ("moving", "fixed", "learned")
+"""How QAT moves a scale: moving average of the data / pinned / learned (LSQ)."""
+
+
+class FakeQuantState(str, enum.Enum):
+    """What a quant node does on ``forward`` (the seed's ``FakeQuantState``)."""
+
+    QAT = "qat"
+    CALIBRATION = "calibration"
+    VALIDATION = "validation"
+    FLOAT = "float"
+
+    @classmethod
+    def parse(cls, value: FakeQuantState | str) -> FakeQuantState:
+        """Accept a state or its name (case-insensitive); raise listing the allowed names."""
+        if isinstance(value, FakeQuantState):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower().lstrip("_")
+            for state in cls:
+                if key in (state.value, state.name.lower()):
+                    return state
+        raise ValueError(f"unknown FakeQuantState {value!r}; allowed: {', '.join(s.name for s in cls)}")
+
+
+def _set_flag(module: nn.Module, name: str, value: Any) -> None:
+    """Set a plain attribute without ``nn.Module.__setattr__``'s checks."""
+    object.__setattr__(module, name, value)
+
+
+class FakeQuantize(nn.Module):
+    """One quant point: observer + scale + fake quant (or fake cast for float16).
+
+    Args:
+        dtype: ``qint8``, ``qint16``, ``float16`` (fake cast) or ``float32`` (untouched).
+        observer: calibration method name, see ``qat_lightning.quant.observers.OBSERVER_NAMES``.
+        ch_axis: channel axis for per-channel (weight) quantization, ``None`` for per-tensor.
+        num_channels: size of ``ch_axis``; required when ``ch_axis`` is set (buffer shapes are fixed).
+        observer_kwargs: extra arguments of the observer (``percentile``, ``averaging_constant``,
+            ``threshold`` for ``observer="fixed"``, ...).
+        qat_averaging_constant: weight of a new batch in the QAT moving average of activation scales,
+            in (0, 1].
+        ignore_nonfinite: skip NaN/inf during calibration instead of raising.
+        name: op name used in messages (set by ``prepare``).
+    """
+
+    def __init__(
+        self,
+        dtype: DtypeLike = "qint8",
+        observer: str = "minmax",
+        ch_axis: int | None = None,
+        num_channels: int | None = None,
+        observer_kwargs: Mapping[str, Any] | None = None,
+        qat_averaging_constant: float = 0.01,
+        ignore_nonfinite: bool = False,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        if not 0.0 < qat_averaging_constant <= 1.0:
+            raise ValueError(f"qat_averaging_constant must be in (0, 1], got {qat_averaging_constant}")
+        self.observer: Observer = make_observer(
+            observer,
+            ch_axis=ch_axis,
+            num_channels=num_channels,
+            ignore_nonfinite=ignore_nonfinite,
+            name_for_messages=name,
+            **dict(observer_kwargs or {}),
+        )
+        self.observer_name = observer
+        self.ch_axis = ch_axis
+        self.qat_averaging_constant = float(qat_averaging_constant)
+        self._name = name
+        self._dtype = parse_dtype(dtype)
+        scale_shape = () if ch_axis is None else (int(num_channels or 1),)
+        self.register_buffer("scale", torch.ones(scale_shape))
+        self.register_buffer("dtype_code", torch.tensor(self._dtype.code, dtype=torch.long))
+        self.register_buffer("scale_fixed", torch.tensor(observer == "fixed"))
+        self.register_buffer("scale_ready", torch.tensor(False))
+        self._state = FakeQuantState.QAT
+        self._fixed = observer == "fixed"  # python mirrors of the flag buffers: read by the forward
+        self._scale_mode = "fixed" if self._fixed else "moving"
+        self._dirty = False
+        if self._fixed:
+            self.refresh_scale()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def name(self) -> str:
+        """Op name used in messages and reports."""
+        return self._name
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self._name = value
+        self.observer.name = value
+
+    @property
+    def state(self) -> FakeQuantState:
+        """What ``forward`` does. Leaving ``CALIBRATION`` computes the scale from the statistics."""
+        return self._state
+
+    @state.setter
+    def state(self, value: FakeQuantState | str) -> None:
+        new = FakeQuantState.parse(value)
+        if self.__dict__.get("_state", new) is not new:
+            self.observer.check_finite()  # NaN/inf counted by a sync-free forward: raise now
+        _set_flag(self, "_state", new)
+        if new is FakeQuantState.CALIBRATION:
+            _set_flag(self, "_dirty", True)  # statistics will change (also when the forward is compiled)
+            return
+        if self._buffers["scale"].is_meta:
+            _set_flag(self, "_dirty", False)
+            return  # a shape-only copy: nothing to compute
+        if self._dirty:
+            self.refresh_scale()
+        if new is FakeQuantState.VALIDATION and self._dtype.is_integer and not bool(self.scale_ready):
+            self._use_default_scale()
+
+    @property
+    def dtype(self) -> QuantDtype:
+        """Current precision. Setting it recomputes the scale from the kept statistics."""
+        return self._dtype
+
+    @dtype.setter
+    def dtype(self, value: DtypeLike) -> None:
+        new = parse_dtype(value)
+        old, self._dtype = self._dtype, new
+        self.dtype_code.fill_(new.code)
+        if not new.is_integer or new == old:
+            return
+        if self.observer.has_data or self.observer_name == "fixed":
+            self._dirty = True
+            self.refresh_scale()
+        elif old.is_integer and bool(self.scale_ready):
+            self._buffers["scale"].mul_(old.qmax / new.qmax)
+        if self._scale_mode == "learned":
+            self.scale_param.data.copy_(self._buffers["scale"])
+
+    @property
+    def is_fixed(self) -> bool:
+        """Whether the scale is pinned (fixed-scale observer, ``scale_mode="fixed"`` or ``fix_scale()``)."""
+        return self._fixed
+
+    @property
+    def scale_mode(self) -> str:
+        """How QAT moves the scale: one of :data:`SCALE_MODES` (see the module docstring)."""
+        return self._scale_mode
+
+    @scale_mode.setter
+    def scale_mode(self, mode: str) -> None:
+        if mode not in SCALE_MODES:
+            raise ValueError(
+                f"unknown scale mode {mode!r} for {self._name!r}; allowed: {', '.join(SCALE_MODES)}"
+            )
+        if mode == "learned" and (self.ch_axis is not None or not self._dtype.is_integer):
+            raise ValueError(
+                f"scale_mode='learned' needs a per-tensor integer node; {self._name!r} is "
+                f"{'per channel' if self.ch_axis is not None else self._dtype}"
+            )
+        if self._dirty:
+            self.refresh_scale()
+        if mode == "learned":  # start from the current (calibrated) scale
+            start = self._buffers["scale"].detach().clone()
+            if "scale_param" in self._parameters:
+                self.scale_param.data.copy_(start)
+            else:
+                self.scale_param = nn.Parameter(start)
+        elif "scale_param" in self._parameters:
+            del self._parameters["scale_param"]
+        self._fixed = mode == "fixed" or self.observer_name == "fixed"
+        self.scale_fixed.fill_(self._fixed)
+        self._scale_mode = "fixed" if self._fixed else mode
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "scale" and self.__dict__.get("_dirty", False):
+            self.refresh_scale()
+        return super().__getattr__(name)
+
+    # ------------------------------------------------------------------ scale management
+    def refresh_scale(self) -> None:
+        """Recompute ``scale`` from the observer statistics (outside the forward; may read the host).
+
+        Raises:
+            ValueError: when the observer saw NaN/inf and does not ignore them.
+        """
+        self._dirty = False
+        if not self._dtype.is_integer:
+            return
+        self.observer.check_finite()
+        if not (self.observer.has_data or self.observer_name == "fixed"):
+            return
+        scale = self._buffers["scale"]
+        scale.copy_(
+            self.observer.compute_scale(self._dtype).to(scale.device, scale.dtype).reshape(scale.shape)
+        )
+        self.scale_ready.fill_(True)
+        if self._scale_mode == "learned":
+            self.scale_param.data.copy_(scale)
+
+    def _use_default_scale(self) -> None:
+        """Give a node without data the default scale; it warns (naming the node) when it first runs."""
+        self._buffers["scale"].fill_(DEFAULT_SCALE)
+        _set_flag(self, "_warn_default", True)
+
+    def _warn_default_scale(self) -> None:
+        _set_flag(self, "_warn_default", False)
+        self.observer.compute_scale(self._dtype)  # warns: seen no data, DEFAULT_SCALE
+
+    def fix_scale(self, fixed: bool = True) -> None:
+        """Pin (or release to ``moving``) the current scale: QAT and calibration then leave it unchanged."""
+        self.scale_mode = "fixed" if fixed else "moving"
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        """Observe and/or fake-quantize ``x`` according to ``state`` and the global switches."""
+        state = self._state
+        if state is FakeQuantState.FLOAT or not GlobalFakeQuantSwitch._enabled:
+            return x
+        if state is FakeQuantState.CALIBRATION:
+            if not self._fixed or self.observer_name == "fixed":
+                self.observer(x.detach())
+                if not torch.compiler.is_compiling():
+                    _set_flag(self, "_dirty", True)
+            return x
+        dtype = self._dtype
+        if not dtype.is_integer:
+            if dtype.is_float16 and FakeCastSwitch._enabled:
+                return fake_cast(x)
+            return x
+        if state is FakeQuantState.QAT and not self._fixed:
+            return self._qat_forward(x)
+        if self.__dict__.get("_warn_default", False) and not torch.compiler.is_compiling():
+            self._warn_default_scale()
+        return quantize_tensor(x, self._current_scale(), dtype.qmin, dtype.qmax, self.ch_axis)
+
+    def _current_scale(self) -> Tensor:
+        """Return the scale the node quantizes with (the learned parameter's value in ``learned`` mode)."""
+        scale = self._buffers["scale"]
+        if self._scale_mode == "learned":
+            scale.copy_(self.scale_param.detach().abs().clamp_min(SCALE_EPS))
+        return scale
+
+    def _qat_forward(self, x: Tensor) -> Tensor:
+        """QAT with a moving or learned scale: tensor ops only (no host sync)."""
+        dtype, scale = self._dtype, self._buffers["scale"]
+        if self._scale_mode == "learned":
+            s = self.scale_param.abs().clamp_min(SCALE_EPS)
+            scale.copy_(s.detach())
+            numel = x[0].numel() if x.dim() > 1 else x.numel()
+            return lsq_quantize(x, s, dtype.qmin, dtype.qmax, (max(numel, 1) * dtype.qmax) ** -0.5)
+        amax, finite = self.observer.update_range(x)
+        batch = (amax / dtype.qmax).clamp_min(SCALE_EPS)
+        ready = self._buffers["scale_ready"]
+        if self.ch_axis is not None or self.qat_averaging_constant == 1.0:
+            new = torch.where(finite, batch, scale)
+            use = new
+        else:  # quantize with the scale as it stands, then move it (the batch's own scale before any)
+            new = torch.where(
+                finite, torch.where(ready, scale.lerp(batch, self.qat_averaging_constant), batch), scale
+            )
+            use = torch.where(ready, scale, new)
+        scale.copy_(new)
+        ready.copy_(ready | finite.all())
+        return quantize_tensor(x, use, dtype.qmin, dtype.qmax, self.ch_axis)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        """Move with the model; ``scale`` (and ``scale_param``) stay float32 whatever the model's dtype."""
+        return apply_keeping_float32(self, super()._apply, fn, recurse)
+
+    # ------------------------------------------------------------------ state dict
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        if self._dirty:
+            self.refresh_scale()
+        if self._scale_mode == "learned":
+            self._current_scale()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        learned = f"{prefix}scale_param" in state_dict
+        if learned and "scale_param" not in self._parameters:  # a checkpoint of a learned-scale run
+            self.scale_param = nn.Parameter(self._buffers["scale"].detach().clone())
+            self._scale_mode = "learned"
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._dtype = parse_dtype(int(self.dtype_code))
+        self._fixed = bool(self.scale_fixed)
+        if self._fixed:
+            self._scale_mode = "fixed"
+        elif not learned:
+            self._scale_mode = "moving"
+        self._dirty = False
+
+    def extra_repr(self) -> str:
+        """Return dtype, observer, channel axis, state and QAT scale mode for ``repr``."""
+        axis = "" if self.ch_axis is None else f", ch_axis={self.ch_axis}"
+        mode = "" if self._scale_mode == "moving" else f", scales={self._scale_mode}"
+        return f"dtype={self._dtype}, observer={self.observer_name}{axis}, state={self._state.name}{mode}"
+
+
+def iter_fake_quantize(module: nn.Module) -> Iterator[tuple[str, FakeQuantize]]:
+    """Yield ``(qualified name, node)`` for every :class:`FakeQuantize` in ``module`` (itself included)."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, FakeQuantize):
+            yield name, sub
+
+
+def set_fake_quantize(module: nn.Module, state: FakeQuantState | str) -> None:
+    """Put every quant node in ``module`` into ``state``: ``QAT``, ``CALIBRATION``, ``VALIDATION``, ``FLOAT``.
+
+    Raises:
+        ValueError: for an unknown state, before anything is changed.
+    """
+    target = FakeQuantState.parse(state)
+    for _, node in iter_fake_quantize(module):
+        node.state = target
+
+
+@contextmanager
+def fake_quant_state(module: nn.Module, state: FakeQuantState | str) -> Iterator[nn.Module]:
+    """Temporarily put every quant node of ``module`` into ``state``; always restore each node's own state."""
+    target = FakeQuantState.parse(state)
+    saved = [(node, node.state) for _, node in iter_fake_quantize(module)]
+    try:
+        for node, _ in saved:
+            node.state = target
+        yield module
+    finally:
+        for node, previous in saved:
+            node.state = previous
+
+
+def fake_quant_disabled(module: nn.Module) -> Any:
+    """Context manager running ``module`` in float (quant nodes in FLOAT), restoring the states after."""
+    return fake_quant_state(module, FakeQuantState.FLOAT)

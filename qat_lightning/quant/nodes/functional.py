@@ -1,0 +1,193 @@
+"""Functional fake quantization and fake cast with a straight-through gradient; device-neutral.
+
+``fake_quantize`` computes ``clamp(round(x * (1 / scale)), qmin, qmax) * scale`` (symmetric, zero point 0,
+round half to even), exactly as ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` do:
+``1 / scale`` is rounded to float32 first and ``x`` is multiplied by it. The gradient passes where
+``qmin - 0.5 <= x * (1 / scale) < qmax + 0.5`` and is zero where the value was clipped.
+
+:func:`quantize_tensor` is what every quant node runs. It takes the scale as a float32 tensor, so
+nothing is read back to the host, and runs the same ATen formula (an ``autograd.Function``: multiply,
+round, clamp, multiply; the boolean mask kept for backward) in eager mode, under ``torch.compile`` (inductor
+fuses it into one loop), ``torch.export`` and on ``meta`` tensors. torch's fused ops
+(``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``) give the same values and gradients
+for finite inputs (tested bit for bit) but are not used: they have no fake (meta) kernel, so they cannot be
+compiled or exported, the per-tensor one turns NaN into ``qmin * scale`` (a diverging run would go on
+silently) and the per-channel one wraps ``inf`` to the wrong end. Measured in eager mode on this CPU the
+formula is as fast as the fused op (``benchmarks/README.md``). With the opt-in ``cpu_kernels`` backend
+(:mod:`qat_lightning.quant.backends`) a float32 CPU tensor goes through a fused C kernel instead (a custom
+op; same values).
+
+float16/bfloat16 inputs are computed in float32 and returned in their own dtype; the scale stays float32.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
+
+__all__ = ["fake_quantize", "fake_cast", "quantize_tensor", "lsq_quantize", "FP16_MAX", "load_extension"]
+
+FP16_MAX = float(torch.finfo(torch.float16).max)
+
+_BACKEND_HOOK: list[Callable[[Tensor, Tensor, int, int, int | None], Tensor | None]] = []
+"""The selected opt-in backend's fake quant (at most one; see ``qat_lightning.quant.backends``)."""
+
+
+def load_extension(name: str) -> ModuleType | None:
+    """Import the optional C extension ``qat_lightning.quant.backends.<name>`` (built by ``setup.py``).
+
+    ``None`` when it was not built (no compiler) or ``QAT_LIGHTNING_NO_KERNELS`` is set (not ``0``).
+    """
+    if os.environ.get("QAT_LIGHTNING_NO_KERNELS", "") not in ("", "0"):
+        return None
+    try:
+        return importlib.import_module(f"qat_lightning.quant.backends.{name}")
+    except ImportError:
+        return None
+
+
+def _scale_view(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
+    """Reshape a per-channel scale so it broadcasts along ``ch_axis`` of ``x``."""
+    if ch_axis is None:
+        return scale.reshape(())
+    shape = [1] * x.dim()
+    shape[ch_axis] = -1
+    return scale.reshape(shape)
+
+
+class _FakeQuantizeFormula(torch.autograd.Function):
+    """The ATen formula with a straight-through gradient (compile, export and meta tensors)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+        v = x * scale.reciprocal()
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((v >= qmin - 0.5).logical_and_(v < qmax + 0.5))
+        return v.round_().clamp_(qmin, qmax).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
+        (keep,) = ctx.saved_tensors
+        return grad * keep, None, None, None
+
+
+def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int | None = None) -> Tensor:
+    """Fake-quantize ``x`` with a float32 ``scale`` tensor (shape ``()`` or ``(channels,)``); no host sync.
+
+    Args:
+        x: float tensor of any dtype and device (half precision is computed in float32).
+        scale: positive float32 scale(s) on ``x``'s device.
+        qmin: lowest integer code.
+        qmax: highest integer code.
+        ch_axis: channel axis of a per-channel scale, ``None`` for one scale.
+
+    Returns:
+        The fake-quantized tensor in ``x``'s dtype; straight-through gradient inside the range.
+    """
+    dtype = x.dtype
+    xf = x if dtype == torch.float32 else x.float()
+    out = None
+    if _BACKEND_HOOK:
+        out = _BACKEND_HOOK[0](xf, scale, qmin, qmax, ch_axis)
+    if out is None:
+        out = _FakeQuantizeFormula.apply(xf, _scale_view(scale, xf, ch_axis), qmin, qmax)
+    return out if dtype == torch.float32 else out.to(dtype)
+
+
+def _check_scale(scale: Tensor, x: Tensor, ch_axis: int | None) -> None:
+    if ch_axis is None:
+        if scale.numel() != 1:
+            raise ValueError(f"per-tensor fake quant needs one scale, got shape {tuple(scale.shape)}")
+        return
+    if not -x.dim() <= ch_axis < x.dim():
+        raise ValueError(f"ch_axis={ch_axis} is out of range for a {x.dim()}-d tensor")
+    if scale.numel() != x.shape[ch_axis]:
+        raise ValueError(
+            f"per-channel fake quant needs {x.shape[ch_axis]} scales along axis {ch_axis}, "
+            f"got {scale.numel()}"
+        )
+
+
+def fake_quantize(
+    x: Tensor, scale: Tensor | float, dtype: DtypeLike = "qint8", ch_axis: int | None = None
+) -> Tensor:
+    """Symmetric fake quantization ``clamp(round(x / scale), qmin, qmax) * scale``.
+
+    Args:
+        x: float tensor.
+        scale: one scale (float or tensor) for per-tensor, or a 1-d tensor with ``x.shape[ch_axis]``
+            entries for per-channel quantization. Must be positive. Used as float32.
+        dtype: ``qint8``/``qint16`` quantize; ``float16`` fake-casts (scale ignored); ``float32`` returns
+            ``x`` unchanged.
+        ch_axis: channel axis for per-channel scales, ``None`` for per-tensor.
+
+    Returns:
+        A tensor like ``x``. Gradient: straight-through inside the range, zero where clipped.
+
+    Raises:
+        ValueError: for an unknown dtype or a scale whose size does not match.
+    """
+    qdtype: QuantDtype = parse_dtype(dtype)
+    if qdtype.is_float32:
+        return x
+    if qdtype.is_float16:
+        return fake_cast(x)
+    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    _check_scale(scale_t, x, ch_axis)
+    scale_t = scale_t.reshape(()) if ch_axis is None else scale_t.reshape(-1)
+    return quantize_tensor(x, scale_t, qdtype.qmin, qdtype.qmax, ch_axis)
+
+
+class _FakeCastSTE(torch.autograd.Function):
+    """Round trip through float16, saturating at the fp16 max; identity gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
+        return x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad
+
+
+def fake_cast(x: Tensor) -> Tensor:
+    """Round ``x`` to float16 precision and back, saturating at ±65504 instead of producing inf.
+
+    NaN stays NaN. The gradient is the identity (straight-through). A float16 ``x`` is returned as is.
+    """
+    if x.dtype == torch.float16:
+        return x
+    return _FakeCastSTE.apply(x)
+
+
+def lsq_quantize(x: Tensor, scale: Tensor, qmin: int, qmax: int, grad_factor: float) -> Tensor:
+    """Fake quant with a learned per-tensor ``scale`` (LSQ / LSQ+ gradient; tensor ops, compile-safe).
+
+    The value is :func:`quantize_tensor`'s (``clamp(round(x * (1 / s)), qmin, qmax) * s``). Gradients:
+    ``x`` straight through inside the range (0 where clipped); ``scale``: ``round(x / s) - x / s`` inside
+    the range and ``qmin`` / ``qmax`` where clipped, times ``grad_factor`` (LSQ uses
+    ``1 / sqrt(numel * qmax)``) -- Esser et al., "Learned Step Size Quantization", ICLR 2020.
+
+    Args:
+        x: float tensor (half precision is computed in float32 and returned in its dtype).
+        scale: positive float32 scalar tensor (a parameter).
+        qmin: lowest integer code.
+        qmax: highest integer code.
+        grad_factor: multiplier of the scale's gradient.
+    """
+    dtype = x.dtype
+    xf = x if dtype == torch.float32 else x.float()
+    s = scale.reshape(())
+    sg = s * grad_factor
+    s = s.detach() + (sg - sg.detach())  # exactly the value s; gradient scaled by grad_factor
+    v = xf * s.reciprocal()
+    v = (v.round() - v).detach() + v  # round with a straight-through gradient
+    out = v.clamp(qmin, qmax) * s
+    return out if dtype == torch.float32 else out.to(dtype)

@@ -1,0 +1,70 @@
+"""QuantizationAwareTraining(scales=...) through a real Trainer; half-precision QAT (bf16-true, 16-true)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cb_helpers import make_trainer, scales
+from lightning.pytorch import Callback
+
+import qat_lightning as ql
+from qat_lightning.callbacks import Calibration, PrepareQuantization, QuantizationAwareTraining
+
+
+class _StartValues(Callback):
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = {
+            n: p.detach().clone() for n, p in pl_module.named_parameters() if n.endswith("scale_param")
+        }
+        self.calibrated = {
+            name: node.scale.clone()
+            for name, node in ql.iter_fake_quantize(pl_module)
+            if node.scale_mode == "learned"
+        }
+
+
+def test_learned_scales_train_from_the_calibrated_scales(tmp_path, lit, data) -> None:
+    qat, spy = QuantizationAwareTraining(scales="learned"), _StartValues()
+    trainer = make_trainer(
+        tmp_path, [PrepareQuantization(), Calibration(num_batches=10), qat, spy], max_epochs=1
+    )
+    trainer.fit(lit, datamodule=data)
+    learned = [n for _, n in ql.iter_fake_quantize(lit.model) if n.scale_mode == "learned"]
+    assert learned, "no node was put in learned mode"
+    group = trainer.optimizers[0].param_groups[-1]["params"]
+    assert {id(p) for p in group} == {id(n.scale_param) for n in learned}  # the optimizer trains them
+    assert spy.calibrated and all(  # QAT starts from the calibrated scales
+        torch.equal(spy.start[f"{name}.scale_param"], scale) for name, scale in spy.calibrated.items()
+    )
+    moved = [n for n in learned if not torch.equal(n.scale_param.detach(), spy.start[_param_name(lit, n)])]
+    assert moved, "no learned scale moved"
+    after = scales(lit.model)
+    assert all(
+        torch.equal(after[name], n.scale_param.detach().abs())
+        for name, n in ql.iter_fake_quantize(lit.model)
+        if n in learned
+    )
+
+
+def _param_name(lit, node) -> str:
+    return next(f"{name}.scale_param" for name, n in ql.iter_fake_quantize(lit) if n is node)
+
+
+def test_scales_argument_is_validated_and_folds_fix_scales() -> None:
+    with pytest.raises(ValueError, match="allowed: moving, fixed_input_output, fixed, learned"):
+        QuantizationAwareTraining(scales="frozen")
+    assert QuantizationAwareTraining(fix_scales="all").scales == "fixed"
+    assert QuantizationAwareTraining(fix_scales="input_output").scales == "fixed_input_output"
+    assert QuantizationAwareTraining().scales == "moving"
+    with pytest.raises(ValueError, match="contradicts"):
+        QuantizationAwareTraining(fix_scales="all", scales="learned")
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true", "bf16-mixed"])
+def test_half_precision_qat_trains(tmp_path, lit, data, precision) -> None:
+    callbacks = [PrepareQuantization(), Calibration(num_batches=4), QuantizationAwareTraining()]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, precision=precision)
+    trainer.fit(lit, datamodule=data)
+    nodes = [n for _, n in ql.iter_fake_quantize(lit.model)]
+    assert all(n.scale.dtype == torch.float32 and bool(torch.isfinite(n.scale).all()) for n in nodes)
+    assert all(n.state is ql.FakeQuantState.VALIDATION for n in nodes)

@@ -1,0 +1,205 @@
+"""The quant node on the path users train on: compile, export, meta tensors, half precision, host syncs.
+
+Device-generic tests run on ``cpu`` and ``cuda`` (skipped without a GPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import qat_lightning as ql
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models import TinyEncoder, TinyResNet  # noqa: E402
+
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+STATES = ["qat", "calibration", "validation", "float"]
+_SYNC_OPS = {"_local_scalar_dense", "item", "equal", "is_nonzero", "_assert_async", "nonzero"}
+
+
+def prepared(model_cls: type, observer: str = "minmax", device: str = "cpu") -> tuple[torch.nn.Module, tuple]:
+    """A calibrated prepared tiny model (range observers: calibration is sync-free and compiles too)."""
+    torch.manual_seed(0)
+    model = model_cls()
+    example = model_cls.example_inputs()
+    p = ql.prepare(model, example, ql.get_qconfig(observer=observer)).to(device)
+    example = tuple(t.to(device) for t in example)
+    ql.set_fake_quantize(p, "calibration")
+    with torch.no_grad():
+        p(*example)
+    return p, example
+
+
+class _SyncCounter(TorchDispatchMode):
+    """Count the aten ops that copy a device value to the host (``.item()``, ``bool(t)``, ...)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.syncs: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func.overloadpacket.__name__ in _SYNC_OPS:
+            self.syncs.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+class _PointerCounter(TorchFunctionMode):
+    """Count ``data_ptr()`` calls on tensors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if getattr(func, "__name__", "") == "data_ptr":
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("model_cls", [TinyResNet, TinyEncoder])
+def test_no_host_sync_in_any_state(model_cls, device) -> None:
+    """A QAT step (forward + backward) and the other states' forwards read nothing back to the host."""
+    p, example = prepared(model_cls, device=device)
+    for state in STATES:
+        ql.set_fake_quantize(p, state)
+        with _SyncCounter() as syncs, _PointerCounter() as pointers:
+            out = p(*example)
+            if state == "qat":
+                out.square().mean().backward()
+        assert syncs.syncs == [], (state, syncs.syncs)
+        assert pointers.calls == 0, state
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_meta_tensors_in_every_state(state) -> None:
+    p, example = prepared(TinyResNet)
+    meta = copy.deepcopy(p).to("meta")
+    ql.set_fake_quantize(meta, state)
+    out = meta(torch.empty(example[0].shape, device="meta"))
+    assert out.device.type == "meta" and out.shape == p(*example).shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_node_quantizes_in_float32(dtype, device) -> None:
+    fq = ql.FakeQuantize("qint8", "minmax").to(device)
+    ql.set_fake_quantize(fq, "calibration")
+    x = (torch.randn(4, 33, device=device) * 3).to(dtype)
+    fq(x)
+    for state in ("validation", "qat"):
+        ql.set_fake_quantize(fq, state)
+        before = fq.scale.clone()
+        leaf = x.clone().requires_grad_(True)
+        out = fq(leaf)
+        out.float().sum().backward()
+        assert out.dtype == dtype and fq.scale.dtype == torch.float32
+        ref = ql.fake_quantize(x.float(), before, "qint8").to(
+            dtype
+        )  # the fp32 fake quant, in the input dtype
+        assert torch.equal(out, ref), state
+        assert leaf.grad.dtype == dtype
+
+
+def test_half_precision_model_qat_trains() -> None:
+    p, example = prepared(TinyResNet)
+    for dtype in (torch.bfloat16, torch.float16):
+        model = copy.deepcopy(p).to(dtype)
+        ql.set_fake_quantize(model, "qat")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for _ in range(2):
+            loss = model(example[0].to(dtype)).float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        assert torch.isfinite(loss)
+        assert all(n.scale.dtype == torch.float32 for _, n in ql.iter_fake_quantize(model))
+
+
+def test_autocast_runs_the_fake_quant_in_float32() -> None:
+    p, example = prepared(TinyEncoder)
+    ql.set_fake_quantize(p, "validation")
+    node = next(n for _, n in ql.iter_fake_quantize(p) if n.ch_axis is None and n.dtype.is_integer)
+    seen = []
+    node.register_forward_hook(lambda m, args, out: seen.append((args[0], out)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p(*example)
+    x, out = seen[-1]
+    assert out.dtype == x.dtype
+    assert torch.equal(out, ql.fake_quantize(x.float(), node.scale, node.dtype).to(x.dtype))
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+def _explain(model: torch.nn.Module, example: tuple) -> int:
+    torch._dynamo.reset()
+    return torch._dynamo.explain(model)(*example).graph_break_count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_cls", [TinyResNet, TinyEncoder])
+def test_compile_fullgraph_every_state_matches_eager(model_cls) -> None:
+    """inductor, fullgraph, every state (QAT forward + backward too): same values as eager, no break."""
+    p, example = prepared(model_cls)
+    eager = copy.deepcopy(p)
+    torch._dynamo.reset()
+    compiled = torch.compile(p, fullgraph=True)
+    for state in ("validation", "qat", "calibration", "float", "qat"):
+        ql.set_fake_quantize(p, state)
+        ql.set_fake_quantize(eager, state)
+        x = example[0] * 1.5
+        out_c, out_e = compiled(x), eager(x)
+        torch.testing.assert_close(out_c, out_e, rtol=1e-5, atol=1e-5)
+        if state == "qat":
+            out_c.square().mean().backward()
+            out_e.square().mean().backward()
+            # inductor reorders float sums; gradients that are mathematically 0 (a key bias under
+            # softmax) are rounding noise: compare against the model's gradient scale
+            gmax = max(float(b.grad.abs().max()) for b in eager.parameters())
+            for (name, a), b in zip(p.named_parameters(), eager.parameters(), strict=True):
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-2 * gmax, msg=name)
+        for (name, a), b in zip(p.named_buffers(), eager.buffers(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=0, msg=name)  # scales and statistics move alike
+    assert _explain(p, example) == 0
+
+
+@pytest.mark.slow
+def test_flipping_states_does_not_recompile_after_each_first_compile() -> None:
+    p, example = prepared(TinyResNet)
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = torch.compile(p, fullgraph=True)
+    for state in STATES:  # first compile of each state
+        ql.set_fake_quantize(p, state)
+        compiled(*example)
+    frames = counts["stats"]["unique_graphs"]
+    for state in STATES * 2:
+        ql.set_fake_quantize(p, state)
+        compiled(*example)
+    assert counts["stats"]["unique_graphs"] == frames
+
+
+def test_export_in_validation_runs_and_matches() -> None:
+    p, example = prepared(TinyResNet)
+    p.eval()
+    ql.set_fake_quantize(p, "validation")
+    program = torch.export.export(p, example)
+    x = example[0] * 0.7
+    assert torch.equal(program.module()(x), p(x))
+
+
+def test_explain_finds_no_graph_break_in_validation_and_qat() -> None:
+    p, example = prepared(TinyEncoder)
+    for state in ("validation", "qat", "float"):
+        ql.set_fake_quantize(p, state)
+        assert _explain(p, example) == 0, state
