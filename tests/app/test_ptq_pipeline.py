@@ -12,7 +12,7 @@ def test_pipeline_tries_ptq_before_the_int16_search(tmp_path: Path) -> None:
         tmp_path,
         "ptq=equalize_bias_correction",
         "pipeline.sanity=false",
-        "target.ratio_of_float=1.5",  # unreachable: every step runs and is reported
+        "target.value=1.01",  # unreachable (accuracy <= 1): every step runs and is reported
     )
     summary = (tmp_path / "summary.md").read_text(encoding="utf-8")
     assert "+ ptq=equalize_bias_correction" in summary  # the step's row
