@@ -24,14 +24,13 @@ from qat_lightning.quant.preparation.build import OpBuilder, OpPlan
 from qat_lightning.quant.preparation.dynamic_block import count_forward, warn_extra_calls
 from qat_lightning.quant.preparation.eager_fusion import fused_parts, fused_plan, unfused_chains
 from qat_lightning.quant.preparation.eager_probe import CallEvent, Probe, input_names, probe_model
+from qat_lightning.quant.preparation.op_costs import gemm_module_flops, numel_of
 from qat_lightning.quant.preparation.tables import (
     OpNamer,
-    gemm_module_flops,
     gemm_spec_of,
     is_dequant_stub,
     is_stub,
     module_op_type,
-    numel_of,
 )
 from qat_lightning.quant.qconfig.qconfig import QConfig
 
