@@ -147,3 +147,34 @@ def test_no_module_over_400_lines() -> None:
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert len(sizes) > 100, "the size check found (almost) no modules"
     assert {p: n for p, n in sizes.items() if n > MAX_LINES} == {}
+
+
+MAX_FUNCTION_LINES = 80
+
+#: Functions still over MAX_FUNCTION_LINES (definition line to last line, docstring included). The aim is
+#: 60 lines where reasonable; these are left for a later round. A function not listed fails the test.
+LONG_FUNCTIONS = {
+    "qat_lightning/analysis/compare/bad_case.py:find_bad_cases",
+    "qat_lightning/quant/observers/kl_search.py:kl_threshold",
+    "qat_lightning/quant/preparation/fusion.py:find_fusions",
+    "qat_lightning/quant/preparation/model_check.py:check_model",
+}
+
+
+def long_functions(limit: int) -> dict[str, int]:
+    """``"path:function" -> lines`` of every function (methods and nested ones too) over ``limit`` lines."""
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1  # type: ignore[operator]
+                if lines > limit:
+                    found[f"{path.relative_to(ROOT)}:{node.name}"] = lines
+    return found
+
+
+def test_no_function_over_80_lines() -> None:
+    long = long_functions(MAX_FUNCTION_LINES)
+    assert len(long_functions(20)) > 50, "the function scan found (almost) no functions"
+    assert {k: n for k, n in long.items() if k not in LONG_FUNCTIONS} == {}
+    assert LONG_FUNCTIONS - set(long) == set(), "within the limit now: drop them from LONG_FUNCTIONS"

@@ -1,4 +1,7 @@
-"""What each ``stage=`` does, step by step (see ``pipeline.py`` for the pipeline's description)."""
+"""What each ``stage=`` does, step by step.
+
+``stage=pipeline`` is in ``pipeline_stage.py``; ``pipeline.py`` describes the pipeline.
+"""
 
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Shared by the fx and eager paths so both give an op the same name, type, kind an
 * Functional ops and operators (fx only): ``FUNCTION_OPS`` (``call_function`` targets) and
   ``METHOD_OPS`` (``call_method`` names) map to a base name (``add``, ``matmul``, ``softmax``) that is
   also the op type.
-* Names: see :class:`OpNamer` (``op_names``, re-exported here); FLOP counting: ``op_costs``.
+* Names: see :class:`OpNamer` (``naming``, re-exported here); FLOP counting: ``op_costs``.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub
 
-from qat_lightning.quant.preparation.op_names import OpNamer
+from qat_lightning.quant.preparation.naming import OpNamer
 
 __all__ = [
     "GemmSpec",
