@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import Callback
 
 from qat_lightning.app.checkpoints import CheckpointInfo, Record, read_checkpoint_info
+from qat_lightning.app.qat_optimizers import qat_optimizers
 from qat_lightning.app.recipes import Recipe
-from qat_lightning.app.schema import AppConfig, QatScheduler
+from qat_lightning.app.schema import AppConfig
+from qat_lightning.app.summary import StageResult
 
 __all__ = ["Factories", "Session", "StageResult"]
 
@@ -52,90 +53,8 @@ class Factories:
     ptq: Callable[[], tuple[Callback | None, list[Callback]]] = lambda: (None, [])
 
 
-@dataclass(frozen=True)
-class StageResult:
-    """One row of the summary table.
-
-    Attributes:
-        step: what ran (``float``, ``calibration int8``, ``qat``, ...).
-        recipe: the recipe name (``float`` for the float model).
-        metric: the target metric on the validation data (``None`` if not measured).
-        float_metric: the float model's metric, for the "% of float" column.
-        int16_ratio: share of ops in int16 (``None``: not a quantized model).
-        fp16_ratio: share of ops in float16 (``None``: not a quantized model).
-        cost: estimated cost on the chip, relative to the same model all-int8 (``None`` for float).
-        ckpt: the checkpoint written, if any.
-        out_dir: where the step's files are.
-        note: a short remark (decision, sanity status).
-        float32_share: share of FLOPs in ops left float32 without quant points (``None`` for float).
-    """
-
-    step: str
-    recipe: str
-    metric: float | None
-    float_metric: float | None = None
-    int16_ratio: float | None = None
-    fp16_ratio: float | None = None
-    cost: float | None = None
-    ckpt: Path | None = None
-    out_dir: Path | None = None
-    note: str = ""
-    float32_share: float | None = None
-
-    @property
-    def share_of_float(self) -> float | None:
-        """``metric / float_metric`` (``None`` when either is missing or the float metric is 0)."""
-        if self.metric is None or not self.float_metric:
-            return None
-        return self.metric / self.float_metric
-
-
-def _qat_optimizers(
-    lit: L.LightningModule, original: Callable[[], Any], lr: float | None, scheduler: str
-) -> Any:
-    """Wrap ``configure_optimizers``: QAT learning rate on the model's own optimizer, no warmup.
-
-    Every parameter group is scaled so the first group's LR is ``lr`` (ratios between groups kept, the
-    seed's "replicate per-module LRs"). ``cosine`` decays to 0 over the run's steps, ``constant`` keeps the
-    LR, ``keep`` returns the model's own configuration (the QAT callback refuses it if it warms up).
-    """
-
-    def configure() -> Any:
-        config = original()
-        if scheduler == QatScheduler.keep.value and lr is None:
-            return config
-        optimizer = _first_optimizer(config)
-        if lr is not None:
-            base = optimizer.param_groups[0]["lr"] or 1.0
-            for group in optimizer.param_groups:
-                group["lr"] = group["lr"] * lr / base if base else lr
-                group["initial_lr"] = group["lr"]
-        if scheduler == QatScheduler.keep.value:
-            return config
-        if scheduler == QatScheduler.constant.value:
-            return optimizer
-        total = max(1, int(lit.trainer.estimated_stepping_batches))
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": cosine, "interval": "step"}}
-
-    return configure
-
-
 def _fix_scales_arg(value: str) -> str | None:
     return None if value == "none" else value
-
-
-def _first_optimizer(config: Any) -> torch.optim.Optimizer:
-    if isinstance(config, torch.optim.Optimizer):
-        return config
-    if isinstance(config, dict):
-        return _first_optimizer(config["optimizer"])
-    if isinstance(config, (list, tuple)) and config:
-        return _first_optimizer(config[0])
-    raise ValueError(
-        f"cannot find the optimizer in configure_optimizers()' result {type(config).__name__}; "
-        "use qat.scheduler=keep qat.lr=null to train QAT with the model's own configuration"
-    )
 
 
 @dataclass
@@ -386,7 +305,7 @@ class Session:
         """
         q = self.cfg.qat
         lit, info = self.load_quantized(calib_ckpt, out_dir)
-        lit.configure_optimizers = _qat_optimizers(  # type: ignore[method-assign]
+        lit.configure_optimizers = qat_optimizers(  # type: ignore[method-assign]
             lit,
             lit.configure_optimizers,
             q.lr if lr is None else lr,

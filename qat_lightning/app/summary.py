@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qat_lightning.app.session import StageResult
-
-__all__ = ["COLUMNS", "Summary", "render_markdown", "render_table", "row_cells"]
+__all__ = ["COLUMNS", "StageResult", "Summary", "render_markdown", "render_table", "row_cells"]
 
 COLUMNS = (
     "stage",
@@ -26,6 +24,44 @@ COLUMNS = (
     "est. cost (x int8)",
     "note",
 )
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """One row of the summary table.
+
+    Attributes:
+        step: what ran (``float``, ``calibration int8``, ``qat``, ...).
+        recipe: the recipe name (``float`` for the float model).
+        metric: the target metric on the validation data (``None`` if not measured).
+        float_metric: the float model's metric, for the "% of float" column.
+        int16_ratio: share of ops in int16 (``None``: not a quantized model).
+        fp16_ratio: share of ops in float16 (``None``: not a quantized model).
+        cost: estimated cost on the chip, relative to the same model all-int8 (``None`` for float).
+        ckpt: the checkpoint written, if any.
+        out_dir: where the step's files are.
+        note: a short remark (decision, sanity status).
+        float32_share: share of FLOPs in ops left float32 without quant points (``None`` for float).
+    """
+
+    step: str
+    recipe: str
+    metric: float | None
+    float_metric: float | None = None
+    int16_ratio: float | None = None
+    fp16_ratio: float | None = None
+    cost: float | None = None
+    ckpt: Path | None = None
+    out_dir: Path | None = None
+    note: str = ""
+    float32_share: float | None = None
+
+    @property
+    def share_of_float(self) -> float | None:
+        """``metric / float_metric`` (``None`` when either is missing or the float metric is 0)."""
+        if self.metric is None or not self.float_metric:
+            return None
+        return self.metric / self.float_metric
 
 
 @dataclass(frozen=True)

@@ -122,8 +122,8 @@ def _row(check: str, expected: float | None, source: str, got: float | None, pas
 def troubleshoot_stage(pipe: Any) -> Summary:
     """``stage=troubleshoot``: calibrate, run the three checks, write the diagnosis table."""
     from qat_lightning.app.checkpoints import is_rank_zero
+    from qat_lightning.app.qat_optimizers import qat_optimizers
     from qat_lightning.app.recipes import recipe_from_conf
-    from qat_lightning.app.session import _qat_optimizers
 
     cfg, s = pipe.cfg, pipe.session
     recipe = recipe_from_conf(cfg.recipe, cfg.chip, cfg.calibration)
@@ -137,7 +137,7 @@ def troubleshoot_stage(pipe: Any) -> Summary:
     # 1. float fine-tune through the QAT settings, no prepare
     out = pipe.step("check1_float_finetune", "check 1: float fine-tune with the QAT settings (no prepare)")
     lit, _ = s.load_float(float_ckpt)
-    lit.configure_optimizers = _qat_optimizers(  # type: ignore[method-assign]
+    lit.configure_optimizers = qat_optimizers(  # type: ignore[method-assign]
         lit, lit.configure_optimizers, cfg.qat.lr, cfg.qat.scheduler.value
     )
     trainer = s.trainer(

@@ -34,7 +34,12 @@ from torch.ao.nn.intrinsic import _FusedModule
 from qat_lightning.quant.ops import OpInfo, OpKind
 from qat_lightning.quant.preparation.build import OpPlan
 from qat_lightning.quant.preparation.fusion import fused_type_name
-from qat_lightning.quant.preparation.tables import BN_FOR_CONV, CONV_TYPES, gemm_module_flops, gemm_spec_of
+from qat_lightning.quant.preparation.op_costs import gemm_module_flops
+from qat_lightning.quant.preparation.tables import (
+    BN_FOR_CONV,
+    CONV_TYPES,
+    gemm_spec_of,
+)
 
 __all__ = [
     "EagerFused",

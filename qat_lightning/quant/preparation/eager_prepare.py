@@ -24,14 +24,13 @@ from qat_lightning.quant.preparation.build import OpBuilder, OpPlan
 from qat_lightning.quant.preparation.dynamic_block import count_forward, warn_extra_calls
 from qat_lightning.quant.preparation.eager_fusion import fused_parts, fused_plan, unfused_chains
 from qat_lightning.quant.preparation.eager_probe import CallEvent, Probe, input_names, probe_model
+from qat_lightning.quant.preparation.op_costs import gemm_module_flops, numel_of
 from qat_lightning.quant.preparation.tables import (
     OpNamer,
-    gemm_module_flops,
     gemm_spec_of,
     is_dequant_stub,
     is_stub,
     module_op_type,
-    numel_of,
 )
 from qat_lightning.quant.qconfig.qconfig import QConfig
 
@@ -100,103 +99,146 @@ def prepare_eager(
         qat_mode: recorded only (eager mode fuses nothing).
         device: device for the new quant nodes.
     """
-    modules = dict(model.named_modules())
-    aliases: dict[int, list[str]] = {}
-    for path, mod in model.named_modules(remove_duplicate=False):
-        if path:
-            aliases.setdefault(id(mod), []).append(path)
-    has_stub = any(is_stub(m) for m in modules.values())
-    namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
-    plans: list[OpPlan] = []
-    by_id: dict[int, str] = {}
-    input_specs: list[tuple[int | None, str, str]] = []
-    names = input_names(model, args, kwargs)
-    values = list(args) + list(kwargs.values())
-    if not has_stub:
+    planner = _EagerPlanner(model, probe)
+    planner.plan_inputs(model, probe, args, kwargs)
+    for ev in planner.events:
+        planner.plan_event(ev)
+    plans = planner.plans
+    qconfigs = assign([p.info for p in plans])
+    builder = OpBuilder(qconfigs, qat_mode, device)
+    _install_ops(model, planner, builder)
+    not_covered, float_ops = _uncovered_ops(model, probe, plans, qconfigs, planner.switched)
+    unfused = unfused_chains(planner.events, planner.modules)
+    notes = [
+        f"not fused (fuse them in a fuse hook: fuse_fn / fuse_model()): {' + '.join(c)}" for c in unfused
+    ]
+    notes += builder.notes
+    return EagerPrepared(model, plans, unfused, not_covered, notes, float_ops)
+
+
+class _EagerPlanner:
+    """Plans one op per quantizable module call of the probe run, in call order (names and producers)."""
+
+    def __init__(self, model: nn.Module, probe: Probe) -> None:
+        self.modules = dict(model.named_modules())
+        self.aliases: dict[int, list[str]] = {}
+        for path, mod in model.named_modules(remove_duplicate=False):
+            if path:
+                self.aliases.setdefault(id(mod), []).append(path)
+        self.namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
+        self.plans: list[OpPlan] = []
+        self.by_id: dict[int, str] = {}
+        self.input_specs: list[tuple[int | None, str, str]] = []
+        self.transparent: dict[int, int] = {}
+        self.switched: dict[str, str] = {}
+        self.fused = {
+            path: parts for path, mod in self.modules.items() if (parts := fused_parts(mod)) is not None
+        }
+        self.events = [ev for ev in probe.events if not any(ev.path.startswith(f"{f}.") for f in self.fused)]
+        self.dynamic = _dynamic_paths(self.events)
+
+    def producer(self, tid: int | None) -> str | None:
+        """Name of the op that produced tensor ``tid`` (looked up through transparent modules)."""
+        seen = 0
+        while tid is not None and tid not in self.by_id and tid in self.transparent and seen < 10_000:
+            tid, seen = self.transparent[tid], seen + 1
+        return self.by_id.get(tid) if tid is not None else None
+
+    def plan_inputs(
+        self, model: nn.Module, probe: Probe, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> None:
+        """Plan a quant point per floating model input, unless the user placed ``QuantStub``s."""
+        if any(is_stub(m) for m in self.modules.values()):
+            return
+        names = input_names(model, args, kwargs)
+        values = list(args) + list(kwargs.values())
         for i, (arg_name, value) in enumerate(zip(names, values, strict=True)):
             if isinstance(value, Tensor) and value.is_floating_point():
-                name = namer.input_op(arg_name)
+                name = self.namer.input_op(arg_name)
                 info = OpInfo(name, "quant", OpKind.INPUT, "", 0, (), value.numel())
-                plans.append(OpPlan(info, "input"))
-                input_specs.append((i if i < len(args) else None, arg_name, name))
+                self.plans.append(OpPlan(info, "input"))
+                self.input_specs.append((i if i < len(args) else None, arg_name, name))
                 if arg_name in probe.input_ids:
-                    by_id[probe.input_ids[arg_name]] = name
-    transparent: dict[int, int] = {}
-    switched: dict[str, str] = {}
+                    self.by_id[probe.input_ids[arg_name]] = name
 
-    def producer(tid: int | None) -> str | None:
-        seen = 0
-        while tid is not None and tid not in by_id and tid in transparent and seen < 10_000:
-            tid, seen = transparent[tid], seen + 1
-        return by_id.get(tid) if tid is not None else None
-
-    fused = {path: parts for path, mod in modules.items() if (parts := fused_parts(mod)) is not None}
-    events = [ev for ev in probe.events if not any(ev.path.startswith(f"{f}.") for f in fused)]
-    dynamic = _dynamic_paths(events)
-    for ev in events:
-        mod = modules.get(ev.path)
+    def plan_event(self, ev: CallEvent) -> None:
+        """Plan the op of one module call (none for a transparent module or a later dynamic call)."""
+        mod = self.modules.get(ev.path)
         if mod is None:
-            continue
-        if ev.path in dynamic and dynamic[ev.path] is not None:  # later calls of one dynamic call site
-            by_id.update({ev.out_id: dynamic[ev.path]} if ev.out_id is not None else {})
-            continue
-        if ev.path in fused:
-            name, k = namer.module_op(ev.path)
-            shapes = (ev.in_shape, ev.out_shape)
-            plans.append(
-                fused_plan(name, k, ev.path, fused[ev.path], tuple(producer(t) for t in ev.in_ids), shapes)
-            )
-            by_id.update({ev.out_id: name} if ev.out_id is not None else {})
-            switched.update({name: ev.switched_off} if ev.switched_off is not None else {})
-            dynamic.update({ev.path: name} if ev.path in dynamic else {})
-            continue
+            return
+        if (
+            ev.path in self.dynamic and self.dynamic[ev.path] is not None
+        ):  # later calls of one dynamic call site
+            self.by_id.update({ev.out_id: self.dynamic[ev.path]} if ev.out_id is not None else {})
+            return
+        if ev.path in self.fused:
+            self._plan_fused(ev)
+            return
         op_type = module_op_type(mod)
         if op_type is None:
             if ev.out_id is not None and ev.in_ids:
-                transparent[ev.out_id] = ev.in_ids[0]
-            continue
+                self.transparent[ev.out_id] = ev.in_ids[0]
+            return
+        name = self._plan_module(ev, mod, op_type)
+        if name is None:
+            return
+        if ev.out_id is not None:
+            self.by_id[ev.out_id] = name
+        if ev.path in self.dynamic:
+            self.dynamic[ev.path] = name
+        if ev.switched_off is not None:
+            self.switched[name] = ev.switched_off
+
+    def _plan_fused(self, ev: CallEvent) -> None:
+        name, k = self.namer.module_op(ev.path)
+        shapes = (ev.in_shape, ev.out_shape)
+        producers = tuple(self.producer(t) for t in ev.in_ids)
+        self.plans.append(fused_plan(name, k, ev.path, self.fused[ev.path], producers, shapes))
+        self.by_id.update({ev.out_id: name} if ev.out_id is not None else {})
+        self.switched.update({name: ev.switched_off} if ev.switched_off is not None else {})
+        self.dynamic.update({ev.path: name} if ev.path in self.dynamic else {})
+
+    def _plan_module(self, ev: CallEvent, mod: nn.Module, op_type: str) -> str | None:
+        """Plan a stub, gemm or other module op; ``None`` for a module whose output is not float."""
         first_in = ev.in_ids[0] if ev.in_ids else None
         if is_stub(mod):
-            name, k = namer.module_op(ev.path)
+            name, k = self.namer.module_op(ev.path)
             info = OpInfo(
-                name, "quant", OpKind.INPUT, ev.path, k, (producer(first_in),), numel_of(ev.out_shape)
+                name, "quant", OpKind.INPUT, ev.path, k, (self.producer(first_in),), numel_of(ev.out_shape)
             )
-            plans.append(OpPlan(info, "input", extra={"path": ev.path}))
-        else:
-            spec = gemm_spec_of(mod)
-            if spec is not None and getattr(mod, "weight", None) is not None:
-                name, k = namer.module_op(ev.path)
-                flops = gemm_module_flops(mod, ev.in_shape, ev.out_shape)
-                info = OpInfo(name, op_type, OpKind.GEMM, ev.path, k, (producer(first_in),), flops)
-                plans.append(
-                    OpPlan(
-                        info,
-                        "gemm",
-                        module=mod,
-                        gemm_kind=spec.kind,
-                        weight_ch_axis=spec.weight_ch_axis,
-                        weight_key=ev.path,
-                        extra={"path": ev.path},
-                    )
+            self.plans.append(OpPlan(info, "input", extra={"path": ev.path}))
+            return name
+        spec = gemm_spec_of(mod)
+        if spec is not None and getattr(mod, "weight", None) is not None:
+            name, k = self.namer.module_op(ev.path)
+            flops = gemm_module_flops(mod, ev.in_shape, ev.out_shape)
+            info = OpInfo(name, op_type, OpKind.GEMM, ev.path, k, (self.producer(first_in),), flops)
+            self.plans.append(
+                OpPlan(
+                    info,
+                    "gemm",
+                    module=mod,
+                    gemm_kind=spec.kind,
+                    weight_ch_axis=spec.weight_ch_axis,
+                    weight_key=ev.path,
+                    extra={"path": ev.path},
                 )
-            elif ev.out_float:
-                name, k = namer.module_op(ev.path)
-                producers = tuple(producer(t) for t in ev.in_ids)
-                info = OpInfo(name, op_type, OpKind.OTHER, ev.path, k, producers, numel_of(ev.out_shape))
-                plans.append(OpPlan(info, "module", module=mod, extra={"path": ev.path}))
-            else:
-                continue
-        if ev.out_id is not None:
-            by_id[ev.out_id] = name
-        if ev.path in dynamic:
-            dynamic[ev.path] = name
-        if ev.switched_off is not None:
-            switched[name] = ev.switched_off
-    qconfigs = assign([p.info for p in plans])
-    builder = OpBuilder(qconfigs, qat_mode, device)
+            )
+            return name
+        if ev.out_float:
+            name, k = self.namer.module_op(ev.path)
+            producers = tuple(self.producer(t) for t in ev.in_ids)
+            info = OpInfo(name, op_type, OpKind.OTHER, ev.path, k, producers, numel_of(ev.out_shape))
+            self.plans.append(OpPlan(info, "module", module=mod, extra={"path": ev.path}))
+            return name
+        return None
+
+
+def _install_ops(model: nn.Module, planner: _EagerPlanner, builder: OpBuilder) -> None:
+    """Build the planned ops and put them in place (call sites, aliases, input ops, the forward hooks)."""
     sites: dict[str, list[nn.Module]] = {}
     input_ops: dict[str, nn.Module] = {}
-    for plan in plans:
+    for plan in planner.plans:
         op = builder.build(plan)
         path = plan.extra.get("path")
         if path is None:
@@ -205,25 +247,35 @@ def prepare_eager(
             sites.setdefault(path, []).append(op)
     dispatchers = []
     for path, ops in sites.items():
-        for alias in aliases.get(id(modules[path]), [path]):
+        for alias in planner.aliases.get(id(planner.modules[path]), [path]):
             _set_path(model, alias, ops[0])
         for k, op in enumerate(ops[1:], start=1):
             _set_path(model, f"{path}#{k}", op)
         ops[0]._sites = list(ops)  # call-site dispatch and the call counter (warn_extra_calls)
-        ops[0]._dynamic = path in dynamic
+        ops[0]._dynamic = path in planner.dynamic
         dispatchers.append(ops[0])
-    for path, mod in modules.items():
+    for path, mod in planner.modules.items():
         if path and is_dequant_stub(mod):
-            for alias in aliases.get(id(mod), [path]):
+            for alias in planner.aliases.get(id(mod), [path]):
                 _set_path(model, alias, nn.Identity())
     for name, op in input_ops.items():
         model.add_module(name, op)
     model._qat_dispatchers = dispatchers
-    model._qat_input_ops = input_specs
-    if dispatchers or input_specs:
+    model._qat_input_ops = planner.input_specs
+    if dispatchers or planner.input_specs:
         model.register_forward_pre_hook(_eager_pre_hook, with_kwargs=True)
     if dispatchers:
         model.register_forward_hook(warn_extra_calls, always_call=True)
+
+
+def _uncovered_ops(
+    model: nn.Module,
+    probe: Probe,
+    plans: Sequence[OpPlan],
+    qconfigs: Mapping[str, QConfig],
+    switched: Mapping[str, str],
+) -> tuple[list[str], list[FloatOp]]:
+    """List the functional ops eager mode cannot see, and every op left float32 (switched or functional)."""
     fn_namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
     not_covered = []
     float_ops = _switched_ops(plans, qconfigs, switched)
@@ -231,12 +283,7 @@ def prepare_eager(
         name = fn_namer.function_op(parent, call, base)
         not_covered.append(f"{name} ({base})")
         float_ops.append(FloatOp(name, base, flops, "a functional op eager mode cannot see"))
-    unfused = unfused_chains(events, modules)
-    notes = [
-        f"not fused (fuse them in a fuse hook: fuse_fn / fuse_model()): {' + '.join(c)}" for c in unfused
-    ]
-    notes += builder.notes
-    return EagerPrepared(model, plans, unfused, not_covered, notes, float_ops)
+    return not_covered, float_ops
 
 
 def _dynamic_paths(events: Sequence[CallEvent]) -> dict[str, str | None]:

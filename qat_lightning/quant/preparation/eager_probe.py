@@ -22,11 +22,11 @@ from torch.overrides import TorchFunctionMode
 from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.preparation.dynamic_block import in_dynamic_block
 from qat_lightning.quant.preparation.eager_fusion import fused_parts
+from qat_lightning.quant.preparation.op_costs import function_flops
 from qat_lightning.quant.preparation.tables import (
     FUNCTION_OPS,
     METHOD_OPS,
     PASS_THROUGH_MODULES,
-    function_flops,
     module_op_type,
 )
 

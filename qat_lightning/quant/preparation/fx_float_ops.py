@@ -15,17 +15,15 @@ from torch import nn
 from torch.fx import Node
 
 from qat_lightning.quant.ops import FloatOp
+from qat_lightning.quant.preparation.op_costs import function_flops, gemm_module_flops, numel_of
 from qat_lightning.quant.preparation.tables import (
     FUNCTION_OPS,
     METHOD_OPS,
     PASS_THROUGH_MODULES,
     TRANSPARENT_FUNCTIONS,
     TRANSPARENT_METHODS,
-    function_flops,
-    gemm_module_flops,
     gemm_spec_of,
     is_dequant_stub,
-    numel_of,
 )
 
 __all__ = ["LOOKUP_MODULES", "float_op_of"]

@@ -23,6 +23,7 @@ from qat_lightning.quant.preparation.build import OpPlan
 from qat_lightning.quant.preparation.fusion import FusionGroup, fused_op_type
 from qat_lightning.quant.preparation.fx_float_ops import float_op_of
 from qat_lightning.quant.preparation.fx_tracer import NodeMeta
+from qat_lightning.quant.preparation.op_costs import function_flops, gemm_module_flops, numel_of
 from qat_lightning.quant.preparation.tables import (
     FUNCTION_OPS,
     GEMM_FUNCTIONS,
@@ -31,12 +32,9 @@ from qat_lightning.quant.preparation.tables import (
     TRANSPARENT_FUNCTIONS,
     TRANSPARENT_METHODS,
     OpNamer,
-    function_flops,
-    gemm_module_flops,
     gemm_spec_of,
     is_stub,
     module_op_type,
-    numel_of,
 )
 
 __all__ = ["FxPlanner", "SDPA"]

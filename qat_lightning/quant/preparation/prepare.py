@@ -24,13 +24,13 @@ import copy
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import float32
@@ -42,6 +42,7 @@ from qat_lightning.quant.preparation.eager_prepare import prepare_eager, probe_m
 from qat_lightning.quant.preparation.fx_prepare import prepare_fx
 from qat_lightning.quant.preparation.fx_tracer import FxTraceError
 from qat_lightning.quant.preparation.model_check import float_input_gemms
+from qat_lightning.quant.preparation.trace_check import check_trace, clone_tree, seeded
 from qat_lightning.quant.qconfig.qconfig import QConfig
 from qat_lightning.quant.qconfig.setter import QconfigAssignment, as_qconfig_setter
 
@@ -64,10 +65,6 @@ def _split_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]
     )
 
 
-def _clone(tree: Any) -> Any:
-    return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, tree)
-
-
 def _device_of(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch.device | None:
     for p in model.parameters():
         return p.device
@@ -77,62 +74,6 @@ def _device_of(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any])
         if isinstance(t, Tensor):
             return t.device
     return None
-
-
-@contextmanager
-def _seeded(device: torch.device | None, seed: int = 0) -> Any:
-    devices = []
-    if device is not None and device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
-
-
-def _outputs_match(ref: Any, out: Any) -> str | None:
-    """``None`` when the outputs agree (float tensors to 1e-4 relative), else a description."""
-    ref_leaves, ref_spec = tree_flatten(ref)
-    out_leaves, out_spec = tree_flatten(out)
-    if len(ref_leaves) != len(out_leaves):
-        return f"the output structure differs ({ref_spec} vs {out_spec})"
-    for i, (a, b) in enumerate(zip(ref_leaves, out_leaves, strict=True)):
-        if isinstance(a, Tensor) != isinstance(b, Tensor):
-            return f"output {i} is a tensor in one model only"
-        if not isinstance(a, Tensor):
-            continue
-        if a.shape != b.shape:
-            return f"output {i} has shape {tuple(b.shape)} instead of {tuple(a.shape)}"
-        if a.is_floating_point():
-            err = float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
-            tol = 1e-4 * float(a.double().abs().max()) + 1e-6 if a.numel() else 0.0
-            if not err <= tol:
-                return f"output {i} differs by {err:.3g} (tolerance {tol:.3g})"
-        elif not torch.equal(a, b):
-            return f"output {i} differs"
-    return None
-
-
-def _check_trace(traced: nn.Module, ref: Any, args: Any, kwargs: Any, device: Any) -> None:
-    """Run the traced float graph like the probe run (same RNG seed); restore every buffer afterwards."""
-    saved = [(b, b.detach().clone()) for b in traced.buffers()]
-    try:
-        with torch.no_grad(), _seeded(device):
-            out = traced(*_clone(args), **_clone(kwargs))
-    except Exception as exc:
-        raise FxTraceError(
-            f"the traced model fails on the example inputs ({type(exc).__name__}: {exc}); "
-            "use method='eager' or method='auto'"
-        ) from exc
-    finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
-    problem = _outputs_match(ref, out)
-    if problem is not None:
-        raise FxTraceError(
-            f"the traced graph does not reproduce the model on the example inputs: {problem}. "
-            "Some Python logic was fixed at trace time; use method='eager' or method='auto'"
-        )
 
 
 def _validate(method: str, qat_mode: str, model: Any) -> None:
@@ -146,6 +87,38 @@ def _validate(method: str, qat_mode: str, model: Any) -> None:
         raise ValueError(
             "the model is already prepared (it contains quant nodes); call prepare() on the float model"
         )
+
+
+@dataclass
+class _PathResult:
+    """What the fx or the eager path produced, and which method produced it."""
+
+    method: str
+    model: nn.Module
+    plans: Sequence[Any]
+    float_ops: list[FloatOp]
+    fused: list[tuple[str, ...]] = field(default_factory=list)
+    unfused: list[tuple[str, ...]] = field(default_factory=list)
+    not_covered: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class _QconfigRecorder:
+    """The ``assign`` callable handed to the fx / eager paths: asks the setter, keeps every assignment."""
+
+    def __init__(self, setter: Any) -> None:
+        self.setter = setter
+        self.assignments: list[QconfigAssignment] = []
+        self.failed: list[BaseException] = []
+
+    def __call__(self, ops: Sequence[OpInfo]) -> Mapping[str, QConfig]:
+        try:
+            assignment = self.setter.assign(ops)
+        except Exception as exc:
+            self.failed.append(exc)
+            raise
+        self.assignments.append(assignment)
+        return assignment.qconfigs
 
 
 def prepare(
@@ -196,107 +169,19 @@ def prepare(
     args, kwargs = _split_inputs(example_inputs)
     setter = as_qconfig_setter(qconfig_setter)
     device = _device_of(model, args, kwargs)
-    shadow = copy.deepcopy(model)
-    try:
-        with _seeded(device):
-            probe = probe_model(shadow, _clone(args), _clone(kwargs), record_functions=False)
-    except Exception as exc:
-        raise ValueError(
-            f"prepare: the model fails on example_inputs ({type(exc).__name__}: {exc}); pass inputs the "
-            "model accepts (a tuple of positional inputs, or a dict of keyword inputs)"
-        ) from exc
-
-    assignments: list[QconfigAssignment] = []
-    setter_failed: list[BaseException] = []
-
-    def assign(ops: Sequence[OpInfo]) -> Mapping[str, QConfig]:
-        try:
-            assignment = setter.assign(ops)
-        except Exception as exc:
-            setter_failed.append(exc)
-            raise
-        assignments.append(assignment)
-        return assignment.qconfigs
-
-    out = probe.output
-    output_type = type(out) if isinstance(out, dict) and type(out) is not dict else None
-    used = method
-    not_covered: list[str] = []
-    fused: list[tuple[str, ...]] = []
-    unfused: list[tuple[str, ...]] = []
-    notes: list[str] = []
-    prepared: nn.Module | None = None
-    float_ops: list[FloatOp] = []
+    shadow, probe = _probe_float(model, args, kwargs, device)
+    assign = _QconfigRecorder(setter)
+    result: _PathResult | None = None
+    reason = ""
     if method in ("fx", "auto", "jit_strip"):
-        try:
-            result = prepare_fx(
-                copy.deepcopy(model),
-                shadow,
-                _clone(args),
-                _clone(kwargs),
-                assign,
-                qat_mode,
-                device,
-                output_type,
-                verify=lambda traced: _check_trace(traced, probe.output, args, kwargs, device),
-                strip=method == "jit_strip",
-            )
-            prepared, plans, float_ops = result.model, result.plans, result.float_ops
-            fused, unfused, notes = result.fused, result.unfused, result.notes
-            used = "fx" if method != "jit_strip" else method
-        except Exception as exc:
-            if method != "auto" or setter_failed:
-                raise
-            reason = str(exc) if isinstance(exc, FxTraceError) else f"{type(exc).__name__}: {exc}"
-            assignments.clear()
-    if prepared is None:
-        used = "eager"
-        eager_model, eager_probe = copy.deepcopy(model), probe
-        if fuse_fn is None and callable(getattr(model, "fuse_model", None)):  # torch.ao's eager convention
-            eager_model = run_fuse_hook(eager_model, None)
-            with _seeded(device):
-                eager_probe = probe_model(copy.deepcopy(eager_model), _clone(args), _clone(kwargs), False)
-        try:
-            functions = probe_model(copy.deepcopy(eager_model), _clone(args), _clone(kwargs)).functions
-        except Exception:  # noqa: BLE001 - listing what is not covered is best effort
-            functions = []
-        result_e = prepare_eager(
-            eager_model, _replace_functions(eager_probe, functions), args, kwargs, assign, qat_mode, device
-        )
-        prepared, plans, float_ops = result_e.model, result_e.plans, result_e.float_ops
-        unfused, not_covered, notes = result_e.unfused, result_e.not_covered, result_e.notes
+        result, reason = _try_fx(method, model, shadow, probe, (args, kwargs, device), assign, qat_mode)
+    if result is None:
+        result = _run_eager(model, probe, fuse_fn, (args, kwargs, device), assign, qat_mode)
         if method == "auto":
-            listed = ", ".join(not_covered) if not_covered else "nothing"
-            warnings.warn(
-                f"prepare(method='auto'): fx tracing failed, fell back to eager mode.\n{reason}\n"
-                f"Not covered in eager mode (functional ops / operators left in float): {listed}",
-                stacklevel=2,
-            )
-            notes = [f"fx failed, eager fallback: {reason.splitlines()[0]}", *notes]
-    assignment = assignments[-1]
-    if assignment.unmatched:
-        warnings.warn(
-            f"qconfig templates: these names match no op: {', '.join(assignment.unmatched)}", stacklevel=2
-        )
-    chip = assignment.chip if assignment.chip is not None else setter.chip
-    gemms = [
-        FloatOp(i.name, i.op_type, i.flops, "a gemm whose input is float32 (from an op without quant points)")
-        for i in float_input_gemms(prepared)
-    ]
-    notes = [*notes, *_float_op_violations([*float_ops, *gemms], chip, setter.on_violation)]
-    record = PrepareRecord(
-        method=used,
-        qat_mode=qat_mode,
-        chip=chip,
-        call_counts=tuple(probe.call_counts.items()),
-        fused=tuple(fused),
-        unfused=tuple(unfused),
-        changelog=tuple(assignment.changelog),
-        not_covered=tuple(not_covered),
-        notes=tuple(notes),
-        float_ops=tuple(float_ops),
-    )
-    order = [p.name for p in plans]
+            _warn_fallback(result, reason)
+    record = _record(result, probe, qat_mode, setter, assign.assignments[-1])
+    prepared = result.model
+    order = [p.name for p in result.plans]
     prepared.quant_op_order = order
     prepared.prepare_record = record
     if isinstance(prepared, fx.GraphModule):
@@ -304,6 +189,131 @@ def prepare(
     if check_dir is not None:
         _write_check(prepared, check_dir, record)
     return prepared
+
+
+def _probe_float(model: nn.Module, args: Any, kwargs: Any, device: Any) -> tuple[nn.Module, Any]:
+    """Run a copy of the float model on the example inputs (call counts, reference output)."""
+    shadow = copy.deepcopy(model)
+    try:
+        with seeded(device):
+            probe = probe_model(shadow, clone_tree(args), clone_tree(kwargs), record_functions=False)
+    except Exception as exc:
+        raise ValueError(
+            f"prepare: the model fails on example_inputs ({type(exc).__name__}: {exc}); pass inputs the "
+            "model accepts (a tuple of positional inputs, or a dict of keyword inputs)"
+        ) from exc
+    return shadow, probe
+
+
+def _try_fx(
+    method: str,
+    model: nn.Module,
+    shadow: nn.Module,
+    probe: Any,
+    inputs: tuple[Any, Any, Any],
+    assign: _QconfigRecorder,
+    qat_mode: str,
+) -> tuple[_PathResult | None, str]:
+    """Run the fx path; return ``(None, reason)`` when ``auto`` should fall back to eager, else raise."""
+    args, kwargs, device = inputs
+    out = probe.output
+    output_type = type(out) if isinstance(out, dict) and type(out) is not dict else None
+    try:
+        result = prepare_fx(
+            copy.deepcopy(model),
+            shadow,
+            clone_tree(args),
+            clone_tree(kwargs),
+            assign,
+            qat_mode,
+            device,
+            output_type,
+            verify=lambda traced: check_trace(traced, probe.output, args, kwargs, device),
+            strip=method == "jit_strip",
+        )
+    except Exception as exc:
+        if method != "auto" or assign.failed:
+            raise
+        reason = str(exc) if isinstance(exc, FxTraceError) else f"{type(exc).__name__}: {exc}"
+        assign.assignments.clear()
+        return None, reason
+    used = "fx" if method != "jit_strip" else method
+    return _PathResult(
+        used, result.model, result.plans, result.float_ops, result.fused, result.unfused, [], result.notes
+    ), ""
+
+
+def _run_eager(
+    model: nn.Module,
+    probe: Any,
+    fuse_fn: Callable[[nn.Module], Any] | None,
+    inputs: tuple[Any, Any, Any],
+    assign: _QconfigRecorder,
+    qat_mode: str,
+) -> _PathResult:
+    """Run the eager path (``method="eager"`` or the ``auto`` fallback)."""
+    args, kwargs, device = inputs
+    eager_model, eager_probe = copy.deepcopy(model), probe
+    if fuse_fn is None and callable(getattr(model, "fuse_model", None)):  # torch.ao's eager convention
+        eager_model = run_fuse_hook(eager_model, None)
+        with seeded(device):
+            eager_probe = probe_model(copy.deepcopy(eager_model), clone_tree(args), clone_tree(kwargs), False)
+    try:
+        functions = probe_model(copy.deepcopy(eager_model), clone_tree(args), clone_tree(kwargs)).functions
+    except Exception:  # noqa: BLE001 - listing what is not covered is best effort
+        functions = []
+    result = prepare_eager(
+        eager_model, _replace_functions(eager_probe, functions), args, kwargs, assign, qat_mode, device
+    )
+    return _PathResult(
+        "eager",
+        result.model,
+        result.plans,
+        result.float_ops,
+        [],
+        result.unfused,
+        result.not_covered,
+        result.notes,
+    )
+
+
+def _warn_fallback(result: _PathResult, reason: str) -> None:
+    """Warn (at ``prepare``'s caller) that ``auto`` fell back to eager, and note it in the report."""
+    listed = ", ".join(result.not_covered) if result.not_covered else "nothing"
+    warnings.warn(
+        f"prepare(method='auto'): fx tracing failed, fell back to eager mode.\n{reason}\n"
+        f"Not covered in eager mode (functional ops / operators left in float): {listed}",
+        stacklevel=3,
+    )
+    result.notes = [f"fx failed, eager fallback: {reason.splitlines()[0]}", *result.notes]
+
+
+def _record(
+    result: _PathResult, probe: Any, qat_mode: str, setter: Any, assignment: QconfigAssignment
+) -> PrepareRecord:
+    """Build the :class:`PrepareRecord` (warning about unmatched template names, checking the chip)."""
+    if assignment.unmatched:
+        warnings.warn(
+            f"qconfig templates: these names match no op: {', '.join(assignment.unmatched)}", stacklevel=3
+        )
+    chip = assignment.chip if assignment.chip is not None else setter.chip
+    gemms = [
+        FloatOp(i.name, i.op_type, i.flops, "a gemm whose input is float32 (from an op without quant points)")
+        for i in float_input_gemms(result.model)
+    ]
+    notes = [*result.notes, *_float_op_violations([*result.float_ops, *gemms], chip, setter.on_violation)]
+    return PrepareRecord(
+        method=result.method,
+        qat_mode=qat_mode,
+        chip=chip,
+        call_counts=tuple(probe.call_counts.items()),
+        fused=tuple(result.fused),
+        unfused=tuple(result.unfused),
+        changelog=tuple(assignment.changelog),
+        not_covered=tuple(result.not_covered),
+        notes=tuple(notes),
+        float_ops=tuple(result.float_ops),
+    )
 
 
 def _float_op_violations(float_ops: Sequence[FloatOp], chip: str | None, on_violation: str) -> list[str]:
@@ -327,7 +337,7 @@ def _float_op_violations(float_ops: Sequence[FloatOp], chip: str | None, on_viol
             "the line it cannot trace), quantize these ops by hand, or pass on_violation='downgrade' to "
             "accept them with a warning"
         )
-    warnings.warn(f"prepare: {rule}; they stay float32 ({len(bad)} op(s)):\n  {text}", stacklevel=3)
+    warnings.warn(f"prepare: {rule}; they stay float32 ({len(bad)} op(s)):\n  {text}", stacklevel=4)
     return [f"chip violation (not quantized, float32 on {spec.name}): {line}" for line in lines]
 
 

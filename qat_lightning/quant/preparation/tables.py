@@ -8,14 +8,13 @@ Shared by the fx and eager paths so both give an op the same name, type, kind an
 * Functional ops and operators (fx only): ``FUNCTION_OPS`` (``call_function`` targets) and
   ``METHOD_OPS`` (``call_method`` names) map to a base name (``add``, ``matmul``, ``softmax``) that is
   also the op type.
-* Names: see :class:`OpNamer`.
+* Names: see :class:`OpNamer` (``naming``, re-exported here); FLOP counting: ``op_costs``.
 """
 
 from __future__ import annotations
 
-import math
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub
+
+from qat_lightning.quant.preparation.naming import OpNamer
 
 __all__ = [
     "GemmSpec",
@@ -40,9 +41,6 @@ __all__ = [
     "is_dequant_stub",
     "module_op_type",
     "OpNamer",
-    "gemm_module_flops",
-    "function_flops",
-    "numel_of",
 ]
 
 
@@ -320,92 +318,3 @@ TRANSPARENT_METHODS: frozenset[str] = frozenset(
         "float",
     }
 )
-
-
-class OpNamer:
-    """Stable op names.
-
-    * A module op is named by its module path; the k-th extra call of the same module gets ``path#k``.
-    * A functional op / operator is ``<parent path>.<base>`` (``<base>`` at the root), numbered
-      ``<base>``, ``<base>_1``, ``<base>_2`` in call order within one call of its parent module; inside
-      the k-th extra call of a shared parent the name gets ``#k`` (``block.add#1``).
-    * A model input is ``<argument name>_quant``.
-
-    ``taken`` holds names that already exist as attributes (``parent -> set of child names``); a functional
-    name that would clash gets the next free number.
-    """
-
-    def __init__(self, taken: Callable[[str, str], bool] | None = None) -> None:
-        self._module_calls: dict[str, int] = {}
-        self._fn_counts: dict[tuple[str, int, str], int] = {}
-        self._taken = taken or (lambda parent, child: False)
-        self.used: set[str] = set()
-
-    def module_op(self, path: str) -> tuple[str, int]:
-        """Name and call index of the next call of module ``path``."""
-        k = self._module_calls.get(path, 0)
-        self._module_calls[path] = k + 1
-        name = path if k == 0 else f"{path}#{k}"
-        self.used.add(name)
-        return name, k
-
-    def function_op(self, parent: str, parent_call: int, base: str) -> str:
-        """Name of the next ``base`` functional op called by ``parent`` (in its ``parent_call``-th call)."""
-        key = (parent, parent_call, base)
-        j = self._fn_counts.get(key, 0)
-        while True:
-            child = base if j == 0 else f"{base}_{j}"
-            full = f"{parent}.{child}" if parent else child
-            if parent_call:
-                full = f"{full}#{parent_call}"
-            j += 1
-            if parent_call or not self._taken(parent, child):
-                break
-        self._fn_counts[key] = j
-        self.used.add(full)
-        return full
-
-    def input_op(self, arg_name: str) -> str:
-        """Name of the quant point of model input ``arg_name``."""
-        name = f"{arg_name}_quant"
-        while name in self.used or self._taken("", name):
-            name = f"{name}_"
-        self.used.add(name)
-        return name
-
-
-def numel_of(shape: Sequence[int] | torch.Size | None) -> int:
-    """Return the number of elements of a shape (0 for ``None``)."""
-    return 0 if shape is None else int(math.prod(shape))
-
-
-def gemm_module_flops(
-    module: nn.Module, in_shape: Sequence[int] | None, out_shape: Sequence[int] | None
-) -> int:
-    """MACs of one call of a conv / conv-transpose / linear module for the given input/output shapes."""
-    spec = gemm_spec_of(module)
-    if spec is None or out_shape is None:
-        return 0
-    weight = module.weight
-    if spec.kind == "linear":
-        return numel_of(out_shape) * int(weight.shape[1])
-    k = numel_of(weight.shape[2:])
-    if spec.kind == "conv":
-        return numel_of(out_shape) * int(weight.shape[1]) * k
-    # conv-transpose: each input element scatters into out_channels / groups * kernel outputs
-    return numel_of(in_shape) * int(weight.shape[1]) * k
-
-
-def function_flops(
-    base: str, arg_shapes: Sequence[Sequence[int] | None], out_shape: Sequence[int] | None
-) -> int:
-    """MACs of a functional gemm (product of the matmul dims), else one op per output element."""
-    out = numel_of(out_shape)
-    if base in ("matmul", "bmm") and arg_shapes and arg_shapes[0] is not None and len(arg_shapes[0]) >= 1:
-        return out * int(arg_shapes[0][-1])
-    if base == "linear" and len(arg_shapes) > 1 and arg_shapes[1] is not None:
-        return out * int(arg_shapes[1][-1])
-    if base.startswith("conv") and len(arg_shapes) > 1 and arg_shapes[1] is not None:
-        w = arg_shapes[1]
-        return out * int(w[1]) * numel_of(w[2:])
-    return out
