@@ -12,9 +12,11 @@ Per row: cosine, max abs error, the error in quantization steps (``max |err| / s
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,15 @@ from qat_lightning.analysis.export_check import onnx_feeds
 from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
 from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
 
-__all__ = ["ExportLayerRow", "compare_export_per_layer", "first_export_mismatch", "render_export_layers"]
+__all__ = [
+    "ExportLayerComparison",
+    "ExportLayerRow",
+    "compare_export_per_layer",
+    "export_layers_csv",
+    "export_layers_text",
+    "first_export_mismatch",
+    "render_export_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,33 @@ class ExportLayerRow:
     max_abs_error: float
     max_steps: float
     mismatch_share: float
+
+
+@dataclass(frozen=True)
+class ExportLayerComparison:
+    """``QuantAnalysis(..., reference="onnxruntime").compare_per_layer()``: every quant point, graph order.
+
+    Attributes:
+        onnx_path: the exported file compared.
+        rows: one row per compared graph tensor (see :func:`compare_export_per_layer`).
+        max_steps: error (in quantization steps) above which a point counts as a mismatch.
+    """
+
+    onnx_path: str
+    rows: tuple[ExportLayerRow, ...]
+    max_steps: float = 1.0
+
+    @property
+    def first_mismatch(self) -> ExportLayerRow | None:
+        """The first row (graph order) beyond ``max_steps``: where deployment and fake quant part."""
+        return first_export_mismatch(self.rows, self.max_steps)
+
+    def row(self, node: str) -> ExportLayerRow:
+        """The first row of quant node ``node`` (``KeyError`` when it has none)."""
+        found = next((r for r in self.rows if r.node == node), None)
+        if found is None:
+            raise KeyError(f"no row for quant node {node!r}")
+        return found
 
 
 def _recorder(model: nn.Module, wanted: set[str]) -> tuple[dict[str, list[Tensor]], list[Any]]:
@@ -212,3 +249,26 @@ def render_export_layers(rows: Iterable[ExportLayerRow]) -> str:
             f"{r.max_steps:>10.2f}{100 * r.mismatch_share:>7.2f}%"
         )
     return "\n".join(lines) + "\n"
+
+
+def export_layers_text(comparison: ExportLayerComparison) -> str:
+    """Render ``compare_export_per_layer.txt``: the verdict (first mismatch or none), then the table."""
+    bad = comparison.first_mismatch
+    if bad is None:
+        head = f"onnxruntime vs fake quant: every quant point within {comparison.max_steps:g} step(s)"
+    else:
+        head = (
+            f"onnxruntime vs fake quant: first mismatch at {bad.op_name or bad.node} ({bad.role}, "
+            f"node {bad.node}, tensor {bad.onnx_tensor}): {bad.max_steps:.2f} steps, cosine {bad.cosine:.6f}"
+        )
+    return f"{head}\nfile: {comparison.onnx_path}\n\n" + render_export_layers(comparison.rows)
+
+
+def export_layers_csv(rows: Iterable[ExportLayerRow]) -> str:
+    """Render the rows as CSV (one row per compared tensor, graph order, full precision)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    names = [f.name for f in fields(ExportLayerRow)]
+    writer.writerow(["index", *names])
+    writer.writerows([i, *(getattr(r, n) for n in names)] for i, r in enumerate(rows))
+    return out.getvalue()

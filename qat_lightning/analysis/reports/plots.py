@@ -2,6 +2,7 @@
 
 * :func:`sensitivity_png`: horizontal bar chart of the top-30 rows of a sensitivity table;
 * :func:`layer_png`: per-layer cosine and SQNR along the depth of the model;
+* :func:`export_layers_png`: onnxruntime vs fake quant per quant point (cosine and error in steps);
 * :func:`search_png`: accuracy vs high-precision ratio of a mixed-precision search (cost on a second
   axis when known).
 
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from qat_lightning.analysis.compare.layer_compare import LayerComparison
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
-__all__ = ["sensitivity_png", "layer_png", "search_png"]
+__all__ = ["sensitivity_png", "layer_png", "export_layers_png", "search_png"]
 
 
 def _png(fig: Figure) -> bytes:
@@ -66,6 +67,29 @@ def layer_png(comparison: LayerComparison) -> bytes:
         ax2.set_xticks(x, [r.mod_name for r in rows], rotation=90, fontsize=6)
     ax1.tick_params(labelbottom=False)
     ax1.set_title("per-layer float vs quantized output", fontsize=9)
+    return _png(fig)
+
+
+def export_layers_png(rows: Sequence[Any], max_steps: float = 1.0) -> bytes:
+    """Cosine and error in quantization steps of every compared quant point, in graph order.
+
+    ``rows`` are :class:`~qat_lightning.analysis.export_layers.ExportLayerRow` (``cosine``, ``max_steps``,
+    ``op_name``, ``role``).
+    """
+    fig = Figure(figsize=(max(6, 0.12 * len(rows) + 4), 6))
+    ax1 = fig.add_subplot(2, 1, 1)
+    ax2 = fig.add_subplot(2, 1, 2, sharex=ax1)
+    x = list(range(len(rows)))
+    ax1.plot(x, [r.cosine for r in rows], marker=".")
+    ax1.set_ylabel("cosine")
+    ax2.plot(x, [r.max_steps for r in rows], marker=".", color="tab:red")
+    ax2.axhline(max_steps, color="gray", linestyle="--")
+    ax2.set_ylabel("max error (steps)")
+    ax2.set_xlabel("quant point (graph order)")
+    if len(rows) <= 60:
+        ax2.set_xticks(x, [f"{r.op_name} [{r.role}]" for r in rows], rotation=90, fontsize=6)
+    ax1.tick_params(labelbottom=False)
+    ax1.set_title("per-layer onnxruntime vs fake quant", fontsize=9)
     return _png(fig)
 
 
