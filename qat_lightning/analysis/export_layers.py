@@ -85,13 +85,6 @@ class ExportLayerComparison:
         """The first row (graph order) beyond ``max_steps``: where deployment and fake quant part."""
         return first_export_mismatch(self.rows, self.max_steps)
 
-    def row(self, node: str) -> ExportLayerRow:
-        """The first row of quant node ``node`` (``KeyError`` when it has none)."""
-        found = next((r for r in self.rows if r.node == node), None)
-        if found is None:
-            raise KeyError(f"no row for quant node {node!r}")
-        return found
-
 
 def _recorder(model: nn.Module, wanted: set[str]) -> tuple[dict[str, list[Tensor]], list[Any]]:
     seen: dict[str, list[Tensor]] = {}

@@ -11,7 +11,12 @@ import pytest
 import torch
 
 import qat_lightning as ql
-from qat_lightning.analysis import ExportLayerComparison, LayerComparison, QuantAnalysis, search_mixed_precision
+from qat_lightning.analysis import (
+    ExportLayerComparison,
+    LayerComparison,
+    QuantAnalysis,
+    search_mixed_precision,
+)
 from qat_lightning.analysis.compare.metrics import resolve_metric
 from qat_lightning.analysis.sensitivity.exact import exact_sensitivity, sensitivity_targets
 
@@ -131,12 +136,16 @@ def test_onnxruntime_reference_finds_the_wrong_scale_at_its_op(deployed, tmp_pat
     from tests.analysis.test_export_check import _tamper_scale
 
     prepared, result, data = deployed
-    clean = QuantAnalysis(prepared, out_dir=tmp_path / "clean", reference="onnxruntime", onnx_path=result.path)
+    clean = QuantAnalysis(
+        prepared, out_dir=tmp_path / "clean", reference="onnxruntime", onnx_path=result.path
+    )
     clean.run(data)
     ok = clean.compare_per_layer(plot=False)
     assert isinstance(ok, ExportLayerComparison) and ok.first_mismatch is None
     assert len(ok.rows) == result.num_qdq and ok.rows[0].op_name == "x_quant"  # graph order
-    assert "every quant point within 1 step" in (tmp_path / "clean" / "compare_export_per_layer.txt").read_text()
+    assert (
+        "every quant point within 1 step" in (tmp_path / "clean" / "compare_export_per_layer.txt").read_text()
+    )
 
     node = "layer1.0.conv2.output_quant"
     _tamper_scale(result.path, {e.node: e for e in result.encodings}[node].onnx_tensors[0], 0.25, False)
