@@ -50,23 +50,39 @@ def sensitivity_png(table: SensitivityTable, top: int = 30) -> bytes:
     return _png(fig)
 
 
+def _cosine_over_depth(
+    labels: Sequence[str], cosine: Sequence[float], lower: Sequence[float], styles: tuple[str, str, str, str]
+) -> tuple[Figure, Any]:
+    """Draw two stacked plots along depth: cosine on top, ``lower`` below.
+
+    ``styles`` is (color, y label, x label, title) of the lower plot; returns the figure and its lower axes.
+    """
+    color, ylabel, xlabel, title = styles
+    fig = Figure(figsize=(max(6, 0.12 * len(labels) + 4), 6))
+    ax1 = fig.add_subplot(2, 1, 1)
+    ax2 = fig.add_subplot(2, 1, 2, sharex=ax1)
+    x = list(range(len(labels)))
+    ax1.plot(x, list(cosine), marker=".")
+    ax1.set_ylabel("cosine")
+    ax2.plot(x, list(lower), marker=".", color=color)
+    ax2.set_ylabel(ylabel)
+    ax2.set_xlabel(xlabel)
+    if len(labels) <= 60:
+        ax2.set_xticks(x, list(labels), rotation=90, fontsize=6)
+    ax1.tick_params(labelbottom=False)
+    ax1.set_title(title, fontsize=9)
+    return fig, ax2
+
+
 def layer_png(comparison: LayerComparison) -> bytes:
     """Cosine and SQNR of every op's output, in execution order."""
     rows = [r for r in comparison.rows if r.aligned]
-    fig = Figure(figsize=(max(6, 0.12 * len(rows) + 4), 6))
-    ax1 = fig.add_subplot(2, 1, 1)
-    ax2 = fig.add_subplot(2, 1, 2, sharex=ax1)
-    x = list(range(len(rows)))
-    ax1.plot(x, [r.cosine for r in rows], marker=".")
-    ax1.set_ylabel("cosine")
-    sqnr = [r.sqnr if math.isfinite(r.sqnr) else math.nan for r in rows]
-    ax2.plot(x, sqnr, marker=".", color="tab:green")
-    ax2.set_ylabel("SQNR (dB)")
-    ax2.set_xlabel("op (execution order)")
-    if len(rows) <= 60:
-        ax2.set_xticks(x, [r.mod_name for r in rows], rotation=90, fontsize=6)
-    ax1.tick_params(labelbottom=False)
-    ax1.set_title("per-layer float vs quantized output", fontsize=9)
+    fig, _ = _cosine_over_depth(
+        [r.mod_name for r in rows],
+        [r.cosine for r in rows],
+        [r.sqnr if math.isfinite(r.sqnr) else math.nan for r in rows],
+        ("tab:green", "SQNR (dB)", "op (execution order)", "per-layer float vs quantized output"),
+    )
     return _png(fig)
 
 
@@ -74,22 +90,15 @@ def export_layers_png(rows: Sequence[Any], max_steps: float = 1.0) -> bytes:
     """Cosine and error in quantization steps of every compared quant point, in graph order.
 
     ``rows`` are :class:`~qat_lightning.analysis.export_layers.ExportLayerRow` (``cosine``, ``max_steps``,
-    ``op_name``, ``role``).
+    ``op_name``, ``role``); a dashed line marks ``max_steps``.
     """
-    fig = Figure(figsize=(max(6, 0.12 * len(rows) + 4), 6))
-    ax1 = fig.add_subplot(2, 1, 1)
-    ax2 = fig.add_subplot(2, 1, 2, sharex=ax1)
-    x = list(range(len(rows)))
-    ax1.plot(x, [r.cosine for r in rows], marker=".")
-    ax1.set_ylabel("cosine")
-    ax2.plot(x, [r.max_steps for r in rows], marker=".", color="tab:red")
-    ax2.axhline(max_steps, color="gray", linestyle="--")
-    ax2.set_ylabel("max error (steps)")
-    ax2.set_xlabel("quant point (graph order)")
-    if len(rows) <= 60:
-        ax2.set_xticks(x, [f"{r.op_name} [{r.role}]" for r in rows], rotation=90, fontsize=6)
-    ax1.tick_params(labelbottom=False)
-    ax1.set_title("per-layer onnxruntime vs fake quant", fontsize=9)
+    fig, lower = _cosine_over_depth(
+        [f"{r.op_name} [{r.role}]" for r in rows],
+        [r.cosine for r in rows],
+        [r.max_steps for r in rows],
+        ("tab:red", "max error (steps)", "quant point (graph order)", "per-layer onnxruntime vs fake quant"),
+    )
+    lower.axhline(max_steps, color="gray", linestyle="--")
     return _png(fig)
 
 
