@@ -8,7 +8,8 @@ residual adds, conv+bn+relu fused), a torch ``nn.TransformerEncoder`` (d=128, 2 
 (hidden 128, 2 layers, from ``BertConfig``) and the CNN in int16. One process; times are medians of
 ``--repeats`` runs, also given as a ratio to the float model's own ONNX export (torch.onnx, same process).
 "per point" is ``QuantAnalysis(..., reference="onnxruntime").compare_per_layer()`` on the check batches: the
-largest error of any quant point in quantization steps and how many points exceed one step.
+largest error of any quant point in quantization steps (at which op) and how many points exceed one step
+(``first_export_mismatch``'s rule; errors propagate, so a point downstream of a flip can exceed one step).
 
 ``--pipeline-seeds 0 1 2`` also runs the Hydra app's whole pipeline on the built-in example once per seed
 (``qat-lightning stage=pipeline seed=<s>``, a subprocess each) and reports the medians (and worst) of its
@@ -32,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qat_lightning as ql  # noqa: E402
-from qat_lightning.analysis import QuantAnalysis, check_export  # noqa: E402
+from qat_lightning.analysis import QuantAnalysis, check_export, first_export_mismatch  # noqa: E402
 from tests.models import TinyResNet  # noqa: E402
 
 
@@ -121,6 +122,7 @@ def run(name, build, repeats, setter=None):
         qa.run(check_data)
         points = qa.compare_per_layer(plot=False).rows
     worst = min(check.outputs, key=lambda o: o.cosine)
+    worst_point = max(points, key=lambda r: r.max_steps)
     top1 = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
     med, fmed = statistics.median(times), statistics.median(float_times)
     print(
@@ -128,8 +130,8 @@ def run(name, build, repeats, setter=None):
         f"{'-' if not top1 else f'{100 * min(top1):.2f}%'} | {result.num_qdq} | "
         f"{result.size_bytes / float_size:.3f} ({result.size_bytes // 1024} / {float_size // 1024} KiB) | "
         f"{med:.2f} s ({med / fmed:.1f}x float export) | {'PASS' if check.passed else 'FAIL'} | "
-        f"{max(r.max_steps for r in points):.2f} steps, "
-        f"{sum(r.max_steps > 1 for r in points)}/{len(points)} > 1 |",
+        f"{worst_point.max_steps:.2f} ({worst_point.op_name} {worst_point.role}), "
+        f"{sum(first_export_mismatch([r]) is not None for r in points)}/{len(points)} > 1 |",
         flush=True,
     )
 
@@ -147,11 +149,10 @@ def pipeline(seeds: list[int]) -> None:
             (check_file,) = run_dir.glob("*_export/export_check.json")
             check = json.loads(check_file.read_text())
             (out,) = check["outputs"]
-            chosen = next(
-                line for line in (run_dir / "summary.md").read_text().splitlines() if "chosen recipe" in line
-            )
+            summary = (run_dir / "summary.md").read_text().splitlines()
+            chosen = next(line for line in summary if "chosen recipe" in line).split("**: ")[-1]
             rows.append((out["cosine"], out["sqnr_db"], out["top1_agreement"], check["passed"], chosen))
-            print(f"seed {seed}: {chosen.strip('- *')}; {out}", flush=True)
+            print(f"seed {seed}: chosen {chosen}; {out}", flush=True)
     cos, sqnr, top1 = ([r[i] for r in rows] for i in range(3))
     print(
         f"pipeline-chosen model, built-in example, {len(seeds)} seeds: onnxruntime vs fake quant cosine "
