@@ -160,7 +160,7 @@ class QuantAnalysis:
                 input_fn=input_fn,
                 float_context=(lambda: fake_quant_disabled(self.model)) if single else None,
             )
-        self._records = None
+        self._records = self._batches = None
         self._write("badcase.txt", bad_case_text(self.bad_cases))
         self._write("badcase.csv", bad_case_csv(self.bad_cases))
         self._write(
@@ -190,7 +190,7 @@ class QuantAnalysis:
             dict(data["samples"]),
             int(data["num_samples"]),
         )
-        self._records = None
+        self._records = self._batches = None
         return self.bad_cases
 
     def bad_case_inputs(self) -> ModelInputs:
