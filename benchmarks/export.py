@@ -7,12 +7,21 @@ Models (random weights, calibrated on the data below, all int8 unless named): th
 residual adds, conv+bn+relu fused), a torch ``nn.TransformerEncoder`` (d=128, 2 layers), a HF BERT
 (hidden 128, 2 layers, from ``BertConfig``) and the CNN in int16. One process; times are medians of
 ``--repeats`` runs, also given as a ratio to the float model's own ONNX export (torch.onnx, same process).
+"per point" is ``QuantAnalysis(..., reference="onnxruntime").compare_per_layer()`` on the check batches: the
+largest error of any quant point in quantization steps (at which op) and how many points exceed one step
+(``first_export_mismatch``'s rule; errors propagate, so a point downstream of a flip can exceed one step).
+
+``--pipeline-seeds 0 1 2`` also runs the Hydra app's whole pipeline on the built-in example once per seed
+(``qat-lightning stage=pipeline seed=<s>``, a subprocess each) and reports the medians (and worst) of its
+last step's onnxruntime check of the pipeline-chosen model (``*_export/export_check.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +33,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import qat_lightning as ql  # noqa: E402
-from qat_lightning.analysis import check_export  # noqa: E402
+from qat_lightning.analysis import QuantAnalysis, check_export, first_export_mismatch  # noqa: E402
 from tests.models import TinyResNet  # noqa: E402
 
 
@@ -109,27 +118,67 @@ def run(name, build, repeats, setter=None):
             check = check_export(prepared, result.path, check_data)
             times.append(time.perf_counter() - t)
         float_size = (Path(d) / "float.onnx").stat().st_size
+        qa = QuantAnalysis(prepared, out_dir=Path(d) / "qa", reference="onnxruntime", onnx_path=result.path)
+        qa.run(check_data)
+        points = qa.compare_per_layer(plot=False).rows
     worst = min(check.outputs, key=lambda o: o.cosine)
+    worst_point = max(points, key=lambda r: r.max_steps)
     top1 = [o.top1_agreement for o in check.outputs if o.top1_agreement is not None]
     med, fmed = statistics.median(times), statistics.median(float_times)
     print(
         f"| {name} | {worst.cosine:.6f} | {worst.sqnr_db:.1f} | "
         f"{'-' if not top1 else f'{100 * min(top1):.2f}%'} | {result.num_qdq} | "
         f"{result.size_bytes / float_size:.3f} ({result.size_bytes // 1024} / {float_size // 1024} KiB) | "
-        f"{med:.2f} s ({med / fmed:.1f}x float export) | {'PASS' if check.passed else 'FAIL'} |",
+        f"{med:.2f} s ({med / fmed:.1f}x float export) | {'PASS' if check.passed else 'FAIL'} | "
+        f"{worst_point.max_steps:.2f} ({worst_point.op_name} {worst_point.role}), "
+        f"{sum(first_export_mismatch([r]) is not None for r in points)}/{len(points)} > 1 |",
         flush=True,
+    )
+
+
+def pipeline(seeds: list[int]) -> None:
+    """Run the app's pipeline on the built-in example per seed; medians of its export check."""
+    rows = []
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as d:
+        for seed in seeds:
+            run_dir = Path(d) / f"seed{seed}"
+            cmd = [sys.executable, "-c", "from qat_lightning.cli import main; main()"]
+            cmd += ["stage=pipeline", f"seed={seed}", f"hydra.run.dir={run_dir}"]
+            subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+            (check_file,) = run_dir.glob("*_export/export_check.json")
+            check = json.loads(check_file.read_text())
+            (out,) = check["outputs"]
+            summary = (run_dir / "summary.md").read_text().splitlines()
+            chosen = next(line for line in summary if "chosen recipe" in line).split("**: ")[-1]
+            rows.append((out["cosine"], out["sqnr_db"], out["top1_agreement"], check["passed"], chosen))
+            print(f"seed {seed}: chosen {chosen}; {out}", flush=True)
+    cos, sqnr, top1 = ([r[i] for r in rows] for i in range(3))
+    print(
+        f"pipeline-chosen model, built-in example, {len(seeds)} seeds: onnxruntime vs fake quant cosine "
+        f"median {statistics.median(cos):.6f} (worst {min(cos):.6f}), "
+        f"SQNR median {statistics.median(sqnr):.1f} dB, "
+        f"top-1 agreement median {100 * statistics.median(top1):.2f}% (worst {100 * min(top1):.2f}%), "
+        f"checks passed {sum(r[3] for r in rows)}/{len(rows)}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--pipeline-seeds", type=int, nargs="*", default=[])
+    parser.add_argument("--only-pipeline", action="store_true")
     args = parser.parse_args()
+    if args.pipeline_seeds:
+        pipeline(args.pipeline_seeds)
+    if args.only_pipeline:
+        return
     torch.set_num_threads(1)
     print(
-        "| model | worst cosine | SQNR dB | top-1 agree | QDQ | size vs float ONNX | export+check | check |"
+        "| model | worst cosine | SQNR dB | top-1 agree | QDQ | size vs float ONNX | export+check | check "
+        "| per point |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     run("built-in example (DigitsNet, int8)", _digits, args.repeats)
     run("CNN (TinyResNet w64, int8)", _cnn, args.repeats)
     run(

@@ -26,3 +26,6 @@ def test_readme_python_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert plan.metric >= 0.999
     assert (tmp_path / "model_check_result.txt").exists()
     assert (tmp_path / "quant_analysis" / "compare_per_layer.txt").exists()
+    assert (tmp_path / "quant_analysis" / "compare_export_per_layer.txt").exists()
+    points = namespace["deployed"].export_comparison.rows
+    assert points[0].op_name == "x_quant" and all(r.max_steps <= 1.001 for r in points if r.role == "weight")

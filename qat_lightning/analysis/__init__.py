@@ -39,6 +39,7 @@ from qat_lightning.analysis.compare import (
 )
 from qat_lightning.analysis.export_check import ExportCheck, OutputAgreement, check_export
 from qat_lightning.analysis.export_layers import (
+    ExportLayerComparison,
     ExportLayerRow,
     compare_export_per_layer,
     first_export_mismatch,
@@ -53,7 +54,7 @@ from qat_lightning.analysis.partial import (
     match_name,
     matched_nodes,
 )
-from qat_lightning.analysis.quant_analysis import SENSITIVITY_METHODS, QuantAnalysis
+from qat_lightning.analysis.quant_analysis import ANALYSIS_REFERENCES, SENSITIVITY_METHODS, QuantAnalysis
 from qat_lightning.analysis.search import (
     SEARCH_METHODS,
     MixedPrecisionPlan,
@@ -69,6 +70,7 @@ from qat_lightning.analysis.search import (
 
 __all__ = [
     "BUILTIN_METRICS",
+    "ANALYSIS_REFERENCES",
     "SENSITIVITY_METHODS",
     "Advice",
     "BadCaseResult",
@@ -76,6 +78,7 @@ __all__ = [
     "BisectResult",
     "DualInt16Diagnosis",
     "ExportCheck",
+    "ExportLayerComparison",
     "ExportLayerRow",
     "Fp16Diagnosis",
     "IndexRecorder",

@@ -12,9 +12,11 @@ Per row: cosine, max abs error, the error in quantization steps (``max |err| / s
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,15 @@ from qat_lightning.analysis.export_check import onnx_feeds
 from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
 from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
 
-__all__ = ["ExportLayerRow", "compare_export_per_layer", "first_export_mismatch", "render_export_layers"]
+__all__ = [
+    "ExportLayerComparison",
+    "ExportLayerRow",
+    "compare_export_per_layer",
+    "export_layers_csv",
+    "export_layers_text",
+    "first_export_mismatch",
+    "render_export_layers",
+]
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,26 @@ class ExportLayerRow:
     max_abs_error: float
     max_steps: float
     mismatch_share: float
+
+
+@dataclass(frozen=True)
+class ExportLayerComparison:
+    """``QuantAnalysis(..., reference="onnxruntime").compare_per_layer()``: every quant point, graph order.
+
+    Attributes:
+        onnx_path: the exported file compared.
+        rows: one row per compared graph tensor (see :func:`compare_export_per_layer`).
+        max_steps: error (in quantization steps) above which a point counts as a mismatch.
+    """
+
+    onnx_path: str
+    rows: tuple[ExportLayerRow, ...]
+    max_steps: float = 1.0
+
+    @property
+    def first_mismatch(self) -> ExportLayerRow | None:
+        """The first row (graph order) beyond ``max_steps``: where deployment and fake quant part."""
+        return first_export_mismatch(self.rows, self.max_steps)
 
 
 def _recorder(model: nn.Module, wanted: set[str]) -> tuple[dict[str, list[Tensor]], list[Any]]:
@@ -196,9 +226,13 @@ def _graph_order(path: Path) -> list[str]:
     return [n.output[0] for n in onnx.load(str(path)).graph.node if n.op_type == "DequantizeLinear"]
 
 
+STEP_SLACK = 1e-3
+"""Steps of float32 slack: a one-step rounding flip measures ``1.000002`` steps on dequantized values."""
+
+
 def first_export_mismatch(rows: Iterable[ExportLayerRow], max_steps: float = 1.0) -> ExportLayerRow | None:
-    """Return the first row (graph order) whose error exceeds ``max_steps`` quantization steps."""
-    return next((r for r in rows if r.max_steps > max_steps), None)
+    """Return the first row (graph order) whose error exceeds ``max_steps`` (+ ``STEP_SLACK``) steps."""
+    return next((r for r in rows if r.max_steps > max_steps + STEP_SLACK), None)
 
 
 def render_export_layers(rows: Iterable[ExportLayerRow]) -> str:
@@ -212,3 +246,26 @@ def render_export_layers(rows: Iterable[ExportLayerRow]) -> str:
             f"{r.max_steps:>10.2f}{100 * r.mismatch_share:>7.2f}%"
         )
     return "\n".join(lines) + "\n"
+
+
+def export_layers_text(comparison: ExportLayerComparison) -> str:
+    """Render ``compare_export_per_layer.txt``: the verdict (first mismatch or none), then the table."""
+    bad = comparison.first_mismatch
+    if bad is None:
+        head = f"onnxruntime vs fake quant: every quant point within {comparison.max_steps:g} step(s)"
+    else:
+        head = (
+            f"onnxruntime vs fake quant: first mismatch at {bad.op_name or bad.node} ({bad.role}, "
+            f"node {bad.node}, tensor {bad.onnx_tensor}): {bad.max_steps:.2f} steps, cosine {bad.cosine:.6f}"
+        )
+    return f"{head}\nfile: {comparison.onnx_path}\n\n" + render_export_layers(comparison.rows)
+
+
+def export_layers_csv(rows: Iterable[ExportLayerRow]) -> str:
+    """Render the rows as CSV (one row per compared tensor, graph order, full precision)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    names = [f.name for f in fields(ExportLayerRow)]
+    writer.writerow(["index", *names])
+    writer.writerows([i, *(getattr(r, n) for n in names)] for i, r in enumerate(rows))
+    return out.getvalue()

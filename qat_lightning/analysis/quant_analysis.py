@@ -9,12 +9,23 @@
     qa.compare_per_layer()                 # compare_per_layer.txt / .csv / .json / .png
     tables = qa.sensitivity()              # sensitivity_<output>.txt / .csv / .json / .png, one per output
 
+    # the deployed model as the reference: onnxruntime vs fake quant per quant point
+    qa = QuantAnalysis(calib_model, out_dir="quant_analysis", reference="onnxruntime", onnx_path="m.onnx")
+    qa.auto_find_bad_case(dataloader)      # bad cases still pick the samples (float vs calibration)
+    qa.compare_per_layer()                 # compare_export_per_layer.txt / .csv / .json / .png
+
 The calibrated model is evaluated as the seed's "calibration model": ``eval()``, quant nodes in
 ``VALIDATION`` (nodes a user put in FLOAT stay FLOAT); every state change is undone afterwards. With one
 model, the float reference is that model with its quant nodes in FLOAT (names align exactly). With two,
 bad cases compare the float model's outputs, the per-layer table aligns ops to float modules where it can
 (:mod:`qat_lightning.analysis.compare.alignment`), and sensitivity always uses the prepared model in FLOAT
 as the reference (it measures quant nodes, which only the prepared model has).
+
+``reference="onnxruntime"`` (with ``onnx_path``, a file :func:`qat_lightning.quant.export.export_onnx` wrote)
+makes the per-layer step compare the deployed model with the fake-quant model instead: every quant point of
+the graph against the fake-quant node of the same name (:mod:`qat_lightning.analysis.export_layers`), so the
+first point where deployment and fake quant part is found the way float vs calibration is. Bad cases and
+sensitivity are unchanged by the reference.
 """
 
 from __future__ import annotations
@@ -31,8 +42,14 @@ from qat_lightning.analysis.compare.bad_case import BadCaseResult, BadCaseRow, W
 from qat_lightning.analysis.compare.layer_compare import LayerComparison, compare_layers
 from qat_lightning.analysis.compare.layer_record import OpRecord, record_layers
 from qat_lightning.analysis.compare.metrics import MetricLike, resolve_metric, resolve_metrics
+from qat_lightning.analysis.export_layers import (
+    ExportLayerComparison,
+    compare_export_per_layer,
+    export_layers_csv,
+    export_layers_text,
+)
 from qat_lightning.analysis.inputs import InputFn, ModelInputs, iter_batches, normalize_inputs
-from qat_lightning.analysis.reports.plots import layer_png, sensitivity_png
+from qat_lightning.analysis.reports.plots import export_layers_png, layer_png, sensitivity_png
 from qat_lightning.analysis.reports.render import (
     bad_case_csv,
     bad_case_text,
@@ -58,9 +75,10 @@ from qat_lightning.quant.nodes.fake_quantize import fake_quant_disabled
 from qat_lightning.quant.ops import iter_quant_ops
 from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, SensitivityTable
 
-__all__ = ["QuantAnalysis", "SENSITIVITY_METHODS"]
+__all__ = ["ANALYSIS_REFERENCES", "QuantAnalysis", "SENSITIVITY_METHODS"]
 
 SENSITIVITY_METHODS = ("exact", "approximate")
+ANALYSIS_REFERENCES = ("float", "onnxruntime")
 
 
 class QuantAnalysis:
@@ -72,9 +90,13 @@ class QuantAnalysis:
         calib_model: the calibrated prepared model (``None``: ``float_model`` is it).
         out_dir: where reports are written (created on first write).
         strict: refuse a model that was never calibrated with one clear error (``False``: warn once).
+        reference: what the per-layer comparison measures the calibrated model against: ``float`` (the
+            float model / quant off, the default) or ``onnxruntime`` (the exported ``onnx_path``).
+        onnx_path: the exported model (``reference="onnxruntime"`` only; its ``.encodings.json`` beside it).
 
     Raises:
-        ValueError: when the calibrated model has no quantized ops (not a prepared model).
+        ValueError: when the calibrated model has no quantized ops (not a prepared model), for an unknown
+            reference, or when ``onnx_path`` is missing, absent on disk or given with ``reference="float"``.
         UncalibratedModelError: when the model was never calibrated (unless ``strict=False``).
     """
 
@@ -84,7 +106,11 @@ class QuantAnalysis:
         calib_model: nn.Module | None = None,
         out_dir: str | os.PathLike = "quant_analysis",
         strict: bool = True,
+        reference: str = "float",
+        onnx_path: str | os.PathLike | None = None,
     ) -> None:
+        self.onnx_path = _check_reference(reference, onnx_path)
+        self.reference = reference
         model = float_model if calib_model is None else calib_model
         if not any(True for _ in iter_quant_ops(model)):
             raise ValueError(
@@ -97,8 +123,10 @@ class QuantAnalysis:
         self.bad_cases: BadCaseResult | None = None
         self.comparison: LayerComparison | None = None
         self.tables: list[SensitivityTable] = []
+        self.export_comparison: ExportLayerComparison | None = None
         self._records: dict[str, OpRecord] | None = None
         self._order: list[str] = []
+        self._batches: list[ModelInputs] | None = None
 
     # ------------------------------------------------------------------ bad cases
     def auto_find_bad_case(
@@ -132,7 +160,7 @@ class QuantAnalysis:
                 input_fn=input_fn,
                 float_context=(lambda: fake_quant_disabled(self.model)) if single else None,
             )
-        self._records = None
+        self._records = self._batches = None
         self._write("badcase.txt", bad_case_text(self.bad_cases))
         self._write("badcase.csv", bad_case_csv(self.bad_cases))
         self._write(
@@ -162,7 +190,7 @@ class QuantAnalysis:
             dict(data["samples"]),
             int(data["num_samples"]),
         )
-        self._records = None
+        self._records = self._batches = None
         return self.bad_cases
 
     def bad_case_inputs(self) -> ModelInputs:
@@ -184,6 +212,9 @@ class QuantAnalysis:
     ) -> None:
         """Run the float reference and the calibrated model op-aligned and record per-op summaries.
 
+        With ``reference="onnxruntime"`` this only keeps the batches; :meth:`compare_per_layer` runs
+        onnxruntime and the fake-quant model on them.
+
         Args:
             dataloader: batches to use; default: the bad cases (one batch of all of them).
             num_steps: only the first ``num_steps`` batches of ``dataloader``.
@@ -194,31 +225,88 @@ class QuantAnalysis:
             batches = [self.bad_case_inputs()]
         else:
             batches = iter_batches(dataloader, num_steps, input_fn)
+        self.comparison = self.export_comparison = None
+        if self.reference == "onnxruntime":
+            self._batches = list(batches)
+            return
         self._records, self._order = record_layers(self.model, batches, self.float_model)
-        self.comparison = None
 
     def compare_per_layer(
-        self, range_factor: float = 1.5, int8_limit: float = 10.0, plot: bool = True
-    ) -> LayerComparison:
+        self,
+        range_factor: float | None = None,
+        int8_limit: float | None = None,
+        plot: bool = True,
+        max_steps: float | None = None,
+    ) -> LayerComparison | ExportLayerComparison:
         """Build the per-layer table and advisor; write ``compare_per_layer.txt``/``.csv``/``.json``/``.png``.
 
-        Calls :meth:`run` on the bad cases first if it has not run.
+        Calls :meth:`run` on the bad cases first if it has not run. With ``reference="onnxruntime"`` it
+        returns :meth:`compare_deployed_per_layer` instead (an :class:`ExportLayerComparison`).
 
         Args:
-            range_factor: flag an op whose float |max| exceeds this multiple of its calibrated range.
-            int8_limit: flag an int8 op whose float |max| exceeds this (suggest int16).
+            range_factor: flag an op whose float |max| exceeds this multiple of its calibrated range
+                (default 1.5; ``reference="float"`` only).
+            int8_limit: flag an int8 op whose float |max| exceeds this (suggest int16; default 10;
+                ``reference="float"`` only).
             plot: also write ``compare_per_layer.png`` (cosine and SQNR along depth).
+            max_steps: ``reference="onnxruntime"`` only: see :meth:`compare_deployed_per_layer`.
+
+        Raises:
+            ValueError: for an argument the reference does not use.
         """
+        if self.reference == "onnxruntime":
+            if range_factor is not None or int8_limit is not None:
+                raise ValueError("range_factor and int8_limit apply to reference='float' only")
+            return self.compare_deployed_per_layer(1.0 if max_steps is None else max_steps, plot)
+        if max_steps is not None:
+            raise ValueError("max_steps applies to reference='onnxruntime' only")
         if self._records is None:
             self.run()
         records = self._records if self._records is not None else {}
-        self.comparison = compare_layers(records, self._order, range_factor, int8_limit)
+        self.comparison = compare_layers(
+            records,
+            self._order,
+            1.5 if range_factor is None else range_factor,
+            10.0 if int8_limit is None else int8_limit,
+        )
         self._write("compare_per_layer.txt", layer_text(self.comparison, *self._float_ops()))
         self._write("compare_per_layer.csv", layer_csv(self.comparison))
         self._write("compare_per_layer.json", to_json(self.comparison))
         if plot:
             write_atomic(self.out_dir / "compare_per_layer.png", layer_png(self.comparison))
         return self.comparison
+
+    def compare_deployed_per_layer(self, max_steps: float = 1.0, plot: bool = True) -> ExportLayerComparison:
+        """Compare onnxruntime with the fake-quant model at every quant point, in graph order.
+
+        Runs on the batches of :meth:`run` (default: the bad cases). Writes
+        ``compare_export_per_layer.txt`` (first mismatch, then the table), ``.csv``, ``.json`` and ``.png``.
+
+        Args:
+            max_steps: a point whose error exceeds this many quantization steps is a mismatch (1 step
+                allows rounding ties and accumulation order).
+            plot: also write ``compare_export_per_layer.png``.
+
+        Raises:
+            ValueError: unless ``reference="onnxruntime"``, or for ``max_steps`` < 0.
+        """
+        if self.reference != "onnxruntime" or self.onnx_path is None:
+            raise ValueError("compare_deployed_per_layer needs QuantAnalysis(..., reference='onnxruntime')")
+        if not max_steps >= 0:
+            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+        if self._batches is None:
+            self.run()
+        rows = compare_export_per_layer(
+            self.model, self.onnx_path, self._batches or [], input_fn=normalize_inputs, num_batches=None
+        )
+        comparison = ExportLayerComparison(str(self.onnx_path), rows, max_steps)
+        self._write("compare_export_per_layer.txt", export_layers_text(comparison))
+        self._write("compare_export_per_layer.csv", export_layers_csv(rows))
+        self._write("compare_export_per_layer.json", to_json(comparison))
+        if plot:
+            write_atomic(self.out_dir / "compare_export_per_layer.png", export_layers_png(rows, max_steps))
+        self.export_comparison = comparison
+        return comparison
 
     # ------------------------------------------------------------------ sensitivity
     def sensitivity(
@@ -277,6 +365,23 @@ class QuantAnalysis:
 
     def _write(self, name: str, text: str) -> Path:
         return write_atomic(self.out_dir / name, text)
+
+
+def _check_reference(reference: str, onnx_path: str | os.PathLike | None) -> Path | None:
+    """Validate ``reference``/``onnx_path`` together; return the path (``None`` for ``float``)."""
+    if reference not in ANALYSIS_REFERENCES:
+        raise ValueError(f"unknown reference {reference!r}; allowed: {', '.join(ANALYSIS_REFERENCES)}")
+    if reference == "float":
+        if onnx_path is not None:
+            raise ValueError("onnx_path is used with reference='onnxruntime' only")
+        return None
+    if onnx_path is None:
+        raise ValueError("reference='onnxruntime' needs onnx_path= (a file export_onnx wrote)")
+    path = Path(onnx_path)
+    for needed in (path, path.with_suffix(".encodings.json")):
+        if not needed.is_file():
+            raise ValueError(f"reference='onnxruntime': no file {needed} (export the model with export_onnx)")
+    return path
 
 
 def vars_of(obj: Any) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 import warnings
@@ -10,7 +11,12 @@ import pytest
 import torch
 
 import qat_lightning as ql
-from qat_lightning.analysis import QuantAnalysis, search_mixed_precision
+from qat_lightning.analysis import (
+    ExportLayerComparison,
+    LayerComparison,
+    QuantAnalysis,
+    search_mixed_precision,
+)
 from qat_lightning.analysis.compare.metrics import resolve_metric
 from qat_lightning.analysis.sensitivity.exact import exact_sensitivity, sensitivity_targets
 
@@ -112,3 +118,71 @@ def test_an_uncalibrated_model_is_refused_with_one_error(tmp_path) -> None:
         warnings.simplefilter("always")
         QuantAnalysis(prepared, out_dir=tmp_path, strict=False)
     assert [str(w.message).count("not calibrated") for w in caught] == [1]
+
+
+# ---------------------------------------------------------------------- reference="onnxruntime"
+@pytest.fixture
+def deployed(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from qat_lightning.quant.export import export_onnx
+
+    model, prepared = _prepared(models.TinyResNet)
+    result = export_onnx(prepared, models.TinyResNet.example_inputs(8), tmp_path / "m.onnx")
+    return prepared, result, _batches(models.TinyResNet)
+
+
+def test_onnxruntime_reference_finds_the_wrong_scale_at_its_op(deployed, tmp_path) -> None:
+    from tests.analysis.test_export_check import _tamper_scale
+
+    prepared, result, data = deployed
+    clean = QuantAnalysis(
+        prepared, out_dir=tmp_path / "clean", reference="onnxruntime", onnx_path=result.path
+    )
+    clean.run(data)
+    ok = clean.compare_per_layer(plot=False)
+    assert isinstance(ok, ExportLayerComparison) and ok.first_mismatch is None
+    assert len(ok.rows) == result.num_qdq and ok.rows[0].op_name == "x_quant"  # graph order
+    assert (
+        "every quant point within 1 step" in (tmp_path / "clean" / "compare_export_per_layer.txt").read_text()
+    )
+
+    node = "layer1.0.conv2.output_quant"
+    _tamper_scale(result.path, {e.node: e for e in result.encodings}[node].onnx_tensors[0], 0.25, False)
+    qa = QuantAnalysis(prepared, out_dir=tmp_path / "qa", reference="onnxruntime", onnx_path=result.path)
+    qa.auto_find_bad_case(data)
+    comparison = qa.compare_per_layer()  # default inputs: the bad cases
+    bad = comparison.first_mismatch
+    assert bad is not None and bad.node == node and bad.max_steps > 1.0
+    assert all(r.max_steps <= 1.0 for r in comparison.rows[: comparison.rows.index(bad)])
+    out = tmp_path / "qa"
+    assert f"first mismatch at {bad.op_name}" in (out / "compare_export_per_layer.txt").read_text()
+    csv_rows = (out / "compare_export_per_layer.csv").read_text().splitlines()
+    assert len(csv_rows) == len(comparison.rows) + 1 and node in csv_rows[comparison.rows.index(bad) + 1]
+    assert json.loads((out / "compare_export_per_layer.json").read_text())["rows"][0]["op_name"] == "x_quant"
+    assert (out / "compare_export_per_layer.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "compare_per_layer.txt").exists() and prepared.training is False
+
+
+def test_reference_is_validated_and_float_stays_the_default(deployed, tmp_path) -> None:
+    prepared, result, data = deployed
+    with pytest.raises(ValueError, match="allowed: float, onnxruntime"):
+        QuantAnalysis(prepared, out_dir=tmp_path, reference="tensorrt")
+    with pytest.raises(ValueError, match="needs onnx_path"):
+        QuantAnalysis(prepared, out_dir=tmp_path, reference="onnxruntime")
+    with pytest.raises(ValueError, match="no file"):
+        QuantAnalysis(prepared, out_dir=tmp_path, reference="onnxruntime", onnx_path=tmp_path / "x.onnx")
+    with pytest.raises(ValueError, match="onnxruntime' only"):
+        QuantAnalysis(prepared, out_dir=tmp_path, onnx_path=result.path)
+    deployed_qa = QuantAnalysis(prepared, out_dir=tmp_path, reference="onnxruntime", onnx_path=result.path)
+    with pytest.raises(ValueError, match="reference='float' only"):
+        deployed_qa.compare_per_layer(range_factor=2.0)
+    default = QuantAnalysis(prepared, out_dir=tmp_path / "float")
+    assert default.reference == "float"
+    default.run(data)
+    assert isinstance(default.compare_per_layer(plot=False), LayerComparison)
+    with pytest.raises(ValueError, match="reference='onnxruntime'"):
+        default.compare_deployed_per_layer()
+    with pytest.raises(ValueError, match="onnxruntime' only"):
+        default.compare_per_layer(max_steps=2.0)
+    assert not any(p.name.startswith("compare_export") for p in tmp_path.rglob("*"))

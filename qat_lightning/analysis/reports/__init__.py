@@ -3,7 +3,7 @@
 Text in the seed's layout, CSV, JSON (``render``) and PNG plots (``plots``), plus atomic file writes.
 """
 
-from qat_lightning.analysis.reports.plots import layer_png, search_png, sensitivity_png
+from qat_lightning.analysis.reports.plots import export_layers_png, layer_png, search_png, sensitivity_png
 from qat_lightning.analysis.reports.render import (
     bad_case_csv,
     bad_case_text,
@@ -23,6 +23,7 @@ from qat_lightning.analysis.reports.render import (
 __all__ = [
     "bad_case_csv",
     "bad_case_text",
+    "export_layers_png",
     "layer_csv",
     "layer_png",
     "layer_text",

@@ -2,6 +2,7 @@
 
 * :func:`sensitivity_png`: horizontal bar chart of the top-30 rows of a sensitivity table;
 * :func:`layer_png`: per-layer cosine and SQNR along the depth of the model;
+* :func:`export_layers_png`: onnxruntime vs fake quant per quant point (cosine and error in steps);
 * :func:`search_png`: accuracy vs high-precision ratio of a mixed-precision search (cost on a second
   axis when known).
 
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure
 from qat_lightning.analysis.compare.layer_compare import LayerComparison
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
-__all__ = ["sensitivity_png", "layer_png", "search_png"]
+__all__ = ["sensitivity_png", "layer_png", "export_layers_png", "search_png"]
 
 
 def _png(fig: Figure) -> bytes:
@@ -49,23 +50,55 @@ def sensitivity_png(table: SensitivityTable, top: int = 30) -> bytes:
     return _png(fig)
 
 
+def _cosine_over_depth(
+    labels: Sequence[str], cosine: Sequence[float], lower: Sequence[float], styles: tuple[str, str, str, str]
+) -> tuple[Figure, Any]:
+    """Draw two stacked plots along depth: cosine on top, ``lower`` below.
+
+    ``styles`` is (color, y label, x label, title) of the lower plot; returns the figure and its lower axes.
+    """
+    color, ylabel, xlabel, title = styles
+    fig = Figure(figsize=(max(6, 0.12 * len(labels) + 4), 6))
+    ax1 = fig.add_subplot(2, 1, 1)
+    ax2 = fig.add_subplot(2, 1, 2, sharex=ax1)
+    x = list(range(len(labels)))
+    ax1.plot(x, list(cosine), marker=".")
+    ax1.set_ylabel("cosine")
+    ax2.plot(x, list(lower), marker=".", color=color)
+    ax2.set_ylabel(ylabel)
+    ax2.set_xlabel(xlabel)
+    if len(labels) <= 60:
+        ax2.set_xticks(x, list(labels), rotation=90, fontsize=6)
+    ax1.tick_params(labelbottom=False)
+    ax1.set_title(title, fontsize=9)
+    return fig, ax2
+
+
 def layer_png(comparison: LayerComparison) -> bytes:
     """Cosine and SQNR of every op's output, in execution order."""
     rows = [r for r in comparison.rows if r.aligned]
-    fig = Figure(figsize=(max(6, 0.12 * len(rows) + 4), 6))
-    ax1 = fig.add_subplot(2, 1, 1)
-    ax2 = fig.add_subplot(2, 1, 2, sharex=ax1)
-    x = list(range(len(rows)))
-    ax1.plot(x, [r.cosine for r in rows], marker=".")
-    ax1.set_ylabel("cosine")
-    sqnr = [r.sqnr if math.isfinite(r.sqnr) else math.nan for r in rows]
-    ax2.plot(x, sqnr, marker=".", color="tab:green")
-    ax2.set_ylabel("SQNR (dB)")
-    ax2.set_xlabel("op (execution order)")
-    if len(rows) <= 60:
-        ax2.set_xticks(x, [r.mod_name for r in rows], rotation=90, fontsize=6)
-    ax1.tick_params(labelbottom=False)
-    ax1.set_title("per-layer float vs quantized output", fontsize=9)
+    fig, _ = _cosine_over_depth(
+        [r.mod_name for r in rows],
+        [r.cosine for r in rows],
+        [r.sqnr if math.isfinite(r.sqnr) else math.nan for r in rows],
+        ("tab:green", "SQNR (dB)", "op (execution order)", "per-layer float vs quantized output"),
+    )
+    return _png(fig)
+
+
+def export_layers_png(rows: Sequence[Any], max_steps: float = 1.0) -> bytes:
+    """Cosine and error in quantization steps of every compared quant point, in graph order.
+
+    ``rows`` are :class:`~qat_lightning.analysis.export_layers.ExportLayerRow` (``cosine``, ``max_steps``,
+    ``op_name``, ``role``); a dashed line marks ``max_steps``.
+    """
+    fig, lower = _cosine_over_depth(
+        [f"{r.op_name} [{r.role}]" for r in rows],
+        [r.cosine for r in rows],
+        [r.max_steps for r in rows],
+        ("tab:red", "max error (steps)", "quant point (graph order)", "per-layer onnxruntime vs fake quant"),
+    )
+    lower.axhline(max_steps, color="gray", linestyle="--")
     return _png(fig)
 
 
