@@ -41,7 +41,6 @@ __all__ = [
     "is_calibrated",
     "resolve_log_dir",
     "write_text_rank_zero",
-    "atomic_write_text",
     "request_dataloader",
     "batch_transfer",
     "first_batch",
@@ -138,15 +137,10 @@ def resolve_log_dir(trainer: pl.Trainer) -> Path:
     return Path(log_dir if log_dir is not None else trainer.default_root_dir)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file and a rename (readers never see half a file)."""
-    write_atomic(path, text)
-
-
 def write_text_rank_zero(trainer: pl.Trainer, path: Path, text: str) -> None:
     """Atomically write ``text`` on global rank zero only."""
     if trainer.is_global_zero:
-        atomic_write_text(path, text)
+        write_atomic(path, text)
 
 
 # ----------------------------------------------------------------------------------------------- data

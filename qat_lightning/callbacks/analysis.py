@@ -29,7 +29,6 @@ from qat_lightning.analysis import QuantAnalysis, SearchReporter, search_mixed_p
 from qat_lightning.analysis.inputs import flatten_outputs
 from qat_lightning.callbacks._common import (
     InputFn,
-    atomic_write_text,
     call_model,
     default_input_fn,
     get_submodule,
@@ -40,6 +39,7 @@ from qat_lightning.callbacks._common import (
     switch_states,
 )
 from qat_lightning.callbacks.logging import flush_loggers, log_figure, log_image_file, log_scalars, log_text
+from qat_lightning.files import write_atomic
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, fake_quant_state
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
@@ -304,7 +304,7 @@ class QuantAnalysisCallback(Callback):
     def _mark_incomplete(self, why: str) -> None:
         if self._out_dir is None:
             return
-        atomic_write_text(self._out_dir / INCOMPLETE_MARKER, f"quant_analysis is incomplete: {why}\n")
+        write_atomic(self._out_dir / INCOMPLETE_MARKER, f"quant_analysis is incomplete: {why}\n")
 
     def _log(self, trainer: pl.Trainer, outcome: AnalysisOutcome) -> None:
         for path in outcome.files:

@@ -25,7 +25,6 @@ from qat_lightning.analysis.export_layers import render_export_layers
 from qat_lightning.callbacks._common import (
     DATALOADER_CHOICES,
     InputFn,
-    atomic_write_text,
     check_choice,
     default_input_fn,
     first_batch,
@@ -36,6 +35,7 @@ from qat_lightning.callbacks._common import (
     resolve_log_dir,
 )
 from qat_lightning.callbacks.logging import log_scalars
+from qat_lightning.files import write_atomic
 
 __all__ = ["ExportOnnx", "ExportOutcome"]
 
@@ -132,7 +132,7 @@ class ExportOnnx(Callback):
 def _explain_failure(model: Any, target: Path, loader: Any, input_fn: InputFn | None) -> None:
     """Write ``compare_export_per_layer.txt`` (onnxruntime vs fake quant per point); warn with the first."""
     rows = compare_export_per_layer(model, target, loader, input_fn=input_fn, num_batches=1)
-    atomic_write_text(target.parent / "compare_export_per_layer.txt", render_export_layers(rows))
+    write_atomic(target.parent / "compare_export_per_layer.txt", render_export_layers(rows))
     bad = first_export_mismatch(rows)
     where = "none above 1 quantization step" if bad is None else f"{bad.node} ({bad.max_steps:.1f} steps)"
     rank_zero_warn(

@@ -94,11 +94,6 @@ class DtypeSummaryRow:
     flop_share: float
 
 
-def _atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace``."""
-    write_atomic(path, text)
-
-
 def write_changelog(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
     """Write chip downgrades (``QconfigAssignment.changelog``) one per line, atomically.
 
@@ -107,7 +102,7 @@ def write_changelog(path: str | os.PathLike[str], lines: Iterable[str]) -> None:
         lines: the changelog lines (an empty changelog writes an empty file).
     """
     lines = list(lines)
-    _atomic_write_text(path, "".join(f"{line}\n" for line in lines))
+    write_atomic(path, "".join(f"{line}\n" for line in lines))
 
 
 def _table(rows: Sequence[Sequence[object]], headers: Sequence[str], fmt: str) -> str:
@@ -219,4 +214,4 @@ class ModelCheckReport:
 
     def write(self, path: str | os.PathLike[str]) -> None:
         """Write :meth:`to_text` to ``path`` atomically (the old file stays intact if writing fails)."""
-        _atomic_write_text(path, self.to_text())
+        write_atomic(path, self.to_text())
