@@ -29,6 +29,7 @@ from qat_lightning.analysis import QuantAnalysis, SearchReporter, search_mixed_p
 from qat_lightning.analysis.inputs import flatten_outputs
 from qat_lightning.callbacks._common import (
     InputFn,
+    batch_transfer,
     call_model,
     default_input_fn,
     get_submodule,
@@ -258,7 +259,7 @@ class QuantAnalysisCallback(Callback):
                 switch_states(
                     model, (FakeQuantState.QAT, FakeQuantState.CALIBRATION), FakeQuantState.VALIDATION
                 )
-                outcome = self._analyse(model, loader, self._out_dir)
+                outcome = self._analyse(model, loader, self._out_dir, batch_transfer(trainer))
         except BaseException as err:
             self._mark_incomplete("failed:\n" + "".join(traceback.format_exception(err)))
             self._running = False
@@ -278,12 +279,16 @@ class QuantAnalysisCallback(Callback):
         rank_zero_info(f"QuantAnalysis: reports in {self._out_dir} ({outcome.seconds:.1f} s)")
         return outcome
 
-    def _analyse(self, model: nn.Module, loader: Any, out_dir: Path) -> AnalysisOutcome:
-        device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        fn = self.input_fn or default_input_fn
+    def _analyse(
+        self, model: nn.Module, loader: Any, out_dir: Path, transfer: Callable[[Any], Any]
+    ) -> AnalysisOutcome:
+        user_fn = self.input_fn or default_input_fn
+
+        def fn(batch: Any) -> Any:  # as Lightning's loops give it: moved, precision-converted
+            return user_fn(transfer(batch))
 
         def input_fn(batch: Any) -> Any:
-            return move_data_to_device(normalize_inputs(fn(batch)), device)
+            return normalize_inputs(fn(batch))
 
         qa = QuantAnalysis(model, out_dir=str(out_dir))
         qa.auto_find_bad_case(loader, num_steps=self.num_steps, metrics=self.metrics, input_fn=input_fn)

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from qat_lightning.analysis.advice.lr import DEFAULT_LRS, LrProbeResult, probe_qat_lr, render_lr_probe
-from qat_lightning.callbacks._common import get_submodule, request_dataloader, switch_states
+from qat_lightning.callbacks._common import batch_transfer, get_submodule, request_dataloader, switch_states
 from qat_lightning.callbacks.logging import log_scalars, log_text
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState
 
@@ -102,16 +102,16 @@ class QatLrProbe(Callback):
 
     def _val_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         loader = request_dataloader(trainer, pl_module, "val")
+        transfer = batch_transfer(trainer)
         model = get_submodule(pl_module, self.submodule)
         changed = switch_states(model, (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
         was_training = pl_module.training
         pl_module.eval()
         total, count = 0.0, 0
         try:
-            with torch.no_grad():
+            with torch.no_grad(), trainer.precision_plugin.val_step_context():
                 for i, batch in enumerate(itertools.islice(loader, self.eval_batches)):
-                    batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
-                    total += float(_loss_of(pl_module.training_step(batch, i)))
+                    total += float(_loss_of(pl_module.training_step(transfer(batch), i)))
                     count += 1
         finally:
             for node, state in changed:
@@ -126,6 +126,7 @@ class QatLrProbe(Callback):
         base = [float(g["lr"]) for g in optimizer.param_groups]
         first = base[0] or 1.0
         loader = request_dataloader(trainer, pl_module, "train")
+        transfer = batch_transfer(trainer)
 
         def set_lr(lr: float) -> list[float]:
             lrs = [b * lr / first if base[0] else lr for b in base]
@@ -139,9 +140,10 @@ class QatLrProbe(Callback):
             pl_module.train()
             batches = itertools.islice(itertools.cycle(loader), self.steps)
             for i, batch in enumerate(batches):
-                batch = pl_module.transfer_batch_to_device(batch, pl_module.device, 0)
                 optimizer.zero_grad()
-                _loss_of(pl_module.training_step(batch, i)).backward()
+                with trainer.precision_plugin.train_step_context():
+                    loss = _loss_of(pl_module.training_step(transfer(batch), i))
+                loss.backward()
                 optimizer.step()
             return pl_module
 

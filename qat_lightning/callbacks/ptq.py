@@ -32,6 +32,7 @@ from torch import nn
 
 from qat_lightning.callbacks._common import (
     InputFn,
+    batch_transfer,
     broadcast_module_state,
     check_choice,
     get_submodule,
@@ -56,7 +57,8 @@ _LOADERS = ("train", "val", "test")
 
 def _batches(trainer: pl.Trainer, pl_module: pl.LightningModule, which: str | Iterable[Any]) -> Iterable[Any]:
     loader = request_dataloader(trainer, pl_module, which)
-    return (trainer.strategy.batch_to_device(b) for b in loader)
+    transfer = batch_transfer(trainer)
+    return (transfer(b) for b in loader)
 
 
 def _broadcast(trainer: pl.Trainer, model: nn.Module) -> None:

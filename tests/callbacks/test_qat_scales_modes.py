@@ -68,3 +68,28 @@ def test_half_precision_qat_trains(tmp_path, lit, data, precision) -> None:
     nodes = [n for _, n in ql.iter_fake_quantize(lit.model)]
     assert all(n.scale.dtype == torch.float32 and bool(torch.isfinite(n.scale).all()) for n in nodes)
     assert all(n.state is ql.FakeQuantState.VALIDATION for n in nodes)
+
+
+def test_bf16_true_probe_analysis_and_ptq_get_converted_batches(tmp_path, lit, data) -> None:
+    """Every callback that feeds batches itself converts them as Lightning does (bf16 inputs for a bf16 model)."""
+    from qat_lightning.callbacks import AdaRound, BiasCorrection, QatLrProbe, QuantAnalysisCallback
+
+    probe = QatLrProbe(lrs=(1e-4, 1e-2), steps=2, eval_batches=1)
+    analysis = QuantAnalysisCallback(num_steps=1, sensitivity=False)
+    callbacks = [
+        PrepareQuantization(),
+        Calibration(num_batches=2),
+        AdaRound(num_batches=1, iterations=2),
+        BiasCorrection(num_batches=1),
+        QuantizationAwareTraining(),
+        probe,
+        analysis,
+    ]
+    trainer = make_trainer(
+        tmp_path, callbacks, max_epochs=1, limit_train_batches=2, limit_val_batches=2, precision="bf16-true"
+    )
+    trainer.fit(lit, datamodule=data)  # fed fp32 batches, the bf16 model raised "same dtype" errors
+    assert next(lit.parameters()).dtype == torch.bfloat16
+    assert probe.result is not None and len(probe.result.rows) == 2
+    assert all(torch.isfinite(torch.tensor(r.metric)) for r in probe.result.rows)
+    assert analysis.outcome is not None and analysis.outcome.per_layer is not None
