@@ -21,10 +21,15 @@ def numel_of(shape: Sequence[int] | torch.Size | None) -> int:
 def gemm_module_flops(
     module: nn.Module, in_shape: Sequence[int] | None, out_shape: Sequence[int] | None
 ) -> int:
-    """MACs of one call of a conv / conv-transpose / linear module for the given input/output shapes."""
+    """MACs of one call of a conv / conv-transpose / linear module for the given input/output shapes.
+
+    An embedding lookup computes nothing; it counts one op per output element, like other non-gemm ops.
+    """
     spec = gemm_spec_of(module)
     if spec is None or out_shape is None:
         return 0
+    if spec.kind == "embedding":
+        return numel_of(out_shape)
     weight = module.weight
     if spec.kind == "linear":
         return numel_of(out_shape) * int(weight.shape[1])
