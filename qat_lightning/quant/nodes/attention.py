@@ -12,6 +12,10 @@ compute step a submodule that has a name in the prepared model:
 * ``dropout``: ``nn.Dropout`` on the attention weights (as torch);
 * ``av_matmul``: :class:`MatMul`, ``probs @ v``.
 
+Head splitting and layout changes are pass-through modules (:data:`LAYOUT_MODULES`: ``q_heads``,
+``merge_heads``, ``restore_layout``, ...) so that both prepare paths find each matmul's producers (eager
+mode follows tensors only through modules) and no gemm input looks float32 to the model check.
+
 Masks: a boolean mask is applied with ``masked_fill(-inf)`` (moves no value through compute: no op). A
 float mask (``attn_mask`` / ``key_padding_mask``, as ``nn.TransformerEncoder`` passes them after
 canonicalising) is added by :func:`add_attention_mask`, an op with no quantized implementation: prepare
@@ -28,7 +32,16 @@ import torch
 import torch.fx
 from torch import Tensor, nn
 
-__all__ = ["MatMul", "DecomposedMultiheadAttention", "add_attention_mask", "decomposable"]
+__all__ = [
+    "MatMul",
+    "SplitHeads",
+    "MergeHeads",
+    "RestoreLayout",
+    "LAYOUT_MODULES",
+    "DecomposedMultiheadAttention",
+    "add_attention_mask",
+    "decomposable",
+]
 
 
 class MatMul(nn.Module):
@@ -52,12 +65,59 @@ class MatMul(nn.Module):
         return f"scale={self.scale!r}"
 
 
+class SplitHeads(nn.Module):
+    """Data movement only: ``(N, L, E)`` / ``(L, N, E)`` / ``(L, E)`` -> ``(N, H, L, D)`` (keys transposed).
+
+    A module (a pass-through op for both prepare paths) so that eager mode follows the producer of a
+    matmul input through it, as fx follows views.
+    """
+
+    def __init__(self, num_heads: int, batch_first: bool, keys: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.batch_first, self.keys = num_heads, batch_first, keys
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Split the last dimension into heads, batch first."""
+        if x.dim() == 2:
+            x = x.unsqueeze(0)
+        elif not self.batch_first:
+            x = x.transpose(0, 1)
+        x = x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        return x.transpose(-2, -1) if self.keys else x
+
+
+class MergeHeads(nn.Module):
+    """Data movement only: ``(N, H, L, D)`` -> ``(N, L, E)`` (a pass-through op, see :class:`SplitHeads`)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Merge the heads into the last dimension."""
+        return x.transpose(1, 2).flatten(-2)
+
+
+class RestoreLayout(nn.Module):
+    """Data movement only: ``(N, L, E)`` back to the caller's layout (a pass-through op)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+
+    def forward(self, x: Tensor, batched: bool = True) -> Tensor:
+        """Undo :class:`SplitHeads`' layout change."""
+        if not batched:
+            return x.squeeze(0)
+        return x if self.batch_first else x.transpose(0, 1)
+
+
 def add_attention_mask(scores: Tensor, mask: Tensor) -> Tensor:
     """``scores + mask`` for a float attention mask (kept float32: one named op in the fx graph)."""
     return scores + mask
 
 
 torch.fx.wrap("add_attention_mask")
+
+
+#: The data-movement modules of the decomposed attention (pass-through: no op, producers traced through).
+LAYOUT_MODULES: tuple[type[nn.Module], ...] = (SplitHeads, MergeHeads, RestoreLayout)
 
 
 def decomposable(mha: nn.MultiheadAttention) -> str | None:
@@ -109,11 +169,16 @@ class DecomposedMultiheadAttention(nn.Module):
         self.head_dim = embed_dim // num_heads
         self.batch_first = batch_first
         self.q_proj, self.k_proj, self.v_proj = q_proj, k_proj, v_proj
+        self.q_heads = SplitHeads(num_heads, batch_first)
+        self.k_heads = SplitHeads(num_heads, batch_first, keys=True)
+        self.v_heads = SplitHeads(num_heads, batch_first)
         self.qk_matmul = MatMul(self.head_dim**-0.5)
         self.softmax = nn.Softmax(dim=-1)
         self.dropout = nn.Dropout(dropout)
         self.av_matmul = MatMul()
+        self.merge_heads = MergeHeads()
         self.out_proj = out_proj
+        self.restore_layout = RestoreLayout(batch_first)
 
     @classmethod
     def from_float(cls, mha: nn.MultiheadAttention) -> DecomposedMultiheadAttention:
@@ -169,25 +234,17 @@ class DecomposedMultiheadAttention(nn.Module):
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (nn.MultiheadAttention rule)")
         batched = query.dim() == 3
-        if not batched:  # (L, E) -> (1, L, E)
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
-        elif not self.batch_first:  # (L, N, E) -> (N, L, E)
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        heads = (self.num_heads, self.head_dim)
-        q = self.q_proj(query).unflatten(-1, heads).transpose(1, 2)  # (N, H, L, D)
-        k = self.k_proj(key).unflatten(-1, heads).transpose(1, 2)  # (N, H, S, D)
-        v = self.v_proj(value).unflatten(-1, heads).transpose(1, 2)  # (N, H, S, D)
-        scores = self.qk_matmul(q, k.transpose(-2, -1))  # (N, H, L, S)
+        if not batched and key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+        q = self.q_heads(self.q_proj(query))  # (N, H, L, D)
+        k = self.k_heads(self.k_proj(key))  # (N, H, D, S)
+        v = self.v_heads(self.v_proj(value))  # (N, H, S, D)
+        scores = self.qk_matmul(q, k)  # (N, H, L, S)
         scores = self._masked(scores, attn_mask, key_padding=False)
         scores = self._masked(scores, key_padding_mask, key_padding=True)
         probs = self.dropout(self.softmax(scores))
-        out = self.av_matmul(probs, v).transpose(1, 2).flatten(-2)  # (N, L, E)
-        out = self.out_proj(out)
-        if not batched:
-            out = out.squeeze(0)
-        elif not self.batch_first:
-            out = out.transpose(0, 1)
+        out = self.out_proj(self.merge_heads(self.av_matmul(probs, v)))  # (N, L, E)
+        out = self.restore_layout(out, batched)
         if not need_weights:
             return out, None
         weights = probs.mean(dim=1) if average_attn_weights else probs

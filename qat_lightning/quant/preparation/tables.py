@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub
 
-from qat_lightning.quant.nodes.attention import MatMul
+from qat_lightning.quant.nodes.attention import LAYOUT_MODULES, MatMul
 from qat_lightning.quant.preparation.naming import OpNamer
 
 __all__ = [
@@ -132,6 +132,7 @@ PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
     nn.Flatten,
     nn.Unflatten,
     DeQuantStub,
+    *LAYOUT_MODULES,
 )
 
 
