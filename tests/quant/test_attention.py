@@ -180,7 +180,7 @@ def test_attention_that_cannot_be_decomposed_is_reported_float32():
 
     prepared = prepare(Block().eval(), torch.randn(2, 5, E), method="fx")
     record = prepared.prepare_record
-    assert [op.op_type for op in record.float_ops] == ["MultiheadAttention"]
+    assert [(op.op_type, op.flops) for op in record.float_ops] == [("MultiheadAttention", 2 * 5 * E)]
     assert any("add_bias_kv" in note for note in record.notes)
     assert "Not quantized (float32): 1 op(s)" in check_model(prepared).to_text()
 
