@@ -8,6 +8,7 @@ from torch import nn
 
 import qat_lightning as ql
 from qat_lightning.analysis import check_export
+from qat_lightning.quant.calibrate import calibrate
 from qat_lightning.quant.export import export_onnx
 from tests.models import bert_inputs, tiny_bert
 
@@ -20,11 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _calibrated(model, example, batches):
     prepared = ql.prepare(model, example_inputs=example).eval()
-    ql.set_fake_quantize(prepared, "calibration")
-    with torch.no_grad():
-        for b in batches:
-            prepared(**b) if isinstance(b, dict) else prepared(b)
-    ql.set_fake_quantize(prepared, "validation")
+    calibrate(prepared, batches)  # leaves it in VALIDATION
     return prepared
 
 
