@@ -189,3 +189,19 @@ def test_matmul_module_scale():
     a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
     torch.testing.assert_close(MatMul(0.5)(a, b), (a @ b) * 0.5)
     torch.testing.assert_close(MatMul()(a, b), a @ b)
+
+
+def test_eager_reports_functional_sdpa_as_float32():
+    class Sdpa(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(E, E)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = self.proj(x).unflatten(-1, (H, -1)).transpose(1, 2)
+            return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    prepared = prepare(Sdpa().eval(), torch.randn(2, 5, E), method="eager")
+    (op,) = prepared.prepare_record.float_ops
+    assert (op.name, op.op_type) == ("scaled_dot_product_attention",) * 2
+    assert op.flops == 2 * (2 * H * 5 * (E // H)) * 5  # q @ k^T and probs @ v

@@ -47,6 +47,8 @@ def function_flops(
     out = numel_of(out_shape)
     if base in ("matmul", "bmm") and arg_shapes and arg_shapes[0] is not None and len(arg_shapes[0]) >= 1:
         return out * int(arg_shapes[0][-1])
+    if base == "scaled_dot_product_attention" and len(arg_shapes) > 1 and arg_shapes[1]:
+        return 2 * out * int(arg_shapes[1][-2])  # q @ k^T and probs @ v (key length S each)
     if base == "linear" and len(arg_shapes) > 1 and arg_shapes[1] is not None:
         return out * int(arg_shapes[1][-1])
     if base.startswith("conv") and len(arg_shapes) > 1 and arg_shapes[1] is not None:
