@@ -82,7 +82,7 @@ class SplitHeads(nn.Module):
             x = x.unsqueeze(0)
         elif not self.batch_first:
             x = x.transpose(0, 1)
-        x = x.unflatten(2, (self.num_heads, -1))  # (N, L, H, D); positive dims keep the ONNX graph small
+        x = x.reshape(x.size(0), x.size(1), self.num_heads, -1)  # (N, L, H, D); a small ONNX subgraph
         return x.permute(0, 2, 3, 1) if self.keys else x.permute(0, 2, 1, 3)
 
 
@@ -91,7 +91,7 @@ class MergeHeads(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Merge the heads into the last dimension."""
-        return x.transpose(1, 2).flatten(2)
+        return x.transpose(1, 2).reshape(x.size(0), x.size(2), -1)
 
 
 class RestoreLayout(nn.Module):
