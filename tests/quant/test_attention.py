@@ -205,3 +205,14 @@ def test_eager_reports_functional_sdpa_as_float32():
     (op,) = prepared.prepare_record.float_ops
     assert (op.name, op.op_type) == ("scaled_dot_product_attention",) * 2
     assert op.flops == 2 * (2 * H * 5 * (E // H)) * 5  # q @ k^T and probs @ v
+
+
+def test_attention_ops_are_sensitivity_targets():
+    from qat_lightning.analysis.sensitivity.exact import sensitivity_targets
+
+    prepared = prepare(_encoder(True), torch.randn(2, 5, 32), method="fx")
+    rows = {(t.op_name, t.sensitive_type) for t in sensitivity_targets(prepared)}
+    for op in ("qk_matmul", "softmax", "av_matmul"):
+        assert (f"layers.0.self_attn.{op}", "activation") in rows
+    for op in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        assert (f"layers.1.self_attn.{op}", "weight") in rows

@@ -65,3 +65,11 @@ def test_embedding_in_model_check_is_int8_with_default_output_point():
     assert "Not quantized (float32): 0 op(s)" in report.to_text()
     int8 = next(r for r in report.dtype_summary if r.dtype == "qint8")
     assert int8.ops == 2  # emb (compute dtype: its weight's) and fc; the integer ids get no point
+
+
+def test_embedding_weight_is_a_sensitivity_target():
+    from qat_lightning.analysis.sensitivity.exact import sensitivity_targets
+
+    prepared = prepare(_Lookup().eval(), torch.randint(0, 100, (2, 7)), method="eager")
+    rows = {(t.op_name, t.sensitive_type, t.op_type) for t in sensitivity_targets(prepared)}
+    assert ("emb", "weight", "Embedding") in rows and ("emb", "activation", "Embedding") in rows
