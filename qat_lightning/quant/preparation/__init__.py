@@ -6,6 +6,8 @@
 rendered by ``model_check_report``). fx helpers: ``fx_switches`` (the guide's switches inside a traced
 ``forward``), ``fx_float_ops`` (what is left float32); eager helpers: ``eager_probe`` (the probe run),
 ``eager_fusion`` (the user's fuse hook), ``dynamic_block`` (loops over shapes, the extra-call warning).
+Both paths: ``attention_swap`` (each ``nn.MultiheadAttention`` becomes linears, matmuls and a softmax
+first); ``nn.Embedding`` is an op with a per-row quantized table (``quant/nodes/embedding.py``).
 Op records (``OpInfo``, ``iter_quant_ops``) are shared with the rest of the package: ``quant/ops.py``.
 """
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat_lightning.quant.nodes.embedding import QatEmbedding
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.nodes.fp16_norm import NORM_FUNCTIONS, NORM_MODULES, QatNormFunction, QatNormOp
 from qat_lightning.quant.nodes.qat_modules import (
@@ -26,10 +27,11 @@ from qat_lightning.quant.nodes.qat_modules import (
     activation_node,
     weight_node,
 )
-from qat_lightning.quant.ops import OpInfo
+from qat_lightning.quant.ops import OpInfo, OpKind
+from qat_lightning.quant.preparation.op_costs import function_flops
 from qat_lightning.quant.qconfig.qconfig import QConfig
 
-__all__ = ["OpPlan", "OpBuilder"]
+__all__ = ["OpPlan", "OpBuilder", "matmul_module_plan"]
 
 
 @dataclass
@@ -41,7 +43,7 @@ class OpPlan:
         build: ``gemm``, ``convbn``, ``module``, ``function`` or ``input``.
         module: the float module (gemm / module ops; the conv or linear of a ``convbn``).
         bn: the BatchNorm of a ``convbn``.
-        gemm_kind: ``conv`` / ``conv_transpose`` / ``linear`` for gemm modules.
+        gemm_kind: ``conv`` / ``conv_transpose`` / ``linear`` / ``embedding`` for gemm modules.
         weight_ch_axis: channel axis of the weight quant node.
         relu / add: fused ReLU / residual add.
         target / is_method: function (or method name) of a functional op.
@@ -123,6 +125,9 @@ class OpBuilder:
         """Build the op module of ``plan``."""
         qc = self.qconfigs[plan.name]
         info = plan.info
+        if plan.build == "gemm" and plan.gemm_kind == "embedding":
+            m = plan.module
+            return QatEmbedding(info, m, self._weight(plan, qc, m.weight), self._output(plan, qc))
         if plan.build == "gemm":
             m = plan.module
             return QatGemm(
@@ -170,3 +175,31 @@ class OpBuilder:
         if plan.build == "input":
             return QatInput(info, self._output(plan, qc))
         raise ValueError(f"unknown op build kind {plan.build!r}")
+
+
+def matmul_module_plan(
+    name: str,
+    call_index: int,
+    path: str,
+    producers: tuple[str | None, ...],
+    shapes: tuple[Any, Any],
+    module: nn.Module,
+    node: Any = None,
+) -> OpPlan:
+    """Plan a :class:`~qat_lightning.quant.nodes.attention.MatMul` module call as a matmul op.
+
+    The op is a functional gemm whose function is the module itself (both inputs get quant points), so
+    templates, the matmul rules and the model check treat it as any ``torch.matmul``.
+
+    Args:
+        name: op name (the module path, ``#k`` for the k-th extra call).
+        call_index: which call of the module.
+        path: the module path.
+        producers: ops producing the two inputs.
+        shapes: example shapes of the first input and of the output (for the MACs).
+        module: the ``MatMul`` module.
+        node: the fx node it replaces (fx only).
+    """
+    flops = function_flops("matmul", [shapes[0]], shapes[1])
+    info = OpInfo(name, "matmul", OpKind.GEMM, path, call_index, producers, flops, is_matmul=True)
+    return OpPlan(info, "function", module=module, target=module, act_args=(0, 1), node=node)

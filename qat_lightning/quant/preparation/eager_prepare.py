@@ -19,8 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qat_lightning.quant.nodes.attention import MatMul
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
-from qat_lightning.quant.preparation.build import OpBuilder, OpPlan
+from qat_lightning.quant.preparation.build import OpBuilder, OpPlan, matmul_module_plan
 from qat_lightning.quant.preparation.dynamic_block import count_forward, warn_extra_calls
 from qat_lightning.quant.preparation.eager_fusion import fused_parts, fused_plan, unfused_chains
 from qat_lightning.quant.preparation.eager_probe import CallEvent, Probe, input_names, probe_model
@@ -207,6 +208,13 @@ class _EagerPlanner:
                 name, "quant", OpKind.INPUT, ev.path, k, (self.producer(first_in),), numel_of(ev.out_shape)
             )
             self.plans.append(OpPlan(info, "input", extra={"path": ev.path}))
+            return name
+        if isinstance(mod, MatMul):  # decomposed attention's matmuls: a functional gemm
+            name, k = self.namer.module_op(ev.path)
+            producers = tuple(self.producer(t) for t in ev.in_ids[:2])
+            plan = matmul_module_plan(name, k, ev.path, producers, (ev.in_shape, ev.out_shape), mod)
+            plan.extra["path"] = ev.path
+            self.plans.append(plan)
             return name
         spec = gemm_spec_of(mod)
         if spec is not None and getattr(mod, "weight", None) is not None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
@@ -80,6 +81,8 @@ def input_names(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
 def _function_base(func: Any) -> str | None:
     if isinstance(func, _TENSOR_METHOD):
         return METHOD_OPS.get(func.__name__)
+    if func is F.scaled_dot_product_attention:  # fx decomposes it; eager can only report it (float32)
+        return "scaled_dot_product_attention"
     try:
         return FUNCTION_OPS.get(func)
     except TypeError:  # unhashable

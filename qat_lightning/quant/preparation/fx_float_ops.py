@@ -59,6 +59,14 @@ def _moves_data(node: Node, modules: Mapping[str, nn.Module]) -> bool:
     return isinstance(mod, (*PASS_THROUGH_MODULES, *LOOKUP_MODULES)) or is_dequant_stub(mod)
 
 
+def _output_size(node: Node, shape_of: Callable[[object], tuple[int, ...] | None]) -> int:
+    """Elements of ``node``'s output; for a tuple output (``MultiheadAttention``), of its used items."""
+    size = numel_of(shape_of(node))
+    if size == 0:
+        size = sum(numel_of(shape_of(u)) for u in node.users if u.target is operator.getitem)
+    return size
+
+
 def float_op_of(
     node: Node,
     modules: Mapping[str, nn.Module],
@@ -88,7 +96,7 @@ def float_op_of(
         gemm = gemm_spec_of(mod) is not None and node.args
         flops = gemm_module_flops(mod, shape_of(node.args[0]), shape_of(node)) if gemm else None
         return FloatOp(
-            str(node.target), type(mod).__name__, flops or numel_of(shape_of(node)), reason, on_chip
+            str(node.target), type(mod).__name__, flops or _output_size(node, shape_of), reason, on_chip
         )
     target = node.target if node.op == "call_method" else getattr(node.target, "__name__", node.target)
     name = f"{parent}.{target}" if parent else str(target)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import Node
 
+from qat_lightning.quant.nodes.attention import MatMul
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
-from qat_lightning.quant.preparation.build import OpPlan
+from qat_lightning.quant.preparation.build import OpPlan, matmul_module_plan
 from qat_lightning.quant.preparation.fusion import FusionGroup, fused_op_type
 from qat_lightning.quant.preparation.fx_float_ops import float_op_of
 from qat_lightning.quant.preparation.fx_tracer import NodeMeta
@@ -172,6 +173,11 @@ class FxPlanner:
             group_names[id(group)][node] = name
             if node is group.last:
                 self._plan_fused(group, group_names[id(group)])
+            return
+        if isinstance(mod, MatMul):  # decomposed attention's matmuls: a functional gemm
+            producers = tuple(self.producer(a) for a in node.args[:2])
+            shapes = (self._shape(node.args[0]), self._shape(node))
+            self._add(matmul_module_plan(name, k, target, producers, shapes, mod, node=node), node)
             return
         spec = gemm_spec_of(mod)
         x = node.args[0] if node.args else None
@@ -327,15 +333,8 @@ class FxPlanner:
         if not simple:
             name = self.namer.function_op(parent, pcall, "scaled_dot_product_attention")
             producers = tuple(self.producer(a) for a in (q, k, v))
-            info = OpInfo(
-                name,
-                "scaled_dot_product_attention",
-                OpKind.OTHER,
-                parent,
-                pcall,
-                producers,
-                numel_of(self._shape(node)),
-            )
+            flops = numel_of(self._shape(node))
+            info = OpInfo(name, "scaled_dot_product_attention", OpKind.OTHER, parent, pcall, producers, flops)
             self._add(OpPlan(info, "function", target=SDPA, node=node), node)
             self.notes.append(
                 f"{name}: scaled_dot_product_attention with dropout kept as one op (output quant only)"

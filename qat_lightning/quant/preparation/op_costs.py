@@ -21,10 +21,15 @@ def numel_of(shape: Sequence[int] | torch.Size | None) -> int:
 def gemm_module_flops(
     module: nn.Module, in_shape: Sequence[int] | None, out_shape: Sequence[int] | None
 ) -> int:
-    """MACs of one call of a conv / conv-transpose / linear module for the given input/output shapes."""
+    """MACs of one call of a conv / conv-transpose / linear module for the given input/output shapes.
+
+    An embedding lookup computes nothing; it counts one op per output element, like other non-gemm ops.
+    """
     spec = gemm_spec_of(module)
     if spec is None or out_shape is None:
         return 0
+    if spec.kind == "embedding":
+        return numel_of(out_shape)
     weight = module.weight
     if spec.kind == "linear":
         return numel_of(out_shape) * int(weight.shape[1])
@@ -42,6 +47,8 @@ def function_flops(
     out = numel_of(out_shape)
     if base in ("matmul", "bmm") and arg_shapes and arg_shapes[0] is not None and len(arg_shapes[0]) >= 1:
         return out * int(arg_shapes[0][-1])
+    if base == "scaled_dot_product_attention" and len(arg_shapes) > 1 and arg_shapes[1]:
+        return 2 * out * int(arg_shapes[1][-2])  # q @ k^T and probs @ v (key length S each)
     if base == "linear" and len(arg_shapes) > 1 and arg_shapes[1] is not None:
         return out * int(arg_shapes[1][-1])
     if base.startswith("conv") and len(arg_shapes) > 1 and arg_shapes[1] is not None:

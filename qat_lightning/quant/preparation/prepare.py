@@ -5,6 +5,8 @@
 Steps:
 
 1. validate the arguments; the user's model is never changed (everything works on deep copies);
+   each ``nn.MultiheadAttention`` is swapped for its decomposed form (:mod:`.attention_swap`), so its
+   projections, matmuls and softmax get quant points on both paths;
 2. run a copy of the float model on the example inputs with hooks: call counts of every module (the
    check report's "called times"), the reference output, and the call order (eager mode);
 3. ``fx`` / ``auto``: trace with :mod:`.fx_tracer`, fuse, plan and name the ops,
@@ -37,6 +39,7 @@ from qat_lightning.quant.dtypes import float32
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.nodes.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.ops import FloatOp, OpInfo, PrepareRecord
+from qat_lightning.quant.preparation.attention_swap import decompose_attention, has_attention
 from qat_lightning.quant.preparation.eager_fusion import run_fuse_hook
 from qat_lightning.quant.preparation.eager_prepare import prepare_eager, probe_model
 from qat_lightning.quant.preparation.fx_prepare import prepare_fx
@@ -166,6 +169,11 @@ def prepare(
     _validate(method, qat_mode, model)
     if fuse_fn is not None:
         model = run_fuse_hook(copy.deepcopy(model), fuse_fn)
+    swap_notes: list[str] = []
+    if has_attention(model):
+        if fuse_fn is None:
+            model = copy.deepcopy(model)
+        swap_notes = decompose_attention(model)
     args, kwargs = _split_inputs(example_inputs)
     setter = as_qconfig_setter(qconfig_setter)
     device = _device_of(model, args, kwargs)
@@ -179,6 +187,7 @@ def prepare(
         result = _run_eager(model, probe, fuse_fn, (args, kwargs, device), assign, qat_mode)
         if method == "auto":
             _warn_fallback(result, reason)
+    result.notes = [*swap_notes, *result.notes]
     record = _record(result, probe, qat_mode, setter, assign.assignments[-1])
     prepared = result.model
     order = [p.name for p in result.plans]

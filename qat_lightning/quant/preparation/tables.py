@@ -23,11 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.ao.quantization import DeQuantStub, QuantStub
 
+from qat_lightning.quant.nodes.attention import LAYOUT_MODULES, MatMul
 from qat_lightning.quant.preparation.naming import OpNamer
 
 __all__ = [
     "GemmSpec",
     "GEMM_MODULES",
+    "FUNCTION_MODULES",
     "OTHER_MODULES",
     "PASS_THROUGH_MODULES",
     "FUNCTION_OPS",
@@ -48,7 +50,7 @@ __all__ = [
 class GemmSpec:
     """How to quantize the weight of a gemm module: which attribute, which channel axis."""
 
-    kind: str  # "conv", "conv_transpose" or "linear"
+    kind: str  # "conv", "conv_transpose", "linear" or "embedding" (a per-row quantized lookup table)
     weight_ch_axis: int
 
 
@@ -60,7 +62,14 @@ GEMM_MODULES: dict[type[nn.Module], GemmSpec] = {
     nn.ConvTranspose2d: GemmSpec("conv_transpose", 1),
     nn.ConvTranspose3d: GemmSpec("conv_transpose", 1),
     nn.Linear: GemmSpec("linear", 0),
+    nn.Embedding: GemmSpec("embedding", 0),
 }
+
+#: Gemm types whose subclasses are quantized as the base (an ``nn.Embedding`` subclass may look up otherwise).
+_SUBCLASSED_GEMMS: tuple[type[nn.Module], ...] = tuple(t for t in GEMM_MODULES if t is not nn.Embedding)
+
+#: Modules that compute one functional gemm (both inputs are activations): module type -> op type.
+FUNCTION_MODULES: dict[type[nn.Module], str] = {MatMul: "matmul"}
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BN_FOR_CONV: dict[type[nn.Module], type[nn.Module]] = {
@@ -123,6 +132,7 @@ PASS_THROUGH_MODULES: tuple[type[nn.Module], ...] = (
     nn.Flatten,
     nn.Unflatten,
     DeQuantStub,
+    *LAYOUT_MODULES,
 )
 
 
@@ -143,7 +153,9 @@ def module_op_type(module: nn.Module) -> str | None:
     cls = type(module)
     if cls in GEMM_MODULES or isinstance(module, OTHER_MODULES):
         return cls.__name__
-    for base in GEMM_MODULES:  # subclasses of conv / linear (e.g. NonDynamicallyQuantizableLinear)
+    if cls in FUNCTION_MODULES:
+        return FUNCTION_MODULES[cls]
+    for base in _SUBCLASSED_GEMMS:  # subclasses of conv / linear (e.g. NonDynamicallyQuantizableLinear)
         if isinstance(module, base):
             return base.__name__
     return None
@@ -154,9 +166,9 @@ def gemm_spec_of(module: nn.Module) -> GemmSpec | None:
     spec = GEMM_MODULES.get(type(module))
     if spec is not None:
         return spec
-    for base, base_spec in GEMM_MODULES.items():
+    for base in _SUBCLASSED_GEMMS:
         if isinstance(module, base):
-            return base_spec
+            return GEMM_MODULES[base]
     return None
 
 
@@ -304,6 +316,7 @@ TRANSPARENT_METHODS: frozenset[str] = frozenset(
         "t",
         "contiguous",
         "flatten",
+        "unflatten",
         "squeeze",
         "unsqueeze",
         "expand",

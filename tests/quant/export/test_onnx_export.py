@@ -177,11 +177,14 @@ def test_torch_transformer_encoder(tmp_path):
     # the two layers start as copies: the exporter aliases layer 1's weights (Identity); still int8 here
     graph = _graph(result.path)
     float_ffn = [i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) == 2]
-    assert not [n for n in float_ffn if "linear" in n], float_ffn  # (MultiheadAttention stays float)
+    assert not float_ffn, float_ffn  # attention (decomposed at prepare) is int8 too
     with torch.no_grad():
-        ref = model(xs[1])
+        ref = model(xs[1]).numpy()
     (got,) = _run_ort(result.path, (xs[1],))
-    np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+    # onnxruntime fuses DequantizeLinear -> Softmax -> QuantizeLinear into its integer QLinearSoftmax, whose
+    # table puts some probabilities one step from the fake-quant softmax: compare as check_export does
+    cosine = float((got * ref).sum() / np.sqrt((got * got).sum() * (ref * ref).sum()))
+    assert cosine > 0.999
 
 
 def test_hf_bert_keyword_inputs(tmp_path):
