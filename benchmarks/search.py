@@ -154,7 +154,8 @@ def main() -> None:
         )
         tables[method] = got
         print(f"sensitivity table {method}: {seconds:.2f} s ({len(got[0].rows)} rows)", flush=True)
-    variants = {"off": {"reuse_activations": False}, "nearest": {}, "base": {"cache_reference": "base"}}
+    on = {"reuse_activations": True}
+    variants = {"off": {}, "nearest": on, "base": {**on, "cache_reference": "base"}}
     for name, table in tables.items():
         times: dict[tuple[str, str], list[float]] = {(m, v): [] for m in ("exact", "fast") for v in variants}
         plans = {}

@@ -97,8 +97,9 @@ class SearchConfig:
         op_filter: keep only table rows whose op passes (``search_j6p``: gemm ops only).
         reuse_activations: serve each probe's forwards of an fx ``GraphModule`` from kept activations,
             executing only the nodes downstream of the ops whose quant nodes changed (same values as the
-            full forwards; :mod:`~qat_lightning.analysis.search.probe_cache`). Off: every probe runs the
-            full model.
+            full forwards; :mod:`~qat_lightning.analysis.search.probe_cache`). Off by default: it pays
+            only when the changed ops sit late in the graph; keeping every activation alive makes a
+            probe that reruns most of the graph slower than the plain forward (benchmarks/README.md).
         cache_budget_mb: most megabytes of kept activations (the oldest kept runs are dropped beyond).
         cache_reference: which kept run a probe starts from: ``nearest`` (the one with the fewest nodes
             to execute, e.g. the previous probe) or ``base`` (the first probe's run only).
@@ -116,7 +117,7 @@ class SearchConfig:
     reference_qconfig: QConfig | None = None
     max_cost_probes: int | None = None
     op_filter: Callable[[OpNodes], bool] | None = None
-    reuse_activations: bool = True
+    reuse_activations: bool = False
     cache_budget_mb: float = 1024.0
     cache_reference: str = "nearest"
 
