@@ -248,3 +248,30 @@ def test_reuse_off_for_eager_in_place_and_over_budget(tmp_path) -> None:
 def test_search_config_validates_the_cache_options(option, match) -> None:
     with pytest.raises(ValueError, match=match):
         SearchConfig(**option)
+
+
+def test_app_search_options_reach_the_search(tmp_path, monkeypatch) -> None:
+    from qat_lightning.app import tuning
+    from qat_lightning.app.config_checks import ConfigError
+    from qat_lightning.cli import compose, to_app_config
+
+    app = to_app_config(compose(["search.reuse_activations=true", "search.cache_budget_mb=64"]))
+    assert (app.search.reuse_activations, app.search.cache_budget_mb) == (True, 64)
+    assert to_app_config(compose([])).search.reuse_activations is False
+    with pytest.raises(ConfigError, match="search.cache_budget_mb=0.0: must be a number > 0"):
+        to_app_config(compose(["search.cache_budget_mb=0"]))
+    seen = {}
+    real = search_mixed_precision
+
+    def spy(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        seen["notes"] = plan.notes
+        return plan
+
+    monkeypatch.setattr("qat_lightning.analysis.search_mixed_precision", spy)
+    model, xs = calibrated(fx_traced=True), _batches(2)
+    tables = QuantAnalysis(model, out_dir=tmp_path).sensitivity(inputs=xs[0], plot=False)
+    tuning.int16_search(
+        model, tables, _eval_fn(xs, model), 1e9, "j6m", reuse_activations=True, cache_budget_mb=64
+    )
+    assert any(n.startswith("activation reuse (nearest)") for n in seen["notes"])
