@@ -275,3 +275,19 @@ def test_app_search_options_reach_the_search(tmp_path, monkeypatch) -> None:
         model, tables, _eval_fn(xs, model), 1e9, "j6m", reuse_activations=True, cache_budget_mb=64
     )
     assert any(n.startswith("activation reuse (nearest)") for n in seen["notes"])
+
+
+def test_inputs_that_cannot_be_matched_run_the_real_forward() -> None:
+    from collections import namedtuple
+
+    model = calibrated(fx_traced=True)
+    reuse, x = ActivationReuse(model, 64), _batches(1)[0]
+    pair = namedtuple("Pair", "a b")
+    with analysis_mode(model), reuse.serving(), torch.no_grad():
+        expected = reuse._forward(x)
+        assert reuse.counts["recorded"] == 1
+        assert _bits_equal(reuse._forward(x.clone().requires_grad_()), expected)
+        for bad in (pair(x, x), object()):
+            with pytest.raises((TypeError, AttributeError)):
+                reuse._forward(bad)  # the real forward's own error: nothing was matched or kept
+    assert reuse.counts["forward"] == 3 and reuse.counts["recorded"] == 1

@@ -69,11 +69,11 @@ def _clone_inputs(value: Any) -> Any:
     """Copy the tensors of a call's inputs; ``None`` marks inputs that cannot be matched."""
     if isinstance(value, Tensor):
         return None if value.requires_grad else value.detach().clone(memory_format=torch.preserve_format)
-    if isinstance(value, (tuple, list)):
+    if type(value) in (tuple, list):  # subclasses (named tuples) are not matched
         items = [_clone_inputs(v) for v in value]
         ok = all(c is not None or v is None for c, v in zip(items, value, strict=True))
         return type(value)(items) if ok else None
-    if isinstance(value, dict):
+    if type(value) is dict:
         items = {k: _clone_inputs(v) for k, v in value.items()}
         ok = all(items[k] is not None or value[k] is None for k in value)
         return items if ok and all(isinstance(k, str) for k in value) else None
