@@ -8,11 +8,15 @@ approximate). ``eval_fn`` = mean cosine similarity of the logits to the float lo
 validation set (the proxy ``QuantAnalysis`` uses); target: ``1 - cosine`` at ``--keep`` times the
 all-int8 model's.
 
-Printed: each table's time, each search's time (median over ``--repeats``, exact and fast alternated,
-same model, same table), the ratio fast/exact, probes, the chosen int16 share and metric, whether
-the two plans are equal, and the machine load (``os.getloadavg``).
+Printed: each table's time, each search's time (median over ``--repeats``; exact and fast, each with
+activation reuse off, ``nearest`` and ``base`` (``SearchConfig.reuse_activations`` /
+``cache_reference``), alternated on the same model and table), the ratios fast/exact and reuse/off,
+probes, the chosen int16 share and metric, whether the exact and fast plans are equal, and the machine
+load (``os.getloadavg``). The script stops with an error when a search with reuse gives other probes
+or another plan than the same search without.
 
     python benchmarks/search.py [--repeats 3] [--threads 2] [--keep 0.25] [--steps 150]
+                                 [--tables exact approximate]
 """
 
 from __future__ import annotations
@@ -100,6 +104,13 @@ def main() -> None:
         "--keep", type=float, default=0.25, help="target: 1 - cosine at this share of the all-int8 model's"
     )
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        choices=("exact", "approximate"),
+        default=["exact", "approximate"],
+        help="sensitivity methods whose tables are searched",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
@@ -137,30 +148,45 @@ def main() -> None:
     )
     qa = QuantAnalysis(prepared, out_dir=tempfile.mkdtemp(prefix="search_bench_"))
     tables = {}
-    for method in ("exact", "approximate"):
+    for method in args.tables:
         seconds, got = median_time(
             lambda method=method: qa.sensitivity("COSINE", method=method, inputs=x_val[:64], plot=False), 1
         )
         tables[method] = got
         print(f"sensitivity table {method}: {seconds:.2f} s ({len(got[0].rows)} rows)", flush=True)
+    on = {"reuse_activations": True}
+    variants = {"off": {}, "nearest": on, "base": {**on, "cache_reference": "base"}}
     for name, table in tables.items():
-        times: dict[str, list[float]] = {"exact": [], "fast": []}
+        times: dict[tuple[str, str], list[float]] = {(m, v): [] for m in ("exact", "fast") for v in variants}
         plans = {}
         for _ in range(args.repeats):
-            for method in ("exact", "fast"):
+            for key in times:
                 start = time.perf_counter()
-                plans[method] = search_mixed_precision(prepared, table, eval_fn, args.target, method=method)
-                times[method].append(time.perf_counter() - start)
+                plans[key] = search_mixed_precision(
+                    prepared, table, eval_fn, args.target, method=key[0], **variants[key[1]]
+                )
+                times[key].append(time.perf_counter() - start)
         med = {k: statistics.median(v) for k, v in times.items()}
-        same = plans["exact"].raised == plans["fast"].raised and plans["exact"].metric == plans["fast"].metric
         print(f"search on the {name} table (median of {args.repeats}):")
-        for method in ("exact", "fast"):
-            p = plans[method]
+        for key in times:
+            p = plans[key]
             print(
-                f"  {method:<6} {med[method]:7.2f} s  probes {len(p.probes):3d}  reached {p.reached}  "
-                f"int16 share {len(p.raised) / len(table[0].rows):.3f}  metric {p.metric:.6f}"
+                f"  {key[0]:<6} reuse {key[1]:<8} {med[key]:7.2f} s  probes {len(p.probes):3d}  "
+                f"reached {p.reached}  int16 share {len(p.raised) / len(table[0].rows):.3f}  "
+                f"metric {p.metric:.6f}"
             )
-        print(f"  fast/exact time ratio {med['fast'] / med['exact']:.2f}; plans equal: {same}", flush=True)
+        for method in ("exact", "fast"):
+            off = plans[(method, "off")]
+            for v in ("nearest", "base"):
+                p = plans[(method, v)]
+                if (p.raised, p.probes) != (off.raised, off.probes):
+                    raise SystemExit(f"{method} search with reuse {v}: plan or probes differ from reuse off")
+                print(f"  {method} reuse {v}/off time ratio {med[(method, v)] / med[(method, 'off')]:.2f}")
+                print(f"    {next(n for n in p.notes if n.startswith('activation reuse'))}")
+        exact, fast = plans[("exact", "off")], plans[("fast", "off")]
+        same = exact.raised == fast.raised and exact.metric == fast.metric
+        ratio = med[("fast", "off")] / med[("exact", "off")]
+        print(f"  fast/exact time ratio (reuse off) {ratio:.2f}; plans equal: {same}", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -137,6 +137,7 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
     ("recipe.fp16_topk", _optional(_at_least(0)), "an int >= 0, or null (searched)"),
     ("pipeline.fp16_max", _at_least(0), "an int >= 0"),
     ("search.eval_batches", _optional(_at_least(1)), "an int >= 1, or null (all)"),
+    ("search.cache_budget_mb", _positive, "a number > 0 (megabytes)"),
     ("analysis.num_steps", _optional(_at_least(1)), "an int >= 1, or null (all)"),
     ("torch_threads", _optional(_at_least(1)), "an int >= 1, or null (torch's default)"),
     ("export.check_batches", _optional(_at_least(0)), "an int >= 0 (0: no check), or null (all)"),

@@ -270,6 +270,8 @@ class Pipeline:
             conf.int16_ratio,
             conf.sensitive_dtype.value,
             out / "quant_analysis",
+            self.cfg.search.reuse_activations,
+            self.cfg.search.cache_budget_mb,
         )
         ops = ", ".join(f"{op}/{t}" for op, t in outcome.chosen) or "none"
         if conf.int16_ratio is not None:

@@ -178,10 +178,15 @@ class SearchConf:
     Attributes:
         cost_aware: keep high-FLOP ops in low precision first (the seed's "adjust based on cost").
         eval_batches: validation batches per probe (``None`` = all).
+        reuse_activations: probes run only the graph downstream of the changed ops, from kept activations
+            (``SearchConfig.reuse_activations``; same values, fx-prepared models only).
+        cache_budget_mb: most megabytes of kept activations (``SearchConfig.cache_budget_mb``).
     """
 
     cost_aware: bool = False
     eval_batches: int | None = None
+    reuse_activations: bool = False
+    cache_budget_mb: float = 1024.0
 
 
 @dataclass(frozen=True)

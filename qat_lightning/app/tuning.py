@@ -130,6 +130,8 @@ def int16_search(
     ratio: float | None = None,
     high: str = "qint16",
     out_dir: Path | None = None,
+    reuse_activations: bool = False,
+    cache_budget_mb: float = 1024.0,
 ) -> SearchOutcome:
     """Find the minimal int16 ratio reaching ``target``, or the rows of a fixed ``ratio``.
 
@@ -146,6 +148,8 @@ def int16_search(
         ratio: a fixed share of each table's rows instead of the search (no evaluation).
         high: the dtype the rows are raised to.
         out_dir: where the plan is written.
+        reuse_activations: probes rerun only the graph downstream of the changed ops (``SearchConfig``).
+        cache_budget_mb: most megabytes of kept activations.
     """
     if ratio is not None:
         from qat_lightning.quant.qconfig.templates import SensitivityTemplate
@@ -159,6 +163,8 @@ def int16_search(
         "cost_aware": cost_aware,
         "higher_is_better": higher_is_better,
         "on_probe": reporter.probe if reporter is not None else None,
+        "reuse_activations": reuse_activations,
+        "cache_budget_mb": cache_budget_mb,
     }
     if gemm_only:
         plan = search_j6p(

@@ -4,6 +4,8 @@
 * ``precision_paths``: the int16 -> fp16 top-k step and the J6P procedure, on top of it;
 * ``precision_nodes``: which quant nodes a sensitivity row stands for, and what an assignment costs;
 * ``probes``: running and recording the search's probes (``ProbeRunner``), the fast boundary guess;
+* ``probe_cache``: :class:`ActivationReuse`, probes rerunning only the graph downstream of the changed ops
+  from kept activations (``SearchConfig.reuse_activations``);
 * ``result``: the frozen results (:class:`MixedPrecisionPlan`, :class:`Probe`, :class:`SearchConfig`);
 * ``report``: :class:`SearchReporter`, which writes the search's files (the search itself writes none).
 """

@@ -48,6 +48,7 @@ from qat_lightning.analysis.search.precision_nodes import (
     OpNodes,
     assignment_cost,
 )
+from qat_lightning.analysis.search.probe_cache import CACHE_REFERENCES, ActivationReuse
 from qat_lightning.analysis.search.probes import FirstOrderGuess, ProbeRunner, smallest_ok
 from qat_lightning.analysis.search.report import SearchReporter, write_plan
 from qat_lightning.analysis.search.result import MixedPrecisionPlan, Probe
@@ -94,6 +95,14 @@ class SearchConfig:
             out_dtype=low)``).
         max_cost_probes: at most this many probes in the cost-aware step (default: all raised ops).
         op_filter: keep only table rows whose op passes (``search_j6p``: gemm ops only).
+        reuse_activations: serve each probe's forwards of an fx ``GraphModule`` from kept activations,
+            executing only the nodes downstream of the ops whose quant nodes changed (same values as the
+            full forwards; :mod:`~qat_lightning.analysis.search.probe_cache`). Off by default: it pays
+            only when the changed ops sit late in the graph; keeping every activation alive makes a
+            probe that reruns most of the graph slower than the plain forward (benchmarks/README.md).
+        cache_budget_mb: most megabytes of kept activations (the oldest kept runs are dropped beyond).
+        cache_reference: which kept run a probe starts from: ``nearest`` (the one with the fewest nodes
+            to execute, e.g. the previous probe) or ``base`` (the first probe's run only).
     """
 
     low: DtypeLike = qint8
@@ -108,6 +117,9 @@ class SearchConfig:
     reference_qconfig: QConfig | None = None
     max_cost_probes: int | None = None
     op_filter: Callable[[OpNodes], bool] | None = None
+    reuse_activations: bool = False
+    cache_budget_mb: float = 1024.0
+    cache_reference: str = "nearest"
 
     def __post_init__(self) -> None:
         low, high = parse_dtype(self.low), parse_dtype(self.high)
@@ -121,6 +133,15 @@ class SearchConfig:
             raise ValueError(f"unknown method {self.method!r}; allowed: {', '.join(SEARCH_METHODS)}")
         if self.max_cost_probes is not None and self.max_cost_probes < 0:
             raise ValueError(f"max_cost_probes must be None or >= 0, got {self.max_cost_probes}")
+        if not isinstance(self.reuse_activations, bool):
+            raise ValueError(f"reuse_activations must be True or False, got {self.reuse_activations!r}")
+        budget = self.cache_budget_mb
+        if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget < math.inf:
+            raise ValueError(f"cache_budget_mb must be a number > 0 (megabytes), got {budget!r}")
+        if self.cache_reference not in CACHE_REFERENCES:
+            raise ValueError(
+                f"unknown cache_reference {self.cache_reference!r}; allowed: {', '.join(CACHE_REFERENCES)}"
+            )
 
 
 def _config(config: SearchConfig | None, options: Mapping[str, Any]) -> SearchConfig:
@@ -279,7 +300,10 @@ def search_mixed_precision(
     tabs = _as_tables(tables)
     high_d = parse_dtype(cfg.high)
     base = {node: parse_dtype(d) for node, d in (cfg.base_dtypes or {}).items()}
-    s = ProbeRunner(model, eval_fn, target, cfg.higher_is_better, base, cfg.chip, on_probe)
+    reuse = None
+    if cfg.reuse_activations:
+        reuse = ActivationReuse(model, cfg.cache_budget_mb, cfg.cache_reference)
+    s = ProbeRunner(model, eval_fn, target, cfg.higher_is_better, base, cfg.chip, on_probe, reuse)
     per_table = [_rows(t, cfg.sensitive_type, s.ops, cfg.op_filter) for t in tabs]
     st = _Stages(s, per_table, high_d)
     zero = [0] * len(tabs)
@@ -328,6 +352,8 @@ def _finish(
     cost_low = assignment_cost(s.ops, s.assignment([], high), s.chip)
     cost_high = assignment_cost(s.ops, s.assignment(_union(st.per_table, st.sizes), high), s.chip)
     notes = list(s.notes)
+    if s.reuse is not None:
+        notes.append(s.reuse.note())
     if s.chip is None:
         notes.append(f"costs priced as {DEFAULT_COST_CHIP} (no chip given)")
     if not reached:

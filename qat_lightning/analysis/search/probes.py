@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 
 from torch import nn
 
 from qat_lightning.analysis.search.precision_nodes import assignment_cost, collect_ops, raise_assignment
+from qat_lightning.analysis.search.probe_cache import ActivationReuse
 from qat_lightning.analysis.search.result import Probe
 from qat_lightning.analysis.state import analysis_mode, node_dtypes
 from qat_lightning.chips import get_chip
@@ -35,7 +37,11 @@ Row = tuple[str, str]
 
 
 class ProbeRunner:
-    """Evaluates assignments of raised rows: ``eval_fn`` under changed node dtypes, then restored."""
+    """Evaluates assignments of raised rows: ``eval_fn`` under changed node dtypes, then restored.
+
+    With ``reuse`` (:class:`~qat_lightning.analysis.search.probe_cache.ActivationReuse`) the model's
+    forwards during ``eval_fn`` run only downstream of the changed ops, from kept activations.
+    """
 
     def __init__(
         self,
@@ -46,8 +52,10 @@ class ProbeRunner:
         base: Mapping[FakeQuantize, QuantDtype],
         chip: str | None,
         on_probe: Callable[[Probe], None] | None = None,
+        reuse: ActivationReuse | None = None,
     ) -> None:
         self.model = model
+        self.reuse = reuse
         self.eval_fn = eval_fn
         self.target = target
         self.higher = higher_is_better
@@ -88,7 +96,8 @@ class ProbeRunner:
     ) -> Probe:
         """Evaluate the model under ``dtypes`` (always a new evaluation) and record the probe."""
         cost = assignment_cost(self.ops, dtypes, self.chip)
-        with node_dtypes(dict(dtypes)), analysis_mode(self.model):
+        serving = self.reuse.serving() if self.reuse is not None else nullcontext()
+        with node_dtypes(dict(dtypes)), analysis_mode(self.model), serving:
             metric = float(self.eval_fn(self.model))
         probe = Probe(stage, ratio, counts, metric, cost, raised, self.ok(metric))
         self.probes.append(probe)

@@ -33,7 +33,7 @@ from torch.fx.node import Node, map_arg
 from qat_lightning.analysis.compare.index_ops import IndexRecord, IndexRecorder, IndexReplayer
 from qat_lightning.analysis.inputs import ModelInputs
 
-__all__ = ["FloatCache", "GraphSlicer"]
+__all__ = ["FloatCache", "GraphSlicer", "leaf_tensors"]
 
 
 @dataclass
@@ -45,13 +45,14 @@ class FloatCache:
     output: Any = None
 
 
-def _leaf_tensors(value: Any) -> list[Tensor]:
+def leaf_tensors(value: Any) -> list[Tensor]:
+    """Return the tensors in ``value`` (a tensor or nested tuples, lists and dicts of them), in order."""
     if isinstance(value, Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _leaf_tensors(v)]
+        return [t for v in value for t in leaf_tensors(v)]
     if isinstance(value, dict):
-        return [t for v in value.values() for t in _leaf_tensors(v)]
+        return [t for v in value.values() for t in leaf_tensors(v)]
     return []
 
 
@@ -105,23 +106,26 @@ class GraphSlicer:
             return value
         raise RuntimeError(f"cannot execute fx node {node.format_node()}")
 
-    def cache(self, inputs: ModelInputs) -> FloatCache:
-        """Run the whole graph (in the model's current quant state) and keep every node's value."""
+    def cache(self, inputs: ModelInputs, record_index: bool = True) -> FloatCache:
+        """Run the whole graph (in the model's current quant state) and keep every node's value.
+
+        ``record_index=False`` skips the index-op recording (a plain run, node for node the forward).
+        """
         values = self._bind(inputs)
         records: dict[Node, list[IndexRecord]] = {}
         versions: dict[Node, list[int]] = {}
         for node in self.nodes:
             if node.op in ("placeholder", "output"):
                 continue
-            recorder = IndexRecorder()
-            with recorder:
+            recorder = IndexRecorder() if record_index else None
+            with recorder if recorder is not None else nullcontext():
                 values[node] = self._exec(node, values.__getitem__)
-            if recorder.records:
+            if recorder is not None and recorder.records:
                 records[node] = recorder.records
-            versions[node] = [t._version for t in _leaf_tensors(values[node])]
+            versions[node] = [t._version for t in leaf_tensors(values[node])]
         output = map_arg(self.output_node.args[0], values.__getitem__)
         self.mutated = [
-            n.name for n, v in versions.items() if [t._version for t in _leaf_tensors(values[n])] != v
+            n.name for n, v in versions.items() if [t._version for t in leaf_tensors(values[n])] != v
         ]
         self.safe = not self.mutated
         return FloatCache(values, records, output)
@@ -170,10 +174,26 @@ class GraphSlicer:
             overrides: new values of some start nodes, used instead of executing them (e.g. the cached
                 float output passed through the op's output quant node).
         """
+        local = self.run_nodes(cache.values, starts, overrides, cache.index_records)
+        if not local:
+            return cache.output
+        return self.output_of(local, cache.values)
+
+    def run_nodes(
+        self,
+        values: dict[Node, Any],
+        starts: Iterable[Node],
+        overrides: dict[Node, Any] | None = None,
+        index_records: dict[Node, list[IndexRecord]] | None = None,
+    ) -> dict[Node, Any]:
+        """Execute ``starts`` and the downstream nodes that read a new value; return the new values.
+
+        Every other input is read from ``values`` (a cached run); ``index_records`` are replayed per node.
+        """
         starts = list(starts)
         local: dict[Node, Any] = {}
-        values = cache.values
         overrides = overrides or {}
+        records_of = index_records or {}
 
         def lookup(n: Node) -> Any:
             return local[n] if n in local else values[n]
@@ -185,10 +205,16 @@ class GraphSlicer:
             if node in overrides:
                 value = overrides[node]
             else:
-                records = cache.index_records.get(node)
+                records = records_of.get(node)
                 with IndexReplayer(records) if records else nullcontext():
                     value = self._exec(node, lookup)
             local[node] = value
-        if not local:
-            return cache.output
-        return map_arg(self.output_node.args[0], lookup)
+        return local
+
+    def output_of(self, local: dict[Node, Any], values: dict[Node, Any]) -> Any:
+        """Return the graph output from new values ``local`` over cached ``values``."""
+        return map_arg(self.output_node.args[0], lambda n: local[n] if n in local else values[n])
+
+    def bind(self, inputs: ModelInputs) -> dict[Node, Any]:
+        """Return the placeholders' values for the model inputs (positional tuple or keyword dict)."""
+        return self._bind(inputs)
