@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from qat_lightning.analysis.export_check import onnx_feeds
+from qat_lightning.analysis.export_noise import float32_noise_steps
 from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
 from qat_lightning.analysis.ort_sessions import check_optimization, ort_session
 from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
@@ -56,6 +57,8 @@ class ExportLayerRow:
         max_abs_error: largest ``|onnx - fake quant|``.
         max_steps: ``max_abs_error / scale`` (per-channel: the largest over channels).
         mismatch_share: share of values that differ at all.
+        noise_steps: the float32 noise floor (``max |fq32 - fq64| / scale``, see
+            :mod:`~qat_lightning.analysis.export_noise`), allowed on top of ``max_steps``.
     """
 
     node: str
@@ -67,6 +70,7 @@ class ExportLayerRow:
     max_abs_error: float
     max_steps: float
     mismatch_share: float
+    noise_steps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -274,6 +278,16 @@ def compare_export_per_layer(
         for h in handles:
             h.remove()
         model.train(was_training)
+    noise = float32_noise_steps(
+        model, dataloader, {e.node for e in points}, input_fn=input_fn, num_batches=num_batches
+    )
+    return _rows(points, pairs, noise, path)
+
+
+def _rows(
+    points: list[Any], pairs: dict[str, _Pair], noise: dict[str, list[float]], path: Path
+) -> tuple[ExportLayerRow, ...]:
+    """One row per compared tensor, in the graph's order."""
     rows = [
         ExportLayerRow(
             e.node,
@@ -285,9 +299,10 @@ def compare_export_per_layer(
             pairs[t].max_err,
             pairs[t].max_steps,
             pairs[t].diff / max(pairs[t].numel, 1),
+            noise.get(e.node, [])[k] if k < len(noise.get(e.node, [])) else 0.0,
         )
         for e in points
-        for t in e.onnx_tensors
+        for k, t in enumerate(e.onnx_tensors)
         if t in pairs
     ]
     order = {t: i for i, t in enumerate(_graph_order(path))}
@@ -304,20 +319,26 @@ STEP_SLACK = 1e-3
 """Steps of float32 slack: a one-step rounding flip measures ``1.000002`` steps on dequantized values."""
 
 
+def step_tolerance(row: ExportLayerRow, max_steps: float = 1.0) -> float:
+    """Return the error (in steps) a row may show: ``max_steps`` + its float32 noise floor + slack."""
+    return max_steps + row.noise_steps + STEP_SLACK
+
+
 def first_export_mismatch(rows: Iterable[ExportLayerRow], max_steps: float = 1.0) -> ExportLayerRow | None:
-    """Return the first row (graph order) whose error exceeds ``max_steps`` (+ ``STEP_SLACK``) steps."""
-    return next((r for r in rows if r.max_steps > max_steps + STEP_SLACK), None)
+    """Return the first row (graph order) whose error exceeds :func:`step_tolerance`."""
+    return next((r for r in rows if r.max_steps > step_tolerance(r, max_steps)), None)
 
 
 def render_export_layers(rows: Iterable[ExportLayerRow]) -> str:
     """Render the rows as a fixed-width table (``compare_export_per_layer.txt``)."""
     lines = [
-        f"{'op_name':<28}{'role':<9}{'dtype':<8}{'cosine':>10}{'max_abs_err':>13}{'max_steps':>10}{'differ':>8}"
+        f"{'op_name':<28}{'role':<9}{'dtype':<8}{'cosine':>10}{'max_abs_err':>13}{'max_steps':>10}"
+        f"{'noise':>8}{'differ':>8}"
     ]
     for r in rows:
         lines.append(
             f"{r.op_name or r.node:<28}{r.role:<9}{r.dtype:<8}{r.cosine:>10.6f}{r.max_abs_error:>13.4g}"
-            f"{r.max_steps:>10.2f}{100 * r.mismatch_share:>7.2f}%"
+            f"{r.max_steps:>10.2f}{r.noise_steps:>8.2f}{100 * r.mismatch_share:>7.2f}%"
         )
     return "\n".join(lines) + "\n"
 
@@ -326,11 +347,15 @@ def export_layers_text(comparison: ExportLayerComparison) -> str:
     """Render ``compare_export_per_layer.txt``: the verdict (first mismatch or none), then the table."""
     bad = comparison.first_mismatch
     if bad is None:
-        head = f"onnxruntime vs fake quant: every quant point within {comparison.max_steps:g} step(s)"
+        head = (
+            f"onnxruntime vs fake quant: every quant point within {comparison.max_steps:g} step(s) "
+            "+ its float32 noise floor (column noise: fake quant float32 vs float64)"
+        )
     else:
         head = (
             f"onnxruntime vs fake quant: first mismatch at {bad.op_name or bad.node} ({bad.role}, "
-            f"node {bad.node}, tensor {bad.onnx_tensor}): {bad.max_steps:.2f} steps, cosine {bad.cosine:.6f}"
+            f"node {bad.node}, tensor {bad.onnx_tensor}): {bad.max_steps:.2f} steps (float32 noise "
+            f"{bad.noise_steps:.2f}), cosine {bad.cosine:.6f}"
         )
     return f"{head}\nfile: {comparison.onnx_path}\n\n" + render_export_layers(comparison.rows)
 
