@@ -7,9 +7,12 @@ Models (random weights, calibrated on the data below, all int8 unless named): th
 residual adds, conv+bn+relu fused), a torch ``nn.TransformerEncoder`` (d=128, 2 layers), a HF BERT
 (hidden 128, 2 layers, from ``BertConfig``) and the CNN in int16. One process; times are medians of
 ``--repeats`` runs, also given as a ratio to the float model's own ONNX export (torch.onnx, same process).
-"per point" is ``QuantAnalysis(..., reference="onnxruntime").compare_per_layer()`` on the check batches: the
-largest error of any quant point in quantization steps (at which op) and how many points exceed one step
-(``first_export_mismatch``'s rule; errors propagate, so a point downstream of a flip can exceed one step).
+"worst cosine", "SQNR", "top-1": ``check_export`` at onnxruntime's deployed level (``optimization="all"``,
+what it judges); "cosine, ORT opt. off" is its unoptimized session (fake quant's own float32 arithmetic).
+"per point" is ``QuantAnalysis(..., reference="onnxruntime").compare_per_layer()`` on the check batches (the
+optimized graph): the largest error of any quant point in quantization steps (at which op) and how many
+points exceed ``first_export_mismatch``'s tolerance (1 step + the point's float32 noise floor); then the
+same with onnxruntime's optimizations off.
 
 ``--pipeline-seeds 0 1 2`` also runs the Hydra app's whole pipeline on the built-in example once per seed
 (``qat-lightning stage=pipeline seed=<s>``, a subprocess each) and reports the medians (and worst) of its
@@ -141,9 +144,9 @@ def run(name, build, repeats, setter=None):
         f"{result.size_bytes / float_size:.3f} ({result.size_bytes // 1024} / {float_size // 1024} KiB) | "
         f"{med:.2f} s ({med / fmed:.1f}x float export) | {'PASS' if check.passed else 'FAIL'} | "
         f"{worst_point.max_steps:.2f} ({worst_point.op_name} {worst_point.role}), "
-        f"{sum(first_export_mismatch([r]) is not None for r in points)}/{len(points)} > 1; opt. off: "
+        f"{sum(first_export_mismatch([r]) is not None for r in points)}/{len(points)} beyond tol.; opt. off: "
         f"{max(r.max_steps for r in points_off):.2f}, "
-        f"{sum(first_export_mismatch([r]) is not None for r in points_off)}/{len(points_off)} > 1 |",
+        f"{sum(first_export_mismatch([r]) is not None for r in points_off)}/{len(points_off)} |",
         flush=True,
     )
 

@@ -149,7 +149,9 @@ def _explain_failure(
     )
     write_atomic(target.parent / "compare_export_per_layer.txt", render_export_layers(rows))
     bad = first_export_mismatch(rows)
-    where = "none above 1 quantization step" if bad is None else f"{bad.node} ({bad.max_steps:.1f} steps)"
+    where = (
+        "none beyond 1 step + its float32 noise" if bad is None else f"{bad.node} ({bad.max_steps:.1f} steps)"
+    )
     rank_zero_warn(
         f"ONNX export check FAILED; first quant point where onnxruntime and fake quant part: {where}"
     )
