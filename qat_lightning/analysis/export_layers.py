@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from qat_lightning.analysis.export_check import onnx_feeds
-from qat_lightning.analysis.export_noise import float32_noise_steps
+from qat_lightning.analysis.export_noise import float32_noise_steps, record_outputs
 from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
 from qat_lightning.analysis.ort_sessions import check_optimization, ort_session
 from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
@@ -91,19 +91,6 @@ class ExportLayerComparison:
     def first_mismatch(self) -> ExportLayerRow | None:
         """The first row (graph order) beyond ``max_steps``: where deployment and fake quant part."""
         return first_export_mismatch(self.rows, self.max_steps)
-
-
-def _recorder(model: nn.Module, wanted: set[str]) -> tuple[dict[str, list[Tensor]], list[Any]]:
-    seen: dict[str, list[Tensor]] = {}
-    handles = []
-    for name, node in iter_fake_quantize(model):
-        if name in wanted:
-
-            def hook(mod: nn.Module, args: Any, out: Any, name: str = name) -> None:
-                seen.setdefault(name, []).append(out.detach().float().cpu())
-
-            handles.append(node.register_forward_hook(hook))
-    return seen, handles
 
 
 def _deployed_graph(onnx_path: Path, optimization: str) -> Any:
@@ -262,7 +249,7 @@ def compare_export_per_layer(
     pairs = {t: _Pair() for t in [*weights, *fetch]}
     names = [name for name, _ in fetch.values()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    seen, handles = _recorder(model, {e.node for e in points})
+    seen, handles = record_outputs(model, {e.node for e in points})
     was_training = model.training
     try:
         model.eval()

@@ -23,10 +23,11 @@ from torch import Tensor, nn
 from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
 from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
 
-__all__ = ["float32_noise_steps"]
+__all__ = ["float32_noise_steps", "record_outputs"]
 
 
-def _record(model: nn.Module, wanted: set[str]) -> tuple[dict[str, list[Tensor]], list[Any]]:
+def record_outputs(model: nn.Module, wanted: set[str]) -> tuple[dict[str, list[Tensor]], list[Any]]:
+    """Record the outputs of the quant nodes in ``wanted`` (``{node: [float64 CPU output per call]}``)."""
     seen: dict[str, list[Tensor]] = {}
     handles = []
     for name, node in iter_fake_quantize(model):
@@ -72,8 +73,8 @@ def float32_noise_steps(
     twin = copy.deepcopy(model).double().eval()
     noise: dict[str, list[float]] = {}
     was_training = model.training
-    seen32, h32 = _record(model, set(scales))
-    seen64, h64 = _record(twin, set(scales))
+    seen32, h32 = record_outputs(model, set(scales))
+    seen64, h64 = record_outputs(twin, set(scales))
     try:
         model.eval()
         with (

@@ -21,16 +21,21 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture
-def exported(tmp_path):
+def _tiny_resnet(tmp_path, dtype=None):
     xs = [torch.randn(8, 3, 16, 16) for _ in range(2)]
-    model = ql.prepare(TinyResNet().eval(), example_inputs=(xs[0],)).eval()
+    setter = None if dtype is None else ql.get_qconfig(weight_dtype=dtype, out_dtype=dtype)
+    model = ql.prepare(TinyResNet().eval(), example_inputs=(xs[0],), qconfig_setter=setter).eval()
     ql.set_fake_quantize(model, "calibration")
     with torch.no_grad():
         for x in xs:
             model(x)
     ql.set_fake_quantize(model, "validation")
     return model, export_onnx(model, (xs[0],), tmp_path / "m.onnx"), xs
+
+
+@pytest.fixture
+def exported(tmp_path):
+    return _tiny_resnet(tmp_path)
 
 
 def test_faithful_export_agrees_point_by_point(exported):
@@ -70,18 +75,6 @@ def test_a_rounding_flip_measured_in_float32_is_not_a_mismatch(exported):
     flip = dataclasses.replace(row, max_steps=1.0000019)  # float32 q*scale: one step reads 1.0000019
     assert first_export_mismatch([flip]) is None
     assert first_export_mismatch([dataclasses.replace(row, max_steps=1.01)]) is not None
-
-
-def _tiny_resnet(tmp_path, dtype):
-    xs = [torch.randn(8, 3, 16, 16) for _ in range(2)]
-    setter = ql.get_qconfig(weight_dtype=dtype, out_dtype=dtype)
-    model = ql.prepare(TinyResNet().eval(), example_inputs=(xs[0],), qconfig_setter=setter).eval()
-    ql.set_fake_quantize(model, "calibration")
-    with torch.no_grad():
-        for x in xs:
-            model(x)
-    ql.set_fake_quantize(model, "validation")
-    return model, export_onnx(model, (xs[0],), tmp_path / "m.onnx"), xs
 
 
 @pytest.mark.parametrize("dtype", [ql.qint8, ql.qint16])
