@@ -303,16 +303,20 @@ def _graph_order(path: Path) -> list[str]:
 
 
 STEP_SLACK = 1e-3
-"""Steps of float32 slack: a one-step rounding flip measures ``1.000002`` steps on dequantized values."""
+"""Steps of float32 slack: a one-step rounding flip measures ``1.000002`` steps on dequantized int8 values."""
+
+_QMAX = {"qint8": 127, "qint16": 32767}
 
 
 def step_tolerance(row: ExportLayerRow, max_steps: float = 1.0) -> float:
     """Return the error (in steps) a row may show: ``max_steps`` + twice its float32 noise floor + slack.
 
     Twice: torch and onnxruntime each compute in float32 and each may sit ``noise_steps`` from the exact
-    (float64) result, on opposite sides.
+    (float64) result, on opposite sides. The slack covers float32 rounding of the dequantized values
+    themselves (``2**-24`` of a value up to ``qmax`` steps, on both sides): 0.004 steps for int16.
     """
-    return max_steps + 2.0 * row.noise_steps + STEP_SLACK
+    qmax = _QMAX.get(row.dtype, 127)
+    return max_steps + 2.0 * row.noise_steps + STEP_SLACK + qmax * 2.0**-22
 
 
 def first_export_mismatch(rows: Iterable[ExportLayerRow], max_steps: float = 1.0) -> ExportLayerRow | None:

@@ -98,3 +98,12 @@ def test_noise_floor_widens_the_tolerance(exported):
     two = dataclasses.replace(row, max_steps=2.0)
     assert first_export_mismatch([dataclasses.replace(two, noise_steps=0.5)]) is None  # 1 + 2 * 0.5
     assert first_export_mismatch([dataclasses.replace(two, noise_steps=0.4)]) is not None
+
+
+def test_int16_slack_covers_float32_rounding_of_dequantized_values(exported):
+    model, result, xs = exported
+    row = dataclasses.replace(compare_export_per_layer(model, result.path, xs)[0], noise_steps=0.0)
+    flip16 = dataclasses.replace(row, dtype="qint16", max_steps=1.004)  # 32767-step values read 1.004
+    assert first_export_mismatch([flip16]) is None
+    assert first_export_mismatch([dataclasses.replace(row, dtype="qint8", max_steps=1.004)]) is not None
+    assert first_export_mismatch([dataclasses.replace(flip16, max_steps=1.05)]) is not None
