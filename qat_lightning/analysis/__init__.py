@@ -45,6 +45,7 @@ from qat_lightning.analysis.export_layers import (
     first_export_mismatch,
 )
 from qat_lightning.analysis.inputs import default_input_fn, flatten_outputs
+from qat_lightning.analysis.ort_sessions import ORT_OPTIMIZATIONS
 from qat_lightning.analysis.partial import (
     BisectResult,
     bisect_float_blocks,
@@ -69,6 +70,7 @@ from qat_lightning.analysis.search import (
 )
 
 __all__ = [
+    "ORT_OPTIMIZATIONS",
     "BUILTIN_METRICS",
     "ANALYSIS_REFERENCES",
     "SENSITIVITY_METHODS",

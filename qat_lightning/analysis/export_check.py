@@ -6,11 +6,9 @@ integer quant point the encodings place in the graph, and at least one when the 
 and that the encodings' dtypes and scales are still the model's. ``passed`` is false on any problem or
 when an output misses ``min_cosine`` / ``min_top1``.
 
-onnxruntime runs on the CPU provider with its default optimizations except ``QDQS8ToU8Transformer``:
-onnxruntime (1.32 here) rejects its own rewrite of an opset-21 ``QuantizeLinear`` that QDQ propagation
-inserted after a Reshape/Transpose ("output_dtype INT8 does not match y_zero_point type UINT8",
-microsoft/onnxruntime#25526); that transform only shifts int8 codes to uint8. An int8/fp16-only model can be
-exported with ``opset=20`` instead, which a default session loads.
+onnxruntime runs at the level a user deploys with (``optimization="all"``) and with graph optimizations
+off; both are reported, ``passed`` is judged on the chosen level (:mod:`~qat_lightning.analysis.ort_sessions`
+says what each level changes).
 """
 
 from __future__ import annotations
@@ -28,6 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
+from qat_lightning.analysis.ort_sessions import (
+    ORT_LEVEL_CAUSES,
+    ORT_OPTIMIZATIONS,
+    check_optimization,
+    ort_session,
+)
 from qat_lightning.analysis.reports import write_atomic
 from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
 from qat_lightning.quant.outputs import flatten_outputs, graph_output_name
@@ -36,12 +40,9 @@ __all__ = [
     "ExportCheck",
     "OutputAgreement",
     "check_export",
-    "ort_session",
     "render_export_check",
     "write_export_check",
 ]
-
-ORT_DISABLED_OPTIMIZERS = ("QDQS8ToU8Transformer",)
 
 
 @dataclass(frozen=True)
@@ -78,25 +79,37 @@ class ExportCheck:
     min_cosine: float = 0.999
     min_top1: float = 0.995
     min_sqnr_db: float = 20.0
+    optimization: str = "all"
+    unoptimized: tuple[OutputAgreement, ...] = ()
 
-    @property
-    def passed(self) -> bool:
-        """No problem and every output at or above the thresholds."""
-        return not self.problems and all(
+    def meets_thresholds(self, outputs: Sequence[OutputAgreement]) -> bool:
+        """Whether every output in ``outputs`` is at or above the thresholds."""
+        return all(
             o.cosine >= self.min_cosine
             and o.sqnr_db >= self.min_sqnr_db
             and (o.top1_agreement is None or o.top1_agreement >= self.min_top1)
-            for o in self.outputs
+            for o in outputs
         )
 
+    @property
+    def passed(self) -> bool:
+        """No problem and every output (at the checked ``optimization`` level) at or above the thresholds."""
+        return not self.problems and self.meets_thresholds(self.outputs)
 
-def ort_session(onnx_path: str | os.PathLike[str]) -> Any:
-    """Open an onnxruntime CPU session on an exported file (see the module docstring for the options)."""
-    import onnxruntime as ort
-
-    return ort.InferenceSession(
-        str(onnx_path), providers=["CPUExecutionProvider"], disabled_optimizers=list(ORT_DISABLED_OPTIMIZERS)
-    )
+    @property
+    def optimization_note(self) -> str | None:
+        """Why the optimized session fails where the unoptimized one passes (``None`` otherwise)."""
+        if not self.unoptimized or self.meets_thresholds(self.outputs):
+            return None
+        if not self.meets_thresholds(self.unoptimized):
+            return None
+        levels = ORT_OPTIMIZATIONS[1 : ORT_OPTIMIZATIONS.index(self.optimization) + 1]
+        causes = "; ".join(ORT_LEVEL_CAUSES[lv] for lv in levels if lv in ORT_LEVEL_CAUSES)
+        return (
+            f"the graph matches fake quant with onnxruntime's optimizations off, not at level "
+            f"{self.optimization!r}: onnxruntime's {causes} change the arithmetic; the model amplifies "
+            "those one-step differences (see compare_export_per_layer)"
+        )
 
 
 class _Acc:
@@ -186,6 +199,39 @@ def _graph_problems(
     return problems, len(dq_outputs), len(integer)
 
 
+def _compare(
+    model: nn.Module,
+    sessions: dict[str, Any],
+    dataloader: Iterable[Any],
+    input_fn: InputFn | None,
+    num_batches: int | None,
+) -> tuple[dict[str, list[OutputAgreement]], int]:
+    """Run every session beside the fake-quant model (VALIDATION) on the same batches."""
+    first = next(iter(sessions.values()))
+    out_names = [o.name for o in first.get_outputs()]
+    accs = {level: {n: _Acc() for n in out_names} for level in sessions}
+    count, was_training = 0, model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        model.eval()
+        with fake_quant_state(model, FakeQuantState.VALIDATION), torch.no_grad():
+            for inputs in iter_batches(dataloader, num_batches, input_fn):
+                feeds = onnx_feeds(first, inputs)  # first: a batch that does not fit the graph is named
+                on_device = map_tensors(inputs, lambda t: t.to(device))
+                out = model(**on_device) if isinstance(on_device, dict) else model(*on_device)
+                ref = _pair({graph_output_name(k): v for k, v in flatten_outputs(out)}, out_names)
+                for level, session in sessions.items():
+                    got = session.run(out_names, feeds)
+                    for name, expected, value in zip(out_names, ref, got, strict=True):
+                        accs[level][name].add(
+                            expected.float().cpu(), torch.from_numpy(np.asarray(value)).float()
+                        )
+                count += 1
+    finally:
+        model.train(was_training)
+    return {level: [acc[n].result(n) for n in out_names] for level, acc in accs.items()}, count
+
+
 def check_export(
     model: nn.Module,
     onnx_path: str | os.PathLike[str],
@@ -196,6 +242,7 @@ def check_export(
     min_cosine: float = 0.999,
     min_top1: float = 0.995,
     min_sqnr_db: float = 20.0,
+    optimization: str = "all",
     out_dir: str | os.PathLike[str] | None = None,
 ) -> ExportCheck:
     """Compare onnxruntime on ``onnx_path`` with ``model`` (fake quant, VALIDATION) on the same batches.
@@ -210,14 +257,19 @@ def check_export(
         min_top1: top-1 agreement a classification output must reach to pass.
         min_sqnr_db: per-output SQNR an export must reach to pass (cosine alone misses a wrong magnitude;
             cosine 0.999 is about 27 dB).
+        optimization: onnxruntime graph optimization level the check is judged on, one of
+            ``ORT_OPTIMIZATIONS`` (default ``"all"``: what a default ``InferenceSession`` deploys). Unless
+            ``"disabled"``, an unoptimized session runs too and is reported beside it (``unoptimized``).
         out_dir: where ``export_check.txt`` / ``.json`` go (default: the ONNX file's folder); written
             atomically.
 
     Raises:
-        ValueError: for a missing file, no batches, or batches that do not fit the graph's inputs.
+        ValueError: for a missing file, no batches, batches that do not fit the graph's inputs, or an
+            unknown ``optimization``.
     """
     from qat_lightning.quant.export import read_encodings
 
+    check_optimization(optimization)
     path = Path(onnx_path)
     if not path.is_file():
         raise ValueError(f"no ONNX file at {str(path)!r}: run export_onnx first")
@@ -226,36 +278,23 @@ def check_export(
     problems, qdq, integer = _graph_problems(model, path, encodings)
     if encodings is None:
         problems.append(f"no encodings file {enc_file.name} beside the model")
-    session = ort_session(path)
-    out_names = [o.name for o in session.get_outputs()]
-    accs: dict[str, _Acc] = {n: _Acc() for n in out_names}
-    count, was_training = 0, model.training
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        model.eval()
-        with fake_quant_state(model, FakeQuantState.VALIDATION), torch.no_grad():
-            for inputs in iter_batches(dataloader, num_batches, input_fn):
-                feeds = onnx_feeds(session, inputs)  # first: a batch that does not fit the graph is named
-                on_device = map_tensors(inputs, lambda t: t.to(device))
-                out = model(**on_device) if isinstance(on_device, dict) else model(*on_device)
-                ref = {graph_output_name(k): v for k, v in flatten_outputs(out)}
-                got = session.run(out_names, feeds)
-                for name, expected, value in zip(out_names, _pair(ref, out_names), got, strict=True):
-                    accs[name].add(expected.float().cpu(), torch.from_numpy(np.asarray(value)).float())
-                count += 1
-    finally:
-        model.train(was_training)
+    levels = [optimization] if optimization == "disabled" else [optimization, "disabled"]
+    sessions = {level: ort_session(path, level) for level in levels}
+    results, count = _compare(model, sessions, dataloader, input_fn, num_batches)
     if count == 0:
         raise ValueError("the dataloader gave no batch: nothing to check")
     result = ExportCheck(
         onnx_path=str(path),
         num_batches=count,
-        outputs=tuple(accs[n].result(n) for n in out_names),
+        outputs=tuple(results[optimization]),
         qdq_nodes=qdq,
         integer_points=integer,
         problems=tuple(problems),
         min_cosine=min_cosine,
         min_top1=min_top1,
+        min_sqnr_db=min_sqnr_db,
+        optimization=optimization,
+        unoptimized=tuple(results["disabled"]) if optimization != "disabled" else (),
     )
     write_export_check(result, Path(out_dir) if out_dir is not None else path.parent)
     return result
@@ -270,14 +309,28 @@ def render_export_check(check: ExportCheck) -> str:
         f"thresholds: cosine >= {check.min_cosine}, SQNR >= {check.min_sqnr_db} dB, "
         f"top-1 agreement >= {check.min_top1}",
         "",
-        f"{'output':<24}{'max_abs_err':>14}{'cosine':>12}{'sqnr_db':>10}{'top1_agree':>12}",
+        f"onnxruntime optimization level: {check.optimization} (judged)"
+        + ("; optimizations off: reported below" if check.unoptimized else ""),
+        "",
+        *_output_table(check.outputs),
     ]
-    for o in check.outputs:
-        top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
-        lines.append(f"{o.name:<24}{o.max_abs_error:>14.6g}{o.cosine:>12.6f}{o.sqnr_db:>10.2f}{top1:>12}")
+    if check.unoptimized:
+        lines += ["", "onnxruntime with graph optimizations off (fake quant's float32 arithmetic):"]
+        lines += _output_table(check.unoptimized)
+    note = check.optimization_note
+    if note is not None:
+        lines += ["", f"note: {note}"]
     if check.problems:
         lines += ["", "problems:", *(f"  - {p}" for p in check.problems)]
     return "\n".join(lines) + "\n"
+
+
+def _output_table(outputs: Sequence[OutputAgreement]) -> list[str]:
+    lines = [f"{'output':<24}{'max_abs_err':>14}{'cosine':>12}{'sqnr_db':>10}{'top1_agree':>12}"]
+    for o in outputs:
+        top1 = "-" if o.top1_agreement is None else f"{o.top1_agreement:.4f}"
+        lines.append(f"{o.name:<24}{o.max_abs_error:>14.6g}{o.cosine:>12.6f}{o.sqnr_db:>10.2f}{top1:>12}")
+    return lines
 
 
 def _json_value(value: Any) -> Any:
@@ -288,7 +341,9 @@ def write_export_check(check: ExportCheck, out_dir: Path) -> tuple[Path, Path]:
     """Write ``export_check.txt`` and ``export_check.json`` into ``out_dir`` (atomically)."""
     doc = asdict(check)
     doc["passed"] = check.passed
-    doc["outputs"] = [{k: _json_value(v) for k, v in o.items()} for o in doc["outputs"]]
+    doc["optimization_note"] = check.optimization_note
+    for key in ("outputs", "unoptimized"):
+        doc[key] = [{k: _json_value(v) for k, v in o.items()} for o in doc[key]]
     txt = write_atomic(out_dir / "export_check.txt", render_export_check(check))
     js = write_atomic(out_dir / "export_check.json", json.dumps(doc, indent=1) + "\n")
     return txt, js

@@ -283,8 +283,9 @@ class QuantAnalysis:
         ``compare_export_per_layer.txt`` (first mismatch, then the table), ``.csv``, ``.json`` and ``.png``.
 
         Args:
-            max_steps: a point whose error exceeds this many quantization steps is a mismatch (1 step
-                allows rounding ties and accumulation order).
+            max_steps: a point whose error exceeds this many quantization steps plus twice its float32
+                noise floor is a mismatch (``first_export_mismatch``; 1 step allows rounding ties).
+                onnxruntime runs at its deployed optimization level (``"all"``).
             plot: also write ``compare_export_per_layer.png``.
 
         Raises:

@@ -75,8 +75,15 @@ def _numbers(check: Any) -> str:
         parts.append(
             f"{o.name}: cosine {o.cosine:.5f}, SQNR {o.sqnr_db:.1f} dB, max |err| {o.max_abs_error:.3g}{top1}"
         )
+    off = ", ".join(f"{o.name} cosine {o.cosine:.5f}" for o in check.unoptimized)
+    if off:
+        parts.append(f"with onnxruntime's optimizations off: {off}")
     verdict = "PASSED" if check.passed else f"FAILED ({'; '.join(check.problems) or 'below the thresholds'})"
-    return f"onnxruntime vs fake quant on {check.num_batches} batches: {'; '.join(parts)} -> {verdict}"
+    note = "" if check.optimization_note is None else f" ({check.optimization_note})"
+    return (
+        f"onnxruntime (optimization {check.optimization}) vs fake quant on {check.num_batches} batches: "
+        f"{'; '.join(parts)} -> {verdict}{note}"
+    )
 
 
 def export_stage(pipe: Pipeline) -> Summary:

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from qat_lightning.analysis import ExportCheck, check_export, compare_export_per_layer, first_export_mismatch
 from qat_lightning.analysis.export_layers import render_export_layers
+from qat_lightning.analysis.ort_sessions import ORT_OPTIMIZATIONS
 from qat_lightning.callbacks._common import (
     DATALOADER_CHOICES,
     InputFn,
@@ -58,13 +59,15 @@ class ExportOnnx(Callback):
         dataloader: ``"val"`` (default), ``"train"``, ``"test"`` or any iterable of batches.
         opset: ONNX opset (``21``; ``20`` for int8/fp16-only models and runtimes without opset 21).
         dynamic_batch: make dim 0 of inputs and outputs symbolic.
+        optimization: onnxruntime graph optimization level the check is judged on (``"all"``, what a
+            default session deploys; ``"disabled"``, ``"basic"``, ``"extended"``); see ``check_export``.
         input_fn: batch -> model inputs (default: tensor / first element / dict as kwargs).
         run_on_fit_end: export automatically at the end of ``trainer.fit``.
         submodule: attribute path of the network inside the LightningModule.
 
     Raises:
         ValueError: at construction for a path not ending in ``.onnx``, a negative ``check_batches``, an
-            unknown dataloader name or opset.
+            unknown dataloader name, opset or optimization level.
     """
 
     def __init__(
@@ -74,6 +77,7 @@ class ExportOnnx(Callback):
         dataloader: str | Iterable[Any] = "val",
         opset: int = 21,
         dynamic_batch: bool = True,
+        optimization: str = "all",
         input_fn: InputFn | None = None,
         run_on_fit_end: bool = True,
         submodule: str = "model",
@@ -88,11 +92,13 @@ class ExportOnnx(Callback):
         if isinstance(dataloader, str):
             check_choice("dataloader", dataloader, DATALOADER_CHOICES)
         check_choice("opset", opset, _export_module().EXPORT_OPSETS)
+        check_choice("optimization", optimization, ORT_OPTIMIZATIONS)
         self.path = Path(path)
         self.check_batches = check_batches
         self.dataloader = dataloader
         self.opset = opset
         self.dynamic_batch = dynamic_batch
+        self.optimization = optimization
         self.input_fn = input_fn
         self.run_on_fit_end = run_on_fit_end
         self.submodule = submodule
@@ -119,22 +125,33 @@ class ExportOnnx(Callback):
         check = None
         if self.check_batches != 0:
             check = check_export(
-                model, target, loader, input_fn=self.input_fn, num_batches=self.check_batches
+                model,
+                target,
+                loader,
+                input_fn=self.input_fn,
+                num_batches=self.check_batches,
+                optimization=self.optimization,
             )
             log_scalars(trainer, _check_scalars(check))
             if not check.passed:
-                _explain_failure(model, target, loader, self.input_fn)
+                _explain_failure(model, target, loader, self.input_fn, self.optimization)
             rank_zero_info(f"ONNX export check {'passed' if check.passed else 'FAILED'}: {target.parent}")
         self.outcome = ExportOutcome(result, check)
         return self.outcome
 
 
-def _explain_failure(model: Any, target: Path, loader: Any, input_fn: InputFn | None) -> None:
+def _explain_failure(
+    model: Any, target: Path, loader: Any, input_fn: InputFn | None, optimization: str
+) -> None:
     """Write ``compare_export_per_layer.txt`` (onnxruntime vs fake quant per point); warn with the first."""
-    rows = compare_export_per_layer(model, target, loader, input_fn=input_fn, num_batches=1)
+    rows = compare_export_per_layer(
+        model, target, loader, input_fn=input_fn, num_batches=1, optimization=optimization
+    )
     write_atomic(target.parent / "compare_export_per_layer.txt", render_export_layers(rows))
     bad = first_export_mismatch(rows)
-    where = "none above 1 quantization step" if bad is None else f"{bad.node} ({bad.max_steps:.1f} steps)"
+    where = (
+        "none beyond 1 step + its float32 noise" if bad is None else f"{bad.node} ({bad.max_steps:.1f} steps)"
+    )
     rank_zero_warn(
         f"ONNX export check FAILED; first quant point where onnxruntime and fake quant part: {where}"
     )

@@ -21,16 +21,21 @@ pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 
-@pytest.fixture
-def exported(tmp_path):
+def _tiny_resnet(tmp_path, dtype=None):
     xs = [torch.randn(8, 3, 16, 16) for _ in range(2)]
-    model = ql.prepare(TinyResNet().eval(), example_inputs=(xs[0],)).eval()
+    setter = None if dtype is None else ql.get_qconfig(weight_dtype=dtype, out_dtype=dtype)
+    model = ql.prepare(TinyResNet().eval(), example_inputs=(xs[0],), qconfig_setter=setter).eval()
     ql.set_fake_quantize(model, "calibration")
     with torch.no_grad():
         for x in xs:
             model(x)
     ql.set_fake_quantize(model, "validation")
     return model, export_onnx(model, (xs[0],), tmp_path / "m.onnx"), xs
+
+
+@pytest.fixture
+def exported(tmp_path):
+    return _tiny_resnet(tmp_path)
 
 
 def test_faithful_export_agrees_point_by_point(exported):
@@ -70,3 +75,35 @@ def test_a_rounding_flip_measured_in_float32_is_not_a_mismatch(exported):
     flip = dataclasses.replace(row, max_steps=1.0000019)  # float32 q*scale: one step reads 1.0000019
     assert first_export_mismatch([flip]) is None
     assert first_export_mismatch([dataclasses.replace(row, max_steps=1.01)]) is not None
+
+
+@pytest.mark.parametrize("dtype", [ql.qint8, ql.qint16])
+def test_a_wrong_scale_is_caught_beyond_the_noise_floor(tmp_path, dtype):
+    model, result, xs = _tiny_resnet(tmp_path, dtype)
+    clean = compare_export_per_layer(model, result.path, xs, num_batches=2, optimization="disabled")
+    assert {r.dtype for r in clean} == {dtype.name} and first_export_mismatch(clean) is None
+    assert all(r.noise_steps >= 0.0 for r in clean)
+    assert all(r.max_steps <= 1.0 + 2 * r.noise_steps + 1e-3 for r in clean)
+    enc = {e.node: e for e in result.encodings}
+    _tamper_scale(result.path, enc["layer1.0.conv1.output_quant"].onnx_tensors[0], 1.5, False)
+    rows = compare_export_per_layer(model, result.path, xs, num_batches=2, optimization="disabled")
+    bad = first_export_mismatch(rows)
+    assert bad is not None and bad.node == "layer1.0.conv1.output_quant"
+    assert bad.max_steps > 10 * (1.0 + 2 * bad.noise_steps)  # far beyond what float32 noise explains
+
+
+def test_noise_floor_widens_the_tolerance(exported):
+    model, result, xs = exported
+    row = compare_export_per_layer(model, result.path, xs)[0]
+    two = dataclasses.replace(row, max_steps=2.0)
+    assert first_export_mismatch([dataclasses.replace(two, noise_steps=0.5)]) is None  # 1 + 2 * 0.5
+    assert first_export_mismatch([dataclasses.replace(two, noise_steps=0.4)]) is not None
+
+
+def test_int16_slack_covers_float32_rounding_of_dequantized_values(exported):
+    model, result, xs = exported
+    row = dataclasses.replace(compare_export_per_layer(model, result.path, xs)[0], noise_steps=0.0)
+    flip16 = dataclasses.replace(row, dtype="qint16", max_steps=1.004)  # 32767-step values read 1.004
+    assert first_export_mismatch([flip16]) is None
+    assert first_export_mismatch([dataclasses.replace(row, dtype="qint8", max_steps=1.004)]) is not None
+    assert first_export_mismatch([dataclasses.replace(flip16, max_steps=1.05)]) is not None

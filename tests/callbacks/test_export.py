@@ -55,6 +55,9 @@ def test_arguments_are_checked_at_construction():
         ExportOnnx(opset=17)
     with pytest.raises(ValueError, match="allowed: 'train', 'val', 'test'"):
         ExportOnnx(dataloader="holdout")
+    with pytest.raises(ValueError, match="allowed: 'disabled', 'basic', 'extended', 'all'"):
+        ExportOnnx(optimization="O3")
+    assert ExportOnnx().optimization == "all"
 
 
 def test_unprepared_network_is_refused(tmp_path, lit, data):
