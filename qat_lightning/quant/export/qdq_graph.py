@@ -11,6 +11,7 @@ Afterwards unused initializers and constants are dropped and the default opset i
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,8 +61,27 @@ def _constants(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     return values
 
 
+_Stored = dict[tuple[str, tuple[int, ...], bytes], str]
+
+
+def _weight_codes(codes: np.ndarray, name: str, graph: onnx.GraphProto, stored: _Stored) -> str:
+    """Name of the initializer holding ``codes``, added as ``name`` unless an identical one is stored.
+
+    Identical integer weights (cloned layers) are stored once, as torch.onnx stores identical float ones once.
+    """
+    key = (codes.dtype.str, codes.shape, hashlib.sha256(codes.tobytes()).digest())
+    if key not in stored:
+        graph.initializer.append(numpy_helper.from_array(codes, name))
+        stored[key] = name
+    return stored[key]
+
+
 def _rewrite_one(
-    node: onnx.NodeProto, index: int, values: dict[str, np.ndarray], graph: onnx.GraphProto
+    node: onnx.NodeProto,
+    index: int,
+    values: dict[str, np.ndarray],
+    graph: onnx.GraphProto,
+    stored: _Stored,
 ) -> tuple[list[onnx.NodeProto], QdqNode]:
     attrs = _attrs(node)
     qmin, qmax, axis = int(attrs["qmin"]), int(attrs["qmax"]), int(attrs["axis"])
@@ -82,8 +102,7 @@ def _rewrite_one(
             shape[axis] = -1
         inv = np.reciprocal(scale).reshape(shape)
         codes = np.clip(np.rint(w * inv), qmin, qmax).astype(np_type)
-        q_name = f"{prefix}/quantized"
-        graph.initializer.append(numpy_helper.from_array(codes, q_name))
+        q_name = _weight_codes(codes, f"{prefix}/quantized", graph, stored)
         dq = helper.make_node(
             "DequantizeLinear",
             [q_name, new_scale, zp],
@@ -127,9 +146,10 @@ def rewrite_quant_points(model: onnx.ModelProto, opset: int) -> list[QdqNode]:
     values = _constants(graph)
     placed: list[QdqNode] = []
     nodes: list[onnx.NodeProto] = []
+    stored: _Stored = {}
     for node in graph.node:
         if node.domain == CUSTOM_DOMAIN and node.op_type == "QuantDequant":
-            new_nodes, qdq = _rewrite_one(node, len(placed), values, graph)
+            new_nodes, qdq = _rewrite_one(node, len(placed), values, graph, stored)
             nodes.extend(new_nodes)
             placed.append(qdq)
         else:
