@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qat_lightning.app.schema import AppConfig, StageName
-from qat_lightning.quant.export.onnx_export import EXPORT_OPSETS
+from qat_lightning.quant.export.opsets import EXPORT_OPSETS
 
 __all__ = ["STAGE_READS", "ConfigError", "check_config", "config_problems", "ignored_overrides"]
 

@@ -34,13 +34,13 @@ from qat_lightning.quant.export.encodings import (
     encodings_json,
     encodings_path,
 )
+from qat_lightning.quant.export.opsets import EXPORT_OPSETS
 from qat_lightning.quant.export.points import CUSTOM_DOMAIN, export_points
 from qat_lightning.quant.export.qdq_graph import rewrite_quant_points
 from qat_lightning.quant.outputs import flatten_outputs, graph_output_name
 
 __all__ = ["EXPORT_OPSETS", "ExportError", "ExportResult", "export_onnx"]
 
-EXPORT_OPSETS: tuple[int, ...] = (20, 21)
 """Opsets ``export_onnx`` writes. 21 is the first with int16 QuantizeLinear/DequantizeLinear; 20 (int8 and
 float16 only) is for runtimes that reject opset-21 QDQ, e.g. onnxruntime's default session on some graphs
 (see ``qat_lightning.analysis.export_check``)."""
