@@ -55,18 +55,24 @@ DEFAULT_SCALE: float = 1.0
 """Scale returned (with a warning naming the observer) by an observer that never saw data."""
 
 
-def apply_keeping_float32(module: torch.nn.Module, apply: Any, fn: Any, recurse: bool = True) -> Any:
-    """``module._apply(fn)`` that moves quant state between devices but keeps its float32 dtype.
+STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+"""Floating dtypes of quant state (scales, statistics, histograms) that model dtype casts leave alone."""
 
-    ``model.half()`` / ``.to(torch.bfloat16)`` / ``Trainer(precision="bf16-true")`` convert every float
-    buffer and parameter; scales and statistics must stay float32 (an fp16 scale cannot hold 2**-24, and a
-    bf16 moving average stalls). ``apply`` is the parent class's ``_apply``.
+
+def apply_keeping_float32(module: torch.nn.Module, apply: Any, fn: Any, recurse: bool = True) -> Any:
+    """``module._apply(fn)`` that moves quant state between devices but keeps its float32 (and float64) dtype.
+
+    ``model.half()`` / ``.bfloat16()`` / ``.double()`` / ``.to(dtype)`` / ``Trainer(precision="bf16-true")``
+    convert every floating buffer and parameter; scales and statistics keep their dtype instead (an fp16
+    scale cannot hold 2**-24, a bf16 moving average stalls, bf16 histogram counts stop at 256). Every
+    float32 / float64 buffer and parameter of ``module`` (and its submodules when ``recurse``) follows the
+    device part of ``fn`` only. ``apply`` is the parent class's ``_apply``.
     """
     saved = [
         (
             m,
-            {k: b for k, b in m._buffers.items() if b is not None and b.dtype == torch.float32},
-            {k: p.data for k, p in m._parameters.items() if p is not None and p.dtype == torch.float32},
+            {k: b for k, b in m._buffers.items() if b is not None and b.dtype in STATE_DTYPES},
+            {k: p.data for k, p in m._parameters.items() if p is not None and p.dtype in STATE_DTYPES},
         )
         for m in (module.modules() if recurse else (module,))
     ]
@@ -74,11 +80,11 @@ def apply_keeping_float32(module: torch.nn.Module, apply: Any, fn: Any, recurse:
     for m, buffers, params in saved:
         for name, old in buffers.items():
             new = m._buffers[name]
-            if new is not None and new.dtype != torch.float32:
+            if new is not None and new.dtype != old.dtype:
                 m._buffers[name] = old.to(device=new.device)
         for name, old in params.items():
             param = m._parameters[name]
-            if param is not None and param.dtype != torch.float32:
+            if param is not None and param.dtype != old.dtype:
                 param.data = old.to(device=param.device)
     return result
 
@@ -125,8 +131,8 @@ class Observer(torch.nn.Module, abc.ABC):
         self.ignore_nonfinite = bool(ignore_nonfinite)
         self._rows = 1 if num_channels is None else num_channels
         shape = () if num_channels is None else (num_channels,)
-        self.register_buffer("min_val", torch.full(shape, math.inf))
-        self.register_buffer("max_val", torch.full(shape, -math.inf))
+        self.register_buffer("min_val", torch.full(shape, math.inf, dtype=torch.float32))
+        self.register_buffer("max_val", torch.full(shape, -math.inf, dtype=torch.float32))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
         # batches with NaN/inf seen by the sync-free path (raised at compute_scale); not checkpointed
         self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64), persistent=False)
