@@ -201,10 +201,12 @@ class Observer(torch.nn.Module, abc.ABC):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> None:
-        """Update all statistics with a batch (empty tensors are ignored; any device).
+        """Update all statistics with a batch (empty tensors are ignored; any device; no host sync).
+
+        NaN/inf are handled as :meth:`update_range` documents (counted, raised by ``compute_scale``).
 
         Raises:
-            ValueError: on NaN/inf (unless ``ignore_nonfinite``) or a channel-count mismatch.
+            ValueError: on a channel-count mismatch.
         """
         if self.histogram is None:
             self.update_range(x)

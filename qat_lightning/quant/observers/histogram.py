@@ -35,6 +35,15 @@ maxima (weight 1), the bins up to the cut from the subsample. Above the cut a bl
 values, so the tail count is low by at most about 1.6 % near the cut and exact further out. Every
 search also caps its threshold at the exact ``amax``, and ``minmax`` never depends on sampling.
 
+Per-batch update without host syncs (:meth:`AbsHistogram.observe`): the new range is
+``max(range, pow2_ceil(amax))`` and the counts are re-binned to it on every batch (a plain copy when
+it did not grow; exact summing of ``2**k`` bins when it did); the sampling start is a device tensor
+(positions are gathered, the last one masked when it falls outside the batch); counts use a
+fixed-size bincount (:func:`~.histogram_batch.count_bins`). Rows holding NaN/inf are skipped
+(counted by the observer); with ``ignore_nonfinite`` the subsample of the batch is taken as if it
+were finite and the non-finite entries are left out, each row weighted by its finite count (the
+previous code subsampled the compacted batch: counts differ only for batches that held NaN/inf).
+
 The threshold searches built on these statistics live in :mod:`.histogram_search`
 (percentile, mse, mix), :mod:`.kl_search` (kl) and
 :mod:`.histogram_error` (the error model); their public names are re-exported here.
