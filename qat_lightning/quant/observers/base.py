@@ -188,13 +188,14 @@ class Observer(torch.nn.Module, abc.ABC):
         """
         lo, hi = lo.reshape(self._shape), hi.reshape(self._shape)
         amax = torch.maximum(-lo, hi)  # >= 0 where finite; NaN, inf or -inf (no valid entry) otherwise
-        finite = amax.isfinite()
+        skip = ~(amax.abs() < math.inf)  # the rows holding NaN/inf (or no valid entry): not used
         if not self.ignore_nonfinite:
-            self.nonfinite_batches.add_((~finite).any() if finite.dim() else ~finite)
-        torch.minimum(self.min_val, torch.where(finite, lo, math.inf), out=self.min_val)
-        torch.maximum(self.max_val, torch.where(finite, hi, -math.inf), out=self.max_val)
+            self.nonfinite_batches.add_(skip.any() if skip.dim() else skip)
+        torch.minimum(self.min_val, lo.masked_fill(skip, math.inf), out=self.min_val)
+        torch.maximum(self.max_val, hi.masked_fill(skip, -math.inf), out=self.max_val)
+        finite = ~skip
         self._update_extra(lo, hi, finite)
-        return torch.where(finite, amax, 0.0), finite
+        return amax.masked_fill(skip, 0.0), finite
 
     def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor | None = None) -> None:
         """Update range statistics beyond running min/max (moving averages) where ``finite``; no-op here."""

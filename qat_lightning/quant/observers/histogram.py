@@ -286,11 +286,12 @@ class AbsHistogram(torch.nn.Module):
             kept = keep.reshape(rows, -1).sum(1, dtype=torch.float64)
             weight = torch.where(kept > 0, kept_full / kept.clamp_min(1), 0.0)
         a = sample.abs() if sample.dtype in (torch.float32, torch.float64) else sample.float().abs()
-        inv_w = (bins / target_min).to(a.dtype)[:, None]  # an exact power of two
+        inv_w = target_min.reciprocal().mul_(bins).to(a.dtype)[:, None]  # an exact power of two
         idx = a.mul_(inv_w).ceil_().long()
         if rows > 1:
             idx += self.row_start
-        counts = count_bins(torch.where(keep, idx, rows * (bins + 1)), rows * (bins + 1)).view(rows, bins + 1)
+        n_bins = rows * (bins + 1)
+        counts = count_bins(idx.masked_fill_(~keep, n_bins), n_bins).view(rows, bins + 1)
         if tail is not None:
             batch = self._with_tail(counts, weight, tail, inv_w[0], finite)
         elif weight is None:
