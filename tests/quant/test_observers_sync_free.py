@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import qat_lightning as ql
 from qat_lightning.quant.dtypes import qint8, qint16
@@ -25,22 +24,9 @@ from qat_lightning.quant.observers.histogram_batch import RANGE_MIN, TAIL_BLOCK,
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import TinyResNet  # noqa: E402
+from test_node_device_neutral import _SyncCounter  # noqa: E402  (tests/quant is on sys.path under pytest)
 
 HIST_METHODS = ("percentile", "kl", "mse", "mix")
-_SYNC_OPS = {"_local_scalar_dense", "item", "equal", "is_nonzero", "_assert_async", "nonzero"}
-
-
-class _SyncCounter(TorchDispatchMode):
-    """Record the aten ops that read a device value back to the host."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.syncs: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func.overloadpacket.__name__ in _SYNC_OPS:
-            self.syncs.append(str(func))
-        return func(*args, **(kwargs or {}))
 
 
 def _batches(shape: tuple[int, ...], n: int, seed: int) -> list[torch.Tensor]:
