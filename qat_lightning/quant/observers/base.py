@@ -232,7 +232,7 @@ class Observer(torch.nn.Module, abc.ABC):
                 self._shape, dtype=torch.bool, device=x.device
             )
         x2 = self._rows_view(x if x.dtype == torch.float32 else x.float())
-        valid = torch.isfinite(x2) if self.ignore_nonfinite else None
+        valid = x2.abs() < math.inf if self.ignore_nonfinite else None  # isfinite in 2 passes, not 4
         amax, finite = self._record_range(*row_extremes(x2, valid))
         self.num_batches.add_(finite.any() if finite.dim() else finite)
         return amax, finite
