@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
 from qat_lightning.quant.observers.histogram import AbsHistogram
+from qat_lightning.quant.observers.histogram_batch import row_extremes
 
 __all__ = [
     "OBSERVER_NAMES",
@@ -54,18 +55,24 @@ DEFAULT_SCALE: float = 1.0
 """Scale returned (with a warning naming the observer) by an observer that never saw data."""
 
 
-def apply_keeping_float32(module: torch.nn.Module, apply: Any, fn: Any, recurse: bool = True) -> Any:
-    """``module._apply(fn)`` that moves quant state between devices but keeps its float32 dtype.
+STATE_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float64)
+"""Floating dtypes of quant state (scales, statistics, histograms) that model dtype casts leave alone."""
 
-    ``model.half()`` / ``.to(torch.bfloat16)`` / ``Trainer(precision="bf16-true")`` convert every float
-    buffer and parameter; scales and statistics must stay float32 (an fp16 scale cannot hold 2**-24, and a
-    bf16 moving average stalls). ``apply`` is the parent class's ``_apply``.
+
+def apply_keeping_float32(module: torch.nn.Module, apply: Any, fn: Any, recurse: bool = True) -> Any:
+    """``module._apply(fn)`` that moves quant state between devices but keeps its float32 (and float64) dtype.
+
+    ``model.half()`` / ``.bfloat16()`` / ``.double()`` / ``.to(dtype)`` / ``Trainer(precision="bf16-true")``
+    convert every floating buffer and parameter; scales and statistics keep their dtype instead (an fp16
+    scale cannot hold 2**-24, a bf16 moving average stalls, bf16 histogram counts stop at 256). Every
+    float32 / float64 buffer and parameter of ``module`` (and its submodules when ``recurse``) follows the
+    device part of ``fn`` only. ``apply`` is the parent class's ``_apply``.
     """
     saved = [
         (
             m,
-            {k: b for k, b in m._buffers.items() if b is not None and b.dtype == torch.float32},
-            {k: p.data for k, p in m._parameters.items() if p is not None and p.dtype == torch.float32},
+            {k: b for k, b in m._buffers.items() if b is not None and b.dtype in STATE_DTYPES},
+            {k: p.data for k, p in m._parameters.items() if p is not None and p.dtype in STATE_DTYPES},
         )
         for m in (module.modules() if recurse else (module,))
     ]
@@ -73,11 +80,11 @@ def apply_keeping_float32(module: torch.nn.Module, apply: Any, fn: Any, recurse:
     for m, buffers, params in saved:
         for name, old in buffers.items():
             new = m._buffers[name]
-            if new is not None and new.dtype != torch.float32:
+            if new is not None and new.dtype != old.dtype:
                 m._buffers[name] = old.to(device=new.device)
         for name, old in params.items():
             param = m._parameters[name]
-            if param is not None and param.dtype != torch.float32:
+            if param is not None and param.dtype != old.dtype:
                 param.data = old.to(device=param.device)
     return result
 
@@ -124,8 +131,8 @@ class Observer(torch.nn.Module, abc.ABC):
         self.ignore_nonfinite = bool(ignore_nonfinite)
         self._rows = 1 if num_channels is None else num_channels
         shape = () if num_channels is None else (num_channels,)
-        self.register_buffer("min_val", torch.full(shape, math.inf))
-        self.register_buffer("max_val", torch.full(shape, -math.inf))
+        self.register_buffer("min_val", torch.full(shape, math.inf, dtype=torch.float32))
+        self.register_buffer("max_val", torch.full(shape, -math.inf, dtype=torch.float32))
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.int64))
         # batches with NaN/inf seen by the sync-free path (raised at compute_scale); not checkpointed
         self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64), persistent=False)
@@ -159,77 +166,53 @@ class Observer(torch.nn.Module, abc.ABC):
             )
         return x.movedim(self.ch_axis, 0).reshape(self.num_channels, -1)
 
-    def _extremes(
-        self, x2: torch.Tensor, tail: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        if self._rows > 1:  # amin + amax: several times faster than aminmax(dim=1) on CPU
-            return x2.amin(1), x2.amax(1), None
-        if tail:
-            return AbsHistogram.block_extremes(x2.reshape(-1))
-        lo, hi = torch.aminmax(x2)
-        return lo, hi, None
-
-    def _drop_nonfinite(
-        self, x2: torch.Tensor, tail: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        finite = torch.isfinite(x2)
-        bad = x2.numel() - int(finite.sum())
-        if bad and not self.ignore_nonfinite:
-            raise ValueError(
-                f"observer {self._label} got {bad} non-finite value(s) (NaN/inf) in a batch of {x2.numel()} "
-                "elements; fix the input or build the observer with ignore_nonfinite=True to drop them"
-            )
-        if self._rows == 1:
-            x2 = x2[finite].reshape(1, -1) if bad else x2
-            if x2.numel() == 0:
-                return x2, x2.new_full((), math.inf), x2.new_full((), -math.inf), None, None
-            return x2, *self._extremes(x2, tail), None
-        lo = torch.where(finite, x2, math.inf).amin(1)
-        hi = torch.where(finite, x2, -math.inf).amax(1)
-        return x2, lo, hi, None, finite if bad else None
-
-    def _observe(self, x: torch.Tensor, with_histogram: bool) -> torch.Tensor:
+    def _observe(self, x: torch.Tensor) -> None:
+        """Update range statistics and histogram (the histogram observers' forward) without a host sync."""
         x = x.detach()
-        if x.numel() == 0:
-            return torch.zeros(self._shape, device=x.device)
-        if not x.is_floating_point():
-            x = x.float()
-        x2 = self._rows_view(x)
-        hist = self.histogram if with_histogram else None
-        # per tensor, when the histogram will subsample: block extremes give the exact tail too
-        want_tail = hist is not None and self._rows == 1 and x2.shape[1] > hist.sample_cap(x2.shape[1])
-        if want_tail:
+        hist = self.histogram
+        if x.numel() == 0 or hist is None:
+            return
+        x2 = self._rows_view(x if x.is_floating_point() else x.float())
+        if self._rows == 1:
             x2 = x2.contiguous()  # blocks and sampled chunks are views of contiguous memory
-        lo, hi, tail = self._extremes(x2, want_tail)
-        valid = None
-        if not math.isfinite(float((hi - lo).sum())):  # one sync; NaN/inf anywhere shows up here
-            x2, lo, hi, tail, valid = self._drop_nonfinite(x2, want_tail)
-            if x2.numel() == 0:
-                return torch.zeros(self._shape, device=x.device)
-        lo, hi = lo.float(), hi.float()
-        torch.minimum(self.min_val, lo, out=self.min_val)
-        torch.maximum(self.max_val, hi, out=self.max_val)
-        self._update_extra(lo, hi)
-        amax = torch.maximum(-lo, hi)
-        if hist is not None:
-            hist.observe(x2, amax if self._rows > 1 else float(amax), int(self.num_batches), valid, tail)
-        self.num_batches += 1
-        return amax.clamp_min(0)
+        lo, hi, tail, valid = hist.extremes(x2, self.ignore_nonfinite)
+        amax, finite = self._record_range(lo.float(), hi.float())
+        hist.observe(x2, amax.reshape(-1), self.num_batches, finite.reshape(-1), valid, tail)
+        self.num_batches.add_(finite.any() if finite.dim() else finite)
+
+    def _record_range(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fold a batch's per-row min/max into the statistics; rows holding NaN/inf are skipped and counted.
+
+        Returns:
+            ``(amax, finite)`` as :meth:`update_range` documents them (``num_batches`` is not touched).
+        """
+        lo, hi = lo.reshape(self._shape), hi.reshape(self._shape)
+        amax = torch.maximum(-lo, hi)  # >= 0 where finite; NaN, inf or -inf (no valid entry) otherwise
+        skip = ~(amax.abs() < math.inf)  # the rows holding NaN/inf (or no valid entry): not used
+        if not self.ignore_nonfinite:
+            self.nonfinite_batches.add_(skip.any() if skip.dim() else skip)
+        torch.minimum(self.min_val, lo.masked_fill(skip, math.inf), out=self.min_val)
+        torch.maximum(self.max_val, hi.masked_fill(skip, -math.inf), out=self.max_val)
+        finite = ~skip
+        self._update_extra(lo, hi, finite)
+        return amax.masked_fill(skip, 0.0), finite
 
     def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor | None = None) -> None:
         """Update range statistics beyond running min/max (moving averages) where ``finite``; no-op here."""
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> None:
-        """Update all statistics with a batch (empty tensors are ignored; any device).
+        """Update all statistics with a batch (empty tensors are ignored; any device; no host sync).
+
+        NaN/inf are handled as :meth:`update_range` documents (counted, raised by ``compute_scale``).
 
         Raises:
-            ValueError: on NaN/inf (unless ``ignore_nonfinite``) or a channel-count mismatch.
+            ValueError: on a channel-count mismatch.
         """
         if self.histogram is None:
             self.update_range(x)
         else:
-            self._observe(x, with_histogram=True)
+            self._observe(x)
 
     @torch.no_grad()
     def update_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,23 +232,10 @@ class Observer(torch.nn.Module, abc.ABC):
                 self._shape, dtype=torch.bool, device=x.device
             )
         x2 = self._rows_view(x if x.dtype == torch.float32 else x.float())
-        if self.ignore_nonfinite:
-            ok = torch.isfinite(x2)
-            lo = torch.where(ok, x2, math.inf).amin(1)
-            hi = torch.where(ok, x2, -math.inf).amax(1)
-        elif self._rows > 1:
-            lo, hi = x2.amin(1), x2.amax(1)
-        else:
-            lo, hi = torch.aminmax(x2)
-        lo, hi = lo.reshape(self._shape), hi.reshape(self._shape)
-        finite = torch.isfinite(lo) & torch.isfinite(hi)
-        if not self.ignore_nonfinite:
-            self.nonfinite_batches.add_((~finite).any().to(torch.int64))
-        self.min_val.copy_(torch.where(finite, torch.minimum(self.min_val, lo), self.min_val))
-        self.max_val.copy_(torch.where(finite, torch.maximum(self.max_val, hi), self.max_val))
-        self._update_extra(lo, hi, finite)
-        self.num_batches.add_(finite.any().to(torch.int64))
-        return torch.where(finite, torch.maximum(-lo, hi).clamp_min(0), 0.0), finite
+        valid = x2.abs() < math.inf if self.ignore_nonfinite else None  # isfinite in 2 passes, not 4
+        amax, finite = self._record_range(*row_extremes(x2, valid))
+        self.num_batches.add_(finite.any() if finite.dim() else finite)
+        return amax, finite
 
     # ---- results -----------------------------------------------------------------------------------------
 

@@ -35,6 +35,15 @@ maxima (weight 1), the bins up to the cut from the subsample. Above the cut a bl
 values, so the tail count is low by at most about 1.6 % near the cut and exact further out. Every
 search also caps its threshold at the exact ``amax``, and ``minmax`` never depends on sampling.
 
+Per-batch update without host syncs (:meth:`AbsHistogram.observe`): the new range is
+``max(range, pow2_ceil(amax))`` and the counts are re-binned to it on every batch (a plain copy when
+it did not grow; exact summing of ``2**k`` bins when it did); the sampling start is a device tensor
+(positions are gathered, the last one masked when it falls outside the batch); counts use a
+fixed-size bincount (:func:`~.histogram_batch.count_bins`). Rows holding NaN/inf are skipped
+(counted by the observer); with ``ignore_nonfinite`` the subsample of the batch is taken as if it
+were finite and the non-finite entries are left out, each row weighted by its finite count (the
+previous code subsampled the compacted batch: counts differ only for batches that held NaN/inf).
+
 The threshold searches built on these statistics live in :mod:`.histogram_search`
 (percentile, mse, mix), :mod:`.kl_search` (kl) and
 :mod:`.histogram_error` (the error model); their public names are re-exported here.
@@ -48,6 +57,13 @@ import math
 import torch
 import torch.distributed as dist
 
+from qat_lightning.quant.observers.histogram_batch import (
+    RANGE_MIN,
+    block_extremes,
+    count_bins,
+    pow2_ceil,
+    row_extremes,
+)
 from qat_lightning.quant.observers.histogram_error import coarsen, estimate_mse, search_bins
 from qat_lightning.quant.observers.histogram_search import (
     MIX_CANDIDATES,
@@ -75,14 +91,11 @@ __all__ = [
     "mix_threshold",
 ]
 
-RANGE_MIN: float = 2.0**-64
-"""Smallest non-zero histogram range (keeps ``bins / range`` finite in float32)."""
 DEFAULT_BINS: int = 2048
 """Bins per row of a per-tensor (and of every ``percentile``) histogram; see :func:`default_bins`."""
 DEFAULT_MAX_SAMPLES: int = 2**15
 MIN_BINS, MAX_BINS = 256, 2**16
 MIN_SAMPLES_PER_ROW: int = 4096
-TAIL_BLOCK: int = 256
 SAMPLE_CHUNK: int = 16
 TAIL_SHARE: float = 1 / 32
 
@@ -134,14 +147,6 @@ def default_bins(rows: int, coarsened: bool) -> int:
     return min(DEFAULT_BINS, search_bins(rows)) if coarsened else DEFAULT_BINS
 
 
-def pow2_ceil(t: torch.Tensor) -> torch.Tensor:
-    """Smallest power of two ``>= t`` (at least :data:`RANGE_MIN`) where ``t > 0``, else 0 (float64)."""
-    t = t.double()
-    mant, exp = torch.frexp(t)  # t = mant * 2**exp, mant in [0.5, 1)
-    p = torch.where(mant == 0.5, t, torch.ldexp(torch.ones_like(t), exp))
-    return torch.where(t > 0, p.clamp_min(RANGE_MIN), torch.zeros_like(t))
-
-
 class AbsHistogram(torch.nn.Module):
     """Growing histogram of ``|x|`` per row (see the module docstring for the exact layout).
 
@@ -159,7 +164,8 @@ class AbsHistogram(torch.nn.Module):
         self.max_samples = validate_max_samples(max_samples)
         self.register_buffer("counts", torch.zeros(rows, bins + 1, dtype=torch.float64))
         self.register_buffer("hist_range", torch.zeros(rows, dtype=torch.float64))
-        self.register_buffer("bin_index", torch.arange(bins + 1), persistent=False)
+        self.register_buffer("bin_index", torch.arange(bins + 1, dtype=torch.float64), persistent=False)
+        self.register_buffer("row_start", torch.arange(rows)[:, None] * (bins + 1), persistent=False)
 
     @property
     def width(self) -> torch.Tensor:
@@ -171,19 +177,21 @@ class AbsHistogram(torch.nn.Module):
         return self.counts.sum(-1)
 
     def rebin(self, new_range: torch.Tensor) -> None:
-        """Merge bins so each row covers ``new_range`` (powers of two ``>=`` the current ranges)."""
+        """Merge bins so each row covers ``new_range`` (powers of two ``>=`` the current ranges).
+
+        Tensor ops only (no host sync): a row whose range does not change is copied exactly, a row whose
+        range grows by ``2**k`` has groups of ``2**k`` adjacent bins summed (exact re-binning).
+        """
         new_range = new_range.to(self.hist_range)
-        if torch.equal(new_range, self.hist_range):
-            return
-        old = self.hist_range
-        factor = torch.where(old > 0, new_range / torch.where(old > 0, old, 1.0), 1.0)
-        j = torch.arange(self.bins + 1, dtype=torch.float64, device=old.device)
-        new_j = torch.ceil(j[None, :] / factor[:, None]).long()
-        offsets = torch.arange(self.rows, device=old.device)[:, None] * (self.bins + 1)
-        merged = torch.zeros_like(self.counts).view(-1)
-        merged.index_add_(0, (new_j + offsets).view(-1), self.counts.view(-1))
-        self.counts.copy_(merged.view_as(self.counts))
-        self.hist_range.copy_(new_range)
+        self._merge(torch.zeros_like(self.counts), new_range, new_range.clamp_min(RANGE_MIN))
+
+    def _merge(self, batch: torch.Tensor, target: torch.Tensor, target_min: torch.Tensor) -> None:
+        """Set ``counts = batch + counts re-binned to target`` (``target_min``: ``target`` >= RANGE_MIN)."""
+        # old / new = 2**-k exactly (0 for a row that saw only zeros: all its counts are in bin 0)
+        ratio = self.hist_range / target_min
+        new_j = (self.bin_index * ratio[:, None]).ceil_().long()
+        self.counts.copy_(batch.scatter_add_(1, new_j, self.counts))
+        self.hist_range.copy_(target)
 
     def sample_cap(self, length: int) -> int:
         """Most elements per row binned from a batch row of ``length`` elements (``length`` = no sampling)."""
@@ -191,102 +199,124 @@ class AbsHistogram(torch.nn.Module):
             return length
         return self.max_samples if self.rows == 1 else max(self.max_samples // self.rows, MIN_SAMPLES_PER_ROW)
 
-    @staticmethod
-    def block_extremes(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Min, max and the ``|x|`` maximum of every block of :data:`TAIL_BLOCK` elements (one pass each).
+    def extremes(
+        self, x2: torch.Tensor, ignore_nonfinite: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Per-row min and max of a batch for :meth:`observe` (one pass; no host sync).
 
         Args:
-            flat: 1-D tensor.
+            x2: the batch, shape ``(rows, n)``, contiguous when ``rows == 1``.
+            ignore_nonfinite: leave NaN/inf out (else they show up in the min/max).
 
         Returns:
-            ``(min, max, block_abs_max)``; a trailing partial block contributes its elements one by one.
+            ``(min, max, tail, valid)``: ``tail`` holds the block maxima of ``|x|`` (per tensor, when the
+            batch will be subsampled; else None), ``valid`` the finite mask (only with ``ignore_nonfinite``).
         """
-        n_blocks = flat.numel() // TAIL_BLOCK
-        body = flat[: n_blocks * TAIL_BLOCK].reshape(n_blocks, TAIL_BLOCK)
-        bmin, bmax = body.amin(1), body.amax(1)
-        lo, hi, tail = bmin.min(), bmax.max(), torch.maximum(-bmin, bmax)
-        rest = flat[n_blocks * TAIL_BLOCK :]
-        if rest.numel():
-            lo, hi = torch.minimum(lo, rest.min()), torch.maximum(hi, rest.max())
-            tail = torch.cat([tail, rest.abs()])
-        return lo, hi, tail
+        rows, length = x2.shape
+        valid = x2.abs() < math.inf if ignore_nonfinite else None  # isfinite in 2 passes, not 4
+        if rows == 1 and length > self.sample_cap(length):
+            flat_valid = None if valid is None else valid.view(-1)
+            return (*block_extremes(x2.view(-1), flat_valid), valid)
+        return (*row_extremes(x2, valid), None, valid)
+
+    def _sample(
+        self, x2: torch.Tensor, batch_index: torch.Tensor | int, cap: int, valid: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int]:
+        """Gather the deterministic subsample of a batch (module docstring) at computed positions.
+
+        Returns:
+            ``(sample, picked, valid_sample, elements_per_position)``: ``picked`` marks the positions that
+            lie inside the batch (the last one may not: the count taken depends on the rotating start).
+        """
+        rows, length = x2.shape
+        chunk = SAMPLE_CHUNK if rows == 1 else 1  # per tensor: whole chunks of one cache line each
+        n_pos = length // chunk
+        prime = _prime_at_least.__wrapped__ if torch.compiler.is_compiling() else _prime_at_least
+        step = prime(-(-n_pos * chunk // cap))  # a constant in a compiled graph
+        pos = torch.arange(0, n_pos, step, device=x2.device).add_(batch_index % step)
+        picked = pos < n_pos
+        pos.clamp_max_(n_pos - 1)
+        if rows == 1:
+            sample = x2.view(-1)[: n_pos * chunk].view(n_pos, chunk).index_select(0, pos)
+            if valid is not None:
+                valid = valid.view(-1)[: n_pos * chunk].view(n_pos, chunk).index_select(0, pos)
+            return sample, picked[:, None], valid, chunk
+        valid = None if valid is None else valid.index_select(1, pos)
+        return x2.index_select(1, pos), picked[None, :], valid, chunk
 
     def observe(
         self,
         x2: torch.Tensor,
-        amax: torch.Tensor | float,
-        batch_index: int,
+        amax: torch.Tensor,
+        batch_index: torch.Tensor | int,
+        finite: torch.Tensor | None = None,
         valid: torch.Tensor | None = None,
         tail: torch.Tensor | None = None,
     ) -> None:
-        """Add one batch.
+        """Add one batch with tensor ops only (no host sync, static shapes: compiles with ``fullgraph``).
 
         Args:
-            x2: finite values, shape ``(rows, n)`` (entries masked out by ``valid`` may be anything).
-            amax: exact ``max |x|`` of the batch, a float (one row) or a ``(rows,)`` tensor.
-            batch_index: index of this batch; rotates the sampling offset.
+            x2: the batch, shape ``(rows, n)``, contiguous when ``rows == 1``.
+            amax: exact ``max |x|`` of the counted entries per row, shape ``(rows,)``.
+            batch_index: index of this batch (an int64 scalar tensor in the forward); rotates the
+                sampling offset.
+            finite: bool ``(rows,)``: the rows to count (a row holding NaN/inf is skipped whole); None: all.
             valid: optional boolean mask shaped like ``x2``; False entries are not counted.
-            tail: per-tensor only, the block maxima of ``|x|`` from :meth:`block_extremes`; when given and
+            tail: per-tensor only, the block maxima of ``|x|`` from :meth:`extremes`; when given and
                 the batch is subsampled, the top bins come from them (see the module docstring).
         """
         rows, length = x2.shape
         bins = self.bins
-        if rows == 1:
-            amax_f = float(amax)
-            cur = float(self.hist_range[0])
-            if amax_f > cur:
-                mant, exp = math.frexp(amax_f)
-                self.rebin(
-                    self.hist_range.new_full((1,), max(amax_f if mant == 0.5 else 2.0**exp, RANGE_MIN))
-                )
-        else:
-            target = torch.maximum(pow2_ceil(torch.as_tensor(amax)), self.hist_range)
-            if bool((target > self.hist_range).any()):
-                self.rebin(target)
+        if finite is None:
+            finite = torch.ones(rows, dtype=torch.bool, device=x2.device)
+        target = torch.maximum(pow2_ceil(amax), self.hist_range)
+        target_min = target.clamp_min(RANGE_MIN)
         cap = self.sample_cap(length)
-        sample, kept_full = x2, None
-        if valid is not None:
-            kept_full = valid.sum(1, dtype=torch.float64)
+        keep = finite[:, None]  # (rows, 1): rows to count
+        weight = None  # per row; None: every element of the batch was binned once
+        kept_full = None if valid is None else valid.sum(1, dtype=torch.float64)
         if length <= cap:
-            tail = None
-        elif rows == 1 and valid is None:  # whole chunks of SAMPLE_CHUNK elements: one cache line each
-            n_chunks = length // SAMPLE_CHUNK
-            step = _prime_at_least(-(-n_chunks * SAMPLE_CHUNK // cap))
-            chunks = x2.reshape(-1)[: n_chunks * SAMPLE_CHUNK].reshape(n_chunks, SAMPLE_CHUNK)
-            sample = chunks[batch_index % step :: step]  # (m, SAMPLE_CHUNK); |.| is made contiguous below
+            sample, tail = x2, None
         else:
-            step = _prime_at_least(-(-length // cap))
-            sample = x2[:, batch_index % step :: step]
-            valid = None if valid is None else valid[:, batch_index % step :: step]
+            sample, picked, valid, chunk = self._sample(x2, batch_index, cap, valid)
+            keep = keep & picked
+            weight = length / (picked.sum(dtype=torch.float64) * chunk)
+        if valid is not None:
+            keep = keep & valid
+            kept = keep.reshape(rows, -1).sum(1, dtype=torch.float64)
+            weight = torch.where(kept > 0, kept_full / kept.clamp_min(1), 0.0)
         a = sample.abs() if sample.dtype in (torch.float32, torch.float64) else sample.float().abs()
-        a = a.reshape(rows, -1)
-        taken = a.shape[1]
-        if rows == 1 and valid is None:
-            inv_w = bins / max(float(self.hist_range[0]), RANGE_MIN)
-            counts = torch.bincount(a.mul_(inv_w).ceil_().reshape(-1).long(), minlength=bins + 1)
-            if tail is None:
-                self.counts[0].add_(counts, alpha=length / taken)
-                return
-            tail = tail.float() if tail.dtype not in (torch.float32, torch.float64) else tail
-            top = torch.bincount((tail * inv_w).ceil_().long(), minlength=bins + 1)
-            # cut = first bin with at most TAIL_SHARE of the block maxima above it
-            cut = (top.cumsum(0) < tail.numel() * (1 - TAIL_SHARE)).sum()
-            bulk = counts.double() * (length / taken)
-            self.counts[0].add_(torch.where(self.bin_index <= cut, bulk, top.double()))
-            return
-        inv_w = (bins / self.hist_range.clamp_min(RANGE_MIN)).to(a.dtype)
-        idx = a.mul_(inv_w[:, None]).ceil_().long()
-        idx += torch.arange(rows, device=idx.device)[:, None] * (bins + 1)
+        inv_w = target_min.reciprocal().mul_(bins).to(a.dtype)[:, None]  # an exact power of two
+        idx = a.mul_(inv_w).ceil_().long()
+        if rows > 1:
+            idx += self.row_start
         n_bins = rows * (bins + 1)
-        if valid is None:
-            counts = torch.bincount(idx.reshape(-1), minlength=n_bins).view(rows, bins + 1)
-            self.counts.add_(counts, alpha=length / taken)
-            return
-        idx = torch.where(valid, idx, n_bins)
-        counts = torch.bincount(idx.reshape(-1), minlength=n_bins + 1)[:n_bins].view(rows, bins + 1)
-        kept = valid.sum(1, dtype=torch.float64)
-        weight = torch.where(kept > 0, kept_full / kept.clamp_min(1), 0.0)
-        self.counts.add_(counts * weight[:, None])
+        counts = count_bins(idx.masked_fill_(~keep, n_bins), n_bins).view(rows, bins + 1)
+        if tail is not None:
+            batch = self._with_tail(counts, weight, tail, inv_w[0], finite)
+        elif weight is None:
+            batch = counts.double()
+        else:
+            batch = counts * weight.reshape(-1, 1)
+        self._merge(batch, target, target_min)
+
+    def _with_tail(
+        self,
+        counts: torch.Tensor,
+        weight: torch.Tensor,
+        tail: torch.Tensor,
+        inv_w: torch.Tensor,
+        finite: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per tensor: the bulk from the weighted subsample up to the cut, the exact block maxima above it."""
+        bins = self.bins
+        tail = tail if tail.dtype in (torch.float32, torch.float64) else tail.float()
+        ok = torch.isfinite(tail) & finite
+        top = count_bins(torch.where(ok, (tail * inv_w).ceil_().long(), bins + 1), bins + 1)
+        # cut = first bin with at most TAIL_SHARE of the (counted) block maxima above it
+        top_cum = top.cumsum(0)
+        cut = (top_cum < top_cum[-1] * (1 - TAIL_SHARE)).sum()
+        return torch.where(self.bin_index <= cut, counts * weight.reshape(1, 1), top)
 
     def reduce(self, group: object | None = None) -> None:
         """All-reduce across ranks: MAX of the ranges, exact local re-bin to them, then SUM of the counts."""

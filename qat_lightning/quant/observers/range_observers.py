@@ -47,8 +47,8 @@ class MovingMinMaxObserver(Observer):
                 f"observer {name!r}: averaging_constant must be in (0, 1] (e.g. 0.01), got {c!r}"
             )
         self.averaging_constant = float(c)
-        self.register_buffer("avg_min", torch.full(self._shape, math.inf))
-        self.register_buffer("avg_max", torch.full(self._shape, -math.inf))
+        self.register_buffer("avg_min", torch.full(self._shape, math.inf, dtype=torch.float32))
+        self.register_buffer("avg_max", torch.full(self._shape, -math.inf, dtype=torch.float32))
 
     def _update_extra(self, lo: torch.Tensor, hi: torch.Tensor, finite: torch.Tensor | None = None) -> None:
         # tensor ops only (no host sync): an average still at +-inf (no data so far) takes the batch value,
