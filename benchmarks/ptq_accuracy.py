@@ -29,10 +29,9 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from real_models import Batches, Cnn, Encoder, accuracy, add_outlier_channels, digits, train
+from real_models import Batches, Cnn, Encoder, accuracy, add_outlier_channels, calibrated_int8, digits, train
 from torch import nn
 
-import qat_lightning as ql
 from qat_lightning.ptq import AdaRoundConfig, adaround, bias_correction, equalize
 
 
@@ -48,13 +47,7 @@ def quantize(
     float_model: nn.Module, calib: Batches, post: Callable[[nn.Module], None] | None = None
 ) -> nn.Module:
     """All-int8 prepare + calibration (+ a post-calibration algorithm)."""
-    qm = ql.prepare(copy.deepcopy(float_model), example_inputs=calib[0][0])
-    ql.set_fake_quantize(qm, ql.FakeQuantState.CALIBRATION)
-    with torch.no_grad():
-        qm.eval()
-        for x, _ in calib:
-            qm(x)
-    ql.set_fake_quantize(qm, ql.FakeQuantState.VALIDATION)
+    qm = calibrated_int8(float_model, calib)
     if post is not None:
         post(qm)
     return qm

@@ -1,12 +1,13 @@
 """Models and data trained by the post-training benchmarks (plain torch + scikit-learn; no qat_lightning).
 
-Imported by ``ptq_accuracy.py`` and ``int16_share.py`` (the latter also from the merge-base code in a
-subprocess, hence no ``qat_lightning`` import here).
+Imported by ``ptq_accuracy.py`` and ``int16_share.py`` (the latter also runs the merge-base code in a
+subprocess: ``qat_lightning`` is imported only inside ``calibrated_int8``, whose calls both versions have).
 
 * ``digits``: scikit-learn's load_digits, 1200 training / 597 test 8x8 images, seeded split;
 * ``Cnn``: conv-bn-relu x3 + linear; ``Encoder``: 4 pre-LN layers over the 8 image rows as tokens;
 * ``TextEncoder``: the same layers over word tokens (``docstring_text``);
-* ``add_outlier_channels``: the function-preserving LayerNorm outlier channels real encoders have.
+* ``add_outlier_channels``: the function-preserving LayerNorm outlier channels real encoders have;
+* ``calibrated_int8``: all-int8 ``prepare`` + calibration.
 """
 
 from __future__ import annotations
@@ -151,3 +152,19 @@ def build_model(meta: dict) -> nn.Module:
     if meta["kind"] == "text":
         return TextEncoder(meta["vocab"], meta["classes"], meta["seq_len"])
     raise ValueError(f"unknown model kind {meta['kind']!r}; allowed: digits, text")
+
+
+def calibrated_int8(float_model: nn.Module, calib: Batches) -> nn.Module:
+    """All-int8 ``ql.prepare`` of a copy (default qconfig) + calibration on ``calib``, left in VALIDATION."""
+    import copy
+
+    import qat_lightning as ql
+
+    qm = ql.prepare(copy.deepcopy(float_model), example_inputs=calib[0][0])
+    ql.set_fake_quantize(qm, ql.FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        qm.eval()
+        for x, _ in calib:
+            qm(x)
+    ql.set_fake_quantize(qm, ql.FakeQuantState.VALIDATION)
+    return qm
