@@ -149,9 +149,9 @@ def _digits_model(seed: int) -> tuple[nn.Module, dict, list, list]:
     return model, meta, train_batches[:16], test
 
 
-def _run(pipeline: str, data_path: Path, old: Path, threads: int) -> dict[str, Any]:
+def _run(pipeline: str, data_path: Path, roots: tuple[Path, Path], threads: int) -> dict[str, Any]:
     out = data_path.with_suffix(f".{pipeline}.json")
-    root = old if pipeline == "today" else HERE.parent
+    root = roots[0] if pipeline == "today" else roots[1]
     env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{HERE}", "OMP_NUM_THREADS": str(threads)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", pipeline, str(data_path), str(out)]
     subprocess.run(cmd, env=env, check=True, cwd=data_path.parent)
@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--old", type=Path, default=Path("/tmp/s2_old"))
+    parser.add_argument("--now", type=Path, default=HERE.parent, help="checkout for 'now' (default: this)")
     parser.add_argument("--models", nargs="+", default=["text", "digits"], choices=["text", "digits"])
     parser.add_argument("--ratio", type=float, default=0.995, help="target = ratio x float accuracy")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
