@@ -225,8 +225,8 @@ def main() -> None:
                     saved["ratio"] = args.ratio
                     torch.save(saved, path)
                     today, now = (
-                        _run("today", path, args.old, args.threads),
-                        _run("now", path, args.old, args.threads),
+                        _run("today", path, (args.old, args.now), args.threads),
+                        _run("now", path, (args.old, args.now), args.threads),
                     )
                     results.setdefault(f"{kind} / {variant}", []).append((today, now))
                     print(f"[{kind} {variant} seed {seed}] today: {today}\n  now: {now}", flush=True)
