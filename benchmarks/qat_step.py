@@ -241,24 +241,32 @@ def time_steps(name: str, steps: int, warmup: int = 2) -> tuple[dict[str, float]
     )
 
 
-def time_float_state(name: str, steps: int, warmup: int = 2) -> tuple[float, float]:
-    from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
-    from qat_lightning.quant.preparation.prepare import prepare
+def time_inference(name: str, steps: int, warmup: int = 2) -> dict[str, float]:
+    """Median eval forward (no grad) of the float model and of our calibrated model in FLOAT and VALIDATION.
 
-    model, data = build(name)
-    model.eval()
+    Interleaved; with ``--compile`` each is ``torch.compile``d (ours: one compiled model whose state flips,
+    one graph per state).
+    """
+    from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
+
+    float_model, data = make(name, "float")
+    ours, _ = make(name, "ours")
+    float_model.eval()
+    ours.eval()
     x = data()
-    prepared = prepare(model, x[:4]).eval()
-    set_fake_quantize(prepared, "float")
-    times: dict[str, list[float]] = {"float": [], "FLOAT state": []}
+    times: dict[str, list[float]] = {"float": [], "FLOAT state": [], "VALIDATION state": []}
     with torch.no_grad():
         for i in range(warmup + steps):
-            for key, m in (("float", model), ("FLOAT state", prepared)):
+            for key in times:
+                if key != "float":
+                    set_fake_quantize(ours, key.split()[0])
                 t = time.perf_counter()
-                m(x)
+                (float_model if key == "float" else ours)(x)
+                if OPTIONS["device"].startswith("cuda"):
+                    torch.cuda.synchronize()
                 if i >= warmup:
                     times[key].append(time.perf_counter() - t)
-    return statistics.median(times["float"]), statistics.median(times["FLOAT state"])
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -345,7 +353,7 @@ def main() -> None:
     )
     for name in names:
         times, cpu = time_steps(name, args.steps)
-        f_float, f_state = time_float_state(name, args.steps)
+        inference = time_inference(name, args.steps)
         no_memory = args.no_memory or args.device != "cpu"
         mem = {} if no_memory else measure_memory(name, args.threads, keep_heap=args.keep_heap)
         live = {} if no_memory else measure_memory(name, args.threads, LIVE_ENV)
@@ -359,10 +367,11 @@ def main() -> None:
                 f"  {c:<10} {t * 1e3:9.1f} {t / times['float']:8.2f} {cpu[c] * 1e3:8.1f} "
                 f"{cpu[c] / cpu['float']:8.2f} {_memory_text(mem, c)} {_memory_text(live, c)}"
             )
-        print(
-            f"  FLOAT state forward (eval, no grad): {f_state * 1e3:.1f} ms vs float {f_float * 1e3:.1f} ms "
-            f"= {f_state / f_float:.3f}x"
-        )
+        for key in ("FLOAT state", "VALIDATION state"):
+            print(
+                f"  {key} forward (eval, no grad): {inference[key] * 1e3:.1f} ms vs float "
+                f"{inference['float'] * 1e3:.1f} ms = {inference[key] / inference['float']:.3f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -67,15 +67,24 @@ class _FakeQuantizeFormula(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
+        if not ctx.needs_input_grad[0]:
+            return (x * scale.reciprocal()).round_().clamp_(qmin, qmax).mul_(scale)
+        if qmin % 2 == 0 and qmax % 2 == 1:
+            # round half to even maps qmin - 0.5 to qmin and qmax + 0.5 to qmax + 1, so the range test on
+            # x / s is "rounding is not clipped": one compare of two tensors instead of two compares and
+            # an and (NaN: not equal; +-inf: clipped)
+            rounded = (x * scale.reciprocal()).round_()
+            out = rounded.clamp(qmin, qmax)
+            ctx.save_for_backward(rounded == out)
+            return out.mul_(scale)
         v = x * scale.reciprocal()
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((v >= qmin - 0.5).logical_and_(v < qmax + 0.5))
+        ctx.save_for_backward((v >= qmin - 0.5).logical_and_(v < qmax + 0.5))
         return v.round_().clamp_(qmin, qmax).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         (keep,) = ctx.saved_tensors
-        return grad * keep, None, None, None
+        return torch.where(keep, grad, 0.0), None, None, None  # no bool -> float copy of the mask
 
 
 def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int | None = None) -> Tensor:
