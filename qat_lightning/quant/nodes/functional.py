@@ -4,6 +4,9 @@
 round half to even), exactly as ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` do:
 ``1 / scale`` is rounded to float32 first and ``x`` is multiplied by it. The gradient passes where
 ``qmin - 0.5 <= x * (1 / scale) < qmax + 0.5`` and is zero where the value was clipped.
+The backward is ``torch.where(mask, grad, 0)`` (no float copy of the boolean mask; a NaN gradient
+arriving at a clipped element gives 0 there, as torch's ``hardtanh`` backward and
+the ``cpu_kernels`` backend do).
 
 :func:`quantize_tensor` is what every quant node runs. It takes the scale as a float32 tensor, so
 nothing is read back to the host, and runs the same ATen formula (an ``autograd.Function``: multiply,
@@ -67,18 +70,9 @@ class _FakeQuantizeFormula(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
-        if not ctx.needs_input_grad[0]:
-            return (x * scale.reciprocal()).round_().clamp_(qmin, qmax).mul_(scale)
-        if qmin % 2 == 0 and qmax % 2 == 1:
-            # round half to even maps qmin - 0.5 to qmin and qmax + 0.5 to qmax + 1, so the range test on
-            # x / s is "rounding is not clipped": one compare of two tensors instead of two compares and
-            # an and (NaN: not equal; +-inf: clipped)
-            rounded = (x * scale.reciprocal()).round_()
-            out = rounded.clamp(qmin, qmax)
-            ctx.save_for_backward(rounded == out)
-            return out.mul_(scale)
         v = x * scale.reciprocal()
-        ctx.save_for_backward((v >= qmin - 0.5).logical_and_(v < qmax + 0.5))
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((v >= qmin - 0.5).logical_and_(v < qmax + 0.5))
         return v.round_().clamp_(qmin, qmax).mul_(scale)
 
     @staticmethod
