@@ -14,8 +14,8 @@ Contenders (same initial weights, all int8):
 Timing: contenders are interleaved step by step in one process, after warm-up; the median of ``--steps``
 steps is reported, and its ratio to float: wall time, and process CPU time (``time.process_time``, all
 threads; less sensitive to other processes on a shared machine, but it counts OpenMP spin-waits).
-``FLOAT fwd`` is the eval-mode forward of our prepared model in FLOAT state against the float model's
-(no grad), also interleaved.
+The FLOAT / VALIDATION rows are the eval-mode forward (no grad) of our calibrated model in that state
+against the float model's, also interleaved (``--compile``: both compiled, the state flips per step).
 
 Peak memory: tracemalloc does not see torch's allocations, so each contender runs in a fresh subprocess:
 after the setup (model, prepare, calibration) freed memory is handed back (``malloc_trim``), the kernel's
@@ -29,7 +29,7 @@ unmapped when freed, so the peak follows the live tensors).
 glibc then keeps freed memory mapped instead of re-faulting it every step; all contenders run under it.
 
 Usage: ``python benchmarks/qat_step.py [--model cnn|encoder|all] [--steps 9] [--threads 2] [--no-memory]
-[--keep-heap]``.
+[--keep-heap] [--device cuda] [--compile] [--contenders ours,modelopt]``.
 """
 
 from __future__ import annotations
@@ -140,8 +140,9 @@ def build(name: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
 
 
 # ------------------------------------------------------------------------------------------------- contenders
-OPTIONS = {"device": "cpu", "compile": False}
-"""``--device`` / ``--compile``: where every contender runs, and whether it runs ``torch.compile``d."""
+OPTIONS = {"device": "cpu", "compile": False, "only": ""}
+"""``--device`` / ``--compile`` / ``--contenders``: where every contender runs, whether it runs
+``torch.compile``d, and which contenders run (comma-separated; empty: all available)."""
 
 
 def make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
@@ -204,7 +205,8 @@ def contenders() -> list[str]:
         names.append("modelopt")
     except Exception:  # noqa: BLE001
         pass
-    return names
+    only = [c for c in OPTIONS["only"].split(",") if c]
+    return [c for c in names if c == "float" or not only or c in only]
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, contender: str = "") -> None:
@@ -338,8 +340,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (every contender)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every contender (inductor)")
+    parser.add_argument("--contenders", default="", help="comma-separated subset (float always runs)")
     args = parser.parse_args()
-    OPTIONS.update(device=args.device, compile=args.compile)
+    OPTIONS.update(device=args.device, compile=args.compile, only=args.contenders)
     torch.set_num_threads(args.threads)
     if args.keep_heap:
         import qat_lightning
