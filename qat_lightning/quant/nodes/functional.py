@@ -16,7 +16,8 @@ fuses it into one loop), ``torch.export`` and on ``meta`` tensors. torch's fused
 for finite inputs (tested bit for bit) but are not used: they have no fake (meta) kernel, so they cannot be
 compiled or exported, the per-tensor one turns NaN into ``qmin * scale`` (a diverging run would go on
 silently) and the per-channel one wraps ``inf`` to the wrong end. Measured in eager mode on this CPU the
-formula is as fast as the fused op (``benchmarks/README.md``). With the opt-in ``cpu_kernels`` backend
+formula is at least as fast as the fused op (its cachemask variant took twice as long forward +
+backward, ``benchmarks/README.md``). With the opt-in ``cpu_kernels`` backend
 (:mod:`qat_lightning.quant.backends`) a float32 CPU tensor goes through a fused C kernel instead (a custom
 op; same values).
 
