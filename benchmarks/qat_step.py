@@ -14,8 +14,8 @@ Contenders (same initial weights, all int8):
 Timing: contenders are interleaved step by step in one process, after warm-up; the median of ``--steps``
 steps is reported, and its ratio to float: wall time, and process CPU time (``time.process_time``, all
 threads; less sensitive to other processes on a shared machine, but it counts OpenMP spin-waits).
-``FLOAT fwd`` is the eval-mode forward of our prepared model in FLOAT state against the float model's
-(no grad), also interleaved.
+The FLOAT / VALIDATION rows are the eval-mode forward (no grad) of our calibrated model in that state
+against the float model's, also interleaved (``--compile``: both compiled, the state flips per step).
 
 Peak memory: tracemalloc does not see torch's allocations, so each contender runs in a fresh subprocess:
 after the setup (model, prepare, calibration) freed memory is handed back (``malloc_trim``), the kernel's
@@ -29,7 +29,7 @@ unmapped when freed, so the peak follows the live tensors).
 glibc then keeps freed memory mapped instead of re-faulting it every step; all contenders run under it.
 
 Usage: ``python benchmarks/qat_step.py [--model cnn|encoder|all] [--steps 9] [--threads 2] [--no-memory]
-[--keep-heap]``.
+[--keep-heap] [--device cuda] [--compile] [--contenders ours,modelopt]``.
 """
 
 from __future__ import annotations
@@ -140,8 +140,9 @@ def build(name: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
 
 
 # ------------------------------------------------------------------------------------------------- contenders
-OPTIONS = {"device": "cpu", "compile": False}
-"""``--device`` / ``--compile``: where every contender runs, and whether it runs ``torch.compile``d."""
+OPTIONS = {"device": "cpu", "compile": False, "only": ""}
+"""``--device`` / ``--compile`` / ``--contenders``: where every contender runs, whether it runs
+``torch.compile``d, and which contenders run (comma-separated; empty: all available)."""
 
 
 def make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
@@ -204,7 +205,8 @@ def contenders() -> list[str]:
         names.append("modelopt")
     except Exception:  # noqa: BLE001
         pass
-    return names
+    only = [c for c in OPTIONS["only"].split(",") if c]
+    return [c for c in names if c == "float" or not only or c in only]
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, contender: str = "") -> None:
@@ -228,6 +230,12 @@ def time_steps(name: str, steps: int, warmup: int = 2) -> tuple[dict[str, float]
     batches = {c: data() for c, (_, data) in models.items()}
     wall: dict[str, list[float]] = {c: [] for c in models}
     cpu: dict[str, list[float]] = {c: [] for c in models}
+    for c, (model, _) in list(models.items()):  # first step (compiles): a contender that fails is left out
+        try:
+            train_step(model, opts[c], batches[c], c)
+        except Exception as err:  # noqa: BLE001
+            print(f"  {c} left out: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+            del models[c], wall[c], cpu[c]
     for i in range(warmup + steps):
         for c, (model, _) in models.items():
             t, p = time.perf_counter(), time.process_time()
@@ -241,24 +249,32 @@ def time_steps(name: str, steps: int, warmup: int = 2) -> tuple[dict[str, float]
     )
 
 
-def time_float_state(name: str, steps: int, warmup: int = 2) -> tuple[float, float]:
-    from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
-    from qat_lightning.quant.preparation.prepare import prepare
+def time_inference(name: str, steps: int, warmup: int = 2) -> dict[str, float]:
+    """Median eval forward (no grad) of the float model and of our calibrated model in FLOAT and VALIDATION.
 
-    model, data = build(name)
-    model.eval()
+    Interleaved; with ``--compile`` each is ``torch.compile``d (ours: one compiled model whose state flips,
+    one graph per state).
+    """
+    from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
+
+    float_model, data = make(name, "float")
+    ours, _ = make(name, "ours")
+    float_model.eval()
+    ours.eval()
     x = data()
-    prepared = prepare(model, x[:4]).eval()
-    set_fake_quantize(prepared, "float")
-    times: dict[str, list[float]] = {"float": [], "FLOAT state": []}
+    times: dict[str, list[float]] = {"float": [], "FLOAT state": [], "VALIDATION state": []}
     with torch.no_grad():
         for i in range(warmup + steps):
-            for key, m in (("float", model), ("FLOAT state", prepared)):
+            for key in times:
+                if key != "float":
+                    set_fake_quantize(ours, key.split()[0])
                 t = time.perf_counter()
-                m(x)
+                (float_model if key == "float" else ours)(x)
+                if OPTIONS["device"].startswith("cuda"):
+                    torch.cuda.synchronize()
                 if i >= warmup:
                     times[key].append(time.perf_counter() - t)
-    return statistics.median(times["float"]), statistics.median(times["FLOAT state"])
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -324,8 +340,9 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (every contender)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every contender (inductor)")
+    parser.add_argument("--contenders", default="", help="comma-separated subset (float always runs)")
     args = parser.parse_args()
-    OPTIONS.update(device=args.device, compile=args.compile)
+    OPTIONS.update(device=args.device, compile=args.compile, only=args.contenders)
     torch.set_num_threads(args.threads)
     if args.keep_heap:
         import qat_lightning
@@ -345,7 +362,7 @@ def main() -> None:
     )
     for name in names:
         times, cpu = time_steps(name, args.steps)
-        f_float, f_state = time_float_state(name, args.steps)
+        inference = time_inference(name, args.steps)
         no_memory = args.no_memory or args.device != "cpu"
         mem = {} if no_memory else measure_memory(name, args.threads, keep_heap=args.keep_heap)
         live = {} if no_memory else measure_memory(name, args.threads, LIVE_ENV)
@@ -359,10 +376,11 @@ def main() -> None:
                 f"  {c:<10} {t * 1e3:9.1f} {t / times['float']:8.2f} {cpu[c] * 1e3:8.1f} "
                 f"{cpu[c] / cpu['float']:8.2f} {_memory_text(mem, c)} {_memory_text(live, c)}"
             )
-        print(
-            f"  FLOAT state forward (eval, no grad): {f_state * 1e3:.1f} ms vs float {f_float * 1e3:.1f} ms "
-            f"= {f_state / f_float:.3f}x"
-        )
+        for key in ("FLOAT state", "VALIDATION state"):
+            print(
+                f"  {key} forward (eval, no grad): {inference[key] * 1e3:.1f} ms vs float "
+                f"{inference['float'] * 1e3:.1f} ms = {inference[key] / inference['float']:.3f}x"
+            )
 
 
 if __name__ == "__main__":

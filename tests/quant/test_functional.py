@@ -13,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 
 from qat_lightning.quant.backends import cpu_kernels, set_backend
 from qat_lightning.quant.dtypes import QuantDtype, float16, float32, qint8, qint16
-from qat_lightning.quant.nodes.functional import FP16_MAX, fake_cast, fake_quantize
+from qat_lightning.quant.nodes.functional import FP16_MAX, fake_cast, fake_quantize, quantize_tensor
 
 INT_DTYPES = [qint8, qint16]
 
@@ -228,6 +228,20 @@ def test_gradient_on_the_range_boundary_ties(dtype) -> None:
     ours_c = grad_of(lambda v: fake_quantize(v, scale_c, dtype, 0), x, ones)
     assert ours_c.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
 
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (-127, 127), (0, 255), (-7, 8)])
+def test_gradient_mask_is_the_range_test_for_any_code_range(qmin, qmax) -> None:
+    """The mask is ``qmin - 0.5 <= x / s < qmax + 0.5`` (ties included) whatever the parity of the ends;
+    a NaN input gets no gradient, and a NaN incoming gradient stays where the mask is set."""
+    t = torch.tensor([qmin - 0.75, qmin - 0.5, qmin - 0.25, qmax + 0.25, qmax + 0.5, qmax + 0.75, math.nan])
+    x = (t * 0.25).requires_grad_()
+    out = quantize_tensor(x, torch.tensor(0.25), qmin, qmax)
+    out.backward(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, math.nan, 1.0]))
+    assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    codes = (t[:-1] * 0.25 * 4.0).round().clamp(qmin, qmax)  # float64-exact here: s = 1/4
+    out = out.detach()
+    assert out[:-1].tolist() == (codes * 0.25).tolist() and math.isnan(out[-1])
 
 # ------------------------------------------------------------------------------------- saturation, int16
 @pytest.mark.parametrize("ch_axis", [None, 0])

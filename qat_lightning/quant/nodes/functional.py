@@ -4,6 +4,9 @@
 round half to even), exactly as ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` do:
 ``1 / scale`` is rounded to float32 first and ``x`` is multiplied by it. The gradient passes where
 ``qmin - 0.5 <= x * (1 / scale) < qmax + 0.5`` and is zero where the value was clipped.
+The backward is ``torch.where(mask, grad, 0)`` (no float copy of the boolean mask; a NaN gradient
+arriving at a clipped element gives 0 there, as torch's ``hardtanh`` backward and
+the ``cpu_kernels`` backend do).
 
 :func:`quantize_tensor` is what every quant node runs. It takes the scale as a float32 tensor, so
 nothing is read back to the host, and runs the same ATen formula (an ``autograd.Function``: multiply,
@@ -13,7 +16,8 @@ fuses it into one loop), ``torch.export`` and on ``meta`` tensors. torch's fused
 for finite inputs (tested bit for bit) but are not used: they have no fake (meta) kernel, so they cannot be
 compiled or exported, the per-tensor one turns NaN into ``qmin * scale`` (a diverging run would go on
 silently) and the per-channel one wraps ``inf`` to the wrong end. Measured in eager mode on this CPU the
-formula is as fast as the fused op (``benchmarks/README.md``). With the opt-in ``cpu_kernels`` backend
+formula is at least as fast as the fused op (its cachemask variant took twice as long forward +
+backward, ``benchmarks/README.md``). With the opt-in ``cpu_kernels`` backend
 (:mod:`qat_lightning.quant.backends`) a float32 CPU tensor goes through a fused C kernel instead (a custom
 op; same values).
 
@@ -75,7 +79,7 @@ class _FakeQuantizeFormula(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         (keep,) = ctx.saved_tensors
-        return grad * keep, None, None, None
+        return torch.where(keep, grad, 0.0), None, None, None  # no bool -> float copy of the mask
 
 
 def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int | None = None) -> Tensor:
