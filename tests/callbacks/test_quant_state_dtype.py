@@ -101,3 +101,15 @@ def test_bf16_true_trainer_qat_keeps_state_and_reloads(tmp_path, lit, data) -> N
     assert _state_dtypes(reloaded.model) == dtypes
     for key, value in lit.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_node_built_under_a_half_default_dtype_keeps_a_float32_scale() -> None:
+    """Lightning's ``init_module`` for ``*-true`` precisions sets the default dtype while modules are built."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        node = ql.FakeQuantize("qint8", observer="kl")
+    finally:
+        torch.set_default_dtype(previous)
+    assert node.scale.dtype == torch.float32
+    assert all(b.dtype != torch.bfloat16 for b in node.buffers())

@@ -135,7 +135,7 @@ class FakeQuantize(nn.Module):
         self._name = name
         self._dtype = parse_dtype(dtype)
         scale_shape = () if ch_axis is None else (int(num_channels or 1),)
-        self.register_buffer("scale", torch.ones(scale_shape))
+        self.register_buffer("scale", torch.ones(scale_shape, dtype=torch.float32))
         self.register_buffer("dtype_code", torch.tensor(self._dtype.code, dtype=torch.long))
         self.register_buffer("scale_fixed", torch.tensor(observer == "fixed"))
         self.register_buffer("scale_ready", torch.tensor(False))
