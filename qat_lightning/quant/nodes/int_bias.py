@@ -66,45 +66,65 @@ class _RoundBias(torch.autograd.Function):
         return grad, None, None
 
 
+def _bias_nodes(op: nn.Module, bias: Tensor | None) -> tuple[Any, Any] | None:
+    """``(input node, weight node)`` whose scales make ``op``'s int32 bias step, or ``None`` (float bias)."""
+    if bias is None or not op.int_bias or not GlobalFakeQuantSwitch._enabled:
+        return None
+    xq, wq = op.input_quant[0], op.weight_quant
+    if not xq.dtype.is_integer:  # input left as produced: the producer's output node quantized it
+        xq = op.__dict__.get("_bias_producer")
+        if xq is None or not xq.dtype.is_integer:
+            return None
+    if not wq.dtype.is_integer or wq.scale.numel() not in (1, bias.numel()):
+        return None  # (a grouped conv-transpose has the per-channel scale of one group)
+    return xq, wq
+
+
 def deployed_bias(op: nn.Module, bias: Tensor | None) -> Tensor | None:
     """Return the bias ``op`` (a gemm op: ``input_quant[0]``, ``weight_quant``) adds; see the module doc.
 
     Call it after the op's input and weight nodes ran in this forward (their ``scale`` is then current).
     """
-    if bias is None or not op.int_bias or not GlobalFakeQuantSwitch._enabled:
+    exported = op.__dict__.get("_exported_bias")
+    if exported is not None:
+        return exported
+    nodes = _bias_nodes(op, bias)
+    if nodes is None:
         return bias
-    xq, wq = op.input_quant[0], op.weight_quant
-    if not xq.dtype.is_integer:  # input left as produced: the producer's output node quantized it
-        xq = op.__dict__.get("_bias_producer")
-        if xq is None or not xq.dtype.is_integer:
-            return bias
-    if not wq.dtype.is_integer:
+    xq, wq = nodes
+    if xq.state is not FakeQuantState.VALIDATION or wq.state is not FakeQuantState.VALIDATION:
         return bias
-    validation = FakeQuantState.VALIDATION
-    if not (op.__dict__.get("_exporting_bias", False) or (xq.state is validation and wq.state is validation)):
-        return bias
-    w_scale = wq._buffers["scale"]
-    if w_scale.numel() not in (1, bias.numel()):  # grouped conv-transpose: per-channel scale of one group
-        return bias
-    return _RoundBias.apply(bias, xq._buffers["scale"], w_scale)
+    return _RoundBias.apply(bias, xq._buffers["scale"], wq._buffers["scale"])
+
+
+def _float_bias(op: nn.Module) -> Tensor | None:
+    """Return the float bias ``op``'s eval forward adds (BN folded); ``None`` for ``with_bn``."""
+    if getattr(op, "qat_mode", "") == "with_bn":
+        return None
+    module = op.__dict__["_modules"].get("module")
+    return module.bias if module is not None else op._folded()[1]
 
 
 @contextmanager
 def exporting_bias(model: nn.Module) -> Iterator[None]:
-    """While active, every gemm op of ``model`` with ``int_bias`` rounds its bias whatever its nodes' state.
+    """While active, every gemm op of ``model`` adds its deployed bias as a constant, whatever the state.
 
-    The export puts every quant node in ``FLOAT`` (its hooks compute the quantized values), so the exported
-    bias initializer is the deployed bias: the graph computes the same with or without onnxruntime's
-    ``WeightBiasQuantization`` (which then finds the bias already on its int32 grid).
+    Used by the ONNX export (which puts every quant node in ``FLOAT``; its hooks compute the quantized
+    values): the constant becomes the bias initializer, already on the int32 grid, so the graph computes
+    the same with or without onnxruntime's ``WeightBiasQuantization``.
     """
     ops = [m for m in model.modules() if hasattr(type(m), "int_bias")]
-    for op in ops:
-        op.__dict__["_exporting_bias"] = True
     try:
+        with torch.no_grad():
+            for op in ops:
+                bias = _float_bias(op)
+                nodes = _bias_nodes(op, bias)
+                if nodes is not None:
+                    op.__dict__["_exported_bias"] = round_bias(bias, nodes[0].scale, nodes[1].scale)
         yield
     finally:
         for op in ops:
-            op.__dict__.pop("_exporting_bias", None)
+            op.__dict__.pop("_exported_bias", None)
 
 
 def set_int_bias(model: nn.Module, enabled: bool) -> int:
