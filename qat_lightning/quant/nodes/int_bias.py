@@ -75,7 +75,7 @@ def _bias_nodes(op: nn.Module, bias: Tensor | None) -> tuple[Any, Any] | None:
         xq = op.__dict__.get("_bias_producer")
         if xq is None or not xq.dtype.is_integer:
             return None
-    if not wq.dtype.is_integer or wq.scale.numel() not in (1, bias.numel()):
+    if not wq.dtype.is_integer or wq._buffers["scale"].numel() not in (1, bias.numel()):
         return None  # (a grouped conv-transpose has the per-channel scale of one group)
     return xq, wq
 
