@@ -50,8 +50,9 @@ def round_bias(bias: Tensor, input_scale: Tensor, weight_scale: Tensor) -> Tenso
         The bias as the deployed model adds it (same dtype as ``bias``; round half to even, like
         ``QuantizeLinear``).
     """
-    s = (input_scale * weight_scale).reshape(-1).to(bias.dtype)
-    return torch.round(bias / s).clamp_(INT32_MIN, INT32_MAX) * s
+    dtype = torch.promote_types(bias.dtype, torch.float32)  # a half bias: the int32 code needs float32
+    s = (input_scale * weight_scale).reshape(-1).to(dtype)
+    return (torch.round(bias.to(dtype) / s).clamp_(INT32_MIN, INT32_MAX) * s).to(bias.dtype)
 
 
 class _RoundBias(torch.autograd.Function):
