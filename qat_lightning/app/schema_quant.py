@@ -156,11 +156,14 @@ class PrepareConf:
         qat_mode: BatchNorm handling (``fuse_bn`` folds BN into conv, ``with_bn`` keeps it, ``freeze_bn``
             freezes its statistics); structural, so calibration and QAT use the same.
         submodule: attribute of the LightningModule holding the network.
+        int_bias: in VALIDATION (and the export) conv / linear with integer input and weight add the bias
+            as deployed, int32 at scale ``s_in * s_w`` (``prepare(int_bias=)``); ``false``: float bias.
     """
 
     method: PrepareMethod = PrepareMethod.auto
     qat_mode: BnMode = BnMode.fuse_bn
     submodule: str = "model"
+    int_bias: bool = True
 
 
 @dataclass(frozen=True)

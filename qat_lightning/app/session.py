@@ -273,6 +273,7 @@ class Session:
             method=p.method.value,
             qat_mode=p.qat_mode.value,
             check_dir=out_dir,
+            int_bias=p.int_bias,
         )
         load_quantized_checkpoint(
             lit,
@@ -282,6 +283,7 @@ class Session:
             submodule=p.submodule,
             method=p.method.value,
             qat_mode=p.qat_mode.value,
+            int_bias=p.int_bias,
         )
         return lit, info
 

@@ -79,6 +79,7 @@ class PrepareQuantization(Callback):
         qat_mode: ``"fuse_bn"``, ``"with_bn"`` or ``"freeze_bn"``.
         chip: target chip (``"j6e"``, ``"j6m"``, ``"j6p"``), or ``None`` (the setter's own, if any).
         input_fn: turns a batch into model inputs (default: tensor / first element / dict as kwargs).
+        int_bias: VALIDATION adds the deployed int32 bias of conv / linear (``prepare(int_bias=)``).
 
     Example::
 
@@ -99,8 +100,12 @@ class PrepareQuantization(Callback):
         qat_mode: str = "fuse_bn",
         chip: str | None = None,
         input_fn: InputFn | None = None,
+        int_bias: bool = True,
     ) -> None:
         super().__init__()
+        if not isinstance(int_bias, bool):
+            raise TypeError(f"int_bias must be True or False, got {int_bias!r}")
+        self.int_bias = int_bias
         check_choice("method", method, METHODS)
         check_choice("qat_mode", qat_mode, QAT_MODES)
         self.qconfig_setter = qconfig_setter
@@ -133,6 +138,7 @@ class PrepareQuantization(Callback):
                 qat_mode=self.qat_mode,
                 chip=self.chip,
                 check_dir=log_dir if trainer.is_global_zero else None,
+                int_bias=self.int_bias,
             )
             self.prepared_here = True
             self._report(trainer, model, log_dir)

@@ -104,6 +104,7 @@ def prepare_submodule(
     qat_mode: str = "fuse_bn",
     chip: str | None = None,
     check_dir: str | Path | None = None,
+    int_bias: bool = True,
 ) -> nn.Module:
     """Prepare ``pl_module.<submodule>`` in place of the float network and return the prepared network.
 
@@ -123,6 +124,7 @@ def prepare_submodule(
         qat_mode: ``fuse_bn``, ``with_bn`` or ``freeze_bn``.
         chip: target chip (``j6e``, ``j6m``, ``j6p``) or ``None``.
         check_dir: where ``prepare`` writes ``model_check_result.txt`` (``None``: not written).
+        int_bias: VALIDATION adds the deployed int32 bias of conv / linear (``prepare(int_bias=)``).
 
     Raises:
         ValueError: for an unknown method / qat_mode, missing example inputs, or what ``prepare`` rejects.
@@ -143,6 +145,7 @@ def prepare_submodule(
         method=method,
         qat_mode=qat_mode,
         check_dir=None if check_dir is None else str(check_dir),
+        int_bias=int_bias,
     )
     set_submodule(pl_module, submodule, prepared)
     ensure_calibrated_flag(prepared)
@@ -167,6 +170,7 @@ def load_quantized_checkpoint(
     qat_mode: str = "fuse_bn",
     chip: str | None = None,
     map_location: Any = "cpu",
+    int_bias: bool = True,
     **init_kwargs: Any,
 ) -> pl.LightningModule:
     """Rebuild a quantized LightningModule from a checkpoint of a quantized run, loading strictly.
@@ -188,6 +192,7 @@ def load_quantized_checkpoint(
         qat_mode: BN mode used for the run.
         chip: target chip used for the run.
         map_location: passed to ``torch.load``.
+        int_bias: ``prepare(int_bias=)`` (not stored in the checkpoint: VALIDATION arithmetic only).
         **init_kwargs: constructor arguments overriding the saved hyper-parameters (class form only).
 
     Returns:
@@ -211,6 +216,7 @@ def load_quantized_checkpoint(
         method=method,
         qat_mode=qat_mode,
         chip=chip,
+        int_bias=int_bias,
     )
     ours = recipe_of(prepared)
     saved = _checkpoint_recipe(checkpoint, submodule)

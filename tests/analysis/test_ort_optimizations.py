@@ -3,6 +3,9 @@
 Found cause: onnxruntime's ``WeightBiasQuantization`` (level basic and above) stores a Gemm's float bias
 as int32 at scale ``s_in * s_w``; with a coarse int8 input and an int16 output that moves the output by up
 to ``0.5 * s_in * s_w / s_out`` int16 steps. With optimizations off the graph equals fake quant exactly.
+The fixture prepares with ``int_bias=False`` (fake quant with a float bias, as before ``prepare`` had the
+switch) to pin that behaviour and the check's report of it; with the default ``int_bias=True`` fake quant
+adds the same int32 bias and every level equals fake quant (last test).
 """
 
 from __future__ import annotations
@@ -46,18 +49,21 @@ def _batch(seed: int) -> torch.Tensor:
     return x
 
 
-@pytest.fixture
-def head16(tmp_path):
+def _head16(tmp_path, int_bias):
     xs = [_batch(i) for i in range(3)]
-    model = ql.prepare(
-        _Head().eval(), example_inputs=(xs[0],), qconfig_setter=[ModuleNameTemplate({"fc": ql.qint16})]
-    )
+    setter = [ModuleNameTemplate({"fc": ql.qint16})]
+    model = ql.prepare(_Head().eval(), example_inputs=(xs[0],), qconfig_setter=setter, int_bias=int_bias)
     ql.set_fake_quantize(model.eval(), "calibration")
     with torch.no_grad():
         for x in xs:
             model(x)
     ql.set_fake_quantize(model, "validation")
     return model, export_onnx(model, (xs[0],), tmp_path / "m.onnx"), xs
+
+
+@pytest.fixture
+def head16(tmp_path):
+    return _head16(tmp_path, int_bias=False)
 
 
 def _scales(result):
@@ -121,3 +127,12 @@ def test_unknown_level_is_refused(head16):
     with pytest.raises(ValueError, match="disabled, basic, extended, all"):
         compare_export_per_layer(model, result.path, xs, optimization="max")
     assert ORT_OPTIMIZATIONS == ("disabled", "basic", "extended", "all")
+
+
+def test_int_bias_makes_every_level_equal_fake_quant(tmp_path):
+    model, result, xs = _head16(tmp_path, int_bias=True)
+    for level in ORT_OPTIMIZATIONS:
+        rows = compare_export_per_layer(model, result.path, xs, optimization=level)
+        assert all(r.max_abs_error == 0.0 for r in rows), level
+    check = check_export(model, result.path, xs, min_sqnr_db=200.0)
+    assert check.passed and check.outputs[0].max_abs_error == 0.0

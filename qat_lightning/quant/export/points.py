@@ -32,6 +32,7 @@ from qat_lightning.quant import (
     iter_quant_ops,
     quant_nodes_of,
 )
+from qat_lightning.quant.nodes.int_bias import exporting_bias
 
 __all__ = ["CUSTOM_DOMAIN", "QuantPoint", "QuantDequantPoint", "collect_points", "export_points"]
 
@@ -146,7 +147,8 @@ def export_points(model: nn.Module) -> Iterator[list[QuantPoint]]:
             node.state = FakeQuantState.FLOAT
             if not node.dtype.is_float32:
                 handles.append(node.register_forward_hook(_export_hook(path, node)))
-        yield points
+        with exporting_bias(model):  # the exported bias is the deployed int32 one (VALIDATION)
+            yield points
     finally:
         for handle in handles:
             handle.remove()

@@ -7,17 +7,15 @@ Every class derives from :class:`QuantOp`, which carries the contract of :mod:`q
 * :class:`QatConvBn`: conv (or linear) + BatchNorm, optionally + residual add and ReLU, in one of three QAT
   modes (see the class docstring).
 * :class:`QatModuleOp`: any other module op (LayerNorm, Softmax, pooling, ...): output quant point.
-  Norm ops (LayerNorm, GroupNorm) use its subclass ``QatNormOp`` in :mod:`~.fp16_norm`
-  (fp16 simulation with automatic input scaling).
+  Norm ops use its subclass ``QatNormOp`` (:mod:`~.fp16_norm`: fp16 simulation, automatic input scaling).
 * :class:`QatFunction`: a functional op / operator (``add``, ``matmul``, ``softmax``, ...).
 * :class:`QatInput`: a model input (or a user's ``QuantStub``).
 
 The float modules are kept as children (``module``, ``conv``, ``bn``), so parameters keep their identity:
-several call sites of one shared module share its parameters and its weight quant node.
-
-In the FLOAT state every quant node returns its input after one attribute test, so an op costs its float
-computation plus a few Python calls; the fused conv-bn in eval (any state) runs one conv with the
-BN-folded weight and bias (one weight-sized multiply per forward).
+several call sites of one shared module share its parameters and its weight quant node. In the FLOAT state
+every quant node returns its input after one attribute test; the fused conv-bn in eval (any state) runs one
+conv with the BN-folded weight and bias. The gemm ops add the deployed int32 bias in VALIDATION
+(:mod:`.int_bias`).
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 
 from qat_lightning.quant.dtypes import QuantDtype, float32
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
+from qat_lightning.quant.nodes.int_bias import deployed_bias
 from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 from qat_lightning.quant.ops import OpInfo
 from qat_lightning.quant.qconfig.qconfig import QConfig
@@ -182,6 +181,8 @@ class QatGemm(QuantOp):
         relu: a ReLU fused after the gemm.
     """
 
+    int_bias: bool = True
+
     def __init__(
         self,
         info: OpInfo,
@@ -199,8 +200,8 @@ class QatGemm(QuantOp):
 
     def _forward(self, x: Tensor, output_size: Any = None) -> Tensor:
         m = self.module
-        x = self.input_quant[0](x)
-        y = _gemm(self.kind, m, x, quantize_weight(self.weight_quant, m.weight), m.bias, output_size)
+        x, w = self.input_quant[0](x), quantize_weight(self.weight_quant, m.weight)
+        y = _gemm(self.kind, m, x, w, deployed_bias(self, m.bias), output_size)
         return self.output_quant(torch.relu(y) if self.relu else y)
 
 
@@ -244,8 +245,10 @@ class QatConvBn(QuantOp):
       still trained. The BN stays in eval mode inside (``train()`` does not change it).
 
     With ``add`` the op takes ``(x, residual)``: the residual gets its own input quant node (``input.1``)
-    and the add's output is the op's output.
+    and the add's output is the op's output. ``int_bias``: see :mod:`.int_bias` (not in ``with_bn``).
     """
+
+    int_bias: bool = True
 
     def __init__(
         self,
@@ -293,7 +296,7 @@ class QatConvBn(QuantOp):
             # conv(x, q(w * s)) / s == conv(x, q(w * s) / s): un-fold on the weight, not the output
             return bn(_gemm(self.kind, conv, x, quantize_weight(wq, conv.weight, scale), conv.bias))
         w, b = self._folded()
-        return _gemm(self.kind, conv, x, wq(w), b)
+        return _gemm(self.kind, conv, x, wq(w), deployed_bias(self, b))  # wq runs first: scale current
 
     def _folded(self) -> tuple[Tensor, Tensor]:
         """``fold_bn`` of the current parameters; cached while nothing changes and no gradient is needed."""

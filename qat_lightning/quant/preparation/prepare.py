@@ -37,6 +37,7 @@ from torch.utils._pytree import tree_flatten
 from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import float32
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.int_bias import set_int_bias
 from qat_lightning.quant.nodes.qat_modules import QAT_MODES, QuantOp
 from qat_lightning.quant.ops import FloatOp, OpInfo, PrepareRecord
 from qat_lightning.quant.preparation.attention_swap import decompose_attention, has_attention
@@ -79,7 +80,9 @@ def _device_of(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any])
     return None
 
 
-def _validate(method: str, qat_mode: str, model: Any) -> None:
+def _validate(method: str, qat_mode: str, model: Any, int_bias: Any = True) -> None:
+    if not isinstance(int_bias, bool):
+        raise TypeError(f"int_bias must be True or False, got {int_bias!r}")
     if method not in PREPARE_METHODS:
         raise ValueError(f"unknown prepare method {method!r}; allowed: {', '.join(PREPARE_METHODS)}")
     if qat_mode not in QAT_MODES:
@@ -132,6 +135,7 @@ def prepare(
     qat_mode: str = "fuse_bn",
     check_dir: str | os.PathLike[str] | None = None,
     fuse_fn: Callable[[nn.Module], Any] | None = None,
+    int_bias: bool = True,
 ) -> nn.Module:
     """Return a copy of ``model`` whose every quantizable op has named quant points.
 
@@ -154,6 +158,8 @@ def prepare(
             ``fuse_fn(model)`` fuses in place (``qat_lightning.quant.fuse_modules``) or returns the fused
             model. When ``None``, eager mode (also the ``auto`` fallback) calls the model's own
             ``fuse_model()`` method if it has one (torch.ao's eager convention); fx fuses by itself.
+        int_bias: in VALIDATION, conv / linear ops with integer input and weight add the bias as deployed
+            (int32 at scale ``s_in * s_w``, see ``qat_lightning.quant.nodes.int_bias``); ``False``: float.
 
     Returns:
         The prepared model (an ``fx.GraphModule`` for fx), with ``quant_op_order`` and
@@ -166,7 +172,7 @@ def prepare(
         TypeError: a bad ``model``, ``example_inputs`` or ``qconfig_setter``.
         FxTraceError: ``method="fx"`` and fx cannot trace the model (names the failing line).
     """
-    _validate(method, qat_mode, model)
+    _validate(method, qat_mode, model, int_bias)
     if fuse_fn is not None:
         model = run_fuse_hook(copy.deepcopy(model), fuse_fn)
     swap_notes: list[str] = []
@@ -190,6 +196,7 @@ def prepare(
     result.notes = [*swap_notes, *result.notes]
     record = _record(result, probe, qat_mode, setter, assign.assignments[-1])
     prepared = result.model
+    set_int_bias(prepared, int_bias)
     order = [p.name for p in result.plans]
     prepared.quant_op_order = order
     prepared.prepare_record = record
