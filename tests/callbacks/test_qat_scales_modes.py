@@ -71,7 +71,7 @@ def test_half_precision_qat_trains(tmp_path, lit, data, precision) -> None:
 
 
 def test_bf16_true_probe_analysis_and_ptq_get_converted_batches(tmp_path, lit, data) -> None:
-    """Every callback that feeds batches itself converts them as Lightning does (bf16 inputs for a bf16 model)."""
+    """Callbacks that feed batches themselves convert them as Lightning does (bf16 inputs, bf16 model)."""
     from qat_lightning.callbacks import AdaRound, BiasCorrection, QatLrProbe, QuantAnalysisCallback
 
     probe = QatLrProbe(lrs=(1e-4, 1e-2), steps=2, eval_batches=1)

@@ -104,7 +104,7 @@ def test_bf16_true_trainer_qat_keeps_state_and_reloads(tmp_path, lit, data) -> N
 
 
 def test_node_built_under_a_half_default_dtype_keeps_a_float32_scale() -> None:
-    """Lightning's ``init_module`` for ``*-true`` precisions sets the default dtype while modules are built."""
+    """Lightning's ``init_module`` sets the default dtype while modules are built (``*-true`` precisions)."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
