@@ -89,7 +89,8 @@ class SearchConfig:
         cost_aware: after the ratio search, try the raised ops back in ``low``, most FLOPs first.
         higher_is_better: ``False`` when the metric is an error (target is an upper bound).
         sensitive_type: use only ``activation`` or ``weight`` rows (``None``: both).
-        method: ``fast`` (first-order guess, then verification around it) or ``exact`` (bisection).
+        method: ``fast`` (first-order guess, verification around it, then one check below: module
+            docstring) or ``exact`` (bisection).
         base_dtypes: node dtypes applied under every probe (e.g. fp16 outputs, see ``search_j6p``).
         base_templates: templates reproducing ``base_dtypes`` in the plan's setter.
         reference_qconfig: the setter's reference qconfig (default ``get_qconfig(weight_dtype=low,
