@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from analysis_toys import calibrated, data
+from analysis_toys import QInput, QLinear, calibrated, data
 
 import qat_lightning as ql
 from qat_lightning.analysis import (
@@ -19,7 +19,7 @@ from qat_lightning.analysis import (
 from qat_lightning.analysis.search.precision_nodes import collect_ops, raise_assignment
 from qat_lightning.analysis.search.precision_paths import j6p_base_dtypes
 from qat_lightning.analysis.state import node_dtypes
-from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
+from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 
 
 def _setup(outputs: str = "single"):
@@ -301,3 +301,43 @@ def test_fast_search_equals_exact_search_on_the_built_in_example(tmp_path) -> No
             compared += 1
             assert (fast.raised, fast.metric, fast.ratios) == (exact.raised, exact.metric, exact.ratios)
     assert compared >= 3
+
+
+class _Chain(torch.nn.Module):
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.q = QInput("q")
+        self.fcs = torch.nn.ModuleList([QLinear(f"fc{i}", 4, 4) for i in range(n)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.q(x)
+        for fc in self.fcs:
+            x = fc(x)
+        return x
+
+
+def test_fast_search_checks_below_and_notes_a_non_monotone_metric() -> None:
+    torch.manual_seed(0)
+    model = _Chain(24)
+    ql.set_fake_quantize(model, ql.FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        model(torch.randn(8, 4))
+    ql.set_fake_quantize(model, ql.FakeQuantState.VALIDATION)
+    rows = [
+        SensitivityRow(f"fc{i}", "activation", "Linear", 1 / (i + 1) ** 2, "qint8", 1, 0.1) for i in range(24)
+    ]
+    table = SensitivityTable(tuple(rows), "MSE")
+    fails = {0, 1, 3, 7, 11}  # rows raised (top rows first) whose metric misses the target: not monotone
+
+    def eval_fn(m: torch.nn.Module) -> float:
+        return float(sum(fc.output_quant.dtype == ql.qint16 for fc in m.fcs) not in fails)
+
+    exact = search_mixed_precision(model, table, eval_fn, 0.5, method="exact")
+    assert [p.raised for p in exact.probes] == [0, 24, 12, 6, 3, 4] and len(exact.raised) == 4
+    assert not any("monotone" in n for n in exact.notes)
+    fast = search_mixed_precision(model, table, eval_fn, 0.5, method="fast")
+    # the guessed search alone: 1 12 3 7 9 8 -> 8 (it trusted the failing 7); the check below: 4 passes,
+    # (3, 4] -> 4; 2 passes, (1, 2] -> 2; 1 was probed and fails: stop at 2 (which meets the target)
+    assert [p.raised for p in fast.probes] == [0, 24, 1, 12, 3, 7, 9, 8, 4, 2]
+    assert len(fast.raised) == 2 and fast.reached
+    assert any("not monotone" in n and "2 rows pass" in n and "7 fail" in n for n in fast.notes)

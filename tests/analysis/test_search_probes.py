@@ -1,4 +1,7 @@
-"""search_probes: smallest_ok against brute force, row energies, the first-order guess."""
+"""search_probes: smallest_ok (brute force, a non-monotone trace), row energies, the first-order guess.
+
+``_narrow`` is the guessed search without the check below: what ``smallest_ok`` did before.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import random
 
 import pytest
 
-from qat_lightning.analysis.search.probes import FirstOrderGuess, row_energy, smallest_ok
+from qat_lightning.analysis.search.probes import FirstOrderGuess, _narrow, row_energy, smallest_ok
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 
 
@@ -29,14 +32,66 @@ def test_smallest_ok_equals_brute_force_with_and_without_guess(seed: int) -> Non
     for guess in (None, lo - 5, lo, lo + 1, boundary - 1, boundary, boundary + 1, hi - 1, hi, hi + 9):
         calls.clear()
         assert smallest_ok(lo, hi, ok_at, guess) == boundary
-        assert len(calls) <= 3 * bisection + 2  # a useless guess: at most two extra probes per halving
+        assert len(calls) <= 3 * bisection + 3  # a useless guess: two extra probes per halving, the check
     for noise in (-7, -1, 0, 2, 11):  # a guess asked again after every probe
         assert smallest_ok(lo, hi, ok_at, lambda a, b, noise=noise: boundary + noise) == boundary
     calls.clear()
     if lo < boundary - 1:
         smallest_ok(lo, hi, ok_at, boundary)
-        assert calls[:2] == [boundary, boundary - 1] and len(calls) == 2  # a right guess: two probes
+        check = [] if (lo + boundary) // 2 in (lo, boundary - 1) else [(lo + boundary) // 2]
+        assert calls == [boundary, boundary - 1, *check]  # a right guess: two probes and the check below
     assert bisection <= math.ceil(math.log2(hi - lo)) + 1
+
+
+# s2's text-encoder trace (rows raised: accuracy, target 96.33); every count not listed passes except 27
+_TRACE = {2: 95.64, 3: 96.31, 4: 96.48, 5: 96.48, 7: 96.15, 11: 96.48, 23: 96.48}
+_TRACE |= {27: 96.31, 28: 96.65, 46: 96.65}
+_FAILS = {0, 1, 2, 3, 7, 27}
+
+
+def _scripted_guess(lo: int, hi: int) -> int | None:
+    """The first-order guesses of that run: 2 first, 7 after the middle 47, 28 last; elsewhere none."""
+    return {(0, 93): 2, (2, 47): 7, (27, 47): 28}.get((lo, hi))
+
+
+def test_fast_search_checks_below_a_non_monotone_metric() -> None:
+    calls: list[int] = []
+
+    def ok_at(k: int) -> bool:
+        assert 0 < k <= 93 and k not in calls, "probed outside (0, 93] or twice"
+        calls.append(k)
+        assert (_TRACE.get(k, 96.65) >= 96.33) == (k not in _FAILS)  # the scripted metric
+        return k not in _FAILS
+
+    assert smallest_ok(0, 93, ok_at) == 4  # exact: 46 23 11 5 2 3 4, as in the run
+    assert calls == [46, 23, 11, 5, 2, 3, 4]
+    calls.clear()
+    assert _narrow(0, 93, ok_at, _scripted_guess) == 28  # the old fast path trusted the failing 7
+    assert calls == [2, 47, 7, 27, 28]
+    calls.clear()
+    # by hand: 2 47 7 27 28 as before -> 28; check 14 passes: search (7, 14] -> 10 8 -> 8;
+    # check 4 passes: search (2, 4] -> 3 fails -> 4; check 2 already probed (fails): stop at 4
+    assert smallest_ok(0, 93, ok_at, _scripted_guess) == 4
+    assert calls == [2, 47, 7, 27, 28, 14, 10, 8, 4, 3]
+
+
+@pytest.mark.parametrize(("boundary", "off"), [(5, 0), (17, 0), (40, 0), (93, 0), (17, 3), (93, 3)])
+def test_fast_search_on_a_monotone_metric_costs_one_probe_more(boundary: int, off: int) -> None:
+    calls: list[int] = []
+
+    def ok_at(k: int) -> bool:
+        calls.append(k)
+        return k >= boundary
+
+    def guess(lo: int, hi: int) -> int:
+        return boundary + off
+
+    assert _narrow(0, 93, ok_at, guess) == boundary
+    before = list(calls)
+    assert boundary // 2 not in before  # so the check below is a new probe
+    calls.clear()
+    assert smallest_ok(0, 93, ok_at, guess) == boundary
+    assert calls == [*before, boundary // 2]  # exactly one probe more: the check, which fails
 
 
 def test_row_energy_is_additive_per_metric() -> None:

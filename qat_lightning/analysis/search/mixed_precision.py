@@ -14,9 +14,10 @@ Steps 2 and 3 look for the smallest count that meets the target between a failin
 (:func:`~qat_lightning.analysis.search.probes.smallest_ok`): ``method="exact"`` bisects;
 ``method="fast"`` (the default) first predicts the boundary from the tables' own first-order numbers
 (:class:`~qat_lightning.analysis.search.probes.FirstOrderGuess`) and verifies only the counts around
-the prediction. Both find the same counts, hence the same plan, whenever the metric does not get worse
-when more rows are raised (which the bisection assumes too); the probes are all reported so a violation
-is visible.
+the prediction, then probes the point below that bisection would look at (one probe more; if it passes,
+the metric is not monotone, the search goes on below and a plan note says so). Both find the same
+counts, hence the same plan, whenever the metric does not get worse when more rows are raised (which
+the bisection assumes too); the probes are all reported so a violation is visible.
 
 Each probe is an evaluation only: node dtypes are changed in place (``fq.dtype = high``: scales are
 recomputed from the observers' dtype-agnostic statistics, no recalibration), ``eval_fn(model)`` is
@@ -88,7 +89,8 @@ class SearchConfig:
         cost_aware: after the ratio search, try the raised ops back in ``low``, most FLOPs first.
         higher_is_better: ``False`` when the metric is an error (target is an upper bound).
         sensitive_type: use only ``activation`` or ``weight`` rows (``None``: both).
-        method: ``fast`` (first-order guess, then verification around it) or ``exact`` (bisection).
+        method: ``fast`` (first-order guess, verification around it, then one check below: module
+            docstring) or ``exact`` (bisection).
         base_dtypes: node dtypes applied under every probe (e.g. fp16 outputs, see ``search_j6p``).
         base_templates: templates reproducing ``base_dtypes`` in the plan's setter.
         reference_qconfig: the setter's reference qconfig (default ``get_qconfig(weight_dtype=low,
@@ -230,7 +232,19 @@ class _Stages:
                 return guess.first(a, b, lambda k: _union(self.per_table, counts_at(k)), self.s.ok)
 
         k = smallest_ok(lo, hi, ok_at, predict)
+        self.note_non_monotone(stage, seen)
         return k, seen.get(k)
+
+    def note_non_monotone(self, stage: str, seen: Mapping[int, Probe]) -> None:
+        """Add a plan note when a count passed below a failing one (the fast search's check found it)."""
+        passes = [p for _, p in sorted(seen.items()) if p.ok]
+        fails = [p for _, p in sorted(seen.items()) if not p.ok]
+        if passes and fails and passes[0].raised < fails[-1].raised:
+            a, b = passes[0], fails[-1]
+            self.s.notes.append(
+                f"{stage}: metric not monotone in the rows raised: {a.raised} rows pass ({a.metric:g}) "
+                f"but {b.raised} fail ({b.metric:g}); the fast search checked below and went on there"
+            )
 
     def common(self, full: Probe) -> tuple[list[int], Probe, float]:
         """Step 2 on the grid ``k / N`` (``N`` = largest table): counts, their probe, the common ratio."""

@@ -4,8 +4,9 @@
   identical assignments are evaluated once;
 * :func:`smallest_ok` finds the smallest count meeting the target between a failing and a passing one:
   by bisection (``exact``) or, given a guess, by probing the guess and galloping away from it
-  (``fast``). Both return the same count whenever the metric does not get worse when more rows are
-  raised (the searches' assumption), the fast one in fewer probes when the guess is close;
+  (``fast``), then checking below the count found (a pass there shows the metric is not monotone and
+  the search goes on below). Both return the same count whenever the metric does not get worse when
+  more rows are raised (the searches' assumption), the fast one in fewer probes when the guess is close;
 * :class:`FirstOrderGuess` predicts where the boundary lies from the sensitivity tables' own numbers:
   each row's error value is turned into an additive error energy (``MSE`` and ``1-COSINE`` are
   proportional to the squared output error, ``-SQNR`` is ``10 log10`` of it, ``L1`` and the others
@@ -134,8 +135,39 @@ def smallest_ok(
     boundary); after a guessed probe that did not halve the interval, the next probe is the middle
     unless the guess only checks a neighbour of a bound, so a poor guess costs a bounded number of extra
     probes.
+
+    With a guess, the count ``k`` found is then checked below: the point ``m = (lo + k) // 2`` that
+    bisection would look at is probed. If it fails, ``k`` stands; if it passes, the metric is not
+    monotone there (a count above ``m`` failed), so the search goes on in ``(largest failing count
+    below m, m]`` (with the guess again) and the new ``k`` is checked the same way. The check stops at a
+    failing point or at one already probed (its known result is used; a known pass continues the
+    search without a new probe). On a monotone metric this costs at most one probe more than the guessed
+    search alone (exactly one unless ``m`` was already probed or ``k = lo + 1``). Without a guess
+    (bisection) there is no check: every probe lies between the largest failing and the smallest passing
+    count seen, so bisection never meets a pass below a fail.
     """
     predict = None if guess is None else guess if callable(guess) else (lambda _lo, _hi: guess)
+    if predict is None:
+        return _narrow(lo, hi, ok_at, None)
+    known: dict[int, bool] = {}
+
+    def probe(k: int) -> bool:
+        known[k] = ok_at(k)
+        return known[k]
+
+    k = _narrow(lo, hi, probe, predict)
+    while True:
+        m = (lo + k) // 2
+        if m <= lo or not (known[m] if m in known else probe(m)):
+            return k
+        below = max((c for c, ok in known.items() if not ok and c < m), default=lo)
+        k = _narrow(below, m, probe, predict)
+
+
+def _narrow(
+    lo: int, hi: int, ok_at: Callable[[int], bool], predict: Callable[[int, int], int | None] | None
+) -> int:
+    """Search between a failing ``lo`` and a passing ``hi`` (:func:`smallest_ok` without its check below)."""
     misses = 0  # guessed probes in a row that did not halve the interval
     while hi - lo > 1:
         width, mid = hi - lo, (lo + hi) // 2
