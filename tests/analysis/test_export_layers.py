@@ -13,6 +13,7 @@ from qat_lightning.analysis.export_layers import (
     first_export_mismatch,
     render_export_layers,
 )
+from qat_lightning.quant.calibrate import calibrate
 from qat_lightning.quant.export import export_onnx
 from tests.analysis.test_export_check import _tamper_scale
 from tests.models import TinyResNet
@@ -25,11 +26,7 @@ def _tiny_resnet(tmp_path, dtype=None):
     xs = [torch.randn(8, 3, 16, 16) for _ in range(2)]
     setter = None if dtype is None else ql.get_qconfig(weight_dtype=dtype, out_dtype=dtype)
     model = ql.prepare(TinyResNet().eval(), example_inputs=(xs[0],), qconfig_setter=setter).eval()
-    ql.set_fake_quantize(model, "calibration")
-    with torch.no_grad():
-        for x in xs:
-            model(x)
-    ql.set_fake_quantize(model, "validation")
+    calibrate(model.eval(), xs)  # leaves it in VALIDATION
     return model, export_onnx(model, (xs[0],), tmp_path / "m.onnx"), xs
 
 

@@ -19,6 +19,7 @@ import qat_lightning as ql
 from qat_lightning.analysis.export_check import check_export
 from qat_lightning.analysis.export_layers import compare_export_per_layer
 from qat_lightning.analysis.ort_sessions import ORT_OPTIMIZATIONS, ort_session
+from qat_lightning.quant.calibrate import calibrate
 from qat_lightning.quant.export import export_onnx
 from qat_lightning.quant.qconfig.templates import ModuleNameTemplate
 
@@ -53,11 +54,7 @@ def _head16(tmp_path, int_bias):
     xs = [_batch(i) for i in range(3)]
     setter = [ModuleNameTemplate({"fc": ql.qint16})]
     model = ql.prepare(_Head().eval(), example_inputs=(xs[0],), qconfig_setter=setter, int_bias=int_bias)
-    ql.set_fake_quantize(model.eval(), "calibration")
-    with torch.no_grad():
-        for x in xs:
-            model(x)
-    ql.set_fake_quantize(model, "validation")
+    calibrate(model.eval(), xs)  # leaves it in VALIDATION
     return model, export_onnx(model, (xs[0],), tmp_path / "m.onnx"), xs
 
 
