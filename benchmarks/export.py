@@ -4,7 +4,7 @@
 
 Models (random weights, calibrated on the data below, all int8 unless named): the built-in example
 (``DigitsNet`` on load_digits, the float model trained 2 epochs here first), a CNN (``TinyResNet`` width 64,
-residual adds, conv+bn+relu fused), a torch ``nn.TransformerEncoder`` (d=128, 2 layers), a HF BERT
+residual adds, conv+bn+relu fused), a torch ``nn.TransformerEncoder`` (d=128, 2 distinct layers), a HF BERT
 (hidden 128, 2 layers, from ``BertConfig``) and the CNN in int16. One process; times are medians of
 ``--repeats`` runs, also given as a ratio to the float model's own ONNX export (torch.onnx, same process).
 "worst cosine", "SQNR", "top-1": ``check_export`` at onnxruntime's deployed level (``optimization="all"``,
@@ -73,7 +73,13 @@ def _cnn():
 def _encoder():
     layer = nn.TransformerEncoderLayer(128, 4, 512, batch_first=True)
     xs = [torch.randn(8, 16, 128) for _ in range(8)]
-    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval(), (xs[0],), xs[:4], xs[4:]
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    for sub in encoder.layers:  # distinct layers, as after training (the clones start equal)
+        for mod in sub.modules():
+            if isinstance(mod, nn.Linear):
+                mod.reset_parameters()
+        sub.self_attn._reset_parameters()
+    return encoder, (xs[0],), xs[:4], xs[4:]
 
 
 def _bert():
