@@ -3,14 +3,14 @@
 ``fake_quantize`` computes ``clamp(round(x * (1 / scale)), qmin, qmax) * scale`` (symmetric, zero point 0,
 round half to even), exactly as ``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine`` do:
 ``1 / scale`` is rounded to float32 first and ``x`` is multiplied by it. The gradient passes where
-``qmin - 0.5 <= x * (1 / scale) < qmax + 0.5`` and is zero where the value was clipped.
-The backward is ``torch.where(mask, grad, 0)`` (no float copy of the boolean mask; a NaN gradient
-arriving at a clipped element gives 0 there, as torch's ``hardtanh`` backward and
-the ``cpu_kernels`` backend do).
+``qmin - 0.5 <= x * (1 / scale) < qmax + 0.5`` and is zero where the value was clipped (and at a NaN
+input). The backward recomputes ``x * (1 / scale)`` from the saved input and applies
+``aten.hardtanh_backward`` (a NaN gradient arriving at a clipped element gives 0 there, as torch's
+``hardtanh`` backward and the ``cpu_kernels`` backend do); no boolean mask is built or kept.
 
 :func:`quantize_tensor` is what every quant node runs. It takes the scale as a float32 tensor, so
 nothing is read back to the host, and runs the same ATen formula (an ``autograd.Function``: multiply,
-round, clamp, multiply; the boolean mask kept for backward) in eager mode, under ``torch.compile`` (inductor
+round, clamp, multiply; the input kept for backward) in eager mode, under ``torch.compile`` (inductor
 fuses it into one loop), ``torch.export`` and on ``meta`` tensors. torch's fused ops
 (``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``) give the same values and gradients
 for finite inputs (tested bit for bit) but are not used: they have no fake (meta) kernel, so they cannot be
@@ -66,20 +66,45 @@ def _scale_view(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
     return scale.reshape(shape)
 
 
+def _lower_keep_bound(qmin: int) -> float:
+    """The float32 just below ``qmin - 0.5``: ``v > bound`` is exactly ``v >= qmin - 0.5`` for float32 ``v``.
+
+    Plain integer arithmetic (traced as a constant by dynamo): ``qmin - 0.5 = ±m / 2`` with ``m`` odd, so its
+    float32 spacing is ``2 ** (m.bit_length() - 25)`` (half that just below ``+0.5``).
+    """
+    m = abs(2 * qmin - 1)
+    if qmin == 1:
+        return 0.5 - 2.0**-25
+    return qmin - 0.5 - 2.0 ** (m.bit_length() - 25)
+
+
 class _FakeQuantizeFormula(torch.autograd.Function):
-    """The ATen formula with a straight-through gradient (compile, export and meta tensors)."""
+    """The ATen formula with a straight-through gradient (compile, export and meta tensors).
+
+    Forward: four element-wise passes (multiply, round, clamp, multiply; three in place) and nothing
+    but ``x`` kept for backward. Backward recomputes ``v = x * (1 / scale)`` and passes the gradient where
+    ``qmin - 0.5 <= v < qmax + 0.5`` with ``aten.hardtanh_backward`` (one fused pass; its strict bounds are
+    the float32 below ``qmin - 0.5`` and ``qmax + 0.5``; NaN is first mapped outside the range): no boolean
+    mask is built in the forward. Saving ``x`` (float) instead of a mask is what ModelOpt does too.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
-        v = x * scale.reciprocal()
+        inv = scale.reciprocal()
+        v = x * inv
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((v >= qmin - 0.5).logical_and_(v < qmax + 0.5))
+            ctx.save_for_backward(x, inv)
+            ctx.bounds = (_lower_keep_bound(qmin), qmax + 0.5)
         return v.round_().clamp_(qmin, qmax).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
-        (keep,) = ctx.saved_tensors
-        return torch.where(keep, grad, 0.0), None, None, None  # no bool -> float copy of the mask
+        x, inv = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        v = (x * inv).nan_to_num_(nan=hi)  # a NaN input gets no gradient (as the fused torch op)
+        if grad.dtype != v.dtype or grad.shape != v.shape:
+            return torch.ops.aten.hardtanh_backward(grad, v, lo, hi), None, None, None
+        return torch.ops.aten.hardtanh_backward.grad_input(grad, v, lo, hi, grad_input=v), None, None, None
 
 
 def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int | None = None) -> Tensor:
