@@ -1,6 +1,10 @@
 """The int16 share the search needs to reach 99.5 % of float: today's search vs this branch's pipeline order.
 
 ``python benchmarks/int16_share.py [--seeds 3] [--threads 1] [--old /tmp/s2_old] [--ratio 0.995]``
+``[--models text digits] [--variants natural planted] [--now CHECKOUT] [--search-only]``
+
+``--search-only`` runs only the default (``fast``) and the ``exact`` search on the plain all-int8 model
+with ``--now``'s code (no ``--old`` checkout, no ``ptq=``) and prints ops, rows and probes per seed.
 
 ``--old`` is a checkout of the round's merge base (``git worktree add /tmp/s2_old 7553fa8``). Per seed and
 model, the float model is trained once here and its state dict saved with the data; two subprocesses then
@@ -124,6 +128,8 @@ def worker(data_path: str, pipeline: str, out_path: str) -> None:
     res: dict[str, Any] = {"float": float_acc, "target": target}
     with tempfile.TemporaryDirectory() as tmp:
         res["plain"] = _search(plain, held_out, target, tmp + "/plain")
+        if pipeline == "search":
+            res["plain_exact"] = _search(plain, held_out, target, tmp + "/exact", method="exact")
         if pipeline == "now":
             res["plain_exact"] = _search(plain, held_out, target, tmp + "/exact", method="exact")
             _now(model, calib, held_out, res, tmp)
@@ -192,6 +198,25 @@ def _print_table(name: str, runs: list[tuple[dict, dict]]) -> None:
         )
 
 
+def _print_search_table(runs: dict[str, list[dict]]) -> None:
+    """``--search-only``: the default (fast) and the exact search on plain all-int8, per seed."""
+    head = "plan %, ops, rows, probes"
+    print(f"| model / variant | seed | start % | fast: {head} | exact: {head} |")
+    print("|---|---|---|---|---|")
+    for name, results in runs.items():
+        for seed, res in enumerate(results):
+            cells = [
+                f"{g['metric']:.2f}, {g['raised_ops']}, {g.get('raised_rows', 0)}, {g.get('probes', 0)}"
+                for g in (res["plain"], res["plain_exact"])
+            ]
+            print(f"| {name} | {seed} | {res['plain']['start']:.2f} | {cells[0]} | {cells[1]} |")
+
+
+def _save(path: Path, model: nn.Module, meta: dict, calib: list, held_out: list, ratio: float) -> None:
+    saved = {"meta": meta, "state": model.state_dict(), "calib": calib, "held_out": held_out, "ratio": ratio}
+    torch.save(saved, path)
+
+
 def main() -> None:
     """Train, save, run both pipelines per seed, print the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -202,15 +227,21 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["text", "digits"], choices=["text", "digits"])
     parser.add_argument("--ratio", type=float, default=0.995, help="target = ratio x float accuracy")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument(
+        "--search-only",
+        action="store_true",
+        help="only the default (fast) and exact searches on plain all-int8 with --now (no today, no ptq)",
+    )
     parser.add_argument("--worker", nargs=3, metavar=("PIPELINE", "DATA", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
         worker(args.worker[1], args.worker[0], args.worker[2])
         return
-    if not (args.old / "qat_lightning").is_dir():
+    if not args.search_only and not (args.old / "qat_lightning").is_dir():
         raise SystemExit(f"--old {args.old} is not a checkout (git worktree add {args.old} 7553fa8)")
     results: dict[str, list[tuple[dict, dict]]] = {}
+    searches: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.models:
             for seed in range(args.seeds):
@@ -221,9 +252,12 @@ def main() -> None:
                     if variant == "planted":
                         add_outlier_channels(m)
                     path = Path(tmp) / f"{kind}_{variant}_{seed}.pt"
-                    saved = {"meta": meta, "state": m.state_dict(), "calib": calib, "held_out": held_out}
-                    saved["ratio"] = args.ratio
-                    torch.save(saved, path)
+                    _save(path, m, meta, calib, held_out, args.ratio)
+                    if args.search_only:
+                        res = _run("search", path, (args.old, args.now), args.threads)
+                        searches.setdefault(f"{kind} / {variant}", []).append(res)
+                        print(f"[{kind} {variant} seed {seed}] {res}", flush=True)
+                        continue
                     today, now = (
                         _run("today", path, (args.old, args.now), args.threads),
                         _run("now", path, (args.old, args.now), args.threads),
@@ -233,6 +267,8 @@ def main() -> None:
                 print(f"[{kind} seed {seed}] {time.perf_counter() - t0:.0f} s", flush=True)
     for name, runs in results.items():
         _print_table(name, runs)
+    if searches:
+        _print_search_table(searches)
 
 
 if __name__ == "__main__":

@@ -316,17 +316,26 @@ class _Chain(torch.nn.Module):
         return x
 
 
-def test_fast_search_checks_below_and_notes_a_non_monotone_metric() -> None:
+def _chain_and_table(n: int = 24) -> tuple[_Chain, SensitivityTable]:
+    """A calibrated chain of ``n`` linears and a table whose error energy sits mostly in its top rows."""
     torch.manual_seed(0)
-    model = _Chain(24)
+    model = _Chain(n)
     ql.set_fake_quantize(model, ql.FakeQuantState.CALIBRATION)
     with torch.no_grad():
         model(torch.randn(8, 4))
     ql.set_fake_quantize(model, ql.FakeQuantState.VALIDATION)
     rows = [
-        SensitivityRow(f"fc{i}", "activation", "Linear", 1 / (i + 1) ** 2, "qint8", 1, 0.1) for i in range(24)
+        SensitivityRow(f"fc{i}", "activation", "Linear", 1 / (i + 1) ** 2, "qint8", 1, 0.1) for i in range(n)
     ]
-    table = SensitivityTable(tuple(rows), "MSE")
+    return model, SensitivityTable(tuple(rows), "MSE")
+
+
+def _raised(m: torch.nn.Module) -> int:
+    return sum(fc.output_quant.dtype == ql.qint16 for fc in m.fcs)
+
+
+def test_fast_search_checks_below_and_notes_a_non_monotone_metric() -> None:
+    model, table = _chain_and_table()
     fails = {0, 1, 3, 7, 11}  # rows raised (top rows first) whose metric misses the target: not monotone
 
     def eval_fn(m: torch.nn.Module) -> float:
@@ -337,7 +346,48 @@ def test_fast_search_checks_below_and_notes_a_non_monotone_metric() -> None:
     assert not any("monotone" in n for n in exact.notes)
     fast = search_mixed_precision(model, table, eval_fn, 0.5, method="fast")
     # the guessed search alone: 1 12 3 7 9 8 -> 8 (it trusted the failing 7); the check below: 4 passes,
-    # (3, 4] -> 4; 2 passes, (1, 2] -> 2; 1 was probed and fails: stop at 2 (which meets the target)
-    assert [p.raised for p in fast.probes] == [0, 24, 1, 12, 3, 7, 9, 8, 4, 2]
+    # (3, 4] -> 4; 2 passes, (1, 2] -> 2; 1 was probed and fails: stop at 2 (which meets the target);
+    # 2 passes below the failing 7, so bisection's path: 12 (known) 6 (new) 3 (known): it could only end
+    # above 3, so 2 stands
+    assert [p.raised for p in fast.probes] == [0, 24, 1, 12, 3, 7, 9, 8, 4, 2, 6]
     assert len(fast.raised) == 2 and fast.reached
     assert any("not monotone" in n and "2 rows pass" in n and "7 fail" in n for n in fast.notes)
+    assert any("followed bisection's path" in n and "2 rows raised -> 2" in n for n in fast.notes)
+
+
+def test_fast_search_is_not_above_exact_on_a_noisy_plateau() -> None:
+    """Accuracy-like metric: a quick rise, then a plateau one sample either side of the target."""
+    model, table = _chain_and_table()
+    fails = {5, 7, 10, 11, 13, 14, 15, 16, 19, 20, 23}
+
+    def eval_fn(m: torch.nn.Module) -> float:
+        k = _raised(m)
+        return {0: 0.0, 1: 0.18, 2: 0.34, 24: 1.0}.get(k, 0.49 if k in fails else 0.51)
+
+    exact = search_mixed_precision(model, table, eval_fn, 0.5, method="exact")
+    assert [p.raised for p in exact.probes] == [0, 24, 12, 6, 3, 1, 2] and len(exact.raised) == 3
+    fast = search_mixed_precision(model, table, eval_fn, 0.5)
+    # the guessed search and its check (the fast search before): 1 2 13 14 15 19 20 21, check 10 fails:
+    # 21 rows. The first guess (1) is off by more than x2: bisection's path 12 6 3 (1 2 known) -> 3
+    probes = [p.raised for p in fast.probes]
+    assert probes == [0, 24, 1, 2, 13, 14, 15, 19, 20, 21, 10, 12, 6, 3]
+    assert len(fast.raised) <= len(exact.raised) and fast.reached
+    assert len(probes) <= 11 + len(exact.probes) - 2  # the old fast search's probes plus bisection's
+    assert any("first guess 1 off by more than x2" in n and "21 rows raised -> 3" in n for n in fast.notes)
+
+
+@pytest.mark.parametrize("boundary", [3, 9, 17])
+def test_fast_search_on_a_monotone_chain_uses_fewer_probes(boundary: int) -> None:
+    """A metric following the table's energy: fast = exact in fewer probes, and nothing is followed."""
+    model, table = _chain_and_table()
+    energy = [1 / (i + 1) ** 2 for i in range(24)]
+
+    def eval_fn(m: torch.nn.Module) -> float:
+        return 1.0 - sum(energy[_raised(m) :]) / sum(energy)
+
+    target = 1.0 - sum(energy[boundary:]) / sum(energy) - 1e-12
+    exact = search_mixed_precision(model, table, eval_fn, target, method="exact")
+    fast = search_mixed_precision(model, table, eval_fn, target)
+    assert len(exact.raised) == len(fast.raised) == boundary
+    assert len(fast.probes) < len(exact.probes)
+    assert not any("followed" in n or "monotone" in n for n in fast.notes)

@@ -19,6 +19,23 @@ the metric is not monotone, the search goes on below and a plan note says so). B
 counts, hence the same plan, whenever the metric does not get worse when more rows are raised (which
 the bisection assumes too); the probes are all reported so a violation is visible.
 
+A metric such as held-out accuracy with a margin of a few samples is not monotone, and there the
+guessed search can settle far above bisection (a failing probe just below the target is trusted as a
+bound). So the fast search distrusts its result, and also follows bisection's own path over the same
+range, keeping the smaller count, when either rule holds (both read only the probes of that boundary
+search):
+
+* **not monotone**: some count passed below a failing one;
+* **guess off**: the first guess and the count found, both counted from the range start, differ by
+  more than a factor :data:`~qat_lightning.analysis.search.probes.GUESS_FACTOR` (2): the first-order
+  model did not predict this metric.
+
+Counts already probed cost nothing, and bisection's path is cut as soon as it could only end at the
+count found or above, so it costs at most bisection's probes and often far fewer. Where it runs, the
+count found is never above the exact search's on the same range; a plan note (``followed bisection's
+path too``) gives the rule and the rows before and after. Where neither rule holds (every monotone
+metric whose first guess is within a factor 2, e.g. the benchmarks' cosine metrics) nothing changes.
+
 Each probe is an evaluation only: node dtypes are changed in place (``fq.dtype = high``: scales are
 recomputed from the observers' dtype-agnostic statistics, no recalibration), ``eval_fn(model)`` is
 called with the model in eval mode and its nodes in VALIDATION, and every dtype and scale is restored.
@@ -89,8 +106,9 @@ class SearchConfig:
         cost_aware: after the ratio search, try the raised ops back in ``low``, most FLOPs first.
         higher_is_better: ``False`` when the metric is an error (target is an upper bound).
         sensitive_type: use only ``activation`` or ``weight`` rows (``None``: both).
-        method: ``fast`` (first-order guess, verification around it, then one check below: module
-            docstring) or ``exact`` (bisection).
+        method: ``fast`` (first-order guess, verification around it, one check below, bisection's
+            path where the metric is not monotone or the guess was off: module docstring) or
+            ``exact`` (bisection).
         base_dtypes: node dtypes applied under every probe (e.g. fp16 outputs, see ``search_j6p``).
         base_templates: templates reproducing ``base_dtypes`` in the plan's setter.
         reference_qconfig: the setter's reference qconfig (default ``get_qconfig(weight_dtype=low,
@@ -231,19 +249,31 @@ class _Stages:
             def predict(a: int, b: int) -> int:
                 return guess.first(a, b, lambda k: _union(self.per_table, counts_at(k)), self.s.ok)
 
-        k = smallest_ok(lo, hi, ok_at, predict)
-        self.note_non_monotone(stage, seen)
+        followed: list[str] = []
+
+        def report(reason: str, guessed: int, found: int) -> None:
+            rows = [len(_union(self.per_table, counts_at(c))) for c in (guessed, found)]
+            followed.append(
+                f"{stage}: {reason}; the fast search followed bisection's path too: "
+                f"{rows[0]} rows raised -> {rows[1]}"
+            )
+
+        k = smallest_ok(lo, hi, ok_at, predict, report)
+        self.note_non_monotone(
+            stage, seen, "" if followed else "; the fast search checked below and went on there"
+        )
+        self.s.notes.extend(followed)
         return k, seen.get(k)
 
-    def note_non_monotone(self, stage: str, seen: Mapping[int, Probe]) -> None:
-        """Add a plan note when a count passed below a failing one (the fast search's check found it)."""
+    def note_non_monotone(self, stage: str, seen: Mapping[int, Probe], tail: str) -> None:
+        """Add a plan note (ending in ``tail``) when a count passed below a failing one (fast search only)."""
         passes = [p for _, p in sorted(seen.items()) if p.ok]
         fails = [p for _, p in sorted(seen.items()) if not p.ok]
         if passes and fails and passes[0].raised < fails[-1].raised:
             a, b = passes[0], fails[-1]
             self.s.notes.append(
                 f"{stage}: metric not monotone in the rows raised: {a.raised} rows pass ({a.metric:g}) "
-                f"but {b.raised} fail ({b.metric:g}); the fast search checked below and went on there"
+                f"but {b.raised} fail ({b.metric:g}){tail}"
             )
 
     def common(self, full: Probe) -> tuple[list[int], Probe, float]:

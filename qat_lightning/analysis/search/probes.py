@@ -5,8 +5,11 @@
 * :func:`smallest_ok` finds the smallest count meeting the target between a failing and a passing one:
   by bisection (``exact``) or, given a guess, by probing the guess and galloping away from it
   (``fast``), then checking below the count found (a pass there shows the metric is not monotone and
-  the search goes on below). Both return the same count whenever the metric does not get worse when
-  more rows are raised (the searches' assumption), the fast one in fewer probes when the guess is close;
+  the search goes on below); when the probes contradict monotonicity or the first guess was off by more
+  than :data:`GUESS_FACTOR`, the fast search then follows bisection's path too (known counts are free,
+  it stops once bisection could only do worse) and keeps the smaller count, so it never returns more
+  than bisection there. Both return the same count whenever the metric does not get worse when more
+  rows are raised (the searches' assumption), the fast one in fewer probes when the guess is close;
 * :class:`FirstOrderGuess` predicts where the boundary lies from the sensitivity tables' own numbers:
   each row's error value is turned into an additive error energy (``MSE`` and ``1-COSINE`` are
   proportional to the squared output error, ``-SQNR`` is ``10 log10`` of it, ``L1`` and the others
@@ -32,7 +35,7 @@ from qat_lightning.quant.dtypes import QuantDtype
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 
-__all__ = ["ProbeRunner", "smallest_ok", "FirstOrderGuess", "row_energy"]
+__all__ = ["GUESS_FACTOR", "ProbeRunner", "smallest_ok", "FirstOrderGuess", "row_energy"]
 
 Row = tuple[str, str]
 
@@ -121,11 +124,16 @@ class ProbeRunner:
         return probe
 
 
+GUESS_FACTOR = 2.0
+"""Factor between the first guess and the count found beyond which the fast search follows bisection too."""
+
+
 def smallest_ok(
     lo: int,
     hi: int,
     ok_at: Callable[[int], bool],
     guess: int | Callable[[int, int], int | None] | None = None,
+    report: Callable[[str, int, int], None] | None = None,
 ) -> int:
     """Return the smallest ``k`` in ``(lo, hi]`` with ``ok_at(k)``, given ``ok_at(hi)`` holds.
 
@@ -134,7 +142,7 @@ def smallest_ok(
     probed instead of the middle (a guess at ``hi`` probes ``hi - 1``: the neighbour that confirms the
     boundary); after a guessed probe that did not halve the interval, the next probe is the middle
     unless the guess only checks a neighbour of a bound, so a poor guess costs a bounded number of extra
-    probes.
+    probes. No count is probed twice.
 
     With a guess, the count ``k`` found is then checked below: the point ``m = (lo + k) // 2`` that
     bisection would look at is probed. If it fails, ``k`` stands; if it passes, the metric is not
@@ -142,9 +150,20 @@ def smallest_ok(
     below m, m]`` (with the guess again) and the new ``k`` is checked the same way. The check stops at a
     failing point or at one already probed (its known result is used; a known pass continues the
     search without a new probe). On a monotone metric this costs at most one probe more than the guessed
-    search alone (exactly one unless ``m`` was already probed or ``k = lo + 1``). Without a guess
-    (bisection) there is no check: every probe lies between the largest failing and the smallest passing
-    count seen, so bisection never meets a pass below a fail.
+    search alone (exactly one unless ``m`` was already probed or ``k = lo + 1``).
+
+    Then the guessed result is distrusted, and bisection's own path over ``(lo, hi]`` is followed
+    (:func:`_bisect_below`: known counts cost nothing, and it stops as soon as bisection could only
+    return ``k`` or more), keeping the smaller count, when either
+
+    * the probes contradict monotonicity: a count passed below a failing one, or
+    * the first guess (clipped into ``(lo, hi]``) and ``k``, both measured from ``lo``, differ by more
+      than :data:`GUESS_FACTOR` (the first-order model did not predict this metric).
+
+    In that case the count returned is never above bisection's, whatever the metric. ``report(reason, k,
+    found)`` is called when that happens. Without a guess (bisection) there is neither check nor
+    fallback: every probe lies between the largest failing and the smallest passing count seen, so
+    bisection never meets a pass below a fail.
     """
     predict = None if guess is None else guess if callable(guess) else (lambda _lo, _hi: guess)
     if predict is None:
@@ -152,16 +171,59 @@ def smallest_ok(
     known: dict[int, bool] = {}
 
     def probe(k: int) -> bool:
-        known[k] = ok_at(k)
+        if k not in known:
+            known[k] = ok_at(k)
         return known[k]
 
-    k = _narrow(lo, hi, probe, predict)
+    g = predict(lo, hi)
+    first = hi if g is None else min(max(g, lo + 1), hi)
+    k = _check_below(lo, _narrow(lo, hi, probe, predict), probe, predict, known)
+    reason = _distrust(lo, first, k, known)
+    if reason is None:
+        return k
+    found = _bisect_below(lo, hi, probe, k)
+    if report is not None:
+        report(reason, k, found)
+    return found
+
+
+def _check_below(
+    lo: int,
+    k: int,
+    probe: Callable[[int], bool],
+    predict: Callable[[int, int], int | None],
+    known: Mapping[int, bool],
+) -> int:
+    """Check below ``k`` (:func:`smallest_ok`): probe bisection's next point, search below while it passes."""
     while True:
         m = (lo + k) // 2
-        if m <= lo or not (known[m] if m in known else probe(m)):
+        if m <= lo or not probe(m):
             return k
         below = max((c for c, ok in known.items() if not ok and c < m), default=lo)
         k = _narrow(below, m, probe, predict)
+
+
+def _distrust(lo: int, first: int, k: int, known: Mapping[int, bool]) -> str | None:
+    """Why the guessed result ``k`` is not trusted (:func:`smallest_ok`'s two rules), or ``None``."""
+    passes = [c for c, ok in known.items() if ok]
+    fails = [c for c, ok in known.items() if not ok]
+    if passes and fails and min(passes) < max(fails):
+        return f"metric not monotone (count {min(passes)} passes, {max(fails)} fails)"
+    a, b = first - lo, k - lo
+    if b > GUESS_FACTOR * a or a > GUESS_FACTOR * b:
+        return f"first guess {first} off by more than x{GUESS_FACTOR:g} from the count found {k}"
+    return None
+
+
+def _bisect_below(lo: int, hi: int, ok_at: Callable[[int], bool], best: int) -> int:
+    """``min(best, bisection's result over (lo, hi])``, stopping once that result can only be ``>= best``."""
+    while hi - lo > 1 and lo + 1 < best:
+        mid = (lo + hi) // 2
+        if ok_at(mid):
+            hi = mid
+        else:
+            lo = mid
+    return min(hi, best)
 
 
 def _narrow(
