@@ -143,6 +143,7 @@ class FakeQuantize(nn.Module):
         self._fixed = observer == "fixed"  # python mirrors of the flag buffers: read by the forward
         self._scale_mode = "fixed" if self._fixed else "moving"
         self._dirty = False
+        self._scale_known = False  # python mirror of ``scale_ready`` (updated outside the forward)
         if self._fixed:
             self.refresh_scale()
 
@@ -176,7 +177,8 @@ class FakeQuantize(nn.Module):
             return  # a shape-only copy: nothing to compute
         if self._dirty:
             self.refresh_scale()
-        if new is FakeQuantState.VALIDATION and self._dtype.is_integer and not bool(self.scale_ready):
+        _set_flag(self, "_scale_known", bool(self.scale_ready))  # e.g. set by a QAT forward since
+        if new is FakeQuantState.VALIDATION and self._dtype.is_integer and not self._scale_known:
             self._use_default_scale()
 
     @property
@@ -257,6 +259,7 @@ class FakeQuantize(nn.Module):
             self.observer.compute_scale(self._dtype).to(scale.device, scale.dtype).reshape(scale.shape)
         )
         self.scale_ready.fill_(True)
+        self._scale_known = True
         if self._scale_mode == "learned":
             self.scale_param.data.copy_(scale)
 
@@ -314,17 +317,19 @@ class FakeQuantize(nn.Module):
         amax, finite = self.observer.update_range(x)
         batch = (amax / dtype.qmax).clamp_min(SCALE_EPS)
         ready = self._buffers["scale_ready"]
-        if self.ch_axis is not None or self.qat_averaging_constant == 1.0:
+        c = self.qat_averaging_constant
+        if self.ch_axis is not None or c == 1.0:
             new = torch.where(finite, batch, scale)
-            use = new
-        else:  # quantize with the scale as it stands, then move it (the batch's own scale before any)
-            new = torch.where(
-                finite, torch.where(ready, scale.lerp(batch, self.qat_averaging_constant), batch), scale
-            )
-            use = torch.where(ready, scale, new)
+            out = quantize_tensor(x, new, dtype.qmin, dtype.qmax, self.ch_axis)
+        elif self._scale_known:  # quantize with the scale as it stands (not this batch's), then move it
+            out = quantize_tensor(x, scale, dtype.qmin, dtype.qmax, None)
+            new = torch.where(finite, scale.lerp(batch, c), scale)
+        else:  # no scale yet: the batch's own scale first, the moving average after
+            new = torch.where(finite, torch.where(ready, scale.lerp(batch, c), batch), scale)
+            out = quantize_tensor(x, torch.where(ready, scale, new), dtype.qmin, dtype.qmax, None)
         scale.copy_(new)
         ready.copy_(ready | finite.all())
-        return quantize_tensor(x, use, dtype.qmin, dtype.qmax, self.ch_axis)
+        return out
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """Move with the model; ``scale`` (and ``scale_param``) stay float32 whatever the model's dtype."""
@@ -346,6 +351,7 @@ class FakeQuantize(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
         self._dtype = parse_dtype(int(self.dtype_code))
         self._fixed = bool(self.scale_fixed)
+        self._scale_known = bool(self.scale_ready)
         if self._fixed:
             self._scale_mode = "fixed"
         elif not learned:

@@ -67,7 +67,7 @@ def _scale_view(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
 
 
 def _lower_keep_bound(qmin: int) -> float:
-    """The float32 just below ``qmin - 0.5``: ``v > bound`` is exactly ``v >= qmin - 0.5`` for float32 ``v``.
+    """Return the float32 just below ``qmin - 0.5`` (``v > bound`` is exactly ``v >= qmin - 0.5``).
 
     Plain integer arithmetic (traced as a constant by dynamo): ``qmin - 0.5 = ±m / 2`` with ``m`` odd, so its
     float32 spacing is ``2 ** (m.bit_length() - 25)`` (half that just below ``+0.5``).
@@ -101,10 +101,25 @@ class _FakeQuantizeFormula(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         x, inv = ctx.saved_tensors
         lo, hi = ctx.bounds
-        v = (x * inv).nan_to_num_(nan=hi)  # a NaN input gets no gradient (as the fused torch op)
+        v = x * inv
+        if torch.compiler.is_compiling():
+            return grad * _keep_as_float(v, lo, hi), None, None, None
+        v.nan_to_num_(nan=hi)  # a NaN input gets no gradient (as the fused torch op)
         if grad.dtype != v.dtype or grad.shape != v.shape:
             return torch.ops.aten.hardtanh_backward(grad, v, lo, hi), None, None, None
         return torch.ops.aten.hardtanh_backward.grad_input(grad, v, lo, hi, grad_input=v), None, None, None
+
+
+def _keep_as_float(v: Tensor, lo: float, hi: float) -> Tensor:
+    """``1.0`` where ``lo < v < hi``, else ``0.0``, in float arithmetic only (the traced backward).
+
+    The sign of a difference of two floats is exact and ``2 ** 126`` lifts the smallest nonzero one to at
+    least 1, so the clamps give exactly 0 or 1. No boolean tensor exists for the partitioner to keep from the
+    forward: inductor on CPU writes boolean tensors element by element (measured ~13x slower than a float
+    store), so a saved mask made the compiled QAT step slower than eager. A NaN ``v`` gives NaN here (a
+    diverged step is NaN either way); in eager mode it gives 0.
+    """
+    return ((v - lo) * 2.0**126).clamp(0.0, 1.0) * ((hi - v) * 2.0**126).clamp(0.0, 1.0)
 
 
 def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int | None = None) -> Tensor:

@@ -238,7 +238,8 @@ class QatConvBn(QuantOp):
       instead of 0, so nothing is divided by zero. In eval mode: one conv with the folded weight and bias
       (cached while the parameters and statistics are unchanged and no gradient is needed).
       When the weight node is in FLOAT state (or fake quant is globally off) training runs the exact float
-      ``bn(conv(x))``.
+      ``bn(conv(x))``, and so does eval under ``torch.compile`` (no cache in a graph: re-folding 11 M
+      weights every forward cost more than the BN).
     * ``with_bn``: BN is kept unfolded after the conv (the weight node sees the raw weight); the seed's
       ``QATMode.WithBN``.
     * ``freeze_bn``: always folded with the running statistics, which are never updated; gamma and beta are
@@ -295,6 +296,9 @@ class QatConvBn(QuantOp):
             scale = scale.masked_fill(scale == 0, 1.0).reshape((-1,) + (1,) * (conv.weight.dim() - 1))
             # conv(x, q(w * s)) / s == conv(x, q(w * s) / s): un-fold on the weight, not the output
             return bn(_gemm(self.kind, conv, x, quantize_weight(wq, conv.weight, scale), conv.bias))
+        weight_off = wq.state is FakeQuantState.FLOAT or not GlobalFakeQuantSwitch._enabled
+        if weight_off and torch.compiler.is_compiling():  # traced: no fold cache; a BN costs less than a fold
+            return bn(_gemm(self.kind, conv, x, conv.weight, conv.bias))
         w, b = self._folded()
         return _gemm(self.kind, conv, x, wq(w), deployed_bias(self, b))  # wq runs first: scale current
 
