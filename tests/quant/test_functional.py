@@ -229,7 +229,6 @@ def test_gradient_on_the_range_boundary_ties(dtype) -> None:
     assert ours_c.tolist() == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
 
 
-
 @pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (-127, 127), (0, 255), (-7, 8)])
 def test_gradient_mask_is_the_range_test_for_any_code_range(qmin, qmax) -> None:
     """The mask is ``qmin - 0.5 <= x / s < qmax + 0.5`` (ties included) whatever the parity of the ends;
@@ -242,6 +241,7 @@ def test_gradient_mask_is_the_range_test_for_any_code_range(qmin, qmax) -> None:
     codes = (t[:-1] * 0.25 * 4.0).round().clamp(qmin, qmax)  # float64-exact here: s = 1/4
     out = out.detach()
     assert out[:-1].tolist() == (codes * 0.25).tolist() and math.isnan(out[-1])
+
 
 # ------------------------------------------------------------------------------------- saturation, int16
 @pytest.mark.parametrize("ch_axis", [None, 0])

@@ -46,8 +46,6 @@ __all__ = [
 ]
 
 
-
-
 def save_torch_atomic(obj: Any, path: str | os.PathLike[str]) -> Path:
     """``torch.save`` to ``path`` atomically."""
     buffer = io.BytesIO()

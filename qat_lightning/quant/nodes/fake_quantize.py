@@ -20,13 +20,13 @@ A ``FakeQuantize`` owns one observer and a float32 ``scale`` buffer. Its behavio
 * ``VALIDATION``: fake quant with the frozen scale; nothing is observed.
 * ``FLOAT``: identity.
 
-Device-neutral: no forward reads a tensor back to the host (no ``.item()``, ``bool(t)``); the moving
-average, the first-batch and non-finite cases are tensor ops (``torch.where``), so a step runs on a GPU
-without a sync, and ``torch.compile(fullgraph=True)`` / ``torch.export`` trace it. The scale is computed
-from the observer statistics outside the forward: when the state leaves ``CALIBRATION``, on access of
-``.scale`` after eager calibration, on ``state_dict`` and on a dtype change (histogram methods cost
-milliseconds). Half-precision inputs are fake-quantized in float32 and returned in their dtype; under
-autocast the node therefore computes the float32 fake quant.
+Device-neutral: no forward reads a tensor back to the host; moving average, first batch and non-finite
+cases are tensor ops, so a GPU step never syncs and ``torch.compile(fullgraph=True)`` / ``torch.export``
+trace it. Once a scale exists (a python mirror of ``scale_ready``, set outside the forward), the QAT
+quantize does not depend on the batch range, so inductor fuses the range and the quantize loops. Scales
+come from the observer statistics outside the forward: leaving ``CALIBRATION``, ``.scale`` after eager
+calibration, ``state_dict``, a dtype change. Half-precision inputs are fake-quantized in float32 and
+returned in their dtype (under autocast: the float32 fake quant).
 
 All state that must survive a checkpoint is in buffers with shapes fixed at construction: ``scale``,
 ``dtype_code`` (a mixed-precision change of dtype is restored), ``scale_fixed``, ``scale_ready`` and the
@@ -51,15 +51,9 @@ from qat_lightning.quant.observers import DEFAULT_SCALE, SCALE_EPS, Observer, ma
 from qat_lightning.quant.observers.base import apply_keeping_float32
 
 __all__ = [
-    "SCALE_MODES",
-    "FakeQuantState",
-    "FakeQuantize",
-    "FakeCast",
-    "set_fake_quantize",
-    "fake_quant_state",
-    "fake_quant_disabled",
-    "iter_fake_quantize",
-]
+    "SCALE_MODES", "FakeQuantState", "FakeQuantize", "FakeCast", "set_fake_quantize", "fake_quant_state",
+    "fake_quant_disabled", "iter_fake_quantize",
+]  # fmt: skip
 
 SCALE_MODES: tuple[str, ...] = ("moving", "fixed", "learned")
 """How QAT moves a scale: moving average of the data / pinned / learned (LSQ)."""
@@ -316,8 +310,7 @@ class FakeQuantize(nn.Module):
             return lsq_quantize(x, s, dtype.qmin, dtype.qmax, (max(numel, 1) * dtype.qmax) ** -0.5)
         amax, finite = self.observer.update_range(x)
         batch = (amax / dtype.qmax).clamp_min(SCALE_EPS)
-        ready = self._buffers["scale_ready"]
-        c = self.qat_averaging_constant
+        ready, c = self._buffers["scale_ready"], self.qat_averaging_constant
         if self.ch_axis is not None or c == 1.0:
             new = torch.where(finite, batch, scale)
             out = quantize_tensor(x, new, dtype.qmin, dtype.qmax, self.ch_axis)

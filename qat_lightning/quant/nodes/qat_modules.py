@@ -31,6 +31,7 @@ from qat_lightning.quant.dtypes import QuantDtype, float32
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 from qat_lightning.quant.nodes.int_bias import deployed_bias
 from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
+from qat_lightning.quant.nodes.weight_quant import quantize_weight
 from qat_lightning.quant.ops import OpInfo
 from qat_lightning.quant.qconfig.qconfig import QConfig
 
@@ -65,43 +66,6 @@ def weight_node(qconfig: QConfig, weight: Tensor, ch_axis: int, name: str) -> Fa
         num_channels=int(weight.shape[ch_axis]),
         name=name,
     )
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: ``value`` (computed without autograd); backward: the gradient goes to ``source`` as is."""
-
-    @staticmethod
-    def forward(ctx: Any, source: Tensor, value: Tensor) -> Tensor:  # noqa: D102
-        return value.view_as(value)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
-        return grad, None
-
-
-def quantize_weight(wq: FakeQuantize, weight: Tensor, fold: Tensor | None = None) -> Tensor:
-    """``wq(weight * fold) / fold`` (``fold`` broadcast per output channel; ``None`` = no fold).
-
-    Fast path (QAT state, scale not fixed, autograd on): the weight scale is the current per-channel
-    ``|w|`` max, so no weight is clipped and the STE gradient of the whole fold -> fake quant -> unfold
-    chain is the identity (the fold factor is a constant here; gamma gets its gradient through the BN).
-    The value is then computed without autograd and the gradient passes straight through: no weight-sized
-    work in backward, nothing saved. Otherwise the chain runs under autograd as written.
-    """
-    if (
-        wq.state is FakeQuantState.QAT
-        and not wq.is_fixed
-        and GlobalFakeQuantSwitch._enabled
-        and weight.requires_grad
-        and torch.is_grad_enabled()
-    ):
-        with torch.no_grad():
-            value = wq(weight) if fold is None else wq(weight * fold).div_(fold)
-        return _StraightThrough.apply(weight, value)
-    if fold is None:
-        return wq(weight)
-    fold = fold.detach()
-    return wq(weight * fold) / fold
 
 
 class QuantOp(nn.Module):

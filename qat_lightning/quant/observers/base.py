@@ -215,12 +215,21 @@ class Observer(torch.nn.Module, abc.ABC):
             self._observe(x)
 
     @torch.no_grad()
-    def update_range(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update_range(
+        self, x: torch.Tensor, row_factor: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Update the range statistics (no histogram) without any host sync; the QAT and range-only path.
 
         A batch holding NaN/inf leaves the statistics of the rows it touches unchanged (with
         ``ignore_nonfinite`` only the non-finite values are dropped) and counts in ``nonfinite_batches``:
         the error is raised when the scale is next computed (``compute_scale``), not inside the forward.
+
+        Args:
+            x: the batch.
+            row_factor: optional nonzero factor per row (per channel): the statistics are those of
+                ``x * row_factor`` (broadcast along the channel axis), exactly, without forming that
+                product (float rounding is monotone, so the extremes of the products are the products of
+                the extremes).
 
         Returns:
             ``(amax, finite)``: the batch ``max |x|`` (float32, ``>= 0``; shape ``()`` per tensor,
@@ -233,7 +242,11 @@ class Observer(torch.nn.Module, abc.ABC):
             )
         x2 = self._rows_view(x if x.dtype == torch.float32 else x.float())
         valid = x2.abs() < math.inf if self.ignore_nonfinite else None  # isfinite in 2 passes, not 4
-        amax, finite = self._record_range(*row_extremes(x2, valid))
+        lo, hi = row_extremes(x2, valid)
+        if row_factor is not None:
+            f = row_factor.detach().reshape(lo.shape)
+            lo, hi = torch.minimum(lo * f, hi * f), torch.maximum(lo * f, hi * f)
+        amax, finite = self._record_range(lo, hi)
         self.num_batches.add_(finite.any() if finite.dim() else finite)
         return amax, finite
 

@@ -1,0 +1,93 @@
+"""Weight fake quant of the gemm ops: :func:`quantize_weight` and its BN-folded form.
+
+:func:`quantize_weight` runs a weight quant node with a straight-through gradient (no weight-sized work in
+backward). ``QatConvBn`` in ``fuse_bn`` training quantizes the BN-folded weight and un-folds it every step:
+done as written that is 7 passes over the weight (fold, range, 4 quantize passes, un-fold) and two new
+tensors; :func:`fake_quantize_folded` takes 5 (range, multiply, round, clamp, multiply) and one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
+from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
+from qat_lightning.quant.observers import SCALE_EPS
+
+__all__ = ["quantize_weight", "fake_quantize_folded"]
+
+
+def fake_quantize_folded(wq: FakeQuantize, weight: Tensor, fold: Tensor) -> Tensor:
+    """Return ``wq(weight * fold) / fold`` for a per-channel weight node moving its scale in QAT.
+
+    The range comes from ``weight`` and the per-channel ``fold`` (exactly that of ``weight * fold``: the
+    observer takes the products of the extremes), and the value is
+    ``clamp(round(weight * (fold / s)), qmin, qmax) * (s / fold)``: each product is rounded once instead of
+    twice, so a value can differ from the unfused chain in its last bit, and a code whose scaled weight lies
+    within a rounding error of a .5 boundary by one step. Any other node (state, scale mode, axis, dtype)
+    runs the unfused chain.
+
+    Args:
+        wq: the weight quant node (``ch_axis`` 0: the output channel).
+        weight: the float32 weight.
+        fold: nonzero per-output-channel factor, broadcastable to ``weight`` along axis 0.
+    """
+    dtype = wq.dtype
+    if not (
+        wq.state is FakeQuantState.QAT
+        and wq.scale_mode == "moving"
+        and wq.ch_axis == 0
+        and dtype.is_integer
+        and weight.dtype == torch.float32
+        and GlobalFakeQuantSwitch._enabled
+    ):
+        return wq(weight * fold) / fold
+    scale, ready = wq._buffers["scale"], wq._buffers["scale_ready"]
+    f = fold.reshape(-1)
+    amax, finite = wq.observer.update_range(weight, f)
+    new = torch.where(finite, (amax / dtype.qmax).clamp_min(SCALE_EPS), scale)
+    scale.copy_(new)
+    ready.copy_(ready | finite.all())
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    codes = (weight * (f / new).reshape(shape)).round_().clamp_(dtype.qmin, dtype.qmax)
+    return codes.mul_((new / f).reshape(shape))
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``value`` (computed without autograd); backward: the gradient goes to ``source`` as is."""
+
+    @staticmethod
+    def forward(ctx: Any, source: Tensor, value: Tensor) -> Tensor:  # noqa: D102
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # noqa: D102
+        return grad, None
+
+
+def quantize_weight(wq: FakeQuantize, weight: Tensor, fold: Tensor | None = None) -> Tensor:
+    """``wq(weight * fold) / fold`` (``fold`` broadcast per output channel; ``None`` = no fold).
+
+    Fast path (QAT state, scale not fixed, autograd on): the weight scale is the current per-channel
+    ``|w|`` max, so no weight is clipped and the STE gradient of the whole fold -> fake quant -> unfold
+    chain is the identity (the fold factor is a constant here; gamma gets its gradient through the BN).
+    The value is then computed without autograd and the gradient passes straight through: no weight-sized
+    work in backward, nothing saved. Otherwise the chain runs under autograd as written.
+    """
+    if (
+        wq.state is FakeQuantState.QAT
+        and not wq.is_fixed
+        and GlobalFakeQuantSwitch._enabled
+        and weight.requires_grad
+        and torch.is_grad_enabled()
+    ):
+        with torch.no_grad():
+            value = wq(weight) if fold is None else fake_quantize_folded(wq, weight, fold)
+        return _StraightThrough.apply(weight, value)
+    if fold is None:
+        return wq(weight)
+    fold = fold.detach()
+    return wq(weight * fold) / fold
