@@ -688,3 +688,19 @@ def test_state_parse() -> None:
 def test_extra_repr_mentions_dtype_observer_and_state() -> None:
     text = repr(FakeQuantize(qint16, "mse", ch_axis=0, num_channels=2))
     assert "qint16" in text and "mse" in text and "ch_axis=0" in text and "QAT" in text
+
+
+def test_qat_after_loading_a_scale_quantizes_with_it_then_moves_it() -> None:
+    """A node whose scale came from a checkpoint quantizes the first QAT batch with that scale."""
+    src = FakeQuantize()
+    src.state = "calibration"
+    src(torch.linspace(-1.0, 1.0, 101))
+    src.state = "qat"
+    dst = FakeQuantize()
+    dst.load_state_dict(src.state_dict())
+    dst.state = "qat"
+    loaded = dst.scale.clone()
+    x = torch.linspace(-8.0, 8.0, 101)
+    assert torch.equal(dst(x), ql.fake_quantize(x, loaded, "qint8"))  # not the batch's own scale
+    want = loaded + 0.01 * (torch.tensor(8.0) / 127 - loaded)
+    torch.testing.assert_close(dst.scale, want, rtol=1e-6, atol=0)

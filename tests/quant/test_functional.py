@@ -13,7 +13,14 @@ from hypothesis.extra import numpy as hnp
 
 from qat_lightning.quant.backends import cpu_kernels, set_backend
 from qat_lightning.quant.dtypes import QuantDtype, float16, float32, qint8, qint16
-from qat_lightning.quant.nodes.functional import FP16_MAX, fake_cast, fake_quantize, quantize_tensor
+from qat_lightning.quant.nodes.functional import (
+    FP16_MAX,
+    _keep_as_float,
+    _lower_keep_bound,
+    fake_cast,
+    fake_quantize,
+    quantize_tensor,
+)
 
 INT_DTYPES = [qint8, qint16]
 
@@ -241,6 +248,23 @@ def test_gradient_mask_is_the_range_test_for_any_code_range(qmin, qmax) -> None:
     codes = (t[:-1] * 0.25 * 4.0).round().clamp(qmin, qmax)  # float64-exact here: s = 1/4
     out = out.detach()
     assert out[:-1].tolist() == (codes * 0.25).tolist() and math.isnan(out[-1])
+
+
+def test_lower_keep_bound_is_the_float32_below_qmin_minus_half() -> None:
+    for qmin in list(range(-300, 300)) + [-32768, -32767, -(2**20)]:
+        below = np.nextafter(np.float32(qmin - 0.5), np.float32(-np.inf))
+        assert _lower_keep_bound(qmin) == float(below), qmin
+
+
+@pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (0, 255), (1, 7), (-32768, 32767)])
+def test_traced_backward_mask_is_the_range_test(qmin, qmax) -> None:
+    """The compiled backward's float mask equals ``qmin - 0.5 <= v < qmax + 0.5`` on the edges."""
+    lo, hi = _lower_keep_bound(qmin), qmax + 0.5
+    edges = torch.tensor([qmin - 0.5, lo, hi], dtype=torch.float32)
+    up, down = torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)
+    v = torch.cat([edges, up, down, torch.tensor([0.0, qmin, qmax, 1e30, -1e30, math.inf, -math.inf])])
+    want = ((v >= qmin - 0.5) & (v < qmax + 0.5)).float()
+    assert _keep_as_float(v, lo, hi).tolist() == want.tolist()
 
 
 # ------------------------------------------------------------------------------------- saturation, int16

@@ -119,6 +119,21 @@ def test_update_range_is_range_only() -> None:
     assert torch.allclose(pc.update_range(x)[0], x.abs().amax(1))
 
 
+def test_update_range_row_factor_is_the_range_of_the_product_exactly() -> None:
+    x = torch.randn(6, 50, generator=_gen(1)) * 3
+    x[2, 7] = math.nan  # a non-finite row stays skipped with a factor too
+    f = torch.tensor([0.7, -1.3, 2.0, 1e-3, -5.0, 1.0])
+    got, ref = (
+        make_observer("minmax", ch_axis=0, num_channels=6),
+        make_observer("minmax", ch_axis=0, num_channels=6),
+    )
+    amax_g, finite_g = got.update_range(x, f)
+    amax_r, finite_r = ref.update_range(x * f[:, None])
+    assert torch.equal(amax_g, amax_r) and torch.equal(finite_g, finite_r) and not bool(finite_g[2])
+    assert torch.equal(got.min_val, ref.min_val) and torch.equal(got.max_val, ref.max_val)
+    assert torch.equal(got.nonfinite_batches, ref.nonfinite_batches)
+
+
 # ------------------------------------------------------------------------------ torch.ao references
 
 
