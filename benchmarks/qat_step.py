@@ -29,7 +29,7 @@ unmapped when freed, so the peak follows the live tensors).
 glibc then keeps freed memory mapped instead of re-faulting it every step; all contenders run under it.
 
 Usage: ``python benchmarks/qat_step.py [--model cnn|encoder|all] [--steps 9] [--threads 2] [--no-memory]
-[--keep-heap] [--device cuda] [--compile] [--contenders ours,modelopt]``.
+[--keep-heap] [--device cuda] [--compile] [--no-layout-opt] [--contenders ours,modelopt]``.
 """
 
 from __future__ import annotations
@@ -340,9 +340,18 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (every contender)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every contender (inductor)")
+    parser.add_argument(
+        "--no-layout-opt",
+        action="store_true",
+        help="with --compile: torch._inductor.config.layout_optimization = False for every contender",
+    )
     parser.add_argument("--contenders", default="", help="comma-separated subset (float always runs)")
     args = parser.parse_args()
     OPTIONS.update(device=args.device, compile=args.compile, only=args.contenders)
+    if args.no_layout_opt:  # inductor's channels-last conv layout: slower on this CPU, float model included
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False
     torch.set_num_threads(args.threads)
     if args.keep_heap:
         import qat_lightning
@@ -357,7 +366,8 @@ def main() -> None:
     kernels = "ours+kernels = cpu_kernels backend" if kernels_available() else "no C kernels built"
     heap = "keep_heap()" if args.keep_heap else "default glibc heap"
     print(
-        f"torch {torch.__version__}, {args.device}{', compiled' if args.compile else ''}, {args.threads} "
+        f"torch {torch.__version__}, {args.device}{', compiled' if args.compile else ''}"
+        f"{', no layout optimization' if args.no_layout_opt else ''}, {args.threads} "
         f"threads, median of {args.steps} steps, {kernels}, {heap}"
     )
     for name in names:

@@ -6,7 +6,11 @@ round half to even), exactly as ``torch.fake_quantize_per_tensor_affine`` / ``_p
 ``qmin - 0.5 <= x * (1 / scale) < qmax + 0.5`` and is zero where the value was clipped (and at a NaN
 input). The backward recomputes ``x * (1 / scale)`` from the saved input and applies
 ``aten.hardtanh_backward`` (a NaN gradient arriving at a clipped element gives 0 there, as torch's
-``hardtanh`` backward and the ``cpu_kernels`` backend do); no boolean mask is built or kept.
+``hardtanh`` backward and the ``cpu_kernels`` backend do); no boolean mask is built or kept. That halves
+the eager forward + backward of a node against a kept mask (benchmarks/README.md, "QAT step"); memory:
+the node keeps its float32 input for backward instead of a bool mask (as ModelOpt's node does). Traced
+(``torch.compile``), the backward multiplies by a float 0/1 mask (:func:`_keep_as_float`), which inductor
+may compute in the forward and keep: a boolean tensor there cost more than the whole eager node.
 
 :func:`quantize_tensor` is what every quant node runs. It takes the scale as a float32 tensor, so
 nothing is read back to the host, and runs the same ATen formula (an ``autograd.Function``: multiply,
