@@ -463,3 +463,28 @@ def test_property_matches_torch_away_from_ties(dtype, scale, seed, per_channel) 
         grad_of(lambda v: fake_quantize(v, s, dtype, ch_axis), x, upstream),
         grad_of(lambda v: torch_reference(v, s, dtype, ch_axis), x, upstream),
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ch_axis", [None, 0])
+def test_half_input_is_kept_in_its_own_dtype_for_backward(dtype, ch_axis) -> None:
+    """A half-precision input is saved as is (2 bytes), values and gradients equal the float32 path's."""
+    x = (torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 3).to(dtype).requires_grad_()
+    scale = torch.tensor(0.02) if ch_axis is None else torch.tensor([0.02, 0.01, 0.03, 0.005])
+    saved: list[torch.dtype] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.dtype)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = quantize_tensor(x, scale, -128, 127, ch_axis)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    out.backward(grad)
+    assert saved.count(dtype) == 1  # the input itself, not a float32 copy of it
+    assert all(d in (dtype, torch.float32) for d in saved)
+    ref_x = x.detach().float().requires_grad_()
+    ref = quantize_tensor(ref_x, scale, -128, 127, ch_axis)
+    ref.backward(grad.float())
+    assert out.dtype == dtype and torch.equal(out, ref.to(dtype))
+    assert x.grad.dtype == dtype and torch.equal(x.grad, ref_x.grad.to(dtype))

@@ -25,7 +25,8 @@ backward, ``benchmarks/README.md``). With the opt-in ``cpu_kernels`` backend
 (:mod:`qat_lightning.quant.backends`) a float32 CPU tensor goes through a fused C kernel instead (a custom
 op; same values).
 
-float16/bfloat16 inputs are computed in float32 and returned in their own dtype; the scale stays float32.
+float16/bfloat16 inputs are computed in float32 and returned in their own dtype; the scale stays float32;
+backward keeps the half-precision input itself (2 bytes per element), not a float32 copy of it.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class _FakeQuantizeFormula(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
         inv = scale.reciprocal()
-        v = x * inv
+        v = x * inv if x.dtype == torch.float32 else x.float().mul_(inv)  # a half x is kept as is: 2 bytes
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x, inv)
             ctx.bounds = (_lower_keep_bound(qmin), qmax + 0.5)
@@ -105,7 +106,7 @@ class _FakeQuantizeFormula(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         x, inv = ctx.saved_tensors
         lo, hi = ctx.bounds
-        v = x * inv
+        v = x * inv if x.dtype == torch.float32 else x.float().mul_(inv)  # autograd casts the gradient back
         if torch.compiler.is_compiling():
             return grad * _keep_as_float(v, lo, hi), None, None, None
         v.nan_to_num_(nan=hi)  # a NaN input gets no gradient (as the fused torch op)
@@ -140,12 +141,11 @@ def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int
         The fake-quantized tensor in ``x``'s dtype; straight-through gradient inside the range.
     """
     dtype = x.dtype
-    xf = x if dtype == torch.float32 else x.float()
     out = None
-    if _BACKEND_HOOK:
-        out = _BACKEND_HOOK[0](xf, scale, qmin, qmax, ch_axis)
+    if _BACKEND_HOOK and dtype == torch.float32:
+        out = _BACKEND_HOOK[0](x, scale, qmin, qmax, ch_axis)
     if out is None:
-        out = _FakeQuantizeFormula.apply(xf, _scale_view(scale, xf, ch_axis), qmin, qmax)
+        out = _FakeQuantizeFormula.apply(x, _scale_view(scale, x, ch_axis), qmin, qmax)
     return out if dtype == torch.float32 else out.to(dtype)
 
 
