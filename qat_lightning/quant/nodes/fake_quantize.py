@@ -24,13 +24,11 @@ Device-neutral: no forward reads a tensor back to the host; moving average, firs
 cases are tensor ops, so a GPU step never syncs and ``torch.compile(fullgraph=True)`` / ``torch.export``
 trace it. Once a scale exists (a python mirror of ``scale_ready``, set outside the forward), the QAT
 quantize does not depend on the batch range, so inductor fuses the range and the quantize loops. Scales
-come from the observer statistics outside the forward: leaving ``CALIBRATION``, ``.scale`` after eager
-calibration, ``state_dict``, a dtype change. Half-precision inputs are fake-quantized in float32 and
-returned in their dtype (under autocast: the float32 fake quant).
+come from the observer statistics outside the forward (leaving ``CALIBRATION``, ``.scale`` after eager
+calibration, ``state_dict``, a dtype change). Half precision: float32 math, returned in its own dtype.
 
-All state that must survive a checkpoint is in buffers with shapes fixed at construction: ``scale``,
-``dtype_code`` (a mixed-precision change of dtype is restored), ``scale_fixed``, ``scale_ready`` and the
-observer's statistics (plus ``scale_param`` in ``learned`` mode).
+Checkpointed state is in buffers of shapes fixed at construction: ``scale``, ``dtype_code`` (a changed dtype
+is restored), ``scale_fixed``, ``scale_ready``, the observer's statistics (+ ``scale_param`` if learned).
 """
 
 from __future__ import annotations
@@ -171,7 +169,7 @@ class FakeQuantize(nn.Module):
             return  # a shape-only copy: nothing to compute
         if self._dirty:
             self.refresh_scale()
-        _set_flag(self, "_scale_known", bool(self.scale_ready))  # e.g. set by a QAT forward since
+        _set_flag(self, "_scale_known", bool(self.scale_ready))  # a QAT forward may have set it
         if new is FakeQuantState.VALIDATION and self._dtype.is_integer and not self._scale_known:
             self._use_default_scale()
 
@@ -308,21 +306,28 @@ class FakeQuantize(nn.Module):
             scale.copy_(s.detach())
             numel = x[0].numel() if x.dim() > 1 else x.numel()
             return lsq_quantize(x, s, dtype.qmin, dtype.qmax, (max(numel, 1) * dtype.qmax) ** -0.5)
+        if self.ch_axis is not None or self.qat_averaging_constant == 1.0:
+            return quantize_tensor(x, self._follow_batch(x), dtype.qmin, dtype.qmax, self.ch_axis)
+        c = self.qat_averaging_constant
         amax, finite = self.observer.update_range(x)
-        batch = (amax / dtype.qmax).clamp_min(SCALE_EPS)
-        ready, c = self._buffers["scale_ready"], self.qat_averaging_constant
-        if self.ch_axis is not None or c == 1.0:
-            new = torch.where(finite, batch, scale)
-            out = quantize_tensor(x, new, dtype.qmin, dtype.qmax, self.ch_axis)
-        elif self._scale_known:  # quantize with the scale as it stands (not this batch's), then move it
+        batch, ready = (amax / dtype.qmax).clamp_min(SCALE_EPS), self._buffers["scale_ready"]
+        if self._scale_known:  # quantize with the scale as it stands (not this batch's), then move it
             out = quantize_tensor(x, scale, dtype.qmin, dtype.qmax, None)
             new = torch.where(finite, scale.lerp(batch, c), scale)
         else:  # no scale yet: the batch's own scale first, the moving average after
             new = torch.where(finite, torch.where(ready, scale.lerp(batch, c), batch), scale)
             out = quantize_tensor(x, torch.where(ready, scale, new), dtype.qmin, dtype.qmax, None)
         scale.copy_(new)
-        ready.copy_(ready | finite.all())
+        ready.logical_or_(finite.all())
         return out
+
+    def _follow_batch(self, x: Tensor, row_factor: Tensor | None = None) -> Tensor:
+        """Set the scale to the batch's own (of ``x * row_factor``; NaN/inf rows keep theirs); return it."""
+        amax, finite = self.observer.update_range(x, row_factor)
+        new = torch.where(finite, (amax / self._dtype.qmax).clamp_min(SCALE_EPS), self._buffers["scale"])
+        self._buffers["scale"].copy_(new)
+        self._buffers["scale_ready"].logical_or_(finite.all())
+        return new
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """Move with the model; ``scale`` (and ``scale_param``) stay float32 whatever the model's dtype."""

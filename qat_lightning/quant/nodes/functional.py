@@ -83,6 +83,11 @@ def _lower_keep_bound(qmin: int) -> float:
     return qmin - 0.5 - 2.0 ** (m.bit_length() - 25)
 
 
+def _times(x: Tensor, inv: Tensor) -> Tensor:
+    """``x * inv`` in float32 (a half-precision ``x`` is converted first; ``inv`` is float32)."""
+    return x * inv if x.dtype == torch.float32 else x.float().mul_(inv)
+
+
 class _FakeQuantizeFormula(torch.autograd.Function):
     """The ATen formula with a straight-through gradient (compile, export and meta tensors).
 
@@ -96,7 +101,7 @@ class _FakeQuantizeFormula(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D102
         inv = scale.reciprocal()
-        v = x * inv if x.dtype == torch.float32 else x.float().mul_(inv)  # a half x is kept as is: 2 bytes
+        v = _times(x, inv)  # a half-precision x is kept for backward as is: 2 bytes per element
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(x, inv)
             ctx.bounds = (_lower_keep_bound(qmin), qmax + 0.5)
@@ -106,7 +111,7 @@ class _FakeQuantizeFormula(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         x, inv = ctx.saved_tensors
         lo, hi = ctx.bounds
-        v = x * inv if x.dtype == torch.float32 else x.float().mul_(inv)  # autograd casts the gradient back
+        v = _times(x, inv)  # the gradient is float32: autograd casts it back to x's dtype
         if torch.compiler.is_compiling():
             return grad * _keep_as_float(v, lo, hi), None, None, None
         v.nan_to_num_(nan=hi)  # a NaN input gets no gradient (as the fused torch op)

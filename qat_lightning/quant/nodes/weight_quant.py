@@ -15,7 +15,6 @@ from torch import Tensor
 
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
-from qat_lightning.quant.observers import SCALE_EPS
 
 __all__ = ["quantize_weight", "fake_quantize_folded"]
 
@@ -45,15 +44,11 @@ def fake_quantize_folded(wq: FakeQuantize, weight: Tensor, fold: Tensor) -> Tens
         and GlobalFakeQuantSwitch._enabled
     ):
         return wq(weight * fold) / fold
-    scale, ready = wq._buffers["scale"], wq._buffers["scale_ready"]
     f = fold.reshape(-1)
-    amax, finite = wq.observer.update_range(weight, f)
-    new = torch.where(finite, (amax / dtype.qmax).clamp_min(SCALE_EPS), scale)
-    scale.copy_(new)
-    ready.copy_(ready | finite.all())
+    scale = wq._follow_batch(weight, f)  # the node's own QAT rule, on the range of weight * fold
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    codes = (weight * (f / new).reshape(shape)).round_().clamp_(dtype.qmin, dtype.qmax)
-    return codes.mul_((new / f).reshape(shape))
+    codes = (weight * (f / scale).reshape(shape)).round_().clamp_(dtype.qmin, dtype.qmax)
+    return codes.mul_((scale / f).reshape(shape))
 
 
 class _StraightThrough(torch.autograd.Function):
