@@ -61,3 +61,77 @@ def test_quantize_weight_with_fold_passes_the_gradient_straight_through() -> Non
     out = quantize_weight(_weight_node(w), w, fold)
     out.backward(torch.ones_like(out))
     assert torch.equal(w.grad, torch.ones_like(w))
+
+
+# ------------------------------------------------------------------------- the conv weight's layout op
+def _traced_ops(fn, *args) -> list[str]:
+    """Targets of the FX graph dynamo hands its backend for ``fn(*args)`` (no compiler runs)."""
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(fn, backend=backend, fullgraph=True)(*args)
+    return [str(node.target) for gm in graphs for node in gm.graph.nodes]
+
+
+def _conv_qat() -> tuple[FakeQuantize, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
+    fold = (torch.rand(8) + 0.5).reshape(-1, 1, 1, 1)
+    return _weight_node(weight), weight, fold
+
+
+def test_channels_last_weight_op_passes_opcheck() -> None:
+    from qat_lightning.quant.nodes.weight_quant import _channels_last_weight
+
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    torch.library.opcheck(_channels_last_weight, (w,))
+    out = _channels_last_weight(w)
+    assert torch.equal(out, w) and out.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_gemm_weight_is_the_weight_itself_in_eager_mode() -> None:
+    from qat_lightning.quant.nodes.weight_quant import gemm_weight
+
+    w = torch.randn(8, 4, 3, 3)
+    computed = w * 2
+    assert gemm_weight(computed, w) is computed and gemm_weight(w, w) is w
+
+
+@pytest.mark.parametrize("layout_optimization", [True, False])
+def test_traced_conv_weight_goes_through_the_layout_op_only_with_layout_optimization(
+    layout_optimization: bool,
+) -> None:
+    import torch._inductor.config as inductor_config
+
+    node, weight, fold = _conv_qat()
+    x = torch.randn(2, 4, 8, 8)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, quantize_weight(node, weight, fold))
+
+    with inductor_config.patch(layout_optimization=layout_optimization):
+        ops = _traced_ops(step, x)
+    assert ("qat_lightning.channels_last_weight.default" in ops) is layout_optimization
+    eager = _weight_node(weight)  # same values, same straight-through gradient
+    y = step(x)
+    y.sum().backward()
+    grad = weight.grad.clone()
+    weight.grad = None
+    torch.nn.functional.conv2d(x, quantize_weight(eager, weight, fold)).sum().backward()
+    assert torch.equal(grad, weight.grad)
+
+
+def test_exported_conv_has_no_layout_op() -> None:
+    node, weight, fold = _conv_qat()
+    node.state = "validation"
+
+    class Conv(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.conv2d(x, quantize_weight(node, weight.detach(), fold))
+
+    program = torch.export.export(Conv(), (torch.randn(2, 4, 8, 8),))
+    assert not any("channels_last_weight" in str(n.target) for n in program.graph.nodes)

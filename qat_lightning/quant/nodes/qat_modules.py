@@ -264,7 +264,7 @@ class QatConvBn(QuantOp):
         if weight_off and torch.compiler.is_compiling():  # traced: no fold cache; a BN costs less than a fold
             return bn(_gemm(self.kind, conv, x, conv.weight, conv.bias))
         w, b = self._folded()
-        return _gemm(self.kind, conv, x, wq(w), deployed_bias(self, b))  # wq runs first: scale current
+        return _gemm(self.kind, conv, x, quantize_weight(wq, w), deployed_bias(self, b))  # wq first: scale current
 
     def _folded(self) -> tuple[Tensor, Tensor]:
         """``fold_bn`` of the current parameters; cached while nothing changes and no gradient is needed."""

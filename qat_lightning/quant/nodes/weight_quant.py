@@ -4,10 +4,18 @@
 backward). ``QatConvBn`` in ``fuse_bn`` training quantizes the BN-folded weight and un-folds it every step:
 done as written that is 7 passes over the weight (fold, range, 4 quantize passes, un-fold) and two new
 tensors; :func:`fake_quantize_folded` takes 5 (range, multiply, round, clamp, multiply) and one.
+
+Under ``torch.compile`` on CPU a computed 4-d (conv2d) weight is handed to the conv through
+:func:`gemm_weight`, which copies it to channels-last in an op of its own when inductor's layout
+optimization is on (what inductor does on CPU for every graph with a conv): inductor would otherwise fuse
+that layout change into the fake-quant loop and, with the per-channel scales, vectorize it along the
+output channel as a 16-wide gather and scatter (measured: 50 of the CNN's 380 ms compiled QAT step, against
+about 5 ms in a contiguous loop; benchmarks/README.md, "QAT step").
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
@@ -16,7 +24,50 @@ from torch import Tensor
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 
-__all__ = ["quantize_weight", "fake_quantize_folded"]
+__all__ = ["quantize_weight", "fake_quantize_folded", "gemm_weight"]
+
+
+@torch.library.custom_op("qat_lightning::channels_last_weight", mutates_args=())
+def _channels_last_weight(weight: Tensor) -> Tensor:
+    """A channels-last copy of a 4-d weight, as an op inductor does not fuse into the loop computing it."""
+    return weight.clone(memory_format=torch.channels_last)
+
+
+@_channels_last_weight.register_fake
+def _(weight: Tensor) -> Tensor:
+    return torch.empty_like(weight, memory_format=torch.channels_last)
+
+
+def _gradient_as_is(ctx: Any, grad: Tensor) -> Tensor:
+    return grad
+
+
+_channels_last_weight.register_autograd(_gradient_as_is)
+
+
+def _inductor_layout_optimization() -> bool:
+    """Inductor's ``layout_optimization`` flag (its documented config; ``False`` when inductor is not loaded)."""
+    config = sys.modules.get("torch._inductor.config")
+    return bool(getattr(config, "layout_optimization", False))
+
+
+def gemm_weight(weight: Tensor, source: Tensor) -> Tensor:
+    """The computed gemm ``weight`` (from the parameter ``source``) in the layout its conv will read.
+
+    Under ``torch.compile`` (not ``torch.export``), on CPU, for a 4-d weight computed from ``source``, with
+    inductor's layout optimization on: a channels-last copy made by an op of its own (see the module
+    docstring). Otherwise ``weight`` itself. Values are unchanged; the gradient passes as is.
+    """
+    if (
+        weight is not source
+        and weight.dim() == 4
+        and weight.device.type == "cpu"
+        and torch.compiler.is_compiling()
+        and not torch.compiler.is_exporting()
+        and _inductor_layout_optimization()
+    ):
+        return _channels_last_weight(weight)
+    return weight
 
 
 def fake_quantize_folded(wq: FakeQuantize, weight: Tensor, fold: Tensor) -> Tensor:
@@ -81,8 +132,9 @@ def quantize_weight(wq: FakeQuantize, weight: Tensor, fold: Tensor | None = None
     ):
         with torch.no_grad():
             value = wq(weight) if fold is None else fake_quantize_folded(wq, weight, fold)
+            value = gemm_weight(value, weight)
         return _StraightThrough.apply(weight, value)
     if fold is None:
-        return wq(weight)
+        return gemm_weight(wq(weight), weight)
     fold = fold.detach()
-    return wq(weight * fold) / fold
+    return gemm_weight(wq(weight * fold) / fold, weight)
