@@ -264,7 +264,8 @@ class QatConvBn(QuantOp):
         if weight_off and torch.compiler.is_compiling():  # traced: no fold cache; a BN costs less than a fold
             return bn(_gemm(self.kind, conv, x, conv.weight, conv.bias))
         w, b = self._folded()
-        return _gemm(self.kind, conv, x, quantize_weight(wq, w), deployed_bias(self, b))  # wq first: scale current
+        wq_w = quantize_weight(wq, w)  # before the bias: the deployed bias uses the current scale
+        return _gemm(self.kind, conv, x, wq_w, deployed_bias(self, b))
 
     def _folded(self) -> tuple[Tensor, Tensor]:
         """``fold_bn`` of the current parameters; cached while nothing changes and no gradient is needed."""

@@ -29,7 +29,7 @@ __all__ = ["quantize_weight", "fake_quantize_folded", "gemm_weight"]
 
 @torch.library.custom_op("qat_lightning::channels_last_weight", mutates_args=())
 def _channels_last_weight(weight: Tensor) -> Tensor:
-    """A channels-last copy of a 4-d weight, as an op inductor does not fuse into the loop computing it."""
+    """Return a channels-last copy of a 4-d weight (an op: inductor does not fuse it into its producer)."""
     return weight.clone(memory_format=torch.channels_last)
 
 
@@ -46,13 +46,13 @@ _channels_last_weight.register_autograd(_gradient_as_is)
 
 
 def _inductor_layout_optimization() -> bool:
-    """Inductor's ``layout_optimization`` flag (its documented config; ``False`` when inductor is not loaded)."""
+    """Return inductor's ``layout_optimization`` flag (``False`` when inductor is not loaded)."""
     config = sys.modules.get("torch._inductor.config")
     return bool(getattr(config, "layout_optimization", False))
 
 
 def gemm_weight(weight: Tensor, source: Tensor) -> Tensor:
-    """The computed gemm ``weight`` (from the parameter ``source``) in the layout its conv will read.
+    """Return the computed gemm ``weight`` (from the parameter ``source``) in the layout its conv reads.
 
     Under ``torch.compile`` (not ``torch.export``), on CPU, for a 4-d weight computed from ``source``, with
     inductor's layout optimization on: a channels-last copy made by an op of its own (see the module
