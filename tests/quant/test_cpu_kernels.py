@@ -41,6 +41,42 @@ def test_backend_equals_default_path_and_compiles() -> None:
         ql.set_backend("default")
 
 
+@needs_kernels
+def test_backend_runs_in_eager_mode_and_traced_code_runs_the_formula() -> None:
+    """Traced, inductor fuses the ATen formula (measured faster than the opaque op): no custom op there."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return gm.forward
+
+    x = torch.randn(8, 16, requires_grad=True)
+    node = ql.FakeQuantize("qint8", "minmax")
+    ql.set_fake_quantize(node, "qat")
+    ql.set_backend("cpu_kernels")
+    try:
+        with Ops() as ops:
+            node(x)
+        torch._dynamo.reset()
+        torch.compile(node, backend=backend, fullgraph=True)(x)
+    finally:
+        ql.set_backend("default")
+    assert any("fake_quantize_cpu" in name for name in ops.names)
+    traced = [str(n.target) for gm in graphs for n in gm.graph.nodes]
+    assert traced and not any("fake_quantize_cpu" in name for name in traced)
+
+
 def test_backend_selection_errors() -> None:
     with pytest.raises(ValueError, match="allowed: default, cpu_kernels"):
         ql.set_backend("gpu")

@@ -23,7 +23,9 @@ silently) and the per-channel one wraps ``inf`` to the wrong end. Measured in ea
 formula is at least as fast as the fused op (its cachemask variant took twice as long forward +
 backward, ``benchmarks/README.md``). With the opt-in ``cpu_kernels`` backend
 (:mod:`qat_lightning.quant.backends`) a float32 CPU tensor goes through a fused C kernel instead (a custom
-op; same values).
+op; same values) in eager mode; traced (``torch.compile``, ``torch.export``) the node runs the formula
+whatever the backend, since inductor fuses it with its neighbours and the opaque op measured slower there
+(benchmarks/README.md, "QAT step").
 
 float16/bfloat16 inputs are computed in float32 and returned in their own dtype; the scale stays float32;
 backward keeps the half-precision input itself (2 bytes per element), not a float32 copy of it.
@@ -147,8 +149,8 @@ def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int
     """
     dtype = x.dtype
     out = None
-    if _BACKEND_HOOK and dtype == torch.float32:
-        out = _BACKEND_HOOK[0](x, scale, qmin, qmax, ch_axis)
+    if _BACKEND_HOOK and dtype == torch.float32 and not torch.compiler.is_compiling():
+        out = _BACKEND_HOOK[0](x, scale, qmin, qmax, ch_axis)  # eager only (traced: the formula)
     if out is None:
         out = _FakeQuantizeFormula.apply(x, _scale_view(scale, x, ch_axis), qmin, qmax)
     return out if dtype == torch.float32 else out.to(dtype)
