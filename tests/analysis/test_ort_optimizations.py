@@ -96,13 +96,18 @@ def test_check_judges_the_deployed_level_and_reports_both(head16, tmp_path):
     check = check_export(model, result.path, xs)
     assert check.optimization == "all" and check.passed  # the int16 point's shift is within the thresholds
     (deployed,), (unoptimized,) = check.outputs, check.unoptimized
-    assert unoptimized.max_abs_error == 0.0 and deployed.max_abs_error > 0.0
+    s_out = _scales(result)[2]
+    # the export is exact up to an output code on a rounding tie, which the gemm's float summation order
+    # (onnxruntime's kernels vary with the CPU: AVX-512 gave one int16 step) may move by one step
+    assert unoptimized.max_abs_error <= s_out * 1.001
+    assert deployed.max_abs_error >= 2.9 * s_out  # the int32 bias moves outputs by 3 steps and more
     assert check.optimization_note is None
-    strict = check_export(model, result.path, xs, min_sqnr_db=200.0, out_dir=tmp_path / "strict")
+    # 90 dB: above the optimized graph's SQNR (77 dB), below the unoptimized one's (105 dB with a tie, or inf)
+    strict = check_export(model, result.path, xs, min_sqnr_db=90.0, out_dir=tmp_path / "strict")
     assert not strict.passed and "WeightBiasQuantization" in (strict.optimization_note or "")
     assert "WeightBiasQuantization" in (tmp_path / "strict" / "export_check.txt").read_text()
-    off = check_export(model, result.path, xs, optimization="disabled", min_sqnr_db=200.0)
-    assert off.passed and off.unoptimized == () and off.outputs[0].max_abs_error == 0.0
+    off = check_export(model, result.path, xs, optimization="disabled", min_sqnr_db=90.0)
+    assert off.passed and off.unoptimized == () and off.outputs[0].max_abs_error <= s_out * 1.001
 
 
 def test_per_layer_reads_the_deployed_graph(head16):
