@@ -11,6 +11,7 @@ import torch
 
 import qat_lightning as ql
 from qat_lightning.quant.backends import cpu_kernels
+from tests.tracing import traced_ops
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="C kernels not built")
 
@@ -55,12 +56,6 @@ def test_backend_runs_in_eager_mode_and_traced_code_runs_the_formula() -> None:
             self.names.append(str(func))
             return func(*args, **(kwargs or {}))
 
-    graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
     x = torch.randn(8, 16, requires_grad=True)
     node = ql.FakeQuantize("qint8", "minmax")
     ql.set_fake_quantize(node, "qat")
@@ -68,12 +63,10 @@ def test_backend_runs_in_eager_mode_and_traced_code_runs_the_formula() -> None:
     try:
         with Ops() as ops:
             node(x)
-        torch._dynamo.reset()
-        torch.compile(node, backend=backend, fullgraph=True)(x)
+        traced = traced_ops(node, x)
     finally:
         ql.set_backend("default")
     assert any("fake_quantize_cpu" in name for name in ops.names)
-    traced = [str(n.target) for gm in graphs for n in gm.graph.nodes]
     assert traced and not any("fake_quantize_cpu" in name for name in traced)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.nodes.weight_quant import fake_quantize_folded, quantize_weight
+from tests.tracing import traced_ops
 
 
 def _weight_node(weight: torch.Tensor) -> FakeQuantize:
@@ -64,19 +65,6 @@ def test_quantize_weight_with_fold_passes_the_gradient_straight_through() -> Non
 
 
 # ------------------------------------------------------------------------- the conv weight's layout op
-def _traced_ops(fn, *args) -> list[str]:
-    """Targets of the FX graph dynamo hands its backend for ``fn(*args)`` (no compiler runs)."""
-    graphs: list[torch.fx.GraphModule] = []
-
-    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(fn, backend=backend, fullgraph=True)(*args)
-    return [str(node.target) for gm in graphs for node in gm.graph.nodes]
-
-
 def _conv_qat() -> tuple[FakeQuantize, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(8, 4, 3, 3))
@@ -114,7 +102,7 @@ def test_traced_conv_weight_goes_through_the_layout_op_only_with_layout_optimiza
         return torch.nn.functional.conv2d(x, quantize_weight(node, weight, fold))
 
     with inductor_config.patch(layout_optimization=layout_optimization):
-        ops = _traced_ops(step, x)
+        ops = traced_ops(step, x)
     assert ("qat_lightning.channels_last_weight.default" in ops) is layout_optimization
     eager = _weight_node(weight)  # same values, same straight-through gradient
     y = step(x)
