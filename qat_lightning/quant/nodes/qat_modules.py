@@ -251,18 +251,18 @@ class QatConvBn(QuantOp):
         conv, bn, wq = self.conv, self.bn, self.weight_quant
         if self.qat_mode == "with_bn":
             return bn(_gemm(self.kind, conv, x, quantize_weight(wq, conv.weight), conv.bias))
-        if self.qat_mode == "fuse_bn" and bn.training:
-            if wq.state is FakeQuantState.FLOAT or not GlobalFakeQuantSwitch._enabled:
-                return bn(_gemm(self.kind, conv, x, conv.weight, conv.bias))
+        folding = self.qat_mode == "fuse_bn" and bn.training
+        weight_off = wq.state is FakeQuantState.FLOAT or not GlobalFakeQuantSwitch._enabled
+        # the exact float op; traced eval too: no fold cache in a graph, and a BN costs less than a fold
+        if weight_off and (folding or torch.compiler.is_compiling()):
+            return bn(_gemm(self.kind, conv, x, conv.weight, conv.bias))
+        if folding:
             scale = bn.running_var.add(bn.eps).rsqrt()
             if bn.weight is not None:
                 scale = scale * bn.weight
             scale = scale.masked_fill(scale == 0, 1.0).reshape((-1,) + (1,) * (conv.weight.dim() - 1))
             # conv(x, q(w * s)) / s == conv(x, q(w * s) / s): un-fold on the weight, not the output
             return bn(_gemm(self.kind, conv, x, quantize_weight(wq, conv.weight, scale), conv.bias))
-        weight_off = wq.state is FakeQuantState.FLOAT or not GlobalFakeQuantSwitch._enabled
-        if weight_off and torch.compiler.is_compiling():  # traced: no fold cache; a BN costs less than a fold
-            return bn(_gemm(self.kind, conv, x, conv.weight, conv.bias))
         w, b = self._folded()
         wq_w = quantize_weight(wq, w)  # before the bias: the deployed bias uses the current scale
         return _gemm(self.kind, conv, x, wq_w, deployed_bias(self, b))
