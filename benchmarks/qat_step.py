@@ -7,6 +7,10 @@ Contenders (same initial weights, all int8):
 
 * ``float``: the float model;
 * ``ours``: ``qat_lightning.prepare`` (fx, conv-bn-relu fused, ``fuse_bn``), 3 calibration batches, QAT state;
+  every op output is quantized, as the chips run it;
+* ``ours@gemm-inputs`` (only with ``--contenders``): ``ours`` with ModelOpt's coverage: only the activations
+  that reach a Linear / Conv, and the weights, are quantized (:func:`keep_gemm_inputs_only`); the same node,
+  so the comparison with ModelOpt is per quant point;
 * ``torch.ao``: ``prepare_qat_fx`` with ``get_default_qat_qconfig_mapping()``;
 * ``modelopt``: ``modelopt.torch.quantization.quantize(model, INT8_DEFAULT_CFG, forward_loop)`` (only when
   ``nvidia-modelopt`` is installed).
@@ -163,7 +167,7 @@ def _make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tens
     calib = [data() for _ in range(3)]
     if contender == "float":
         return model, data
-    if contender in ("ours", "ours+kernels"):
+    if contender in ("ours", "ours+kernels", GEMM_INPUTS):
         from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
         from qat_lightning.quant.preparation.prepare import prepare
 
@@ -174,6 +178,8 @@ def _make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tens
             for batch in calib:
                 prepared(batch)
         set_fake_quantize(prepared, "qat")
+        if contender == GEMM_INPUTS:
+            keep_gemm_inputs_only(prepared)
         return prepared.train(), data
     if contender == "torch.ao":
         from torch.ao.quantization import get_default_qat_qconfig_mapping
@@ -193,6 +199,38 @@ def _make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tens
     raise ValueError(contender)
 
 
+GEMM_INPUTS = "ours@gemm-inputs"
+
+
+def keep_gemm_inputs_only(gm: torch.fx.GraphModule) -> int:
+    """Turn off (float32) every output quant node whose value reaches no Linear / Conv; return how many.
+
+    ModelOpt's ``INT8_DEFAULT_CFG`` quantizes the inputs and weights of its Linear / Conv layers only. A value
+    reaches a gemm when a gemm op takes it, directly or through shape-only calls (``view``, ``transpose``,
+    ``reshape``, ``flatten``, ...).
+    """
+    from qat_lightning.quant.nodes.qat_modules import QatConvBn, QatGemm
+
+    modules = dict(gm.named_modules())
+
+    def reaches_gemm(node: torch.fx.Node) -> bool:
+        for user in node.users:
+            if user.op == "call_module":
+                if isinstance(modules[user.target], (QatGemm, QatConvBn)):
+                    return True
+            elif user.op in ("call_method", "call_function") and reaches_gemm(user):
+                return True
+        return False
+
+    off = 0
+    for node in gm.graph.nodes:
+        quant = getattr(modules.get(node.target), "output_quant", None) if node.op == "call_module" else None
+        if quant is not None and quant.dtype.is_integer and not reaches_gemm(node):
+            quant.dtype = "float32"
+            off += 1
+    return off
+
+
 def contenders() -> list[str]:
     from qat_lightning.quant.backends.cpu_kernels import kernels_available
 
@@ -206,6 +244,8 @@ def contenders() -> list[str]:
     except Exception:  # noqa: BLE001
         pass
     only = [c for c in OPTIONS["only"].split(",") if c]
+    if GEMM_INPUTS in only:
+        names.insert(names.index("ours") + 1, GEMM_INPUTS)
     return [c for c in names if c == "float" or not only or c in only]
 
 
@@ -378,12 +418,12 @@ def main() -> None:
         live = {} if no_memory else measure_memory(name, args.threads, LIVE_ENV)
         print(f"\n{name}: train step (forward + backward + SGD)")
         print(
-            f"  {'contender':<10} {'wall ms':>9} {'x float':>8} {'cpu ms':>8} {'x float':>8} "
+            f"  {'contender':<16} {'wall ms':>9} {'x float':>8} {'cpu ms':>8} {'x float':>8} "
             f"{'peak MB':>8} {'x float':>8} {'live MB':>8} {'x float':>8}"
         )
         for c, t in times.items():
             print(
-                f"  {c:<10} {t * 1e3:9.1f} {t / times['float']:8.2f} {cpu[c] * 1e3:8.1f} "
+                f"  {c:<16} {t * 1e3:9.1f} {t / times['float']:8.2f} {cpu[c] * 1e3:8.1f} "
                 f"{cpu[c] / cpu['float']:8.2f} {_memory_text(mem, c)} {_memory_text(live, c)}"
             )
         for key in ("FLOAT state", "VALIDATION state"):
