@@ -200,6 +200,7 @@ def _make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tens
 
 
 GEMM_INPUTS = "ours@gemm-inputs"
+SHAPE_ONLY = {"view", "reshape", "transpose", "permute", "flatten", "contiguous", "squeeze", "unsqueeze", "t"}
 
 
 def keep_gemm_inputs_only(gm: torch.fx.GraphModule) -> int:
@@ -213,12 +214,15 @@ def keep_gemm_inputs_only(gm: torch.fx.GraphModule) -> int:
 
     modules = dict(gm.named_modules())
 
+    def reshapes(user: torch.fx.Node, node: torch.fx.Node) -> bool:
+        name = user.target if user.op == "call_method" else getattr(user.target, "__name__", "")
+        return user.op in ("call_method", "call_function") and name in SHAPE_ONLY and user.args[:1] == (node,)
+
     def reaches_gemm(node: torch.fx.Node) -> bool:
         for user in node.users:
-            if user.op == "call_module":
-                if isinstance(modules[user.target], (QatGemm, QatConvBn)):
-                    return True
-            elif user.op in ("call_method", "call_function") and reaches_gemm(user):
+            if user.op == "call_module" and isinstance(modules[user.target], (QatGemm, QatConvBn)):
+                return True
+            if reshapes(user, node) and reaches_gemm(user):
                 return True
         return False
 
