@@ -25,9 +25,11 @@ Peak memory: tracemalloc does not see torch's allocations, so each contender run
 after the setup (model, prepare, calibration) freed memory is handed back (``malloc_trim``), the kernel's
 peak-RSS counter is reset (``echo 5 > /proc/self/clear_refs``), 3 steps run, and the peak RSS above the
 RSS at the reset is reported (Linux/glibc only): activations, gradients, optimizer state and temporaries
-of training. Ratios are to float. ``peak`` runs with glibc's default allocator (what a user sees; it
-includes freed memory the heap keeps), ``live`` with ``MALLOC_MMAP_THRESHOLD_=65536`` (large allocations
-unmapped when freed, so the peak follows the live tensors).
+of training. With ``--compile`` the child compiles and runs one step before the reset, so compilation is not
+counted (nor is the optimizer state, created in that step). Ratios are to float. ``peak`` runs with glibc's
+default allocator (what a user sees; it includes freed memory the heap keeps), ``live`` with
+``MALLOC_MMAP_THRESHOLD_=65536`` (large allocations unmapped when freed, so the peak follows the live
+tensors).
 
 ``--keep-heap`` calls :func:`~qat_lightning.quant.backends.keep_heap` first (timing and ``peak`` processes):
 glibc then keeps freed memory mapped instead of re-faulting it every step; all contenders run under it.
@@ -144,9 +146,10 @@ def build(name: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
 
 
 # ------------------------------------------------------------------------------------------------- contenders
-OPTIONS = {"device": "cpu", "compile": False, "only": ""}
-"""``--device`` / ``--compile`` / ``--contenders``: where every contender runs, whether it runs
-``torch.compile``d, and which contenders run (comma-separated; empty: all available)."""
+OPTIONS = {"device": "cpu", "compile": False, "no_layout_opt": False, "only": ""}
+"""``--device`` / ``--compile`` / ``--no-layout-opt`` / ``--contenders``: where every contender runs, whether
+it runs ``torch.compile``d (and with inductor's layout optimization off), and which contenders run
+(comma-separated; empty: all available)."""
 
 
 def make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
@@ -334,6 +337,8 @@ def memory_child(name: str, contender: str) -> None:
     model, data = make(name, contender)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     x = data()
+    if OPTIONS["compile"]:
+        train_step(model, opt, x, contender)  # compiles: that memory is not the step's
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed setup memory back: RSS = live memory
     with open("/proc/self/clear_refs", "w") as f:
@@ -353,6 +358,8 @@ def measure_memory(
     name: str, threads: int, env: dict[str, str] | None = None, keep_heap: bool = False
 ) -> dict[str, int]:
     out, extra = {}, ["--keep-heap"] if keep_heap else []
+    if OPTIONS["compile"]:  # the child measures what the parent times
+        extra += ["--compile", *(["--no-layout-opt"] if OPTIONS["no_layout_opt"] else [])]
     for c in contenders():
         proc = subprocess.run(
             [sys.executable, __file__, "--memory-child", name, c, "--threads", str(threads), *extra],
@@ -391,7 +398,9 @@ def main() -> None:
     )
     parser.add_argument("--contenders", default="", help="comma-separated subset (float always runs)")
     args = parser.parse_args()
-    OPTIONS.update(device=args.device, compile=args.compile, only=args.contenders)
+    OPTIONS.update(
+        device=args.device, compile=args.compile, no_layout_opt=args.no_layout_opt, only=args.contenders
+    )
     if args.no_layout_opt:  # inductor's channels-last conv layout: slower on this CPU, float model included
         import torch._inductor.config as inductor_config
 
