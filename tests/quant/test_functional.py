@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -13,14 +14,16 @@ from hypothesis.extra import numpy as hnp
 
 from qat_lightning.quant.backends import cpu_kernels, set_backend
 from qat_lightning.quant.dtypes import QuantDtype, float16, float32, qint8, qint16
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, set_fake_quantize
 from qat_lightning.quant.nodes.functional import (
     FP16_MAX,
-    _keep_as_float,
+    _keep_mask,
     _lower_keep_bound,
     fake_cast,
     fake_quantize,
     quantize_tensor,
 )
+from tests.tracing import saved_for_backward
 
 INT_DTYPES = [qint8, qint16]
 
@@ -258,13 +261,35 @@ def test_lower_keep_bound_is_the_float32_below_qmin_minus_half() -> None:
 
 @pytest.mark.parametrize(("qmin", "qmax"), [(-128, 127), (0, 255), (1, 7), (-32768, 32767)])
 def test_traced_backward_mask_is_the_range_test(qmin, qmax) -> None:
-    """The compiled backward's float mask equals ``qmin - 0.5 <= v < qmax + 0.5`` on the edges."""
+    """The compiled backward's uint8 mask equals ``qmin - 0.5 <= v < qmax + 0.5`` on the edges; NaN: 0."""
     lo, hi = _lower_keep_bound(qmin), qmax + 0.5
     edges = torch.tensor([qmin - 0.5, lo, hi], dtype=torch.float32)
     up, down = torch.nextafter(edges, edges + 1), torch.nextafter(edges, edges - 1)
-    v = torch.cat([edges, up, down, torch.tensor([0.0, qmin, qmax, 1e30, -1e30, math.inf, -math.inf])])
-    want = ((v >= qmin - 0.5) & (v < qmax + 0.5)).float()
-    assert _keep_as_float(v, lo, hi).tolist() == want.tolist()
+    specials = torch.tensor([0.0, qmin, qmax, 1e30, -1e30, math.inf, -math.inf, math.nan])
+    v = torch.cat([edges, up, down, specials])
+    want = ((v >= qmin - 0.5) & (v < qmax + 0.5)).to(torch.uint8)
+    mask = _keep_mask(v, lo, hi)
+    assert mask.dtype == torch.uint8 and mask.tolist() == want.tolist()
+
+
+def test_traced_qat_node_keeps_a_one_byte_mask_and_the_eager_gradient() -> None:
+    """Compiled, a QAT node keeps only its uint8 mask for backward (not its float32 input: 1 byte per
+    element, not 4); the gradient is eager's, a NaN input included (0)."""
+    node = FakeQuantize("qint8", "minmax")
+    set_fake_quantize(node, "calibration")
+    node(torch.randn(64, 32))
+    set_fake_quantize(node, "qat")
+    x = torch.randn(64, 32) * 3
+    x[0, :4] = torch.tensor([math.nan, 1e6, -1e6, 0.0])
+    eager_node, grads = copy.deepcopy(node), []
+    for fn, run in ((node, saved_for_backward), (eager_node, None)):
+        xg = x.clone().requires_grad_()
+        if run is None:
+            fn(xg * 2).sum().backward()
+        else:
+            assert run(lambda t, fn=fn: fn(t * 2), xg) == [torch.uint8]
+        grads.append(xg.grad)
+    assert torch.equal(grads[0], grads[1]) and grads[0][0, :3].tolist() == [0.0, 0.0, 0.0]
 
 
 # ------------------------------------------------------------------------------------- saturation, int16

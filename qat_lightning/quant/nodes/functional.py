@@ -9,8 +9,9 @@ input). The backward recomputes ``x * (1 / scale)`` from the saved input and app
 ``hardtanh`` backward and the ``cpu_kernels`` backend do); no boolean mask is built or kept. That halves
 the eager forward + backward of a node against a kept mask (benchmarks/README.md, "QAT step"); memory:
 the node keeps its float32 input for backward instead of a bool mask (as ModelOpt's node does). Traced
-(``torch.compile``), the backward multiplies by a float 0/1 mask (:func:`_keep_as_float`), which inductor
-may compute in the forward and keep: a boolean tensor there cost more than the whole eager node.
+(``torch.compile``), the backward multiplies by a ``uint8`` 0/1 mask built with float arithmetic
+(:func:`_keep_mask`), which inductor computes in the forward and keeps: one byte per element, stored
+vectorized (a float mask kept 4; a boolean one was stored element by element).
 
 :func:`quantize_tensor` is what every quant node runs. It takes the scale as a float32 tensor, so
 nothing is read back to the host, and runs the same ATen formula (an ``autograd.Function``: multiply,
@@ -115,23 +116,24 @@ class _FakeQuantizeFormula(torch.autograd.Function):
         lo, hi = ctx.bounds
         v = _times(x, inv)  # the gradient is float32: autograd casts it back to x's dtype
         if torch.compiler.is_compiling():
-            return grad * _keep_as_float(v, lo, hi), None, None, None
+            return grad * _keep_mask(v, lo, hi), None, None, None
         v.nan_to_num_(nan=hi)  # a NaN input gets no gradient (as the fused torch op)
         if grad.dtype != v.dtype or grad.shape != v.shape:
             return torch.ops.aten.hardtanh_backward(grad, v, lo, hi), None, None, None
         return torch.ops.aten.hardtanh_backward.grad_input(grad, v, lo, hi, grad_input=v), None, None, None
 
 
-def _keep_as_float(v: Tensor, lo: float, hi: float) -> Tensor:
-    """``1.0`` where ``lo < v < hi``, else ``0.0``, in float arithmetic only (the traced backward).
+def _keep_mask(v: Tensor, lo: float, hi: float) -> Tensor:
+    """``uint8`` 1 where ``lo < v < hi``, else 0 (NaN: 0), by float arithmetic (the traced backward).
 
     The sign of a difference of two floats is exact and ``2 ** 126`` lifts the smallest nonzero one to at
-    least 1, so the clamps give exactly 0 or 1. No boolean tensor exists for the partitioner to keep from the
-    forward: inductor on CPU writes boolean tensors element by element (measured ~13x slower than a float
-    store), so a saved mask made the compiled QAT step slower than eager. A NaN ``v`` gives NaN here (a
-    diverged step is NaN either way); in eager mode it gives 0.
+    least 1, so the clamps give exactly 0 or 1 (NaN is mapped to 0: no gradient, as in eager mode). Inductor
+    computes the mask in the forward and keeps it for backward: as ``uint8`` that is one byte per element,
+    stored and loaded vectorized. A float mask cost 4 bytes, and a boolean one was stored element by element
+    on CPU (measured ~13x slower than a float store; it made the compiled QAT step slower than eager).
     """
-    return ((v - lo) * 2.0**126).clamp(0.0, 1.0) * ((hi - v) * 2.0**126).clamp(0.0, 1.0)
+    keep = ((v - lo) * 2.0**126).clamp(0.0, 1.0) * ((hi - v) * 2.0**126).clamp(0.0, 1.0)
+    return keep.nan_to_num(0.0).to(torch.uint8)
 
 
 def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int | None = None) -> Tensor:
