@@ -28,8 +28,7 @@ def saved_for_backward(fn: Callable[..., Any], *args: Any) -> list[torch.dtype]:
     ``min_cut_rematerialization_partition`` (what inductor uses); the backward graph's inputs are the kept
     tensors and the incoming gradients (``tangents_*``).
     """
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._functorch.aot_autograd import aot_module_simplified
+    from functorch.compile import aot_module_simplified, make_boxed_func, min_cut_rematerialization_partition
 
     saved: list[torch.dtype] = []
 
