@@ -272,9 +272,9 @@ def test_traced_backward_mask_is_the_range_test(qmin, qmax) -> None:
     assert mask.dtype == torch.uint8 and mask.tolist() == want.tolist()
 
 
-def test_traced_qat_node_keeps_a_one_byte_mask_and_the_eager_gradient() -> None:
-    """Compiled, a QAT node keeps only its uint8 mask for backward (not its float32 input: 1 byte per
-    element, not 4); the gradient is eager's, a NaN input included (0)."""
+def test_traced_qat_node_keeps_a_one_byte_mask_and_gives_the_eager_gradient() -> None:
+    """Compiled, a QAT node keeps only a uint8 mask for backward (1 byte per element, not its float32 input
+    or a float mask); the gradient is eager's, a NaN input included (0)."""
     node = FakeQuantize("qint8", "minmax")
     set_fake_quantize(node, "calibration")
     node(torch.randn(64, 32))
