@@ -81,6 +81,38 @@ def test_no_host_sync_in_any_state(model_cls, device) -> None:
         assert pointers.calls == 0, state
 
 
+class _OpRecorder(TorchDispatchMode):
+    """Record every aten op dispatched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.ops.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def test_qat_forward_of_a_node_dispatches_a_lean_op_list() -> None:
+    """A per-tensor QAT forward: one range reduction, the 5-op formula, and at most 17 ops on 0-d tensors.
+
+    Each op is a kernel launch on a GPU and a dispatcher call on the CPU, run cold between two big ops.
+    """
+    node = ql.FakeQuantize("qint8", "minmax")
+    ql.set_fake_quantize(node, "calibration")
+    node(torch.randn(64))
+    ql.set_fake_quantize(node, "qat")
+    x = torch.randn(64, requires_grad=True)
+    with _OpRecorder() as rec:
+        node(x)
+    assert [op for op in rec.ops if op in ("aminmax", "amin", "amax")] == ["aminmax"]
+    assert [op for op in rec.ops if op in ("reciprocal", "mul", "round_", "clamp_", "mul_")] == [
+        "reciprocal", "mul", "round_", "clamp_", "mul_"
+    ]
+    assert len(rec.ops) <= 23, rec.ops
+    assert not {"detach", "view", "reshape", "copy_", "all"} & set(rec.ops), rec.ops
+
+
 @pytest.mark.parametrize("state", STATES)
 def test_meta_tensors_in_every_state(state) -> None:
     p, example = prepared(TinyResNet)

@@ -313,12 +313,12 @@ class FakeQuantize(nn.Module):
         batch, ready = (amax / dtype.qmax).clamp_min(SCALE_EPS), self._buffers["scale_ready"]
         if self._scale_known:  # quantize with the scale as it stands (not this batch's), then move it
             out = quantize_tensor(x, scale, dtype.qmin, dtype.qmax, None)
-            new = torch.where(finite, scale.lerp(batch, c), scale)
+            scale.lerp_(torch.where(finite, batch, scale), c)  # a non-finite batch: lerp to itself
         else:  # no scale yet: the batch's own scale first, the moving average after
             new = torch.where(finite, torch.where(ready, scale.lerp(batch, c), batch), scale)
             out = quantize_tensor(x, torch.where(ready, scale, new), dtype.qmin, dtype.qmax, None)
-        scale.copy_(new)
-        ready.logical_or_(finite.all())
+            scale.copy_(new)
+        ready.logical_or_(finite)  # per tensor: finite has shape ()
         return out
 
     def _follow_batch(self, x: Tensor, row_factor: Tensor | None = None) -> Tensor:

@@ -68,7 +68,7 @@ def load_extension(name: str) -> ModuleType | None:
 def _scale_view(scale: Tensor, x: Tensor, ch_axis: int | None) -> Tensor:
     """Reshape a per-channel scale so it broadcasts along ``ch_axis`` of ``x``."""
     if ch_axis is None:
-        return scale.reshape(())
+        return scale if scale.dim() == 0 else scale.reshape(())
     shape = [1] * x.dim()
     shape[ch_axis] = -1
     return scale.reshape(shape)

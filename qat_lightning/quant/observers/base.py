@@ -186,14 +186,15 @@ class Observer(torch.nn.Module, abc.ABC):
         Returns:
             ``(amax, finite)`` as :meth:`update_range` documents them (``num_batches`` is not touched).
         """
-        lo, hi = lo.reshape(self._shape), hi.reshape(self._shape)
+        if lo.shape != self._shape:
+            lo, hi = lo.reshape(self._shape), hi.reshape(self._shape)
         amax = torch.maximum(-lo, hi)  # >= 0 where finite; NaN, inf or -inf (no valid entry) otherwise
-        skip = ~(amax.abs() < math.inf)  # the rows holding NaN/inf (or no valid entry): not used
+        finite = amax.abs() < math.inf
+        skip = ~finite  # the rows holding NaN/inf (or no valid entry): not used
         if not self.ignore_nonfinite:
             self.nonfinite_batches.add_(skip.any() if skip.dim() else skip)
         torch.minimum(self.min_val, lo.masked_fill(skip, math.inf), out=self.min_val)
         torch.maximum(self.max_val, hi.masked_fill(skip, -math.inf), out=self.max_val)
-        finite = ~skip
         self._update_extra(lo, hi, finite)
         return amax.masked_fill(skip, 0.0), finite
 
@@ -235,14 +236,17 @@ class Observer(torch.nn.Module, abc.ABC):
             ``(amax, finite)``: the batch ``max |x|`` (float32, ``>= 0``; shape ``()`` per tensor,
             ``(num_channels,)`` per channel) and whether each row was finite (bool, same shape).
         """
-        x = x.detach()
         if x.numel() == 0:
             return torch.zeros(self._shape, device=x.device), torch.zeros(
                 self._shape, dtype=torch.bool, device=x.device
             )
-        x2 = self._rows_view(x if x.dtype == torch.float32 else x.float())
-        valid = x2.abs() < math.inf if self.ignore_nonfinite else None  # isfinite in 2 passes, not 4
-        lo, hi = row_extremes(x2, valid)
+        x = x if x.dtype == torch.float32 else x.float()  # no detach needed: no_grad
+        if self.ch_axis is None and not self.ignore_nonfinite:
+            lo, hi = torch.aminmax(x)  # one row: no reshape (a copy when x is not contiguous)
+        else:
+            x2 = self._rows_view(x)
+            valid = x2.abs() < math.inf if self.ignore_nonfinite else None  # isfinite in 2 passes, not 4
+            lo, hi = row_extremes(x2, valid)
         if row_factor is not None:
             f = row_factor.detach().reshape(lo.shape)
             lo, hi = torch.minimum(lo * f, hi * f), torch.maximum(lo * f, hi * f)
