@@ -205,6 +205,31 @@ def test_compile_fullgraph_every_state_matches_eager(model_cls) -> None:
 
 
 @pytest.mark.slow
+def test_compiled_bfloat16_qat_is_eager_bit_for_bit_when_inductor_rounds_as_eager() -> None:
+    """bf16 QAT compiled: inductor keeps pointwise chains in float32 unless it emulates eager's casts.
+
+    With ``emulate_precision_casts`` the node sees eager's values: the forward is bit for bit eager's.
+    """
+    p, example = prepared(TinyEncoder)
+    p = p.to(torch.bfloat16)
+    ql.set_fake_quantize(p, "qat")
+    eager = copy.deepcopy(p)
+    x = example[0].to(torch.bfloat16) * 1.5
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(emulate_precision_casts=True):
+        out_c = torch.compile(p, fullgraph=True)(x)
+    out_e = eager(x)
+    assert out_c.dtype == torch.bfloat16 and torch.equal(out_c, out_e)
+    out_c.float().square().mean().backward()
+    out_e.float().square().mean().backward()
+    gmax = max(float(b.grad.float().abs().max()) for b in eager.parameters())
+    for (name, a), b in zip(p.named_parameters(), eager.parameters(), strict=True):
+        torch.testing.assert_close(a.grad.float(), b.grad.float(), rtol=0, atol=1e-2 * gmax, msg=name)
+    for (name, a), b in zip(p.named_buffers(), eager.buffers(), strict=True):
+        assert a.dtype == b.dtype and torch.equal(a, b), name  # float32 scales, moved alike
+
+
+@pytest.mark.slow
 def test_flipping_states_does_not_recompile_after_each_first_compile() -> None:
     p, example = prepared(TinyResNet)
     torch._dynamo.reset()
