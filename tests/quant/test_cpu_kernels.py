@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import qat_lightning as ql
 from qat_lightning.quant.backends import cpu_kernels
 from tests.tracing import traced_ops
 
 needs_kernels = pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="C kernels not built")
+
+
+class Ops(TorchDispatchMode):
+    """Record the names of the aten / custom ops dispatched."""
+
+    def __init__(self, names: list[str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 @needs_kernels
@@ -45,23 +59,12 @@ def test_backend_equals_default_path_and_compiles() -> None:
 @needs_kernels
 def test_backend_runs_in_eager_mode_and_traced_code_runs_the_formula() -> None:
     """Traced, inductor fuses the ATen formula (measured faster than the opaque op): no custom op there."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.names: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x = torch.randn(8, 16, requires_grad=True)
     node = ql.FakeQuantize("qint8", "minmax")
     ql.set_fake_quantize(node, "qat")
     ql.set_backend("cpu_kernels")
     try:
-        with Ops() as ops:
+        with Ops([]) as ops:
             node(x)
         traced = traced_ops(node, x)
     finally:
@@ -81,3 +84,93 @@ def test_backend_selection_errors() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert "refused" in out.stdout and out.stdout.strip().endswith("default")
+
+
+# ------------------------------------------------------------------------------------------ QAT weights
+@needs_kernels
+@pytest.mark.parametrize("with_fold", [False, True])
+def test_weight_op_passes_opcheck(with_fold) -> None:
+    w = torch.randn(6, 3, 3, 3)
+    fold = torch.tensor([0.5, -2.0, 1.0, 3.0, -0.25, 1.5]) if with_fold else None
+    op = torch.ops.qat_lightning.fake_quantize_weight_cpu.default
+    torch.library.opcheck(op, (w, fold, torch.ones(6), -128, 127, 2.0**-24))
+
+
+def _weight_node(observer: str, channels: int) -> ql.FakeQuantize:
+    node = ql.FakeQuantize("qint8", observer, ch_axis=0, num_channels=channels)
+    ql.set_fake_quantize(node, "calibration")
+    node(torch.randn(channels, 5) * 2)
+    ql.set_fake_quantize(node, "qat")
+    return node
+
+
+@needs_kernels
+@pytest.mark.parametrize("observer", ["minmax", "moving_minmax"])
+@pytest.mark.parametrize("with_fold", [False, True])
+def test_weight_step_equals_the_default_path_bit_for_bit(observer, with_fold) -> None:
+    """Value, gradient, scale and every observer buffer, a NaN row (keeps its old scale) included."""
+    from qat_lightning.quant.nodes.weight_quant import quantize_weight
+
+    torch.manual_seed(0)
+    weight = (torch.randn(8, 4, 3, 3) * torch.logspace(-3, 1, 8).reshape(-1, 1, 1, 1)).requires_grad_()
+    fold = torch.tensor([0.5, -2.0, 1.0, 3.0, -0.25, 1.5, 1e-3, 7.0]) if with_fold else None
+    node = _weight_node(observer, 8)
+    nodes = {"default": node, "cpu_kernels": copy.deepcopy(node)}
+    grads = {}
+    for step in range(3):
+        w = weight.detach().clone()
+        if step == 2:
+            w[3, 1, 0, 2] = float("nan")
+        values = {}
+        for name, node in nodes.items():
+            ql.set_backend(name)
+            try:
+                leaf = w.clone().requires_grad_()
+                values[name] = quantize_weight(node, leaf, fold)
+                values[name].backward(torch.arange(w.numel(), dtype=torch.float32).reshape(w.shape))
+                grads[name] = leaf.grad
+            finally:
+                ql.set_backend("default")
+        assert torch.equal(values["default"], values["cpu_kernels"]) or torch.allclose(
+            values["default"], values["cpu_kernels"], rtol=0, atol=0, equal_nan=True
+        ), step
+        assert torch.equal(grads["default"], grads["cpu_kernels"])
+        ref, got = nodes["default"].state_dict(), nodes["cpu_kernels"].state_dict()
+        for key in ref:
+            assert torch.equal(ref[key], got[key]) or torch.allclose(ref[key], got[key], equal_nan=True), key
+        ref_nf = nodes["default"].observer.nonfinite_batches
+        assert torch.equal(ref_nf, nodes["cpu_kernels"].observer.nonfinite_batches)
+    assert int(nodes["cpu_kernels"].observer.nonfinite_batches) == 1
+
+
+@needs_kernels
+def test_backend_qat_step_of_a_bn_folded_cnn_equals_the_default_path() -> None:
+    """Through prepare: conv-bn (folded weights), linear; QAT forward + backward + SGD, 2 steps."""
+    from tests.models import TinyResNet
+
+    torch.manual_seed(0)
+    example = TinyResNet.example_inputs()
+    base = ql.prepare(TinyResNet(), example)
+    ql.set_fake_quantize(base, "calibration")
+    with torch.no_grad():
+        base(*example)
+    ql.set_fake_quantize(base, "qat")
+    models = {"default": base, "cpu_kernels": copy.deepcopy(base)}
+    calls = []
+    for name, model in models.items():
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        ql.set_backend(name)
+        try:
+            with Ops(calls if name == "cpu_kernels" else []):
+                model(*example)
+            for _ in range(2):
+                loss = model(*example).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        finally:
+            ql.set_backend("default")
+    assert any("fake_quantize_weight_cpu" in c for c in calls)
+    ref, got = models["default"].state_dict(), models["cpu_kernels"].state_dict()
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key

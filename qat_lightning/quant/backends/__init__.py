@@ -18,6 +18,7 @@ import warnings
 
 from qat_lightning.quant.backends.heap import keep_heap
 from qat_lightning.quant.nodes import functional as _functional
+from qat_lightning.quant.nodes import weight_quant as _weight_quant
 
 __all__ = ["BACKENDS", "get_backend", "keep_heap", "set_backend"]
 
@@ -45,8 +46,10 @@ def set_backend(name: str) -> None:
                 "(no C compiler at install) or QAT_LIGHTNING_NO_KERNELS is set"
             )
         _functional._BACKEND_HOOK[:] = [cpu_kernels.quantize_on_cpu_kernels]
+        _weight_quant._WEIGHT_BACKEND_HOOK[:] = [cpu_kernels.quantize_weight_on_cpu_kernels]
     else:
         _functional._BACKEND_HOOK.clear()
+        _weight_quant._WEIGHT_BACKEND_HOOK.clear()
     _SELECTED[0] = name
 
 

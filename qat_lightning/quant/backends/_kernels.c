@@ -470,6 +470,8 @@ static PyObject *tensor_range(PyObject *self, PyObject *args) {
 
 /* ---- per-channel QAT weight: fold, channel range, scale, fake quant, unfold ---------------------------- */
 
+/* The row's fake quant, as the ATen path computes it: without a fold clamp(round(w * (1 / s))) * s; with a
+ * fold f clamp(round(w * (f / s))) * (s / f) (each product rounded once). */
 MULTIVERSION
 static void channel_quantize(const float *restrict w, float *restrict out, int64_t n, float f, int use_fold,
                              float s, float qmin, float qmax) {
@@ -477,25 +479,26 @@ static void channel_quantize(const float *restrict w, float *restrict out, int64
         quantize_row(w, out, NULL, n, s, qmin, qmax, 0);
         return;
     }
-    const float inv = 1.0f / s;
+    const float a = f / s, b = s / f;
     for (int64_t i = 0; i < n; ++i) {
-        float v = (w[i] * f) * inv;
+        float v = w[i] * a;
         v = v < qmin ? qmin : v;
         v = v > qmax ? qmax : v;
-        out[i] = (((v + MAGIC) - MAGIC) * s) / f;
+        out[i] = ((v + MAGIC) - MAGIC) * b;
     }
 }
 
 static PyObject *fake_quantize_weight(PyObject *self, PyObject *args) {
-    unsigned long long wa, folda, outa, loa, hia, scalea;
+    unsigned long long wa, folda, outa, loa, hia, olda, scalea;
     long long channels, inner;
     float qmin, qmax, eps;
     int threads;
-    if (!PyArg_ParseTuple(args, "KKKKKKLLfffi", &wa, &folda, &outa, &loa, &hia, &scalea, &channels, &inner,
-                          &qmin, &qmax, &eps, &threads)) {
+    if (!PyArg_ParseTuple(args, "KKKKKKKLLfffi", &wa, &folda, &outa, &loa, &hia, &olda, &scalea, &channels,
+                          &inner, &qmin, &qmax, &eps, &threads)) {
         return NULL;
     }
     const float *w = (const float *)(uintptr_t)wa, *fold = (const float *)(uintptr_t)folda;
+    const float *old = (const float *)(uintptr_t)olda;
     float *out = (float *)(uintptr_t)outa, *lo = (float *)(uintptr_t)loa, *hi = (float *)(uintptr_t)hia;
     float *scale = (float *)(uintptr_t)scalea;
     Py_BEGIN_ALLOW_THREADS
@@ -506,11 +509,12 @@ static PyObject *fake_quantize_weight(PyObject *self, PyObject *args) {
         const float f = fold ? fold[c] : 1.0f;
         float l, h;
         channel_range(row, inner, f, fold != NULL, &l, &h);
-        /* as torch: maximum(-lo, hi).clamp_min_(0).div_(qmax).clamp_min_(eps); NaN is caught by the caller */
+        /* as the ATen path: maximum(-lo, hi) / qmax, at least eps; a row with NaN/inf (l, h NaN) keeps its
+         * old scale */
         float s = -l > h ? -l : h;
-        s = s < 0.0f ? 0.0f : s;
         s = s / qmax;
         s = s < eps ? eps : s;
+        s = l == l ? s : old[c];
         lo[c] = l;
         hi[c] = h;
         scale[c] = s;
@@ -529,9 +533,10 @@ static PyMethodDef methods[] = {
     {"fake_quantize_backward", fake_quantize_backward, METH_VARARGS,
      "fake_quantize_backward(grad, mask, out, n, packed, threads): out = mask ? grad : 0 (packed: bit mask)."},
     {"fake_quantize_weight", fake_quantize_weight, METH_VARARGS,
-     "fake_quantize_weight(w, fold, out, lo, hi, scale, channels, inner, qmin, qmax, eps, threads): per "
+     "fake_quantize_weight(w, fold, out, lo, hi, old, scale, channels, inner, qmin, qmax, eps, threads): per "
      "channel c of a contiguous (channels, inner) float32 weight, t = w * fold[c] (fold 0: none); lo/hi = "
-     "range of t; scale = max(-lo, hi, 0) / qmax, at least eps; out = fake_quant(t, scale) / fold[c]."},
+     "range of t (NaN if t holds NaN/inf); scale = max(-lo, hi) / qmax, at least eps (old[c] for a NaN "
+     "range); out = clamp(round(w * (fold / scale))) * (scale / fold) (no fold: as fake_quantize_forward)."},
     {"tensor_range", tensor_range, METH_VARARGS,
      "tensor_range(x, n, threads) -> (min, max) of n contiguous float32 values; both NaN if any is NaN/inf."},
     {NULL, NULL, 0, NULL},

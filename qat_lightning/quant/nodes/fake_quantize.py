@@ -329,6 +329,17 @@ class FakeQuantize(nn.Module):
         self._buffers["scale_ready"].logical_or_(finite.all())
         return new
 
+    def follow_extremes(self, lo: Tensor, hi: Tensor, scale: Tensor) -> None:
+        """Record a QAT step of a scale that follows the batch, computed elsewhere (a fused kernel).
+
+        What the node's own forward does for a batch with per-row extremes ``lo`` / ``hi`` (NaN for a row
+        holding NaN/inf): the observer records them and the scale becomes ``scale``, which must be the
+        batch's own (``max(-lo, hi) / qmax``, at least ``SCALE_EPS``) and the old one on NaN rows.
+        """
+        _, finite = self.observer.record_extremes(lo, hi)
+        self._buffers["scale"].copy_(scale.reshape(self._buffers["scale"].shape))
+        self._buffers["scale_ready"].logical_or_(finite.all())
+
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """Move with the model; ``scale`` (and ``scale_param``) stay float32 whatever the model's dtype."""
         return apply_keeping_float32(self, super()._apply, fn, recurse)

@@ -3,7 +3,8 @@
 :func:`quantize_weight` runs a weight quant node with a straight-through gradient (no weight-sized work in
 backward). ``QatConvBn`` in ``fuse_bn`` training quantizes the BN-folded weight and un-folds it every step:
 done as written that is 7 passes over the weight (fold, range, 4 quantize passes, un-fold) and two new
-tensors; :func:`fake_quantize_folded` takes 5 (range, multiply, round, clamp, multiply) and one.
+tensors; :func:`fake_quantize_folded` takes 5 (range, multiply, round, clamp, multiply) and one. With the
+opt-in ``cpu_kernels`` backend an eager float32 CPU weight is read once instead (same values).
 
 Under ``torch.compile`` on CPU a computed 4-d (conv2d) weight is handed to the conv through
 :func:`gemm_weight`, which copies it to channels-last in an op of its own when inductor's layout
@@ -16,6 +17,7 @@ output channel as a 16-wide gather and scatter (measured: 49.8 ms of a 502 ms pr
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -25,6 +27,9 @@ from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 
 __all__ = ["quantize_weight", "fake_quantize_folded", "gemm_weight"]
+
+_WEIGHT_BACKEND_HOOK: list[Callable[[FakeQuantize, Tensor, Tensor | None], Tensor | None]] = []
+"""The selected opt-in backend's QAT weight step (at most one; see ``qat_lightning.quant.backends``)."""
 
 
 @torch.library.custom_op("qat_lightning::channels_last_weight", mutates_args=())
@@ -131,7 +136,11 @@ def quantize_weight(wq: FakeQuantize, weight: Tensor, fold: Tensor | None = None
         and torch.is_grad_enabled()
     ):
         with torch.no_grad():
-            value = wq(weight) if fold is None else fake_quantize_folded(wq, weight, fold)
+            value = None
+            if _WEIGHT_BACKEND_HOOK and not torch.compiler.is_compiling():  # eager only, as activations
+                value = _WEIGHT_BACKEND_HOOK[0](wq, weight, fold)
+            if value is None:
+                value = wq(weight) if fold is None else fake_quantize_folded(wq, weight, fold)
             value = gemm_weight(value, weight)
         return _StraightThrough.apply(weight, value)
     if fold is None:

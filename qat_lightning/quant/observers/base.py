@@ -250,6 +250,21 @@ class Observer(torch.nn.Module, abc.ABC):
         if row_factor is not None:
             f = row_factor.detach().reshape(lo.shape)
             lo, hi = torch.minimum(lo * f, hi * f), torch.maximum(lo * f, hi * f)
+        return self.record_extremes(lo, hi)
+
+    @torch.no_grad()
+    def record_extremes(self, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Record a batch whose per-row minima and maxima were computed elsewhere (a fused kernel).
+
+        The statistics move exactly as :meth:`update_range` moves them for a batch with these extremes.
+
+        Args:
+            lo: per-row minimum, shape ``()`` or ``(num_channels,)``; NaN marks a row holding NaN/inf.
+            hi: per-row maximum, same shape.
+
+        Returns:
+            ``(amax, finite)`` as :meth:`update_range` returns them.
+        """
         amax, finite = self._record_range(lo, hi)
         self.num_batches.add_(finite.any() if finite.dim() else finite)
         return amax, finite
