@@ -174,3 +174,49 @@ def test_backend_qat_step_of_a_bn_folded_cnn_equals_the_default_path() -> None:
     ref, got = models["default"].state_dict(), models["cpu_kernels"].state_dict()
     for key in ref:
         assert torch.equal(ref[key], got[key]), key
+
+
+# ------------------------------------------------------------------------- activations: range in the same read
+@needs_kernels
+def test_extremes_op_passes_opcheck() -> None:
+    x = torch.randn(4, 100, requires_grad=True)
+    op = torch.ops.qat_lightning.fake_quantize_cpu_with_extremes.default
+    torch.library.opcheck(op, (x, torch.tensor([0.05]), -128, 127))
+
+
+@needs_kernels
+@pytest.mark.parametrize("observer", ["minmax", "moving_minmax", "mse"])
+def test_qat_node_with_its_range_from_the_kernel_equals_the_default_path(observer) -> None:
+    """Value, gradient, scale and observer state over batches with NaN and inf (skipped and counted)."""
+    node = ql.FakeQuantize("qint8", observer)
+    ql.set_fake_quantize(node, "calibration")
+    node(torch.randn(1000))
+    ql.set_fake_quantize(node, "qat")
+    nodes = {"default": node, "cpu_kernels": copy.deepcopy(node)}
+    gen = torch.Generator().manual_seed(0)
+    for step in range(4):
+        x = torch.randn(3, 5000, generator=gen) * (1 + step)
+        if step == 2:
+            x[1, 7] = float("nan")
+        if step == 3:
+            x[0, 3] = float("inf")
+        got, grads, names = {}, {}, []
+        for name, n in nodes.items():
+            ql.set_backend(name)
+            try:
+                leaf = x.clone().requires_grad_()
+                with Ops(names if name == "cpu_kernels" else []):
+                    got[name] = n(leaf)
+                got[name].backward(torch.ones_like(x))
+                grads[name] = leaf.grad
+            finally:
+                ql.set_backend("default")
+        assert any("fake_quantize_cpu_with_extremes" in op for op in names)
+        assert torch.allclose(got["default"], got["cpu_kernels"], rtol=0, atol=0, equal_nan=True), step
+        assert torch.equal(grads["default"], grads["cpu_kernels"]), step
+        ref, new = nodes["default"].state_dict(), nodes["cpu_kernels"].state_dict()
+        for key in ref:
+            assert torch.equal(ref[key], new[key]), (step, key)
+        ref_nf = nodes["default"].observer.nonfinite_batches
+        assert torch.equal(ref_nf, nodes["cpu_kernels"].observer.nonfinite_batches)
+    assert int(nodes["cpu_kernels"].observer.nonfinite_batches) == 2

@@ -13,12 +13,16 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 
 from qat_lightning.quant.backends.heap import keep_heap
 from qat_lightning.quant.nodes import functional as _functional
 from qat_lightning.quant.nodes import weight_quant as _weight_quant
+
+# the module (``quant.nodes.fake_quantize`` as an attribute is the function of that name)
+_fake_quantize = importlib.import_module("qat_lightning.quant.nodes.fake_quantize")
 
 __all__ = ["BACKENDS", "get_backend", "keep_heap", "set_backend"]
 
@@ -47,9 +51,11 @@ def set_backend(name: str) -> None:
             )
         _functional._BACKEND_HOOK[:] = [cpu_kernels.quantize_on_cpu_kernels]
         _weight_quant._WEIGHT_BACKEND_HOOK[:] = [cpu_kernels.quantize_weight_on_cpu_kernels]
+        _fake_quantize._OBSERVING_BACKEND_HOOK[:] = [cpu_kernels.quantize_and_observe_on_cpu_kernels]
     else:
         _functional._BACKEND_HOOK.clear()
         _weight_quant._WEIGHT_BACKEND_HOOK.clear()
+        _fake_quantize._OBSERVING_BACKEND_HOOK.clear()
     _SELECTED[0] = name
 
 

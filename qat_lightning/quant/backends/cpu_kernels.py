@@ -30,7 +30,9 @@ from qat_lightning.quant.nodes.functional import load_extension
 from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 from qat_lightning.quant.observers import SCALE_EPS
 
-__all__ = ["kernels_available", "fake_quantize_cpu", "fake_quantize_weight_cpu"]
+__all__ = [
+    "kernels_available", "fake_quantize_cpu", "fake_quantize_cpu_with_extremes", "fake_quantize_weight_cpu"
+]  # fmt: skip
 
 _KERNELS = load_extension("_kernels")
 
@@ -113,6 +115,53 @@ def _backward(ctx, grad: Tensor, _grad_mask: Tensor) -> tuple:  # noqa: ANN001
 
 
 fake_quantize_cpu.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("qat_lightning::fake_quantize_cpu_with_extremes", mutates_args=())
+def fake_quantize_cpu_with_extremes(
+    x: Tensor, scale: Tensor, qmin: int, qmax: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One-scale :func:`fake_quantize_cpu` that also returns ``[min, max]`` of ``x`` from the same read.
+
+    The range is taken block by block beside the fake quant, so ``x`` is read from memory once (the
+    observer's ``torch.aminmax`` reads it again). A NaN or inf anywhere gives ``[nan, nan]``.
+    """
+    out, mask = torch.empty_like(x), _mask_like(x, -1)
+    _, lo, hi = _KERNELS.fake_quantize_forward(
+        x.data_ptr(),
+        out.data_ptr(),
+        mask.data_ptr(),
+        scale.data_ptr(),
+        x.numel(),
+        1,
+        1,
+        float(qmin),
+        float(qmax),
+        False,
+        torch.get_num_threads(),
+        True,
+    )
+    return out, mask, torch.tensor((lo, hi), dtype=torch.float32)
+
+
+@fake_quantize_cpu_with_extremes.register_fake
+def _(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.empty_like(x), _mask_like(x, -1), x.new_empty(2, dtype=torch.float32)
+
+
+def _setup_context_with_extremes(ctx, inputs: tuple, output: tuple) -> None:  # noqa: ANN001
+    ctx.packed = True
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(output[1])
+
+
+def _backward_with_extremes(ctx, grad: Tensor, _grad_mask: Tensor, _grad_extremes: Tensor) -> tuple:  # noqa: ANN001
+    return _backward(ctx, grad, _grad_mask)[:4]
+
+
+fake_quantize_cpu_with_extremes.register_autograd(
+    _backward_with_extremes, setup_context=_setup_context_with_extremes
+)
 
 
 def quantize_on_cpu_kernels(
@@ -204,3 +253,33 @@ def quantize_weight_on_cpu_kernels(wq: FakeQuantize, weight: Tensor, fold: Tenso
     )
     wq.follow_extremes(lo, hi, new)
     return value
+
+
+def quantize_and_observe_on_cpu_kernels(
+    node: FakeQuantize, x: Tensor
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Run a per-tensor QAT node's fake quant and its observer's range in one read of ``x``.
+
+    The node quantizes with its scale as it stands; its observer records the batch range exactly as
+    ``update_range`` would. ``None`` where the kernels do not apply (the caller then runs both itself).
+
+    Returns:
+        ``(result, amax, finite)``, ``amax`` and ``finite`` as ``Observer.update_range`` returns them.
+    """
+    scale = node._buffers["scale"]
+    if (
+        x.device.type != "cpu"
+        or x.dtype != torch.float32
+        or not x.is_contiguous()
+        or x.numel() == 0
+        or scale.device.type != "cpu"
+        or node.observer.ignore_nonfinite
+    ):
+        return None
+    dtype = node.dtype
+    out, _, extremes = torch.ops.qat_lightning.fake_quantize_cpu_with_extremes(
+        x, scale.reshape(1), dtype.qmin, dtype.qmax
+    )
+    lo, hi = extremes.unbind()
+    amax, finite = node.observer.record_extremes(lo, hi)
+    return out, amax, finite

@@ -34,7 +34,7 @@ is restored), ``scale_fixed``, ``scale_ready``, the observer's statistics (+ ``s
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -52,6 +52,9 @@ __all__ = [
     "SCALE_MODES", "FakeQuantState", "FakeQuantize", "FakeCast", "set_fake_quantize", "fake_quant_state",
     "fake_quant_disabled", "iter_fake_quantize",
 ]  # fmt: skip
+
+_OBSERVING_BACKEND_HOOK: list[Callable[[FakeQuantize, Tensor], tuple[Tensor, Tensor, Tensor] | None]] = []
+"""The selected opt-in backend's per-tensor QAT fake quant + range in one read (see ``quant.backends``)."""
 
 SCALE_MODES: tuple[str, ...] = ("moving", "fixed", "learned")
 """How QAT moves a scale: moving average of the data / pinned / learned (LSQ)."""
@@ -308,13 +311,21 @@ class FakeQuantize(nn.Module):
             return lsq_quantize(x, s, dtype.qmin, dtype.qmax, (max(numel, 1) * dtype.qmax) ** -0.5)
         if self.ch_axis is not None or self.qat_averaging_constant == 1.0:
             return quantize_tensor(x, self._follow_batch(x), dtype.qmin, dtype.qmax, self.ch_axis)
-        c = self.qat_averaging_constant
-        amax, finite = self.observer.update_range(x)
-        batch, ready = (amax / dtype.qmax).clamp_min(SCALE_EPS), self._buffers["scale_ready"]
+        c, ready = self.qat_averaging_constant, self._buffers["scale_ready"]
         if self._scale_known:  # quantize with the scale as it stands (not this batch's), then move it
-            out = quantize_tensor(x, scale, dtype.qmin, dtype.qmax, None)
+            fused = None
+            if _OBSERVING_BACKEND_HOOK and not torch.compiler.is_compiling():
+                fused = _OBSERVING_BACKEND_HOOK[0](self, x)  # one read of x for both
+            if fused is None:
+                amax, finite = self.observer.update_range(x)
+                out = quantize_tensor(x, scale, dtype.qmin, dtype.qmax, None)
+            else:
+                out, amax, finite = fused
+            batch = (amax / dtype.qmax).clamp_min(SCALE_EPS)
             scale.lerp_(torch.where(finite, batch, scale), c)  # a non-finite batch: lerp to itself
         else:  # no scale yet: the batch's own scale first, the moving average after
+            amax, finite = self.observer.update_range(x)
+            batch = (amax / dtype.qmax).clamp_min(SCALE_EPS)
             new = torch.where(finite, torch.where(ready, scale.lerp(batch, c), batch), scale)
             out = quantize_tensor(x, torch.where(ready, scale, new), dtype.qmin, dtype.qmax, None)
             scale.copy_(new)
