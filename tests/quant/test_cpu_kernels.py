@@ -220,3 +220,43 @@ def test_qat_node_with_its_range_from_the_kernel_equals_the_default_path(observe
         ref_nf = nodes["default"].observer.nonfinite_batches
         assert torch.equal(ref_nf, nodes["cpu_kernels"].observer.nonfinite_batches)
     assert int(nodes["cpu_kernels"].observer.nonfinite_batches) == 2
+
+
+_ISA_CHECK = """
+import sys, torch, qat_lightning as ql
+from qat_lightning.quant.backends import cpu_kernels
+from qat_lightning.quant.nodes.functional import _FakeQuantizeFormula
+assert cpu_kernels._KERNELS.BIT_KERNELS_ISA == sys.argv[1], cpu_kernels._KERNELS.BIT_KERNELS_ISA
+gen = torch.Generator().manual_seed(0)
+for n in (1, 15, 17, 64, 1000, 70001):
+    x = torch.randn(n, generator=gen) * 4
+    x[:: 7] = (torch.arange(0, n, 7) % 5 - 2) * 0.05 + 0.025  # exact .5 boundaries of the scale 0.05
+    if n > 20:
+        x[3], x[11] = float("nan"), float("inf")
+    scale = torch.tensor([0.05])
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, _, ext = torch.ops.qat_lightning.fake_quantize_cpu_with_extremes(a, scale, -128, 127)
+    ref = _FakeQuantizeFormula.apply(b, scale.reshape(()), -128, 127)
+    assert torch.allclose(got, ref, rtol=0, atol=0, equal_nan=True), n
+    g = torch.randn(n, generator=gen)
+    got.backward(g)
+    ref.backward(g)
+    assert torch.equal(a.grad, b.grad), n
+    finite = x[torch.isfinite(x)]
+    want = [float("nan")] * 2 if finite.numel() < n else [float(x.min()), float(x.max())]
+    assert torch.allclose(ext, torch.tensor(want), equal_nan=True), (n, ext, want)
+print("ok")
+"""
+
+
+@needs_kernels
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_capped_instruction_sets_equal_the_formula(isa) -> None:
+    """``QAT_LIGHTNING_KERNEL_ISA`` caps the bit-mask kernels: every variant equals the ATen formula."""
+    import torch.backends.cpu
+
+    if isa == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("no AVX2")
+    env = dict(os.environ, QAT_LIGHTNING_KERNEL_ISA=isa, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-c", _ISA_CHECK, isa], env=env, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]

@@ -12,10 +12,8 @@
  *           mask = qmin - 0.5 <= v < qmax + 0.5, i.e. qmin <= round(v) <= qmax for even qmin, as torch's
  *           cachemask: the straight-through gradient mask, one bit per element for one scale (packed,
  *           little-endian bit order), one byte per element for per-channel scales
- *           relu: x is already max(x, 0) and the mask is x > 0 && v < qmax + 0.5 (ReLU's gradient and the
- *           fake quant's in one mask: fake_quant(relu(x)) without keeping ReLU's output for backward)
  * backward: grad_in = mask ? grad : 0
- * range:    (min, max) of a tensor, both NaN when a value is NaN or +-inf (the observer then re-checks)
+ * range:    with the one-scale forward, (min, max) of x, both NaN when a value is NaN or +-inf
  * weight:   per output channel of a QAT weight (optionally BN-folded, t = w * fold), the channel range,
  *           the scale max|t| / qmax and fake_quant(t) / fold, with the row in L1 between the two passes.
  *
@@ -128,18 +126,10 @@ static void channel_range(const float *restrict w, int64_t n, float f, int use_f
 
 MULTIVERSION
 static void quantize_row(const float *restrict x, float *restrict out, uint8_t *restrict mask, int64_t n,
-                         float s, float qmin, float qmax, int relu) {
+                         float s, float qmin, float qmax) {
     const float inv = 1.0f / s;
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
-    if (mask && relu) {
-        for (int64_t i = 0; i < n; ++i) {
-            float v = x[i] * inv;
-            mask[i] = (uint8_t)((x[i] > 0.0f) & (v < hi));
-            v = v < qmin ? qmin : v;
-            v = v > qmax ? qmax : v;
-            out[i] = ((v + MAGIC) - MAGIC) * s;
-        }
-    } else if (mask) {
+    if (mask) {
         for (int64_t i = 0; i < n; ++i) {
             float v = x[i] * inv;
             mask[i] = (uint8_t)((v >= lo) & (v < hi));
@@ -170,18 +160,16 @@ static const vint BIT_WEIGHTS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 20
 
 MULTIVERSION
 static int quantize_row_bits_generic(const float *restrict x, float *restrict out, uint8_t *restrict bits, int64_t n,
-                              float s, float qmin, float qmax, int relu) {
+                              float s, float qmin, float qmax) {
     const float inv = 1.0f / s;
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
     int clipped = 0; /* any mask bit 0 */
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
-        vfloat v, t;
+        vfloat v;
         memcpy(&v, x + i, sizeof v);
-        t = v;
-        const vint positive = t > 0.0f;
         v *= inv;
-        const vint keep = (relu ? positive : (v >= lo)) & (v < hi);
+        const vint keep = (v >= lo) & (v < hi);
         v = VSELECT(v < qmin, (vfloat){0} + qmin, v);
         v = VSELECT(v > qmax, (vfloat){0} + qmax, v);
         v = ((v + MAGIC) - MAGIC) * s;
@@ -195,7 +183,7 @@ static int quantize_row_bits_generic(const float *restrict x, float *restrict ou
     }
     for (; i < n; ++i) {
         float v = x[i] * inv;
-        const int keep = (relu ? x[i] > 0.0f : v >= lo) & (v < hi);
+        const int keep = (v >= lo) & (v < hi);
         v = v < qmin ? qmin : v;
         v = v > qmax ? qmax : v;
         out[i] = ((v + MAGIC) - MAGIC) * s;
@@ -233,8 +221,8 @@ static void mask_row_bits_generic(const float *restrict grad, const uint8_t *res
  * may differ, -0.0 == 0.0). */
 __attribute__((target("avx512f"))) static int quantize_row_bits_avx512(const float *x, float *out,
                                                                       uint8_t *bits, int64_t n, float s,
-                                                                      float qmin, float qmax, int relu) {
-    const __m512 inv = _mm512_set1_ps(1.0f / s), vs = _mm512_set1_ps(s), zero = _mm512_setzero_ps();
+                                                                      float qmin, float qmax) {
+    const __m512 inv = _mm512_set1_ps(1.0f / s), vs = _mm512_set1_ps(s);
     const __m512 lo = _mm512_set1_ps(qmin - 0.5f), hi = _mm512_set1_ps(qmax + 0.5f);
     const __m512 vqmin = _mm512_set1_ps(qmin), vqmax = _mm512_set1_ps(qmax);
     __mmask16 all = 0xFFFF;
@@ -242,7 +230,7 @@ __attribute__((target("avx512f"))) static int quantize_row_bits_avx512(const flo
     for (; i + 16 <= n; i += 16) {
         const __m512 xv = _mm512_loadu_ps(x + i);
         __m512 v = _mm512_mul_ps(xv, inv);
-        __mmask16 keep = relu ? _mm512_cmp_ps_mask(xv, zero, _CMP_GT_OQ) : _mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ);
+        __mmask16 keep = _mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ);
         keep &= _mm512_cmp_ps_mask(v, hi, _CMP_LT_OQ);
         v = _mm512_min_ps(vqmax, _mm512_max_ps(vqmin, v));
         v = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -250,7 +238,7 @@ __attribute__((target("avx512f"))) static int quantize_row_bits_avx512(const flo
         memcpy(bits + i / 8, &keep, 2);
         all &= keep;
     }
-    return (all != 0xFFFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, relu);
+    return (all != 0xFFFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax);
 }
 
 __attribute__((target("avx512f"))) static void mask_row_bits_avx512(const float *grad, const uint8_t *bits,
@@ -265,9 +253,8 @@ __attribute__((target("avx512f"))) static void mask_row_bits_avx512(const float 
 }
 
 __attribute__((target("avx2"))) static int quantize_row_bits_avx2(const float *x, float *out, uint8_t *bits,
-                                                                 int64_t n, float s, float qmin, float qmax,
-                                                                 int relu) {
-    const __m256 inv = _mm256_set1_ps(1.0f / s), vs = _mm256_set1_ps(s), zero = _mm256_setzero_ps();
+                                                                 int64_t n, float s, float qmin, float qmax) {
+    const __m256 inv = _mm256_set1_ps(1.0f / s), vs = _mm256_set1_ps(s);
     const __m256 lo = _mm256_set1_ps(qmin - 0.5f), hi = _mm256_set1_ps(qmax + 0.5f);
     const __m256 vqmin = _mm256_set1_ps(qmin), vqmax = _mm256_set1_ps(qmax);
     int all = 0xFF;
@@ -275,7 +262,7 @@ __attribute__((target("avx2"))) static int quantize_row_bits_avx2(const float *x
     for (; i + 8 <= n; i += 8) {
         const __m256 xv = _mm256_loadu_ps(x + i);
         __m256 v = _mm256_mul_ps(xv, inv);
-        const __m256 low = relu ? _mm256_cmp_ps(xv, zero, _CMP_GT_OQ) : _mm256_cmp_ps(v, lo, _CMP_GE_OQ);
+        const __m256 low = _mm256_cmp_ps(v, lo, _CMP_GE_OQ);
         const int keep = _mm256_movemask_ps(_mm256_and_ps(low, _mm256_cmp_ps(v, hi, _CMP_LT_OQ)));
         bits[i / 8] = (uint8_t)keep;
         all &= keep;
@@ -283,7 +270,7 @@ __attribute__((target("avx2"))) static int quantize_row_bits_avx2(const float *x
         v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm256_storeu_ps(out + i, _mm256_mul_ps(v, vs));
     }
-    return (all != 0xFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, relu);
+    return (all != 0xFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax);
 }
 
 __attribute__((target("avx2"))) static void mask_row_bits_avx2(const float *grad, const uint8_t *bits,
@@ -299,7 +286,7 @@ __attribute__((target("avx2"))) static void mask_row_bits_avx2(const float *grad
 }
 #endif
 
-typedef int (*QuantizeBitsFn)(const float *, float *, uint8_t *, int64_t, float, float, float, int);
+typedef int (*QuantizeBitsFn)(const float *, float *, uint8_t *, int64_t, float, float, float);
 typedef void (*MaskBitsFn)(const float *, const uint8_t *, float *, int64_t);
 static QuantizeBitsFn quantize_row_bits = quantize_row_bits_generic;
 static MaskBitsFn mask_row_bits = mask_row_bits_generic;
@@ -330,10 +317,10 @@ static void select_bit_kernels(void) {
  * each block is read from memory once (the range pass reads it into L1, the quantize pass reads it there). */
 #define RANGE_BLOCK 4096 /* elements: 16 KiB, a multiple of 64 (whole mask bytes per block) */
 static int quantize_piece(const float *x, float *out, uint8_t *mask, int64_t n, float s, float qmin, float qmax,
-                          int relu, float *range) {
+                          float *range) {
     if (range == NULL) {
-        if (mask) return quantize_row_bits(x, out, mask, n, s, qmin, qmax, relu);
-        quantize_row(x, out, NULL, n, s, qmin, qmax, 0);
+        if (mask) return quantize_row_bits(x, out, mask, n, s, qmin, qmax);
+        quantize_row(x, out, NULL, n, s, qmin, qmax);
         return 1;
     }
     int clipped = 0;
@@ -345,9 +332,9 @@ static int quantize_piece(const float *x, float *out, uint8_t *mask, int64_t n, 
         l = (bl < l || bl != bl) ? bl : l; /* NaN (a NaN/inf in the block) wins */
         h = (bh > h || bh != bh) ? bh : h;
         if (mask) {
-            clipped |= quantize_row_bits(x + b, out + b, mask + b / 8, m, s, qmin, qmax, relu);
+            clipped |= quantize_row_bits(x + b, out + b, mask + b / 8, m, s, qmin, qmax);
         } else {
-            quantize_row(x + b, out + b, NULL, m, s, qmin, qmax, 0);
+            quantize_row(x + b, out + b, NULL, m, s, qmin, qmax);
         }
     }
     range[0] = l;
@@ -359,9 +346,9 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
     unsigned long long xa, outa, maska, scalea;
     long long outer, channels, inner;
     float qmin, qmax;
-    int relu, threads, want_range = 0;
-    if (!PyArg_ParseTuple(args, "KKKKLLLffpi|p", &xa, &outa, &maska, &scalea, &outer, &channels, &inner, &qmin,
-                          &qmax, &relu, &threads, &want_range)) {
+    int threads, want_range = 0;
+    if (!PyArg_ParseTuple(args, "KKKKLLLffi|p", &xa, &outa, &maska, &scalea, &outer, &channels, &inner, &qmin,
+                          &qmax, &threads, &want_range)) {
         return NULL;
     }
     if (want_range && channels != 1) {
@@ -387,7 +374,7 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
             if (t == 0) used = team_threads();
             flat_piece(n, t, team_threads(), &b, &e);
             piece_clipped[t] = quantize_piece(x + b, out + b, mask ? mask + b / 8 : NULL, e - b, scale[0], qmin,
-                                              qmax, relu, want_range ? range : NULL);
+                                              qmax, want_range ? range : NULL);
             lo[t] = range[0];
             hi[t] = range[1];
         }
@@ -399,8 +386,7 @@ static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
 #pragma omp parallel for num_threads(team) schedule(static) if (team > 1)
         for (int64_t r = 0; r < rows; ++r) {
             const int64_t off = r * inner;
-            quantize_row(x + off, out + off, mask ? mask + off : NULL, inner, scale[r % channels], qmin, qmax,
-                         relu);
+            quantize_row(x + off, out + off, mask ? mask + off : NULL, inner, scale[r % channels], qmin, qmax);
         }
     }
     Py_END_ALLOW_THREADS
@@ -439,35 +425,6 @@ static PyObject *fake_quantize_backward(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-static PyObject *tensor_range(PyObject *self, PyObject *args) {
-    unsigned long long xa;
-    long long n;
-    int threads;
-    if (!PyArg_ParseTuple(args, "KLi", &xa, &n, &threads)) {
-        return NULL;
-    }
-    const float *x = (const float *)(uintptr_t)xa;
-    float lo[64], hi[64];
-    int used = 1;
-    Py_BEGIN_ALLOW_THREADS
-    const int team = team_size(n, 64, threads);
-#pragma omp parallel num_threads(team) if (team > 1)
-    {
-        int64_t b, e;
-        const int t = thread_id();
-        if (t == 0) used = team_threads();
-        flat_piece(n, t, team_threads(), &b, &e);
-        channel_range(x + b, e - b, 1.0f, 0, &lo[t], &hi[t]);
-    }
-    Py_END_ALLOW_THREADS
-    float l = lo[0], h = hi[0];
-    for (int t = 1; t < used; ++t) { /* NaN in any piece wins */
-        l = (lo[t] < l || lo[t] != lo[t]) ? lo[t] : l;
-        h = (hi[t] > h || hi[t] != hi[t]) ? hi[t] : h;
-    }
-    return Py_BuildValue("ff", l, h);
-}
-
 /* ---- per-channel QAT weight: fold, channel range, scale, fake quant, unfold ---------------------------- */
 
 /* The row's fake quant, as the ATen path computes it: without a fold clamp(round(w * (1 / s))) * s; with a
@@ -476,7 +433,7 @@ MULTIVERSION
 static void channel_quantize(const float *restrict w, float *restrict out, int64_t n, float f, int use_fold,
                              float s, float qmin, float qmax) {
     if (!use_fold) {
-        quantize_row(w, out, NULL, n, s, qmin, qmax, 0);
+        quantize_row(w, out, NULL, n, s, qmin, qmax);
         return;
     }
     const float a = f / s, b = s / f;
@@ -526,7 +483,7 @@ static PyObject *fake_quantize_weight(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"fake_quantize_forward", fake_quantize_forward, METH_VARARGS,
-     "fake_quantize_forward(x, out, mask, scale, outer, channels, inner, qmin, qmax, relu, threads, range=False): "
+     "fake_quantize_forward(x, out, mask, scale, outer, channels, inner, qmin, qmax, threads, range=False): "
      "addresses of contiguous float32 x/out/scale and the mask (0: no mask): ceil(n / 8) bytes of bits when "
      "channels == 1, else n bytes. Returns False when a bit mask has no zero (nothing clipped), else True; "
      "with range (one scale only) (clipped, min, max) of x, min and max NaN if x holds NaN/inf."},
@@ -537,8 +494,6 @@ static PyMethodDef methods[] = {
      "channel c of a contiguous (channels, inner) float32 weight, t = w * fold[c] (fold 0: none); lo/hi = "
      "range of t (NaN if t holds NaN/inf); scale = max(-lo, hi) / qmax, at least eps (old[c] for a NaN "
      "range); out = clamp(round(w * (fold / scale))) * (scale / fold) (no fold: as fake_quantize_forward)."},
-    {"tensor_range", tensor_range, METH_VARARGS,
-     "tensor_range(x, n, threads) -> (min, max) of n contiguous float32 values; both NaN if any is NaN/inf."},
     {NULL, NULL, 0, NULL},
 };
 

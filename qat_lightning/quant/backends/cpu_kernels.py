@@ -70,7 +70,6 @@ def fake_quantize_cpu(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: i
         *_layout(x, ch_axis),
         float(qmin),
         float(qmax),
-        False,
         torch.get_num_threads(),
         False,
     )
@@ -137,7 +136,6 @@ def fake_quantize_cpu_with_extremes(
         1,
         float(qmin),
         float(qmax),
-        False,
         torch.get_num_threads(),
         True,
     )
