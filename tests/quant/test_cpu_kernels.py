@@ -176,7 +176,7 @@ def test_backend_qat_step_of_a_bn_folded_cnn_equals_the_default_path() -> None:
         assert torch.equal(ref[key], got[key]), key
 
 
-# ------------------------------------------------------------------------- activations: range in the same read
+# ------------------------------------------------------------------- activations: range in the same read
 @needs_kernels
 def test_extremes_op_passes_opcheck() -> None:
     x = torch.randn(4, 100, requires_grad=True)
