@@ -23,7 +23,8 @@ A ``FakeQuantize`` owns one observer and a float32 ``scale`` buffer. Its behavio
 Device-neutral: no forward reads a tensor back to the host; moving average, first batch and non-finite
 cases are tensor ops, so a GPU step never syncs and ``torch.compile(fullgraph=True)`` / ``torch.export``
 trace it. Once a scale exists (a python mirror of ``scale_ready``, set outside the forward), the QAT
-quantize does not depend on the batch range, so inductor fuses the range and the quantize loops. Scales
+quantize does not depend on the batch range, so inductor fuses the range and the quantize loops (and the
+opt-in ``cpu_kernels`` backend takes both from one read in eager mode). Scales
 come from the observer statistics outside the forward (leaving ``CALIBRATION``, ``.scale`` after eager
 calibration, ``state_dict``, a dtype change). Half precision: float32 math, returned in its own dtype.
 
