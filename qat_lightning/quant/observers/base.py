@@ -242,7 +242,7 @@ class Observer(torch.nn.Module, abc.ABC):
             )
         x = x if x.dtype == torch.float32 else x.float()  # no detach needed: no_grad
         if self.ch_axis is None and not self.ignore_nonfinite:
-            lo, hi = torch.aminmax(x)  # one row: no reshape (a copy when x is not contiguous)
+            lo, hi = torch.aminmax(x)  # one row: x as it is (no reshape, no copy of a strided x)
         else:
             x2 = self._rows_view(x)
             valid = x2.abs() < math.inf if self.ignore_nonfinite else None  # isfinite in 2 passes, not 4
