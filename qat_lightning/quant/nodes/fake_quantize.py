@@ -34,7 +34,6 @@ is restored), ``scale_fixed``, ``scale_ready``, the observer's statistics (+ ``s
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -45,6 +44,7 @@ from torch import Tensor, nn
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
 from qat_lightning.quant.nodes.fake_cast import FakeCast
 from qat_lightning.quant.nodes.functional import fake_cast, lsq_quantize, quantize_tensor
+from qat_lightning.quant.nodes.states import FakeQuantState
 from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.observers import DEFAULT_SCALE, SCALE_EPS, Observer, make_observer
 from qat_lightning.quant.observers.base import apply_keeping_float32
@@ -59,27 +59,6 @@ _OBSERVING_BACKEND_HOOK: list[Callable[[FakeQuantize, Tensor], tuple[Tensor, Ten
 
 SCALE_MODES: tuple[str, ...] = ("moving", "fixed", "learned")
 """How QAT moves a scale: moving average of the data / pinned / learned (LSQ)."""
-
-
-class FakeQuantState(str, enum.Enum):
-    """What a quant node does on ``forward`` (the seed's ``FakeQuantState``)."""
-
-    QAT = "qat"
-    CALIBRATION = "calibration"
-    VALIDATION = "validation"
-    FLOAT = "float"
-
-    @classmethod
-    def parse(cls, value: FakeQuantState | str) -> FakeQuantState:
-        """Accept a state or its name (case-insensitive); raise listing the allowed names."""
-        if isinstance(value, FakeQuantState):
-            return value
-        if isinstance(value, str):
-            key = value.strip().lower().lstrip("_")
-            for state in cls:
-                if key in (state.value, state.name.lower()):
-                    return state
-        raise ValueError(f"unknown FakeQuantState {value!r}; allowed: {', '.join(s.name for s in cls)}")
 
 
 def _set_flag(module: nn.Module, name: str, value: Any) -> None:
@@ -314,9 +293,8 @@ class FakeQuantize(nn.Module):
             return quantize_tensor(x, self._follow_batch(x), dtype.qmin, dtype.qmax, self.ch_axis)
         c, ready = self.qat_averaging_constant, self._buffers["scale_ready"]
         if self._scale_known:  # quantize with the scale as it stands (not this batch's), then move it
-            fused = None
-            if _OBSERVING_BACKEND_HOOK and not torch.compiler.is_compiling():
-                fused = _OBSERVING_BACKEND_HOOK[0](self, x)  # one read of x for both
+            hook = _OBSERVING_BACKEND_HOOK and not torch.compiler.is_compiling()
+            fused = _OBSERVING_BACKEND_HOOK[0](self, x) if hook else None  # one read of x for both
             if fused is None:
                 amax, finite = self.observer.update_range(x)
                 out = quantize_tensor(x, scale, dtype.qmin, dtype.qmax, None)
@@ -342,11 +320,10 @@ class FakeQuantize(nn.Module):
         return new
 
     def follow_extremes(self, lo: Tensor, hi: Tensor, scale: Tensor) -> None:
-        """Record a QAT step of a scale that follows the batch, computed elsewhere (a fused kernel).
+        """Record a QAT step computed elsewhere (a fused kernel) of a scale that follows the batch.
 
-        What the node's own forward does for a batch with per-row extremes ``lo`` / ``hi`` (NaN for a row
-        holding NaN/inf): the observer records them and the scale becomes ``scale``, which must be the
-        batch's own (``max(-lo, hi) / qmax``, at least ``SCALE_EPS``) and the old one on NaN rows.
+        As the forward: the observer records the rows' extremes (NaN: a row with NaN/inf); the scale becomes
+        ``scale`` (``max(-lo, hi) / qmax``, at least ``SCALE_EPS``; the old value on NaN rows).
         """
         _, finite = self.observer.record_extremes(lo, hi)
         self._buffers["scale"].copy_(scale.reshape(self._buffers["scale"].shape))
