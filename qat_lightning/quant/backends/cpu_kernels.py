@@ -242,10 +242,13 @@ def quantize_weight_on_cpu_kernels(wq: FakeQuantize, weight: Tensor, fold: Tenso
         and weight.numel() > 0
         and scale.device.type == "cpu"
         and scale.numel() == weight.shape[0]
-        and (fold is None or (fold.device.type == "cpu" and fold.numel() == weight.shape[0]))
+        and (
+            fold is None
+            or (fold.dtype == torch.float32 and fold.device.type == "cpu" and fold.numel() == weight.shape[0])
+        )
     ):
         return None
-    f = None if fold is None else fold.detach().to(torch.float32).reshape(-1).contiguous()
+    f = None if fold is None else fold.detach().reshape(-1).contiguous()
     value, lo, hi, new = torch.ops.qat_lightning.fake_quantize_weight_cpu(
         weight.detach(), f, scale, wq.dtype.qmin, wq.dtype.qmax, SCALE_EPS
     )
