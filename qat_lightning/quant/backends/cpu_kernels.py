@@ -162,18 +162,16 @@ fake_quantize_cpu_with_extremes.register_autograd(
 )
 
 
+def _takes(x: Tensor) -> bool:
+    """Whether the kernels take ``x``: a non-empty contiguous float32 CPU tensor."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0
+
+
 def quantize_on_cpu_kernels(
     x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int | None
 ) -> Tensor | None:
     """Run the backend's fake quant for ``quantize_tensor``; ``None`` where the kernels do not apply."""
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or scale.device.type != "cpu"
-        or scale.dtype != torch.float32
-        or not x.is_contiguous()
-        or x.numel() == 0
-    ):
+    if not _takes(x) or scale.device.type != "cpu" or scale.dtype != torch.float32:
         return None
     axis = -1 if ch_axis is None or scale.numel() == 1 else ch_axis % x.dim()  # one scale: bit mask
     return torch.ops.qat_lightning.fake_quantize_cpu(x, scale.contiguous().reshape(-1), qmin, qmax, axis)[0]
@@ -235,11 +233,8 @@ def quantize_weight_on_cpu_kernels(wq: FakeQuantize, weight: Tensor, fold: Tenso
         and wq.dtype.is_integer
         and not wq.observer.ignore_nonfinite
         and GlobalFakeQuantSwitch._enabled
-        and weight.device.type == "cpu"
-        and weight.dtype == torch.float32
-        and weight.is_contiguous()
+        and _takes(weight)
         and weight.dim() >= 1
-        and weight.numel() > 0
         and scale.device.type == "cpu"
         and scale.numel() == weight.shape[0]
         and (
@@ -268,14 +263,7 @@ def quantize_and_observe_on_cpu_kernels(
         ``(result, amax, finite)``, ``amax`` and ``finite`` as ``Observer.update_range`` returns them.
     """
     scale = node._buffers["scale"]
-    if (
-        x.device.type != "cpu"
-        or x.dtype != torch.float32
-        or not x.is_contiguous()
-        or x.numel() == 0
-        or scale.device.type != "cpu"
-        or node.observer.ignore_nonfinite
-    ):
+    if not _takes(x) or scale.device.type != "cpu" or node.observer.ignore_nonfinite:
         return None
     dtype = node.dtype
     out, _, extremes = torch.ops.qat_lightning.fake_quantize_cpu_with_extremes(
