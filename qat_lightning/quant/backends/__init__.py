@@ -2,9 +2,10 @@
 
 * :func:`set_backend` / :func:`get_backend`: the fake-quant backend of every quant node. ``"default"``
   (device-neutral ATen ops, what a GPU runs) or the opt-in ``"cpu_kernels"``
-  (:mod:`.cpu_kernels`: fused C kernels as ``torch.library`` custom ops, for float32 CPU tensors in eager
-  mode; the default path runs everywhere else, and in traced code, where inductor fuses it and the opaque op
-  measured slower). The environment variable ``QAT_LIGHTNING_BACKEND`` selects one at import.
+  (:mod:`.cpu_kernels`: fused C kernels, also registered as ``torch.library`` custom ops, for float32 CPU
+  tensors in eager mode; the default path runs everywhere else, and in traced code, where inductor fuses it
+  and the opaque op measured slower). The environment variable ``QAT_LIGHTNING_BACKEND`` selects one at
+  import.
 * :mod:`.search_kernels`: C kernels of the histogram searches (``_search_kernels.c``).
 * :func:`keep_heap` (:mod:`.heap`): glibc keeps freed memory mapped (a benchmark flag).
 

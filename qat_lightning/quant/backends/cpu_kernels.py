@@ -1,17 +1,21 @@
-"""The opt-in CPU backend ``cpu_kernels``: the fused C fake-quant kernels as ``torch.library`` custom ops.
+"""The opt-in CPU backend ``cpu_kernels``: fused C fake-quant kernels, also as ``torch.library`` custom ops.
 
 ``_kernels.c`` (built by ``setup.py`` when a C compiler is there) fake-quantizes a contiguous float32 CPU
 tensor in one pass and writes the gradient mask as bits (one scale) or bytes (per channel); its
-backward is one pass ``grad * mask``. Here both passes are registered as custom ops
-(``qat_lightning::fake_quantize_cpu`` / ``fake_quantize_cpu_backward``) with a fake (meta) kernel and an
-autograd formula, so ``torch.compile`` and ``torch.export`` see ops, never pointers: the pointers stay
-inside the ops. Values and gradients equal the default path bit for bit (tested).
+backward is one pass ``grad * mask``. Both passes are registered as custom ops
+(``qat_lightning::fake_quantize_cpu`` / ``fake_quantize_cpu_backward``, ``fake_quantize_cpu_with_extremes``)
+with a fake (meta) kernel and an autograd formula, so that traced code (``torch.compile``, ``torch.export``)
+that calls them sees ops, never pointers: the pointers stay inside the ops. The quant nodes use the backend
+in eager mode only (traced, they run the ATen formula, which inductor fuses), and there they call the same
+passes through a plain ``autograd.Function`` (:class:`_EagerFakeQuantize`): a registered op's dispatch
+(dispatcher, Python autograd wrapper, redispatch, forward and backward) measured 0.04-0.05 of a QAT step.
+Values and gradients equal the default path bit for bit, and the ops equal the eager path (tested).
 
-QAT weights whose per-channel scale follows the weights (optionally BN-folded) go through
-``qat_lightning::fake_quantize_weight_cpu``: per output channel the range, the scale and the fake-quantized
-row in one read of the weight (the row stays in cache between the range and the quantize), where the
-default path reads the weight six times (``amin``, ``amax``, multiply, round, clamp, multiply). Values,
-scales and observer statistics equal the default path's bit for bit (tested).
+QAT weights whose per-channel scale follows the weights (optionally BN-folded) go through the weight kernel
+(``qat_lightning::fake_quantize_weight_cpu``; in eager mode called directly): per output channel the range,
+the scale and the fake-quantized row in one read of the weight (the row stays in cache between the range
+and the quantize), where the default path reads the weight six times (``amin``, ``amax``, multiply, round,
+clamp, multiply). Values, scales and observer statistics equal the default path's bit for bit (tested).
 
 Selected by :func:`~qat_lightning.quant.backends.set_backend` (``"cpu_kernels"``) or the environment
 variable ``QAT_LIGHTNING_BACKEND=cpu_kernels``; without the built extension, or with
@@ -55,14 +59,12 @@ def _mask_like(x: Tensor, ch_axis: int) -> Tensor:
     return torch.empty(size, dtype=torch.uint8, device=x.device)
 
 
-@torch.library.custom_op("qat_lightning::fake_quantize_cpu", mutates_args=())
-def fake_quantize_cpu(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int) -> tuple[Tensor, Tensor]:
-    """Fake-quantize a contiguous float32 CPU ``x``: ``(result, gradient mask)`` in one pass.
-
-    ``ch_axis = -1``: one scale (bit mask); else per channel along ``ch_axis`` (byte mask).
-    """
+def _forward_pass(
+    x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int, with_range: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Run the C forward on a contiguous float32 CPU ``x``: ``(result, mask, [min, max] or None)``."""
     out, mask = torch.empty_like(x), _mask_like(x, ch_axis)
-    _KERNELS.fake_quantize_forward(
+    returned = _KERNELS.fake_quantize_forward(
         x.data_ptr(),
         out.data_ptr(),
         mask.data_ptr(),
@@ -71,9 +73,28 @@ def fake_quantize_cpu(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: i
         float(qmin),
         float(qmax),
         torch.get_num_threads(),
-        False,
+        with_range,
     )
-    return out, mask
+    return out, mask, torch.tensor(returned[1:], dtype=torch.float32) if with_range else None
+
+
+def _backward_pass(grad: Tensor, mask: Tensor, packed: bool) -> Tensor:
+    """Run the C backward: ``grad`` where ``mask`` is set, 0 elsewhere (a new contiguous tensor)."""
+    grad = grad.contiguous()
+    out = torch.empty_like(grad)
+    _KERNELS.fake_quantize_backward(
+        grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(), packed, torch.get_num_threads()
+    )
+    return out
+
+
+@torch.library.custom_op("qat_lightning::fake_quantize_cpu", mutates_args=())
+def fake_quantize_cpu(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int) -> tuple[Tensor, Tensor]:
+    """Fake-quantize a contiguous float32 CPU ``x``: ``(result, gradient mask)`` in one pass.
+
+    ``ch_axis = -1``: one scale (bit mask); else per channel along ``ch_axis`` (byte mask).
+    """
+    return _forward_pass(x, scale, qmin, qmax, ch_axis, False)[:2]
 
 
 @fake_quantize_cpu.register_fake
@@ -84,12 +105,7 @@ def _(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int) -> tuple[Ten
 @torch.library.custom_op("qat_lightning::fake_quantize_cpu_backward", mutates_args=())
 def fake_quantize_cpu_backward(grad: Tensor, mask: Tensor, packed: bool) -> Tensor:
     """``grad`` where the forward's mask is set, 0 elsewhere (one pass over a contiguous float32 grad)."""
-    grad = grad.contiguous()
-    out = torch.empty_like(grad)
-    _KERNELS.fake_quantize_backward(
-        grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(), packed, torch.get_num_threads()
-    )
-    return out
+    return _backward_pass(grad, mask, packed)
 
 
 @fake_quantize_cpu_backward.register_fake
@@ -125,21 +141,8 @@ def fake_quantize_cpu_with_extremes(
     The range is taken block by block beside the fake quant, so ``x`` is read from memory once (the
     observer's ``torch.aminmax`` reads it again). A NaN or inf anywhere gives ``[nan, nan]``.
     """
-    out, mask = torch.empty_like(x), _mask_like(x, -1)
-    _, lo, hi = _KERNELS.fake_quantize_forward(
-        x.data_ptr(),
-        out.data_ptr(),
-        mask.data_ptr(),
-        scale.data_ptr(),
-        x.numel(),
-        1,
-        1,
-        float(qmin),
-        float(qmax),
-        torch.get_num_threads(),
-        True,
-    )
-    return out, mask, torch.tensor((lo, hi), dtype=torch.float32)
+    out, mask, extremes = _forward_pass(x, scale, qmin, qmax, -1, True)
+    return out, mask, extremes
 
 
 @fake_quantize_cpu_with_extremes.register_fake
@@ -162,9 +165,41 @@ fake_quantize_cpu_with_extremes.register_autograd(
 )
 
 
+class _EagerFakeQuantize(torch.autograd.Function):
+    """What the registered ops compute, for eager mode, without ``torch.library``'s dispatch.
+
+    The same ``_forward_pass`` / ``_backward_pass`` as the ops. A registered custom op goes through the
+    dispatcher, a Python autograd wrapper and a redispatch on each call, forward and backward: in a QAT step
+    that measured 0.04-0.05 of the float step (benchmarks/README.md, "QAT step", stop 24). Traced code
+    never gets here (see :func:`_takes`).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int, with_range: bool):  # noqa: ANN001, ANN205, D102
+        out, mask, extremes = _forward_pass(x, scale, qmin, qmax, ch_axis, with_range)
+        ctx.packed = ch_axis < 0
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(mask)
+        if extremes is None:
+            return out
+        ctx.mark_non_differentiable(extremes)
+        return out, extremes
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, *_: Tensor) -> tuple:  # noqa: ANN001, D102
+        (mask,) = ctx.saved_tensors
+        return _backward_pass(grad.float(), mask, ctx.packed), None, None, None, None, None
+
+
 def _takes(x: Tensor) -> bool:
-    """Whether the kernels take ``x``: a non-empty contiguous float32 CPU tensor."""
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous() and x.numel() > 0
+    """Whether the kernels take ``x``: a non-empty contiguous float32 CPU tensor, in eager mode."""
+    return (
+        x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.is_contiguous()
+        and x.numel() > 0
+        and not torch.compiler.is_compiling()
+    )
 
 
 def quantize_on_cpu_kernels(
@@ -174,7 +209,7 @@ def quantize_on_cpu_kernels(
     if not _takes(x) or scale.device.type != "cpu" or scale.dtype != torch.float32:
         return None
     axis = -1 if ch_axis is None or scale.numel() == 1 else ch_axis % x.dim()  # one scale: bit mask
-    return torch.ops.qat_lightning.fake_quantize_cpu(x, scale.contiguous().reshape(-1), qmin, qmax, axis)[0]
+    return _EagerFakeQuantize.apply(x, scale.contiguous().reshape(-1), qmin, qmax, axis, False)
 
 
 # ------------------------------------------------------------------------------------------ QAT weights
@@ -189,6 +224,13 @@ def fake_quantize_weight_cpu(
     ``max(-lo, hi) / qmax`` at least ``eps`` (``scale``, the old one, on NaN rows) and
     ``value = clamp(round(weight * (fold / s)), qmin, qmax) * (s / fold)``.
     """
+    return _weight_pass(weight, fold, scale, qmin, qmax, eps)
+
+
+def _weight_pass(
+    weight: Tensor, fold: Tensor | None, scale: Tensor, qmin: int, qmax: int, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Run the C weight step of :func:`fake_quantize_weight_cpu` (also called directly in eager mode)."""
     channels = weight.shape[0]
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
     lo, hi, new = (torch.empty(channels, dtype=torch.float32) for _ in range(3))
@@ -244,9 +286,7 @@ def quantize_weight_on_cpu_kernels(wq: FakeQuantize, weight: Tensor, fold: Tenso
     ):
         return None
     f = None if fold is None else fold.detach().reshape(-1).contiguous()
-    value, lo, hi, new = torch.ops.qat_lightning.fake_quantize_weight_cpu(
-        weight.detach(), f, scale, wq.dtype.qmin, wq.dtype.qmax, SCALE_EPS
-    )
+    value, lo, hi, new = _weight_pass(weight.detach(), f, scale, wq.dtype.qmin, wq.dtype.qmax, SCALE_EPS)
     wq.follow_extremes(lo, hi, new)
     return value
 
@@ -266,9 +306,7 @@ def quantize_and_observe_on_cpu_kernels(
     if not _takes(x) or scale.device.type != "cpu" or node.observer.ignore_nonfinite:
         return None
     dtype = node.dtype
-    out, _, extremes = torch.ops.qat_lightning.fake_quantize_cpu_with_extremes(
-        x, scale.reshape(1), dtype.qmin, dtype.qmax
-    )
+    out, extremes = _EagerFakeQuantize.apply(x, scale.reshape(1), dtype.qmin, dtype.qmax, -1, True)
     lo, hi = extremes.unbind()
     amax, finite = node.observer.record_extremes(lo, hi)
     return out, amax, finite
