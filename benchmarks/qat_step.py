@@ -11,6 +11,12 @@ Contenders (same initial weights, all int8):
 * ``ours@gemm-inputs`` (only with ``--contenders``): ``ours`` with ModelOpt's coverage: only the activations
   that reach a Linear / Conv, and the weights, are quantized (:func:`keep_gemm_inputs_only`); the same node,
   so the comparison with ModelOpt is per quant point;
+* ``ours@one-pass`` (only with ``--contenders``, eager): ``ours`` with every per-tensor integer quant node
+  replaced by one out-of-place multiply by 1 (:func:`one_pass_nodes`): what any node that writes a new
+  tensor costs on the same points, one pass forward and one backward (weights as ``ours``). A floor for the
+  activation nodes on the machine at hand (inductor may fold the multiply away under ``--compile``);
+* ``ours@eager`` (only with ``--contenders``, for ``--compile``): ``ours`` not compiled, so that a compiled
+  and an eager QAT step are timed in the same process (their ratio is the compiled speed-up);
 * ``torch.ao``: ``prepare_qat_fx`` with ``get_default_qat_qconfig_mapping()``;
 * ``modelopt``: ``modelopt.torch.quantization.quantize(model, INT8_DEFAULT_CFG, forward_loop)`` (only when
   ``nvidia-modelopt`` is installed).
@@ -156,7 +162,7 @@ def make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tenso
     model, data = _make(name, contender)
     device = OPTIONS["device"]
     model = model.to(device)
-    if OPTIONS["compile"]:
+    if OPTIONS["compile"] and contender != EAGER:
         model = torch.compile(model)
     return model, lambda: data().to(device)
 
@@ -170,7 +176,7 @@ def _make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tens
     calib = [data() for _ in range(3)]
     if contender == "float":
         return model, data
-    if contender in ("ours", "ours+kernels", GEMM_INPUTS):
+    if contender in ("ours", "ours+kernels", GEMM_INPUTS, ONE_PASS, EAGER):
         from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
         from qat_lightning.quant.preparation.prepare import prepare
 
@@ -183,6 +189,8 @@ def _make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tens
         set_fake_quantize(prepared, "qat")
         if contender == GEMM_INPUTS:
             keep_gemm_inputs_only(prepared)
+        if contender == ONE_PASS:
+            one_pass_nodes(prepared)
         return prepared.train(), data
     if contender == "torch.ao":
         from torch.ao.quantization import get_default_qat_qconfig_mapping
@@ -203,6 +211,8 @@ def _make(name: str, contender: str) -> tuple[nn.Module, Callable[[], torch.Tens
 
 
 GEMM_INPUTS = "ours@gemm-inputs"
+ONE_PASS = "ours@one-pass"
+EAGER = "ours@eager"
 SHAPE_ONLY = {"view", "reshape", "transpose", "permute", "flatten", "contiguous", "squeeze", "unsqueeze", "t"}
 
 
@@ -238,6 +248,25 @@ def keep_gemm_inputs_only(gm: torch.fx.GraphModule) -> int:
     return off
 
 
+def _times_one(x: torch.Tensor) -> torch.Tensor:
+    return x * 1.0
+
+
+def one_pass_nodes(model: nn.Module) -> int:
+    """Make every per-tensor integer quant node of ``model`` return ``x * 1.0``; return how many.
+
+    One out-of-place pass forward (read ``x``, write a new tensor) and one backward (``MulBackward0``: the
+    same for the gradient), nothing observed: the least a quant node that writes its result to a new tensor
+    costs at those points. Weight (per-channel) nodes keep their fake quant.
+    """
+    from qat_lightning.quant.nodes.fake_quantize import iter_fake_quantize
+
+    nodes = [n for _, n in iter_fake_quantize(model) if n.ch_axis is None and n.dtype.is_integer]
+    for node in nodes:
+        node.forward = _times_one  # an instance attribute: nn.Module.__call__ runs it
+    return len(nodes)
+
+
 def contenders() -> list[str]:
     from qat_lightning.quant.backends.cpu_kernels import kernels_available
 
@@ -251,8 +280,9 @@ def contenders() -> list[str]:
     except Exception:  # noqa: BLE001
         pass
     only = [c for c in OPTIONS["only"].split(",") if c]
-    if GEMM_INPUTS in only:
-        names.insert(names.index("ours") + 1, GEMM_INPUTS)
+    for extra in (EAGER, ONE_PASS, GEMM_INPUTS):  # variants of ours: only on request
+        if extra in only:
+            names.insert(names.index("ours") + 1, extra)
     return [c for c in names if c == "float" or not only or c in only]
 
 
@@ -377,6 +407,24 @@ def _memory_text(mem: dict[str, int], c: str) -> str:
     return f"{m / 2**20:8.0f} {m / mem['float']:8.2f}" if m is not None else f"{'-':>8} {'-':>8}"
 
 
+def machine_text() -> str:
+    """CPU model, torch's CPU kernel ISA and the per-core data cache sizes (Linux), for the run's header."""
+    from pathlib import Path
+
+    model, caches = "unknown CPU", "caches unknown"
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), model)
+        root = Path("/sys/devices/system/cpu/cpu0/cache")
+        levels = [p for p in sorted(root.glob("index*")) if (p / "type").read_text().strip() != "Instruction"]
+        caches = ", ".join(
+            f"L{(p / 'level').read_text().strip()} {(p / 'size').read_text().strip()}" for p in levels
+        )
+    except OSError:
+        pass
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}; {caches}), {os.cpu_count()} cores"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["cnn", "encoder", "all"], default="all")
@@ -423,6 +471,7 @@ def main() -> None:
         f"{', no layout optimization' if args.no_layout_opt else ''}, {args.threads} "
         f"threads, median of {args.steps} steps, {kernels}, {heap}"
     )
+    print(machine_text())
     for name in names:
         times, cpu = time_steps(name, args.steps)
         inference = time_inference(name, args.steps)
