@@ -330,9 +330,11 @@ def time_inference(name: str, steps: int, warmup: int = 2) -> dict[str, float]:
     """Median eval forward (no grad) of the float model and of our calibrated model in FLOAT and VALIDATION.
 
     Interleaved; with ``--compile`` each is ``torch.compile``d (ours: one compiled model whose state flips,
-    one graph per state).
+    one graph per state). Ours runs inside ``frozen_parameters``, as in the QAT callback's validation loop and
+    the analysis tools: a conv-bn op keeps its eval fold (outside it, it re-folds every forward).
     """
     from qat_lightning.quant.nodes.fake_quantize import set_fake_quantize
+    from qat_lightning.quant.nodes.frozen import frozen_parameters
 
     float_model, data = make(name, "float")
     ours, _ = make(name, "ours")
@@ -340,7 +342,7 @@ def time_inference(name: str, steps: int, warmup: int = 2) -> dict[str, float]:
     ours.eval()
     x = data()
     times: dict[str, list[float]] = {"float": [], "FLOAT state": [], "VALIDATION state": []}
-    with torch.no_grad():
+    with torch.no_grad(), frozen_parameters(ours):
         for i in range(warmup + steps):
             for key in times:
                 if key != "float":

@@ -2,7 +2,7 @@
 
 * :func:`analysis_mode`: the model as the seed's "calibration model" is evaluated: ``eval()`` and every
   quant node in ``VALIDATION`` (frozen scales, nothing observed), except nodes already in ``FLOAT``
-  (partial quantization is respected).
+  (partial quantization is respected); eval-mode BN folds are reused (``frozen_parameters``).
 * :func:`only_enabled`: every quant node of the model in ``FLOAT`` except the given ones (``VALIDATION``),
   the sensitivity set-up.
 * :func:`node_dtypes`: set some nodes' dtypes (``fq.dtype = d``: scale recomputed from the kept observer
@@ -19,6 +19,7 @@ from torch import nn
 
 from qat_lightning.quant.dtypes import DtypeLike, parse_dtype
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
+from qat_lightning.quant.nodes.frozen import frozen_parameters
 
 __all__ = ["analysis_mode", "only_enabled", "node_dtypes", "eval_mode"]
 
@@ -45,7 +46,7 @@ def analysis_mode(model: nn.Module) -> Iterator[nn.Module]:
     recording would see the observer's own ``argmin``).
     """
     saved = [(node, node.state) for _, node in iter_fake_quantize(model)]
-    with eval_mode(model):
+    with eval_mode(model), frozen_parameters(model):
         try:
             for node, state in saved:
                 if state is not FakeQuantState.FLOAT:

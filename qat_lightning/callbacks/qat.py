@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,6 +28,7 @@ from qat_lightning.callbacks.logging import log_scalars
 from qat_lightning.quant import set_qat_scales
 from qat_lightning.quant.calibrate import require_calibrated
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState
+from qat_lightning.quant.nodes.frozen import frozen_parameters
 from qat_lightning.quant.qat import activation_nodes, find_lr_warmup, freeze_batchnorm, io_quant_nodes
 
 __all__ = [
@@ -124,6 +126,7 @@ class QuantizationAwareTraining(Callback):
         self.submodule = submodule
         self.strict = bool(strict)
         self._bn_saved: list[tuple[nn.Module, bool]] = []
+        self._frozen = ExitStack()  # frozen_parameters around an evaluation loop (folds reused there)
 
     @property
     def state_key(self) -> str:
@@ -157,23 +160,35 @@ class QuantizationAwareTraining(Callback):
         self._freeze_bn(self._model(pl_module))
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Freeze scales for validation (also during the sanity check)."""
+        """Freeze scales for validation (also during the sanity check); reuse BN folds until its end."""
         switch_states(self._model(pl_module), (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
+        self._freeze_parameters(pl_module)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Go back to QAT when the validation ran inside training."""
+        self._frozen.close()
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             model = self._model(pl_module)
             switch_states(model, (FakeQuantState.VALIDATION,), FakeQuantState.QAT)
             self._freeze_bn(model)
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Freeze scales for testing."""
+        """Freeze scales for testing; reuse BN folds until its end."""
         switch_states(self._model(pl_module), (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
+        self._freeze_parameters(pl_module)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stop reusing BN folds."""
+        self._frozen.close()
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Freeze scales for prediction."""
+        """Freeze scales for prediction; reuse BN folds until its end."""
         switch_states(self._model(pl_module), (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
+        self._freeze_parameters(pl_module)
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Stop reusing BN folds."""
+        self._frozen.close()
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Leave the model evaluation-ready: VALIDATION state, BN modes restored, ranks identical."""
@@ -185,7 +200,8 @@ class QuantizationAwareTraining(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Restore BN modes and leave no node in QAT state."""
+        """Restore BN modes, stop reusing BN folds and leave no node in QAT state."""
+        self._frozen.close()
         self._restore_bn()
         model = get_submodule(pl_module, self.submodule)
         switch_states(model, (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
@@ -210,6 +226,11 @@ class QuantizationAwareTraining(Callback):
                 )
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def _freeze_parameters(self, pl_module: pl.LightningModule) -> None:
+        """Enter ``frozen_parameters`` for an evaluation loop (its parameters do not change there)."""
+        self._frozen.close()
+        self._frozen.enter_context(frozen_parameters(self._model(pl_module)))
+
     def _model(self, pl_module: pl.LightningModule) -> nn.Module:
         return get_submodule(pl_module, self.submodule)
 

@@ -37,6 +37,13 @@ class StatesAtTrainStart(Callback):
 
     def on_validation_batch_start(self, trainer, pl_module, *args):
         self.val_states = {n.state for _, n in ql.iter_fake_quantize(pl_module.model)}
+        self.val_reuse = {bool(op.__dict__.get("_reuse_fold")) for op in _conv_bn_ops(pl_module.model)}
+
+
+def _conv_bn_ops(model):
+    from qat_lightning.quant.nodes.qat_modules import QatConvBn
+
+    return [m for m in model.modules() if isinstance(m, QatConvBn)]
 
 
 def _calibrated_checkpoint(tmp_path, data):
@@ -63,6 +70,10 @@ def test_calibration_then_qat(tmp_path, lit, data):
     model = lit.model
     assert spy.states == {ql.FakeQuantState.QAT}
     assert spy.val_states == {ql.FakeQuantState.VALIDATION}
+    assert spy.val_reuse == {True}  # BN folds reused in the validation loop (frozen_parameters) ...
+    assert _conv_bn_ops(lit.model) and not any(  # ... and only there
+        "_reuse_fold" in op.__dict__ or "_fold_cache" in op.__dict__ for op in _conv_bn_ops(lit.model)
+    )
     assert all(n.state is ql.FakeQuantState.VALIDATION for _, n in ql.iter_fake_quantize(model))
     after = scales(model)
     fixed = {id(node) for _, node in io_quant_nodes(model)}

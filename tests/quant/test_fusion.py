@@ -10,6 +10,7 @@ from torch import nn
 
 from qat_lightning.quant.dtypes import float32
 from qat_lightning.quant.nodes.fake_quantize import iter_fake_quantize, set_fake_quantize
+from qat_lightning.quant.nodes.frozen import frozen_parameters
 from qat_lightning.quant.nodes.qat_modules import QatConvBn, QatGemm
 from qat_lightning.quant.ops import iter_quant_ops
 from qat_lightning.quant.preparation.prepare import prepare
@@ -239,7 +240,7 @@ def test_unfused_reasons_recorded(seed):
     assert "bn#1" in prepared.quant_op_order  # unfused BN: its own op per call site
 
 
-def test_eval_fold_cache_follows_changes(seed):
+def test_eval_fold_is_reused_only_inside_frozen_parameters(seed):
     model = ConvBnReLU()
     _randomize_bn(model.bn)
     model.eval()
@@ -248,12 +249,39 @@ def test_eval_fold_cache_follows_changes(seed):
     set_fake_quantize(prepared, "float")
     op = _fused_op(prepared)
     with torch.no_grad():
-        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
-        assert "_fold_cache" in op.__dict__
-        op.bn.running_mean.add_(0.5)  # in-place change: the cache must not be reused
-        model.bn.running_mean.add_(0.5)
-        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
-    assert "_fold_cache" not in _fused_op(copy.deepcopy(prepared)).__dict__
+        torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)  # folded every forward
+        assert "_fold_cache" not in op.__dict__
+        with frozen_parameters(prepared), frozen_parameters(prepared):  # nested: fine
+            torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
+            assert "_fold_cache" in op.__dict__
+            op.bn.running_mean.add_(0.5)  # in-place change: the kept fold must not be reused
+            model.bn.running_mean.add_(0.5)
+            torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
+            assert "_fold_cache" not in _fused_op(copy.deepcopy(prepared)).__dict__
+        assert "_fold_cache" not in op.__dict__ and "_reuse_fold" not in op.__dict__
     out = prepared(x)  # autograd on: computed, not cached, and differentiable
     out.sum().backward()
     assert op.bn.weight.grad is not None and op.conv.weight.grad is not None
+
+
+@pytest.mark.parametrize("state", ["float", "validation"])
+def test_an_edit_through_data_is_seen_in_eval(seed, state):
+    """A change through ``.data`` moves no version: outside frozen_parameters nothing stale is reused."""
+    model = ConvBnReLU()
+    _randomize_bn(model.bn)
+    x = model.example()
+    prepared = prepare(model, x, method="fx")
+    set_fake_quantize(prepared, "calibration")
+    with torch.no_grad():
+        prepared(x)
+    set_fake_quantize(prepared, state)
+    prepared.eval()
+    op = _fused_op(prepared)
+    with torch.no_grad():
+        before = prepared(x)
+        op.conv.weight.data.mul_(0.5)
+        op.bn.running_var.data.mul_(4.0)
+        after = prepared(x)
+        fresh = copy.deepcopy(prepared)(x)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, fresh)

@@ -2,7 +2,7 @@
 
 Modules: :mod:`.functional` (``fake_quantize``, ``fake_cast``), :mod:`.switches` (process-wide on/off),
 :mod:`.fake_quantize` (the node and its states), :mod:`.qat_modules` (the op modules ``prepare`` builds),
-:mod:`.fp16_norm` (fp16 norm simulation).
+:mod:`.fp16_norm` (fp16 norm simulation), :mod:`.frozen` (``frozen_parameters``: reuse eval-mode BN folds).
 """
 
 from qat_lightning.quant.nodes.fake_cast import FakeCast
@@ -15,6 +15,7 @@ from qat_lightning.quant.nodes.fake_quantize import (
     iter_fake_quantize,
     set_fake_quantize,
 )
+from qat_lightning.quant.nodes.frozen import frozen_parameters
 from qat_lightning.quant.nodes.functional import (
     FP16_MAX,
     fake_cast,
@@ -40,6 +41,7 @@ __all__ = [
     "fake_quant_disabled",
     "fake_quant_state",
     "fake_quantize",
+    "frozen_parameters",
     "iter_fake_quantize",
     "set_fake_quantize",
 ]

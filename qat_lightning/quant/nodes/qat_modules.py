@@ -200,10 +200,11 @@ class QatConvBn(QuantOp):
       fold and unfold is only the rounding error); gamma and beta get the float gradient through the BN.
       A channel with ``gamma == 0`` is folded with factor 1
       instead of 0, so nothing is divided by zero. In eval mode: one conv with the folded weight and bias
-      (cached while the parameters and statistics are unchanged and no gradient is needed).
-      When the weight node is in FLOAT state (or fake quant is globally off) training runs the exact float
-      ``bn(conv(x))``, and so does eval under ``torch.compile`` (no cache in a graph: re-folding 11 M
-      weights every forward cost more than the BN).
+      (recomputed every forward; kept and reused inside :func:`~.frozen.frozen_parameters`, which the
+      analysis tools and the QAT callback's evaluation loops enter). When the weight node is in FLOAT state
+      (or fake quant is globally off) training runs the exact float ``bn(conv(x))``, and so does eval under
+      ``torch.compile`` (no kept fold in a graph: re-folding 11 M weights every forward cost more than the
+      BN).
     * ``with_bn``: BN is kept unfolded after the conv (the weight node sees the raw weight); the seed's
       ``QATMode.WithBN``.
     * ``freeze_bn``: always folded with the running statistics, which are never updated; gamma and beta are
@@ -253,7 +254,7 @@ class QatConvBn(QuantOp):
             return bn(_gemm(self.kind, conv, x, quantize_weight(wq, conv.weight), conv.bias))
         folding = self.qat_mode == "fuse_bn" and bn.training
         weight_off = wq.state is FakeQuantState.FLOAT or not GlobalFakeQuantSwitch._enabled
-        # the exact float op; traced eval too: no fold cache in a graph, and a BN costs less than a fold
+        # the exact float op; traced eval too: no kept fold in a graph, and a BN costs less than a fold
         if weight_off and (folding or torch.compiler.is_compiling()):
             return bn(_gemm(self.kind, conv, x, conv.weight, conv.bias))
         if folding:
@@ -268,14 +269,19 @@ class QatConvBn(QuantOp):
         return _gemm(self.kind, conv, x, wq_w, deployed_bias(self, b))
 
     def _folded(self) -> tuple[Tensor, Tensor]:
-        """``fold_bn`` of the current parameters; cached while nothing changes and no gradient is needed."""
+        """``fold_bn`` of the current parameters; kept and reused only inside ``frozen_parameters``.
+
+        Inside it the fold is recomputed when a parameter or BN statistic is replaced or changed in place
+        through itself (its version moves); a change through ``.data`` moves no version, hence no reuse
+        outside that block (a stale fold would be a silently wrong output).
+        """
         conv, bn = self.conv, self.bn
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        if not self.__dict__.get("_reuse_fold") or torch.compiler.is_compiling():
+            return fold_bn(conv.weight, conv.bias, bn)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return fold_bn(conv.weight, conv.bias, bn)
-        if torch.compiler.is_compiling():  # traced: no cache (the graph recomputes the fold)
-            return fold_bn(conv.weight, conv.bias, bn)
-        key = (bn.eps,) + tuple(None if t is None else (id(t), t._version, t.device) for t in tensors)
+        key = (bn.eps,) + tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors)
         cache = self.__dict__.get("_fold_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():
@@ -286,6 +292,7 @@ class QatConvBn(QuantOp):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_fold_cache", None)  # derived data: not pickled, not deep-copied
+        state.pop("_reuse_fold", None)  # a copy reuses no fold outside its own frozen_parameters block
         return state
 
     def _forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
