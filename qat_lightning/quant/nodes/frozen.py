@@ -3,14 +3,14 @@
 A fused conv-bn op (``QatConvBn``, ``fuse_bn``) in eval mode runs one conv with the BN folded into its
 weight. Outside :func:`frozen_parameters` that fold is recomputed every forward (one pass over the conv
 weights), so an edit of a parameter through ``.data``, which PyTorch does not version, is always seen.
-Inside, each op keeps its fold and reuses it while its parameters and BN statistics keep their identity,
-storage and version (any in-place change through the parameter itself, an optimizer step or
-``load_state_dict`` moves the version). On the benchmark CNN, eager, reusing the fold saves about 0.15 of a
+Inside, each op keeps its fold and reuses it while its parameters and BN statistics keep their identity
+and version (any in-place change through the parameter itself, an optimizer step or ``load_state_dict``
+moves the version). On the benchmark CNN, eager, reusing the fold saves about 0.15 of a
 float forward in FLOAT and VALIDATION state (benchmarks/README.md, "QAT step").
 
 The analysis tools (``analysis_mode``) and the ``QuantizationAwareTraining`` callback's validation, test
 and predict loops run inside it. Use it around your own evaluation loops; do not edit parameters through
-``.data`` inside it.
+``.data`` (in place, or by assigning a new ``.data``) inside it.
 """
 
 from __future__ import annotations

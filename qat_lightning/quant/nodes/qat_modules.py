@@ -272,8 +272,8 @@ class QatConvBn(QuantOp):
         """``fold_bn`` of the current parameters; kept and reused only inside ``frozen_parameters``.
 
         Inside it the fold is recomputed when a parameter or BN statistic is replaced or changed in place
-        through itself (its version moves); a change through ``.data`` moves no version, hence no reuse
-        outside that block (a stale fold would be a silently wrong output).
+        through itself (its version moves); a change through ``.data`` (in place or a new ``.data``) moves
+        no version, hence no reuse outside that block (a stale fold would be a silently wrong output).
         """
         conv, bn = self.conv, self.bn
         tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
@@ -281,7 +281,7 @@ class QatConvBn(QuantOp):
             return fold_bn(conv.weight, conv.bias, bn)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return fold_bn(conv.weight, conv.bias, bn)
-        key = (bn.eps,) + tuple(None if t is None else (id(t), t._version, t.data_ptr()) for t in tensors)
+        key = (bn.eps,) + tuple(None if t is None else (id(t), t._version, t.device) for t in tensors)
         cache = self.__dict__.get("_fold_cache")
         if cache is None or cache[0] != key:
             with torch.no_grad():
