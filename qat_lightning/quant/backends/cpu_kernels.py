@@ -25,6 +25,7 @@ variable ``QAT_LIGHTNING_BACKEND=cpu_kernels``; without the built extension, or 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -175,7 +176,9 @@ class _EagerFakeQuantize(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int, with_range: bool):  # noqa: ANN001, ANN205, D102
+    def forward(  # noqa: D102
+        ctx: Any, x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int, with_range: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
         out, mask, extremes = _forward_pass(x, scale, qmin, qmax, ch_axis, with_range)
         ctx.packed = ch_axis < 0
         if ctx.needs_input_grad[0]:
@@ -186,7 +189,7 @@ class _EagerFakeQuantize(torch.autograd.Function):
         return out, extremes
 
     @staticmethod
-    def backward(ctx, grad: Tensor, *_: Tensor) -> tuple:  # noqa: ANN001, D102
+    def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple:  # noqa: D102
         (mask,) = ctx.saved_tensors
         return _backward_pass(grad.float(), mask, ctx.packed), None, None, None, None, None
 
