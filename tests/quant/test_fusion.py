@@ -257,6 +257,9 @@ def test_eval_fold_is_reused_only_inside_frozen_parameters(seed):
             op.bn.running_mean.add_(0.5)  # in-place change: the kept fold must not be reused
             model.bn.running_mean.add_(0.5)
             torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
+            op.bn.running_var = op.bn.running_var * 2  # a new tensor: seen by identity, whatever its version
+            model.bn.running_var = model.bn.running_var * 2
+            torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
             assert "_fold_cache" not in _fused_op(copy.deepcopy(prepared)).__dict__
         assert "_fold_cache" not in op.__dict__ and "_reuse_fold" not in op.__dict__
     out = prepared(x)  # autograd on: computed, not cached, and differentiable

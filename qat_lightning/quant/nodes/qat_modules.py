@@ -281,13 +281,14 @@ class QatConvBn(QuantOp):
             return fold_bn(conv.weight, conv.bias, bn)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             return fold_bn(conv.weight, conv.bias, bn)
-        key = (bn.eps,) + tuple(None if t is None else (id(t), t._version, t.device) for t in tensors)
-        cache = self.__dict__.get("_fold_cache")
-        if cache is None or cache[0] != key:
+        key = (bn.eps,) + tuple(None if t is None else (t._version, t.device, t.dtype) for t in tensors)
+        cache = self.__dict__.get("_fold_cache")  # keeps the tensors it was made from: no id is reused
+        same = cache is not None and all(a is b for a, b in zip(cache[1], tensors, strict=True))
+        if not same or cache[0] != key:
             with torch.no_grad():
-                cache = (key, *fold_bn(conv.weight, conv.bias, bn))
+                cache = (key, tensors, *fold_bn(conv.weight, conv.bias, bn))
             self.__dict__["_fold_cache"] = cache
-        return cache[1], cache[2]
+        return cache[2], cache[3]
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
