@@ -267,6 +267,11 @@ def test_eval_fold_is_reused_only_inside_frozen_parameters(seed):
     assert op.bn.weight.grad is not None and op.conv.weight.grad is not None
 
 
+def test_frozen_parameters_needs_a_module():
+    with pytest.raises(TypeError, match="needs an nn.Module, got dict"), frozen_parameters({}):
+        pass
+
+
 @pytest.mark.parametrize("state", ["float", "validation"])
 def test_an_edit_through_data_is_seen_in_eval(seed, state):
     """A change through ``.data`` moves no version: outside frozen_parameters nothing stale is reused."""

@@ -36,7 +36,12 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
 
     Yields:
         ``model``.
+
+    Raises:
+        TypeError: when ``model`` is not an ``nn.Module``.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"frozen_parameters needs an nn.Module, got {type(model).__name__}")
     ops = [m for m in model.modules() if isinstance(m, QatConvBn)]
     for op in ops:
         op.__dict__["_reuse_fold"] = op.__dict__.get("_reuse_fold", 0) + 1
