@@ -85,11 +85,12 @@ def test_registered_ops_and_the_eager_path_agree(ch_axis) -> None:
     a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     if ch_axis < 0:
         out_op, _, extremes_op = torch.ops.qat_lightning.fake_quantize_cpu_with_extremes(a, scale, -128, 127)
-        out_eager, extremes = cpu_kernels._EagerFakeQuantize.apply(b, scale, -128, 127, -1, True)
-        assert _bitwise_equal(extremes_op, extremes) and not extremes.requires_grad
+        extremes: list[float] = []
+        out_eager = cpu_kernels._EagerFakeQuantize.apply(b, scale, -128, 127, -1, extremes)
+        assert _bitwise_equal(extremes_op, torch.tensor(extremes))
     else:
         out_op = torch.ops.qat_lightning.fake_quantize_cpu(a, scale, -128, 127, ch_axis)[0]
-        out_eager = cpu_kernels._EagerFakeQuantize.apply(b, scale, -128, 127, ch_axis, False)
+        out_eager = cpu_kernels._EagerFakeQuantize.apply(b, scale, -128, 127, ch_axis, None)
     out_op.backward(grad)
     out_eager.backward(grad)
     assert _bitwise_equal(out_op, out_eager) and _bitwise_equal(a.grad, b.grad)
@@ -151,16 +152,18 @@ def test_weight_step_equals_the_default_path_bit_for_bit(observer, with_fold) ->
         w = weight.detach().clone()
         if step == 2:
             w[3, 1, 0, 2] = float("nan")
-        values = {}
+        values, names = {}, []
         for name, node in nodes.items():
             ql.set_backend(name)
             try:
                 leaf = w.clone().requires_grad_()
-                values[name] = quantize_weight(node, leaf, fold)
+                with Ops(names if name == "cpu_kernels" else []):
+                    values[name] = quantize_weight(node, leaf, fold)
                 values[name].backward(torch.arange(w.numel(), dtype=torch.float32).reshape(w.shape))
                 grads[name] = leaf.grad
             finally:
                 ql.set_backend("default")
+        assert names and not any(op in name for op in (*BOOKKEEPING_OPS, "round") for name in names), names
         assert _bitwise_equal(values["default"], values["cpu_kernels"]), step
         assert torch.equal(grads["default"], grads["cpu_kernels"])
         ref, got = nodes["default"].state_dict(), nodes["cpu_kernels"].state_dict()
@@ -213,11 +216,21 @@ def test_extremes_op_passes_opcheck() -> None:
     torch.library.opcheck(op, (x, torch.tensor([0.05]), -128, 127))
 
 
+BOOKKEEPING_OPS = (
+    "aminmax", "amin", "amax", "lerp", "minimum", "maximum", "where", "masked_fill", "logical_or"
+)  # fmt: skip
+"""ATen ops of a QAT node's range and bookkeeping, none of which the backend dispatches."""
+
+
 @needs_kernels
 @pytest.mark.parametrize("observer", ["minmax", "moving_minmax", "mse"])
-def test_qat_node_with_its_range_from_the_kernel_equals_the_default_path(observer) -> None:
-    """Value, gradient, scale and observer state over batches with NaN and inf (skipped and counted)."""
-    node = ql.FakeQuantize("qint8", observer)
+@pytest.mark.parametrize(("dtype", "averaging"), [("qint8", 0.01), ("qint16", 0.75)])
+def test_qat_node_with_its_range_from_the_kernel_equals_the_default_path(observer, dtype, averaging) -> None:
+    """Value, gradient, scale and observer state over batches with NaN and inf (skipped and counted).
+
+    ``averaging`` 0.75 takes the other branch of ``torch.lerp``; the bookkeeping ran in C (no ATen op).
+    """
+    node = ql.FakeQuantize(dtype, observer, qat_averaging_constant=averaging)
     ql.set_fake_quantize(node, "calibration")
     node(torch.randn(1000))
     ql.set_fake_quantize(node, "qat")
@@ -240,7 +253,7 @@ def test_qat_node_with_its_range_from_the_kernel_equals_the_default_path(observe
                 grads[name] = leaf.grad
             finally:
                 ql.set_backend("default")
-        assert names and not any("aminmax" in op or "round" in op for op in names)  # range + quantize: C
+        assert names and not any(op in name for op in (*BOOKKEEPING_OPS, "round") for name in names)
         assert _bitwise_equal(got["default"], got["cpu_kernels"]), step
         assert torch.equal(grads["default"], grads["cpu_kernels"]), step
         ref, new = nodes["default"].state_dict(), nodes["cpu_kernels"].state_dict()
@@ -289,3 +302,81 @@ def test_capped_instruction_sets_equal_the_formula(isa) -> None:
     env = dict(os.environ, QAT_LIGHTNING_KERNEL_ISA=isa, PYTHONPATH=os.getcwd())
     out = subprocess.run([sys.executable, "-c", _ISA_CHECK, isa], env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+@needs_kernels
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_buffers_written_by_the_kernels_move_their_versions(per_channel) -> None:
+    """The C bookkeeping writes the node's buffers through their addresses; autograd still sees the change,
+    so a graph that saved the scale raises instead of giving a silently wrong gradient."""
+    from qat_lightning.quant.nodes.weight_quant import quantize_weight
+
+    node = _weight_node("minmax", 4) if per_channel else ql.FakeQuantize("qint8", "minmax")
+    if not per_channel:
+        ql.set_fake_quantize(node, "calibration")
+        node(torch.randn(100))
+        ql.set_fake_quantize(node, "qat")
+    factor = torch.ones_like(node.scale, requires_grad=True)
+    saved = (node.scale * factor).square().sum()  # saves the scale for backward
+    before = {key: t._version for key, t in node.named_buffers()}
+    ql.set_backend("cpu_kernels")
+    try:
+        x = torch.randn(4, 5, requires_grad=True)
+        with Ops(names := []):
+            quantize_weight(node, x) if per_channel else node(x)
+    finally:
+        ql.set_backend("default")
+    assert names and not any("lerp" in name or "minimum" in name for name in names)  # the C bookkeeping ran
+    moved = {key for key, t in node.named_buffers() if t._version != before[key]}
+    assert {"scale", "scale_ready", "observer.min_val", "observer.max_val", "observer.num_batches"} <= moved
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", ["drops NaN/inf", "int32 counter"])
+def test_other_rules_or_buffers_leave_the_bookkeeping_to_the_default_path(case) -> None:
+    """An observer dropping NaN/inf follows other rules, and the C code writes only buffers of the dtypes it
+    knows (it gets their addresses): both run the ATen bookkeeping, with the same results."""
+    node = ql.FakeQuantize("qint8", "minmax", ignore_nonfinite=case == "drops NaN/inf")
+    ql.set_fake_quantize(node, "calibration")
+    node(torch.randn(100))
+    ql.set_fake_quantize(node, "qat")
+    if case == "int32 counter":
+        node.observer.num_batches = node.observer.num_batches.int()
+    reference = copy.deepcopy(node)
+    x = torch.randn(3, 50)
+    x[1, 2] = float("nan") if case == "drops NaN/inf" else 1.0
+    ql.set_backend("cpu_kernels")
+    try:
+        with Ops(names := []):
+            got = node(x)
+    finally:
+        ql.set_backend("default")
+    assert any("lerp" in name for name in names)
+    assert _bitwise_equal(got, reference(x)) and torch.equal(node.scale, reference.scale)
+    assert torch.equal(node.observer.num_batches, reference.observer.num_batches)
+
+
+@needs_kernels
+@pytest.mark.parametrize("averaging", [0.01, 0.5, 0.75])
+def test_moving_scale_equals_the_default_path_over_many_batches(averaging) -> None:
+    """The scale's float32 ``lerp`` in C rounds as ATen's in both branches (weight below 0.5 or not)."""
+    node = ql.FakeQuantize("qint8", "moving_minmax", qat_averaging_constant=averaging)
+    ql.set_fake_quantize(node, "calibration")
+    node(torch.randn(64))
+    ql.set_fake_quantize(node, "qat")
+    reference = copy.deepcopy(node)
+    gen = torch.Generator().manual_seed(1)
+    batches = torch.randn(300, 32, generator=gen) * torch.logspace(-2, 2, 300).reshape(-1, 1)
+    got, ref = [], []
+    for x in batches:
+        ql.set_backend("cpu_kernels")
+        try:
+            got.append(torch.cat([node(x).detach(), node.scale.reshape(1)]))
+        finally:
+            ql.set_backend("default")
+        ref.append(torch.cat([reference(x).detach(), reference.scale.reshape(1)]))
+    assert torch.equal(torch.stack(got), torch.stack(ref))
+    assert torch.equal(node.observer.avg_min, reference.observer.avg_min)
+    assert torch.equal(node.observer.avg_max, reference.observer.avg_max)

@@ -13,9 +13,12 @@
  *           cachemask: the straight-through gradient mask, one bit per element for one scale (packed,
  *           little-endian bit order), one byte per element for per-channel scales
  * backward: grad_in = mask ? grad : 0
- * range:    with the one-scale forward, (min, max) of x, both NaN when a value is NaN or +-inf
+ * range:    with the one-scale forward, (min, max) of x from the same loop, both NaN when a value is NaN
+ *           or +-inf
  * weight:   per output channel of a QAT weight (optionally BN-folded, t = w * fold), the channel range,
  *           the scale max|t| / qmax and fake_quant(t) / fold, with the row in L1 between the two passes.
+ * record:   a QAT step's observer and scale bookkeeping on the host, on the node's CPU buffers: the
+ *           ATen ops' float32 arithmetic (lerp's fused multiply-add included) on a handful of values.
  *
  * One pass over memory each way. Pointers arrive as integers (``Tensor.data_ptr()``); the Python side checks
  * dtypes, shapes and contiguity. The GIL is released while the kernels run. Large tensors are split over
@@ -154,20 +157,35 @@ static void mask_row(const float *restrict grad, const uint8_t *restrict mask, f
     }
 }
 
+/* Fold a piece's range [l, h] into range[0..1]; NaN (a NaN/inf in a piece) wins. */
+static void merge_range(float *range, float l, float h) {
+    range[0] = (l < range[0] || l != l) ? l : range[0];
+    range[1] = (h > range[1] || h != h) ? h : range[1];
+}
+
 /* Per-tensor rows with a bit-packed mask: bit i of the mask is element i (little-endian bytes). `x`, `out`
- * and `bits` start at an element index that is a multiple of 64 (whole mask bytes per thread). */
+ * and `bits` start at an element index that is a multiple of 64 (whole mask bytes per thread). With `range`
+ * (not NULL) the rows' [min, max] of x is merged into it in the same loop (NaN for a NaN/inf). */
 static const vint BIT_WEIGHTS = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768};
 
 MULTIVERSION
 static int quantize_row_bits_generic(const float *restrict x, float *restrict out, uint8_t *restrict bits, int64_t n,
-                              float s, float qmin, float qmax) {
+                                     float s, float qmin, float qmax, float *range) {
     const float inv = 1.0f / s;
     const float lo = qmin - 0.5f, hi = qmax + 0.5f;
     int clipped = 0; /* any mask bit 0 */
+    vfloat vmin = {0}, vmax = {0}, bad = {0};
+    vmin += INFINITY;
+    vmax -= INFINITY;
     int64_t i = 0;
     for (; i + LANES <= n; i += LANES) {
         vfloat v;
         memcpy(&v, x + i, sizeof v);
+        if (range) {
+            vmin = VSELECT(v < vmin, v, vmin);
+            vmax = VSELECT(v > vmax, v, vmax);
+            bad += v - v; /* 0 for finite v, NaN for NaN/inf */
+        }
         v *= inv;
         const vint keep = (v >= lo) & (v < hi);
         v = VSELECT(v < qmin, (vfloat){0} + qmin, v);
@@ -181,7 +199,16 @@ static int quantize_row_bits_generic(const float *restrict x, float *restrict ou
         bits[i / 8 + 1] = (uint8_t)(word >> 8);
         clipped |= word != 0xFFFF;
     }
+    float l = vmin[0], h = vmax[0], e = bad[0];
+    for (int k = 1; k < LANES; ++k) {
+        l = vmin[k] < l ? vmin[k] : l;
+        h = vmax[k] > h ? vmax[k] : h;
+        e += bad[k];
+    }
     for (; i < n; ++i) {
+        l = x[i] < l ? x[i] : l;
+        h = x[i] > h ? x[i] : h;
+        e += x[i] - x[i];
         float v = x[i] * inv;
         const int keep = (v >= lo) & (v < hi);
         v = v < qmin ? qmin : v;
@@ -191,6 +218,7 @@ static int quantize_row_bits_generic(const float *restrict x, float *restrict ou
         bits[i / 8] |= (uint8_t)(keep << (i & 7));
         clipped |= !keep;
     }
+    if (range) merge_range(range, l + e, h + e);
     return clipped;
 }
 
@@ -221,14 +249,20 @@ static void mask_row_bits_generic(const float *restrict grad, const uint8_t *res
  * may differ, -0.0 == 0.0). */
 __attribute__((target("avx512f"))) static int quantize_row_bits_avx512(const float *x, float *out,
                                                                       uint8_t *bits, int64_t n, float s,
-                                                                      float qmin, float qmax) {
+                                                                      float qmin, float qmax, float *range) {
     const __m512 inv = _mm512_set1_ps(1.0f / s), vs = _mm512_set1_ps(s);
     const __m512 lo = _mm512_set1_ps(qmin - 0.5f), hi = _mm512_set1_ps(qmax + 0.5f);
     const __m512 vqmin = _mm512_set1_ps(qmin), vqmax = _mm512_set1_ps(qmax);
+    __m512 vmin = _mm512_set1_ps(INFINITY), vmax = _mm512_set1_ps(-INFINITY), bad = _mm512_setzero_ps();
     __mmask16 all = 0xFFFF;
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         const __m512 xv = _mm512_loadu_ps(x + i);
+        if (range) { /* a NaN lane may be lost by min / max: `bad` keeps it */
+            vmin = _mm512_min_ps(vmin, xv);
+            vmax = _mm512_max_ps(vmax, xv);
+            bad = _mm512_add_ps(bad, _mm512_sub_ps(xv, xv));
+        }
         __m512 v = _mm512_mul_ps(xv, inv);
         __mmask16 keep = _mm512_cmp_ps_mask(v, lo, _CMP_GE_OQ);
         keep &= _mm512_cmp_ps_mask(v, hi, _CMP_LT_OQ);
@@ -238,7 +272,11 @@ __attribute__((target("avx512f"))) static int quantize_row_bits_avx512(const flo
         memcpy(bits + i / 8, &keep, 2);
         all &= keep;
     }
-    return (all != 0xFFFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax);
+    if (range) {
+        const float e = _mm512_reduce_add_ps(bad);
+        merge_range(range, _mm512_reduce_min_ps(vmin) + e, _mm512_reduce_max_ps(vmax) + e);
+    }
+    return (all != 0xFFFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, range);
 }
 
 __attribute__((target("avx512f"))) static void mask_row_bits_avx512(const float *grad, const uint8_t *bits,
@@ -253,14 +291,21 @@ __attribute__((target("avx512f"))) static void mask_row_bits_avx512(const float 
 }
 
 __attribute__((target("avx2"))) static int quantize_row_bits_avx2(const float *x, float *out, uint8_t *bits,
-                                                                 int64_t n, float s, float qmin, float qmax) {
+                                                                 int64_t n, float s, float qmin, float qmax,
+                                                                 float *range) {
     const __m256 inv = _mm256_set1_ps(1.0f / s), vs = _mm256_set1_ps(s);
     const __m256 lo = _mm256_set1_ps(qmin - 0.5f), hi = _mm256_set1_ps(qmax + 0.5f);
     const __m256 vqmin = _mm256_set1_ps(qmin), vqmax = _mm256_set1_ps(qmax);
+    __m256 vmin = _mm256_set1_ps(INFINITY), vmax = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
     int all = 0xFF;
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
         const __m256 xv = _mm256_loadu_ps(x + i);
+        if (range) { /* a NaN lane may be lost by min / max: `bad` keeps it */
+            vmin = _mm256_min_ps(vmin, xv);
+            vmax = _mm256_max_ps(vmax, xv);
+            bad = _mm256_add_ps(bad, _mm256_sub_ps(xv, xv));
+        }
         __m256 v = _mm256_mul_ps(xv, inv);
         const __m256 low = _mm256_cmp_ps(v, lo, _CMP_GE_OQ);
         const int keep = _mm256_movemask_ps(_mm256_and_ps(low, _mm256_cmp_ps(v, hi, _CMP_LT_OQ)));
@@ -270,7 +315,19 @@ __attribute__((target("avx2"))) static int quantize_row_bits_avx2(const float *x
         v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         _mm256_storeu_ps(out + i, _mm256_mul_ps(v, vs));
     }
-    return (all != 0xFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax);
+    if (range) {
+        float l[8], h[8], e[8];
+        _mm256_storeu_ps(l, vmin);
+        _mm256_storeu_ps(h, vmax);
+        _mm256_storeu_ps(e, bad);
+        for (int k = 1; k < 8; ++k) {
+            l[0] = l[k] < l[0] ? l[k] : l[0];
+            h[0] = h[k] > h[0] ? h[k] : h[0];
+            e[0] += e[k];
+        }
+        merge_range(range, l[0] + e[0], h[0] + e[0]);
+    }
+    return (all != 0xFF) | quantize_row_bits_generic(x + i, out + i, bits + i / 8, n - i, s, qmin, qmax, range);
 }
 
 __attribute__((target("avx2"))) static void mask_row_bits_avx2(const float *grad, const uint8_t *bits,
@@ -286,7 +343,7 @@ __attribute__((target("avx2"))) static void mask_row_bits_avx2(const float *grad
 }
 #endif
 
-typedef int (*QuantizeBitsFn)(const float *, float *, uint8_t *, int64_t, float, float, float);
+typedef int (*QuantizeBitsFn)(const float *, float *, uint8_t *, int64_t, float, float, float, float *);
 typedef void (*MaskBitsFn)(const float *, const uint8_t *, float *, int64_t);
 static QuantizeBitsFn quantize_row_bits = quantize_row_bits_generic;
 static MaskBitsFn mask_row_bits = mask_row_bits_generic;
@@ -313,33 +370,23 @@ static void select_bit_kernels(void) {
 #endif
 }
 
-/* Forward of one piece of a one-scale tensor; with `range` (lo, hi) also its range, taken block by block so
- * each block is read from memory once (the range pass reads it into L1, the quantize pass reads it there). */
-#define RANGE_BLOCK 4096 /* elements: 16 KiB, a multiple of 64 (whole mask bytes per block) */
+/* Forward of one piece of a one-scale tensor; with `range` (initially [inf, -inf]) its [min, max] is merged
+ * into it: inside the bit kernels' loop, or without a mask (no gradient) block by block, so that each block is
+ * read from memory once (the range pass reads it into L1, the quantize pass reads it there). */
+#define RANGE_BLOCK 4096 /* elements: 16 KiB */
 static int quantize_piece(const float *x, float *out, uint8_t *mask, int64_t n, float s, float qmin, float qmax,
                           float *range) {
-    if (range == NULL) {
-        if (mask) return quantize_row_bits(x, out, mask, n, s, qmin, qmax);
-        quantize_row(x, out, NULL, n, s, qmin, qmax);
-        return 1;
-    }
-    int clipped = 0;
-    float l = INFINITY, h = -INFINITY;
+    if (mask) return quantize_row_bits(x, out, mask, n, s, qmin, qmax, range);
     for (int64_t b = 0; b < n; b += RANGE_BLOCK) {
         const int64_t m = n - b < RANGE_BLOCK ? n - b : RANGE_BLOCK;
-        float bl, bh;
-        channel_range(x + b, m, 1.0f, 0, &bl, &bh);
-        l = (bl < l || bl != bl) ? bl : l; /* NaN (a NaN/inf in the block) wins */
-        h = (bh > h || bh != bh) ? bh : h;
-        if (mask) {
-            clipped |= quantize_row_bits(x + b, out + b, mask + b / 8, m, s, qmin, qmax);
-        } else {
-            quantize_row(x + b, out + b, NULL, m, s, qmin, qmax);
+        if (range) {
+            float bl, bh;
+            channel_range(x + b, m, 1.0f, 0, &bl, &bh);
+            merge_range(range, bl, bh);
         }
+        quantize_row(x + b, out + b, NULL, m, s, qmin, qmax);
     }
-    range[0] = l;
-    range[1] = h;
-    return mask ? clipped : 1;
+    return 1;
 }
 
 static PyObject *fake_quantize_forward(PyObject *self, PyObject *args) {
@@ -481,6 +528,86 @@ static PyObject *fake_quantize_weight(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* ---- a QAT step's observer bookkeeping, on the host (eager mode, CPU buffers) ---------------------------- */
+
+/* One row of Observer._record_range: a finite batch range [l, h] (not NaN, amax = max(-l, h) finite) widens
+ * the running [min, max] (as torch.minimum / maximum: the old value unless the new one is beyond it).
+ * Returns whether the row was finite; *amax is its max(-l, h) (0 when not finite). */
+static int record_row(float l, float h, float *min, float *max, float *amax) {
+    const float a = l != l || h != h ? NAN : (-l > h ? -l : h);
+    if (!(fabsf(a) < INFINITY)) {
+        *amax = 0.0f;
+        return 0;
+    }
+    *min = l < *min ? l : *min;
+    *max = *max < h ? h : *max;
+    *amax = a;
+    return 1;
+}
+
+/* torch.lerp(s, e, w) on float32 as ATen computes it (a fused multiply-add in either branch). */
+static float lerp_as_aten(float s, float e, float w) {
+    const float diff = e - s;
+    return fabsf(w) < 0.5f ? fmaf(w, diff, s) : fmaf(-diff, 1.0f - w, e);
+}
+
+/* MovingMinMaxObserver's averages of a finite row: the first value taken as is, later ones lerp'ed. */
+static float moved_average(float avg, float v, float c) {
+    return isinf(avg) ? v : lerp_as_aten(avg, v, c);
+}
+
+static PyObject *record_moving_step(PyObject *self, PyObject *args) {
+    unsigned long long mina, maxa, avg_mina, avg_maxa, batchesa, nonfinitea, readya, scalea;
+    float l, h, avg_c, c, qmax, eps;
+    if (!PyArg_ParseTuple(args, "ffKKKKfKKKKfff", &l, &h, &mina, &maxa, &avg_mina, &avg_maxa, &avg_c, &batchesa,
+                          &nonfinitea, &readya, &scalea, &c, &qmax, &eps)) {
+        return NULL;
+    }
+    float amax, *scale = (float *)(uintptr_t)scalea;
+    float *avg_min = (float *)(uintptr_t)avg_mina, *avg_max = (float *)(uintptr_t)avg_maxa;
+    const int finite = record_row(l, h, (float *)(uintptr_t)mina, (float *)(uintptr_t)maxa, &amax);
+    *(int64_t *)(uintptr_t)batchesa += finite;
+    *(int64_t *)(uintptr_t)nonfinitea += !finite;
+    if (finite) {
+        if (avg_min) {
+            *avg_min = moved_average(*avg_min, l, avg_c);
+            *avg_max = moved_average(*avg_max, h, avg_c);
+        }
+        float batch = amax / qmax;
+        batch = batch < eps ? eps : batch;
+        *scale = lerp_as_aten(*scale, batch, c);
+        *(uint8_t *)(uintptr_t)readya = 1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *record_rows(PyObject *self, PyObject *args) {
+    unsigned long long loa, hia, mina, maxa, avg_mina, avg_maxa, batchesa, nonfinitea, readya;
+    long long rows;
+    float avg_c;
+    if (!PyArg_ParseTuple(args, "KKLKKKKfKKK", &loa, &hia, &rows, &mina, &maxa, &avg_mina, &avg_maxa, &avg_c,
+                          &batchesa, &nonfinitea, &readya)) {
+        return NULL;
+    }
+    const float *lo = (const float *)(uintptr_t)loa, *hi = (const float *)(uintptr_t)hia;
+    float *min = (float *)(uintptr_t)mina, *max = (float *)(uintptr_t)maxa, amax;
+    float *avg_min = (float *)(uintptr_t)avg_mina, *avg_max = (float *)(uintptr_t)avg_maxa;
+    int any = 0, all = 1;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int finite = record_row(lo[r], hi[r], min + r, max + r, &amax);
+        if (finite && avg_min) {
+            avg_min[r] = moved_average(avg_min[r], lo[r], avg_c);
+            avg_max[r] = moved_average(avg_max[r], hi[r], avg_c);
+        }
+        any |= finite;
+        all &= finite;
+    }
+    *(int64_t *)(uintptr_t)batchesa += any;
+    *(int64_t *)(uintptr_t)nonfinitea += !all;
+    if (all) *(uint8_t *)(uintptr_t)readya = 1;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"fake_quantize_forward", fake_quantize_forward, METH_VARARGS,
      "fake_quantize_forward(x, out, mask, scale, outer, channels, inner, qmin, qmax, threads, range=False): "
@@ -494,6 +621,16 @@ static PyMethodDef methods[] = {
      "channel c of a contiguous (channels, inner) float32 weight, t = w * fold[c] (fold 0: none); lo/hi = "
      "range of t (NaN if t holds NaN/inf); scale = max(-lo, hi) / qmax, at least eps (old[c] for a NaN "
      "range); out = clamp(round(w * (fold / scale))) * (scale / fold) (no fold: as fake_quantize_forward)."},
+    {"record_moving_step", record_moving_step, METH_VARARGS,
+     "record_moving_step(lo, hi, min, max, avg_min, avg_max, avg_c, num_batches, nonfinite_batches, ready, "
+     "scale, c, qmax, eps): a per-tensor QAT node's step after its forward: the batch range [lo, hi] (NaN: "
+     "NaN/inf in the batch) is recorded as Observer.record_extremes records it (float32 min / max, int64 "
+     "counters; with avg_min / avg_max, not 0, MovingMinMaxObserver's averages too) and the scale moves as "
+     "FakeQuantize._qat_forward moves it (scale = lerp(scale, max(amax / qmax, eps), c); ready set)."},
+    {"record_rows", record_rows, METH_VARARGS,
+     "record_rows(lo, hi, rows, min, max, avg_min, avg_max, avg_c, num_batches, nonfinite_batches, ready): "
+     "per-row ranges of a weight step recorded as Observer.record_extremes records them (with avg_min / "
+     "avg_max, not 0, MovingMinMaxObserver's averages too); ready set when every row was finite."},
     {NULL, NULL, 0, NULL},
 };
 

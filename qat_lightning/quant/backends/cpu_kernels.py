@@ -15,7 +15,15 @@ QAT weights whose per-channel scale follows the weights (optionally BN-folded) g
 (``qat_lightning::fake_quantize_weight_cpu``; in eager mode called directly): per output channel the range,
 the scale and the fake-quantized row in one read of the weight (the row stays in cache between the range
 and the quantize), where the default path reads the weight six times (``amin``, ``amax``, multiply, round,
-clamp, multiply). Values, scales and observer statistics equal the default path's bit for bit (tested).
+clamp, multiply). A per-tensor QAT node with a scale takes its batch range from the fake quant's own loop.
+
+In eager mode the QAT bookkeeping that follows (the observer's running min / max, moving averages and
+counters, the scale's moving average, ``scale_ready``) runs in C on the host, on the node's CPU buffers:
+one call where the ATen ops made about 17 dispatcher calls on 0-d tensors per node. It covers the
+observers whose range rules it implements (``minmax``, the histogram observers, ``moving_minmax``; not
+``ignore_nonfinite``) and buffers of the dtypes it writes; others run the default bookkeeping. The buffers'
+versions are moved (``torch.autograd.graph.increment_version``), so autograd still sees the writes. Values,
+scales and observer statistics equal the default path's bit for bit (tested, ``lerp``'s rounding included).
 
 Selected by :func:`~qat_lightning.quant.backends.set_backend` (``"cpu_kernels"``) or the environment
 variable ``QAT_LIGHTNING_BACKEND=cpu_kernels``; without the built extension, or with
@@ -29,11 +37,13 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import increment_version
 
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 from qat_lightning.quant.nodes.functional import load_extension
 from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
-from qat_lightning.quant.observers import SCALE_EPS
+from qat_lightning.quant.observers import SCALE_EPS, Observer
+from qat_lightning.quant.observers.range_observers import MovingMinMaxObserver
 
 __all__ = [
     "kernels_available", "fake_quantize_cpu", "fake_quantize_cpu_with_extremes", "fake_quantize_weight_cpu"
@@ -62,8 +72,8 @@ def _mask_like(x: Tensor, ch_axis: int) -> Tensor:
 
 def _forward_pass(
     x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int, with_range: bool
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Run the C forward on a contiguous float32 CPU ``x``: ``(result, mask, [min, max] or None)``."""
+) -> tuple[Tensor, Tensor, tuple[float, float] | None]:
+    """Run the C forward on a contiguous float32 CPU ``x``: ``(result, mask, (min, max) or None)``."""
     out, mask = torch.empty_like(x), _mask_like(x, ch_axis)
     returned = _KERNELS.fake_quantize_forward(
         x.data_ptr(),
@@ -76,7 +86,7 @@ def _forward_pass(
         torch.get_num_threads(),
         with_range,
     )
-    return out, mask, torch.tensor(returned[1:], dtype=torch.float32) if with_range else None
+    return out, mask, returned[1:] if with_range else None
 
 
 def _backward_pass(grad: Tensor, mask: Tensor, packed: bool) -> Tensor:
@@ -143,7 +153,7 @@ def fake_quantize_cpu_with_extremes(
     observer's ``torch.aminmax`` reads it again). A NaN or inf anywhere gives ``[nan, nan]``.
     """
     out, mask, extremes = _forward_pass(x, scale, qmin, qmax, -1, True)
-    return out, mask, extremes
+    return out, mask, torch.tensor(extremes, dtype=torch.float32)
 
 
 @fake_quantize_cpu_with_extremes.register_fake
@@ -177,16 +187,15 @@ class _EagerFakeQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(  # noqa: D102
-        ctx: Any, x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int, with_range: bool
-    ) -> Tensor | tuple[Tensor, Tensor]:
-        out, mask, extremes = _forward_pass(x, scale, qmin, qmax, ch_axis, with_range)
+        ctx: Any, x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int, extremes: list | None
+    ) -> Tensor:
+        out, mask, found = _forward_pass(x, scale, qmin, qmax, ch_axis, extremes is not None)
         ctx.packed = ch_axis < 0
         if ctx.needs_input_grad[0]:
             ctx.save_for_backward(mask)
-        if extremes is None:
-            return out
-        ctx.mark_non_differentiable(extremes)
-        return out, extremes
+        if extremes is not None:
+            extremes[:] = found  # (min, max) of x as floats: ``extremes`` is the caller's list
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, *_: Tensor) -> tuple:  # noqa: D102
@@ -212,7 +221,7 @@ def quantize_on_cpu_kernels(
     if not _takes(x) or scale.device.type != "cpu" or scale.dtype != torch.float32:
         return None
     axis = -1 if ch_axis is None or scale.numel() == 1 else ch_axis % x.dim()  # one scale: bit mask
-    return _EagerFakeQuantize.apply(x, scale.contiguous().reshape(-1), qmin, qmax, axis, False)
+    return _EagerFakeQuantize.apply(x, scale.contiguous().reshape(-1), qmin, qmax, axis, None)
 
 
 # ------------------------------------------------------------------------------------------ QAT weights
@@ -227,24 +236,36 @@ def fake_quantize_weight_cpu(
     ``max(-lo, hi) / qmax`` at least ``eps`` (``scale``, the old one, on NaN rows) and
     ``value = clamp(round(weight * (fold / s)), qmin, qmax) * (s / fold)``.
     """
-    return _weight_pass(weight, fold, scale, qmin, qmax, eps)
+    lo, hi, new = (torch.empty(weight.shape[0], dtype=torch.float32) for _ in range(3))
+    out = _weight_pass(weight, fold, scale, qmin, qmax, eps, (lo.data_ptr(), hi.data_ptr(), new.data_ptr()))
+    return out, lo, hi, new
 
 
 def _weight_pass(
-    weight: Tensor, fold: Tensor | None, scale: Tensor, qmin: int, qmax: int, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Run the C weight step of :func:`fake_quantize_weight_cpu` (also called directly in eager mode)."""
+    weight: Tensor,
+    fold: Tensor | None,
+    scale: Tensor,
+    qmin: int,
+    qmax: int,
+    eps: float,
+    written: tuple[int, int, int],
+) -> Tensor:
+    """Run the C weight step of :func:`fake_quantize_weight_cpu` (also called directly in eager mode).
+
+    Returns the fake-quantized weight; writes the rows' minima, maxima and new scales to the three float32
+    arrays at the addresses ``written`` (the new scales may go to ``scale`` itself: a row reads its old scale
+    before writing its new one).
+    """
     channels = weight.shape[0]
     out = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    lo, hi, new = (torch.empty(channels, dtype=torch.float32) for _ in range(3))
     _KERNELS.fake_quantize_weight(
         weight.data_ptr(),
         0 if fold is None else fold.data_ptr(),
         out.data_ptr(),
-        lo.data_ptr(),
-        hi.data_ptr(),
+        written[0],
+        written[1],
         scale.data_ptr(),
-        new.data_ptr(),
+        written[2],
         channels,
         weight.numel() // channels,
         float(qmin),
@@ -252,7 +273,7 @@ def _weight_pass(
         eps,
         torch.get_num_threads(),
     )
-    return out, lo, hi, new
+    return out
 
 
 @fake_quantize_weight_cpu.register_fake
@@ -288,28 +309,87 @@ def quantize_weight_on_cpu_kernels(wq: FakeQuantize, weight: Tensor, fold: Tenso
         )
     ):
         return None
+    bookkeeping = _bookkeeping(wq)
+    if bookkeeping is None:
+        return None
     f = None if fold is None else fold.detach().reshape(-1).contiguous()
-    value, lo, hi, new = _weight_pass(weight.detach(), f, scale, wq.dtype.qmin, wq.dtype.qmax, SCALE_EPS)
-    wq.follow_extremes(lo, hi, new)
+    channels = scale.numel()
+    extremes = torch.empty(2 * channels, dtype=torch.float32)  # the rows' minima, then their maxima
+    lo, hi = extremes.data_ptr(), extremes.data_ptr() + 4 * channels
+    value = _weight_pass(
+        weight.detach(), f, scale, wq.dtype.qmin, wq.dtype.qmax, SCALE_EPS, (lo, hi, scale.data_ptr())
+    )  # the new scales straight into the buffer
+    args, written = bookkeeping
+    _KERNELS.record_rows(lo, hi, channels, *args, written[-2].data_ptr())
+    increment_version(written)  # written through their addresses: autograd's checks see the change
     return value
 
 
-def quantize_and_observe_on_cpu_kernels(
-    node: FakeQuantize, x: Tensor
-) -> tuple[Tensor, Tensor, Tensor] | None:
-    """Run a per-tensor QAT node's fake quant and its observer's range in one read of ``x``.
+_HOST_RULES: dict[type, str] = {}
 
-    The node quantizes with its scale as it stands; its observer records the batch range exactly as
-    ``update_range`` would. ``None`` where the kernels do not apply (the caller then runs both itself).
 
-    Returns:
-        ``(result, amax, finite)``, ``amax`` and ``finite`` as ``Observer.update_range`` returns them.
+def _host_rules(observer: Observer) -> str:
+    """Which range rules of ``observer`` the C bookkeeping follows: ``"minmax"``, ``"moving"`` or ``""``.
+
+    ``"minmax"``: ``Observer``'s own (running min / max and the two counters: ``_record_range`` and
+    ``record_extremes``, nothing in ``_update_extra``); ``"moving"``: those plus ``MovingMinMaxObserver``'s
+    averages; ``""`` (not followed) for other rules or dropped NaN/inf.
     """
-    scale = node._buffers["scale"]
-    if not _takes(x) or scale.device.type != "cpu" or node.observer.ignore_nonfinite:
+    kind = type(observer)
+    if kind not in _HOST_RULES:
+        base = all(getattr(kind, n) is getattr(Observer, n) for n in ("_record_range", "record_extremes"))
+        extra = {Observer._update_extra: "minmax", MovingMinMaxObserver._update_extra: "moving"}
+        _HOST_RULES[kind] = extra.get(kind._update_extra, "") if base else ""
+    return "" if observer.ignore_nonfinite else _HOST_RULES[kind]
+
+
+def _bookkeeping(node: FakeQuantize) -> tuple[list[Any], list[Tensor]] | None:
+    """Return the C bookkeeping's observer arguments and the buffers it writes (``None``: it does not apply).
+
+    Arguments: the addresses of ``min_val``, ``max_val``, ``avg_min``, ``avg_max`` (0, 0 unless the observer
+    averages), its averaging constant, the addresses of ``num_batches`` and ``nonfinite_batches``. Written:
+    those buffers, ``scale_ready`` and ``scale``, each checked to be a contiguous CPU tensor of the dtype the
+    C code writes (an address is all it gets).
+    """
+    observer = node.observer
+    rules = _host_rules(observer)
+    if not rules:
         return None
-    dtype = node.dtype
-    out, extremes = _EagerFakeQuantize.apply(x, scale.reshape(1), dtype.qmin, dtype.qmax, -1, True)
-    lo, hi = extremes.unbind()
-    amax, finite = node.observer.record_extremes(lo, hi)
-    return out, amax, finite
+    ranges = [observer.min_val, observer.max_val]
+    averages = [observer.avg_min, observer.avg_max] if rules == "moving" else []
+    counters = [observer.num_batches, observer.nonfinite_batches]
+    node_buffers = [node._buffers["scale_ready"], node._buffers["scale"]]
+    written = [*ranges, *averages, *counters, *node_buffers]
+    dtypes = [torch.float32] * (len(ranges) + len(averages)) + [torch.int64] * 2 + [torch.bool, torch.float32]
+    for tensor, dtype in zip(written, dtypes, strict=True):
+        if tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            return None
+    constant = getattr(observer, "averaging_constant", 0.0)
+    addresses = [t.data_ptr() for t in written]
+    n = len(ranges) + len(averages)
+    return [*addresses[:2], *(addresses[2:n] or [0, 0]), constant, *addresses[n : n + 2]], written
+
+
+def quantize_and_observe_on_cpu_kernels(node: FakeQuantize, x: Tensor) -> Tensor | None:
+    """Run the QAT step of a per-tensor node with a moving scale, reading ``x`` once.
+
+    As ``FakeQuantize._qat_forward`` once the node has a scale: ``x`` is fake-quantized with the scale
+    as it stands, the observer records the batch range as ``Observer.record_extremes`` does, and the scale
+    moves toward the batch's (``lerp`` by ``qat_averaging_constant``). The range comes from the same read
+    as the fake quant; the bookkeeping on the node's 0-d buffers runs in C on the host (one call where the
+    tensor ops made about 17 dispatcher calls), bit for bit what the tensor ops give (tested). ``None``
+    where the kernels do not apply (the caller then runs the default path).
+    """
+    bookkeeping = _bookkeeping(node) if _takes(x) else None
+    if bookkeeping is None:
+        return None
+    args, written = bookkeeping
+    dtype, ready, scale = node.dtype, written[-2], written[-1]
+    extremes: list[float] = []
+    out = _EagerFakeQuantize.apply(x, scale, dtype.qmin, dtype.qmax, -1, extremes)
+    _KERNELS.record_moving_step(
+        *extremes, *args, ready.data_ptr(), scale.data_ptr(), node.qat_averaging_constant, float(dtype.qmax),
+        SCALE_EPS,
+    )  # fmt: skip
+    increment_version(written)  # written through their addresses: autograd's checks see the change
+    return out

@@ -24,7 +24,7 @@ Device-neutral: no forward reads a tensor back to the host; moving average, firs
 cases are tensor ops, so a GPU step never syncs and ``torch.compile(fullgraph=True)`` / ``torch.export``
 trace it. Once a scale exists (a python mirror of ``scale_ready``, set outside the forward), the QAT
 quantize does not depend on the batch range, so inductor fuses the range and the quantize loops (and the
-opt-in ``cpu_kernels`` backend takes both from one read in eager mode). Scales
+opt-in ``cpu_kernels`` backend runs that whole QAT step in C in eager mode). Scales
 come from the observer statistics outside the forward (leaving ``CALIBRATION``, ``.scale`` after eager
 calibration, ``state_dict``, a dtype change). Half precision: float32 math, returned in its own dtype.
 
@@ -54,8 +54,8 @@ __all__ = [
     "fake_quant_disabled", "iter_fake_quantize",
 ]  # fmt: skip
 
-_OBSERVING_BACKEND_HOOK: list[Callable[[FakeQuantize, Tensor], tuple[Tensor, Tensor, Tensor] | None]] = []
-"""The selected opt-in backend's per-tensor QAT fake quant + range in one read (see ``quant.backends``)."""
+_OBSERVING_BACKEND_HOOK: list[Callable[[FakeQuantize, Tensor], Tensor | None]] = []
+"""The selected opt-in backend's QAT step of a per-tensor node with a scale (see ``quant.backends``)."""
 
 SCALE_MODES: tuple[str, ...] = ("moving", "fixed", "learned")
 """How QAT moves a scale: moving average of the data / pinned / learned (LSQ)."""
@@ -294,12 +294,11 @@ class FakeQuantize(nn.Module):
         c, ready = self.qat_averaging_constant, self._buffers["scale_ready"]
         if self._scale_known:  # quantize with the scale as it stands (not this batch's), then move it
             hook = _OBSERVING_BACKEND_HOOK and not torch.compiler.is_compiling()
-            fused = _OBSERVING_BACKEND_HOOK[0](self, x) if hook else None  # one read of x for both
-            if fused is None:
-                amax, finite = self.observer.update_range(x)
-                out = quantize_tensor(x, scale, dtype.qmin, dtype.qmax, None)
-            else:
-                out, amax, finite = fused
+            out = _OBSERVING_BACKEND_HOOK[0](self, x) if hook else None
+            if out is not None:
+                return out  # the backend ran this whole branch
+            amax, finite = self.observer.update_range(x)
+            out = quantize_tensor(x, scale, dtype.qmin, dtype.qmax, None)
             batch = (amax / dtype.qmax).clamp_min(SCALE_EPS)
             scale.lerp_(torch.where(finite, batch, scale), c)  # a non-finite batch: lerp to itself
         else:  # no scale yet: the batch's own scale first, the moving average after
@@ -318,16 +317,6 @@ class FakeQuantize(nn.Module):
         self._buffers["scale"].copy_(new)
         self._buffers["scale_ready"].logical_or_(finite.all())
         return new
-
-    def follow_extremes(self, lo: Tensor, hi: Tensor, scale: Tensor) -> None:
-        """Record a QAT step computed elsewhere (a fused kernel) of a scale that follows the batch.
-
-        As the forward: the observer records the rows' extremes (NaN: a row with NaN/inf); the scale becomes
-        ``scale`` (``max(-lo, hi) / qmax``, at least ``SCALE_EPS``; the old value on NaN rows).
-        """
-        _, finite = self.observer.record_extremes(lo, hi)
-        self._buffers["scale"].copy_(scale.reshape(self._buffers["scale"].shape))
-        self._buffers["scale_ready"].logical_or_(finite.all())
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         """Move with the model; ``scale`` (and ``scale_param``) stay float32 whatever the model's dtype."""
