@@ -242,7 +242,8 @@ def reduce_observer_statistics(model: nn.Module, group: Any = None) -> int:
     for node in nodes:  # same module order on every rank -> collectives match
         node.observer.reduce_statistics(group)
     for node in nodes:
-        node.refresh_scale()
+        if node.calibrates:  # a pinned scale stays as it is
+            node.refresh_scale()
     return len(nodes)
 
 

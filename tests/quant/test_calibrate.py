@@ -130,3 +130,27 @@ def test_calibrate_is_importable_from_the_package_faces_without_lightning() -> N
     from qat_lightning.quant import calibrate as quant_calibrate
 
     assert ql.calibrate is quant_calibrate is callback_calibrate
+
+
+def test_reducing_statistics_across_ranks_keeps_pinned_scales(tmp_path) -> None:
+    """After DDP calibration scales come from the reduced statistics, except pinned ones (one rank, gloo)."""
+    import torch.distributed as dist
+
+    from qat_lightning.quant.calibrate import reduce_observer_statistics
+
+    nodes = nn.ModuleList([ql.FakeQuantize("qint8", "minmax") for _ in range(2)])
+    ql.set_fake_quantize(nodes, "calibration")
+    for node in nodes:
+        node(torch.randn(100) * 2)
+    ql.set_fake_quantize(nodes, "validation")
+    nodes[0].scale.mul_(0.5)  # a scale set by hand (or moved by QAT), then pinned
+    nodes[0].fix_scale()
+    pinned = nodes[0].scale.clone()
+    nodes[1].scale.mul_(0.5)  # not pinned: recomputed from the statistics
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        assert reduce_observer_statistics(nodes) == 2
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(nodes[0].scale, pinned)
+    assert torch.equal(nodes[1].scale, nodes[1].observer.compute_scale("qint8"))

@@ -550,6 +550,40 @@ def test_fix_scale_pins_through_qat(generator) -> None:
     assert float(fq.scale) == pytest.approx(float(big.abs().max()) / 127, rel=1e-6)
 
 
+def _moved_by_qat(generator: torch.Generator) -> FakeQuantize:
+    """A calibrated node whose scale QAT moved away from the one its statistics give."""
+    fq = calibrated(torch.randn(100, generator=generator) * 2)
+    set_fake_quantize(fq, "qat")
+    for _ in range(50):
+        fq(torch.randn(100, generator=generator) * 0.5)
+    assert float(fq.scale) < 0.9 * float(fq.observer.compute_scale(qint8))
+    return fq
+
+
+def test_a_pinned_scale_survives_a_calibration_pass(generator) -> None:
+    """``fix_scale``: calibration leaves the scale as it is, on entering, observing and leaving."""
+    fq = _moved_by_qat(generator)
+    fq.fix_scale()
+    pinned, batches = fq.scale.clone(), int(fq.observer.num_batches)
+    set_fake_quantize(fq, "calibration")
+    fq(torch.randn(100, generator=generator) * 5)
+    assert torch.equal(fq.scale, pinned)
+    set_fake_quantize(fq, "validation")
+    assert torch.equal(fq.scale, pinned) and int(fq.observer.num_batches) == batches
+
+
+def test_calibration_state_without_a_batch_changes_no_scale(generator) -> None:
+    """Entering and leaving ``CALIBRATION`` with no data keeps a QAT-moved scale; new data moves it."""
+    fq = _moved_by_qat(generator)
+    moved = fq.scale.clone()
+    with fake_quant_state(fq, "calibration"):
+        pass
+    assert torch.equal(fq.scale, moved) and fq.state is FakeQuantState.QAT
+    with fake_quant_state(fq, "calibration"):
+        fq(torch.randn(100, generator=generator))
+    assert torch.equal(fq.scale, fq.observer.compute_scale(qint8))
+
+
 # -------------------------------------------------------------------------------------- state round-trip
 def node_args(per_channel: bool, observer: str) -> dict:
     if per_channel:

@@ -3,30 +3,26 @@
 A ``FakeQuantize`` owns one observer and a float32 ``scale`` buffer. Its behaviour is set by its state:
 
 * ``QAT``: fake quant with a straight-through gradient. How the scale moves is the node's ``scale_mode``
-  (:data:`SCALE_MODES`, set for a whole model by :func:`set_qat_scales`), starting from the calibrated
-  scale:
+  (:data:`SCALE_MODES`, set for a whole model by :func:`set_qat_scales`), from the calibrated scale:
 
   - ``moving`` (default): activation scales follow the data with a moving average of the batch ``|x|``
     max (``scale += c * (amax / qmax - scale)``, ``c = qat_averaging_constant``); each batch is
     fake-quantized with the scale as it stands and then moves it (torch.ao's ``FakeQuantize`` observes
-    first; with ``c = 0.01`` the two differ by 1 % of the gap). Before the first scale, and with
-    ``c = 1``, the batch is observed first. Weight (per-channel) scales are the per-channel ``|w|`` max
-    of the current weights.
-  - ``fixed``: the scale never moves (also the ``fixed`` observer).
+    first; with ``c = 0.01`` the two differ by 1 % of the gap). Before the first scale, and with ``c = 1``,
+    the batch is observed first. Weight (per-channel) scales are the per-channel ``|w|`` max of the weights.
+  - ``fixed``: the scale never moves, not even in ``CALIBRATION`` (also the ``fixed`` observer).
   - ``learned``: per-tensor scales are a parameter ``scale_param`` trained by the LSQ gradient
-    (:func:`~qat_lightning.quant.nodes.functional.lsq_quantize`); per-channel weight scales keep
-    following the weights.
+    (:func:`~qat_lightning.quant.nodes.functional.lsq_quantize`); per-channel scales follow the weights.
 * ``CALIBRATION``: the observer collects statistics; values pass through unchanged.
-* ``VALIDATION``: fake quant with the frozen scale; nothing is observed.
-* ``FLOAT``: identity.
+* ``VALIDATION``: fake quant with the frozen scale; nothing is observed. ``FLOAT``: identity.
 
 Device-neutral: no forward reads a tensor back to the host; moving average, first batch and non-finite
 cases are tensor ops, so a GPU step never syncs and ``torch.compile(fullgraph=True)`` / ``torch.export``
 trace it. Once a scale exists (a python mirror of ``scale_ready``, set outside the forward), the QAT
 quantize does not depend on the batch range, so inductor fuses the range and the quantize loops (and the
-opt-in ``cpu_kernels`` backend runs that whole QAT step in C in eager mode). Scales
-come from the observer statistics outside the forward (leaving ``CALIBRATION``, ``.scale`` after eager
-calibration, ``state_dict``, a dtype change). Half precision: float32 math, returned in its own dtype.
+opt-in ``cpu_kernels`` backend runs that whole QAT step in C in eager mode). Scales come from the observer
+statistics outside the forward, once it has seen new batches in ``CALIBRATION`` (on leaving it, ``.scale``,
+``state_dict``), and on a dtype change. Half precision: float32 math, returned in its own dtype.
 
 Checkpointed state is in buffers of shapes fixed at construction: ``scale``, ``dtype_code`` (a changed dtype
 is restored), ``scale_fixed``, ``scale_ready``, the observer's statistics (+ ``scale_param`` if learned).
@@ -59,11 +55,6 @@ _OBSERVING_BACKEND_HOOK: list[Callable[[FakeQuantize, Tensor], Tensor | None]] =
 
 SCALE_MODES: tuple[str, ...] = ("moving", "fixed", "learned")
 """How QAT moves a scale: moving average of the data / pinned / learned (LSQ)."""
-
-
-def _set_flag(module: nn.Module, name: str, value: Any) -> None:
-    """Set a plain attribute without ``nn.Module.__setattr__``'s checks."""
-    object.__setattr__(module, name, value)
 
 
 class FakeQuantize(nn.Module):
@@ -143,16 +134,19 @@ class FakeQuantize(nn.Module):
         new = FakeQuantState.parse(value)
         if self.__dict__.get("_state", new) is not new:
             self.observer.check_finite()  # NaN/inf counted by a sync-free forward: raise now
-        _set_flag(self, "_state", new)
+        self.__dict__["_state"] = new
+        meta = self._buffers["scale"].is_meta
         if new is FakeQuantState.CALIBRATION:
-            _set_flag(self, "_dirty", True)  # statistics will change (also when the forward is compiled)
+            if self.calibrates and not meta:  # a compiled forward sets no flag: count the batches instead
+                self.__dict__.setdefault("_batches_before", self.observer.batches_seen())
             return
-        if self._buffers["scale"].is_meta:
-            _set_flag(self, "_dirty", False)
+        if meta:
+            self.__dict__["_dirty"] = False
             return  # a shape-only copy: nothing to compute
-        if self._dirty:
+        if self._stale():
             self.refresh_scale()
-        _set_flag(self, "_scale_known", bool(self.scale_ready))  # a QAT forward may have set it
+        self.__dict__.pop("_batches_before", None)
+        self.__dict__["_scale_known"] = bool(self.scale_ready)  # a QAT forward may have set it
         if new is FakeQuantState.VALIDATION and self._dtype.is_integer and not self._scale_known:
             self._use_default_scale()
 
@@ -177,6 +171,18 @@ class FakeQuantize(nn.Module):
             self.scale_param.data.copy_(self._buffers["scale"])
 
     @property
+    def calibrates(self) -> bool:
+        """Whether ``CALIBRATION`` updates the statistics and, leaving it, the scale (not a pinned scale)."""
+        return not self._fixed or self.observer_name == "fixed"
+
+    def _stale(self) -> bool:
+        """Whether the scale lags: an eager calibration forward, or new batches since ``CALIBRATION``."""
+        if self.__dict__.get("_dirty", False):
+            return True
+        before = self.__dict__.get("_batches_before")
+        return before is not None and before != self.observer.batches_seen()
+
+    @property
     def is_fixed(self) -> bool:
         """Whether the scale is pinned (fixed-scale observer, ``scale_mode="fixed"`` or ``fix_scale()``)."""
         return self._fixed
@@ -197,7 +203,7 @@ class FakeQuantize(nn.Module):
                 f"scale_mode='learned' needs a per-tensor integer node; {self._name!r} is "
                 f"{'per channel' if self.ch_axis is not None else self._dtype}"
             )
-        if self._dirty:
+        if self._stale():
             self.refresh_scale()
         if mode == "learned":  # start from the current (calibrated) scale
             start = self._buffers["scale"].detach().clone()
@@ -212,7 +218,7 @@ class FakeQuantize(nn.Module):
         self._scale_mode = "fixed" if self._fixed else mode
 
     def __getattr__(self, name: str) -> Any:
-        if name == "scale" and self.__dict__.get("_dirty", False):
+        if name == "scale" and self._stale():
             self.refresh_scale()
         return super().__getattr__(name)
 
@@ -224,6 +230,8 @@ class FakeQuantize(nn.Module):
             ValueError: when the observer saw NaN/inf and does not ignore them.
         """
         self._dirty = False
+        if "_batches_before" in self.__dict__:
+            self._batches_before = self.observer.batches_seen()
         if not self._dtype.is_integer:
             return
         self.observer.check_finite()
@@ -241,10 +249,10 @@ class FakeQuantize(nn.Module):
     def _use_default_scale(self) -> None:
         """Give a node without data the default scale; it warns (naming the node) when it first runs."""
         self._buffers["scale"].fill_(DEFAULT_SCALE)
-        _set_flag(self, "_warn_default", True)
+        self.__dict__["_warn_default"] = True
 
     def _warn_default_scale(self) -> None:
-        _set_flag(self, "_warn_default", False)
+        self.__dict__["_warn_default"] = False
         self.observer.compute_scale(self._dtype)  # warns: seen no data, DEFAULT_SCALE
 
     def fix_scale(self, fixed: bool = True) -> None:
@@ -258,10 +266,10 @@ class FakeQuantize(nn.Module):
         if state is FakeQuantState.FLOAT or not GlobalFakeQuantSwitch._enabled:
             return x
         if state is FakeQuantState.CALIBRATION:
-            if not self._fixed or self.observer_name == "fixed":
+            if self.calibrates:
                 self.observer(x.detach())
                 if not torch.compiler.is_compiling():
-                    _set_flag(self, "_dirty", True)
+                    self.__dict__["_dirty"] = True
             return x
         dtype = self._dtype
         if not dtype.is_integer:
@@ -324,7 +332,7 @@ class FakeQuantize(nn.Module):
 
     # ------------------------------------------------------------------ state dict
     def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
-        if self._dirty:
+        if self._stale():
             self.refresh_scale()
         if self._scale_mode == "learned":
             self._current_scale()
@@ -339,6 +347,8 @@ class FakeQuantize(nn.Module):
         self._dtype = parse_dtype(int(self.dtype_code))
         self._fixed = bool(self.scale_fixed)
         self._scale_known = bool(self.scale_ready)
+        if "_batches_before" in self.__dict__:  # loaded in CALIBRATION: the loaded scale holds until new data
+            self._batches_before = self.observer.batches_seen()
         if self._fixed:
             self._scale_mode = "fixed"
         elif not learned:

@@ -271,6 +271,10 @@ class Observer(torch.nn.Module, abc.ABC):
 
     # ---- results -----------------------------------------------------------------------------------------
 
+    def batches_seen(self) -> tuple[int, int]:
+        """Return ``(num_batches, nonfinite_batches)``, read on the host (not for a forward: a GPU syncs)."""
+        return int(self.num_batches), int(self.nonfinite_batches)
+
     @property
     def has_data(self) -> bool:
         """True once a non-empty batch has been observed (survives ``state_dict`` round-trips)."""
