@@ -15,7 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from qat_lightning.quant.dtypes import DtypeLike, parse_dtype
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
@@ -74,19 +75,30 @@ def only_enabled(model: nn.Module, nodes: Iterable[FakeQuantize]) -> Iterator[No
 
 @contextmanager
 def node_dtypes(assignments: Mapping[FakeQuantize, DtypeLike]) -> Iterator[None]:
-    """Set node dtypes (scales recomputed from kept statistics); restore dtypes and scales exactly."""
+    """Set node dtypes (scales recomputed from kept statistics); restore dtypes and scales exactly.
+
+    A learned (LSQ) scale is restored too: the dtype change rewrites ``scale_param`` as well as ``scale``.
+    """
     parsed = [(node, parse_dtype(dtype)) for node, dtype in assignments.items()]
-    saved = [(node, node.dtype, node.scale.detach().clone()) for node, _ in parsed]
+    saved = [(node, node.dtype, [t.detach().clone() for t in _scale_tensors(node)]) for node, _ in parsed]
     try:
         for node, dtype in parsed:
             if node.dtype != dtype:
                 node.dtype = dtype
         yield
     finally:
-        for node, dtype, scale in saved:
+        for node, dtype, scales in saved:
             if node.dtype != dtype:
                 node.dtype = dtype
-            node.scale.copy_(scale)
+            with torch.no_grad():
+                for tensor, value in zip(_scale_tensors(node), scales, strict=True):
+                    tensor.copy_(value)
+
+
+def _scale_tensors(node: FakeQuantize) -> list[Tensor]:
+    """Return the node's scale and, with a learned scale, its ``scale_param``."""
+    learned = node._parameters.get("scale_param")
+    return [t for t in (node.scale, learned) if t is not None]
 
 
 def set_states(pairs: Iterable[tuple[FakeQuantize, FakeQuantState]]) -> None:

@@ -97,6 +97,25 @@ def test_scales_come_from_kept_statistics_without_recalibration() -> None:
     assert torch.equal(node.scale, int8_scale) and node.dtype == ql.qint8
 
 
+def test_learned_scales_are_restored_exactly_after_the_search(tmp_path) -> None:
+    """A dtype change rewrites a learned (LSQ) scale's parameter too; the probes must put it back."""
+    model, x, eval_fn, _ = _setup()
+    ql.set_qat_scales(model, "learned")
+    learned = [n for _, n in ql.iter_fake_quantize(model) if n.scale_mode == "learned"]
+    with torch.no_grad():
+        for i, node in enumerate(learned):  # trained away from the statistics' scale
+            node.scale_param.mul_(0.5 + 0.1 * i)
+    ql.set_fake_quantize(model, "validation")
+    with torch.no_grad():
+        ref = model(x)
+    params = [n.scale_param.detach().clone() for n in learned]
+    (table,) = QuantAnalysis(model, out_dir=tmp_path).sensitivity(inputs=x, plot=False)
+    search_mixed_precision(model, table, eval_fn, 0.999, method="exact")
+    assert learned and all(torch.equal(n.scale_param, p) for n, p in zip(learned, params, strict=True))
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
 def test_target_not_reachable_reports_best_and_keeps_files(tmp_path) -> None:
     model, x, eval_fn, _ = _setup()
     (table,) = QuantAnalysis(model, out_dir=tmp_path).sensitivity(inputs=x, plot=False)
