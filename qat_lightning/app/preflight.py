@@ -3,8 +3,9 @@
 A user's mistake must cost seconds, not a training run: :func:`preflight` builds the LightningModule once
 and checks that ``prepare.submodule`` names an ``nn.Module`` in it, that the stage's checkpoint exists and
 is of the right kind (float for calibration / troubleshoot / pipeline, calibration for qat / analysis),
-that a quantized checkpoint was calibrated for this run's ``chip``, and, with one validation batch, that the
-model logs ``target.metric``. Every problem found is listed in one :class:`ConfigError`.
+that a quantized checkpoint was calibrated for this run's ``chip`` and ``prepare.qat_mode`` /
+``prepare.method``, and, with one validation batch, that the model logs ``target.metric``. Every problem
+found is listed in one :class:`ConfigError`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from qat_lightning.app.checkpoints import read_checkpoint_info
 from qat_lightning.app.config_checks import ConfigError
-from qat_lightning.app.schema import StageName
+from qat_lightning.app.schema import PrepareConf, StageName
 
 if TYPE_CHECKING:
     from qat_lightning.app.pipeline import Pipeline
@@ -51,7 +52,27 @@ def _submodule_problem(lit: Any, path: str) -> str | None:
     )
 
 
-def checkpoint_problems(path: Path, kind: str, chip: str, stage: str) -> list[str]:
+def _prepare_problem(path: Path, ckpt: Any, prepare: PrepareConf) -> str | None:
+    """Check the ``PrepareQuantization`` settings in the checkpoint against ``prepare.*``."""
+    from qat_lightning.callbacks.prepared_model import (
+        checkpoint_prepare_state,
+        prepare_settings_error,
+        prepare_settings_mismatch,
+    )
+
+    stored = checkpoint_prepare_state(ckpt, prepare.submodule) or {}
+    ours = {"qat_mode": prepare.qat_mode.value, "method": prepare.method.value}
+    mismatch = prepare_settings_mismatch(stored, ours)
+    if not mismatch:
+        return None
+    fix = " ".join(f"prepare.{key}={theirs}" for key, (theirs, _) in mismatch.items())
+    hint = f"pass {fix} (its scales were calibrated that way), or calibrate the float model with this run's"
+    return str(prepare_settings_error(f"ckpt={path}", mismatch, "this run has", hint))
+
+
+def checkpoint_problems(
+    path: Path, kind: str, chip: str, stage: str, prepare: PrepareConf | None = None
+) -> list[str]:
     """Return what is wrong with ``path`` as the ``kind`` checkpoint of ``stage`` on ``chip``.
 
     Args:
@@ -59,9 +80,11 @@ def checkpoint_problems(path: Path, kind: str, chip: str, stage: str) -> list[st
         kind: ``float`` or ``calibration``.
         chip: the run's chip.
         stage: the stage name (for the messages).
+        prepare: the run's ``prepare`` config: a quantized checkpoint made with another ``qat_mode`` /
+            ``method`` is refused (``None``: not checked).
     """
     try:
-        _, info = read_checkpoint_info(path)
+        ckpt, info = read_checkpoint_info(path)
     except Exception as err:  # noqa: BLE001 - an unreadable file is the user's mistake to explain
         return [f"ckpt={path}: cannot be read as a checkpoint ({type(err).__name__}: {err})"]
     if info is None:
@@ -81,7 +104,8 @@ def checkpoint_problems(path: Path, kind: str, chip: str, stage: str) -> list[st
             f"ckpt={path}: calibrated for chip={info.recipe.chip}, this run targets chip={chip}; "
             f"pass chip={info.recipe.chip}, or calibrate the float model for {chip}"
         ]
-    return []
+    problem = None if prepare is None or kind == "float" else _prepare_problem(path, ckpt, prepare)
+    return [problem] if problem else []
 
 
 def _metric_problem(pipe: Pipeline, lit: Any) -> str | None:
@@ -123,7 +147,7 @@ def preflight(pipe: Pipeline) -> None:
         except FileNotFoundError as err:
             problems.append(str(err))
         else:
-            problems += checkpoint_problems(path, kind, pipe.chip, stage.value)
+            problems += checkpoint_problems(path, kind, pipe.chip, stage.value, cfg.prepare)
     if not problems:
         problems += [p for p in [_metric_problem(pipe, lit)] if p]
     if problems:

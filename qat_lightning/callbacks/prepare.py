@@ -39,6 +39,8 @@ from qat_lightning.callbacks.prepared_model import (
     METHODS,
     QAT_MODES,
     load_quantized_checkpoint,
+    prepare_settings_error,
+    prepare_settings_mismatch,
     prepare_submodule,
     recipe_digest,
     recipe_error,
@@ -175,12 +177,11 @@ class PrepareQuantization(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Refuse a checkpoint made with another recipe (called by Lightning after ``setup``)."""
-        for key in ("qat_mode", "chip"):
-            if key in state_dict and state_dict[key] != getattr(self, key):
-                raise ValueError(
-                    f"the checkpoint was made with PrepareQuantization({key}={state_dict[key]!r}) but this "
-                    f"run uses {key}={getattr(self, key)!r}; use the same setting to resume"
-                )
+        mismatch = prepare_settings_mismatch(state_dict, {"qat_mode": self.qat_mode, "chip": self.chip})
+        if mismatch:
+            raise prepare_settings_error(
+                "the checkpoint", mismatch, "this run uses", "use the same setting to resume"
+            )
         saved = state_dict.get("recipe")
         if saved is not None and self.recipe and dict(saved) != self.recipe:
             raise recipe_error("the checkpoint", self.recipe, saved)
@@ -235,9 +236,7 @@ class PrepareQuantization(Callback):
             rows = check_model(model).dtype_summary
         except Exception:  # noqa: BLE001 - a hand-prepared model has no check report; the ratios remain
             rows = ()
-        if rows:
-            total_ops = sum(r.ops for r in rows) or 1
-            scalars = {f"quant/ratio_{r.dtype}": r.ops / total_ops for r in rows}
+        if rows:  # the ratios above count ops as this summary does (dtype_op_shares); add the FLOP shares
             scalars.update({f"quant/flop_share_{r.dtype}": r.flop_share for r in rows})
             summary = ", ".join(f"{r.dtype} {r.ops} ops / {r.flop_share:.1%} FLOPs" for r in rows if r.ops)
         rank_zero_info(

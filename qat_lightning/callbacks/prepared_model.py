@@ -1,9 +1,11 @@
 """Prepare a LightningModule's network and reload quantized checkpoints strictly, with recipe bookkeeping.
 
 The *recipe* of a prepared model is the dtype and observer of every quant node (:func:`recipe_of`). A
-checkpoint made with a different recipe is refused with the nodes that differ (:func:`recipe_mismatch`).
-:func:`prepare_submodule` swaps ``pl_module.<submodule>`` for its prepared network (idempotent);
-:func:`load_quantized_checkpoint` prepares first and then loads a quantized checkpoint with ``strict=True``.
+checkpoint made with a different recipe is refused with the nodes that differ (:func:`recipe_mismatch`), and
+one made with other prepare settings (``qat_mode``, ``chip``: same dtypes, other numerics) is refused with the
+settings that differ (:func:`prepare_settings_mismatch`). :func:`prepare_submodule` swaps
+``pl_module.<submodule>`` for its prepared network (idempotent); :func:`load_quantized_checkpoint` prepares
+first, with the checkpoint's settings, and then loads a quantized checkpoint with ``strict=True``.
 The ``PrepareQuantization`` callback (``callbacks/prepare.py``) is built on these.
 """
 
@@ -35,7 +37,10 @@ from qat_lightning.quant.qconfig.setter import QconfigSetter, as_qconfig_setter
 __all__ = [
     "METHODS",
     "QAT_MODES",
+    "checkpoint_prepare_state",
     "load_quantized_checkpoint",
+    "prepare_settings_error",
+    "prepare_settings_mismatch",
     "prepare_submodule",
     "recipe_digest",
     "recipe_error",
@@ -79,6 +84,56 @@ def recipe_error(where: str, ours: Mapping[str, str], theirs: Mapping[str, str])
         "Use the qconfig_setter / chip the checkpoint was made with, or start from the float weights "
         "(load them before prepare) instead of resuming."
     )
+
+
+def _comparable(key: str, value: Any) -> Any:
+    """Chip names compare case-insensitively (a ``ChipSpec`` by its name); other settings as they are."""
+    if key == "chip" and value is not None:
+        return str(getattr(value, "name", value)).strip().lower()
+    return value
+
+
+def prepare_settings_mismatch(
+    saved: Mapping[str, Any], requested: Mapping[str, Any]
+) -> dict[str, tuple[Any, Any]]:
+    """Compare the prepare settings stored in a checkpoint with the ones asked for now.
+
+    Only the keys of ``requested`` are compared, and only where ``saved`` holds them (a checkpoint of an
+    older version may lack one). ``None`` is a value like any other here: a caller that treats ``None`` as
+    "not given" leaves that key out of ``requested``.
+
+    Args:
+        saved: the ``PrepareQuantization`` state stored in the checkpoint (``qat_mode``, ``chip``, ...).
+        requested: the settings of this run / call.
+
+    Returns:
+        ``{setting: (checkpoint's value, requested value)}`` for every setting that differs.
+    """
+    return {
+        key: (saved[key], value)
+        for key, value in requested.items()
+        if key in saved and _comparable(key, saved[key]) != _comparable(key, value)
+    }
+
+
+def prepare_settings_error(
+    where: str, mismatch: Mapping[str, tuple[Any, Any]], uses: str, fix: str
+) -> ValueError:
+    """Build the error for a checkpoint (``where``) made with other prepare settings.
+
+    Args:
+        where: what was made with the settings (``"the checkpoint"``, ``"checkpoint run/last.ckpt"``).
+        mismatch: what :func:`prepare_settings_mismatch` returned (not empty).
+        uses: who asks for the other values (``"this run uses"``).
+        fix: how to get past it.
+
+    Returns:
+        ``ValueError("<where> was made with PrepareQuantization(qat_mode='with_bn') but <uses>
+        qat_mode='fuse_bn'; <fix>")``.
+    """
+    saved = ", ".join(f"{key}={theirs!r}" for key, (theirs, _) in mismatch.items())
+    asked = ", ".join(f"{key}={ours!r}" for key, (_, ours) in mismatch.items())
+    return ValueError(f"{where} was made with PrepareQuantization({saved}) but {uses} {asked}; {fix}")
 
 
 def _build_setter(qconfig_setter: Any, chip: str | None) -> QconfigSetter:
@@ -153,11 +208,61 @@ def prepare_submodule(
     return prepared
 
 
-def _checkpoint_recipe(checkpoint: Mapping[str, Any], submodule: str) -> Mapping[str, str] | None:
+def checkpoint_prepare_state(checkpoint: Mapping[str, Any], submodule: str) -> Mapping[str, Any] | None:
+    """Return the ``PrepareQuantization`` state of ``submodule`` stored in a loaded checkpoint, or ``None``.
+
+    The state holds ``submodule``, ``method``, ``qat_mode``, ``chip``, ``recipe`` and ``recipe_digest``
+    (``PrepareQuantization.state_dict``); ``None`` for a checkpoint saved without the callback.
+    """
     for key, state in (checkpoint.get("callbacks") or {}).items():
-        if str(key).startswith("PrepareQuantization") and state.get("submodule") == submodule:
-            return state.get("recipe")
+        if str(key).startswith("PrepareQuantization") and isinstance(state, Mapping):
+            if state.get("submodule") == submodule:
+                return state
     return None
+
+
+def _check_prepared_settings(model: nn.Module, where: str, settings: Mapping[str, Any]) -> None:
+    """Refuse a network prepared before the call with another ``qat_mode`` / chip than the checkpoint's."""
+    record = getattr(model, "prepare_record", None)
+    if record is None:
+        return
+    built = {"qat_mode": record.qat_mode}
+    if record.chip is not None and settings.get("chip") is not None:
+        built["chip"] = record.chip
+    mismatch = prepare_settings_mismatch(settings, built)
+    if mismatch:
+        raise prepare_settings_error(
+            where,
+            mismatch,
+            "the network passed in is already prepared with",
+            "pass an unprepared module (or the class) to prepare it with the checkpoint's settings",
+        )
+
+
+def _settings_for(
+    stored: Mapping[str, Any], where: str, method: str | None, qat_mode: str | None, chip: str | None
+) -> tuple[str, str, str | None]:
+    """Fill the settings left unset from the checkpoint's; refuse a given one that differs from it."""
+    if method is not None:
+        check_choice("method", method, METHODS)
+    if qat_mode is not None:
+        check_choice("qat_mode", qat_mode, QAT_MODES)
+    given = {"method": method, "qat_mode": qat_mode, "chip": chip}
+    mismatch = prepare_settings_mismatch(stored, {k: v for k, v in given.items() if v is not None})
+    if mismatch:
+        keep = ", ".join(f"{key}={theirs!r}" for key, (theirs, _) in mismatch.items())
+        raise prepare_settings_error(
+            where,
+            mismatch,
+            "load_quantized_checkpoint was given",
+            f"its scales were calibrated for those settings: pass {keep}, or leave "
+            f"{' / '.join(mismatch)} unset (None) to use the checkpoint's",
+        )
+    return (
+        method or stored.get("method") or "auto",
+        qat_mode or stored.get("qat_mode") or "fuse_bn",
+        chip if chip is not None else stored.get("chip"),
+    )
 
 
 def load_quantized_checkpoint(
@@ -166,8 +271,8 @@ def load_quantized_checkpoint(
     qconfig_setter: Any = None,
     example_inputs: Any = None,
     submodule: str = "model",
-    method: str = "auto",
-    qat_mode: str = "fuse_bn",
+    method: str | None = None,
+    qat_mode: str | None = None,
     chip: str | None = None,
     map_location: Any = "cpu",
     int_bias: bool = True,
@@ -176,9 +281,11 @@ def load_quantized_checkpoint(
     """Rebuild a quantized LightningModule from a checkpoint of a quantized run, loading strictly.
 
     ``LightningModule.load_from_checkpoint`` builds the float network and would then fail on the quant
-    buffers; this helper prepares first with the same recipe, then loads the checkpoint with
-    ``strict=True``. The recipe stored by :class:`PrepareQuantization` in the checkpoint is compared with the
-    one built here (a clear error names the nodes that differ).
+    buffers; this helper prepares first with the checkpoint's settings and recipe, then loads with
+    ``strict=True``. The settings :class:`PrepareQuantization` stored (``method``, ``qat_mode``, ``chip``)
+    fill those left ``None``; a given value that differs is refused (the scales were calibrated for the
+    checkpoint's: a ``with_bn`` checkpoint loaded as ``fuse_bn`` would apply them to BN-folded weights), and
+    so is another recipe (naming the nodes that differ), before ``module`` is changed.
 
     Args:
         module: a LightningModule instance, or its class (built from the checkpoint's hyper-parameters
@@ -188,9 +295,9 @@ def load_quantized_checkpoint(
         example_inputs: example inputs for ``prepare`` (tuple, tensor or dict); ``None`` uses the module's
             ``example_input_array``.
         submodule: attribute path of the network.
-        method: prepare method used for the run.
-        qat_mode: BN mode used for the run.
-        chip: target chip used for the run.
+        method: prepare method used for the run; ``None``: the checkpoint's (``"auto"`` if it has none).
+        qat_mode: BN mode used for the run; ``None``: the checkpoint's (``"fuse_bn"`` if it has none).
+        chip: target chip used for the run; ``None``: the checkpoint's (if any, else the setter's own).
         map_location: passed to ``torch.load``.
         int_bias: ``prepare(int_bias=)`` (not stored in the checkpoint: VALIDATION arithmetic only).
         **init_kwargs: constructor arguments overriding the saved hyper-parameters (class form only).
@@ -199,13 +306,21 @@ def load_quantized_checkpoint(
         The module in eval mode, quant nodes in VALIDATION state.
 
     Raises:
-        ValueError: for a different recipe; RuntimeError (from ``load_state_dict``) for other key mismatches.
+        ValueError: an unknown ``method`` / ``qat_mode``; a setting other than the checkpoint's (naming
+            both values), also that of a ``module.<submodule>`` prepared already; another recipe.
+            RuntimeError (from ``load_state_dict``) for other key mismatches.
     """
     checkpoint = torch.load(str(ckpt_path), map_location=map_location, weights_only=False)
+    where = f"checkpoint {ckpt_path}"
+    stored = checkpoint_prepare_state(checkpoint, submodule) or {}
+    method, qat_mode, chip = _settings_for(stored, where, method, qat_mode, chip)
     if isinstance(module, type):
         hparams = dict(checkpoint.get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         module = module(**{**hparams, **init_kwargs})
+    original = get_submodule(module, submodule)
+    if stored:
+        _check_prepared_settings(original, where, stored)
     if example_inputs is None:
         example_inputs = getattr(module, "example_input_array", None)
     prepared = prepare_submodule(
@@ -219,13 +334,14 @@ def load_quantized_checkpoint(
         int_bias=int_bias,
     )
     ours = recipe_of(prepared)
-    saved = _checkpoint_recipe(checkpoint, submodule)
+    saved = stored.get("recipe")
     if saved is not None and dict(saved) != ours:
-        raise recipe_error(f"checkpoint {ckpt_path}", ours, saved)
+        if prepared is not original:  # leave the module as it was given
+            set_submodule(module, submodule, original)
+        raise recipe_error(where, ours, saved)
     module.load_state_dict(checkpoint["state_dict"], strict=True)
-    restored = recipe_of(prepared)
-    if restored != ours:
-        raise recipe_error(f"checkpoint {ckpt_path}", ours, restored)
+    if (restored := recipe_of(prepared)) != ours:
+        raise recipe_error(where, ours, restored)
     module.eval()
     set_fake_quantize(prepared, FakeQuantState.VALIDATION)
     return module

@@ -7,7 +7,9 @@ import torch
 
 from qat_lightning.app.checkpoints import APP_KEY
 from qat_lightning.app.config_checks import ConfigError
+from qat_lightning.app.preflight import checkpoint_problems
 from qat_lightning.app.recipes import Recipe
+from qat_lightning.app.schema import BnMode, PrepareConf, PrepareMethod
 from tests.app.helpers import run_app
 from tests.test_cli import cli
 
@@ -62,6 +64,22 @@ def test_checkpoint_of_another_chip_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="for chip=j6p, this run targets chip=j6m; pass chip=j6p"):
         run_app(tmp_path / "run", "stage=qat", "chip=j6m", f"ckpt={ckpt}")
     _nothing_trained(tmp_path / "run")
+
+
+def test_checkpoint_prepared_otherwise_is_refused(tmp_path):
+    ckpt = _fake_ckpt(tmp_path / "calibration.ckpt", "calibration")
+    state = torch.load(ckpt, weights_only=False)
+    prepare = {"submodule": "model", "method": "eager", "qat_mode": "with_bn", "chip": None}
+    torch.save({**state, "callbacks": {"PrepareQuantization{'submodule': 'model'}": prepare}}, ckpt)
+    with pytest.raises(
+        ConfigError,
+        match=r"made with PrepareQuantization\(qat_mode='with_bn', method='eager'\) but this run has "
+        r"qat_mode='fuse_bn', method='auto'; pass prepare\.qat_mode=with_bn prepare\.method=eager",
+    ):
+        run_app(tmp_path / "run", "stage=analysis", f"ckpt={ckpt}")
+    _nothing_trained(tmp_path / "run")
+    same = PrepareConf(method=PrepareMethod.eager, qat_mode=BnMode.with_bn)
+    assert checkpoint_problems(ckpt, "calibration", "j6m", "analysis", same) == []
 
 
 def test_cli_exits_2_before_training(tmp_path):

@@ -70,6 +70,28 @@ def test_calibration_then_qat_with_ckpt(float_run, tmp_path):
     assert set(modes.values()) == {default_file_mode()}, modes  # as open(path, "w") would: 0644 under 022
 
 
+def test_qat_refuses_a_checkpoint_calibrated_with_another_qat_mode(float_run, tmp_path):
+    float_dir, _ = float_run
+    calib_dir, qat_dir = tmp_path / "calib", tmp_path / "qat"
+    run_app(
+        calib_dir,
+        "stage=calibration",
+        "recipe=int8",
+        "prepare.qat_mode=with_bn",
+        f"ckpt={float_dir / 'checkpoints' / 'float.ckpt'}",
+    )
+    ckpt = calib_dir / "checkpoints" / "calibration.ckpt"
+    # its scales were measured on the raw conv weights: reloading it as fuse_bn (the default) is refused
+    with pytest.raises(
+        ConfigError,
+        match=r"(?s)stage=qat cannot start .*calibration\.ckpt was made with "
+        r"PrepareQuantization\(qat_mode='with_bn'\) but this run has qat_mode='fuse_bn'; "
+        r"pass prepare\.qat_mode=with_bn",
+    ):
+        run_app(qat_dir, "stage=qat", f"ckpt={ckpt}")
+    assert not (qat_dir / "checkpoints").exists()
+
+
 def test_summary_lists_only_files_that_exist(float_run):
     run_dir, _ = float_run
     files = (run_dir / "summary.md").read_text().split("## Files", 1)[1]

@@ -215,6 +215,90 @@ def test_strict_reload_of_a_quantized_checkpoint(tmp_path, lit, data):
         load_quantized_checkpoint(LitClassifier(), path, qconfig_setter=int16)
 
 
+def _with_bn_checkpoint(tmp_path, data, **prepare_kw):
+    """Calibrate the trained TinyNet prepared with qat_mode="with_bn" (BN kept unfolded) and save it."""
+    lit = LitClassifier()
+    callbacks = [PrepareQuantization(qat_mode="with_bn", **prepare_kw), Calibration(num_batches=4)]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=0, limit_val_batches=2)
+    trainer.fit(lit, datamodule=data)
+    path = tmp_path / "with_bn.ckpt"
+    trainer.save_checkpoint(path)
+    lit.eval()
+    return lit, path
+
+
+def _state(module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_reload_takes_the_checkpoints_qat_mode_and_refuses_another(tmp_path, data):
+    lit, path = _with_bn_checkpoint(tmp_path, data)
+    x = torch.randn(16, IN)
+    with torch.no_grad():
+        expected = lit(x)
+    given = LitClassifier()
+    float_net, before = given.model, _state(given)
+    with pytest.raises(
+        ValueError,
+        match=r"with_bn\.ckpt was made with PrepareQuantization\(qat_mode='with_bn'\) but "
+        r"load_quantized_checkpoint was given qat_mode='fuse_bn'; .*pass qat_mode='with_bn', or leave "
+        r"qat_mode unset",
+    ):
+        load_quantized_checkpoint(given, path, qat_mode="fuse_bn")
+    # refused before anything changed: the float network is still in place, weights untouched
+    assert given.model is float_net and not any(isinstance(m, ql.FakeQuantize) for m in given.modules())
+    after = _state(given)
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    # the same mode, given or left unset (the checkpoint's), reproduces the saved model bit for bit
+    for qat_mode in ("with_bn", None):
+        reloaded = load_quantized_checkpoint(LitClassifier, path, qat_mode=qat_mode)
+        assert reloaded.model.prepare_record.qat_mode == "with_bn"
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=0)
+
+
+def test_reload_refuses_another_chip_and_a_network_prepared_otherwise(tmp_path, data):
+    _, path = _with_bn_checkpoint(tmp_path, data, chip="j6m")
+    with pytest.raises(
+        ValueError,
+        match=r"PrepareQuantization\(chip='j6m'\) but load_quantized_checkpoint was given chip='j6p'",
+    ):
+        load_quantized_checkpoint(LitClassifier, path, chip="j6p")
+    with pytest.raises(
+        ValueError,
+        match=r"PrepareQuantization\(qat_mode='with_bn', chip='j6m'\) but load_quantized_checkpoint was "
+        r"given qat_mode='freeze_bn', chip='j6e'; .*pass qat_mode='with_bn', chip='j6m'",
+    ):
+        load_quantized_checkpoint(LitClassifier, path, qat_mode="freeze_bn", chip="j6e")
+    # a network the caller prepared already (fuse_bn) is not silently kept for a with_bn checkpoint
+    given = LitClassifier()
+    prepare_submodule(given, example_inputs=torch.zeros(2, IN), chip="j6m")
+    prepared, before = given.model, _state(given)
+    with pytest.raises(
+        ValueError,
+        match=r"PrepareQuantization\(qat_mode='with_bn'\) but the network passed in is already prepared with "
+        r"qat_mode='fuse_bn'",
+    ):
+        load_quantized_checkpoint(given, path)
+    assert given.model is prepared and all(torch.equal(before[k], v) for k, v in given.state_dict().items())
+    reloaded = load_quantized_checkpoint(LitClassifier, path, chip="J6M")  # the same chip, spelled otherwise
+    assert reloaded.model.prepare_record.chip == "j6m"
+    assert reloaded.model.prepare_record.qat_mode == "with_bn"
+
+
+def test_prepare_callback_refuses_a_checkpoint_of_other_settings():
+    callback = PrepareQuantization(qat_mode="fuse_bn", chip="j6m")
+    with pytest.raises(
+        ValueError,
+        match=r"^the checkpoint was made with PrepareQuantization\(qat_mode='with_bn'\) but this run uses "
+        r"qat_mode='fuse_bn'; use the same setting to resume$",
+    ):
+        callback.load_state_dict({"qat_mode": "with_bn", "chip": "j6m"})
+    with pytest.raises(ValueError, match=r"\(qat_mode='with_bn', chip='j6p'\) but this run uses qat_mode="):
+        callback.load_state_dict({"qat_mode": "with_bn", "chip": "j6p"})
+    callback.load_state_dict({"qat_mode": "fuse_bn", "chip": "J6M", "method": "eager"})  # method: not checked
+
+
 class SelfPreparingLit(LitClassifier):
     """The documented pattern: prepare in on_load_checkpoint so load_from_checkpoint loads strictly."""
 
