@@ -16,6 +16,7 @@ from torch.optim import lr_scheduler as sched
 
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, iter_fake_quantize
 from qat_lightning.quant.ops import OpKind, iter_quant_ops
+from qat_lightning.quant.preparation.eager_flow import eager_dataflow
 
 __all__ = ["BN_TYPES", "activation_nodes", "find_lr_warmup", "freeze_batchnorm", "io_quant_nodes"]
 
@@ -93,12 +94,19 @@ def io_quant_nodes(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
     """Return the model's input/output quant nodes: outputs of its INPUT ops and of its last ops.
 
     The last ops are those whose output feeds no other quantized op (from the producers recorded by
-    ``prepare``). Without op records the first and last quant nodes are used.
+    ``prepare``; for an eager-prepared model, from the data flow its probe run followed through the
+    functional ops eager mode leaves float, so fx and eager give the same nodes). Without op records the
+    first and last quant nodes are used.
+
+    Raises:
+        ValueError: for an eager-prepared model whose data flow ``prepare`` could not follow (the message
+            says why and how to pin nodes by name instead).
     """
     ops = list(iter_quant_ops(model))
     picked: list[tuple[str, FakeQuantize]] = []
     if ops:
         consumed = {p for _, op in ops for p in op.op_info.input_producers if p}
+        consumed |= _eager_consumed(model)
         for name, op in ops:
             info = op.op_info
             node = getattr(op, "output_quant", None)
@@ -107,6 +115,34 @@ def io_quant_nodes(model: nn.Module) -> list[tuple[str, FakeQuantize]]:
         return picked
     nodes = [(n, q) for n, q in iter_fake_quantize(model) if q.ch_axis is None]
     return [nodes[0], nodes[-1]] if len(nodes) > 1 else nodes
+
+
+def _eager_consumed(model: nn.Module) -> set[str]:
+    """Return the ops feeding another op in the eager-prepared models in ``model`` (their data flow)."""
+    consumed: set[str] = set()
+    for module in model.modules():
+        if getattr(getattr(module, "prepare_record", None), "method", None) != "eager":
+            continue
+        flow = eager_dataflow(module)
+        why = None
+        if flow is None:
+            why = "it carries no data flow record (it was not prepared by this version's prepare())"
+        elif flow.error is not None:
+            why = flow.error
+        elif flow.untraced:
+            why = (
+                f"the output of {', '.join(flow.untraced)} goes into code the probe run cannot follow "
+                "(e.g. a C extension or numpy) or nowhere, so whether it is a model output is unknown"
+            )
+        if why is not None:
+            raise ValueError(
+                "io_quant_nodes: this model was prepared with method='eager' (or the 'auto' fallback to "
+                f"eager), and its input/output ops are unknown: {why}. Prepare it with method='fx' if fx "
+                "can trace it, or pin the nodes you mean by name: set_qat_scales(model, 'fixed', "
+                "[model.get_submodule(name) for name in names]) with names from iter_fake_quantize(model)"
+            )
+        consumed |= flow.consumed()
+    return consumed
 
 
 def activation_nodes(model: nn.Module) -> list[tuple[str, FakeQuantize]]:

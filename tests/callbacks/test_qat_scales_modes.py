@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cb_helpers import make_trainer, scales
+import torch.nn.functional as F
+from cb_helpers import CLASSES, HIDDEN, IN, LitClassifier, make_trainer, scales
 from lightning.pytorch import Callback
+from torch import nn
 
 import qat_lightning as ql
 from qat_lightning.callbacks import Calibration, PrepareQuantization, QuantizationAwareTraining
+from qat_lightning.quant.qat import io_quant_nodes
 
 
 class _StartValues(Callback):
@@ -93,3 +96,38 @@ def test_bf16_true_probe_analysis_and_ptq_get_converted_batches(tmp_path, lit, d
     assert probe.result is not None and len(probe.result.rows) == 2
     assert all(torch.isfinite(torch.tensor(r.metric)) for r in probe.result.rows)
     assert analysis.outcome is not None and analysis.outcome.per_layer is not None
+
+
+class _FunctionalNet(nn.Module):
+    """Linear -> F.relu -> Linear -> F.relu -> Linear: eager mode sees the linears only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = (
+            nn.Linear(IN, HIDDEN),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.Linear(HIDDEN, CLASSES),
+        )
+
+    def forward(self, x):
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
+
+
+@pytest.mark.filterwarnings("ignore:Calibration uses only")
+def test_fixed_input_output_pins_only_the_io_nodes_of_an_eager_model(tmp_path, data) -> None:
+    lit = LitClassifier(net="fresh")
+    lit.model = _FunctionalNet()
+    fx_model = ql.prepare(lit.model.eval(), example_inputs=lit.example_input_array, method="fx")
+    expected = {name for name, _ in io_quant_nodes(fx_model)}
+    assert expected == {"x_quant.output_quant", "head.output_quant"}
+    callbacks = [
+        PrepareQuantization(method="eager"),
+        Calibration(num_batches=2),
+        QuantizationAwareTraining(scales="fixed_input_output"),
+    ]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(lit, datamodule=data)
+    assert lit.model.prepare_record.method == "eager"
+    pinned = {name for name, node in ql.iter_fake_quantize(lit.model) if node.is_fixed}
+    assert pinned == expected  # not fc1 / fc2, whose outputs feed F.relu
+    assert not any(lit.model.get_submodule(f"{op}.output_quant").is_fixed for op in ("fc1", "fc2"))

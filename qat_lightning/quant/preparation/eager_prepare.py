@@ -7,7 +7,8 @@ a ``DeQuantStub`` the identity; without ``QuantStub`` every float tensor input g
 applied by a forward pre-hook on the model (which also resets the call-site counters; a forward hook
 warns when an op ran more often than its probed call sites, see :mod:`.dynamic_block`). Fusion is the
 user's fuse hook (:mod:`.eager_fusion`): each fused module becomes one op; fusable
-chains left unfused (conv -> bn -> relu, linear -> relu, ...) are reported.
+chains left unfused (conv -> bn -> relu, linear -> relu, ...) are reported. Which op feeds which through
+the float code between them is kept on the model (:func:`.eager_flow.eager_dataflow`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from qat_lightning.quant.nodes.attention import MatMul
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
 from qat_lightning.quant.preparation.build import OpBuilder, OpPlan, matmul_module_plan
 from qat_lightning.quant.preparation.dynamic_block import count_forward, warn_extra_calls
+from qat_lightning.quant.preparation.eager_flow import DATAFLOW_ATTR, resolve_dataflow
 from qat_lightning.quant.preparation.eager_fusion import fused_parts, fused_plan, unfused_chains
 from qat_lightning.quant.preparation.eager_probe import CallEvent, Probe, input_names, probe_model
 from qat_lightning.quant.preparation.op_costs import gemm_module_flops, numel_of
@@ -114,6 +116,14 @@ def prepare_eager(
         f"not fused (fuse them in a fuse hook: fuse_fn / fuse_model()): {' + '.join(c)}" for c in unfused
     ]
     notes += builder.notes
+    inputs = {arg_name: name for _, arg_name, name in planner.input_specs}
+    flow = resolve_dataflow(
+        probe.flow, probe.flow_error, planner.call_ops, planner.through, inputs, [p.info for p in plans]
+    )
+    setattr(model, DATAFLOW_ATTR, flow)
+    if flow.error is not None or flow.untraced:
+        why = flow.error or f"the output of {', '.join(flow.untraced)} goes where the probe cannot follow it"
+        notes.append(f"data flow between the ops unknown ({why}): io_quant_nodes refuses this model")
     return EagerPrepared(model, plans, unfused, not_covered, notes, float_ops)
 
 
@@ -132,6 +142,8 @@ class _EagerPlanner:
         self.input_specs: list[tuple[int | None, str, str]] = []
         self.transparent: dict[int, int] = {}
         self.switched: dict[str, str] = {}
+        self.call_ops: dict[tuple[str, int], str] = {}  # module call -> its op (the data flow)
+        self.through: set[tuple[str, int]] = set()  # pass-through module calls
         self.fused = {
             path: parts for path, mod in self.modules.items() if (parts := fused_parts(mod)) is not None
         }
@@ -167,22 +179,25 @@ class _EagerPlanner:
         mod = self.modules.get(ev.path)
         if mod is None:
             return
-        if (
-            ev.path in self.dynamic and self.dynamic[ev.path] is not None
-        ):  # later calls of one dynamic call site
-            self.by_id.update({ev.out_id: self.dynamic[ev.path]} if ev.out_id is not None else {})
+        key = (ev.path, ev.call_index)
+        dynamic_op = self.dynamic.get(ev.path)
+        if dynamic_op is not None:  # later calls of one dynamic call site
+            self.by_id.update({ev.out_id: dynamic_op} if ev.out_id is not None else {})
+            self.call_ops[key] = dynamic_op
             return
         if ev.path in self.fused:
-            self._plan_fused(ev)
+            self.call_ops[key] = self._plan_fused(ev)
             return
         op_type = module_op_type(mod)
         if op_type is None:
+            self.through.add(key)
             if ev.out_id is not None and ev.in_ids:
                 self.transparent[ev.out_id] = ev.in_ids[0]
             return
         name = self._plan_module(ev, mod, op_type)
         if name is None:
             return
+        self.call_ops[key] = name
         if ev.out_id is not None:
             self.by_id[ev.out_id] = name
         if ev.path in self.dynamic:
@@ -190,7 +205,7 @@ class _EagerPlanner:
         if ev.switched_off is not None:
             self.switched[name] = ev.switched_off
 
-    def _plan_fused(self, ev: CallEvent) -> None:
+    def _plan_fused(self, ev: CallEvent) -> str:
         name, k = self.namer.module_op(ev.path)
         shapes = (ev.in_shape, ev.out_shape)
         producers = tuple(self.producer(t) for t in ev.in_ids)
@@ -198,6 +213,7 @@ class _EagerPlanner:
         self.by_id.update({ev.out_id: name} if ev.out_id is not None else {})
         self.switched.update({name: ev.switched_off} if ev.switched_off is not None else {})
         self.dynamic.update({ev.path: name} if ev.path in self.dynamic else {})
+        return name
 
     def _plan_module(self, ev: CallEvent, mod: nn.Module, op_type: str) -> str | None:
         """Plan a stub, gemm or other module op; ``None`` for a module whose output is not float."""

@@ -4,8 +4,9 @@
 and a ``TorchFunctionMode``: it yields the call count of every module, the call order of the quantizable
 (and fused, pass-through) modules (which tensor each one consumed and produced, whether a switch was
 disabled in ``forward`` or a :func:`.dynamic_block` was active), and the functional
-ops/operators called outside quantizable modules with their FLOPs (what eager mode cannot quantize).
-The switches are restored after the run.
+ops/operators called outside quantizable modules with their FLOPs (what eager mode cannot quantize)
+and the data flow between the module calls through them (:mod:`.eager_flow`), both only with
+``record_functions``. The switches are restored after the run.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.preparation.dynamic_block import in_dynamic_block
+from qat_lightning.quant.preparation.eager_flow import FlowTracker, ProbeFlow
 from qat_lightning.quant.preparation.eager_fusion import fused_parts
 from qat_lightning.quant.preparation.op_costs import function_flops
 from qat_lightning.quant.preparation.tables import (
@@ -60,6 +62,8 @@ class Probe:
     events: list[CallEvent] = field(default_factory=list)
     functions: list[tuple[str, int, str, int]] = field(default_factory=list)  # (parent, call, base, flops)
     input_ids: dict[str, int] = field(default_factory=dict)
+    flow: ProbeFlow | None = None  # recorded with record_functions
+    flow_error: str | None = None  # why ``flow`` is missing (set by prepare)
 
 
 def input_names(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]) -> list[str]:
@@ -90,15 +94,19 @@ def _function_base(func: Any) -> str | None:
 
 
 class _FunctionRecorder(TorchFunctionMode):
-    def __init__(self, stack: list[tuple[Any, ...]], out: list[tuple[str, int, str, int]]) -> None:
+    def __init__(
+        self, stack: list[tuple[Any, ...]], out: list[tuple[str, int, str, int]], flow: FlowTracker
+    ) -> None:
         super().__init__()
         self.stack = stack
         self.out = out
+        self.flow = flow
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
         result = func(*args, **(kwargs or {}))
         if self.stack and self.stack[-1][2]:
             return result  # inside a module that eager mode swaps (conv, relu, ...): covered
+        self.flow.function(func, args, kwargs or {}, result)
         base = _function_base(func)
         if base is not None and isinstance(result, Tensor) and result.is_floating_point():
             floats = [a for a in args if isinstance(a, Tensor) and a.is_floating_point()]
@@ -132,20 +140,27 @@ def probe_model(
     keep: list[Any] = []  # keep tensors alive so their ids stay unique during the run
     handles = []
     paths = {id(m): p for p, m in model.named_modules()}
+    names = input_names(model, args, kwargs)
+    values = list(args) + list(kwargs.values())
+    flow = FlowTracker(dict(zip(names, values, strict=True))) if record_functions else None
 
-    def pre_hook(module: nn.Module, inputs: tuple[Any, ...]) -> None:
+    def pre_hook(module: nn.Module, inputs: tuple[Any, ...], kw: dict[str, Any]) -> None:
         path = paths[id(module)]
         k = counts.get(path, 0)
         counts[path] = k + 1
         covered = module_op_type(module) is not None or isinstance(module, PASS_THROUGH_MODULES)
         covered = covered or fused_parts(module) is not None
         stack.append((path, k, covered, _switched_off(), in_dynamic_block()))
+        if covered and flow is not None:
+            flow.module_call((path, k), inputs, kw)
 
     def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
         path, k, covered, off, dynamic = stack.pop()
         if not covered:
             return
         keep.append((inputs, output))
+        if flow is not None:
+            flow.module_output((path, k), output)
         first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
         out = output if isinstance(output, Tensor) else None
         events.append(
@@ -165,17 +180,15 @@ def probe_model(
     for path, module in model.named_modules():
         if path:
             counts.setdefault(path, 0)
-            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
             handles.append(module.register_forward_hook(hook))
     functions: list[tuple[str, int, str]] = []
-    names = input_names(model, args, kwargs)
-    values = list(args) + list(kwargs.values())
     input_ids = {n: id(v) for n, v in zip(names, values, strict=True) if isinstance(v, Tensor)}
     switches = (GlobalFakeQuantSwitch._enabled, FakeCastSwitch._enabled)
     try:
         with torch.no_grad():
-            if record_functions:
-                with _FunctionRecorder(stack, functions):
+            if flow is not None:
+                with _FunctionRecorder(stack, functions, flow):
                     output = model(*args, **kwargs)
             else:
                 output = model(*args, **kwargs)
@@ -183,4 +196,4 @@ def probe_model(
         GlobalFakeQuantSwitch._enabled, FakeCastSwitch._enabled = switches
         for h in handles:
             h.remove()
-    return Probe(output, counts, events, functions, input_ids)
+    return Probe(output, counts, events, functions, input_ids, flow.finish(output) if flow else None)

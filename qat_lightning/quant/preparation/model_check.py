@@ -12,9 +12,11 @@ The seed's ``model_check_result.txt`` sections, computed from what a prepared mo
   (qint16/float16/float32) outputs, float16 on a chip where it is slow, dtypes the chip does not
   support, non-gemm ops whose inputs have different dtypes, and the chip downgrades prepare made;
 * **Dtype summary**: number of ops and share of FLOPs per compute dtype (a gemm's compute dtype is the
-  widest of its effective inputs and weight; another op's is its output dtype); ops prepare left without
-  quant points (``PrepareRecord.float_ops``: functional ops eager mode cannot see, ops outside the
-  ``jit_strip`` region, ops run while a switch is disabled in ``forward``) count as float32;
+  widest of its effective inputs and weight, a ``float32`` pass-through input node counting as its
+  producer's output dtype; another op's is its output dtype); ops prepare left without quant points
+  (``PrepareRecord.float_ops``: functional ops eager mode cannot see, ops outside the ``jit_strip``
+  region, ops run while a switch is disabled in ``forward``) count as float32. :func:`dtype_summary` and
+  :func:`dtype_op_shares` give it without the rest of the check (the callbacks' ``quant/ratio_<dtype>``);
 * **Not quantized**: those float32 ops with their FLOPs, share and reason, headed by their count and
   FLOPs share (also the ``quantized`` column of the out-qconfig table), so a partly float model is never
   reported as all-int8.
@@ -60,6 +62,8 @@ __all__ = [
     "DtypeSummaryRow",
     "ModelCheckReport",
     "check_model",
+    "dtype_op_shares",
+    "dtype_summary",
     "float_input_gemms",
     "not_quantized_share",
     "write_changelog",
@@ -90,6 +94,94 @@ def _effective_inputs(
         produced = outputs.get(producer) if producer is not None else None
         result.append(produced if produced is not None else own)
     return tuple(result)
+
+
+def _op_table(
+    prepared: nn.Module,
+) -> tuple[PrepareRecord, list[OpInfo], dict[str, dict[str, FakeQuantize]], dict[str, QuantDtype | None]]:
+    """Return the record (an empty one when missing), each op's info, its quant nodes and output dtype."""
+    record = getattr(prepared, "prepare_record", None)
+    if not isinstance(record, PrepareRecord):
+        record = PrepareRecord(method="unknown", qat_mode="unknown")
+    infos: list[OpInfo] = []
+    all_nodes: dict[str, dict[str, FakeQuantize]] = {}
+    for name, module in iter_quant_ops(prepared):
+        info = getattr(module, "op_info", None)
+        if not isinstance(info, OpInfo):
+            info = OpInfo(name, type(module).__name__, OpKind.OTHER, name)
+        infos.append(info)
+        all_nodes[name] = quant_nodes_of(module)
+    outputs = {n: (nodes["output"].dtype if "output" in nodes else None) for n, nodes in all_nodes.items()}
+    return record, infos, all_nodes, outputs
+
+
+def _compute_dtype(
+    info: OpInfo, nodes: Mapping[str, FakeQuantize], outputs: Mapping[str, QuantDtype | None]
+) -> QuantDtype:
+    """Return the dtype one quantized op computes in: the dtype summary's rule (module docstring)."""
+    inputs = _effective_inputs(info, nodes, outputs)
+    if info.kind == OpKind.GEMM:
+        weight = nodes.get("weight")
+        compute = _widest([*inputs, weight.dtype if weight is not None else None])
+    else:
+        compute = outputs.get(info.name) or _widest(inputs)
+    return compute or float32
+
+
+def _summary(
+    record: PrepareRecord,
+    infos: Iterable[OpInfo],
+    all_nodes: Mapping[str, Mapping[str, FakeQuantize]],
+    outputs: Mapping[str, QuantDtype | None],
+) -> tuple[DtypeSummaryRow, ...]:
+    """Count ops and FLOPs per compute dtype; the ops of ``record.float_ops`` count as float32."""
+    summary: dict[str, list[int]] = {name: [0, 0] for name in DTYPES}
+    floats = {op.name for op in record.float_ops}
+    planned: set[str] = set()
+    for info in infos:
+        planned.add(info.name)
+        dtype = float32 if info.name in floats else _compute_dtype(info, all_nodes[info.name], outputs)
+        summary[dtype.name][0] += 1
+        summary[dtype.name][1] += int(info.flops)
+    for op in record.float_ops:
+        if op.name not in planned:
+            summary[float32.name][0] += 1
+            summary[float32.name][1] += int(op.flops)
+    total = sum(f for _, f in summary.values())
+    return tuple(
+        DtypeSummaryRow(name, n, f, (f / total) if total else 0.0) for name, (n, f) in summary.items()
+    )
+
+
+def dtype_summary(prepared: nn.Module) -> tuple[DtypeSummaryRow, ...]:
+    """Return the ops and FLOPs per compute dtype of ``prepared``: ``check_model(prepared).dtype_summary``.
+
+    An op computes in one dtype: a gemm in the widest of its effective inputs (a ``float32``
+    pass-through input node takes its producer's output dtype) and its weight, another op in its output
+    dtype; ops prepare left without quant points (``prepare_record.float_ops``) count as float32.
+
+    Args:
+        prepared: a prepared model (any module: one without ops or record gives all-zero rows).
+
+    Returns:
+        One row per dtype, in ``qint8``, ``qint16``, ``float16``, ``float32`` order.
+    """
+    return _summary(*_op_table(prepared))
+
+
+def dtype_op_shares(prepared: nn.Module) -> dict[str, float]:
+    """Return the share (0..1) of ops per compute dtype, as counted by :func:`dtype_summary`.
+
+    Args:
+        prepared: a prepared model.
+
+    Returns:
+        ``{"qint8": ..., "qint16": ..., "float16": ..., "float32": ...}`` summing to 1, or ``{}`` when
+        ``prepared`` has neither quantized ops nor recorded float ops.
+    """
+    rows = dtype_summary(prepared)
+    total = sum(r.ops for r in rows)
+    return {r.dtype: r.ops / total for r in rows} if total else {}
 
 
 def _scale_text(node: FakeQuantize) -> str:
@@ -190,31 +282,15 @@ def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckRepor
         ValueError: when ``prepared`` has neither a ``prepare_record`` nor quantized ops, or for an
             unknown chip.
     """
-    record = getattr(prepared, "prepare_record", None)
-    ops = list(iter_quant_ops(prepared))
-    if not isinstance(record, PrepareRecord):
-        if not ops:
-            raise ValueError(
-                "not a prepared model (no prepare_record, no quantized ops); call prepare() first"
-            )
-        record = PrepareRecord(method="unknown", qat_mode="unknown")
+    record, infos, all_nodes, outputs = _op_table(prepared)
+    if not infos and not isinstance(getattr(prepared, "prepare_record", None), PrepareRecord):
+        raise ValueError("not a prepared model (no prepare_record, no quantized ops); call prepare() first")
     chip = chip if chip is not None else record.chip
     spec = get_chip(chip) if chip is not None else None
-
-    infos: list[OpInfo] = []
-    all_nodes: dict[str, dict[str, FakeQuantize]] = {}
-    for name, module in ops:
-        info = getattr(module, "op_info", None)
-        if not isinstance(info, OpInfo):
-            info = OpInfo(name, type(module).__name__, OpKind.OTHER, name)
-        infos.append(info)
-        all_nodes[name] = quant_nodes_of(module)
-    outputs = {n: (nodes["output"].dtype if "output" in nodes else None) for n, nodes in all_nodes.items()}
 
     out_rows: list[OutQconfigRow] = []
     weight_rows: list[WeightQconfigRow] = []
     prompts: list[PromptRow] = []
-    summary: dict[str, list[int]] = {name: [0, 0] for name in DTYPES}
     floats = {op.name: op for op in record.float_ops}
     for info in infos:
         nodes = all_nodes[info.name]
@@ -241,28 +317,18 @@ def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckRepor
                 WeightQconfigRow(info.name, info.op_type, str(weight.dtype), axis, weight.observer_name)
             )
         prompts.extend(_op_prompts(info, nodes, inputs, spec))
-        if info.kind == OpKind.GEMM:
-            compute = _widest([*inputs, weight.dtype if weight is not None else None])
-        else:
-            compute = outputs[info.name] or _widest(inputs)
-        entry = summary[(compute or float32).name if info.name not in floats else float32.name]
-        entry[0] += 1
-        entry[1] += int(info.flops)
     planned = {i.name for i in infos}
     for op in record.float_ops:
         if op.name not in planned:
             out_rows.append(
                 OutQconfigRow(op.name, op.op_type, "float32", "float32", "-", "-", f"no: {op.reason}")
             )
-            summary[float32.name][0] += 1
-            summary[float32.name][1] += int(op.flops)
 
     types = {i.name: i.op_type for i in infos}
     for line in record.changelog:
         name, _, rest = line.partition(":")
         prompts.append(PromptRow(name, types.get(name, "-"), f"Chip downgrade:{rest}"))
 
-    total = sum(f for _, f in summary.values())
     return ModelCheckReport(
         method=record.method,
         qat_mode=record.qat_mode,
@@ -279,9 +345,7 @@ def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckRepor
         out_qconfigs=tuple(out_rows),
         weight_qconfigs=tuple(weight_rows),
         prompts=tuple(prompts),
-        dtype_summary=tuple(
-            DtypeSummaryRow(name, n, f, (f / total) if total else 0.0) for name, (n, f) in summary.items()
-        ),
+        dtype_summary=_summary(record, infos, all_nodes, outputs),
         not_covered=tuple(record.not_covered),
         notes=tuple(record.notes),
         float_ops=tuple(record.float_ops),

@@ -274,12 +274,22 @@ def _run_eager(
         eager_model = run_fuse_hook(eager_model, None)
         with seeded(device):
             eager_probe = probe_model(copy.deepcopy(eager_model), clone_tree(args), clone_tree(kwargs), False)
-    try:
-        functions = probe_model(copy.deepcopy(eager_model), clone_tree(args), clone_tree(kwargs)).functions
-    except Exception:  # noqa: BLE001 - listing what is not covered is best effort
-        functions = []
+    try:  # the functional ops and the data flow through them: best effort (a TorchFunctionMode)
+        with seeded(device):
+            full = probe_model(copy.deepcopy(eager_model), clone_tree(args), clone_tree(kwargs))
+        functions, flow, error = full.functions, full.flow, None
+        if _calls(full) != _calls(eager_probe):
+            flow, error = None, "the probe run under a TorchFunctionMode called other modules"
+    except Exception as exc:  # noqa: BLE001
+        functions, flow, error = [], None, f"the probe run under a TorchFunctionMode failed: {exc!r}"
     result = prepare_eager(
-        eager_model, _replace_functions(eager_probe, functions), args, kwargs, assign, qat_mode, device
+        eager_model,
+        _replace_probe(eager_probe, functions, flow, error),
+        args,
+        kwargs,
+        assign,
+        qat_mode,
+        device,
     )
     return _PathResult(
         "eager",
@@ -357,9 +367,13 @@ def _float_op_violations(float_ops: Sequence[FloatOp], chip: str | None, on_viol
     return [f"chip violation (not quantized, float32 on {spec.name}): {line}" for line in lines]
 
 
-def _replace_functions(probe: Any, functions: list[tuple[str, int, str]]) -> Any:
+def _calls(probe: Any) -> list[tuple[str, int]]:
+    return [(e.path, e.call_index) for e in probe.events]
+
+
+def _replace_probe(probe: Any, functions: list[tuple[str, int, str]], flow: Any, error: str | None) -> Any:
     new = copy.copy(probe)
-    new.functions = functions
+    new.functions, new.flow, new.flow_error = functions, flow, error
     return new
 
 
