@@ -18,9 +18,9 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from qat_lightning.quant.dtypes import QuantDtype
-from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, iter_fake_quantize
-from qat_lightning.quant.ops import iter_quant_ops, quant_nodes_of
+from qat_lightning.quant.dtypes import DTYPES
+from qat_lightning.quant.nodes.fake_quantize import iter_fake_quantize
+from qat_lightning.quant.preparation.model_check import dtype_op_shares
 
 __all__ = [
     "tensorboard_writers",
@@ -34,8 +34,6 @@ __all__ = [
     "log_quant_scales",
     "log_dtype_ratios",
 ]
-
-_PRECISION_ORDER = ("qint8", "qint16", "float16", "float32")
 
 
 def tensorboard_writers(trainer: pl.Trainer) -> Iterator[Any]:
@@ -111,26 +109,30 @@ def quant_scales(model: nn.Module) -> dict[str, float]:
     return out
 
 
-def _op_dtype(nodes: Mapping[str, FakeQuantize]) -> QuantDtype | None:
-    """Return the highest precision among an op's quant nodes (qint8 < qint16 < float16 < float32)."""
-    found = [n.dtype for n in nodes.values()]
-    if not found:
-        return None
-    return max(found, key=lambda d: _PRECISION_ORDER.index(d.name))
-
-
 def dtype_ratios(model: nn.Module) -> dict[str, float]:
-    """Share of ops per precision (an op counts at the highest precision among its quant nodes).
+    """Return the share of ops per compute dtype: the op shares of ``check_model``'s dtype summary.
 
-    Falls back to the quant nodes themselves when the model carries no op records.
+    The counting is :func:`~qat_lightning.quant.preparation.model_check.dtype_op_shares` (one rule for
+    the check report, ``PrepareQuantization`` and ``QuantStatsMonitor``): a gemm computes in the widest of
+    its effective inputs and weight (a ``float32`` pass-through input node, "input left as produced",
+    takes its producer's output dtype), another op in its output dtype, and an op prepare left without
+    quant points in float32.
+
+    Args:
+        model: a prepared network.
+
+    Returns:
+        ``{"qint8": ..., "qint16": ..., "float16": ..., "float32": ...}`` summing to 1. A model without op
+        records (quant nodes inserted by hand) falls back to the share of quant nodes per dtype; ``{}``
+        when it has no quant node either.
     """
-    dtypes = [_op_dtype(quant_nodes_of(op)) for _, op in iter_quant_ops(model)]
-    dtypes = [d for d in dtypes if d is not None]
-    if not dtypes:
-        dtypes = [node.dtype for _, node in iter_fake_quantize(model)]
+    shares = dtype_op_shares(model)
+    if shares:
+        return shares
+    dtypes = [node.dtype.name for _, node in iter_fake_quantize(model)]
     if not dtypes:
         return {}
-    return {name: sum(d.name == name for d in dtypes) / len(dtypes) for name in _PRECISION_ORDER}
+    return {name: dtypes.count(name) / len(dtypes) for name in DTYPES}
 
 
 def log_quant_scales(trainer: pl.Trainer, model: nn.Module, prefix: str, step: int | None = None) -> None:
