@@ -321,7 +321,8 @@ def quantize_weight_on_cpu_kernels(wq: FakeQuantize, weight: Tensor, fold: Tenso
     )  # the new scales straight into the buffer
     args, written = bookkeeping
     _KERNELS.record_rows(lo, hi, channels, *args, written[-2].data_ptr())
-    _moved(written)
+    for tensor in written:  # written through their addresses: autograd's checks must see it
+        increment_version(tensor)  # one tensor per call: the form every supported torch accepts
     return value
 
 
@@ -370,15 +371,6 @@ def _bookkeeping(node: FakeQuantize) -> tuple[list[Any], list[Tensor]] | None:
     return [*addresses[:2], *(addresses[2:n] or [0, 0]), constant, *addresses[n : n + 2]], written
 
 
-def _moved(written: list[Tensor]) -> None:
-    """Move the versions of buffers written through their addresses, so that autograd's checks see it.
-
-    One tensor per call, the form every supported torch release accepts (lists are a later addition).
-    """
-    for tensor in written:
-        increment_version(tensor)
-
-
 def quantize_and_observe_on_cpu_kernels(node: FakeQuantize, x: Tensor) -> Tensor | None:
     """Run the QAT step of a per-tensor node with a moving scale, reading ``x`` once.
 
@@ -400,5 +392,6 @@ def quantize_and_observe_on_cpu_kernels(node: FakeQuantize, x: Tensor) -> Tensor
         *extremes, *args, ready.data_ptr(), scale.data_ptr(), node.qat_averaging_constant, float(dtype.qmax),
         SCALE_EPS,
     )  # fmt: skip
-    _moved(written)
+    for tensor in written:  # written through their addresses: autograd's checks must see it
+        increment_version(tensor)  # one tensor per call: the form every supported torch accepts
     return out
