@@ -126,7 +126,7 @@ class FakeQuantize(nn.Module):
 
     @property
     def state(self) -> FakeQuantState:
-        """What ``forward`` does. Leaving ``CALIBRATION`` computes the scale from the statistics."""
+        """What ``forward`` does. Leaving ``CALIBRATION`` after new batches recomputes an unpinned scale."""
         return self._state
 
     @state.setter
@@ -177,10 +177,8 @@ class FakeQuantize(nn.Module):
 
     def _stale(self) -> bool:
         """Whether the scale lags: an eager calibration forward, or new batches since ``CALIBRATION``."""
-        if self.__dict__.get("_dirty", False):
-            return True
-        before = self.__dict__.get("_batches_before")
-        return before is not None and before != self.observer.batches_seen()
+        before, dirty = self.__dict__.get("_batches_before"), self.__dict__.get("_dirty", False)
+        return dirty or (before is not None and before != self.observer.batches_seen())
 
     @property
     def is_fixed(self) -> bool:
@@ -218,9 +216,11 @@ class FakeQuantize(nn.Module):
         self._scale_mode = "fixed" if self._fixed else mode
 
     def __getattr__(self, name: str) -> Any:
-        if name == "scale" and self._stale():
+        if name != "scale" or "_scale_mode" not in self.__dict__:
+            return super().__getattr__(name)
+        if self._stale():
             self.refresh_scale()
-        return super().__getattr__(name)
+        return self._current_scale()  # what it quantizes with now: a learned scale may have moved
 
     # ------------------------------------------------------------------ scale management
     def refresh_scale(self) -> None:

@@ -155,6 +155,28 @@ def test_encodings_match_the_model_buffers(tmp_path):
     assert Counter(e.dtype for e in encodings)["qint16"] > 0
 
 
+def test_learned_scales_are_exported_as_trained(tmp_path):
+    """An optimizer step moves a learned (LSQ) scale's parameter; the export must not use a stale buffer."""
+    model, xs = _cnn()
+    params = ql.set_qat_scales(model, "learned")
+    ql.set_fake_quantize(model, "qat")
+    model.train()
+    optimizer = torch.optim.SGD(params, lr=1e-2)
+    model(xs[0]).square().mean().backward()
+    optimizer.step()  # the parameters moved; the nodes' scale buffers were filled before the step
+    model.eval()
+    ql.set_fake_quantize(model, "validation")
+    learned = {name: node for name, node in ql.iter_fake_quantize(model) if node.scale_mode == "learned"}
+    result = export_onnx(model, (xs[0],), tmp_path / "m.onnx")
+    scales = {e.node: e.scale for e in read_encodings(result.path)}
+    assert learned
+    for name, node in learned.items():
+        assert list(scales[name]) == [float(node.scale_param.detach().abs())], name
+    with torch.no_grad():
+        ref = model(xs[1])
+    np.testing.assert_array_equal(_run_ort(result.path, [xs[1]])[0], ref.numpy())
+
+
 def test_model_is_left_unchanged(tmp_path):
     model, xs = _cnn()
     ql.set_fake_quantize(model, "qat")
