@@ -24,6 +24,7 @@ from qat_lightning.callbacks._common import (
     require_prepared,
     switch_states,
 )
+from qat_lightning.callbacks._scale_group import place_scale_group
 from qat_lightning.callbacks.logging import log_scalars
 from qat_lightning.quant import set_qat_scales
 from qat_lightning.quant.calibrate import require_calibrated
@@ -82,7 +83,10 @@ class QuantizationAwareTraining(Callback):
             ``with_bn`` are structural (chosen at prepare time) and must match the prepared model's mode.
         fix_scales: ``None``, ``"input_output"`` or ``"all"`` (old name; use ``scales``).
         scales: QAT scale mode, one of :data:`QAT_SCALES` (default ``"moving"``); ``"learned"`` adds the
-            LSQ scale parameters to the first optimizer as a new parameter group.
+            LSQ scale parameters to the first optimizer as a new parameter group. A run resumed with
+            ``ckpt_path`` reloads them with the model; they are taken out of the groups
+            ``configure_optimizers`` put them in and get their own group back before the optimizer state
+            is restored, so it fits (hyper-parameters included).
         check_lr: refuse warmup schedulers.
         float_steps: optimizer steps of the float training (``None``: not checked).
         submodule: attribute path of the network inside the LightningModule.
@@ -140,6 +144,14 @@ class QuantizationAwareTraining(Callback):
         require_prepared(model, "QuantizationAwareTraining", self.submodule)
         self._check_bn_mode(model)
         self._train_mode(pl_module, model)
+        self._place_learned(trainer, model)  # resumed: scale_params reloaded, before the optimizer state
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Under a strategy restoring the model after the optimizers exist, regroup the reloaded scales."""
+        if trainer.state.fn == TrainerFn.FITTING and trainer.strategy.restore_checkpoint_after_setup:
+            self._place_learned(trainer, self._model(pl_module))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the LR schedule and step budget, fix scales, enter QAT state."""
@@ -262,10 +274,22 @@ class QuantizationAwareTraining(Callback):
             return 0
         io = self.scales == "fixed_input_output"
         nodes = [n for _, n in (io_quant_nodes(model) if io else activation_nodes(model))]
-        params = set_qat_scales(model, "fixed" if io else self.scales, nodes)
-        if params:  # learned: the optimizer was built before the parameters existed
-            trainer.optimizers[0].add_param_group({"params": params})
+        if self.scales == "learned":  # a resumed node keeps its trained scale_param (and optimizer state)
+            set_qat_scales(model, "learned", [n for n in nodes if n.scale_mode != "learned"])
+            self._place_learned(trainer, model)  # the optimizer was built before the parameters existed
+        else:
+            set_qat_scales(model, "fixed" if io else self.scales, nodes)
         return len(nodes)
+
+    def _place_learned(self, trainer: pl.Trainer, model: nn.Module) -> None:
+        """Give the learned scales their own (last) group of the first optimizer, as the first run did."""
+        if self.scales != "learned":
+            return
+        params = [n.scale_param for _, n in activation_nodes(model) if n.scale_mode == "learned"]
+        if params and not trainer.optimizers:
+            rank_zero_warn("QuantizationAwareTraining(scales='learned'): no optimizer trains the scales")
+        elif params:
+            place_scale_group(trainer.optimizers[0], params)
 
     def _check_bn_mode(self, model: nn.Module) -> None:
         record = getattr(model, "prepare_record", None)
