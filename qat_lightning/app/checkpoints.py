@@ -8,6 +8,7 @@ exact qconfig from it (``stage=qat ckpt=...``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,15 @@ from lightning.pytorch.callbacks import Callback
 
 from qat_lightning.app.recipes import Recipe
 
-__all__ = ["APP_KEY", "CheckpointInfo", "Record", "barrier", "is_rank_zero", "read_checkpoint_info"]
+__all__ = [
+    "APP_KEY",
+    "CheckpointInfo",
+    "Record",
+    "barrier",
+    "calibration_batches",
+    "is_rank_zero",
+    "read_checkpoint_info",
+]
 
 APP_KEY = "qat_lightning"
 """Key of the app's record inside every checkpoint it writes."""
@@ -92,3 +101,30 @@ def read_checkpoint_info(path: Path) -> tuple[dict[str, Any], CheckpointInfo | N
     return ckpt, CheckpointInfo(
         raw.get("kind", "?"), recipe, raw.get("metric"), raw.get("float_metric"), raw.get("float_steps")
     )
+
+
+def calibration_batches(checkpoint: Any, submodule: str | None = None) -> int | None:
+    """Return how many batches calibrated the checkpoint's network, as its ``Calibration`` state records.
+
+    ``Calibration.state_dict`` keeps ``batches_used`` (per rank) under the key
+    ``Calibration{'submodule': ...}``. A checkpoint of a run that did not calibrate (a QAT run restores a
+    calibrated network: ``batches_used`` 0) or saved without the callback does not record it.
+
+    Args:
+        checkpoint: the loaded checkpoint (:func:`read_checkpoint_info`'s first value).
+        submodule: the prepared submodule (``prepare.submodule``); ``None``: any.
+
+    Returns:
+        The batch count, or ``None`` where the checkpoint does not record it (or records several).
+    """
+    states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
+    found = set()
+    for key, state in (states or {}).items():
+        if not str(key).startswith("Calibration{") or not isinstance(state, Mapping):
+            continue
+        if submodule is not None and not str(key).endswith(repr({"submodule": submodule})):
+            continue
+        used = state.get("batches_used")
+        if isinstance(used, int) and not isinstance(used, bool) and used > 0:
+            found.add(used)
+    return found.pop() if len(found) == 1 else None

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qat_lightning.app.checkpoints import is_rank_zero, read_checkpoint_info
+from qat_lightning.app.checkpoints import calibration_batches, is_rank_zero, read_checkpoint_info
 from qat_lightning.app.recipes import Recipe, load_recipe_conf, recipe_from_conf
 from qat_lightning.app.schema import AppConfig, RecipeConf
 from qat_lightning.app.session import Session, StageResult
@@ -81,6 +81,9 @@ class Pipeline:
     Args:
         session: the stage runners.
         conf_dir: the config tree (the pipeline reads its recipes from ``<conf_dir>/recipe``).
+
+    Attributes:
+        source_ckpt: the checkpoint the stage started from (:meth:`resolve_ckpt`), ``None`` until resolved.
     """
 
     session: Session
@@ -91,6 +94,7 @@ class Pipeline:
     current_dir: Path = Path(".")
     started: float = field(default_factory=time.perf_counter)
     console: Any = None
+    source_ckpt: Path | None = None
 
     def __post_init__(self) -> None:
         import sys
@@ -163,10 +167,12 @@ class Pipeline:
             path = Path(self.cfg.ckpt).expanduser()
             if not path.is_file():
                 raise FileNotFoundError(f"ckpt={self.cfg.ckpt} does not exist")
+            self.source_ckpt = path
             return path
         path = self.session.ckpt_dir / f"{kind}.ckpt"
         if path.is_file():
             log.info("using %s found in the run dir", path)
+            self.source_ckpt = path
             return path
         producer = {"float": "stage=float", "calibration": "stage=calibration"}[kind]
         raise FileNotFoundError(
@@ -294,6 +300,34 @@ class Pipeline:
         return outcome
 
     # ------------------------------------------------------------------------------------------- finish
+    def calibration_fact(self) -> str:
+        """Return the summary's calibration line: how the model this run reports on was calibrated.
+
+        Stages that start from a calibrated checkpoint (``stage.needs == calibration``: ``qat``,
+        ``analysis``, ``export``) report what the checkpoint records: the observers of its recipe and the
+        batches its ``Calibration`` state counted; what it does not record is "unknown", never this run's
+        config (which those stages do not use). The other stages give this run's ``calibration.*``
+        (``calibration`` / ``pipeline`` / ``troubleshoot`` calibrate with it).
+        """
+        cal = self.cfg.calibration
+        if self.cfg.stage.needs != "calibration":
+            return f"{cal.observer.value}, {cal.num_batches} batches"
+        unknown = "unknown (not recorded in the checkpoint)"
+        path = self.source_ckpt
+        if path is None or not path.is_file():
+            return f"{unknown} (no checkpoint resolved)"
+        ckpt, info = read_checkpoint_info(path)
+        recipe = None if info is None else info.recipe
+        batches = calibration_batches(ckpt, self.cfg.prepare.submodule)
+        if recipe is None and batches is None:
+            return f"{unknown} (from ckpt={path})"
+        observers = f"observer {unknown}"
+        if recipe is not None:
+            kwargs = f" {dict(recipe.observer_kwargs)}" if recipe.observer_kwargs else ""
+            observers = f"{recipe.observer}{kwargs} (weights {recipe.weight_observer})"
+        count = f"batches {unknown}" if batches is None else f"{batches} batches"
+        return f"{observers}, {count} (from ckpt={path})"
+
     def finish(self, title: str, extra_facts: dict[str, str] | None = None) -> Summary:
         """Write ``summary.md``, print the table, return the summary."""
         cfg = self.cfg
@@ -306,7 +340,7 @@ class Pipeline:
                 if cfg.target.value is not None
                 else f"{cfg.target.ratio_of_float:g} x float"
             ),
-            "calibration": f"{cfg.calibration.observer.value}, {cfg.calibration.num_batches} batches",
+            "calibration": self.calibration_fact(),
             "wall time": f"{time.perf_counter() - self.started:.1f} s",
             **(extra_facts or {}),
         }

@@ -117,3 +117,56 @@ def test_export_stage_from_a_checkpoint(pipeline_run, tmp_path):
     assert (tmp_path / "model.onnx").is_file() and (tmp_path / "export_check.txt").is_file()
     assert summary.rows[-1].step == "onnx export (qat.ckpt)"
     assert "PASS" in summary.rows[-1].note
+
+
+TINY = ["train.max_epochs=1", "train.limit_train_batches=2", "train.limit_val_batches=2", "logger=none"]
+
+
+def _calibration_line(run_dir):
+    (line,) = [ln for ln in (run_dir / "summary.md").read_text().splitlines() if "**calibration**" in ln]
+    return line
+
+
+def test_summary_reports_the_checkpoints_calibration_not_the_config(tmp_path):
+    # a calibration with non-default settings, then stages from its checkpoint with other calibration.*
+    run_app(tmp_path / "float", "stage=float", *TINY)
+    float_ckpt = tmp_path / "float" / "checkpoints" / "float.ckpt"
+    calib_dir = tmp_path / "calib"
+    run_app(
+        calib_dir,
+        "stage=calibration",
+        "recipe=int16",
+        "calibration=minmax",
+        "calibration.num_batches=2",
+        f"ckpt={float_ckpt}",
+        *TINY,
+    )
+    assert _calibration_line(calib_dir) == "- **calibration**: minmax, 2 batches"
+    calib_ckpt = calib_dir / "checkpoints" / "calibration.ckpt"
+    qat_dir = tmp_path / "qat"
+    other = ["calibration=mse", "calibration.num_batches=9"]
+    run_app(qat_dir, "stage=qat", "sanity=none", "qat.max_steps=2", *other, f"ckpt={calib_ckpt}", *TINY)
+    line = _calibration_line(qat_dir)
+    assert line == f"- **calibration**: minmax (weights minmax), 2 batches (from ckpt={calib_ckpt})"
+    assert "mse" not in line and "9 batches" not in line
+    # a QAT checkpoint does not record the batches that calibrated it: unknown, never the config's 9
+    qat_ckpt = qat_dir / "checkpoints" / "qat.ckpt"
+    export_dir = tmp_path / "export"
+    run_app(export_dir, "stage=export", "export.check_batches=0", *other, f"ckpt={qat_ckpt}", *TINY)
+    line = _calibration_line(export_dir)
+    assert line == (
+        "- **calibration**: minmax (weights minmax), batches unknown (not recorded in the checkpoint) "
+        f"(from ckpt={qat_ckpt})"
+    )
+
+
+def test_calibration_batches_read_from_the_calibration_state():
+    from qat_lightning.app.checkpoints import calibration_batches
+
+    state = {"num_batches": 20, "dataloader": "train", "batches_used": 4}
+    ckpt = {"callbacks": {"Calibration{'submodule': 'model'}": state, "Other{}": {"batches_used": 7}}}
+    assert calibration_batches(ckpt) == 4 and calibration_batches(ckpt, "model") == 4
+    assert calibration_batches(ckpt, "net") is None
+    restored = {"callbacks": {"Calibration{'submodule': 'model'}": {**state, "batches_used": 0}}}
+    assert calibration_batches(restored, "model") is None  # a QAT run: restored, not calibrated
+    assert calibration_batches({"state_dict": {}}) is None and calibration_batches(None) is None
