@@ -204,6 +204,15 @@ def make_factories(cfg: DictConfig) -> Any:
         if name not in cfg.callbacks:
             raise ConfigError(f"callbacks.{name} is missing; conf/callbacks/ defines {sorted(cfg.callbacks)}")
         node = OmegaConf.to_container(cfg.callbacks[name], resolve=True, enum_to_str=True)
+        # a run-time argument never overrides the YAML silently (config_checks refuses this up front)
+        clash = [
+            f"callbacks.{name}.{k}={node[k]!r} vs {v!r}" for k, v in runtime.items() if node.get(k, v) != v
+        ]
+        if clash:
+            raise ConfigError(
+                f"callbacks.{name} sets what the stage passes at run time ({'; '.join(clash)}); drop the "
+                f"callbacks.{name} key and set the stage's config (conf/config.yaml) instead"
+            )
         try:  # a partial: run-time objects (a QconfigSetter) must not go through OmegaConf
             return instantiate(node, _partial_=True)(**runtime)
         except Exception as err:  # noqa: BLE001 - name the callback and its target in the message

@@ -124,3 +124,13 @@ def test_conf_ships_as_package_data():
     shipped = {p.resolve() for pattern in patterns["qat_lightning"] for p in package.glob(pattern)}
     every = {p.resolve() for p in (ROOT / "conf").rglob("*") if p.is_file()}
     assert every and every == shipped
+
+
+def test_make_factories_never_overrides_a_callback_key_silently():
+    from qat_lightning.cli import ConfigError, compose, make_factories
+
+    factories = make_factories(compose(["stage=qat", "+callbacks.qat.scales=fixed"]))
+    assert factories.callback("qat", scales="fixed", float_steps=None).scales == "fixed"  # agreeing: built
+    with pytest.raises(ConfigError) as err:
+        factories.callback("qat", scales="moving", float_steps=None)
+    assert "callbacks.qat.scales='fixed' vs 'moving'" in str(err.value)

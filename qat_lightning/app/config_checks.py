@@ -20,10 +20,19 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qat_lightning.app.schema import AppConfig, StageName
+from qat_lightning.app.schema import AppConfig, QatScales, StageName
 from qat_lightning.quant.export.opsets import EXPORT_OPSETS
 
-__all__ = ["STAGE_READS", "ConfigError", "check_config", "config_problems", "ignored_overrides"]
+__all__ = [
+    "RUNTIME_ARGS",
+    "STAGE_READS",
+    "TRIAL_SCALES",
+    "ConfigError",
+    "check_config",
+    "config_problems",
+    "ignored_overrides",
+    "qat_scales",
+]
 
 
 class ConfigError(ValueError):
@@ -145,6 +154,121 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 )
 
 
+# ----------------------------------------------------------------------------------------------- QAT scales
+_FIX_TO_SCALES = {None: "moving", "none": "moving", "input_output": "fixed_input_output", "all": "fixed"}
+"""The old ``fix_scales`` names (``qat.fix_scales``, ``QuantizationAwareTraining(fix_scales=)``) as modes."""
+
+TRIAL_SCALES = ("moving", "fixed_input_output")
+"""The two QAT scale modes ``qat.scale_trial`` compares (the seed's QAT §2: updated / input-output fixed)."""
+
+_TRIAL_STAGES = (StageName.qat, StageName.pipeline)
+
+RUNTIME_ARGS: dict[str, dict[str, str]] = {
+    "prepare": {"qconfig_setter": "recipe= (stage=qat / analysis: the checkpoint's recipe)"},
+    "qat": {"scales": "qat.scales", "fix_scales": "qat.scales", "float_steps": "the float checkpoint"},
+    "sanity": {"mode": "sanity=", "reference": "the checked run's metric", "monitor_mode": "target.mode"},
+}
+"""The callback arguments each stage passes at run time (``conf/callbacks/<name>.yaml`` does not set them),
+with the config they come from: the same key in ``callbacks.<name>`` would be overridden, so it is refused."""
+
+
+def qat_scales(cfg: AppConfig) -> str:
+    """Return the QAT scale mode the config asks for: ``qat.scales``, else the old ``qat.fix_scales``.
+
+    Args:
+        cfg: the composed configuration (a contradiction of the two keys is a :func:`config_problems` line).
+    """
+    q = cfg.qat
+    return q.scales.value if q.scales.value != "moving" else _FIX_TO_SCALES[q.fix_scales.value]
+
+
+def _scales_source(cfg: AppConfig) -> str:
+    """``qat.scales=...`` / ``qat.fix_scales=...``: the key (and value) the scale mode comes from."""
+    q = cfg.qat
+    if q.scales.value == "moving" and q.fix_scales.value != "none":
+        return f"qat.fix_scales={q.fix_scales.value}"
+    return f"qat.scales={q.scales.value}"
+
+
+def _yaml_scales(node: dict[str, Any], problems: list[str]) -> str | None:
+    """Return the scale mode ``callbacks.qat`` asks for (``scales``, else ``fix_scales``).
+
+    Args:
+        node: the composed ``callbacks.qat``.
+        problems: an unknown value is added here (and ``None`` returned).
+    """
+    scales = node.get("scales")
+    if scales is not None:
+        allowed = [c.value for c in QatScales]
+        if scales in allowed:
+            return str(scales)
+        problems.append(f"callbacks.qat.scales={scales!r}: allowed: {', '.join(allowed)}")
+        return None
+    fix = node.get("fix_scales")
+    if fix in (None, "input_output", "all"):
+        return _FIX_TO_SCALES[fix]
+    problems.append(f"callbacks.qat.fix_scales={fix!r}: allowed: null, input_output, all")
+    return None
+
+
+def _scale_problems(cfg: AppConfig) -> list[str]:
+    """``qat.scales`` against the old ``qat.fix_scales`` and ``qat.scale_trial``."""
+    q, problems = cfg.qat, []
+    if q.scales.value != "moving" and q.fix_scales.value != "none":
+        if _FIX_TO_SCALES[q.fix_scales.value] != q.scales.value:
+            problems.append(
+                f"qat.fix_scales={q.fix_scales.value} contradicts qat.scales={q.scales.value}: set only "
+                "qat.scales (fix_scales is its old name: none=moving, input_output=fixed_input_output, "
+                "all=fixed)"
+            )
+    if q.scale_trial and cfg.stage.name in _TRIAL_STAGES and qat_scales(cfg) not in TRIAL_SCALES:
+        problems.append(
+            f"qat.scale_trial=true with {_scales_source(cfg)}: the trial compares qat.scales=moving and "
+            f"fixed_input_output (and runs with qat.scales alone when the calibration misses the target); "
+            f"allowed with the trial: qat.scales={' or '.join(TRIAL_SCALES)}; or set qat.scale_trial=false"
+        )
+    return problems
+
+
+def _callback_scale_problem(cfg: AppConfig, node: dict[str, Any]) -> list[str]:
+    """``callbacks.qat.scales`` / ``fix_scales`` against the scale mode the stage passes at run time."""
+    keys = [key for key in ("scales", "fix_scales") if key in node]
+    if not keys:
+        return []
+    problems: list[str] = []
+    theirs = _yaml_scales(node, problems)
+    shown = ", ".join(f"callbacks.qat.{key}={node[key]!r}" for key in keys)
+    fix = f"set qat.scales={theirs} and drop {shown}" if theirs else f"drop {shown}"
+    if cfg.qat.scale_trial and cfg.stage.name in _TRIAL_STAGES:
+        problems.append(
+            f"{shown} conflicts with qat.scale_trial=true, which runs QAT with scales="
+            f"{' and '.join(TRIAL_SCALES)}: the stage passes the scale mode at run time (from qat.scales); "
+            f"drop {shown}"
+        )
+    elif theirs is not None and theirs != qat_scales(cfg):
+        problems.append(
+            f"{shown} conflicts with {_scales_source(cfg)}: the stage passes scales={qat_scales(cfg)} "
+            f"(from qat.scales) to the QAT callback at run time; {fix}"
+        )
+    return problems
+
+
+def _runtime_arg_problems(cfg: AppConfig) -> list[str]:
+    """Keys of ``callbacks.<name>`` that the stage also passes at run time (:data:`RUNTIME_ARGS`)."""
+    if "callbacks" not in STAGE_READS[cfg.stage.name]:
+        return []
+    problems = []
+    for name, args in RUNTIME_ARGS.items():
+        node = cfg.callbacks.get(name) or {}
+        for key, source in args.items():
+            if key in node and not (name == "qat" and key in ("scales", "fix_scales")):
+                problems.append(
+                    f"callbacks.{name}.{key}={node[key]!r}: the stage passes {key} at run time (from "
+                    f"{source}), which would override it; drop it"
+                )
+    return problems + _callback_scale_problem(cfg, cfg.callbacks.get("qat") or {})
+
+
 def _get(cfg: AppConfig, key: str) -> Any:
     value: Any = cfg
     for part in key.split("."):
@@ -197,6 +321,7 @@ def config_problems(cfg: AppConfig) -> list[str]:
         problems.append(f"recipe.sensitivity_table={table!r}: no such file")
     if cfg.ckpt and not Path(cfg.ckpt).expanduser().is_file():
         problems.append(f"ckpt={cfg.ckpt!r}: no such file")
+    problems += _scale_problems(cfg) + _runtime_arg_problems(cfg)
     if not cfg.prepare.submodule or not all(p.isidentifier() for p in cfg.prepare.submodule.split(".")):
         problems.append(
             f"prepare.submodule={cfg.prepare.submodule!r}: must be an attribute path (e.g. model)"

@@ -3,8 +3,10 @@
 "When the accuracy of calibration model is good, fixing the input/output scale for QAT training can
 achieve better results. Otherwise, do not fix the scales. Both of the two strategies need to be tested."
 With the trial on and the calibration model meeting the target, QAT runs twice from the same calibration
-checkpoint (scales updated; input/output scales fixed), the better run becomes ``checkpoints/qat.ckpt``
-and both rows plus the decision go into the summary. Otherwise one QAT run with ``qat.fix_scales``.
+checkpoint, ``scales=moving`` (updated) and ``scales=fixed_input_output`` (the model's input/output scales
+pinned), the better run becomes ``checkpoints/qat.ckpt`` and both rows plus the decision go into the summary.
+Otherwise one QAT run with ``qat.scales``. A scale mode the trial cannot honour (``fixed``, ``learned``) is
+refused before anything runs (``qat_lightning.app.config_checks``).
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ def run_qat(
 ) -> tuple[Any, float, Path | None, Any]:
     """Run QAT (with the scale trial when ``qat.scale_trial`` and the calibration is good).
 
+    The trial's two runs are ``scales=moving`` and ``scales=fixed_input_output``
+    (:data:`~qat_lightning.app.config_checks.TRIAL_SCALES`), saved as ``checkpoints/qat_scales_<mode>.ckpt``.
+
     Args:
         pipe: the :class:`~qat_lightning.app.pipeline.Pipeline`.
         calib: the calibration checkpoint.
@@ -59,6 +64,7 @@ def run_qat(
         ``(module, metric, checkpoint, calibration info)`` of the kept run.
     """
     from qat_lightning.app.checkpoints import barrier, is_rank_zero
+    from qat_lightning.app.config_checks import TRIAL_SCALES, qat_scales
 
     s, q = pipe.session, pipe.cfg.qat
     if not q.scale_trial:
@@ -68,18 +74,19 @@ def run_qat(
         shown = "-" if calib_metric is None else f"{calib_metric:.4f}"
         goal = "-" if target is None else f"{target:.4f}"
         pipe.decide(
-            f"scale trial skipped: calibration {shown} does not meet the target {goal}, so scales are not "
-            f"fixed (the seed); QAT with qat.fix_scales={q.fix_scales.value}"
+            f"scale trial skipped: calibration {shown} does not meet the target {goal} (the seed tries fixed "
+            f"scales only for a calibration that meets it); QAT with qat.scales={qat_scales(pipe.cfg)}"
         )
         return _single(pipe, calib, recipe, float_metric, lr, title, own_dir)
     runs = []
-    for mode, label in (("none", "scales updated"), ("input_output", "input/output scales fixed")):
-        out = pipe.step(f"qat_{mode}", f"{title}, {label}")
-        lit, metric, ckpt, info = s.qat(calib, out, name=f"qat_scales_{mode}", lr=lr, fix_scales=mode)
+    for scales in TRIAL_SCALES:
+        label = f"scales={scales}"
+        out = pipe.step(f"qat_{scales}", f"{title}, {label}")
+        lit, metric, ckpt, info = s.qat(calib, out, name=f"qat_scales_{scales}", lr=lr, scales=scales)
         pipe.result(f"qat ({label})", recipe, metric, float_metric, lit, ckpt, out)
         runs.append((metric, label, lit, ckpt, info, out))
-    (m_upd, *_), (m_fix, *_) = runs
-    fixed_better = m_fix > m_upd if s.higher_is_better else m_fix < m_upd
+    (m_moving, *_), (m_fixed, *_) = runs
+    fixed_better = m_fixed > m_moving if s.higher_is_better else m_fixed < m_moving
     metric, label, lit, ckpt, info, out = runs[1] if fixed_better else runs[0]
     final = s.ckpt_dir / "qat.ckpt"
     if ckpt is not None:
@@ -90,7 +97,7 @@ def run_qat(
         barrier()
     pipe.result("qat", recipe, metric, float_metric, lit, final, out, f"kept: {label}")
     pipe.decide(
-        f"scale trial (calibration {calib_metric:.4f} meets the target {target:.4f}): scales updated "
-        f"{m_upd:.4f} vs input/output scales fixed {m_fix:.4f}; kept {label} as checkpoints/qat.ckpt"
+        f"scale trial (calibration {calib_metric:.4f} meets the target {target:.4f}): {runs[0][1]} "
+        f"{m_moving:.4f} vs {runs[1][1]} {m_fixed:.4f}; kept {label} as checkpoints/qat.ckpt"
     )
     return lit, metric, final, info

@@ -128,12 +128,13 @@ class QatConf:
             keeps the model's.
         scheduler: ``cosine`` (decay, no warmup), ``constant``, or ``keep`` the model's own (the QAT
             callback then refuses it if it warms up).
-        fix_scales: keep input/output (or all) activation scales at their calibrated values.
+        fix_scales: the old name of ``scales`` (``input_output`` = ``fixed_input_output``, ``all`` =
+            ``fixed``); a value contradicting ``scales`` is refused.
         scales: QAT scale mode: ``moving`` (default), ``fixed_input_output``, ``fixed``, ``learned`` (LSQ).
         lr_probe: the seed's LR probe (QAT §1a, :class:`LrProbeConf`); ``lrs: []`` = off.
-        scale_trial: the seed's QAT §2: when the calibration model meets the target, QAT runs twice (scales
-            updated, input/output scales fixed) and the better is kept (``qat.ckpt``); otherwise QAT runs with
-            ``fix_scales`` only.
+        scale_trial: the seed's QAT §2: when the calibration model meets the target, QAT runs twice
+            (``scales=moving``, ``scales=fixed_input_output``) and the better is kept (``qat.ckpt``);
+            otherwise QAT runs once with ``scales``, which must then be one of those two.
     """
 
     max_epochs: int = 3

@@ -23,6 +23,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 
 from qat_lightning.app.checkpoints import CheckpointInfo, Record, read_checkpoint_info
+from qat_lightning.app.config_checks import qat_scales
 from qat_lightning.app.qat_optimizers import qat_optimizers
 from qat_lightning.app.recipes import Recipe
 from qat_lightning.app.schema import AppConfig
@@ -42,7 +43,8 @@ class Factories:
         datamodule: a fresh LightningDataModule.
         logger: a logger writing into the given directory, or ``None`` for no logger.
         callback: ``callback(name, **runtime)`` builds ``callbacks.<name>`` of the config
-            (``conf/callbacks/<name>.yaml``), the stage's run-time arguments on top.
+            (``conf/callbacks/<name>.yaml``) with the stage's run-time arguments added; one the YAML sets to
+            another value is a ``ConfigError``, never a silent override.
         ptq: fresh ``ptq=`` callbacks: the ``Equalization`` (or ``None``) and those run after calibration.
     """
 
@@ -51,10 +53,6 @@ class Factories:
     logger: Callable[[Path], Any] = lambda _dir: None
     callback: Callable[..., Callback] | None = None
     ptq: Callable[[], tuple[Callback | None, list[Callback]]] = lambda: (None, [])
-
-
-def _fix_scales_arg(value: str) -> str | None:
-    return None if value == "none" else value
 
 
 @dataclass
@@ -295,15 +293,16 @@ class Session:
         extra: list[Callback] | None = None,
         lr: float | None = None,
         scheduler: str | None = None,
-        fix_scales: str | None = None,
+        scales: str | None = None,
         **kw: Any,
     ) -> tuple[L.LightningModule, float, Path | None, CheckpointInfo]:
         """QAT from a calibration checkpoint; returns ``(module, metric, checkpoint, calibration info)``.
 
         ``extra`` callbacks (a ``SanityCheck``) and trainer overrides ``kw`` make the short sanity runs; those
         are not saved (``name=""``). ``lr`` / ``scheduler`` override ``qat.lr`` / ``qat.scheduler`` (the LR
-        probe: a fixed LR, ``constant``; the QAT run after it: the chosen LR); ``fix_scales`` overrides
-        ``qat.fix_scales`` (the fixed-vs-updated scales trial).
+        probe: a fixed LR, ``constant``; the QAT run after it: the chosen LR); ``scales`` overrides
+        ``qat.scales`` (the scale trial's ``moving`` / ``fixed_input_output``). The QAT callback gets the
+        scale mode as ``scales=`` only (``qat.fix_scales`` is its old name, :func:`qat_scales`).
         """
         q = self.cfg.qat
         lit, info = self.load_quantized(calib_ckpt, out_dir)
@@ -318,8 +317,7 @@ class Session:
         )
         qat_cb = self.callback(
             "qat",
-            fix_scales=_fix_scales_arg(q.fix_scales.value if fix_scales is None else fix_scales),
-            scales=None if q.scales.value == "moving" else q.scales.value,
+            scales=qat_scales(self.cfg) if scales is None else scales,
             float_steps=info.float_steps or None,
         )
         args: dict[str, Any] = {

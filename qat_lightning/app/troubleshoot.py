@@ -88,7 +88,7 @@ class TroubleshootReport:
                 return f"check '{row.check}' fails: at fault is {row.at_fault}"
         return (
             "all three checks pass: the training pipeline and the quantization tool are sound; tune "
-            "quantization itself (qat.lr_probe, qat.fix_scales, the int16 ratio)"
+            "quantization itself (qat.lr_probe, qat.scales, the int16 ratio)"
         )
 
 

@@ -81,26 +81,6 @@ def test_troubleshoot_pinpoints_a_preprocessing_mismatch(calib_ckpt, tmp_path):
     assert "check 'float fine-tune' fails: at fault is the training pipeline" in summary.facts["verdict"]
 
 
-def test_scale_trial_keeps_the_better_qat(calib_ckpt, tmp_path):
-    summary = run_app(tmp_path, "stage=qat", "qat.scale_trial=true", "target.value=0.5", f"ckpt={calib_ckpt}")
-    rows = {r.step: r for r in summary.rows}
-    assert list(rows) == ["qat (scales updated)", "qat (input/output scales fixed)", "qat"]
-    upd, fix = rows["qat (scales updated)"].metric, rows["qat (input/output scales fixed)"].metric
-    assert rows["qat"].metric == max(upd, fix)
-    kept = "input/output scales fixed" if fix > upd else "scales updated"
-    assert rows["qat"].note == f"kept: {kept}"
-    assert any(d.startswith("scale trial (calibration") and kept in d for d in summary.decisions)
-    assert (tmp_path / "checkpoints" / "qat.ckpt").is_file()
-
-
-def test_scale_trial_is_skipped_when_calibration_is_poor(calib_ckpt, tmp_path):
-    summary = run_app(
-        tmp_path, "stage=qat", "qat.scale_trial=true", "target.value=0.999", f"ckpt={calib_ckpt}"
-    )
-    assert [r.step for r in summary.rows] == ["qat"]
-    assert any(d.startswith("scale trial skipped") for d in summary.decisions)
-
-
 def test_j6p_analysis_writes_the_fp16_diagnosis(calib_ckpt, tmp_path):
     float_ckpt = calib_ckpt.parent.parent.parent / "float" / "checkpoints" / "float.ckpt"
     common = ("chip=j6p", "recipe=gemm_int8_other_fp16")

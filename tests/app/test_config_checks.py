@@ -81,3 +81,62 @@ def test_cli_warns_about_ignored_overrides():
     assert result.returncode == 0, result.stderr[-2000:]
     assert "warning: ignored override qat.lr=0.5: stage=float does not read qat" in result.stderr
     assert "warning: ignored override recipe=int16" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["+callbacks.qat.scales=fixed"],
+            "callbacks.qat.scales='fixed' conflicts with qat.scales=moving: the stage passes scales=moving",
+        ),
+        (
+            ["+callbacks.qat.scales=learned", "qat.scales=fixed_input_output"],
+            "callbacks.qat.scales='learned' conflicts with qat.scales=fixed_input_output",
+        ),
+        (
+            ["+callbacks.qat.fix_scales=all", "qat.fix_scales=input_output"],
+            "callbacks.qat.fix_scales='all' conflicts with qat.fix_scales=input_output",
+        ),
+        (
+            ["+callbacks.qat.scales=moving", "qat.scale_trial=true"],
+            "callbacks.qat.scales='moving' conflicts with qat.scale_trial=true",
+        ),
+        (
+            ["+callbacks.qat.fix_scales=none"],
+            "callbacks.qat.fix_scales='none': allowed: null, input_output, all",
+        ),
+        (
+            ["qat.fix_scales=input_output", "qat.scales=fixed"],
+            "qat.fix_scales=input_output contradicts qat.scales=fixed: set only qat.scales",
+        ),
+        (
+            ["+callbacks.sanity.mode=float"],
+            "callbacks.sanity.mode='float': the stage passes mode at run time",
+        ),
+    ],
+)
+def test_callback_keys_the_stage_sets_at_run_time_are_refused(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        to_app_config(compose(["stage=qat", *overrides]))
+    assert expected in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["stage=qat", "+callbacks.qat.scales=fixed", "qat.scales=fixed"],
+        ["stage=qat", "+callbacks.qat.fix_scales=input_output", "qat.scales=fixed_input_output"],
+        ["stage=qat", "qat.fix_scales=all", "qat.scales=fixed"],
+        ["stage=float", "+callbacks.qat.scales=fixed"],  # a stage that builds no callback: only warned
+    ],
+)
+def test_agreeing_scale_keys_compose(overrides):
+    to_app_config(compose(overrides))
+
+
+def test_cli_refuses_a_conflicting_callback_scale_mode():
+    result = cli("--cfg", "job", "stage=qat", "+callbacks.qat.scales=fixed")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "callbacks.qat.scales='fixed' conflicts with qat.scales=moving" in result.stderr
+    assert "set qat.scales=fixed" in result.stderr and "Traceback" not in result.stderr
