@@ -21,3 +21,17 @@ FAST = [
 def run_app(run_dir: Path, *overrides: str):
     """Compose ``FAST + overrides`` and run it in ``run_dir``; returns the summary."""
     return run_config(compose([*FAST, *overrides]), Path(run_dir))
+
+
+def calibration_checkpoint(run_dir: Path, float_overrides: tuple[str, ...], *overrides: str) -> Path:
+    """Train the float model and calibrate it (``recipe=int8``) under ``run_dir``; return the checkpoint.
+
+    Args:
+        run_dir: the runs go to ``run_dir/float`` and ``run_dir/calib``.
+        float_overrides: extra overrides of the float run.
+        overrides: extra overrides of both runs.
+    """
+    run_app(run_dir / "float", "stage=float", *float_overrides, *overrides)
+    float_ckpt = run_dir / "float" / "checkpoints" / "float.ckpt"
+    run_app(run_dir / "calib", "stage=calibration", "recipe=int8", *overrides, f"ckpt={float_ckpt}")
+    return run_dir / "calib" / "checkpoints" / "calibration.ckpt"

@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.helpers import run_app
+from tests.app.helpers import calibration_checkpoint, run_app
 
 
 @pytest.fixture(scope="module")
 def calib_ckpt(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("lrprobe")
-    run_app(run_dir / "float", "stage=float", "train.max_epochs=8", "data.batch_size=64")
-    run_app(
-        run_dir / "calib",
-        "stage=calibration",
-        "recipe=int8",
-        f"ckpt={run_dir / 'float' / 'checkpoints' / 'float.ckpt'}",
-    )
-    return run_dir / "calib" / "checkpoints" / "calibration.ckpt"
+    float_overrides = ("train.max_epochs=8", "data.batch_size=64")
+    return calibration_checkpoint(tmp_path_factory.mktemp("lrprobe"), float_overrides)
 
 
 def test_qat_stage_with_lr_probe(calib_ckpt, tmp_path):

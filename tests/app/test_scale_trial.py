@@ -8,23 +8,14 @@ import pytest
 import torch
 
 from qat_lightning.app.config_checks import ConfigError
-from tests.app.helpers import run_app
+from tests.app.helpers import calibration_checkpoint, run_app
 
 TINY = ("train.limit_train_batches=2", "train.limit_val_batches=2", "qat.max_steps=2")
 
 
 @pytest.fixture(scope="module")
 def calib_ckpt(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("scale_trial")
-    run_app(run_dir / "float", "stage=float", "train.max_epochs=1", *TINY)
-    run_app(
-        run_dir / "calib",
-        "stage=calibration",
-        "recipe=int8",
-        *TINY,
-        f"ckpt={run_dir / 'float' / 'checkpoints' / 'float.ckpt'}",
-    )
-    return run_dir / "calib" / "checkpoints" / "calibration.ckpt"
+    return calibration_checkpoint(tmp_path_factory.mktemp("scale_trial"), ("train.max_epochs=1",), *TINY)
 
 
 def _qat_state(path: Path) -> tuple[str, int]:
