@@ -1,11 +1,11 @@
 """The optimizer layout of learned (LSQ) QAT scales: one parameter group of their own, the same on resume.
 
-A first QAT run builds the optimizer before the scales are learned: ``QuantizationAwareTraining``
-appends their ``scale_param`` parameters as a new parameter group at train start. A run resumed with
-``ckpt_path`` reloads the model with its ``scale_param`` parameters already there, so
-``configure_optimizers`` puts them into the model's own groups and the checkpoint's optimizer state (with
-the extra group) no longer fits.
-:func:`place_scale_group` gives both runs the same layout.
+``QuantizationAwareTraining`` creates the ``scale_param`` parameters in ``setup`` (before DDP wraps the
+model, so their gradients are averaged across ranks), and a run resumed with ``ckpt_path`` reloads them
+there too: either way ``configure_optimizers`` puts them into the model's own groups.
+:func:`place_scale_group` (at ``on_fit_start``) moves them into a group of their own, the same layout in a
+first run and on resume, so the checkpoint's optimizer state fits. Scales made later (at train start, e.g.
+a model prepared after that ``setup``) are appended as a new group the same way.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from qat_lightning.callbacks._common import (
     broadcast_module_state,
@@ -58,6 +60,12 @@ def _schedulers(trainer: pl.Trainer) -> Iterator[Any]:
         yield config.scheduler
 
 
+def _unlearn_if_absent(mode: str, node: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+    """Load hook: a checkpoint without this node's ``scale_param`` (another scale mode) loads as saved."""
+    if f"{prefix}scale_param" not in state_dict and node.scale_mode == "learned":
+        node.scale_mode = mode  # drops the parameter made in ``setup``: no missing key
+
+
 # ----------------------------------------------------------------------------------------------- callback
 class QuantizationAwareTraining(Callback):
     r"""QAT state while training; VALIDATION (frozen scales, no observer update) in val / test / predict.
@@ -82,11 +90,12 @@ class QuantizationAwareTraining(Callback):
         bn_mode: ``None`` (as prepared), ``"fuse_bn"``, ``"with_bn"`` or ``"freeze_bn"``. ``fuse_bn`` and
             ``with_bn`` are structural (chosen at prepare time) and must match the prepared model's mode.
         fix_scales: ``None``, ``"input_output"`` or ``"all"`` (old name; use ``scales``).
-        scales: QAT scale mode, one of :data:`QAT_SCALES` (default ``"moving"``); ``"learned"`` adds the
-            LSQ scale parameters to the first optimizer as a new parameter group. A run resumed with
-            ``ckpt_path`` reloads them with the model; they are taken out of the groups
-            ``configure_optimizers`` put them in and get their own group back before the optimizer state
-            is restored, so it fits (hyper-parameters included).
+        scales: QAT scale mode, one of :data:`QAT_SCALES` (default ``"moving"``); ``"learned"`` creates the
+            LSQ scale parameters in ``setup`` (before DDP wraps the model, which then averages their
+            gradients like any other's; a checkpoint restored with ``ckpt_path`` reloads their values) and
+            at ``on_fit_start`` takes them out of the groups ``configure_optimizers`` put them in: they get
+            a parameter group of their own (the first optimizer's last, with its defaults), the same in a
+            first run and on resume, so the optimizer state fits (hyper-parameters included).
         check_lr: refuse warmup schedulers.
         float_steps: optimizer steps of the float training (``None``: not checked).
         submodule: attribute path of the network inside the LightningModule.
@@ -131,6 +140,7 @@ class QuantizationAwareTraining(Callback):
         self.strict = bool(strict)
         self._bn_saved: list[tuple[nn.Module, bool]] = []
         self._frozen = ExitStack()  # frozen_parameters around an evaluation loop (folds reused there)
+        self._load_hooks: list[RemovableHandle] = []  # learned scales made in setup, until train start
 
     @property
     def state_key(self) -> str:
@@ -138,6 +148,30 @@ class QuantizationAwareTraining(Callback):
         return self._generate_state_key(submodule=self.submodule)
 
     # ---------------------------------------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Learned scales: create the ``scale_param`` parameters before DDP wraps the model.
+
+        DDP only averages the gradients of the parameters that exist when it wraps the model: made later,
+        each rank would train its own scales. They start from the current scale (calibration, which runs
+        later, updates them in place). A checkpoint restored without them (another scale mode) drops them
+        again, so it loads as saved and ``load_state_dict`` can name the mismatch.
+        """
+        if stage != TrainerFn.FITTING or self.scales != "learned":
+            return
+        self._drop_load_hooks()
+        nodes = [n for _, n in activation_nodes(self._model(pl_module)) if n.scale_mode != "learned"]
+        before = {id(n): n.scale_mode for n in nodes}
+        set_qat_scales(self._model(pl_module), "learned", nodes)
+        self._load_hooks = [
+            n.register_load_state_dict_pre_hook(partial(_unlearn_if_absent, before[id(n)]))
+            for n in nodes
+            if n.scale_mode == "learned"
+        ]
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Remove the load hooks of ``setup`` (a fit that never started training)."""
+        self._drop_load_hooks()
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check that the network is prepared and the requested BN mode fits it; put it in train mode."""
         model = self._model(pl_module)
@@ -155,6 +189,7 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Check the LR schedule and step budget, fix scales, enter QAT state."""
+        self._drop_load_hooks()  # every checkpoint is restored by now
         model = self._model(pl_module)
         require_calibrated(model, "QuantizationAwareTraining", strict=self.strict)
         if self.check_lr:
@@ -214,6 +249,7 @@ class QuantizationAwareTraining(Callback):
     ) -> None:
         """Restore BN modes, stop reusing BN folds and leave no node in QAT state."""
         self._frozen.close()
+        self._drop_load_hooks()
         self._restore_bn()
         model = get_submodule(pl_module, self.submodule)
         switch_states(model, (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
@@ -274,9 +310,16 @@ class QuantizationAwareTraining(Callback):
             return 0
         io = self.scales == "fixed_input_output"
         nodes = [n for _, n in (io_quant_nodes(model) if io else activation_nodes(model))]
-        if self.scales == "learned":  # a resumed node keeps its trained scale_param (and optimizer state)
-            set_qat_scales(model, "learned", [n for n in nodes if n.scale_mode != "learned"])
-            self._place_learned(trainer, model)  # the optimizer was built before the parameters existed
+        if self.scales == "learned":  # made in setup (or reloaded): normally none is left to make here
+            late = set_qat_scales(model, "learned", [n for n in nodes if n.scale_mode != "learned"])
+            if late and trainer.world_size > 1:
+                rank_zero_warn(
+                    f"QuantizationAwareTraining(scales='learned'): {len(late)} learned scale(s) were created "
+                    "at train start, after DDP wrapped the model (prepared or reloaded after this callback's "
+                    "setup): DDP does not average their gradients and each rank trains its own. List "
+                    "QuantizationAwareTraining after PrepareQuantization"
+                )
+            self._place_learned(trainer, model)  # their own group (late ones: the optimizer lacks them)
         else:
             set_qat_scales(model, "fixed" if io else self.scales, nodes)
         return len(nodes)
@@ -290,6 +333,11 @@ class QuantizationAwareTraining(Callback):
             rank_zero_warn("QuantizationAwareTraining(scales='learned'): no optimizer trains the scales")
         elif params:
             place_scale_group(trainer.optimizers[0], params)
+
+    def _drop_load_hooks(self) -> None:
+        for handle in self._load_hooks:
+            handle.remove()
+        self._load_hooks = []
 
     def _check_bn_mode(self, model: nn.Module) -> None:
         record = getattr(model, "prepare_record", None)

@@ -15,15 +15,20 @@ from qat_lightning.quant.qconfig.qconfig import get_qconfig
 from qat_lightning.quant.qconfig.setter import QconfigSetter
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
+LEARNED_SCRIPT = Path(__file__).with_name("ddp_learned_script.py")
 
 
-def test_ddp_calibration_is_reduced_across_ranks(tmp_path):
+def _launch(script: Path, out_dir: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, str(script), str(out_dir)], env=env, capture_output=True, text=True, timeout=240
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def test_ddp_calibration_is_reduced_across_ranks(tmp_path):
+    _launch(SCRIPT, tmp_path)
 
     r0, r1 = (torch.load(tmp_path / f"calib_rank{k}.pt", weights_only=False) for k in (0, 1))
     assert r0["batches"] == r1["batches"] == 4  # each rank read only its half of the 256 samples
@@ -67,3 +72,20 @@ def test_ddp_calibration_is_reduced_across_ranks(tmp_path):
     analysis = tmp_path / "run" / "version_0" / "quant_analysis"
     assert (analysis / "badcase.txt").is_file() and not (analysis / "INCOMPLETE").exists()
     assert len(list((tmp_path / "run" / "version_0").glob("events.out.tfevents.*"))) == 1
+
+
+def test_ddp_learned_scales_are_averaged_across_ranks(tmp_path):
+    """A first learned-scale QAT run under DDP: the ranks train one set of scales, the checkpoint's."""
+    _launch(LEARNED_SCRIPT, tmp_path)
+    r0, r1 = (torch.load(tmp_path / f"learned_rank{k}.pt", weights_only=False) for k in (0, 1))
+    saved = torch.load(tmp_path / "ckpt" / "final.ckpt", weights_only=False)["state_dict"]
+    assert r0["start"] and r0["start"].keys() == r1["start"].keys() == r0["end"].keys()
+    for name, start in r0["start"].items():
+        torch.testing.assert_close(r1["start"][name], start, rtol=0, atol=0, msg=name)
+        assert not torch.equal(r0["last"][name], start), name  # trained (on different shards)
+        # after the last step (before on_train_end syncs buffers) and after fit: the same on both ranks
+        torch.testing.assert_close(r1["last"][name], r0["last"][name], rtol=0, atol=0, msg=name)
+        for rank in (r0, r1):
+            torch.testing.assert_close(rank["end"][name], saved[f"model.{name}.scale_param"], rtol=0, atol=0)
+    for rank in (r0, r1):  # their own (last) group of the first optimizer, as on resume
+        assert rank["groups"] == 2 and rank["own_group"] and not rank["elsewhere"]

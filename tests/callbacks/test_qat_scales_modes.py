@@ -131,3 +131,32 @@ def test_fixed_input_output_pins_only_the_io_nodes_of_an_eager_model(tmp_path, d
     pinned = {name for name, node in ql.iter_fake_quantize(lit.model) if node.is_fixed}
     assert pinned == expected  # not fc1 / fc2, whose outputs feed F.relu
     assert not any(lit.model.get_submodule(f"{op}.output_quant").is_fixed for op in ("fc1", "fc2"))
+
+
+def test_resuming_another_scale_mode_with_learned_scales_is_refused_by_name(tmp_path, lit, data) -> None:
+    """The scales made in setup leave a moving-scale checkpoint loadable: the recipe check names the clash."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    callbacks = [PrepareQuantization(), Calibration(4), QuantizationAwareTraining(), ckpt]
+    make_trainer(tmp_path, callbacks, limit_train_batches=2, enable_checkpointing=True).fit(
+        lit, datamodule=data
+    )
+    other = [PrepareQuantization(), Calibration(4), QuantizationAwareTraining(scales="learned")]
+    with pytest.raises(ValueError, match="scales='moving'.*this run uses scales='learned'"):
+        make_trainer(tmp_path, other, max_epochs=2, version=1).fit(
+            LitClassifier(), datamodule=data, ckpt_path=tmp_path / "ckpt" / "last.ckpt"
+        )
+
+
+@pytest.mark.filterwarnings("ignore:Calibration uses only")
+def test_learned_scales_of_a_model_prepared_after_setup_are_made_at_train_start(tmp_path, lit, data) -> None:
+    callbacks = [
+        QuantizationAwareTraining(scales="learned"),
+        PrepareQuantization(),
+        Calibration(num_batches=2),
+    ]
+    trainer = make_trainer(tmp_path, callbacks, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(lit, datamodule=data)
+    learned = [n.scale_param for _, n in ql.iter_fake_quantize(lit.model) if n.scale_mode == "learned"]
+    assert learned and trainer.optimizers[0].param_groups[-1]["params"] == learned
