@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qat_lightning.app.schema import AppConfig, QatScales, StageName
+from qat_lightning.callbacks.qat import FIX_TO_SCALES
 from qat_lightning.quant.export.opsets import EXPORT_OPSETS
 
 __all__ = [
@@ -155,8 +156,8 @@ _RULES: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
 
 
 # ----------------------------------------------------------------------------------------------- QAT scales
-_FIX_TO_SCALES = {None: "moving", "none": "moving", "input_output": "fixed_input_output", "all": "fixed"}
-"""The old ``fix_scales`` names (``qat.fix_scales``, ``QuantizationAwareTraining(fix_scales=)``) as modes."""
+_FIX_TO_SCALES = {"none": "moving", **FIX_TO_SCALES}
+"""The old ``fix_scales`` names as scale modes (the QAT callback's map, plus ``qat.fix_scales=none``)."""
 
 TRIAL_SCALES = ("moving", "fixed_input_output")
 """The two QAT scale modes ``qat.scale_trial`` compares (the seed's QAT §2: updated / input-output fixed)."""

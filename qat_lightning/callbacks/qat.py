@@ -37,6 +37,7 @@ from qat_lightning.quant.qat import activation_nodes, find_lr_warmup, freeze_bat
 __all__ = [
     "BN_MODES",
     "FIX_SCALES",
+    "FIX_TO_SCALES",
     "QAT_SCALES",
     "QAT_STEP_SHARE",
     "QuantizationAwareTraining",
@@ -50,7 +51,8 @@ QAT_SCALES = ("moving", "fixed_input_output", "fixed", "learned")
 """``scales=``: activation scales follow the data (default: the seed fixes scales only when calibration
 accuracy is already good) / pinned on the model's input and output ops / all pinned / learned (LSQ).
 The old ``fix_scales`` names map onto it: None -> moving, input_output -> fixed_input_output, all -> fixed."""
-_FIX_TO_SCALES = {None: "moving", "input_output": "fixed_input_output", "all": "fixed"}
+FIX_TO_SCALES: dict[str | None, str] = {None: "moving", "input_output": "fixed_input_output", "all": "fixed"}
+"""The old ``fix_scales`` names as :data:`QAT_SCALES` modes."""
 QAT_STEP_SHARE = 0.2
 """The seed: QAT training steps should not exceed 20% of the floating-point training steps."""
 
@@ -130,10 +132,10 @@ class QuantizationAwareTraining(Callback):
         self.bn_mode = bn_mode
         if scales is not None and scales not in QAT_SCALES:
             raise ValueError(f"scales={scales!r} is not supported; allowed: {', '.join(QAT_SCALES)}")
-        if scales is not None and fix_scales is not None and _FIX_TO_SCALES[fix_scales] != scales:
+        if scales is not None and fix_scales is not None and FIX_TO_SCALES[fix_scales] != scales:
             raise ValueError(f"fix_scales={fix_scales!r} contradicts scales={scales!r}; give only scales")
-        self.scales = scales if scales is not None else _FIX_TO_SCALES[fix_scales]
-        self.fix_scales = {v: k for k, v in _FIX_TO_SCALES.items()}.get(self.scales)
+        self.scales = scales if scales is not None else FIX_TO_SCALES[fix_scales]
+        self.fix_scales = {v: k for k, v in FIX_TO_SCALES.items()}.get(self.scales)
         self.check_lr = check_lr
         self.float_steps = None if float_steps is None else int(float_steps)
         self.submodule = submodule
