@@ -584,6 +584,36 @@ def test_calibration_state_without_a_batch_changes_no_scale(generator) -> None:
     assert torch.equal(fq.scale, fq.observer.compute_scale(qint8))
 
 
+def test_a_pinned_scale_keeps_its_range_when_the_dtype_changes(generator) -> None:
+    """int8 -> int16 on a pinned node: ``scale * 127 / 32767`` (not the calibration statistics' scale)."""
+    fq = _moved_by_qat(generator)
+    fq.fix_scale()
+    pinned = fq.scale.clone()
+    fq.dtype = qint16
+    assert torch.equal(fq.scale, pinned * (127 / 32767))
+    set_fake_quantize(fq, "validation")
+    assert torch.equal(fq.scale, pinned * (127 / 32767))
+    fq.fix_scale(False)  # released: the statistics decide again on the next change
+    fq.dtype = qint8
+    assert torch.equal(fq.scale, fq.observer.compute_scale(qint8))
+
+
+def test_reset_statistics_then_as_many_batches_recomputes_the_scale(generator) -> None:
+    """A compiled calibration forward sets no flag; a reset + the same batch count must still count as new.
+
+    The observer is called directly, as the compiled forward does (statistics only, no host-side flag).
+    """
+    fq = calibrated(torch.randn(100, generator=generator))
+    old = fq.scale.clone()
+    set_fake_quantize(fq, "calibration")
+    fq.observer.reset_statistics()
+    fq.observer(torch.randn(100, generator=generator) * 10)  # one batch, as in the first calibration
+    set_fake_quantize(fq, "validation")
+    assert int(fq.observer.num_batches) == 1
+    assert not torch.equal(fq.scale, old)
+    assert torch.equal(fq.scale, fq.observer.compute_scale(qint8))
+
+
 # -------------------------------------------------------------------------------------- state round-trip
 def node_args(per_channel: bool, observer: str) -> dict:
     if per_channel:

@@ -10,17 +10,17 @@ A ``FakeQuantize`` owns one observer and a float32 ``scale`` buffer. Its behavio
     fake-quantized with the scale as it stands and then moves it (torch.ao's ``FakeQuantize`` observes
     first; with ``c = 0.01`` the two differ by 1 % of the gap). Before the first scale, and with ``c = 1``,
     the batch is observed first. Weight (per-channel) scales are the per-channel ``|w|`` max of the weights.
-  - ``fixed``: the scale never moves, not even in ``CALIBRATION`` (also the ``fixed`` observer).
+  - ``fixed``: the scale never moves, even in ``CALIBRATION``; a dtype change keeps its range.
   - ``learned``: per-tensor scales are a parameter ``scale_param`` trained by the LSQ gradient
     (:func:`~qat_lightning.quant.nodes.functional.lsq_quantize`); per-channel scales follow the weights.
-* ``CALIBRATION``: the observer collects statistics; values pass through unchanged.
-* ``VALIDATION``: fake quant with the frozen scale; nothing is observed. ``FLOAT``: identity.
+* ``CALIBRATION``: the observer collects statistics; values pass through unchanged. ``VALIDATION``: fake
+  quant with the frozen scale; nothing is observed. ``FLOAT``: identity.
 
 Device-neutral: no forward reads a tensor back to the host; moving average, first batch and non-finite
 cases are tensor ops, so a GPU step never syncs and ``torch.compile(fullgraph=True)`` / ``torch.export``
 trace it. Once a scale exists (a python mirror of ``scale_ready``, set outside the forward), the QAT
-quantize does not depend on the batch range, so inductor fuses the range and the quantize loops (and the
-opt-in ``cpu_kernels`` backend runs that whole QAT step in C in eager mode). Scales come from the observer
+quantize does not depend on the batch range (the opt-in ``cpu_kernels`` backend runs that whole QAT step in
+C in eager mode). Scales come from the observer
 statistics outside the forward, once it has seen new batches in ``CALIBRATION`` (on leaving it, ``.scale``,
 ``state_dict``), and on a dtype change. Half precision: float32 math, returned in its own dtype.
 
@@ -152,7 +152,7 @@ class FakeQuantize(nn.Module):
 
     @property
     def dtype(self) -> QuantDtype:
-        """Current precision. Setting it recomputes the scale from the kept statistics."""
+        """Current precision; setting it recomputes the scale (a pinned scale keeps its range)."""
         return self._dtype
 
     @dtype.setter
@@ -162,7 +162,8 @@ class FakeQuantize(nn.Module):
         self.dtype_code.fill_(new.code)
         if not new.is_integer or new == old:
             return
-        if self.observer.has_data or self.observer_name == "fixed":
+        pinned = self._fixed and self.observer_name != "fixed"
+        if (self.observer.has_data or self.observer_name == "fixed") and not (pinned and old.is_integer):
             self._dirty = True
             self.refresh_scale()
         elif old.is_integer and bool(self.scale_ready):

@@ -137,6 +137,7 @@ class Observer(torch.nn.Module, abc.ABC):
         # batches with NaN/inf seen by the sync-free path (raised at compute_scale); not checkpointed
         self.register_buffer("nonfinite_batches", torch.zeros((), dtype=torch.int64), persistent=False)
         self.histogram: AbsHistogram | None = None
+        self._resets = 0  # counted by reset_statistics: batches_seen() then differs even at equal counts
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         return apply_keeping_float32(self, super()._apply, fn, recurse)
@@ -271,9 +272,13 @@ class Observer(torch.nn.Module, abc.ABC):
 
     # ---- results -----------------------------------------------------------------------------------------
 
-    def batches_seen(self) -> tuple[int, int]:
-        """Return ``(num_batches, nonfinite_batches)``, read on the host (not for a forward: a GPU syncs)."""
-        return int(self.num_batches), int(self.nonfinite_batches)
+    def batches_seen(self) -> tuple[int, int, int]:
+        """Return ``(num_batches, nonfinite_batches, resets)``, read on the host (not for a forward).
+
+        ``resets`` counts :meth:`reset_statistics` calls, so a reset followed by as many batches as before
+        still reads as new data. On a GPU this syncs.
+        """
+        return int(self.num_batches), int(self.nonfinite_batches), self._resets
 
     @property
     def has_data(self) -> bool:
@@ -336,6 +341,7 @@ class Observer(torch.nn.Module, abc.ABC):
 
     def reset_statistics(self) -> None:
         """Forget everything observed (buffers keep their shapes)."""
+        self._resets += 1
         self.nonfinite_batches.zero_()
         self.min_val.fill_(math.inf)
         self.max_val.fill_(-math.inf)
