@@ -25,7 +25,6 @@ causes to check (or warns loudly when ``raise_on_failure=False``).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,95 +41,16 @@ from qat_lightning.callbacks._common import (
     write_text_rank_zero,
 )
 from qat_lightning.callbacks.logging import flush_loggers, log_scalars, log_text
+from qat_lightning.callbacks.sanity_result import CAUSES, SanityCheckError, SanityResult
 from qat_lightning.quant.calibrate import DataDrift, DataDriftMeter
-from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, set_fake_quantize
+from qat_lightning.quant.nodes import FakeQuantize, FakeQuantState, iter_fake_quantize, set_fake_quantize
 from qat_lightning.quant.qat import BN_TYPES
 
 __all__ = ["MONITOR_MODES", "SANITY_MODES", "SanityCheck", "SanityCheckError", "SanityResult", "CAUSES"]
 
 SANITY_MODES = ("lr0", "float")
 MONITOR_MODES = (None, "min", "max")
-
-CAUSES = {
-    "lr0": (
-        "With every learning rate at 0 and the activation scales and BN statistics held, the model cannot "
-        "change, so it should score like the calibration model. Check, from the seed:\n"
-        "  - the QAT training data pipeline against the calibration/validation one (a preprocessing or "
-        "normalization mismatch moves the BN statistics and the QAT activation scales);\n"
-        "  - the BN mode (QAT mode WithBN / freeze BN if the float training froze BN);\n"
-        "  - that calibration ran with enough batches (10 to 100) of inference-style data;\n"
-        "  - then run SanityCheck(mode='float') to rule out the training pipeline itself."
-    ),
-    "float": (
-        "With fake quantization off the prepared model is the float model, so the run should score like the "
-        "float model (or the float fine-tune). Check, from the seed:\n"
-        "  - the training pipeline: remove prepare and fine-tune the float model with the same QAT pipeline; "
-        "if that also fails, the pipeline (data, augmentation, LR, loss) is at fault, not quantization;\n"
-        "  - that the training and validation data are preprocessed the same way as in float training;\n"
-        "  - that the optimizer was built after prepare (PrepareQuantization does this in setup());\n"
-        "  - the BN mode and every other setting against the float training."
-    ),
-}
-
-
-class SanityCheckError(RuntimeError):
-    """A sanity check failed: the message holds both numbers and the causes to check."""
-
-
-@dataclass(frozen=True)
-class SanityResult:
-    """Outcome of a sanity check.
-
-    Attributes:
-        mode: ``lr0`` or ``float``.
-        monitor: the metric name.
-        reference: the calibration model's (lr0) or the float model's (float) metric.
-        result: the metric at the end of the run (``None`` when no validation ran after the reference).
-        tolerance: allowed absolute difference (plus ``rtol * |reference|``).
-        passed: whether ``|result - reference|`` is within tolerance (one-sided: or better), and, for
-            ``lr0``, the training data do not drift from the calibrated statistics.
-        status: ``PASS``, ``FAIL``, ``NO RESULT`` or ``INCOMPLETE``.
-        note: free text (how the reference was obtained, the comparison made, why it failed or is incomplete).
-        drift: for ``lr0``, what the held statistics would have learnt (``None`` otherwise).
-    """
-
-    mode: str
-    monitor: str
-    reference: float | None
-    result: float | None
-    tolerance: float
-    passed: bool
-    status: str
-    note: str = ""
-    drift: DataDrift | None = None
-
-    def render(self) -> str:
-        """Render as the text of ``sanity_check.txt``."""
-        diff = "n/a"
-        if self.reference is not None and self.result is not None:
-            diff = f"{self.result - self.reference:+.6g}"
-        what = "calibration model" if self.mode == "lr0" else "float model"
-        lines = [
-            f"Sanity check ({self.mode}): {self.status}",
-            f"monitor: {self.monitor}",
-            f"reference ({what}): {_fmt(self.reference)}",
-            f"result (QAT run, {_CONDITION[self.mode]}): {_fmt(self.result)}",
-            f"difference: {diff} (tolerance {self.tolerance:g})",
-        ]
-        if self.drift is not None:
-            lines.append(self.drift.render())
-        if self.note:
-            lines.append(f"note: {self.note}")
-        if self.status != "PASS":
-            lines += ["", CAUSES[self.mode]]
-        return "\n".join(lines) + "\n"
-
-
-_CONDITION = {"lr0": "lr=0, activation scales and BN statistics held", "float": "fake quant off"}
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.6g}"
+FLOAT = FakeQuantState.FLOAT
 
 
 class SanityCheck(Callback):
@@ -190,6 +110,7 @@ class SanityCheck(Callback):
         self._bn_momentum: list[tuple[nn.Module, float | None]] = []
         self._meter: DataDriftMeter | None = None
         self._drift: DataDrift | None = None
+        self._float_before: list[FakeQuantize] | None = None
 
     @property
     def state_key(self) -> str:
@@ -281,6 +202,10 @@ class SanityCheck(Callback):
     def _condition(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         model = self._model(pl_module)
         if self.mode == "float":
+            if self._float_before is None:  # nodes the user had in FLOAT stay there after the check
+                self._float_before = [
+                    n for _, n in iter_fake_quantize(model) if n.state is FakeQuantState.FLOAT
+                ]
             set_fake_quantize(model, FakeQuantState.FLOAT)
             return
         for optimizer in trainer.optimizers:
@@ -293,9 +218,12 @@ class SanityCheck(Callback):
                 module.momentum = 0.0
 
     def _release(self, pl_module: pl.LightningModule) -> None:
-        """Undo the condition: fake quant back on (float mode), BN momentum restored, drift hooks removed."""
+        """Undo the condition: quant nodes back (float mode), BN momentum restored, drift hooks removed."""
         if self.mode == "float":
             set_fake_quantize(self._model(pl_module), FakeQuantState.VALIDATION)
+            for node in self._float_before or []:
+                node.state = FakeQuantState.FLOAT
+            self._float_before = None
         for module, momentum in self._bn_momentum:
             module.momentum = momentum
         self._bn_momentum = []

@@ -8,6 +8,7 @@ from cb_helpers import LitClassifier, TinyData, make_trainer
 from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from qat_lightning import FakeQuantState, iter_fake_quantize, set_fake_quantize
 from qat_lightning.callbacks import (
     Calibration,
     PrepareQuantization,
@@ -84,6 +85,25 @@ def test_float_fails_loudly_on_a_preprocessing_mismatch(tmp_path):
     lit, check, trainer = _run(tmp_path, "float", broken, lr=0.001)
     with pytest.raises(SanityCheckError, match=r"(?s)Sanity check \(float\): FAIL.*remove prepare"):
         trainer.fit(lit, datamodule=broken)
+
+
+class HeadInFloat(Callback):
+    """A user's partial quantization: the head's quant nodes stay FLOAT."""
+
+    def on_train_start(self, trainer, pl_module):
+        set_fake_quantize(pl_module.model.head, "float")
+
+
+@pytest.mark.parametrize("mode", ["lr0", "float"])
+def test_nodes_the_user_kept_in_float_stay_float_after_the_check(tmp_path, mode):
+    lit, check, trainer = _run(tmp_path, mode, TinyData(), lr=0.001, extra=[])
+    trainer.callbacks.insert(trainer.callbacks.index(check), HeadInFloat())
+    trainer.fit(lit, datamodule=TinyData())
+    states = {name: node.state for name, node in iter_fake_quantize(lit.model)}
+    head = [name for name in states if name.startswith("head")]
+    assert head and all(states[name] is FakeQuantState.FLOAT for name in head)
+    rest = [state for name, state in states.items() if not name.startswith("head")]
+    assert rest and all(state is FakeQuantState.VALIDATION for state in rest)
 
 
 def test_missing_monitor_is_a_clear_error(tmp_path):
