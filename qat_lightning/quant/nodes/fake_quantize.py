@@ -10,7 +10,7 @@ A ``FakeQuantize`` owns one observer and a float32 ``scale`` buffer. Its behavio
     fake-quantized with the scale as it stands and then moves it (torch.ao's ``FakeQuantize`` observes
     first; with ``c = 0.01`` the two differ by 1 % of the gap). Before the first scale, and with ``c = 1``,
     the batch is observed first. Weight (per-channel) scales are the per-channel ``|w|`` max of the weights.
-  - ``fixed``: the scale never moves, even in ``CALIBRATION``; a dtype change keeps its range.
+  - ``fixed``: the scale never moves, even in ``CALIBRATION`` (a dtype change: the statistics' scale).
   - ``learned``: per-tensor scales are a parameter ``scale_param`` trained by the LSQ gradient
     (:func:`~qat_lightning.quant.nodes.functional.lsq_quantize`); per-channel scales follow the weights.
 * ``CALIBRATION``: the observer collects statistics; values pass through unchanged. ``VALIDATION``: fake
@@ -152,7 +152,7 @@ class FakeQuantize(nn.Module):
 
     @property
     def dtype(self) -> QuantDtype:
-        """Current precision; setting it recomputes the scale (a pinned scale keeps its range)."""
+        """Current precision; setting it recomputes the scale from the statistics (a pinned one too)."""
         return self._dtype
 
     @dtype.setter
@@ -162,8 +162,7 @@ class FakeQuantize(nn.Module):
         self.dtype_code.fill_(new.code)
         if not new.is_integer or new == old:
             return
-        pinned = self._fixed and self.observer_name != "fixed"
-        if (self.observer.has_data or self.observer_name == "fixed") and not (pinned and old.is_integer):
+        if self.observer.has_data or self.observer_name == "fixed":
             self._dirty = True
             self.refresh_scale()
         elif old.is_integer and bool(self.scale_ready):
