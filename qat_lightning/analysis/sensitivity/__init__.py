@@ -1,7 +1,8 @@
 """Quantization sensitivity (the seed's "Calculating Quantization Sensitivity"): one table per metric.
 
 * ``exact``: one op's quant node(s) on at a time, the rest of the model in float; ``downstream`` re-runs
-  only the fx graph below that op from cached float activations;
+  only the fx graph below every call that uses those nodes (a module called twice shares its weight node:
+  both calls) from cached float activations;
 * ``approximate``: a first-order Taylor estimate from one forward and a few backward passes.
 """
 

@@ -18,6 +18,10 @@ Details:
   :attr:`mutated` names the nodes) and callers must fall back to full forwards.
 * An op module that is not itself a ``call_module`` node (it lives inside a leaf module) is started from
   the innermost enclosing ``call_module`` node.
+* A module reachable at several paths (a weight quant node shared by the call sites ``fc`` and ``fc#1`` of
+  one ``nn.Linear``, an activation op shared by two leaf blocks) runs wherever any of its paths runs:
+  :meth:`GraphSlicer.start_nodes_of` starts from every ``call_module`` node of every path, so no call of a
+  changed module is read from the cache.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor, fx
+from torch import Tensor, fx, nn
 from torch.fx.node import Node, map_arg
 
 from qat_lightning.analysis.compare.index_ops import IndexRecord, IndexRecorder, IndexReplayer
@@ -69,6 +73,7 @@ class GraphSlicer:
         self.safe = True
         self.mutated: list[str] = []
         self._downstream: dict[tuple[Node, ...], list[Node]] = {}
+        self._paths: dict[int, list[str]] | None = None
 
     # ------------------------------------------------------------------ execution
     def _bind(self, inputs: ModelInputs) -> dict[Node, Any]:
@@ -145,6 +150,23 @@ class GraphSlicer:
                     best, best_len = [], len(target)
                 best.append(n)
         return best
+
+    def module_paths(self, module: nn.Module) -> list[str]:
+        """Return every path at which ``module`` is reachable in the graph module (a shared one: several)."""
+        if self._paths is None:
+            self._paths = {}
+            for path, mod in self.gm.named_modules(remove_duplicate=False):
+                self._paths.setdefault(id(mod), []).append(path)
+        return self._paths.get(id(module), [])
+
+    def start_nodes_of(self, modules: Iterable[nn.Module]) -> list[Node]:
+        """Return the ``call_module`` nodes that run any of ``modules`` at any of its paths, in graph order.
+
+        A module shared by several parents (one weight quant node under ``fc`` and ``fc#1``) gives the nodes
+        of all of them: :meth:`start_nodes` of one path alone would leave the other calls cached.
+        """
+        found = {n for m in modules for path in self.module_paths(m) for n in self.start_nodes(path)}
+        return sorted(found, key=self.position.__getitem__)
 
     def downstream(self, starts: Iterable[Node]) -> list[Node]:
         """Return ``starts`` and every node reachable from them through users, in graph order (no output)."""

@@ -9,9 +9,15 @@ inputs:
 * ``weight``: the op's weight node (gemm ops).
 
 On an fx ``GraphModule`` the float run is cached once and each probe re-runs only the nodes downstream
-of the op (:mod:`qat_lightning.analysis.sensitivity.downstream`); eager models (or graphs that mutate cached
-tensors in place) run one full forward per probe. Both give the same numbers. Index ops are replayed from the
-float run (:mod:`qat_lightning.analysis.compare.index_ops`).
+of every call that uses an enabled node (:mod:`qat_lightning.analysis.sensitivity.downstream`); eager models
+(or graphs that mutate cached tensors in place) run one full forward per probe. Both give the same numbers.
+Index ops are replayed from the float run (:mod:`qat_lightning.analysis.compare.index_ops`).
+
+Shared modules: a row measures its quant *nodes*, wherever they run. The call sites of one module (``fc``
+and ``fc#1`` of an ``nn.Linear`` called twice) share its weight node, so enabling ``fc``'s weight row
+quantizes the weight in both calls, and the rows ``fc / weight`` and ``fc#1 / weight`` measure the same node:
+they carry the same value (measured once), the error of that node over the whole model. Each op keeps its
+row (op names are what templates and the search take), so a shared node appears once per op that uses it.
 
 One :class:`SensitivityTable` per model output, rows most sensitive first. ``metric`` holds an error
 value (larger = worse): the metric itself for error metrics, ``1 - cosine`` for COSINE (named
@@ -139,6 +145,7 @@ def exact_sensitivity(
     results: dict[SensitivityTarget, dict[str, float]] = {}
     with analysis_mode(model), fake_quant_disabled(model), torch.no_grad():
         slicer = GraphSlicer(model) if use_slice and isinstance(model, fx.GraphModule) else None
+        cache = None
         if slicer is not None:
             cache = slicer.cache(inputs)
             if not slicer.safe:
@@ -156,32 +163,57 @@ def exact_sensitivity(
             with recorder:
                 ref = flatten_outputs(call_model(model, inputs))
             records = recorder.records
+        measured: dict[tuple[int, ...], dict[str, float]] = {}  # targets sharing their nodes: once
         for target in targets:
-            for node in target.nodes:
-                node.state = FakeQuantState.VALIDATION
-            try:
-                starts = slicer.start_nodes(target.module_path) if slicer is not None else []
-                if starts:
-                    out = slicer.run_downstream(cache, starts, _output_only(model, target, starts, cache))
-                else:
-                    with IndexReplayer(records) if records else nullcontext():
-                        out = call_model(model, inputs)
-            finally:
-                for node in target.nodes:
-                    node.state = FakeQuantState.FLOAT
-            results[target] = _output_metrics(metric, ref, out)
+            key = tuple(id(n) for n in target.nodes)
+            if key not in measured:
+                out = _run_enabled(model, inputs, target.nodes, slicer, cache, records)
+                measured[key] = _output_metrics(metric, ref, out)
+            results[target] = dict(measured[key])
     return results
 
 
-def _output_only(model: nn.Module, target: SensitivityTarget, starts: list, cache: FloatCache) -> dict | None:
-    """Return the op's new values when only its output node is enabled: ``q(cached float output)``.
+def _run_enabled(
+    model: nn.Module,
+    inputs: ModelInputs,
+    nodes: tuple[FakeQuantize, ...],
+    slicer: GraphSlicer | None,
+    cache: FloatCache | None,
+    records: list,
+) -> object:
+    """Return the model output with only ``nodes`` enabled.
 
-    The output node is the last thing an op module applies (ops.py contract), and in FLOAT it passes the
-    op's result through, so the cached value is exactly what the enabled node would quantize.
+    With a slicer, every call of every module holding one of the nodes is re-run with what follows it (a
+    shared weight node: all call sites of the module); otherwise one full forward.
     """
-    op = model.get_submodule(target.module_path)
-    out_node = getattr(op, "output_quant", None)
-    if target.nodes != (out_node,) or any(str(n.target) != target.module_path for n in starts):
+    for node in nodes:
+        node.state = FakeQuantState.VALIDATION
+    try:
+        starts = slicer.start_nodes_of(nodes) if slicer is not None and cache is not None else []
+        if starts:
+            return slicer.run_downstream(cache, starts, _output_only(slicer, nodes, starts, cache))
+        with IndexReplayer(records) if records else nullcontext():
+            return call_model(model, inputs)
+    finally:
+        for node in nodes:
+            node.state = FakeQuantState.FLOAT
+
+
+def _output_only(
+    slicer: GraphSlicer, nodes: tuple[FakeQuantize, ...], starts: list, cache: FloatCache
+) -> dict | None:
+    """Return the new values when only an output node is enabled: ``q(cached float output)`` per call.
+
+    Used when the one enabled node is the output node of the module of every start node. The output node
+    is the last thing an op module applies (ops.py contract), and in FLOAT it passes the op's result
+    through, so the cached value is exactly what the enabled node would quantize.
+    """
+    if len(nodes) != 1 or any(n.op != "call_module" for n in starts):
+        return None
+    (out_node,) = nodes
+    if any(
+        getattr(slicer.gm.get_submodule(str(n.target)), "output_quant", None) is not out_node for n in starts
+    ):
         return None
     values = [cache.values[n] for n in starts]
     if not all(isinstance(v, Tensor) and v.is_floating_point() for v in values):
@@ -197,6 +229,9 @@ def build_tables(
     all_flops: int | None = None,
 ) -> list[SensitivityTable]:
     """One table per model output, rows sorted most sensitive first (NaN first, ties in graph order).
+
+    A quant node shared by several ops (the weight of ``fc`` and ``fc#1``) has one row per op, all with the
+    node's value (the module docstring), so its rows sit together.
 
     Args:
         results: ``{target: {output name: error value}}``.
