@@ -16,7 +16,7 @@ from qat_lightning.analysis import (
     search_j6p,
     search_mixed_precision,
 )
-from qat_lightning.analysis.search.precision_nodes import collect_ops, raise_assignment
+from qat_lightning.analysis.search.precision_nodes import apply_chip_rules, collect_ops, raise_assignment
 from qat_lightning.analysis.search.precision_paths import j6p_base_dtypes
 from qat_lightning.analysis.state import node_dtypes
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
@@ -174,7 +174,9 @@ def test_fp16_topk_step(tmp_path) -> None:
             node.dtype = ql.qint16  # the all-int16 model
     (table,) = QuantAnalysis(model, out_dir=tmp_path).sensitivity(inputs=x, plot=False)
     top = next(r.op_name for r in table.rows if r.sensitive_type == "activation")
-    with node_dtypes({model.get_submodule(top).output_quant: ql.float16}):
+    one = {model.get_submodule(top).output_quant: ql.float16}
+    apply_chip_rules(collect_ops(model), one, "j6m")  # as plan.setter builds it: no float16 gemm input
+    with node_dtypes(one):
         with_one = eval_fn(model)
     reporter = SearchReporter(tmp_path, "fp16_topk")
     plan = search_fp16_topk(

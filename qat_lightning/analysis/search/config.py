@@ -39,7 +39,9 @@ class SearchConfig:
         base_dtypes: node dtypes applied under every probe (e.g. fp16 outputs, see ``search_j6p``).
         base_templates: templates reproducing ``base_dtypes`` in the plan's setter.
         reference_qconfig: the setter's reference qconfig (default ``get_qconfig(weight_dtype=low,
-            out_dtype=low)``).
+            out_dtype=low)``, with its ``mse`` observer: not the configuration the model was prepared
+            with, which the model does not keep; pass that one, and its templates as ``base_templates``,
+            for ``plan.setter`` to rebuild the probed model).
         max_cost_probes: at most this many probes in the cost-aware step (default: all raised ops).
         op_filter: keep only table rows whose op passes (``search_j6p``: gemm ops only).
         reuse_activations: serve each probe's forwards of an fx ``GraphModule`` from kept activations,

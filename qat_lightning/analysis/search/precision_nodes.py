@@ -8,6 +8,10 @@ to the qconfig, so a probe measures what the produced setter will prepare:
   its effective dtype is the producer's output dtype);
 * ``weight`` row: the gemm's weight node (when below ``high``).
 
+With a chip, every assignment then goes through the chip's rules with the setter's own rule code
+(:func:`apply_chip_rules`), so a probe measures and prices what ``plan.setter`` builds: e.g. on j6e/j6m a
+matmul with both inputs raised to qint16 is probed with its second input in qint8.
+
 Costs use :func:`qat_lightning.chips.op_cost` with each op's effective dtypes; with no chip the
 ``j6m`` prices are used (documented in the plan).
 """
@@ -23,9 +27,17 @@ from qat_lightning.chips import ChipSpec, get_chip, op_cost
 from qat_lightning.quant.dtypes import QuantDtype, float32
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, iter_quant_ops, quant_nodes_of
+from qat_lightning.quant.qconfig.setter import chip_issues
 from qat_lightning.quant.qconfig.templates import precision_rank
 
-__all__ = ["OpNodes", "collect_ops", "raise_assignment", "assignment_cost", "DEFAULT_COST_CHIP"]
+__all__ = [
+    "OpNodes",
+    "collect_ops",
+    "raise_assignment",
+    "apply_chip_rules",
+    "assignment_cost",
+    "DEFAULT_COST_CHIP",
+]
 
 DEFAULT_COST_CHIP = "j6m"
 
@@ -80,50 +92,75 @@ def raise_assignment(
 ) -> tuple[dict[FakeQuantize, QuantDtype], list[str]]:
     """Compute node dtypes after raising ``rows`` (``(op_name, sensitive_type)``) to ``high`` over ``base``.
 
-    With a chip that forbids double int16 on a gemm, a weight row whose op's activation input ends up in
-    qint16 stays low (what ``QconfigSetter(on_violation="downgrade")`` does); each such case is noted.
+    As :class:`~qat_lightning.quant.qconfig.templates.SensitivityTemplate` does, outputs and weights are
+    raised first, then gemm inputs (so the result does not depend on the row order). With a chip, its
+    rules follow (:func:`apply_chip_rules`, what ``QconfigSetter(on_violation="downgrade")`` does), e.g.
+    a weight row whose gemm's activation ends up in qint16 stays low on a chip without double int16.
 
     Returns:
-        ``(node → dtype for every changed node, notes)``.
+        ``(node → dtype for every changed node, notes)``; the notes list the chip's downgrades.
     """
     dtypes: dict[FakeQuantize, QuantDtype] = dict(base or {})
     notes: list[str] = []
     rank = precision_rank(high)
+    selected: list[OpNodes] = []
     for name, kind in rows:
         op = ops.get(name)
         if op is None:
             notes.append(f"{name}: not an op of this model (skipped)")
             continue
-        if kind == "weight":
-            if op.weight is not None and precision_rank(_current(op.weight, dtypes)) < rank:
-                dtypes[op.weight] = high
-            continue
-        out = op.output
-        if (
-            out is not None
-            and not _current(out, dtypes).is_float32
-            and precision_rank(_current(out, dtypes)) < rank
-        ):
-            dtypes[out] = high
-        if op.info.kind is OpKind.GEMM:
-            for node, eff in zip(op.inputs, effective_inputs(op, ops, dtypes), strict=True):
-                if eff is None or precision_rank(eff) < rank:
-                    dtypes[node] = high
-    if chip is not None and not chip.gemm_double_int16:
-        for name, op in ops.items():
-            if op.info.kind is not OpKind.GEMM or op.weight is None or op.info.is_matmul:
-                continue
-            acts = effective_inputs(op, ops, dtypes)
-            if (
-                any(a is not None and a.name == "qint16" for a in acts)
-                and _current(op.weight, dtypes).name == "qint16"
-            ):
-                if dtypes.get(op.weight) is not None and op.weight.dtype.name != "qint16":
-                    dtypes.pop(op.weight)
-                    notes.append(
-                        f"{name}: {chip.name} has no double int16 gemm: weight kept {op.weight.dtype}"
-                    )
+        node = op.weight if kind == "weight" else op.output
+        if node is not None and precision_rank(_current(node, dtypes)) < rank:
+            dtypes[node] = high
+        if kind != "weight" and op.info.kind is OpKind.GEMM:
+            selected.append(op)
+    for op in selected:
+        for node, eff in zip(op.inputs, effective_inputs(op, ops, dtypes), strict=True):
+            if eff is None or precision_rank(eff) < rank:
+                dtypes[node] = high
+    if chip is not None:
+        notes.extend(apply_chip_rules(ops, dtypes, chip))
     return dtypes, notes
+
+
+def _point(op: OpNodes, point: str) -> FakeQuantize | None:
+    if point in ("weight", "output"):
+        return op.weight if point == "weight" else op.output
+    index = int(point.split(".")[1])
+    return op.inputs[index] if index < len(op.inputs) else None
+
+
+def apply_chip_rules(
+    ops: Mapping[str, OpNodes], dtypes: dict[FakeQuantize, QuantDtype], chip: str | ChipSpec
+) -> list[str]:
+    """Apply the chip's downgrades to the pending ``dtypes`` in place, as ``plan.setter`` applies them.
+
+    The same rule code as ``QconfigSetter(on_violation="downgrade")``
+    (:func:`~qat_lightning.quant.qconfig.setter.chip_issues` on each op's effective dtypes, in graph order,
+    so a producer is fixed before its consumers read its output): a float gemm input becomes qint16, a
+    matmul's second input (a gemm's weight) qint16 -> qint8 where the chip has no double int16, an output
+    the chip cannot produce is changed. An entry that ends at the node's own dtype is dropped.
+
+    Returns:
+        one note per downgrade (``op: point before -> after (rule)``).
+    """
+    spec = get_chip(chip)
+    notes: list[str] = []
+    for op in ops.values():
+        weight = _current(op.weight, dtypes) if op.weight is not None else None
+        output = _current(op.output, dtypes) if op.output is not None else None
+        issues = chip_issues(op.info, effective_inputs(op, ops, dtypes), weight, output, spec)
+        for issue in issues:
+            node = _point(op, issue.point)
+            if node is None:
+                continue
+            if issue.after == node.dtype:
+                dtypes.pop(node, None)
+            else:
+                dtypes[node] = issue.after
+            double = "" if spec.gemm_double_int16 or issue.after.name != "qint8" else "no double int16 gemm: "
+            notes.append(f"{double}{issue.line()}")
+    return notes
 
 
 def assignment_cost(
@@ -133,15 +170,16 @@ def assignment_cost(
     spec = get_chip(chip if chip is not None else DEFAULT_COST_CHIP)
     total = 0.0
     for op in ops.values():
-        acts = [a for a in effective_inputs(op, ops, dtypes) if a is not None and not a.is_float32]
+        effective = [None if a is None or a.is_float32 else a for a in effective_inputs(op, ops, dtypes)]
+        acts = [a for a in effective if a is not None]
         out = _current(op.output, dtypes) if op.output is not None else None
         out = None if out is not None and out.is_float32 else out
         weight = _current(op.weight, dtypes) if op.weight is not None else None
         weight = None if weight is not None and weight.is_float32 else weight
         is_gemm = op.info.kind is OpKind.GEMM
         if is_gemm and op.info.is_matmul:
-            first = acts[0] if acts else None
-            second = acts[1] if len(acts) > 1 else first
+            first = effective[0] if effective else None
+            second = effective[1] if len(effective) > 1 else first
             total += op_cost(op.info.flops, first, second, out, spec, True)
         else:
             act = max(acts, key=precision_rank) if acts else None

@@ -53,8 +53,10 @@ def search_fp16_topk(
 ) -> MixedPrecisionPlan:
     """Run the int16→fp16 step: top-k ops of an int16 sensitivity table to float16, k = 1..max_k.
 
-    Only ``activation`` rows count (an op's output becomes float16; gemm inputs stay integer, no chip runs
-    a float16 gemm). Stops at the first k that meets the target (``reached=False`` after ``max_k``).
+    Only ``activation`` rows count (an op's output becomes float16). With a chip, each probe follows the
+    chip's rules as the setter applies them: a gemm input left as produced that would read a float16
+    output (no chip runs a float16 gemm) is probed in qint16, as ``plan.setter`` builds it.
+    Stops at the first k that meets the target (``reached=False`` after ``max_k``).
     The setter is ``reference`` (default all-int16 activations, int8 weights) + ``ModuleNameTemplate``
     mapping the chosen ops to float16. ``on_probe`` is called with every probe.
 
@@ -75,7 +77,7 @@ def search_fp16_topk(
     chosen: list[str] = []
     for k in range(1, len(rows) + 1):
         names = [r.op_name for r in rows[:k]]
-        dtypes = {s.ops[n].output: float16 for n in names}
+        dtypes = s.follow_chip({s.ops[n].output: float16 for n in names})
         p = s.measure("fp16", dtypes, k / max(len(table.rows), 1), (k,), k)
         if best is None or s.better(p.metric, best.metric) or p.ok:
             best, chosen = p, names
@@ -83,6 +85,7 @@ def search_fp16_topk(
             break
     if best is None:
         raise ValueError("the table has no activation row of this model")
+    all_fp16 = {s.ops[r.op_name].output: float16 for r in rows}
     setter = QconfigSetter(
         reference_qconfig=reference_qconfig or get_qconfig(weight_dtype=qint8, out_dtype=qint16),
         templates=[*base_templates, ModuleNameTemplate({n: float16 for n in chosen})],
@@ -99,12 +102,15 @@ def search_fp16_topk(
         low="qint16",
         high="float16",
         cost=best.cost,
-        cost_low=assignment_cost(s.ops, {}, chip),
-        cost_high=assignment_cost(s.ops, {s.ops[r.op_name].output: float16 for r in rows}, chip),
+        cost_low=assignment_cost(s.ops, s.follow_chip({}), chip),
+        cost_high=assignment_cost(s.ops, s.follow_chip(all_fp16), chip),
         probes=tuple(s.probes),
         setter=setter,
         chip=chip,
-        notes=() if best.ok else (f"target {target:g} not reached with up to {max_k} float16 ops",),
+        notes=(
+            *s.notes,
+            *([] if best.ok else [f"target {target:g} not reached with up to {max_k} float16 ops"]),
+        ),
     )
 
 

@@ -26,7 +26,12 @@ from contextlib import nullcontext
 
 from torch import nn
 
-from qat_lightning.analysis.search.precision_nodes import assignment_cost, collect_ops, raise_assignment
+from qat_lightning.analysis.search.precision_nodes import (
+    apply_chip_rules,
+    assignment_cost,
+    collect_ops,
+    raise_assignment,
+)
 from qat_lightning.analysis.search.probe_cache import ActivationReuse
 from qat_lightning.analysis.search.result import Probe
 from qat_lightning.analysis.state import analysis_mode, node_dtypes
@@ -85,10 +90,18 @@ class ProbeRunner:
         return a > b if self.higher else a < b
 
     def assignment(self, rows: Sequence[Row], high: QuantDtype) -> dict[FakeQuantize, QuantDtype]:
-        """Node dtypes after raising ``rows`` over the base assignment (chip notes collected)."""
+        """Node dtypes after raising ``rows`` over the base, then the chip rules (notes collected)."""
         dtypes, notes = raise_assignment(list(rows), self.ops, high, self.base, self.spec)
         self.notes.extend(n for n in notes if n not in self.notes)
         return dtypes
+
+    def follow_chip(self, dtypes: Mapping[FakeQuantize, QuantDtype]) -> dict[FakeQuantize, QuantDtype]:
+        """Return ``dtypes`` after the chip's rules, as the plan's setter applies them (notes collected)."""
+        fixed = dict(dtypes)
+        if self.spec is not None:
+            notes = apply_chip_rules(self.ops, fixed, self.spec)
+            self.notes.extend(n for n in notes if n not in self.notes)
+        return fixed
 
     def measure(
         self,
