@@ -161,18 +161,13 @@ class ActivationReuse:
             return
         self.slicer = GraphSlicer(model)
         self.quant = [m for m in model.modules() if isinstance(m, FakeQuantize)]
-        self.starts = self._start_nodes(model)
+        self.starts = {
+            fq: self.slicer.start_nodes_of([fq]) for fq in self.quant
+        }  # every call of a shared one
         quant_ids = {id(m) for m in self.quant}
         owned = [(m, t) for m in model.modules() for t in (*m._parameters.values(), *m._buffers.values())]
         self.tensors = [t for m, t in owned if t is not None and id(m) not in quant_ids]
         self.model_ids = {id(t) for _, t in owned}
-
-    def _start_nodes(self, model: fx.GraphModule) -> dict[FakeQuantize, list[Node]]:
-        paths: dict[int, list[str]] = {}
-        for path, module in model.named_modules(remove_duplicate=False):
-            paths.setdefault(id(module), []).append(path)
-        starts = self.slicer.start_nodes
-        return {fq: list({n: None for p in paths[id(fq)] for n in starts(p)}) for fq in self.quant}
 
     # ------------------------------------------------------------------ serving
     @contextmanager
