@@ -15,6 +15,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import qat_lightning as ql
+from qat_lightning.quant.nodes.fp16_norm import fp16_layer_norm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import TinyEncoder, TinyResNet  # noqa: E402
@@ -243,6 +244,37 @@ def test_flipping_states_does_not_recompile_after_each_first_compile() -> None:
         ql.set_fake_quantize(p, state)
         compiled(*example)
     assert counts["stats"]["unique_graphs"] == frames
+
+
+@pytest.mark.parametrize("state", ["validation", "qat"])
+def test_compiled_float16_node_rounds_as_eager(state) -> None:
+    """inductor drops a fused float32 -> float16 -> float32 round trip: the fake cast must survive it."""
+    torch.manual_seed(0)
+    x = torch.randn(1000) * 3
+    node = ql.FakeQuantize("float16")
+    ql.set_fake_quantize(node, state)
+    torch._dynamo.reset()
+    out = torch.compile(node, fullgraph=True)(x)
+    assert torch.equal(out, x.half().float()) and not torch.equal(out, x)
+
+
+def test_compiled_fp16_layer_norm_simulation_stays_on_the_float16_grid() -> None:
+    torch.manual_seed(0)
+    x, w, b = torch.randn(4, 64) * 3 + 1.0, torch.randn(64), torch.randn(64)
+    eager = fp16_layer_norm(x, 64, w, b, auto_scale=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: fp16_layer_norm(t, 64, w, b, auto_scale=False), fullgraph=True)(x)
+    assert torch.equal(compiled, eager) and torch.equal(compiled, compiled.half().float())
+
+
+def test_float16_fake_cast_of_bfloat16_saturates_in_float32() -> None:
+    """bf16 rounds 65504 up to 65536 (inf in float16): the clamp runs in float32, then back to bf16."""
+    x = torch.tensor([99840.0, -99840.0, 65536.0, 70144.0, 1.5]).bfloat16()
+    want = x.float().clamp(-65504, 65504).half().bfloat16()
+    assert torch.equal(ql.fake_quantize(x, 1.0, ql.float16), want)
+    node = ql.FakeQuantize("float16").bfloat16()
+    ql.set_fake_quantize(node, "validation")
+    assert torch.equal(node(x), want) and bool(torch.isfinite(node(x)).all())
 
 
 def test_export_in_validation_runs_and_matches() -> None:

@@ -202,12 +202,35 @@ def fake_quantize(
     return quantize_tensor(x, scale_t, qdtype.qmin, qdtype.qmax, ch_axis)
 
 
+def _round_to_float16(x: Tensor) -> Tensor:
+    """``x`` rounded to float16 (saturating at ±65504), in ``x``'s dtype; the clamp runs in float32.
+
+    Traced, through an op of its own (:func:`_round_to_float16_op`): inductor drops a float32 -> float16 ->
+    float32 round trip it can fuse (it keeps low-precision values in float32 registers), so the fused loop
+    would not round at all.
+    """
+    if torch.compiler.is_compiling():
+        return _round_to_float16_op(x)
+    return x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(x.dtype)  # bf16's 65504 rounds to inf
+
+
+@torch.library.custom_op("qat_lightning::round_to_float16", mutates_args=())
+def _round_to_float16_op(x: Tensor) -> Tensor:
+    """:func:`_round_to_float16` as an opaque op (traced code)."""
+    return x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(x.dtype)
+
+
+@_round_to_float16_op.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 class _FakeCastSTE(torch.autograd.Function):
     """Round trip through float16, saturating at the fp16 max; identity gradient."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # noqa: D102
-        return x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(x.dtype)
+        return _round_to_float16(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
