@@ -382,10 +382,28 @@ def test_dtype_by_name() -> None:
 
 def test_mismatched_per_channel_scale_raises() -> None:
     x = torch.randn(2, 3, 4)
-    with pytest.raises(ValueError, match="3 scales along axis 1, got 4"):
+    with pytest.raises(ValueError, match="3 channels along axis 1 .* but there are 4 scales"):
         fake_quantize(x, torch.ones(4), qint8, ch_axis=1)
     with pytest.raises(ValueError, match="per-channel"):
         fake_quantize(x, torch.ones(2), qint8, ch_axis=-1)
+
+
+@pytest.mark.parametrize("backend", ["default", "cpu_kernels"])
+@pytest.mark.parametrize("rows", [1, 4, 16])
+def test_a_node_refuses_a_tensor_with_another_channel_count(backend, rows) -> None:
+    """8 per-channel scales and 1, 4 or 16 rows: no broadcast, no read past the scales (C backend)."""
+    if backend == "cpu_kernels" and not cpu_kernels.kernels_available():
+        pytest.skip("cpu_kernels not built")
+    node = FakeQuantize(qint8, ch_axis=0, num_channels=8)
+    set_fake_quantize(node, "calibration")
+    node(torch.randn(8, 5))
+    set_fake_quantize(node, "validation")
+    set_backend(backend)
+    try:
+        with pytest.raises(ValueError, match=f"{rows} channels along axis 0 .* 8 scales"):
+            node(torch.randn(rows, 5))
+    finally:
+        set_backend("default")
 
 
 def test_per_tensor_with_several_scales_raises() -> None:

@@ -148,7 +148,12 @@ def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int
 
     Returns:
         The fake-quantized tensor in ``x``'s dtype; straight-through gradient inside the range.
+
+    Raises:
+        ValueError: when ``x.shape[ch_axis]`` is not the number of per-channel scales.
     """
+    if ch_axis is not None:
+        _check_scale(scale, x, ch_axis)  # shapes only (no sync): a wrong channel count must not broadcast
     dtype = x.dtype
     out = None
     if _BACKEND_HOOK and dtype == torch.float32 and not torch.compiler.is_compiling():
@@ -167,8 +172,8 @@ def _check_scale(scale: Tensor, x: Tensor, ch_axis: int | None) -> None:
         raise ValueError(f"ch_axis={ch_axis} is out of range for a {x.dim()}-d tensor")
     if scale.numel() != x.shape[ch_axis]:
         raise ValueError(
-            f"per-channel fake quant needs {x.shape[ch_axis]} scales along axis {ch_axis}, "
-            f"got {scale.numel()}"
+            f"per-channel fake quant: the tensor has {x.shape[ch_axis]} channels along axis {ch_axis} "
+            f"(shape {tuple(x.shape)}) but there are {scale.numel()} scales"
         )
 
 
