@@ -19,7 +19,8 @@ The calibrated model is evaluated as the seed's "calibration model": ``eval()``,
 model, the float reference is that model with its quant nodes in FLOAT (names align exactly). With two,
 bad cases compare the float model's outputs, the per-layer table aligns ops to float modules where it can
 (:mod:`qat_lightning.analysis.compare.alignment`), and sensitivity always uses the prepared model in FLOAT
-as the reference (it measures quant nodes, which only the prepared model has).
+as the reference (it measures quant nodes, which only the prepared model has). Every run is inside
+:func:`qat_lightning.ptq.float_reference`: after AdaRound / bias correction FLOAT is the original float model.
 
 ``reference="onnxruntime"`` (with ``onnx_path``, a file :func:`qat_lightning.quant.export.export_onnx` wrote)
 makes the per-layer step compare the deployed model with the fake-quant model instead: every quant point of
@@ -70,6 +71,7 @@ from qat_lightning.analysis.sensitivity.exact import (
     sensitivity_targets,
 )
 from qat_lightning.analysis.state import analysis_mode, eval_mode
+from qat_lightning.ptq.float_reference import float_reference
 from qat_lightning.quant.calibrate import require_calibrated
 from qat_lightning.quant.nodes.fake_quantize import fake_quant_disabled
 from qat_lightning.quant.ops import iter_quant_ops
@@ -150,7 +152,8 @@ class QuantAnalysis:
         """
         resolved = resolve_metrics(metrics)
         single = self.float_model is None
-        with analysis_mode(self.model), eval_mode(*([] if single else [self.float_model])):
+        ref = float_reference(self.model)
+        with analysis_mode(self.model), eval_mode(*([] if single else [self.float_model])), ref:
             self.bad_cases = find_bad_cases(
                 self.model if single else self.float_model,
                 self.model,
@@ -229,7 +232,8 @@ class QuantAnalysis:
         if self.reference == "onnxruntime":
             self._batches = list(batches)
             return
-        self._records, self._order = record_layers(self.model, batches, self.float_model)
+        with float_reference(self.model):
+            self._records, self._order = record_layers(self.model, batches, self.float_model)
 
     def compare_per_layer(
         self,
@@ -342,10 +346,11 @@ class QuantAnalysis:
         batch = self.bad_case_inputs() if inputs is None else normalize_inputs(inputs)
         targets = sensitivity_targets(self.model, kinds)
         float_ops, total = self._float_ops()  # the shares count the unquantized ops' FLOPs too
-        if method == "exact":
-            results = exact_sensitivity(self.model, batch, resolved, targets)
-        else:
-            results = approximate_sensitivity(self.model, batch, resolved, targets, num_probes=num_probes)
+        with float_reference(self.model):
+            if method == "exact":
+                results = exact_sensitivity(self.model, batch, resolved, targets)
+            else:
+                results = approximate_sensitivity(self.model, batch, resolved, targets, num_probes=num_probes)
         self.tables = build_tables(results, resolved, method, total)
         for table in self.tables:
             stem = f"sensitivity_{safe_filename(table.output_name)}"

@@ -27,6 +27,7 @@ __all__ = [
     "calibration_batches",
     "is_rank_zero",
     "read_checkpoint_info",
+    "restore_float_records",
 ]
 
 APP_KEY = "qat_lightning"
@@ -128,3 +129,23 @@ def calibration_batches(checkpoint: Any, submodule: str | None = None) -> int | 
         if isinstance(used, int) and not isinstance(used, bool) and used > 0:
             found.add(used)
     return found.pop() if len(found) == 1 else None
+
+
+def restore_float_records(lit: L.LightningModule, checkpoint: Any, submodule: str) -> bool:
+    """Attach the float records a checkpoint carries to ``lit.<submodule>`` (loaded from it, prepared).
+
+    The PTQ callbacks save, under ``checkpoint["qat_lightning_ptq"]``, the float values AdaRound / bias
+    correction overwrote (not in the ``state_dict``); with them attached, the analysis and search of the
+    loaded network measure against the original float model (:func:`qat_lightning.ptq.float_reference`).
+
+    Returns:
+        Whether records were attached.
+    """
+    from qat_lightning.ptq import PTQ_CHECKPOINT_KEY, load_float_record_state
+
+    saved = checkpoint.get(PTQ_CHECKPOINT_KEY) if isinstance(checkpoint, Mapping) else None
+    records = (saved or {}).get(submodule)
+    if not records:
+        return False
+    load_float_record_state(lit.get_submodule(submodule), records)
+    return True

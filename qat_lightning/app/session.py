@@ -22,7 +22,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
-from qat_lightning.app.checkpoints import CheckpointInfo, Record, read_checkpoint_info
+from qat_lightning.app.checkpoints import CheckpointInfo, Record, read_checkpoint_info, restore_float_records
 from qat_lightning.app.config_checks import qat_scales
 from qat_lightning.app.qat_optimizers import qat_optimizers
 from qat_lightning.app.recipes import Recipe
@@ -250,10 +250,10 @@ class Session:
     def load_quantized(
         self, path: Path, out_dir: Path | None = None
     ) -> tuple[L.LightningModule, CheckpointInfo]:
-        """Build a fresh module prepared with the checkpoint's recorded recipe, loaded strictly."""
+        """Build a fresh module prepared with the checkpoint's recipe, loaded strictly (+ float records)."""
         from qat_lightning.callbacks.prepare import load_quantized_checkpoint, prepare_submodule
 
-        _, info = read_checkpoint_info(path)
+        ckpt, info = read_checkpoint_info(path)
         if info is None or info.recipe is None:
             raise ValueError(
                 f"{path} was not written by a qat-lightning calibration/qat stage (no recorded recipe); "
@@ -283,6 +283,7 @@ class Session:
             qat_mode=p.qat_mode.value,
             int_bias=p.int_bias,
         )
+        restore_float_records(lit, ckpt, p.submodule)  # the float values ptq= overwrote, for the analysis
         return lit, info
 
     def qat(

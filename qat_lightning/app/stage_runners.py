@@ -120,9 +120,11 @@ def _float_check(pipe: Pipeline, lit: Any, float_metric: float, out: Path) -> No
         if pipe.cfg.sanity.mode.value == "lr0":
             log.info("sanity=lr0 applies to QAT (stage=qat / pipeline); nothing to check after calibration")
         return
+    from qat_lightning.ptq import float_reference
     from qat_lightning.quant.nodes.fake_quantize import fake_quant_disabled
 
-    with fake_quant_disabled(getattr(lit, pipe.cfg.prepare.submodule)):
+    net = getattr(lit, pipe.cfg.prepare.submodule)
+    with float_reference(net), fake_quant_disabled(net):  # ptq=: the float values it overwrote
         got = pipe.session.validate(lit, out)
     ok = abs(got - float_metric) <= pipe.cfg.sanity.tolerance
     text = (

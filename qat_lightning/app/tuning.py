@@ -135,6 +135,9 @@ def int16_search(
 ) -> SearchOutcome:
     """Find the minimal int16 ratio reaching ``target``, or the rows of a fixed ``ratio``.
 
+    The search runs inside :func:`qat_lightning.ptq.float_reference`: after ``ptq=`` a raised weight is the
+    original float weight quantized at the higher precision (AdaRound's rounding is for the low dtype).
+
     Args:
         model: the calibrated low-precision network (left as it was).
         tables: sensitivity tables.
@@ -157,6 +160,7 @@ def int16_search(
         chosen = SensitivityTemplate(list(tables), ratio, sensitive_type, high).selected()
         return SearchOutcome(tuple(chosen), None, False, (), ratio)
     from qat_lightning.analysis import SearchReporter, search_j6p, search_mixed_precision
+    from qat_lightning.ptq import float_reference
 
     reporter = SearchReporter(out_dir) if out_dir is not None else None
     common = {
@@ -166,21 +170,23 @@ def int16_search(
         "reuse_activations": reuse_activations,
         "cache_budget_mb": cache_budget_mb,
     }
-    if gemm_only:
-        plan = search_j6p(
-            model, list(tables), eval_fn, target, chip=chip, sensitive_type=sensitive_type, **common
-        )
-    else:
-        plan = search_mixed_precision(
-            model,
-            list(tables),
-            eval_fn,
-            target,
-            high=high,
-            chip=chip,
-            sensitive_type=sensitive_type,
-            **common,
-        )
+    # after ptq=, an op raised to int16 quantizes its float weight, not AdaRound's int8 rounding of it
+    with float_reference(model):
+        if gemm_only:
+            plan = search_j6p(
+                model, list(tables), eval_fn, target, chip=chip, sensitive_type=sensitive_type, **common
+            )
+        else:
+            plan = search_mixed_precision(
+                model,
+                list(tables),
+                eval_fn,
+                target,
+                high=high,
+                chip=chip,
+                sensitive_type=sensitive_type,
+                **common,
+            )
     if reporter is not None:
         reporter.write(plan)
     probes = tuple((float(p.ratio), float(p.metric)) for p in plan.probes)

@@ -16,6 +16,12 @@ Order in ``Trainer(callbacks=[...])`` is the order of their work::
 weights of its checkpoint. ``Equalization`` runs in every ``setup()`` on the fresh float network; a checkpoint
 restored afterwards brings the weights it saved. Under DDP the algorithms run on every rank's shard and
 rank zero's result is broadcast.
+
+``AdaRound`` / ``BiasCorrection`` overwrite float parameters (rounded weights, corrected biases) and record
+the original values on the network (:mod:`qat_lightning.ptq.float_record`); the analysis tools read the
+float model from them (:func:`qat_lightning.ptq.float_reference`). The record is not in the ``state_dict``:
+these callbacks save it under ``checkpoint["qat_lightning_ptq"][submodule]`` and attach it again when a
+checkpoint is restored (the app's ``load_quantized`` does the same for a calibration checkpoint).
 """
 
 from __future__ import annotations
@@ -44,10 +50,13 @@ from qat_lightning.callbacks._common import (
 from qat_lightning.ptq import (
     DEFAULT_ALPHAS,
     EQUALIZE_KINDS,
+    PTQ_CHECKPOINT_KEY,
     AdaRoundConfig,
     adaround,
     bias_correction,
     equalize,
+    float_record_state,
+    load_float_record_state,
 )
 
 __all__ = ["AdaRound", "BiasCorrection", "Equalization"]
@@ -62,14 +71,18 @@ def _batches(trainer: pl.Trainer, pl_module: pl.LightningModule, which: str | It
 
 
 def _broadcast(trainer: pl.Trainer, model: nn.Module) -> None:
-    """Give every rank rank zero's parameters and buffers (no-op on one process)."""
+    """Give every rank rank zero's parameters, buffers and float records (no-op on one process)."""
     if trainer.world_size <= 1 or not (
         torch.distributed.is_available() and torch.distributed.is_initialized()
     ):
         return
+    records = float_record_state(model)  # read before the broadcast moves the parameters they describe
     for p in model.parameters():
         torch.distributed.broadcast(p.data, src=0)
     broadcast_module_state(trainer, model)
+    for key in sorted(records):  # the same ops on every rank; in place: the records' own tensors
+        torch.distributed.broadcast(records[key]["original"], src=0)
+        torch.distributed.broadcast(records[key]["written"], src=0)
 
 
 def _check_common(num_batches: int | None, dataloader: Any) -> None:
@@ -174,6 +187,24 @@ class _AfterCalibration(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore whether it ran."""
         self.applied = bool(state_dict.get("applied", False))
+
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Save the network's float records (the values the post-training steps overwrote)."""
+        model = get_submodule(pl_module, self.submodule)
+        records = float_record_state(model) if is_prepared(model) else {}
+        if records:
+            checkpoint.setdefault(PTQ_CHECKPOINT_KEY, {})[self.submodule] = records
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Attach the float records of a restored checkpoint to the network."""
+        records = (checkpoint.get(PTQ_CHECKPOINT_KEY) or {}).get(self.submodule)
+        model = get_submodule(pl_module, self.submodule)
+        if records and is_prepared(model):
+            load_float_record_state(model, records)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run after Calibration (put this callback after it)."""

@@ -7,8 +7,14 @@ already rounded) are recorded on the calibration batches. With the calibrated pe
 inputs, plus a regulariser that pushes every ``h`` to 0 or 1 (its exponent annealed from 20 to 2). The
 learned rounding (``h = V >= 0``) is kept only when its output error on the recorded inputs is not larger
 than nearest rounding's, so the result is never worse than nearest on that objective. The chosen grid
-values are written into the weight and the weight scale is pinned (``fix_scale``), so the fake quant
-reproduces them exactly. Weights only; no labels.
+values are written into the weight (what a following QAT starts from) and the weight scale is pinned
+(``fix_scale``), so the fake quant reproduces them exactly. Weights only; no labels.
+
+The float weights it overwrites are recorded on the model (:mod:`qat_lightning.ptq.float_record`): the
+prepared model with fake quant off then runs the rounded weights, but inside
+:func:`qat_lightning.ptq.float_reference` (which ``QuantAnalysis`` and ``bias_correction`` use) it runs the
+original float weights again. A second call starts from the recorded float weights, not from its own
+rounding.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch import Tensor, nn
 from qat_lightning.analysis.inputs import InputFn
 from qat_lightning.ptq.capture import calibration_batches, record, run_all
 from qat_lightning.ptq.gemm_view import GemmView, calibrated_views
+from qat_lightning.quant import FakeQuantState
 
 __all__ = ["AdaRoundConfig", "AdaRoundRow", "AdaRoundResult", "adaround", "rounding_error"]
 
@@ -171,6 +178,9 @@ def adaround(
 ) -> AdaRoundResult:
     """Learn the rounding of every conv / linear weight of a calibrated model and freeze it into the weight.
 
+    The float weights are recorded before they are overwritten (module docstring); a weight recorded by an
+    earlier call is written back first, so every call rounds the original float weights.
+
     Args:
         model: a prepared, calibrated model (weights quantized per output channel).
         dataloader: calibration batches (no labels needed).
@@ -187,10 +197,15 @@ def adaround(
     cfg = config or AdaRoundConfig()
     views, skipped = calibrated_views(model, "adaround")
     batches = calibration_batches(dataloader, num_batches, input_fn, "adaround")
+    for view in views:
+        view.restore_weight()  # an earlier call's rounding: start again from the float weights
     rows = []
     # callers may sit in an evaluation loop (inference mode): the rounding is learned with autograd
     with torch.inference_mode(False), torch.enable_grad():
         for view in views:
+            if view.weight_quant.state is FakeQuantState.FLOAT:
+                skipped += ((view.name, "weight quant node in FLOAT (kept float): not rounded"),)
+                continue
             with record(
                 view.op, lambda args, _o, v=view: v.input_quant(args[0]).clone(), inputs_only=True
             ) as xs:

@@ -5,7 +5,8 @@ quant node sees (BN-folded for a fused conv-bn), a way to write a new value of t
 op's bias, and the op's gemm on a given input and weight. :func:`gemm_views` reads those from the op
 modules' public attributes (``op_info``, ``input_quant``, ``weight_quant``, ``module`` / ``conv`` + ``bn``,
 ``kind``, ``qat_mode``); every other part of ``qat_lightning.ptq`` goes through :class:`GemmView`, so a
-change of the op modules touches this file only.
+change of the op modules touches this file only. Every write of a float parameter through a view records
+the value it overwrites first (:mod:`qat_lightning.ptq.float_record`), so the float model stays known.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from qat_lightning.ptq.float_record import mark_written, remember, restore
 from qat_lightning.quant import FakeQuantize, FakeQuantState, iter_fake_quantize, iter_quant_ops
 
 __all__ = ["GemmView", "calibrated_views", "gemm_views"]
@@ -75,29 +77,48 @@ class GemmView:
 
     @torch.no_grad()
     def set_weight(self, value: Tensor) -> None:
-        """Write ``value`` as the weight the quant node sees (un-folded into the conv for a conv-bn)."""
+        """Write ``value`` as the weight the quant node sees (un-folded into the conv for a conv-bn).
+
+        The float weight it overwrites is recorded first (kept from an earlier write), with the weight dtype.
+        """
         if self.bn is not None:
             fold = self._fold()
             value = value / self._per_channel(fold.masked_fill(fold == 0, 1.0))
+        remember(self.module, "weight", self.weight_quant.dtype.name)
         self.module.weight.copy_(value)
+        mark_written(self.module, "weight")
+
+    def restore_weight(self) -> bool:
+        """Write the recorded original float weight back (see :func:`~.float_record.restore`)."""
+        return restore(self.module, "weight")
+
+    @property
+    def bias_owner(self) -> nn.Module:
+        """The module whose ``bias`` is the op's bias: the folded BN (its beta) or the conv / linear."""
+        return self.bn if self.bn is not None else self.module
+
+    def restore_bias(self) -> bool:
+        """Write the recorded original float bias back (see :func:`~.float_record.restore`)."""
+        return restore(self.bias_owner, "bias")
 
     @property
     def has_bias(self) -> bool:
         """Whether the op has a bias parameter to shift (the BN's beta for a folded conv-bn)."""
-        owner = self.bn if self.bn is not None else self.module
-        return isinstance(owner.bias, Tensor)
+        return isinstance(self.bias_owner.bias, Tensor)
 
     @torch.no_grad()
     def shift_bias(self, delta: Tensor) -> None:
-        """Add ``delta`` (one value per output channel) to the op's bias.
+        """Add ``delta`` (one value per output channel) to the op's bias (the original is recorded first).
 
         Raises:
             ValueError: when the op has no bias (adding one would change the model's state_dict keys).
         """
-        owner = self.bn if self.bn is not None else self.module
+        owner = self.bias_owner
         if not isinstance(owner.bias, Tensor):
             raise ValueError(f"{self.name}: the op has no bias to shift")
+        remember(owner, "bias")
         owner.bias.add_(delta.to(owner.bias))
+        mark_written(owner, "bias")
 
     def gemm(self, x: Tensor, weight: Tensor) -> Tensor:
         """Compute the op's conv / linear of ``x`` with ``weight`` (as the weight node sees it) + bias."""

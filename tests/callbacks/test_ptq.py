@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import qat_lightning as ql
 from qat_lightning.callbacks import AdaRound, BiasCorrection, Calibration, Equalization, PrepareQuantization
 from qat_lightning.cli import CONFIG_DIR, compose, make_factories, register_schema
+from qat_lightning.ptq import PTQ_CHECKPOINT_KEY, float_reference, original_float_parameters
 from tests.models import TinyEncoder
 
 PTQ_CHOICES = sorted(p.stem for p in (Path(CONFIG_DIR) / "ptq").glob("*.yaml"))
@@ -77,11 +78,49 @@ def test_callbacks_run_in_order_on_a_real_trainer(tmp_path: Path) -> None:
     assert {r.name for r in ada.result.rows} == {r.name for r in bc.result.rows}
     with ql.fake_quant_state(lit.model, ql.FakeQuantState.FLOAT):  # the AdaRound weights moved, slightly
         assert torch.allclose(lit.model.eval()(x), reference(x), atol=0.2)
+        with float_reference(
+            lit.model
+        ):  # ... and their float values are recorded (equalization: same function)
+            assert torch.allclose(lit.model.eval()(x), reference(x), atol=1e-4)
     assert ada.state_dict() == {"applied": True}
     again = _trainer(tmp_path, [PrepareQuantization(), Calibration(num_batches=4), ada])
     before = {k: v.clone() for k, v in lit.state_dict().items()}
     again.validate(lit, verbose=False)  # runs once: a second pass changes nothing
     assert all(torch.equal(v, before[k]) for k, v in lit.state_dict().items())
+
+
+def test_float_records_travel_in_the_checkpoint(tmp_path: Path) -> None:
+    """The values AdaRound / BiasCorrection overwrote are saved in the checkpoint and attached on restore."""
+    lit = _Lit()
+    reference = copy.deepcopy(lit.model).eval()
+    x = next(iter(lit.train_dataloader()))[0]
+
+    def callbacks() -> list:
+        return [
+            PrepareQuantization(),
+            Calibration(num_batches=4),
+            AdaRound(num_batches=2, iterations=10),
+            BiasCorrection(num_batches=2),
+        ]
+
+    trainer = _trainer(tmp_path, callbacks())
+    trainer.validate(lit, verbose=False)
+    recorded = original_float_parameters(lit.model)
+    assert any(k.endswith(".weight") for k in recorded) and any(k.endswith(".bias") for k in recorded)
+    path = tmp_path / "ptq.ckpt"
+    trainer.save_checkpoint(str(path))
+    saved = torch.load(str(path), map_location="cpu", weights_only=True)[PTQ_CHECKPOINT_KEY]["model"]
+    assert set(saved) == set(recorded)
+    restored = _Lit()
+    again = callbacks()
+    _trainer(tmp_path, again).validate(restored, ckpt_path=str(path), verbose=False)
+    assert again[2].applied and again[3].applied and again[2].result is None  # restored, not run again
+    assert {k: v.shape for k, v in original_float_parameters(restored.model).items()} == {
+        k: v.shape for k, v in recorded.items()
+    }
+    model = restored.model.eval()
+    with torch.no_grad(), ql.fake_quant_state(model, ql.FakeQuantState.FLOAT), float_reference(model):
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=1e-5)
 
 
 def test_wrong_order_is_refused(tmp_path: Path) -> None:

@@ -82,3 +82,49 @@ def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 m.weight[:, 0] *= 8.0
     return model.eval()
+
+
+class DigitsMLP(nn.Module):
+    """64 -> 32 (relu) -> 32 -> scaled residual -> 10 on scikit-learn's digits (a wide residual for fc3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(64, 32)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(32, 32)
+        self.fc3 = nn.Linear(32, 10)
+
+    def forward(self, x: Tensor) -> Tensor:  # noqa: D102
+        h = self.relu(self.fc1(x))
+        return self.fc3(h + self.fc2(h) * 50.0)
+
+
+def digits_mlp(steps: int = 300) -> tuple[nn.Module, nn.Module, Tensor]:
+    """A :class:`DigitsMLP` trained on ``load_digits``, its calibrated int8 (minmax) prepared copy, the data.
+
+    Calibration: the first 512 samples in 4 batches (the batches the PTQ tests use: ``X[:512].split(128)``).
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32)
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = DigitsMLP()
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (128,), generator=gen)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    setter = ql.QconfigSetter(reference_qconfig=ql.get_qconfig(observer="minmax"), templates=[], chip="j6m")
+    qm = ql.prepare(model, example_inputs=(x[:8],), qconfig_setter=setter)
+    ql.set_fake_quantize(qm, ql.FakeQuantState.CALIBRATION)
+    with torch.no_grad():
+        for batch in x[:512].split(128):
+            qm(batch)
+    ql.set_fake_quantize(qm, ql.FakeQuantState.VALIDATION)
+    return model, qm, x
