@@ -122,6 +122,16 @@ def test_meta_tensors_in_every_state(state) -> None:
     assert out.device.type == "meta" and out.shape == p(*example).shape
 
 
+@pytest.mark.parametrize("observer", ["minmax", "kl"])
+def test_a_meta_node_changes_its_dtype(observer) -> None:
+    """A shape-only copy: no statistics to read, nothing to compute (it read them with ``.item()``)."""
+    node = ql.FakeQuantize("qint8", observer).to("meta")
+    node.dtype = ql.qint16
+    assert node.dtype is ql.qint16 and node.scale.is_meta
+    ql.set_fake_quantize(node, "validation")
+    assert node(torch.empty(3, 5, device="meta")).shape == (3, 5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_node_quantizes_in_float32(dtype, device) -> None:
@@ -275,6 +285,23 @@ def test_float16_fake_cast_of_bfloat16_saturates_in_float32() -> None:
     node = ql.FakeQuantize("float16").bfloat16()
     ql.set_fake_quantize(node, "validation")
     assert torch.equal(node(x), want) and bool(torch.isfinite(node(x)).all())
+
+
+@pytest.mark.slow
+def test_compiled_histogram_calibration_takes_a_new_batch_size() -> None:
+    """A second batch size makes dynamo trace sizes symbolically: the subsample step must still trace."""
+    torch.manual_seed(0)
+    node = ql.FakeQuantize("qint8", "kl")
+    eager = copy.deepcopy(node)
+    ql.set_fake_quantize(node, "calibration")
+    ql.set_fake_quantize(eager, "calibration")
+    torch._dynamo.reset()
+    compiled = torch.compile(node, fullgraph=True)
+    for rows in (1000, 700):
+        x = torch.randn(rows, 64) * 3
+        assert torch.equal(compiled(x), eager(x))
+    for (name, a), b in zip(node.named_buffers(), eager.buffers(), strict=True):
+        assert torch.equal(a, b), name
 
 
 def test_export_in_validation_runs_and_matches() -> None:

@@ -160,7 +160,7 @@ class FakeQuantize(nn.Module):
         new = parse_dtype(value)
         old, self._dtype = self._dtype, new
         self.dtype_code.fill_(new.code)
-        if not new.is_integer or new == old:
+        if not new.is_integer or new == old or self._buffers["scale"].is_meta:  # meta: a shape-only copy
             return
         if self.observer.has_data or self.observer_name == "fixed":
             self._dirty = True

@@ -126,9 +126,14 @@ def validate_max_samples(max_samples: int | None) -> int | None:
 
 @functools.lru_cache(maxsize=1024)
 def _prime_at_least(n: int) -> int:
+    """Return the smallest prime ``>= n`` (plain int arithmetic: a traced symbolic size is guarded)."""
     n = max(n, 2)
-    while any(n % d == 0 for d in range(2, math.isqrt(n) + 1)):
-        n += 1
+    d = 2
+    while d * d <= n:
+        if n % d == 0:
+            n, d = n + 1, 2
+        else:
+            d += 1
     return n
 
 
@@ -232,7 +237,7 @@ class AbsHistogram(torch.nn.Module):
         chunk = SAMPLE_CHUNK if rows == 1 else 1  # per tensor: whole chunks of one cache line each
         n_pos = length // chunk
         prime = _prime_at_least.__wrapped__ if torch.compiler.is_compiling() else _prime_at_least
-        step = prime(-(-n_pos * chunk // cap))  # a constant in a compiled graph
+        step = prime(-(-n_pos * chunk // cap))  # a constant in a compiled graph (a dynamic size: guarded)
         pos = torch.arange(0, n_pos, step, device=x2.device).add_(batch_index % step)
         picked = pos < n_pos
         pos.clamp_max_(n_pos - 1)
