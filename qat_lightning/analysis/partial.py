@@ -6,7 +6,10 @@
   state (``switch_to_float`` / ``restore_states`` are its two halves, for callers that switch per batch);
 * :func:`bisect_float_blocks` is the seed's "binary search to narrow down the scope": on plain callables,
   the smallest contiguous run of blocks whose float execution brings the metric back to a target;
-  :func:`bisect_model_blocks` wires it to a prepared model and an ``eval_fn(model) -> float``.
+  :func:`bisect_model_blocks` wires it to a prepared model and an ``eval_fn(model) -> float``, inside
+  :func:`qat_lightning.ptq.float_reference`: after AdaRound / bias correction a block in float runs its
+  original float parameters (``float_ops`` alone does not enter it: code training inside the block would
+  get no gradient for the float blocks' parameters there).
 
 The Lightning adapter is :class:`qat_lightning.callbacks.FakeQuantSwitch`.
 """
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qat_lightning.ptq.float_reference import float_reference
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 from qat_lightning.quant.op_names import match_name
 from qat_lightning.quant.ops import iter_quant_ops, quant_nodes_of
@@ -206,6 +210,10 @@ def bisect_model_blocks(
 ) -> BisectResult:
     """:func:`bisect_float_blocks` on a prepared model: blocks run in float through :func:`float_ops`.
 
+    Every evaluation runs inside :func:`qat_lightning.ptq.float_reference`: after AdaRound / bias correction
+    the blocks in float run the original float parameters (the others as calibrated), so ``float_metric`` is
+    the float model's. ``eval_fn`` must only evaluate (parameters of ops in float get no gradient there).
+
     Args:
         model: a calibrated (or QAT) network.
         eval_fn: ``eval_fn(model) -> metric``.
@@ -221,4 +229,5 @@ def bisect_model_blocks(
         with float_ops(model, selected, fake_cast=fake_cast):
             return float(eval_fn(model))
 
-    return bisect_float_blocks(blocks, evaluate, target, higher_is_better)
+    with float_reference(model):
+        return bisect_float_blocks(blocks, evaluate, target, higher_is_better)

@@ -41,6 +41,7 @@ from qat_lightning.callbacks._common import (
 )
 from qat_lightning.callbacks.logging import flush_loggers, log_figure, log_image_file, log_scalars, log_text
 from qat_lightning.files import write_atomic
+from qat_lightning.ptq import float_reference
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, fake_quant_state
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
@@ -83,14 +84,16 @@ def output_cosine_eval_fn(
 
     A model-agnostic accuracy proxy for the mixed-precision search when no task metric is given: the float
     outputs (quant nodes FLOAT) are computed once, then each call compares the current (quantized) outputs
-    with them over the same ``num_steps`` batches. 1.0 means identical to float.
+    with them over the same ``num_steps`` batches. 1.0 means identical to float. Both run inside
+    :func:`qat_lightning.ptq.float_reference`: after AdaRound / bias correction the float outputs are the
+    original float model's, and an op raised to another dtype quantizes its original float weight.
     """
     fn = input_fn or default_input_fn
     cached: list[tuple[Any, list[torch.Tensor]]] = []
 
     def eval_fn(model: nn.Module) -> float:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        with torch.no_grad(), preserved_modes(model):
+        with torch.no_grad(), preserved_modes(model), float_reference(model):
             model.eval()
             if not cached:
                 for batch in islice(batches, num_steps):
@@ -147,8 +150,9 @@ class QuantAnalysisCallback(Callback):
 
     Steps: ``auto_find_bad_case`` on ``dataloader`` -> ``run`` -> ``compare_per_layer`` -> ``sensitivity``
     (when enabled) -> ``search_mixed_precision`` (when ``search_target`` is set). The float reference is the
-    same network with fake quant off, so op names align exactly. The network's modes and quant states are
-    restored afterwards.
+    same network with fake quant off, so op names align exactly; the analysis and the search run inside
+    :func:`qat_lightning.ptq.float_reference` (after AdaRound / bias correction, fake quant off is the
+    original float model). The network's modes and quant states are restored afterwards.
 
     Args:
         dataloader: ``"val"`` (default), ``"train"``, ``"test"`` or any iterable of batches. Under DDP rank
@@ -300,9 +304,15 @@ class QuantAnalysisCallback(Callback):
             eval_fn = self.search_eval_fn or output_cosine_eval_fn(loader, input_fn=fn)
             chip = getattr(getattr(model, "prepare_record", None), "chip", None)
             reporter = SearchReporter(out_dir)
-            plan = search_mixed_precision(
-                model, list(tables), eval_fn, target=self.search_target, chip=chip, on_probe=reporter.probe
-            )
+            with float_reference(model):  # after AdaRound a raised op quantizes its float weight (the app's)
+                plan = search_mixed_precision(
+                    model,
+                    list(tables),
+                    eval_fn,
+                    target=self.search_target,
+                    chip=chip,
+                    on_probe=reporter.probe,
+                )
             reporter.write(plan)
         return AnalysisOutcome(out_dir, per_layer, tables, plan)
 

@@ -1,6 +1,7 @@
 """fp16 diagnoses for j6p (the seed's "Non-gemm operators do not meet FP16 precision standards").
 
-A float forward (fake quant off) over ``inputs`` records every quantized op's inputs and output; per op:
+A float forward (fake quant off, inside :func:`qat_lightning.ptq.float_reference`: after AdaRound / bias
+correction the original float model) over ``inputs`` records every quantized op's inputs and output; per op:
 
 * **overflow**: an input or the output beyond the fp16 range (``|x| > 65504``) saturates in fp16;
 * **intermediate overflow** of norm ops (LayerNorm, GroupNorm, ...): ``max(x^2)`` (their variance term)
@@ -29,6 +30,7 @@ from torch import nn
 
 from qat_lightning.analysis.inputs import call_model, normalize_inputs
 from qat_lightning.analysis.state import eval_mode
+from qat_lightning.ptq.float_reference import float_reference
 from qat_lightning.quant.nodes.fake_quantize import fake_quant_disabled
 from qat_lightning.quant.nodes.fp16_norm import norm_input_scale
 from qat_lightning.quant.ops import iter_quant_ops
@@ -168,7 +170,7 @@ def _record(model: nn.Module, inputs: Any) -> dict[str, tuple[list[torch.Tensor]
 
         handles.append(op.register_forward_hook(hook))
     try:
-        with torch.no_grad(), eval_mode(model), fake_quant_disabled(model):
+        with torch.no_grad(), eval_mode(model), float_reference(model), fake_quant_disabled(model):
             call_model(model, normalize_inputs(inputs))
     finally:
         for h in handles:

@@ -9,8 +9,10 @@ A float module called more than once becomes one op per call site (``conv``, ``c
   moments pooled over all output elements; needs ``inputs``: the observers keep no mean);
 * **case B** (nothing to do): neither.
 
-Statistics come from a float forward over ``inputs`` (fake quant off; min, max, mean, std per site) or,
-without inputs, from each site's output observer (min / max seen in calibration).
+Statistics come from a float forward over ``inputs`` (fake quant off, inside
+:func:`qat_lightning.ptq.float_reference`: after AdaRound / bias correction the original float model;
+min, max, mean, std per site) or, without inputs, from each site's output observer (min / max seen in
+calibration).
 
 Plain torch: no lightning, no hydra.
 """
@@ -27,6 +29,7 @@ from torch import nn
 
 from qat_lightning.analysis.inputs import call_model, normalize_inputs
 from qat_lightning.analysis.state import eval_mode
+from qat_lightning.ptq.float_reference import float_reference
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, fake_quant_disabled
 from qat_lightning.quant.ops import OpInfo, iter_quant_ops
 
@@ -150,7 +153,7 @@ def _forward_stats(model: nn.Module, ops: dict[str, nn.Module], batches: Iterabl
 
     handles = [op.register_forward_hook(hook(name)) for name, op in ops.items()]
     try:
-        with torch.no_grad(), eval_mode(model), fake_quant_disabled(model):
+        with torch.no_grad(), eval_mode(model), float_reference(model), fake_quant_disabled(model):
             for batch in batches:
                 call_model(model, normalize_inputs(batch))
     finally:
