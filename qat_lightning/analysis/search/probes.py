@@ -1,6 +1,8 @@
 """Probe machinery of the mixed-precision searches: evaluation, the boundary search, the first-order guess.
 
-* :class:`ProbeRunner` raises rows in place, evaluates ``eval_fn`` and restores every dtype and scale;
+* :class:`ProbeRunner` raises rows in place, evaluates ``eval_fn`` (inside
+  :func:`~qat_lightning.ptq.float_reference`: after AdaRound a raised weight quantizes its original float
+  weight, an op kept in float runs it) and restores every dtype and scale;
   identical assignments are evaluated once;
 * :func:`smallest_ok` finds the smallest count meeting the target between a failing and a passing one:
   by bisection (``exact``) or, given a guess, by probing the guess and galloping away from it
@@ -36,6 +38,7 @@ from qat_lightning.analysis.search.probe_cache import ActivationReuse
 from qat_lightning.analysis.search.result import Probe
 from qat_lightning.analysis.state import analysis_mode, node_dtypes
 from qat_lightning.chips import get_chip
+from qat_lightning.ptq.float_reference import float_reference
 from qat_lightning.quant.dtypes import QuantDtype
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
@@ -114,7 +117,7 @@ class ProbeRunner:
         """Evaluate the model under ``dtypes`` (always a new evaluation) and record the probe."""
         cost = assignment_cost(self.ops, dtypes, self.chip)
         serving = self.reuse.serving() if self.reuse is not None else nullcontext()
-        with node_dtypes(dict(dtypes)), analysis_mode(self.model), serving:
+        with node_dtypes(dict(dtypes)), analysis_mode(self.model), float_reference(self.model), serving:
             metric = float(self.eval_fn(self.model))
         probe = Probe(stage, ratio, counts, metric, cost, raised, self.ok(metric))
         self.probes.append(probe)
