@@ -20,7 +20,7 @@ def test_defaults() -> None:
     assert q.input_dtype is None
     assert q.weight_dtype is qint8 and q.output_dtype is qint8
     assert q.observer == "mse" and q.weight_observer == "minmax"
-    assert q.fixed_threshold is None and q.ch_axis == 0
+    assert q.fixed_threshold is None and q.ch_axis is None  # None: the op's own weight axis
 
 
 def test_is_frozen() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qat_lightning.quant.dtypes import float32
 from qat_lightning.quant.nodes.embedding import QatEmbedding
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.nodes.fp16_norm import NORM_FUNCTIONS, NORM_MODULES, QatNormFunction, QatNormOp
@@ -98,6 +99,7 @@ class OpBuilder:
         return fq.to(self.device) if self.device is not None else fq
 
     def _weight(self, plan: OpPlan, qconfig: QConfig, weight: torch.Tensor) -> FakeQuantize:
+        _check_ch_axis(plan, qconfig, weight)
         key = plan.weight_key
         if key is not None and key in self.shared_weights:
             shared = self.shared_weights[key]
@@ -113,10 +115,15 @@ class OpBuilder:
         return fq
 
     def _inputs(self, plan: OpPlan, qconfig: QConfig, count: int) -> list[FakeQuantize]:
-        return [
-            self._node(activation_node(qconfig, qconfig.input_dtype_at(i), f"{plan.name}.input.{i}"))
-            for i in range(count)
-        ]
+        # input points always calibrate: a fixed threshold is the op's *output* range (``QConfig``)
+        nodes = []
+        for i in range(count):
+            dtype = qconfig.input_dtype_at(i)
+            fq = qconfig.activation_fake_quant(
+                dtype if dtype is not None else float32, f"{plan.name}.input.{i}", output=False
+            )
+            nodes.append(self._node(fq))
+        return nodes
 
     def _output(self, plan: OpPlan, qconfig: QConfig) -> FakeQuantize:
         return self._node(activation_node(qconfig, qconfig.output_dtype, f"{plan.name}.output"))
@@ -175,6 +182,22 @@ class OpBuilder:
         if plan.build == "input":
             return QatInput(info, self._output(plan, qc))
         raise ValueError(f"unknown op build kind {plan.build!r}")
+
+
+def _check_ch_axis(plan: OpPlan, qconfig: QConfig, weight: torch.Tensor) -> None:
+    """Reject a ``QConfig.ch_axis`` other than the op's own weight axis (never ignore it silently)."""
+    axis = qconfig.ch_axis
+    if axis is None:
+        return
+    natural, rank = plan.weight_ch_axis, weight.dim()
+    if -rank <= axis < rank and axis % rank == natural % rank:
+        return
+    kind = plan.gemm_kind or plan.info.op_type
+    raise ValueError(
+        f"{plan.name}: QConfig.ch_axis={axis} is not supported: the weight of a {kind} op is quantized per "
+        f"output channel, on axis {natural} (the int32 bias, BN folding and deployment need it); "
+        f"allowed: None or {natural}"
+    )
 
 
 def matmul_module_plan(

@@ -2,8 +2,10 @@
 
 An op has up to three kinds of quant points: its inputs (``input_dtype``; ``None`` = take the producer's
 output as is), its weight (gemm ops, per output channel, ``weight_dtype``) and its output
-(``output_dtype``). The activation observer is chosen by name; a fixed threshold (a known physical range,
-e.g. speed in [0, 200] km/h) replaces the observer with ``scale = threshold / qmax``.
+(``output_dtype``). The activation observer is chosen by name; a fixed threshold (a known physical range
+of the op's output, e.g. speed in [0, 200] km/h) replaces the observer of the op's **output** quant point
+with ``scale = threshold / qmax``. Input quant points always use the observer: an input's range is its
+producer's output range, so pin it with a threshold on the producer op.
 """
 
 from __future__ import annotations
@@ -50,8 +52,11 @@ class QConfig:
         observer_kwargs: extra observer arguments (``percentile``, ``averaging_constant``, ``bins``;
             ``ignore_nonfinite=True`` drops NaN/inf during calibration instead of raising).
         weight_observer: weight calibration method (per channel), ``minmax`` by default.
-        fixed_threshold: when set, activation scales are fixed to ``threshold / qmax`` of their dtype.
-        ch_axis: weight channel axis (0 = output channels of conv/linear).
+        fixed_threshold: when set, the scale of the op's output quant point is fixed to ``threshold / qmax``
+            of its dtype; the input quant points keep the observer.
+        ch_axis: weight channel axis; ``None`` (default) = the op's own axis: the output channels (0 for
+            conv / linear / embedding rows, 1 for conv-transpose). ``prepare`` rejects any other value with
+            a ``ValueError`` (the int32 bias, BN folding and deployment need per-output-channel weights).
     """
 
     input_dtype: QuantDtype | tuple[QuantDtype | None, ...] | None = None
@@ -61,7 +66,7 @@ class QConfig:
     observer_kwargs: Mapping[str, Any] = field(default_factory=dict)
     weight_observer: str = "minmax"
     fixed_threshold: float | None = None
-    ch_axis: int = 0
+    ch_axis: int | None = None
 
     def __post_init__(self) -> None:
         for attr in ("weight_dtype", "output_dtype"):
@@ -76,8 +81,8 @@ class QConfig:
                 raise ValueError(f"unknown {attr} {getattr(self, attr)!r}; allowed: {', '.join(allowed)}")
         if self.fixed_threshold is not None and not self.fixed_threshold >= 0:
             raise ValueError(f"fixed_threshold must be >= 0, got {self.fixed_threshold}")
-        if not isinstance(self.ch_axis, int):
-            raise ValueError(f"ch_axis must be an int, got {self.ch_axis!r}")
+        if self.ch_axis is not None and (isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int)):
+            raise ValueError(f"ch_axis must be an int or None, got {self.ch_axis!r}")
         object.__setattr__(self, "observer_kwargs", dict(self.observer_kwargs))
 
     def __hash__(self) -> int:
@@ -107,9 +112,18 @@ class QConfig:
         """Return a copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def activation_fake_quant(self, dtype: QuantDtype, name: str = "") -> FakeQuantize:
-        """Build an input/output quant point of this qconfig in ``dtype``."""
-        if self.fixed_threshold is not None:
+    def activation_fake_quant(
+        self, dtype: QuantDtype, name: str = "", *, output: bool = True
+    ) -> FakeQuantize:
+        """Build an activation quant point of this qconfig in ``dtype``.
+
+        Args:
+            dtype: the point's dtype.
+            name: the node name.
+            output: ``True`` for the op's output point (a ``fixed_threshold`` fixes its scale), ``False``
+                for an input point (always the observer: the threshold is the op's output range).
+        """
+        if output and self.fixed_threshold is not None:
             fixed = {"threshold": self.fixed_threshold}
             return FakeQuantize(dtype, "fixed", observer_kwargs=fixed, name=name)
         options = dict(self.observer_kwargs)
@@ -119,13 +133,16 @@ class QConfig:
         )
 
     def weight_fake_quant(self, num_channels: int, name: str = "") -> FakeQuantize:
-        """Build the per-channel weight quant point (``weight_dtype`` must be set)."""
+        """Build a per-channel weight quant point (``weight_dtype`` must be set; ``ch_axis`` ``None`` = 0).
+
+        ``prepare`` builds weight nodes on the op's own axis (see ``ch_axis``); this is for direct use.
+        """
         if self.weight_dtype is None:
             raise ValueError(f"{name or 'this op'}: the qconfig has no weight dtype")
         return FakeQuantize(
             self.weight_dtype,
             self.weight_observer,
-            ch_axis=self.ch_axis,
+            ch_axis=0 if self.ch_axis is None else self.ch_axis,
             num_channels=num_channels,
             name=name,
         )
@@ -149,8 +166,10 @@ def get_qconfig(
         out_dtype: output dtype.
         observer: activation calibration method.
         fixed_scale: a fixed output scale for ``out_dtype`` (stored dtype-agnostically as the threshold
-            ``fixed_scale * qmax``, so a later dtype change keeps the same range).
-        threshold: the fixed range directly (``scale = threshold / qmax``); exclusive with ``fixed_scale``.
+            ``fixed_scale * qmax``, so a later dtype change keeps the same range); the op's input quant
+            points (``in_dtype``) keep the observer.
+        threshold: the fixed output range directly (``scale = threshold / qmax``); exclusive with
+            ``fixed_scale``.
         weight_observer: weight calibration method.
         **observer_kwargs: passed to the activation observer (``ignore_nonfinite=True``: drop NaN/inf
             during calibration instead of raising).

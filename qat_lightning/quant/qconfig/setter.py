@@ -19,7 +19,8 @@ Precedence (what decides an op's QConfig), in the order it is applied:
 Within steps 2-4 a template sets only the fields it names, so a later template overrides an earlier one
 field by field: ConvDtypeTemplate sets ``input_dtype``/``weight_dtype``; MatmulDtypeTemplate sets the
 per-input ``input_dtype``; a bare dtype in ModuleNameTemplate sets ``output_dtype`` only; a dict sets its
-keys; a full QConfig sets every field.
+keys (an ``observer`` without a ``threshold`` also clears an earlier threshold); a full QConfig sets every
+field.
 
 A tuple/list of setters (the seed's ``qconfig_setter=(s1, s2, default_...)``) is composed into one
 setter in which EARLIER entries take priority: its templates are those of the entries in reverse order

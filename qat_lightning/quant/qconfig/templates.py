@@ -207,6 +207,8 @@ def _name_patch(key: str, value: Any) -> dict[str, Any]:
             patch["weight_dtype"] = _optional(value["weight_dtype"])
         if "observer" in value:
             patch["observer"] = value["observer"]
+            if "threshold" not in value and "fixed_scale" not in value:
+                patch["fixed_threshold"] = None  # an observer asked for here beats an inherited threshold
         if "threshold" in value and "fixed_scale" in value:
             raise ValueError(f"{key!r}: give 'threshold' or 'fixed_scale', not both")
         if "threshold" in value:
@@ -247,10 +249,14 @@ class ModuleNameTemplate(Template):
         * a full :class:`QConfig` (``get_qconfig(...)``): sets every field;
         * a dict with keys among ``dtype``/``output_dtype``, ``input_dtype`` (a dtype or a per-input tuple),
           ``weight_dtype``, ``observer``, ``threshold`` (fixed range, ``scale = threshold / qmax``) and
-          ``fixed_scale`` (needs an integer ``dtype`` in the same dict): sets exactly those fields.
+          ``fixed_scale`` (needs an integer ``dtype`` in the same dict): sets exactly those fields, except
+          that ``observer`` without ``threshold``/``fixed_scale`` also clears a threshold set before (by a
+          shorter prefix, an earlier template or the reference qconfig): the op's output is calibrated
+          with that observer. A threshold fixes the op's output scale only; its inputs keep the observer.
 
     Every prefix matching an op applies, from the shortest to the longest, so the most specific prefix
-    wins on a field that several set.
+    wins on a field that several set (``{"": {"threshold": 10.0}, "fc": {"observer": "kl"}}``: ``fc``'s
+    output is calibrated with ``kl``, every other op's output is fixed to ``10 / qmax``).
 
     Raises:
         ValueError: for a non-string key or an unsupported value (the message lists what is accepted).
