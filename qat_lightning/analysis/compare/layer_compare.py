@@ -7,6 +7,13 @@ the op's own quant error, in squared error, due to clipping vs rounding, and the
 elements) and the advisor (see :func:`advise`). Column definitions:
 :mod:`qat_lightning.analysis.compare.stats`
 (``max_atol_diff`` = Atol, ``max_qscale_diff`` = Atol / qscale: how many quantization steps off).
+
+``quant_dtype``, ``qscale`` and the clipping/rounding columns describe the op's *report node*
+(:mod:`~qat_lightning.analysis.compare.layer_record`): its output node when that quantizes to an integer
+dtype, else its first integer input node (an int8-input gemm with an fp16 output, as on j6p recipes). In
+the second case the compared output is not the tensor that node quantizes: ``max_qscale_diff`` is NaN (the
+output error counted in the input's steps means nothing), and the ``int16`` advice measures the range of
+the tensor entering the input node (in the quantized run), not the op's output range.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ class Advice:
     """One advisor finding.
 
     ``kind`` is ``fixed_scale``, ``int16`` or ``nonfinite``; ``value`` the suggested fixed scale
-    (``fixed_scale``) or the float |max| (``int16``).
+    (``fixed_scale``) or the |max| of the tensor the int8 node quantizes (``int16``, see :func:`advise`).
     """
 
     op_name: str
@@ -129,7 +136,7 @@ def _row(index: int, rec: OpRecord) -> LayerRow:
         base_model_var=base.var,
         analy_model_var=analy.var,
         max_atol_diff=p.max_abs if have else nan,
-        max_qscale_diff=p.max_abs / scale if have and scale > 0 else nan,
+        max_qscale_diff=p.max_abs / scale if have and rec.node_is_output and scale > 0 else nan,
         clip_share=share,
         round_share=1.0 - share if not math.isnan(share) else nan,
         clip_ratio=clip.clip_ratio,
@@ -154,7 +161,9 @@ def advise(
       of the op's output node: the calibration range is too small (too little/biased calibration data, a
       missing fixed scale, a shared module); suggests ``fixed_scale = |max| / qmax`` (threshold |max|);
     * ``int16``: an int8 op whose float |max| exceeds ``int8_limit`` (the seed: above 10 int8 is not
-      recommended): suggests qint16.
+      recommended): suggests qint16. The range is that of the tensor the op's int8 report node quantizes:
+      the float output for an output node, the tensor entering it for an input node (an op without an
+      integer output node; ``value`` is then that range).
     """
     found: list[Advice] = []
     for row in rows:
@@ -190,16 +199,26 @@ def advise(
                         scale,
                     )
                 )
-        if row.quant_dtype == "qint8" and amax > int8_limit:
-            found.append(
-                Advice(
-                    row.mod_name,
-                    "int16",
-                    f"int8 op with float |max| {amax:.6g} > {int8_limit:g}: use qint16",
-                    amax,
-                )
-            )
+        if row.quant_dtype == "qint8":
+            found += _int16_advice(row, rec, amax, int8_limit)
     return tuple(found)
+
+
+def _int16_advice(row: LayerRow, rec: OpRecord | None, amax: float, int8_limit: float) -> list[Advice]:
+    """Return the ``int16`` finding of an int8 row, measured on the tensor its report node quantizes."""
+    if rec is None or rec.node is None or rec.node_is_output:
+        if not amax > int8_limit:
+            return []
+        message = f"int8 op with float |max| {amax:.6g} > {int8_limit:g}: use qint16"
+        return [Advice(row.mod_name, "int16", message, amax)]
+    seen = rec.clip.absmax if rec.clip.count else math.nan
+    if not seen > int8_limit:
+        return []
+    message = (
+        f"int8 input node {rec.node.name} quantizes a tensor with |max| {seen:.6g} > {int8_limit:g}: "
+        "use qint16 for this input"
+    )
+    return [Advice(row.mod_name, "int16", message, seen)]
 
 
 def compare_layers(

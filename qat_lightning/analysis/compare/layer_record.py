@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from qat_lightning.analysis.compare.alignment import align_ops
+from qat_lightning.analysis.compare.alignment import Alignment, align_ops
 from qat_lightning.analysis.compare.index_ops import IndexRecorder, IndexReplayer
 from qat_lightning.analysis.compare.lockstep import Lockstep
 from qat_lightning.analysis.compare.stats import ClipStats, Moments, PairStats
@@ -63,6 +63,49 @@ def _report_node(op: nn.Module) -> tuple[FakeQuantize | None, bool]:
     if out is not None and not out.dtype.is_float32:
         return out, True
     return None, False
+
+
+_ABSENT = object()
+_FORWARD_ATTRS = ("_qat_forward_depth", "_qat_forward_overlap")
+
+
+class _RoleState:
+    """The eager dispatch state of one model, one copy per lockstep role (see the module docstring)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.slots: list[tuple[dict, str]] = []
+        for mod in model.modules():
+            if "_calls" in mod.__dict__:
+                self.slots.append((mod.__dict__, "_calls"))
+            if "_qat_dispatchers" in mod.__dict__:
+                self.slots += [(mod.__dict__, attr) for attr in _FORWARD_ATTRS]
+        self.saved = self._get()
+        self.by_role: dict[str, list] = {}
+        self.current: str | None = None
+
+    def _get(self) -> list:
+        return [d.get(key, _ABSENT) for d, key in self.slots]
+
+    def _set(self, values: list) -> None:
+        for (d, key), value in zip(self.slots, values, strict=True):
+            if value is _ABSENT:
+                d.pop(key, None)
+            else:
+                d[key] = value
+
+    def switch(self, role: str) -> None:
+        """Put away the running role's state and bring in ``role``'s (the state before the run at first)."""
+        if role == self.current:
+            return
+        if self.current is not None:
+            self.by_role[self.current] = self._get()
+        self._set(self.by_role.get(role, self.saved))
+        self.current = role
+
+    def restore(self) -> None:
+        """Put back the state from before the run."""
+        self._set(self.saved)
+        self.current = None
 
 
 class _Hooks:
@@ -186,42 +229,27 @@ def record_layers(
     alignment = align_ops(quant_model, float_model) if float_model is not None else None
     float_modules = dict(float_model.named_modules()) if float_model is not None else {}
     if records is None:
-        records = {}
-        for name, op in ops:
-            base_type = op.op_info.op_type
-            aligned, reason = True, ""
-            if alignment is not None:
-                if name in alignment.matched:
-                    base_type = type(float_modules[alignment.matched[name][0]]).__name__
-                elif name in alignment.inputs:
-                    base_type = "input"
-                else:
-                    aligned, reason = False, alignment.unmatched[name]
-            node, is_output = _report_node(op)
-            records[name] = OpRecord(
-                name,
-                op.op_info.op_type,
-                type(op).__name__,
-                base_type,
-                node,
-                aligned,
-                is_output,
-                reason=reason,
-            )
+        records = _new_records(ops, alignment, float_modules)
     order: list[str] = []
     for inputs in batches:
         with analysis_mode(quant_model), eval_mode(*([float_model] if float_model is not None else [])):
             saved = [(node, node.state) for _, node in iter_fake_quantize(quant_model)]
 
-            def to_float(saved: list = saved) -> None:
+            single = float_model is None
+            roles = _RoleState(quant_model) if single else None
+
+            def to_float(saved: list = saved, roles: _RoleState | None = roles) -> None:
+                if roles is not None:
+                    roles.switch("ref")
                 for node, _ in saved:
                     node.state = FakeQuantState.FLOAT
 
-            def to_quant(saved: list = saved) -> None:
+            def to_quant(saved: list = saved, roles: _RoleState | None = roles) -> None:
+                if roles is not None:
+                    roles.switch("quant")
                 for node, state in saved:
                     node.state = state
 
-            single = float_model is None
             lock = Lockstep(on_ref=to_float if single else None, on_quant=to_quant if single else None)
             hooks = _Hooks(lock, records, order)
             try:
@@ -244,7 +272,30 @@ def record_layers(
             finally:
                 hooks.remove()
                 to_quant()
+                if roles is not None:
+                    roles.restore()
     return records, order
+
+
+def _new_records(
+    ops: list[tuple[str, nn.Module]], alignment: Alignment | None, float_modules: dict[str, nn.Module]
+) -> dict[str, OpRecord]:
+    records = {}
+    for name, op in ops:
+        base_type = op.op_info.op_type
+        aligned, reason = True, ""
+        if alignment is not None:
+            if name in alignment.matched:
+                base_type = type(float_modules[alignment.matched[name][0]]).__name__
+            elif name in alignment.inputs:
+                base_type = "input"
+            else:
+                aligned, reason = False, alignment.unmatched[name]
+        node, is_output = _report_node(op)
+        records[name] = OpRecord(
+            name, op.op_info.op_type, type(op).__name__, base_type, node, aligned, is_output, reason=reason
+        )
+    return records
 
 
 def _run_pair(lock: Lockstep, ref_model: nn.Module, quant_model: nn.Module, inputs: ModelInputs) -> None:

@@ -10,7 +10,8 @@ is pending.
 
 Because only one thread runs at a time, both may run the *same* module (single-model analysis: the float
 reference is the prepared model with its quant nodes in FLOAT): ``on_ref`` / ``on_quant`` callbacks switch
-the nodes' states whenever the baton changes hands. Thread-local state (grad mode, torch function modes)
+the nodes' states (and the eager call-site counters, see :mod:`.layer_record`) whenever the baton changes
+hands. Thread-local state (grad mode, torch function modes)
 is set up inside each thread.
 """
 

@@ -159,12 +159,16 @@ def _nanmax(current: float, new: float) -> float:
 
 @dataclass
 class ClipStats:
-    """Squared quant error of one node split into clipping and rounding, over every element seen."""
+    """Squared quant error of one node split into clipping and rounding, over every element seen.
+
+    ``absmax`` is the largest finite ``|x|`` entering the node (the range of the tensor it quantizes).
+    """
 
     clip_error: float = 0.0
     round_error: float = 0.0
     clipped: int = 0
     count: int = 0
+    absmax: float = 0.0
 
     def update(self, x: Tensor, qx: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int | None) -> None:
         """Add one batch: ``x`` entering the node, ``qx`` leaving it, the node's scale and range."""
@@ -183,6 +187,9 @@ class ClipStats:
         self.round_error += float(err[~clipped].sum())
         self.clipped += int(clipped.sum())
         self.count += xd.numel()
+        if xd.numel():
+            mags = torch.nan_to_num(xd.abs(), nan=0.0, posinf=0.0)
+            self.absmax = max(self.absmax, float(mags.max()))
 
     @property
     def clip_share(self) -> float:
