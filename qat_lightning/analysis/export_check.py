@@ -2,9 +2,9 @@
 
 Per output: max abs error, cosine, SQNR (dB) and, for classification outputs (2-D ``(batch, classes)``),
 top-1 agreement. The check also proves the graph is really quantized (a ``DequantizeLinear`` for every
-integer quant point the encodings place in the graph, and at least one when the model has integer points)
-and that the encodings' dtypes and scales are still the model's. ``passed`` is false on any problem or
-when an output misses ``min_cosine`` / ``min_top1``.
+integer quant point the encodings place in the graph, a ``Cast`` for every float16 one, and at least one
+``DequantizeLinear`` when the model has integer points) and that the encodings' dtypes and scales are still
+the model's. ``passed`` is false on any problem or when an output misses ``min_cosine`` / ``min_top1``.
 
 onnxruntime runs at the level a user deploys with (``optimization="all"``) and with graph optimizations
 off; both are reported, ``passed`` is judged on the chosen level (:mod:`~qat_lightning.analysis.ort_sessions`
@@ -34,6 +34,7 @@ from qat_lightning.analysis.ort_sessions import (
 )
 from qat_lightning.analysis.reports import write_atomic
 from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
+from qat_lightning.quant.export.restore import eval_restoring
 from qat_lightning.quant.outputs import flatten_outputs, graph_output_name
 
 __all__ = [
@@ -174,6 +175,7 @@ def _graph_problems(
 
     graph = onnx.load(str(onnx_path)).graph
     dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    cast_outputs = {n.output[0] for n in graph.node if n.op_type == "Cast"}
     nodes = dict(iter_fake_quantize(model))
     integer = [name for name, n in nodes.items() if n.dtype.is_integer]
     problems = []
@@ -187,9 +189,10 @@ def _graph_problems(
         if node.dtype.name != e.dtype:
             problems.append(f"{e.node}: dtype {node.dtype.name} in the model, {e.dtype} in the export")
             continue
-        lost = [t for t in e.onnx_tensors if t not in dq_outputs] if node.dtype.is_integer else []
+        produced, op = (dq_outputs, "DequantizeLinear") if node.dtype.is_integer else (cast_outputs, "Cast")
+        lost = [t for t in e.onnx_tensors if t not in produced]
         if lost:
-            problems.append(f"{e.node}: no DequantizeLinear produces {lost[0]!r} in the graph")
+            problems.append(f"{e.node}: no {op} produces {lost[0]!r} in the graph")
         if node.dtype.is_integer:
             now = node.scale.detach().float().reshape(-1).tolist()
             if len(now) != len(e.scale) or not np.allclose(now, e.scale, rtol=1e-6, atol=0.0):
@@ -210,10 +213,9 @@ def _compare(
     first = next(iter(sessions.values()))
     out_names = [o.name for o in first.get_outputs()]
     accs = {level: {n: _Acc() for n in out_names} for level in sessions}
-    count, was_training = 0, model.training
+    count = 0
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        model.eval()
+    with eval_restoring(model):  # each submodule's own flag (a frozen BN) and the switches come back
         with fake_quant_state(model, FakeQuantState.VALIDATION), torch.no_grad():
             for inputs in iter_batches(dataloader, num_batches, input_fn):
                 feeds = onnx_feeds(first, inputs)  # first: a batch that does not fit the graph is named
@@ -227,8 +229,6 @@ def _compare(
                             expected.float().cpu(), torch.from_numpy(np.asarray(value)).float()
                         )
                 count += 1
-    finally:
-        model.train(was_training)
     return {level: [acc[n].result(n) for n in out_names] for level, acc in accs.items()}, count
 
 

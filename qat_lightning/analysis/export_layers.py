@@ -9,12 +9,22 @@ where deployment and fake quant part, the way ``compare_per_layer`` finds where 
 
 Per row: cosine, max abs error, the error in quantization steps (``max |err| / scale``; 0 = bit-exact,
 1 = a rounding tie or accumulation-order flip, more = a real mismatch) and the share of values that differ.
+
+A point whose input comes from a float16 cast (a ``Cast(float16)`` → ``Cast(float32)`` pair upstream, through
+ops that only move or select values: reshape, flatten, transpose, slice, concat, ReLU, max pooling, ...) is
+also allowed one float16 ulp of its ``|max|`` (``fp16_steps``): torch and onnxruntime compute the value
+before the cast in float32, and a value within float32 noise of a float16 rounding boundary rounds to
+neighbouring float16 values, one float16 ulp apart. Behind an int16 point that is one ulp of the upstream
+value, i.e. up to ``2^-10 * 32767``, about 32 int16 steps, without anything being wrong (the j6p recipe:
+gemms int16, everything else float16). A wrong scale or dtype moves a point by far more (a 1.5x scale: a
+third of the range) and is still flagged.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import tempfile
 from collections.abc import Iterable
@@ -27,10 +37,16 @@ import torch
 from torch import Tensor, nn
 
 from qat_lightning.analysis.export_check import onnx_feeds
-from qat_lightning.analysis.export_noise import float32_noise_steps, record_outputs
+from qat_lightning.analysis.export_noise import (
+    float32_noise_steps,
+    fp16_fed_tensors,
+    fp16_ulp,
+    record_outputs,
+)
 from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
 from qat_lightning.analysis.ort_sessions import check_optimization, ort_session
 from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
+from qat_lightning.quant.export.restore import eval_restoring
 
 __all__ = [
     "ExportLayerComparison",
@@ -59,6 +75,8 @@ class ExportLayerRow:
         mismatch_share: share of values that differ at all.
         noise_steps: the float32 noise floor (``max |fq32 - fq64| / scale``, see
             :mod:`~qat_lightning.analysis.export_noise`); twice this is allowed on top of ``max_steps``.
+        fp16_steps: for a point fed by a float16 cast, one float16 ulp of the point's ``|max|`` in steps
+            (allowed on top; see the module docstring), else 0.
     """
 
     node: str
@@ -71,6 +89,7 @@ class ExportLayerRow:
     max_steps: float
     mismatch_share: float
     noise_steps: float = 0.0
+    fp16_steps: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -145,7 +164,8 @@ def _dequantize(codes: Any, scale: Tensor, axis: int | None) -> Tensor:
 class _Pair:
     def __init__(self) -> None:
         self.dot = self.a2 = self.b2 = 0.0
-        self.max_err = self.max_steps = 0.0
+        self.max_err = self.max_steps = self.amax = 0.0
+        self.min_scale = math.inf
         self.diff = self.numel = 0
 
     def add(self, ref: Tensor, got: Tensor, scale: Tensor, axis: int | None) -> None:
@@ -155,6 +175,8 @@ class _Pair:
         self.a2 += float((r * r).sum())
         self.b2 += float((g * g).sum())
         self.max_err = max(self.max_err, float(err.max()) if err.numel() else 0.0)
+        self.amax = max(self.amax, float(r.abs().max()) if r.numel() else 0.0)
+        self.min_scale = min(self.min_scale, float(scale.min()))
         if axis is None:
             steps = err / float(scale.reshape(-1)[0])
         else:
@@ -168,6 +190,10 @@ class _Pair:
     def cosine(self) -> float:
         denom = (self.a2 * self.b2) ** 0.5
         return self.dot / denom if denom > 0 else 1.0
+
+    def fp16_ulp_steps(self) -> float:
+        """One float16 ulp of the reference's ``|max|``, in steps of the (smallest) scale."""
+        return fp16_ulp(self.amax) / self.min_scale if self.min_scale < math.inf else 0.0
 
 
 def _deployed_values(weights: dict[str, Any], fetch: dict[str, tuple[str, bool]], got: dict[str, Any]) -> Any:
@@ -250,10 +276,8 @@ def compare_export_per_layer(
     names = [name for name, _ in fetch.values()]
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     seen, handles = record_outputs(model, {e.node for e in points})
-    was_training = model.training
     try:
-        model.eval()
-        with fake_quant_state(model, FakeQuantState.VALIDATION), torch.no_grad():
+        with eval_restoring(model), fake_quant_state(model, FakeQuantState.VALIDATION), torch.no_grad():
             for inputs in iter_batches(dataloader, num_batches, input_fn):
                 feeds = onnx_feeds(session, inputs)
                 seen.clear()
@@ -264,7 +288,6 @@ def compare_export_per_layer(
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     noise = float32_noise_steps(
         model, dataloader, {e.node for e in points}, input_fn=input_fn, num_batches=num_batches
     )
@@ -275,6 +298,7 @@ def _rows(
     points: list[Any], pairs: dict[str, _Pair], noise: dict[str, list[float]], path: Path
 ) -> tuple[ExportLayerRow, ...]:
     """One row per compared tensor, in the graph's order."""
+    fp16_fed = fp16_fed_tensors(path)
     rows = [
         ExportLayerRow(
             e.node,
@@ -287,6 +311,7 @@ def _rows(
             pairs[t].max_steps,
             pairs[t].diff / max(pairs[t].numel, 1),
             noise.get(e.node, [])[k] if k < len(noise.get(e.node, [])) else 0.0,
+            pairs[t].fp16_ulp_steps() if t in fp16_fed else 0.0,
         )
         for e in points
         for k, t in enumerate(e.onnx_tensors)
@@ -313,10 +338,12 @@ def step_tolerance(row: ExportLayerRow, max_steps: float = 1.0) -> float:
 
     Twice: torch and onnxruntime each compute in float32 and each may sit ``noise_steps`` from the exact
     (float64) result, on opposite sides. The slack covers float32 rounding of the dequantized values
-    themselves (``2**-24`` of a value up to ``qmax`` steps, on both sides): 0.004 steps for int16.
+    themselves (``2**-24`` of a value up to ``qmax`` steps, on both sides): 0.004 steps for int16. A point
+    fed by a float16 cast may also show one float16 ulp of its ``|max|`` (``fp16_steps``, see the module
+    docstring): the upstream float16 value rounded to its neighbour.
     """
     qmax = _QMAX.get(row.dtype, 127)
-    return max_steps + 2.0 * row.noise_steps + STEP_SLACK + qmax * 2.0**-22
+    return max_steps + 2.0 * row.noise_steps + row.fp16_steps + STEP_SLACK + qmax * 2.0**-22
 
 
 def first_export_mismatch(rows: Iterable[ExportLayerRow], max_steps: float = 1.0) -> ExportLayerRow | None:
@@ -328,12 +355,12 @@ def render_export_layers(rows: Iterable[ExportLayerRow]) -> str:
     """Render the rows as a fixed-width table (``compare_export_per_layer.txt``)."""
     lines = [
         f"{'op_name':<28}{'role':<9}{'dtype':<8}{'cosine':>10}{'max_abs_err':>13}{'max_steps':>10}"
-        f"{'noise':>8}{'differ':>8}"
+        f"{'noise':>8}{'fp16':>8}{'differ':>8}"
     ]
     for r in rows:
         lines.append(
             f"{r.op_name or r.node:<28}{r.role:<9}{r.dtype:<8}{r.cosine:>10.6f}{r.max_abs_error:>13.4g}"
-            f"{r.max_steps:>10.2f}{r.noise_steps:>8.2f}{100 * r.mismatch_share:>7.2f}%"
+            f"{r.max_steps:>10.2f}{r.noise_steps:>8.2f}{r.fp16_steps:>8.2f}{100 * r.mismatch_share:>7.2f}%"
         )
     return "\n".join(lines) + "\n"
 
@@ -344,13 +371,14 @@ def export_layers_text(comparison: ExportLayerComparison) -> str:
     if bad is None:
         head = (
             f"onnxruntime vs fake quant: every quant point within {comparison.max_steps:g} step(s) "
-            "+ 2x its float32 noise floor (column noise: fake quant float32 vs float64)"
+            "+ 2x its float32 noise floor (column noise: fake quant float32 vs float64) + one float16 ulp "
+            "where a float16 cast feeds it (column fp16)"
         )
     else:
         head = (
             f"onnxruntime vs fake quant: first mismatch at {bad.op_name or bad.node} ({bad.role}, "
             f"node {bad.node}, tensor {bad.onnx_tensor}): {bad.max_steps:.2f} steps (float32 noise "
-            f"{bad.noise_steps:.2f}), cosine {bad.cosine:.6f}"
+            f"{bad.noise_steps:.2f}, float16 ulp {bad.fp16_steps:.2f}), cosine {bad.cosine:.6f}"
         )
     return f"{head}\nfile: {comparison.onnx_path}\n\n" + render_export_layers(comparison.rows)
 

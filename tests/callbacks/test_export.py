@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from cb_helpers import make_trainer
 
 import qat_lightning as ql
@@ -88,3 +89,25 @@ def test_failed_check_writes_the_per_layer_comparison(tmp_path, lit, data, monke
     assert not export.outcome.check.passed
     table = (tmp_path / "run" / "version_0" / "compare_export_per_layer.txt").read_text()
     assert table.startswith("op_name") and "cosine" in table
+
+
+def test_export_keeps_frozen_batchnorms_frozen(tmp_path, lit, data):
+    """Mid-training export (train mode, BatchNorms frozen): every submodule keeps its own mode."""
+    export = ExportOnnx(path="m.onnx", check_batches=1, run_on_fit_end=False)
+    trainer = make_trainer(
+        tmp_path, [PrepareQuantization(), Calibration(num_batches=2), export], max_epochs=0
+    )
+    trainer.fit(lit, datamodule=data)
+    model = lit.model
+    model.train()
+    ql.freeze_batchnorm(model)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert bns and not any(m.training for m in bns)
+    flags = {name: m.training for name, m in model.named_modules()}
+    stats = [m.running_mean.clone() for m in bns]
+    outcome = export.export(trainer, lit)
+    assert outcome is not None and outcome.check is not None
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    ql.set_fake_quantize(model, "qat")
+    model(next(iter(data.train_dataloader()))[0])  # a QAT step: frozen statistics stay
+    assert all(torch.equal(m.running_mean, s) for m, s in zip(bns, stats, strict=True))

@@ -4,7 +4,10 @@
 ``node`` (the quant node's module path), ``op_name`` and ``role`` (the per-layer table's names),
 ``dtype``, ``scale``, ``zero_point``, ``axis``, ``fixed`` and ``onnx`` (a list of ``{"tensor",
 "quantized_tensor", "constant"}``, one per place the node appears in the graph; empty when the node was
-not reached by the example inputs, or for float32 points which have no ONNX node).
+not reached by the example inputs, was reached only while its switch was off, or for float32 points which
+have no ONNX node). ``tensor`` is the float32 tensor the consumers read (a ``DequantizeLinear`` output, for
+a float16 point the second ``Cast``'s output); ``quantized_tensor`` the integer tensor, for a float16 point
+the float16 one (the first ``Cast``'s output, or the float16 weight initializer).
 """
 
 from __future__ import annotations

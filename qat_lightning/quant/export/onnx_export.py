@@ -27,7 +27,7 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from qat_lightning.quant import iter_fake_quantize
+from qat_lightning.quant import FakeQuantState, fake_quant_state, iter_fake_quantize
 from qat_lightning.quant.export.encodings import (
     QuantEncoding,
     build_encodings,
@@ -37,6 +37,8 @@ from qat_lightning.quant.export.encodings import (
 from qat_lightning.quant.export.opsets import EXPORT_OPSETS
 from qat_lightning.quant.export.points import CUSTOM_DOMAIN, export_points
 from qat_lightning.quant.export.qdq_graph import rewrite_quant_points
+from qat_lightning.quant.export.restore import eval_restoring
+from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
 from qat_lightning.quant.outputs import flatten_outputs, graph_output_name
 
 __all__ = ["EXPORT_OPSETS", "ExportError", "ExportResult", "export_onnx"]
@@ -64,7 +66,9 @@ class ExportResult:
         output_names: graph output names (``output_0``, ``output_0-1``, dict keys; see ``graph_output_name``).
         encodings: one entry per quant node of the model.
         num_qdq: number of ``DequantizeLinear`` nodes in the graph.
-        num_fp16_casts: number of float16 quant points written as ``Cast`` pairs.
+        num_fp16_casts: number of float16 ``Cast`` pairs placed in the graph (one per call of a float16
+            quant point that fake casts: a node the example inputs do not reach, or reach only while
+            ``FakeCast`` is off, places none; a float16 weight is an initializer + one ``Cast``).
         size_bytes: size of the ONNX file.
     """
 
@@ -132,7 +136,49 @@ def _has_scale(node: nn.Module) -> bool:
     return bool(node.scale_ready) or bool(node.is_fixed)
 
 
-def _check_model(model: nn.Module, opset: int, path: Path) -> None:
+def _switched_off(model: nn.Module, example_inputs: Any, names: list[str]) -> list[str]:
+    """Return the nodes of ``names`` that a forward on ``example_inputs`` reaches only with the switch off.
+
+    Such a node never observes data in calibration (``GlobalFakeQuantSwitch.disable()`` inside the forward
+    makes it a pass-through), so it has no scale. One forward in eval mode, nodes in ``FLOAT``; any failure
+    gives ``[]`` (the plain message).
+    """
+    wanted = {name: node for name, node in iter_fake_quantize(model) if name in names}
+    calls: dict[str, list[bool]] = {}
+    handles = [
+        node.register_forward_pre_hook(
+            lambda mod, args, name=name: calls.setdefault(name, []).append(GlobalFakeQuantSwitch._enabled)
+        )
+        for name, node in wanted.items()
+    ]
+    try:
+        args, kw_names = _normalize(example_inputs)
+        with eval_restoring(model), fake_quant_state(model, FakeQuantState.FLOAT), torch.no_grad():
+            model(**dict(zip(kw_names, args, strict=True))) if kw_names else model(*args)
+    except Exception:  # noqa: BLE001 - only a hint for the message
+        return []
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [name for name in names if calls.get(name) and not any(calls[name])]
+
+
+def _switch_note(model: nn.Module, example_inputs: Any, cold: list[str]) -> str:
+    """Return the part of the no-scale message that names ``GlobalFakeQuantSwitch`` when it is the cause."""
+    off = _switched_off(model, example_inputs, cold)
+    if not off:
+        return ""
+    which = (
+        "them" if off == cold else ", ".join(off[:8]) + (f" and {len(off) - 8} more" if len(off) > 8 else "")
+    )
+    return (
+        f"; the model's forward runs {which} only while GlobalFakeQuantSwitch is disabled, so calibration "
+        "never observed them: keep the switch on while calibrating, or give these nodes the float32 dtype "
+        "(e.g. a ModuleNameTemplate) to keep them float"
+    )
+
+
+def _check_model(model: nn.Module, opset: int, path: Path, example_inputs: Any = None) -> None:
     if not isinstance(model, nn.Module):
         raise ExportError(
             f"model must be a torch.nn.Module prepared by ql.prepare, got {type(model).__name__}"
@@ -149,7 +195,10 @@ def _check_model(model: nn.Module, opset: int, path: Path) -> None:
     cold = [name for name, n in nodes if n.dtype.is_integer and not _has_scale(n)]
     if cold:
         shown = ", ".join(cold[:8]) + (f" and {len(cold) - 8} more" if len(cold) > 8 else "")
-        raise ExportError(f"quant nodes without a scale (calibrate or train the model first): {shown}")
+        raise ExportError(
+            f"quant nodes without a scale (calibrate or train the model first): {shown}"
+            + _switch_note(model, example_inputs, cold)
+        )
     int16 = [name for name, n in nodes if n.dtype.bits == 16 and n.dtype.is_integer]
     if int16 and opset < 21:
         raise ExportError(f"int16 quant points need opset >= 21, got opset={opset} (e.g. {int16[0]})")
@@ -245,9 +294,12 @@ def export_onnx(
 
     Integer quant points become ``QuantizeLinear`` → ``DequantizeLinear`` with the node's own scale and
     zero point 0 (``int8`` or ``int16``; per-channel weights with ``axis``, stored as integer initializers),
-    float16 points become a saturating ``Cast`` pair, float32 ops stay float. ``path.with_suffix(
-    ".encodings.json")`` gets the encodings (:mod:`~qat_lightning.quant.export.encodings`). The model is
-    left as it was (states, train/eval mode).
+    float16 points become a saturating ``Cast`` pair, float32 ops stay float; a node reached while
+    ``GlobalFakeQuantSwitch`` (or, float16, ``FakeCast``) is off stays float, as in the forward. A norm op
+    with a float16 output is written as its fp16 simulation (every intermediate a ``Cast`` pair, see
+    :mod:`~qat_lightning.quant.export.norms`). ``path.with_suffix(".encodings.json")`` gets the encodings
+    (:mod:`~qat_lightning.quant.export.encodings`). The model is left as it was (node states, each
+    submodule's train/eval flag, the process switches), also when the export fails.
 
     Args:
         model: the prepared model.
@@ -261,28 +313,23 @@ def export_onnx(
             the exporter cannot write (the message names it); no file is written then.
     """
     path = Path(path)
-    _check_model(model, opset, path)
+    _check_model(model, opset, path, example_inputs)
     args, kw_names = _normalize(example_inputs)
     names = kw_names or _input_names(model, len(args))
-    was_training = model.training
     flat = _Flat(model, kw_names)
-    try:
-        model.eval()
-        with export_points(model) as points, torch.no_grad():
-            out_names = tuple(
-                graph_output_name(n)
-                for n, _ in flatten_outputs(
-                    flat.model(**dict(zip(kw_names, args, strict=True))) if kw_names else flat.model(*args)
-                )
+    with eval_restoring(model), export_points(model) as points, torch.no_grad():
+        out_names = tuple(
+            graph_output_name(n)
+            for n, _ in flatten_outputs(
+                flat.model(**dict(zip(kw_names, args, strict=True))) if kw_names else flat.model(*args)
             )
-            if not out_names:
-                raise ExportError("the model returned no tensor output: nothing to export")
-            try:
-                proto = _trace(flat, args, names, out_names, dynamic_batch)
-            except Exception as exc:  # the exporter's own message names the op; add the node
-                raise ExportError(_describe_failure(exc)) from exc
-    finally:
-        model.train(was_training)
+        )
+        if not out_names:
+            raise ExportError("the model returned no tensor output: nothing to export")
+        try:
+            proto = _trace(flat, args, names, out_names, dynamic_batch)
+        except Exception as exc:  # the exporter's own message names the op; add the node
+            raise ExportError(_describe_failure(exc)) from exc
     placed = rewrite_quant_points(proto, opset)
     try:
         onnx.checker.check_model(proto)
@@ -292,7 +339,7 @@ def export_onnx(
     data = proto.SerializeToString()
     enc_path = encodings_path(path)
     _write_atomic([(path, data), (enc_path, encodings_json(encodings, opset).encode())])
-    casts = sum(1 for e in encodings if e.dtype == "float16")
+    casts = sum(1 for q in placed if q.cast)
     return ExportResult(
         path=path,
         encodings_path=enc_path,
@@ -300,7 +347,7 @@ def export_onnx(
         input_names=tuple(names),
         output_names=out_names,
         encodings=tuple(encodings),
-        num_qdq=len(placed),
+        num_qdq=len(placed) - casts,
         num_fp16_casts=casts,
         size_bytes=len(data),
     )

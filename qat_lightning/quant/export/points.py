@@ -8,8 +8,14 @@ replaces its output by what the deployed model computes with the node's frozen (
   ``qat_lightning::QuantDequant`` node (attributes ``qmin``, ``qmax``, ``axis``, ``point``). The graph pass
   in :mod:`~qat_lightning.quant.export.qdq_graph` turns it into ``QuantizeLinear`` → ``DequantizeLinear``
   (or an integer initializer → ``DequantizeLinear`` for a constant weight).
-* ``float16``: ``clamp(±65504)`` → ``Cast(float16)`` → ``Cast(float32)`` (the node's saturating fake cast).
+* ``float16``: :class:`FakeCastPoint`, one ``qat_lightning::FakeCast`` node (attribute ``point``) that the
+  graph pass turns into ``Clip(±65504)`` → ``Cast(float16)`` → ``Cast(float32)`` (the node's saturating fake
+  cast), or a float16 initializer → ``Cast(float32)`` for a constant weight.
 * ``float32``: untouched.
+
+The hooks follow the process switches as the node's forward does: a node reached while
+``GlobalFakeQuantSwitch`` is off (or, for ``float16``, ``FakeCast`` is off) stays float in the graph. Norm
+ops with a ``float16`` output run their fp16 simulation (:mod:`~qat_lightning.quant.export.norms`).
 
 Only the node's public surface is used (``state``, ``dtype``, ``scale``, ``ch_axis``, ``is_fixed``, module
 hooks), so the export does not depend on how the node computes fake quant. Everything is restored on exit.
@@ -32,14 +38,21 @@ from qat_lightning.quant import (
     iter_quant_ops,
     quant_nodes_of,
 )
+from qat_lightning.quant.export.norms import export_cast, exporting_norms
 from qat_lightning.quant.nodes.int_bias import exporting_bias
+from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 
-__all__ = ["CUSTOM_DOMAIN", "QuantPoint", "QuantDequantPoint", "collect_points", "export_points"]
+__all__ = [
+    "CUSTOM_DOMAIN",
+    "QuantPoint",
+    "QuantDequantPoint",
+    "FakeCastPoint",
+    "collect_points",
+    "export_points",
+]
 
 CUSTOM_DOMAIN = "qat_lightning"
 """ONNX domain of the placeholder node written by the tracer (none is left in a finished export)."""
-
-FP16_MAX = 65504.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +120,20 @@ class QuantDequantPoint(torch.autograd.Function):
         return out
 
 
+class FakeCastPoint(torch.autograd.Function):
+    """The saturating fake cast (``clamp(±65504)``, to float16 and back); the exporter writes one node."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, point: str) -> Tensor:  # noqa: D102
+        return export_cast(x)
+
+    @staticmethod
+    def symbolic(g: Any, x: Any, point: str) -> Any:  # noqa: D102
+        out = g.op(f"{CUSTOM_DOMAIN}::FakeCast", x, point_s=point)
+        out.setType(x.type())
+        return out
+
+
 def _export_hook(path: str, node: FakeQuantize) -> Any:
     dtype = node.dtype
     if dtype.is_integer:
@@ -115,7 +142,7 @@ def _export_hook(path: str, node: FakeQuantize) -> Any:
 
         def quant_hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
             x = args[0]
-            if not (isinstance(x, Tensor) and x.is_floating_point()):
+            if not (GlobalFakeQuantSwitch._enabled and isinstance(x, Tensor) and x.is_floating_point()):
                 return out
             ax = axis if axis < 0 else axis % x.dim()
             return QuantDequantPoint.apply(x, scale.to(x.device), dtype.qmin, dtype.qmax, ax, path)
@@ -124,9 +151,10 @@ def _export_hook(path: str, node: FakeQuantize) -> Any:
 
     def cast_hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
         x = args[0]
-        if not (isinstance(x, Tensor) and x.dtype == torch.float32):
+        on = GlobalFakeQuantSwitch._enabled and FakeCastSwitch._enabled  # as FakeQuantize.forward
+        if not (on and isinstance(x, Tensor) and x.dtype == torch.float32):
             return out
-        return x.clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(torch.float32)
+        return FakeCastPoint.apply(x, path)
 
     return cast_hook
 
@@ -147,7 +175,7 @@ def export_points(model: nn.Module) -> Iterator[list[QuantPoint]]:
             node.state = FakeQuantState.FLOAT
             if not node.dtype.is_float32:
                 handles.append(node.register_forward_hook(_export_hook(path, node)))
-        with exporting_bias(model):  # the exported bias is the deployed int32 one (VALIDATION)
+        with exporting_bias(model), exporting_norms(model):  # the deployed int32 bias, the fp16 norms
             yield points
     finally:
         for handle in handles:

@@ -1,10 +1,15 @@
-"""Turn the traced graph's ``qat_lightning::QuantDequant`` placeholders into standard ONNX QDQ nodes.
+"""Turn the traced graph's ``qat_lightning`` placeholders into standard ONNX nodes.
+
+``QuantDequant`` (integer points):
 
 * activation: ``QuantizeLinear(x, scale, zero_point)`` → ``DequantizeLinear`` (the zero point's type,
   ``int8`` or ``int16``, sets the integer type; opset 21 allows both);
 * constant weight (after constant folding, e.g. conv + BN folded): the integer codes are computed here
   (``clamp(round(w * (1 / scale)))``, as the node computes them) and stored as an ``int8`` / ``int16``
   initializer followed by ``DequantizeLinear``: the file holds no float copy of the weight.
+
+``FakeCast`` (float16 points): ``Clip(±65504)`` → ``Cast(float16)`` → ``Cast(float32)`` for an activation,
+a float16 initializer (``clip(w).astype(float16)``) → ``Cast(float32)`` for a constant weight.
 
 Afterwards unused initializers and constants are dropped and the default opset is raised to the target.
 """
@@ -18,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from qat_lightning.quant.export.norms import FP16_MAX
 from qat_lightning.quant.export.points import CUSTOM_DOMAIN
 
 __all__ = ["QdqNode", "rewrite_quant_points"]
@@ -32,14 +38,17 @@ class QdqNode:
     Attributes:
         point: the quant node's module path.
         tensor: name of the dequantized (float) tensor its consumers read.
-        quantized_tensor: name of the integer tensor (a ``QuantizeLinear`` output or a weight initializer).
-        constant: whether the input was a constant (weight stored as integers).
+        quantized_tensor: name of the integer tensor (a ``QuantizeLinear`` output or a weight initializer),
+            for a float16 point the float16 tensor (the first ``Cast``'s output or a weight initializer).
+        constant: whether the input was a constant (weight stored as integers / float16).
+        cast: whether the point is a float16 ``Cast`` pair (else a QDQ pair).
     """
 
     point: str
     tensor: str
     quantized_tensor: str
     constant: bool
+    cast: bool = False
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -121,6 +130,33 @@ def _rewrite_one(
     return [q, dq], QdqNode(point, out, q_name, False)
 
 
+def _rewrite_cast(
+    node: onnx.NodeProto,
+    index: int,
+    values: dict[str, np.ndarray],
+    graph: onnx.GraphProto,
+    stored: _Stored,
+) -> tuple[list[onnx.NodeProto], QdqNode]:
+    point = _attrs(node)["point"]
+    point = point.decode() if isinstance(point, bytes) else str(point)
+    x_name, out, prefix = node.input[0], node.output[0], f"{point}/c{index}"
+    to_float = {"to": TensorProto.FLOAT}
+    if x_name in values:
+        half = np.clip(values[x_name].astype(np.float32), -FP16_MAX, FP16_MAX).astype(np.float16)
+        h_name = _weight_codes(half, f"{prefix}/float16", graph, stored)
+        cast = helper.make_node("Cast", [h_name], [out], name=f"{prefix}/Cast", **to_float)
+        return [cast], QdqNode(point, out, h_name, True, cast=True)
+    lo, hi, clipped, h_name = f"{prefix}/min", f"{prefix}/max", f"{prefix}/clipped", f"{prefix}/float16"
+    graph.initializer.append(numpy_helper.from_array(np.array(-FP16_MAX, np.float32), lo))
+    graph.initializer.append(numpy_helper.from_array(np.array(FP16_MAX, np.float32), hi))
+    nodes = [
+        helper.make_node("Clip", [x_name, lo, hi], [clipped], name=f"{prefix}/Clip"),
+        helper.make_node("Cast", [clipped], [h_name], name=f"{prefix}/CastFloat16", to=TensorProto.FLOAT16),
+        helper.make_node("Cast", [h_name], [out], name=f"{prefix}/CastFloat", **to_float),
+    ]
+    return nodes, QdqNode(point, out, h_name, False, cast=True)
+
+
 def _prune(graph: onnx.GraphProto) -> None:
     """Drop nodes, initializers and constants nothing reads any more (the float copies of the weights)."""
     while True:
@@ -136,7 +172,7 @@ def _prune(graph: onnx.GraphProto) -> None:
 
 
 def rewrite_quant_points(model: onnx.ModelProto, opset: int) -> list[QdqNode]:
-    """Replace every placeholder of ``model`` (in place) by QDQ nodes; return where each point went.
+    """Replace every placeholder of ``model`` (in place) by QDQ / Cast nodes; return where each point went.
 
     Args:
         model: the traced ONNX model (placeholders in the ``qat_lightning`` domain).
@@ -148,8 +184,9 @@ def rewrite_quant_points(model: onnx.ModelProto, opset: int) -> list[QdqNode]:
     nodes: list[onnx.NodeProto] = []
     stored: _Stored = {}
     for node in graph.node:
-        if node.domain == CUSTOM_DOMAIN and node.op_type == "QuantDequant":
-            new_nodes, qdq = _rewrite_one(node, len(placed), values, graph, stored)
+        if node.domain == CUSTOM_DOMAIN and node.op_type in ("QuantDequant", "FakeCast"):
+            rewrite = _rewrite_one if node.op_type == "QuantDequant" else _rewrite_cast
+            new_nodes, qdq = rewrite(node, len(placed), values, graph, stored)
             nodes.extend(new_nodes)
             placed.append(qdq)
         else:
