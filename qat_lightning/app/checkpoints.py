@@ -25,6 +25,7 @@ __all__ = [
     "Record",
     "barrier",
     "calibration_batches",
+    "calibration_record",
     "is_rank_zero",
     "read_checkpoint_info",
     "restore_float_records",
@@ -104,19 +105,21 @@ def read_checkpoint_info(path: Path) -> tuple[dict[str, Any], CheckpointInfo | N
     )
 
 
-def calibration_batches(checkpoint: Any, submodule: str | None = None) -> int | None:
-    """Return how many batches calibrated the checkpoint's network, as its ``Calibration`` state records.
+def calibration_record(checkpoint: Any, submodule: str | None = None) -> tuple[int, str | None] | None:
+    """Return ``(batches, dataloader)`` that calibrated the checkpoint's network (its ``Calibration`` state).
 
-    ``Calibration.state_dict`` keeps ``batches_used`` (per rank) under the key
-    ``Calibration{'submodule': ...}``. A checkpoint of a run that did not calibrate (a QAT run restores a
-    calibrated network: ``batches_used`` 0) or saved without the callback does not record it.
+    ``Calibration.state_dict`` keeps ``batches_used`` (per rank) and its ``dataloader`` (``train`` / ``val``
+    / ``test`` / ``custom``) under the key ``Calibration{'submodule': ...}``. A checkpoint of a run that did
+    not calibrate (a QAT run restores a calibrated network: ``batches_used`` 0) or saved without the
+    callback does not record it.
 
     Args:
         checkpoint: the loaded checkpoint (:func:`read_checkpoint_info`'s first value).
         submodule: the prepared submodule (``prepare.submodule``); ``None``: any.
 
     Returns:
-        The batch count, or ``None`` where the checkpoint does not record it (or records several).
+        The batch count and the loader (``None`` when not recorded), or ``None`` where the checkpoint does
+        not record a calibration (or records several different ones).
     """
     states = checkpoint.get("callbacks") if isinstance(checkpoint, Mapping) else None
     found = set()
@@ -127,8 +130,19 @@ def calibration_batches(checkpoint: Any, submodule: str | None = None) -> int | 
             continue
         used = state.get("batches_used")
         if isinstance(used, int) and not isinstance(used, bool) and used > 0:
-            found.add(used)
+            loader = state.get("dataloader")
+            found.add((used, loader if isinstance(loader, str) else None))
     return found.pop() if len(found) == 1 else None
+
+
+def calibration_batches(checkpoint: Any, submodule: str | None = None) -> int | None:
+    """Return how many batches calibrated the checkpoint's network (:func:`calibration_record`).
+
+    Returns:
+        The batch count, or ``None`` where the checkpoint does not record it (or records several).
+    """
+    record = calibration_record(checkpoint, submodule)
+    return None if record is None else record[0]
 
 
 def restore_float_records(lit: L.LightningModule, checkpoint: Any, submodule: str) -> bool:

@@ -55,21 +55,26 @@ _COMMON = (
 )
 _QUANTIZED = (*_COMMON, "callbacks", "ckpt", "chip", "prepare")
 _SANITY_RUNS = ("sanity.tolerance", "sanity.steps")
+_QAT_SETTINGS = ("qat.lr", "qat.scheduler", "qat.scales", "qat.fix_scales")
+"""What a QAT run reads besides its length (``qat.max_epochs`` / ``qat.max_steps``)."""
 
 STAGE_READS: dict[StageName, tuple[str, ...]] = {
     StageName.float: (*_COMMON, "train"),
+    # float check after calibrating (sanity=float): mode and tolerance; ptq= runs after calibration
     StageName.calibration: (
-        *_QUANTIZED, "recipe", "calibration", "search", "analysis", "pipeline.fp16_max", "sanity"
+        *_QUANTIZED, "recipe", "calibration", "search", "analysis", "pipeline.fp16_max", "ptq",
+        "sanity.mode", "sanity.tolerance",
     ),
-    StageName.qat: (*_QUANTIZED, "calibration.num_batches", "qat", "sanity", "train.limit_train_batches"),
+    # the checkpoint is calibrated (Calibration skips): calibration.* is not read
+    StageName.qat: (*_QUANTIZED, "qat", "sanity", "train.limit_train_batches"),
     StageName.analysis: (*_QUANTIZED, "analysis"),
     StageName.pipeline: (
         *_QUANTIZED, "recipe.module_names", "calibration", "search", "analysis", "pipeline", "train", "qat",
-        "export", *_SANITY_RUNS,
+        "export", "ptq", *_SANITY_RUNS,
     ),
-    StageName.troubleshoot: (
-        *_QUANTIZED, "recipe", "calibration", "qat", "train.limit_train_batches", *_SANITY_RUNS
-    ),
+    # every run is sanity.steps batches of one epoch: qat.max_*, qat.lr_probe, qat.scale_trial and
+    # train.limit_train_batches are not read
+    StageName.troubleshoot: (*_QUANTIZED, "recipe", "calibration", *_QAT_SETTINGS, *_SANITY_RUNS),
     StageName.export: (*_QUANTIZED, "export"),
 }  # fmt: skip
 """The config keys (dotted prefixes) each stage reads; an override of any other key is ignored."""

@@ -12,17 +12,18 @@ __all__ = ["quant_stats"]
 def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float | None]:
     """Return ``(int16 ratio, fp16 ratio, estimated cost relative to all-int8)`` of a prepared network.
 
-    The ratios are shares of quantized ops that compute with int16 (fp16) anywhere: an explicitly
-    quantized input, the weight or the output (a ``float32`` input node means "as produced" and does not
-    count). An op can count in both (a j6p gemm with int16 inputs and an fp16 output). Cost:
-    ``chips.op_cost`` of every op with those dtypes (an input left as produced takes its producer's
-    output dtype), divided by the same ops' MACs (= the all-int8 cost, every factor 1); ops prepare left
-    float32 without quant points (``prepare_record.float_ops``) and the gemms they feed are priced as
-    float32.
+    The ratios are the op shares of ``model_check_result.txt``'s dtype summary and TensorBoard's
+    ``quant/ratio_<dtype>`` (:func:`~qat_lightning.quant.preparation.model_check.dtype_op_shares`): each op
+    counts once, in the dtype it computes in (a gemm: the widest of its effective inputs and weight, an
+    input left as produced taking its producer's output dtype; another op: its output dtype; an op prepare
+    left float32 without quant points: float32). Cost: ``chips.op_cost`` of every op with the same
+    effective dtypes (a gemm priced by its operands, another op by its widest dtype), divided by the same
+    ops' MACs (= the all-int8 cost, every factor 1); ops prepare left float32 without quant points
+    (``prepare_record.float_ops``) and the gemms they feed are priced as float32.
     """
     from qat_lightning.chips import get_chip, op_cost
     from qat_lightning.quant.ops import OpKind, iter_quant_ops, quant_nodes_of
-    from qat_lightning.quant.preparation.model_check import float_input_gemms
+    from qat_lightning.quant.preparation.model_check import dtype_op_shares, float_input_gemms
     from qat_lightning.quant.qconfig.templates import precision_rank
 
     spec = get_chip(chip)
@@ -33,22 +34,16 @@ def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float 
         node = quant_nodes_of(op).get("output")
         outputs[name] = None if node is None else node.dtype
     total = reference = 0.0
-    counts = {"qint16": 0, "float16": 0}
     for name, op in ops:
         info = op.op_info
         nodes = quant_nodes_of(op)
-        inputs, own = [], []
+        inputs = []
         for i, producer in enumerate(info.input_producers or (None,)):
             node = nodes.get(f"input.{i}")
             dtype = node.dtype if node is not None and not node.dtype.is_float32 else None
-            if dtype is not None:
-                own.append(dtype)
             inputs.append(dtype if dtype is not None else outputs.get(producer) if producer else None)
         weight = nodes.get("weight")
         output = outputs.get(name)
-        used = {d.name for d in (*own, output, None if weight is None else weight.dtype) if d is not None}
-        for key in counts:
-            counts[key] += key in used
         gemm = info.kind == OpKind.GEMM
         if gemm and info.is_matmul:
             first, second = inputs[0], inputs[1] if len(inputs) > 1 else inputs[0]
@@ -65,6 +60,6 @@ def quant_stats(model: torch.nn.Module, chip: str) -> tuple[float, float, float 
     ):  # left float32: priced so
         total += op_cost(float_op.flops, "float32", None, "float32", spec, False)
         reference += float_op.flops
-    n = max(len(ops), 1)
+    shares = dtype_op_shares(model)
     cost = total / reference if reference else None
-    return counts["qint16"] / n, counts["float16"] / n, cost
+    return shares.get("qint16", 0.0), shares.get("float16", 0.0), cost

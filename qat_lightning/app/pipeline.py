@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qat_lightning.app.checkpoints import calibration_batches, is_rank_zero, read_checkpoint_info
+from qat_lightning.app.checkpoints import calibration_record, is_rank_zero, read_checkpoint_info
 from qat_lightning.app.recipes import Recipe, load_recipe_conf, recipe_from_conf
 from qat_lightning.app.schema import AppConfig, RecipeConf
 from qat_lightning.app.session import Session, StageResult
@@ -60,6 +60,22 @@ FILES = {
     "(onnxruntime vs fake quant)",
     "events.out.tfevents.*": "TensorBoard: `tensorboard --logdir <run dir>`",
 }
+
+
+def _used(state: dict[str, Any]) -> int | None:
+    """Return a ``Calibration`` state's ``batches_used`` (``None``: the callback keeps no such count)."""
+    used = state.get("batches_used")
+    return used if isinstance(used, int) and not isinstance(used, bool) else None
+
+
+def _calibration_text(recipe: Recipe | None, batches: int | None, loader: str | None, unknown: str) -> str:
+    """Return ``mse (weights minmax), 4 batches of the train data``; what is not known is ``unknown``."""
+    observers = f"observer {unknown}"
+    if recipe is not None:
+        kwargs = f" {dict(recipe.observer_kwargs)}" if recipe.observer_kwargs else ""
+        observers = f"{recipe.observer}{kwargs} (weights {recipe.weight_observer})"
+    count = f"batches {unknown}" if batches is None else f"{batches} batches"
+    return f"{observers}, {count}" + (f" of the {loader} data" if loader and batches is not None else "")
 
 
 def existing_files(run_dir: Path, files: dict[str, str]) -> dict[str, str]:
@@ -303,30 +319,30 @@ class Pipeline:
     def calibration_fact(self) -> str:
         """Return the summary's calibration line: how the model this run reports on was calibrated.
 
-        Stages that start from a calibrated checkpoint (``stage.needs == calibration``: ``qat``,
-        ``analysis``, ``export``) report what the checkpoint records: the observers of its recipe and the
-        batches its ``Calibration`` state counted; what it does not record is "unknown", never this run's
-        config (which those stages do not use). The other stages give this run's ``calibration.*``
-        (``calibration`` / ``pipeline`` / ``troubleshoot`` calibrate with it).
+        Stages that calibrate (``calibration`` / ``pipeline`` / ``troubleshoot``) report what their
+        ``Calibration`` callbacks did (the built ``callbacks.calibration``, whatever ``calibration.*`` says):
+        the observers of the calibrated recipe, the batches the callback used and its data loader (one
+        entry per different calibration). Stages that start from a calibrated checkpoint (``stage.needs ==
+        calibration``: ``qat``, ``analysis``, ``export``) report what the checkpoint records; what it does
+        not record is "unknown", never this run's config (which those stages do not use).
         """
-        cal = self.cfg.calibration
         if self.cfg.stage.needs != "calibration":
-            return f"{cal.observer.value}, {cal.num_batches} batches"
+            runs = [
+                _calibration_text(recipe, _used(state), state.get("dataloader"), "unknown (not counted)")
+                for recipe, state in self.session.calibrations
+            ]
+            return "; ".join(dict.fromkeys(runs)) or "none (this stage does not calibrate)"
         unknown = "unknown (not recorded in the checkpoint)"
         path = self.source_ckpt
         if path is None or not path.is_file():
             return f"{unknown} (no checkpoint resolved)"
         ckpt, info = read_checkpoint_info(path)
         recipe = None if info is None else info.recipe
-        batches = calibration_batches(ckpt, self.cfg.prepare.submodule)
-        if recipe is None and batches is None:
+        record = calibration_record(ckpt, self.cfg.prepare.submodule)
+        if recipe is None and record is None:
             return f"{unknown} (from ckpt={path})"
-        observers = f"observer {unknown}"
-        if recipe is not None:
-            kwargs = f" {dict(recipe.observer_kwargs)}" if recipe.observer_kwargs else ""
-            observers = f"{recipe.observer}{kwargs} (weights {recipe.weight_observer})"
-        count = f"batches {unknown}" if batches is None else f"{batches} batches"
-        return f"{observers}, {count} (from ckpt={path})"
+        batches, loader = (None, None) if record is None else record
+        return f"{_calibration_text(recipe, batches, loader, unknown)} (from ckpt={path})"
 
     def finish(self, title: str, extra_facts: dict[str, str] | None = None) -> Summary:
         """Write ``summary.md``, print the table, return the summary."""

@@ -69,6 +69,8 @@ class Session:
     run_dir: Path
     factories: Factories
     _datamodule: L.LightningDataModule | None = field(default=None, init=False, repr=False)
+    calibrations: list[tuple[Recipe, dict[str, Any]]] = field(default_factory=list, init=False, repr=False)
+    """Each :meth:`calibrate` of this run: the recipe and the built Calibration callback's ``state_dict``."""
 
     # ------------------------------------------------------------------------------------------- plumbing
     @property
@@ -210,13 +212,15 @@ class Session:
             raise ValueError("Factories.callback is not set: qat_lightning.cli.make_factories builds it")
         return self.factories.callback(name, **runtime)
 
-    def _prepare_callbacks(self, recipe: Recipe | None, ptq: bool = False) -> list[Callback]:
+    def _prepare_callbacks(
+        self, recipe: Recipe | None, ptq: bool = False, calibration: Callback | None = None
+    ) -> list[Callback]:
         setter = None if recipe is None else recipe.setter()
         equalization, after = self.factories.ptq() if ptq else (None, [])
         return [
             *([equalization] if equalization is not None else []),
             self.callback("prepare", qconfig_setter=setter),
-            self.callback("calibration"),
+            self.callback("calibration") if calibration is None else calibration,
             *after,
         ]
 
@@ -237,10 +241,11 @@ class Session:
         record = Record(
             CheckpointInfo("calibration", recipe, float_metric=float_metric, float_steps=info.float_steps)
         )
-        trainer = self.trainer(
-            out_dir, [*self._prepare_callbacks(recipe, ptq), record], limit_val_batches=self._val_limit()
-        )
+        calibration = self.callback("calibration")  # its state (batches used, loader) goes to the summary
+        callbacks = [*self._prepare_callbacks(recipe, ptq, calibration), record]
+        trainer = self.trainer(out_dir, callbacks, limit_val_batches=self._val_limit())
         metric = self._metric(trainer.validate(lit, datamodule=self.datamodule(), verbose=False), trainer)
+        self.calibrations.append((recipe, dict(calibration.state_dict())))
         record.info = CheckpointInfo("calibration", recipe, metric, float_metric, info.float_steps)
         changelog = out_dir / "qconfig_changelog.txt"
         if changelog.is_file():

@@ -35,8 +35,8 @@ class StageResult:
         recipe: the recipe name (``float`` for the float model).
         metric: the target metric on the validation data (``None`` if not measured).
         float_metric: the float model's metric, for the "% of float" column.
-        int16_ratio: share of ops in int16 (``None``: not a quantized model).
-        fp16_ratio: share of ops in float16 (``None``: not a quantized model).
+        int16_ratio: share of ops computing in int16 (``dtype_op_shares``; ``None``: not a quantized model).
+        fp16_ratio: share of ops computing in float16 (``dtype_op_shares``; ``None``: not a quantized model).
         cost: estimated cost on the chip, relative to the same model all-int8 (``None`` for float).
         ckpt: the checkpoint written, if any.
         out_dir: where the step's files are.
@@ -121,10 +121,11 @@ def render_markdown(summary: Summary, relative_to: Path | None = None) -> str:
     lines += [
         "",
         "metric: the target metric on the validation data; % of float: metric / float metric; int16 / fp16 "
-        "ratio: share of quantized ops with an int16 / fp16 quant point (input, weight or output; an op can "
-        "count in both); float32 (not quantized): share of FLOPs in ops prepare left without quant points "
-        "(model_check_result.txt lists them); est. cost: the chip cost model (MACs x dtype factor, "
-        "`qat_lightning.chips`) relative to the same model all-int8.",
+        "ratio: share of ops computing in int16 / fp16 (a gemm: the widest of its inputs and weight; another "
+        "op: its output dtype), as the dtype summary of model_check_result.txt and TensorBoard's "
+        "quant/ratio_* count them; float32 (not quantized): share of FLOPs in ops prepare left without "
+        "quant points (model_check_result.txt lists them); est. cost: the chip cost model (MACs x dtype "
+        "factor, `qat_lightning.chips`) relative to the same model all-int8.",
     ]
     if summary.decisions:
         lines += ["", "## Decisions", ""]

@@ -197,12 +197,15 @@ class QuantizationAwareTraining(Callback):
         if self.check_lr:
             self._refuse_warmup(trainer)
         self._check_steps(trainer)
-        pinned = self._fix_scales(model, trainer)
-        if pinned:
-            rank_zero_info(f"QuantizationAwareTraining: {pinned} scale(s) {self.scales}")
+        count = self._fix_scales(model, trainer)
+        if self.scales == "learned":  # counted as they are now: a fixed-threshold node is never learned
+            count = sum(1 for _, n in activation_nodes(model) if n.scale_mode == "learned")
+        if count:
+            rank_zero_info(f"QuantizationAwareTraining: {count} scale(s) {self.scales}")
         switch_states(model, (FakeQuantState.VALIDATION, FakeQuantState.CALIBRATION), FakeQuantState.QAT)
         self._freeze_bn(model)
-        log_scalars(trainer, {"qat/fixed_scales": float(pinned)})
+        tag = "qat/learned_scales" if self.scales == "learned" else "qat/fixed_scales"
+        log_scalars(trainer, {tag: float(count)})  # each mode's count under its own name
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Re-apply the frozen BN mode (Lightning puts the module in train mode each epoch)."""

@@ -21,7 +21,7 @@ def test_qat_stage_with_lr_probe(calib_ckpt, tmp_path):
     assert steps == ["lr probe 1", "lr probe 0.001", "qat"]
     probe = {r.step: r for r in summary.rows[:2]}
     best = max(probe.values(), key=lambda r: r.metric)
-    assert best.note == "chosen"
+    assert best.note == "3 steps, chosen" and all(r.note.startswith("3 steps") for r in probe.values())
     chosen_lr = best.step.removeprefix("lr probe ")
     assert any(f"QAT uses lr={chosen_lr}" in d for d in summary.decisions)
     text = (tmp_path / "summary.md").read_text()

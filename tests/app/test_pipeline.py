@@ -141,13 +141,16 @@ def test_summary_reports_the_checkpoints_calibration_not_the_config(tmp_path):
         f"ckpt={float_ckpt}",
         *TINY,
     )
-    assert _calibration_line(calib_dir) == "- **calibration**: minmax, 2 batches"
+    line = _calibration_line(calib_dir)
+    assert line == "- **calibration**: minmax (weights minmax), 2 batches of the train data"
     calib_ckpt = calib_dir / "checkpoints" / "calibration.ckpt"
     qat_dir = tmp_path / "qat"
     other = ["calibration=mse", "calibration.num_batches=9"]
     run_app(qat_dir, "stage=qat", "sanity=none", "qat.max_steps=2", *other, f"ckpt={calib_ckpt}", *TINY)
     line = _calibration_line(qat_dir)
-    assert line == f"- **calibration**: minmax (weights minmax), 2 batches (from ckpt={calib_ckpt})"
+    assert line == (
+        f"- **calibration**: minmax (weights minmax), 2 batches of the train data (from ckpt={calib_ckpt})"
+    )
     assert "mse" not in line and "9 batches" not in line
     # a QAT checkpoint does not record the batches that calibrated it: unknown, never the config's 9
     qat_ckpt = qat_dir / "checkpoints" / "qat.ckpt"
@@ -161,11 +164,12 @@ def test_summary_reports_the_checkpoints_calibration_not_the_config(tmp_path):
 
 
 def test_calibration_batches_read_from_the_calibration_state():
-    from qat_lightning.app.checkpoints import calibration_batches
+    from qat_lightning.app.checkpoints import calibration_batches, calibration_record
 
     state = {"num_batches": 20, "dataloader": "train", "batches_used": 4}
     ckpt = {"callbacks": {"Calibration{'submodule': 'model'}": state, "Other{}": {"batches_used": 7}}}
     assert calibration_batches(ckpt) == 4 and calibration_batches(ckpt, "model") == 4
+    assert calibration_record(ckpt, "model") == (4, "train")
     assert calibration_batches(ckpt, "net") is None
     restored = {"callbacks": {"Calibration{'submodule': 'model'}": {**state, "batches_used": 0}}}
     assert calibration_batches(restored, "model") is None  # a QAT run: restored, not calibrated
