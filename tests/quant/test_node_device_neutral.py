@@ -313,6 +313,17 @@ def test_export_in_validation_runs_and_matches() -> None:
     assert torch.equal(program.module()(x), p(x))
 
 
+@pytest.mark.parametrize("model_cls", [TinyResNet, TinyEncoder])
+def test_export_unflatten_of_an_fx_prepared_model_matches(model_cls: type) -> None:
+    """The prepared graph carries no stale module stacks of the float trace (unflatten returned 6 outputs)."""
+    p, example = prepared(model_cls)
+    p.eval()
+    ql.set_fake_quantize(p, "validation")
+    unflat = torch.export.unflatten(torch.export.export(p, example))
+    assert torch.equal(unflat(*example), p(*example))
+    assert all("nn_module_stack" not in n.meta for n in p.graph.nodes)
+
+
 def test_explain_finds_no_graph_break_in_validation_and_qat() -> None:
     p, example = prepared(TinyEncoder)
     for state in ("validation", "qat", "float"):

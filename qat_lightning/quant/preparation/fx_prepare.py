@@ -328,6 +328,8 @@ def prepare_fx(
     builder = OpBuilder(qconfigs, qat_mode, device)
     ops = {plan.name: builder.build(plan) for plan in planner.plans}
     _rewrite(gm, planner, ops, output_type)
+    for node in gm.graph.nodes:  # the trace's module stacks name the float model's modules: torch.export
+        node.meta.pop("nn_module_stack", None)  # would nest the prepared ones wrongly (unflatten breaks)
     gm.graph.lint()
     gm.recompile()
     _delete_unused_paths(gm)
