@@ -6,7 +6,7 @@ these helpers and the plain-torch core, so each hook stays a few lines long.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.trainer.connectors.data_connector import _request_dataloader
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import CombinedLoader
 from torch import nn
 
 from qat_lightning.files import write_atomic
@@ -28,6 +29,7 @@ from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 
 __all__ = [
     "CALIBRATED_FLAG",
+    "ChainedLoaders",
     "InputFn",
     "ModelInputs",
     "default_input_fn",
@@ -202,13 +204,61 @@ def _distributed(trainer: pl.Trainer, loader: Any) -> Any:
     )
 
 
-def _first_loader(loaders: Any) -> Any:
-    """Return the first loader of what a ``*_dataloader()`` hook returned (a loader, list or dict)."""
+def _is_loader(obj: Any) -> bool:
+    """Whether ``obj`` is one loader (an iterable of batches), not a batch or a collection of loaders."""
+    if isinstance(obj, (torch.utils.data.DataLoader, CombinedLoader)):
+        return True
+    if isinstance(obj, (torch.Tensor, str, bytes, Mapping, list, tuple)) or hasattr(obj, "__array__"):
+        return False  # a batch (tensor, array, tuple, dict) or a collection
+    return isinstance(obj, Iterable)
+
+
+def _leaf_loaders(loaders: Any) -> list[Any]:
+    """Flatten what a ``*_dataloader()`` hook returned into its loaders, in order.
+
+    A dict gives its values, a list / tuple of loaders its elements, a ``CombinedLoader`` its ``iterables``
+    (what it was built from), recursively; anything else (one loader, a list of batches) is one loader.
+    """
+    if isinstance(loaders, CombinedLoader):
+        return _leaf_loaders(loaders.iterables)
     if isinstance(loaders, Mapping):
-        return next(iter(loaders.values()), None)
-    if isinstance(loaders, (list, tuple)) and loaders and isinstance(loaders[0], torch.utils.data.DataLoader):
-        return loaders[0]
-    return loaders
+        return [leaf for value in loaders.values() for leaf in _leaf_loaders(value)]
+    if isinstance(loaders, (list, tuple)) and loaders and all(_is_collection(x) for x in loaders):
+        return [leaf for value in loaders for leaf in _leaf_loaders(value)]
+    return [] if loaders is None else [loaders]
+
+
+def _is_collection(obj: Any) -> bool:
+    """Whether ``obj`` is a loader or a (nested) collection of loaders, as a list element."""
+    if isinstance(obj, (list, tuple)):
+        return bool(obj) and all(_is_collection(x) for x in obj)
+    return _is_loader(obj) or (isinstance(obj, Mapping) and all(_is_collection(x) for x in obj.values()))
+
+
+class ChainedLoaders:
+    """Several loaders read one after the other, as one iterable of batches.
+
+    ``len()`` is the sum of their lengths (a ``TypeError`` when one has none), so ``num_batches`` counts
+    across them.
+    """
+
+    def __init__(self, loaders: Sequence[Any]) -> None:
+        self.loaders = list(loaders)
+
+    def __iter__(self) -> Iterator[Any]:
+        for loader in self.loaders:
+            yield from loader
+
+    def __len__(self) -> int:
+        return sum(len(loader) for loader in self.loaders)
+
+
+def _as_one_loader(loaders: Any, prepare: Callable[[Any], Any] = lambda loader: loader) -> Any:
+    """One iterable over every loader of ``loaders`` (``None`` when there is none; a single one as is)."""
+    leaves = [prepare(leaf) for leaf in _leaf_loaders(loaders)]
+    if not leaves:
+        return None
+    return leaves[0] if len(leaves) == 1 else ChainedLoaders(leaves)
 
 
 def request_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, which: str | Iterable[Any]) -> Any:
@@ -222,7 +272,12 @@ def request_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, which
             ``trainer.fit(module, train_loader, val_loader)`` (or ``validate`` / ``test``), else the
             attached datamodule's, else the LightningModule's own ``*_dataloader()`` hook. Under multi-process
             strategies a map-style loader that lacks one gets a ``DistributedSampler`` so each rank reads a
-            different shard.
+            different shard. Several loaders for the split (a list or dict of them, or a ``CombinedLoader``,
+            nested or not) are read one after the other, in their order, as one iterable whose length is
+            the sum of theirs: a ``num_batches`` limit counts across them. One loader is returned as is.
+
+    Returns:
+        The split's loader, a :class:`ChainedLoaders` over its several loaders, or ``which`` itself.
 
     Raises:
         ValueError: when no loader for that split can be found (the message says what to pass instead).
@@ -230,9 +285,9 @@ def request_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, which
     if not isinstance(which, str):
         return which
     check_choice("dataloader", which, DATALOADER_CHOICES)
-    loader = _first_loader(_trainer_loader(trainer, which))
+    loader = _as_one_loader(_trainer_loader(trainer, which))
     if loader is None:
-        loader = _first_loader(_source_loader(trainer, which))
+        loader = _as_one_loader(_source_loader(trainer, which), lambda leaf: _distributed(trainer, leaf))
         if loader is None:
             hook = f"{which}_dataloader"
             raise ValueError(
@@ -240,7 +295,6 @@ def request_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, which
                 f"LightningDataModule with {hook}(), define {type(pl_module).__name__}.{hook}(), or pass the "
                 "batches (any iterable) directly"
             )
-        loader = _distributed(trainer, loader)
     return loader
 
 

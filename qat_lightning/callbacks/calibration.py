@@ -10,7 +10,8 @@ When it runs (Lightning 2.6):
   and a ``ckpt_path``, it waits for ``on_train_start`` (or ``on_fit_end`` when no training runs).
 * ``trainer.validate`` / ``test`` / ``predict`` on an uncalibrated model: at their start, so a
   calibration-only run can also be ``Trainer(callbacks=[...]).validate(model, datamodule=dm)``. Once the
-  flag is set, evaluation never touches the observers.
+  flag is set, evaluation never touches the observers, even with ``force=True`` (which applies to ``fit``
+  only: one recalibration per fit).
 
 Where the batches come from: the loaders passed to ``trainer.fit(module, train_loader, val_loader)`` (or
 ``validate`` / ``test``), else the datamodule's, else the module's own ``*_dataloader()`` hooks - the source
@@ -65,8 +66,11 @@ class Calibration(Callback):
             says), ``"val"``, ``"test"``, or any iterable of batches.
         input_fn: batch -> model inputs (default: tensor / first element / dict as kwargs).
         submodule: attribute path of the network inside the LightningModule.
-        force: calibrate even when the model is already flagged as calibrated (statistics accumulate on top
-            of the existing ones unless the observers are reset by the caller).
+        force: recalibrate at ``trainer.fit`` even when the model is already flagged as calibrated: once per
+            fit (at its start, or its deferred point), statistics accumulating on top of the existing ones
+            unless the observers are reset by the caller. It never applies to ``trainer.validate`` / ``test``
+            / ``predict``: they calibrate only an uncalibrated model, so evaluating after a QAT fit keeps the
+            trained scales.
 
     Raises:
         ValueError: at construction for a non-positive ``num_batches`` or an unknown dataloader name.
@@ -114,17 +118,17 @@ class Calibration(Callback):
         if trainer.ckpt_path and trainer.strategy.restore_checkpoint_after_setup:
             self._pending = True  # the checkpoint is restored after this hook: wait for it
             return
-        self._maybe_calibrate(trainer, pl_module)
+        self._maybe_calibrate(trainer, pl_module, force=self.force)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run a calibration deferred from ``on_fit_start``."""
         if self._pending:
-            self._maybe_calibrate(trainer, pl_module)
+            self._maybe_calibrate(trainer, pl_module, force=self.force)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Run a deferred calibration when no training step ran (``max_epochs=0``)."""
         if self._pending:
-            self._maybe_calibrate(trainer, pl_module)
+            self._maybe_calibrate(trainer, pl_module, force=self.force)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Calibrate an uncalibrated model at the start of ``trainer.validate``."""
@@ -155,12 +159,15 @@ class Calibration(Callback):
         self.batches_used = int(state_dict.get("batches_used", 0))
 
     # ---------------------------------------------------------------------------------------------- work
-    def _maybe_calibrate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _maybe_calibrate(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, force: bool = False
+    ) -> None:
+        """Calibrate the network unless it is already calibrated (and ``force`` is off)."""
         self._pending = False
         model = get_submodule(pl_module, self.submodule)
         require_prepared(model, "Calibration", self.submodule)
         ensure_calibrated_flag(model)
-        if is_calibrated(model) and not self.force:
+        if is_calibrated(model) and not force:
             return
         loader = request_dataloader(trainer, pl_module, self.dataloader)
         self._warn_few_batches(loader)

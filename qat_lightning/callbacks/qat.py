@@ -90,7 +90,9 @@ class QuantizationAwareTraining(Callback):
 
     Args:
         bn_mode: ``None`` (as prepared), ``"fuse_bn"``, ``"with_bn"`` or ``"freeze_bn"``. ``fuse_bn`` and
-            ``with_bn`` are structural (chosen at prepare time) and must match the prepared model's mode.
+            ``with_bn`` are structural (chosen at prepare time) and must equal the prepared model's
+            ``qat_mode`` (a model prepared with ``freeze_bn`` accepts neither); ``freeze_bn`` (and ``None``)
+            fit a model prepared in any mode.
         fix_scales: ``None``, ``"input_output"`` or ``"all"`` (old name; use ``scales``).
         scales: QAT scale mode, one of :data:`QAT_SCALES` (default ``"moving"``); ``"learned"`` creates the
             LSQ scale parameters in ``setup`` (before DDP wraps the model, which then averages their
@@ -345,16 +347,21 @@ class QuantizationAwareTraining(Callback):
         self._load_hooks = []
 
     def _check_bn_mode(self, model: nn.Module) -> None:
+        """Refuse a structural ``bn_mode`` other than the one the model was prepared with.
+
+        ``None`` and ``"freeze_bn"`` fit every prepared mode (freezing puts the BatchNorms in eval mode);
+        ``"fuse_bn"`` / ``"with_bn"`` must equal the prepared ``qat_mode``: a ``freeze_bn`` preparation
+        keeps its BatchNorms frozen whatever the callback asks.
+        """
         record = getattr(model, "prepare_record", None)
         prepared_mode = getattr(record, "qat_mode", None)
-        if self.bn_mode in (None, "freeze_bn") or prepared_mode is None:
+        if self.bn_mode in (None, "freeze_bn") or prepared_mode is None or self.bn_mode == prepared_mode:
             return
-        if {self.bn_mode, prepared_mode} == {"fuse_bn", "with_bn"}:
-            raise ValueError(
-                f"bn_mode={self.bn_mode!r} needs a model prepared with qat_mode={self.bn_mode!r}, but it was "
-                f"prepared with {prepared_mode!r}; set PrepareQuantization(qat_mode=...) instead (BN folding "
-                "is structural), or use bn_mode='freeze_bn' / None"
-            )
+        raise ValueError(
+            f"bn_mode={self.bn_mode!r} needs a model prepared with qat_mode={self.bn_mode!r}, but it was "
+            f"prepared with qat_mode={prepared_mode!r}; set PrepareQuantization(qat_mode={self.bn_mode!r}) "
+            "instead (the BN handling is chosen at prepare time), or use bn_mode='freeze_bn' / None"
+        )
 
     def _train_mode(self, pl_module: pl.LightningModule, model: nn.Module) -> None:
         evaluating = sum(1 for m in model.modules() if not m.training)

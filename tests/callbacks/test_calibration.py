@@ -193,3 +193,30 @@ def test_bf16_true_calibration_feeds_bf16_batches(tmp_path):
     assert bool(getattr(lit.model, CALIBRATED_FLAG))
     integer = [node for _, node in ql.iter_fake_quantize(lit.model) if node.dtype.is_integer]
     assert integer and all(bool(node.scale_ready) for node in integer)
+
+
+@pytest.mark.parametrize("source", ["fit_loaders", "datamodule"])
+def test_force_recalibrates_once_per_fit_and_never_at_evaluation(tmp_path, source):
+    lit, calib = _NoHooks(), Calibration(num_batches=4, force=True)
+    callbacks = [PrepareQuantization(), calib, ql.callbacks.QuantizationAwareTraining()]
+    data = {"datamodule": TinyData()} if source == "datamodule" else {}
+    fit_data = data or {"train_dataloaders": make_loader(256, 0), "val_dataloaders": make_loader(128, 1)}
+    trainer = make_trainer(tmp_path, callbacks, limit_train_batches=3)
+    with pytest.warns(UserWarning, match="only 4 batch"):
+        trainer.fit(lit, **fit_data)
+    trained = _quant_state(lit.model)
+    counts = {n: int(q.observer.num_batches) for n, q in ql.iter_fake_quantize(lit.model)}
+    # the QAT-trained scales survive evaluation (and no train loader is needed for it)
+    trainer.validate(lit, **(data or {"dataloaders": make_loader(128, 1)}), verbose=False)
+    trainer.test(lit, **(data or {"dataloaders": make_loader(128, 2)}), verbose=False)
+    for name, value in lit.model.state_dict().items():
+        assert torch.equal(value, trained[name]), f"{name} changed during validate/test"
+    trainer.predict(lit, dataloaders=make_loader(64, 3))
+    for name, value in lit.model.state_dict().items():
+        assert torch.equal(value, trained[name]), f"{name} changed during predict"
+    # a second fit recalibrates once more (force): 4 more batches in every observer that counts them
+    with pytest.warns(UserWarning, match="only 4 batch"):
+        make_trainer(tmp_path, callbacks, max_epochs=0, version=1).fit(lit, **fit_data)
+    after = {n: int(q.observer.num_batches) for n, q in ql.iter_fake_quantize(lit.model)}
+    assert any(counts[n] > 0 for n in counts)
+    assert all(after[n] == counts[n] + 4 for n in counts if counts[n] > 0)
