@@ -9,6 +9,10 @@ ratios between groups kept) and on its schedulers' base LRs, so the real run dec
 Scoring: ``eval_fn(pl_module) -> float`` when given (``higher_is_better`` says its direction), else the
 mean loss of ``training_step`` over ``eval_batches`` validation batches (lower is better) with fake quant
 in VALIDATION state. ``self.log`` calls inside the probe's steps are dropped (the real run logs).
+
+Resuming (``trainer.fit(..., ckpt_path=...)``): the probe's decision (the chosen LR and the candidates'
+scores) is saved in the checkpoint; a resumed fit whose checkpoint says the probe ran does not probe again
+and leaves the restored optimizer and schedulers alone, so the run decays on as if never interrupted.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from qat_lightning.analysis.advice.lr import DEFAULT_LRS, LrProbeResult, probe_qat_lr, render_lr_probe
+from qat_lightning.analysis.advice.lr import (
+    DEFAULT_LRS,
+    LrProbeResult,
+    LrProbeRow,
+    probe_qat_lr,
+    render_lr_probe,
+)
 from qat_lightning.callbacks._common import batch_transfer, get_submodule, request_dataloader, switch_states
 from qat_lightning.callbacks.logging import log_scalars, log_text
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState
@@ -99,6 +109,7 @@ class QatLrProbe(Callback):
         self.eval_batches = int(eval_batches)
         self.submodule = submodule
         self.result: LrProbeResult | None = None
+        self._restored = False
 
     def _val_loss(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> float:
         loader = request_dataloader(trainer, pl_module, "val")
@@ -119,7 +130,43 @@ class QatLrProbe(Callback):
             pl_module.train(was_training)
         return total / max(count, 1)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Return what the probe decided: whether it ran, the chosen LR and every candidate's score."""
+        result = self.result
+        if result is None:
+            return {"done": False}
+        return {
+            "done": True,
+            "best_lr": result.best_lr,
+            "best_metric": result.best_metric,
+            "higher_is_better": result.higher_is_better,
+            "baseline": result.baseline,
+            "rows": [(row.lr, row.metric) for row in result.rows],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the decision of the interrupted run: the resumed fit does not probe again."""
+        if not state_dict.get("done"):
+            return
+        self.result = LrProbeResult(
+            rows=tuple(LrProbeRow(float(lr), float(metric)) for lr, metric in state_dict.get("rows", ())),
+            best_lr=float(state_dict["best_lr"]),
+            best_metric=float(state_dict.get("best_metric", float("nan"))),
+            higher_is_better=bool(state_dict.get("higher_is_better", self.higher_is_better)),
+            baseline=state_dict.get("baseline"),
+        )
+        self._restored = True
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Probe the LRs, restore the states, set the chosen LR; log the table (skipped when resumed)."""
+        if self._restored and self.result is not None:  # the restored optimizer/schedulers carry the LR
+            self._restored = False
+            best = self.result.best_lr
+            rank_zero_info(f"QatLrProbe: resumed fit; lr={best:g} was chosen before, not probed again")
+            return
+        self._probe(trainer, pl_module)
+
+    def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Probe the LRs, restore the states, set the chosen LR; log the table."""
         optimizer = trainer.optimizers[0]
         start_opt = copy.deepcopy(optimizer.state_dict())

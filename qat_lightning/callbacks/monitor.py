@@ -6,6 +6,9 @@ For every integer quant node it logs ``quant/scale/<node>`` (largest channel sca
 ``[(qmin - 0.5) * scale, (qmax + 0.5) * scale]`` during the validation pass, summed over ranks. A node that
 saturates a lot is a fixed-scale or int16 candidate (the seed's truncation error). Also the summary
 ``quant/saturation_max`` and the op dtype shares ``quant/ratio_<dtype>``.
+
+``every_n_validations`` counts the validation passes of the fit (not Lightning's sanity check); the count is
+saved in checkpoints, so a resumed fit logs at the same passes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class QuantStatsMonitor(Callback):
 
     Args:
         nodes: quant-node name patterns to watch (glob or prefix, as ``FakeQuantSwitch``); ``None``: all.
-        every_n_validations: log every n-th validation pass of a fit (``trainer.validate`` always logs).
+        every_n_validations: log every n-th validation pass of a fit, counting from the first (the count
+            survives a resume); ``trainer.validate`` always logs and is not counted.
         submodule: attribute path of the network inside the LightningModule.
 
     Raises:
@@ -64,16 +68,29 @@ class QuantStatsMonitor(Callback):
         self._counts: dict[str, list[Tensor]] = {}
         self._passes = 0
 
+    @property
+    def state_key(self) -> str:
+        """Key of this callback's state in a checkpoint (one per watched set of nodes)."""
+        return self._generate_state_key(nodes=self.nodes, submodule=self.submodule)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return how many validation passes of the fit were seen (the ``every_n_validations`` count)."""
+        return {"passes": self._passes}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the pass count of the interrupted fit."""
+        self._passes = int(state_dict.get("passes", 0))
+
     # ---------------------------------------------------------------------------------------------- hooks
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach counting hooks to the watched nodes."""
         self._detach()
         if trainer.sanity_checking:
             return
-        self._passes += 1
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting and (self._passes - 1) % self.every_n_validations:
-            return
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._passes += 1
+            if (self._passes - 1) % self.every_n_validations:
+                return
         for name, node in iter_fake_quantize(get_submodule(pl_module, self.submodule)):
             if node.dtype.is_integer and (self.nodes is None or any(match_name(p, name) for p in self.nodes)):
                 self._counts[name] = [torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)]

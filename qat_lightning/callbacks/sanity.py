@@ -5,10 +5,12 @@
   BatchNorm running statistics (momentum 0; BN still normalizes with the batch statistics as in training).
   The model therefore cannot change, and its metric must equal the calibration model's; a difference means
   the training pipeline changes the model some other way. What the held statistics would have learnt is
-  measured instead (:class:`~qat_lightning.quant.calibrate.DataDriftMeter`): training batches whose
-  BatchNorm inputs lie more than ``BN_SHIFT_LIMIT`` running std from the calibrated statistics fail the
-  check with that drift named as the cause (a preprocessing mismatch), while the ordinary drift of QAT
-  (scales moving a few percent per epoch) no longer raises a false alarm.
+  measured instead (:class:`~qat_lightning.quant.calibrate.DataDriftMeter`): training data whose
+  BatchNorm inputs, averaged per channel over every sample of the run, lie more than ``BN_SHIFT_LIMIT``
+  running std from the calibrated running mean fail the check with that drift named as the cause (a
+  preprocessing mismatch). The average over the whole run keeps small batches' noise (a batch mean
+  wanders ~1/sqrt(batch) std) and the ordinary drift of QAT (scales moving a few percent per epoch) from
+  raising a false alarm.
 * ``mode="float"`` (seed check 2): fake quant is off during the whole run (every node FLOAT). The metric
   must match a float fine-tune of the same length and settings; with ``monitor_mode`` the comparison is
   one-sided (scoring better is not a failure), and the report says which comparison was made.
@@ -111,6 +113,7 @@ class SanityCheck(Callback):
         self._meter: DataDriftMeter | None = None
         self._drift: DataDrift | None = None
         self._float_before: list[FakeQuantize] | None = None
+        self._sanity_states: list[tuple[FakeQuantize, FakeQuantState]] = []
 
     @property
     def state_key(self) -> str:
@@ -145,12 +148,21 @@ class SanityCheck(Callback):
             self._meter.active = False
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Validate in float too in ``float`` mode."""
+        """Validate in float too in ``float`` mode.
+
+        Lightning's sanity-check validation runs before ``on_train_start`` has recorded which nodes the user
+        keeps in FLOAT: the states are saved here and put back at its end, so the check's condition (and
+        what ``on_train_end`` restores) starts from the user's states.
+        """
         if self.mode == "float" and trainer.state.fn == TrainerFn.FITTING:
-            set_fake_quantize(self._model(pl_module), FakeQuantState.FLOAT)
+            model = self._model(pl_module)
+            if self._float_before is None and not self._sanity_states:
+                self._sanity_states = [(node, node.state) for _, node in iter_fake_quantize(model)]
+            set_fake_quantize(model, FakeQuantState.FLOAT)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Record the monitored metric of validations that ran inside training."""
+        """Put back the states of a sanity-check validation; record the metric of those inside training."""
+        self._restore_sanity_states()
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or self._measuring:
             return
         value = self._metric(trainer)
@@ -219,9 +231,10 @@ class SanityCheck(Callback):
 
     def _release(self, pl_module: pl.LightningModule) -> None:
         """Undo the condition: quant nodes back (float mode), BN momentum restored, drift hooks removed."""
-        if self.mode == "float":
+        self._restore_sanity_states()
+        if self.mode == "float" and self._float_before is not None:  # only what _condition changed
             set_fake_quantize(self._model(pl_module), FakeQuantState.VALIDATION)
-            for node in self._float_before or []:
+            for node in self._float_before:
                 node.state = FakeQuantState.FLOAT
             self._float_before = None
         for module, momentum in self._bn_momentum:
@@ -230,6 +243,11 @@ class SanityCheck(Callback):
         if self._meter is not None:
             self._drift = self._meter.close()
             self._meter = None
+
+    def _restore_sanity_states(self) -> None:
+        for node, state in self._sanity_states:
+            node.state = state
+        self._sanity_states = []
 
     def _metric(self, trainer: pl.Trainer) -> float | None:
         value = trainer.callback_metrics.get(self.monitor)
@@ -301,7 +319,7 @@ class SanityCheck(Callback):
             passed = False
             notes.append(
                 "cause: the training batches differ from the data the model was calibrated on "
-                f"(BatchNorm inputs off by {self._drift.bn_shift:.3g} running std at "
+                f"(mean BatchNorm input off by {self._drift.bn_shift:.3g} running std at "
                 f"{self._drift.bn_name}): QAT would learn BN statistics and scales from them"
             )
         status = "PASS" if passed else "FAIL"

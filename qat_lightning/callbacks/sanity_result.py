@@ -48,7 +48,10 @@ class SanityResult:
             ``lr0``, the training data do not drift from the calibrated statistics.
         status: ``PASS``, ``FAIL``, ``NO RESULT`` or ``INCOMPLETE``.
         note: free text (how the reference was obtained, the comparison made, why it failed or is incomplete).
-        drift: for ``lr0``, what the held statistics would have learnt (``None`` otherwise).
+        drift: for ``lr0``, what the held statistics would have learnt (``None`` otherwise): its
+            ``bn_shift`` is the largest channel distance, in running std, between the BatchNorm inputs'
+            mean over every training sample of the run and the running mean (``bn_samples`` values per
+            channel); above ``BN_SHIFT_LIMIT`` the check fails.
     """
 
     mode: str

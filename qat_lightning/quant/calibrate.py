@@ -77,11 +77,19 @@ def _fill_missing_flag(
     state_dict[key] = torch.tensor(bool(ready) and all(bool(v) for v in ready))
 
 
+def _network(model: nn.Module) -> nn.Module:
+    """Return the network inside a ``torch.compile`` wrapper (its attributes are read through, not set)."""
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def ensure_calibrated_flag(model: nn.Module) -> torch.Tensor:
     """Register the ``qat_calibrated`` buffer on a prepared model (idempotent) and return it.
 
     A load-state-dict pre-hook fills the flag in for checkpoints that predate it, so strict loading works.
+    A ``torch.compile`` wrapper's flag is its network's.
     """
+    model = _network(model)
     flag = getattr(model, CALIBRATED_FLAG, None)
     if isinstance(flag, torch.Tensor):
         return flag
@@ -93,7 +101,7 @@ def ensure_calibrated_flag(model: nn.Module) -> torch.Tensor:
 
 def is_calibrated(model: nn.Module) -> bool:
     """Value of the ``qat_calibrated`` buffer (False when absent)."""
-    flag = getattr(model, CALIBRATED_FLAG, None)
+    flag = getattr(_network(model), CALIBRATED_FLAG, None)
     return bool(flag) if isinstance(flag, torch.Tensor) else False
 
 
@@ -249,8 +257,10 @@ def reduce_observer_statistics(model: nn.Module, group: Any = None) -> int:
 
 # ----------------------------------------------------------------------------------------------- drift
 BN_SHIFT_LIMIT = 1.0
-"""A BatchNorm input whose batch mean lies more than this many running standard deviations from the
-running mean (any channel) means the data differ from those the statistics were estimated on."""
+"""Drift limit, in running standard deviations: a BatchNorm channel whose inputs, averaged over every
+sample the meter saw, lie further than this from the running mean means the data differ from those the
+statistics were estimated on. The average's own sampling noise is about ``1 / sqrt(samples)`` of this unit,
+so small batches do not raise it; only a real shift of the input distribution does."""
 
 
 @dataclass(frozen=True)
@@ -259,11 +269,14 @@ class DataDrift:
 
     Attributes:
         batches: how many batches were measured.
-        bn_shift: the largest ``|batch mean - running_mean| / running std`` over BatchNorm channels.
+        bn_shift: the largest ``|mean of the inputs - running_mean| / running std`` over BatchNorm channels,
+            the mean taken per channel over every sample (and spatial position) of the measured batches,
+            not per batch: its sampling noise is about ``1 / sqrt(bn_samples)``, not ``1 / sqrt(batch)``.
         bn_name: the BatchNorm where it occurred (empty when no BatchNorm ran in train mode).
         range_ratio: the largest ``max |x| / (scale * qmax)`` over integer activation nodes (> 1: the batch
             saturates the calibrated range).
         range_name: the node where it occurred.
+        bn_samples: how many values per channel that mean was taken over at ``bn_name``.
     """
 
     batches: int
@@ -271,6 +284,7 @@ class DataDrift:
     bn_name: str
     range_ratio: float
     range_name: str
+    bn_samples: int = 0
 
     @property
     def bn_mismatch(self) -> bool:
@@ -279,7 +293,9 @@ class DataDrift:
 
     def render(self) -> str:
         """One line per measure."""
-        bn = f"{self.bn_shift:.3g} running std at {self.bn_name}" if self.bn_name else "n/a (no BatchNorm)"
+        bn = "n/a (no BatchNorm)"
+        if self.bn_name:
+            bn = f"{self.bn_shift:.3g} running std at {self.bn_name} (mean over {self.bn_samples} values)"
         rng = (
             f"{self.range_ratio:.3g}x the calibrated range at {self.range_name}" if self.range_name else "n/a"
         )
@@ -294,13 +310,17 @@ class DataDriftMeter:
 
     It never changes the model: BatchNorm inputs are compared with the running statistics (only BatchNorms
     that run their own forward, i.e. in train mode or unfused), integer activation inputs with the
-    calibrated range. Counts only while :attr:`active` is true; :meth:`close` removes the hooks.
+    calibrated range. The BatchNorm inputs are summed per channel on their device (no host sync per batch)
+    and compared as one mean over all measured samples when :meth:`close` is called, so the measure's noise
+    shrinks with the number of samples. Counts only while :attr:`active` is true; :meth:`close` removes the
+    hooks.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.active = False
         self.batches = 0
-        self._worst: dict[str, dict[str, Tensor]] = {"bn": {}, "range": {}}
+        self._worst: dict[str, Tensor] = {}
+        self._bn: dict[str, tuple[nn.Module, Tensor, int]] = {}
         self._handles = [
             m.register_forward_pre_hook(self._bn_hook(name))
             for name, m in model.named_modules()
@@ -312,18 +332,21 @@ class DataDriftMeter:
             if node.ch_axis is None and node.dtype.is_integer
         ]
 
-    def _keep(self, kind: str, name: str, value: Tensor) -> None:
-        seen = self._worst[kind].get(name)
-        self._worst[kind][name] = value if seen is None else torch.maximum(seen, value)
+    def _keep(self, name: str, value: Tensor) -> None:
+        seen = self._worst.get(name)
+        self._worst[name] = value if seen is None else torch.maximum(seen, value)
 
     def _bn_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             if not self.active or not args or not isinstance(args[0], Tensor) or args[0].dim() < 2:
                 return
-            x = args[0].detach().float()
-            mean = x.mean(dim=[d for d in range(x.dim()) if d != 1])
-            std = (module.running_var.float() + module.eps).sqrt()
-            self._keep("bn", name, ((mean - module.running_mean.float()).abs() / std).max())
+            x = args[0].detach()
+            total = x.sum(dim=[d for d in range(x.dim()) if d != 1], dtype=torch.float32)
+            count = x.numel() // max(x.shape[1], 1)
+            seen = self._bn.get(name)
+            if seen is not None:
+                total, count = seen[1] + total, seen[2] + count
+            self._bn[name] = (module, total, count)
 
         return hook
 
@@ -332,18 +355,29 @@ class DataDriftMeter:
             if not self.active or not args or not isinstance(args[0], Tensor) or args[0].numel() == 0:
                 return
             limit = node.scale.float().max() * node.dtype.qmax
-            self._keep("range", name, args[0].detach().abs().max().float() / limit)
+            self._keep(name, args[0].detach().abs().max().float() / limit)
 
         return hook
+
+    def _bn_shifts(self) -> dict[str, Tensor]:
+        """Per BatchNorm: the largest channel shift of the all-sample mean, in running std (on the host)."""
+        shifts = {}
+        for name, (module, total, count) in self._bn.items():
+            if count:
+                mean, var = module.running_mean.detach().cpu().double(), module.running_var.detach().cpu()
+                std = (var.double() + module.eps).sqrt()
+                shifts[name] = ((total.cpu().double() / count - mean).abs() / std).max()
+        return shifts
 
     def close(self) -> DataDrift:
         """Remove the hooks and return what was measured."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        bn = _worst_of(self._worst["bn"])
-        rng = _worst_of(self._worst["range"])
-        return DataDrift(self.batches, bn[1], bn[0], rng[1], rng[0])
+        bn = _worst_of(self._bn_shifts())
+        rng = _worst_of(self._worst)
+        samples = self._bn[bn[0]][2] if bn[0] else 0
+        return DataDrift(self.batches, bn[1], bn[0], rng[1], rng[0], samples)
 
 
 def _worst_of(values: dict[str, Tensor]) -> tuple[str, float]:

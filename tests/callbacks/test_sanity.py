@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cb_helpers import LitClassifier, TinyData, make_trainer
+from cb_helpers import LitClassifier, TinyData, make_loader, make_trainer
 from lightning.pytorch import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -24,7 +24,7 @@ def _scalars(log_dir):
     return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _run(tmp_path, mode, data, calib_split="train", lr=0.01, tolerance=0.05, extra=()):
+def _run(tmp_path, mode, data, calib_split="train", lr=0.01, tolerance=0.05, extra=(), **kwargs):
     lit = LitClassifier(lr=lr)
     check = SanityCheck(mode=mode, monitor="val_acc", tolerance=tolerance)
     callbacks = [
@@ -34,7 +34,7 @@ def _run(tmp_path, mode, data, calib_split="train", lr=0.01, tolerance=0.05, ext
         check,
         *extra,
     ]
-    trainer = make_trainer(tmp_path, callbacks, max_epochs=2)
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=2, **kwargs)
     return lit, check, trainer
 
 
@@ -94,9 +94,13 @@ class HeadInFloat(Callback):
         set_fake_quantize(pl_module.model.head, "float")
 
 
+@pytest.mark.parametrize("sanity_steps", [0, 2])
 @pytest.mark.parametrize("mode", ["lr0", "float"])
-def test_nodes_the_user_kept_in_float_stay_float_after_the_check(tmp_path, mode):
-    lit, check, trainer = _run(tmp_path, mode, TinyData(), lr=0.001, extra=[])
+def test_nodes_the_user_kept_in_float_stay_float_after_the_check(tmp_path, mode, sanity_steps):
+    # sanity_steps=2 is Lightning's default: its validation runs before the check records the user's states
+    lit, check, trainer = _run(
+        tmp_path, mode, TinyData(), lr=0.001, extra=[], num_sanity_val_steps=sanity_steps
+    )
     trainer.callbacks.insert(trainer.callbacks.index(check), HeadInFloat())
     trainer.fit(lit, datamodule=TinyData())
     states = {name: node.state for name, node in iter_fake_quantize(lit.model)}
@@ -186,3 +190,54 @@ def test_float_reference_measured_at_train_start_says_what_it_is(tmp_path):
 def test_unknown_monitor_mode_is_refused():
     with pytest.raises(ValueError, match="monitor_mode='up' is not supported; allowed: None, 'min', 'max'"):
         SanityCheck(monitor_mode="up")
+
+
+def test_float_check_after_lightnings_sanity_validation_leaves_a_quantized_model(tmp_path):
+    lit, check, trainer = _run(tmp_path, "float", TinyData(), lr=0.001, num_sanity_val_steps=2)
+    trainer.fit(lit, datamodule=TinyData())
+    assert check.result.status == "PASS", check.result.render()
+    assert {node.state for _, node in iter_fake_quantize(lit.model)} == {FakeQuantState.VALIDATION}
+    tested = trainer.test(lit, datamodule=TinyData(), verbose=False)[0]["test_acc"]
+    set_fake_quantize(lit.model, FakeQuantState.VALIDATION)
+    assert tested == trainer.test(lit, datamodule=TinyData(), verbose=False)[0]["test_acc"]
+
+
+class SmallBatches(TinyData):
+    """The same training data in batches of ``batch_size``, shifted by ``shift`` input std (std 2)."""
+
+    def __init__(self, batch_size: int, shift: float = 0.0) -> None:
+        super().__init__()
+        self.batch_size, self.shift = batch_size, shift
+
+    def train_dataloader(self):
+        return make_loader(self.n_train, 0, shift=2.0 * self.shift, batch_size=self.batch_size, shuffle=True)
+
+
+@pytest.mark.parametrize("batch_size", [4, 8])
+def test_lr0_does_not_cry_wolf_on_small_batches_of_the_same_data(tmp_path, batch_size):
+    torch.manual_seed(0)
+    lit = LitClassifier()
+    check = SanityCheck(mode="lr0", monitor="val_loss", tolerance=0.0, raise_on_failure=False)
+    callbacks = [PrepareQuantization(), Calibration(None), QuantizationAwareTraining(), check]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=32)
+    trainer.fit(lit, datamodule=SmallBatches(batch_size))
+    drift = check.result.drift
+    assert check.result.status == "PASS", check.result.render()
+    assert drift.batches == 32 and drift.bn_samples == 32 * batch_size and drift.bn_shift < 0.5
+
+
+def test_lr0_flags_training_data_shifted_by_one_and_a_half_std_on_small_batches(tmp_path):
+    torch.manual_seed(0)
+    lit = LitClassifier()
+    check = SanityCheck(mode="lr0", monitor="val_loss", tolerance=0.0, raise_on_failure=False)
+    callbacks = [
+        PrepareQuantization(),
+        Calibration(None, dataloader="val"),
+        QuantizationAwareTraining(),
+        check,
+    ]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=32)
+    with pytest.warns(UserWarning, match="SANITY CHECK FAILED"):
+        trainer.fit(lit, datamodule=SmallBatches(4, shift=1.5))
+    assert check.result.status == "FAIL" and check.result.drift.bn_mismatch
+    assert "cause: the training batches differ" in check.result.note

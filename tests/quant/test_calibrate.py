@@ -56,6 +56,19 @@ def test_calibrate_sets_the_flag_and_minmax_scales_match_a_float64_recomputation
     assert node.state is ql.FakeQuantState.VALIDATION
 
 
+def test_calibrate_through_a_torch_compile_wrapper_marks_the_network() -> None:
+    """``calibrate(torch.compile(model), ...)`` ran every batch, then failed to set the flag."""
+    model = _prepared()
+    reference = _prepared()
+    batches = [(x, y) for x, y in _batches(3)]
+    assert calibrate(torch.compile(model, backend="eager"), batches) == 3
+    calibrate(reference, batches)
+    assert is_calibrated(model) and is_calibrated(torch.compile(model, backend="eager"))
+    require_calibrated(model, "test")
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_an_empty_loader_raises_and_leaves_the_model_uncalibrated() -> None:
     model = _prepared()
     model.train()
@@ -112,8 +125,9 @@ def test_drift_meter_measures_the_bn_shift_without_changing_the_model() -> None:
             meter.batches += 1
     drift = meter.close()
     std = (bn.running_var.double() + bn.eps).sqrt()
-    expected = max(float(((x.mean(0) - bn.running_mean.double()).abs() / std).max()) for x in seen)
-    assert drift.batches == 3 and drift.bn_name
+    mean = torch.cat(seen).mean(0)  # one mean over every sample measured, not the worst batch
+    expected = float(((mean - bn.running_mean.double()).abs() / std).max())
+    assert drift.batches == 3 and drift.bn_name and drift.bn_samples == 48
     assert drift.bn_shift == pytest.approx(expected, rel=1e-5)
     assert drift.bn_mismatch == (expected > BN_SHIFT_LIMIT)
     assert drift.range_ratio > 0 and drift.range_name
@@ -123,6 +137,47 @@ def test_drift_meter_measures_the_bn_shift_without_changing_the_model() -> None:
     n = len(seen)
     model(_batches(1)[0][0])  # hooks removed: nothing more measured
     assert len(seen) == n + 1 and meter.batches == 3
+
+
+def _drift_of_small_batches(shift: float, batch: int, batches: int = 40) -> float:
+    """The BN shift measured on ``batches`` batches of ``batch`` samples drawn from the BN's own statistics.
+
+    ``shift``: how many running std the drawn inputs' mean lies from the running mean.
+    """
+    model = _prepared()
+    calibrate(model, _batches())
+    model.train()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    bn.momentum = 0.0
+
+    def draw(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        std = module.running_var.sqrt()
+        return (module.running_mean + shift * std + torch.randn_like(args[0]) * std,)
+
+    bn.register_forward_pre_hook(draw)
+    meter = DataDriftMeter(model)  # registered after ``draw``: measures what it drew
+    meter.active = True
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch, 6, generator=g))
+            meter.batches += 1
+    return meter.close().bn_shift
+
+
+@pytest.mark.parametrize("batch", [4, 8])
+def test_drift_meter_does_not_mistake_small_batch_noise_for_drift(batch: int) -> None:
+    # every BN input is drawn from the running statistics themselves: there is no drift at all, only the
+    # batch means' noise (~1/sqrt(batch) running std per batch and channel, which exceeded the limit)
+    torch.manual_seed(0)
+    shift = _drift_of_small_batches(0.0, batch)
+    assert shift < 0.5 * BN_SHIFT_LIMIT
+
+
+def test_drift_meter_flags_a_real_shift_of_one_and_a_half_std() -> None:
+    torch.manual_seed(0)
+    shift = _drift_of_small_batches(1.5, 4)
+    assert shift > BN_SHIFT_LIMIT and shift == pytest.approx(1.5, abs=0.3)
 
 
 def test_calibrate_is_importable_from_the_package_faces_without_lightning() -> None:

@@ -1,0 +1,62 @@
+"""QuantStatsMonitor: ``every_n_validations`` counts the fit's validation passes, also across a resume."""
+
+from __future__ import annotations
+
+import pytest
+from cb_helpers import LitClassifier, make_trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qat_lightning.callbacks import (
+    Calibration,
+    PrepareQuantization,
+    QuantizationAwareTraining,
+    QuantStatsMonitor,
+)
+
+STEPS_PER_EPOCH = 2
+
+
+def _logged_epochs(log_dir) -> list[int]:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [e.step // STEPS_PER_EPOCH - 1 for e in acc.Scalars("quant/saturation_max")]
+
+
+def _fit(tmp_path, data, ckpt_path=None) -> QuantStatsMonitor:
+    monitor = QuantStatsMonitor(every_n_validations=3)
+    callbacks = [PrepareQuantization(), Calibration(num_batches=2), QuantizationAwareTraining(), monitor]
+    if ckpt_path is None:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}"))
+    trainer = make_trainer(
+        tmp_path, callbacks, max_epochs=7, limit_train_batches=STEPS_PER_EPOCH, limit_val_batches=1,
+        enable_checkpointing=ckpt_path is None, version=int(ckpt_path is not None),
+    )  # fmt: skip
+    trainer.fit(LitClassifier(), datamodule=data, ckpt_path=ckpt_path)
+    return monitor
+
+
+@pytest.mark.parametrize("resume_after", [0, 1])
+def test_every_n_validations_logs_the_same_passes_after_a_resume(tmp_path, data, resume_after):
+    _fit(tmp_path, data)
+    assert _logged_epochs(tmp_path / "run" / "version_0") == [0, 3, 6]
+    monitor = _fit(tmp_path, data, ckpt_path=tmp_path / "ckpt" / f"epoch={resume_after}.ckpt")
+    assert _logged_epochs(tmp_path / "run" / "version_1") == [3, 6]
+    assert monitor.state_dict() == {"passes": 7}
+
+
+def test_trainer_validate_logs_without_moving_the_fits_count(tmp_path, data):
+    monitor = QuantStatsMonitor(every_n_validations=2)
+    callbacks = [PrepareQuantization(), Calibration(num_batches=2), QuantizationAwareTraining(), monitor]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+    lit = LitClassifier()
+    trainer.validate(lit, datamodule=data, verbose=False)
+    assert monitor.saturation and monitor.state_dict() == {"passes": 0}
+    monitor.saturation = {}
+    trainer.fit(lit, datamodule=data)
+    assert monitor.saturation and monitor.state_dict() == {"passes": 1}  # the fit's first pass logs
+
+
+def test_every_n_validations_is_validated():
+    with pytest.raises(ValueError, match="every_n_validations must be an int >= 1"):
+        QuantStatsMonitor(every_n_validations=0)
