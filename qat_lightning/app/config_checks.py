@@ -7,7 +7,9 @@
 code 2.
 
 :func:`ignored_overrides` names the command-line overrides the chosen stage does not read (``qat.lr=...``
-with ``stage=float``), so that a setting is never accepted and silently ignored.
+with ``stage=float``), so that a setting is never accepted and silently ignored. In the same spirit a
+``trainer.*`` key that the stages set themselves (``trainer.max_steps``: use ``train.max_steps`` /
+``qat.max_steps``) is refused (:func:`~qat_lightning.app.trainer_args.stage_trainer_problems`).
 
 Nothing here imports hydra; the checks that need the user's model and checkpoints are in
 ``qat_lightning.app.preflight``.
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from qat_lightning.app.schema import AppConfig, QatScales, StageName
+from qat_lightning.app.trainer_args import stage_trainer_problems
 from qat_lightning.callbacks.qat import FIX_TO_SCALES
 from qat_lightning.quant.export.opsets import EXPORT_OPSETS
 
@@ -74,7 +77,11 @@ STAGE_READS: dict[StageName, tuple[str, ...]] = {
     ),
     # every run is sanity.steps batches of one epoch: qat.max_*, qat.lr_probe, qat.scale_trial and
     # train.limit_train_batches are not read
-    StageName.troubleshoot: (*_QUANTIZED, "recipe", "calibration", *_QAT_SETTINGS, *_SANITY_RUNS),
+    # recipe tuning as stage=calibration (tune_recipe): search, analysis, pipeline.fp16_max
+    StageName.troubleshoot: (
+        *_QUANTIZED, "recipe", "calibration", "search", "analysis", "pipeline.fp16_max", *_QAT_SETTINGS,
+        *_SANITY_RUNS,
+    ),
     StageName.export: (*_QUANTIZED, "export"),
 }  # fmt: skip
 """The config keys (dotted prefixes) each stage reads; an override of any other key is ignored."""
@@ -328,6 +335,7 @@ def config_problems(cfg: AppConfig) -> list[str]:
     if cfg.ckpt and not Path(cfg.ckpt).expanduser().is_file():
         problems.append(f"ckpt={cfg.ckpt!r}: no such file")
     problems += _scale_problems(cfg) + _runtime_arg_problems(cfg)
+    problems += stage_trainer_problems(cfg.trainer, cfg.progress)
     if not cfg.prepare.submodule or not all(p.isidentifier() for p in cfg.prepare.submodule.split(".")):
         problems.append(
             f"prepare.submodule={cfg.prepare.submodule!r}: must be an attribute path (e.g. model)"

@@ -246,6 +246,9 @@ class Pipeline:
     ) -> tuple[str, ...]:
         """Run the int16/fp16 search on a calibrated int16 module; return the fp16 op names."""
         s = self.session
+        if conf.fp16_topk is None and self.cfg.pipeline.fp16_max < 1:
+            self.decide("int16/fp16: pipeline.fp16_max=0: no op moved to fp16 (no search)")
+            return ()
         outcome = fp16_search(
             getattr(lit, self.cfg.prepare.submodule),
             tables,
@@ -278,7 +281,7 @@ class Pipeline:
         s = self.session
         kind = None if conf.sensitive_type is None else conf.sensitive_type.value
         model = None if lit is None else getattr(lit, self.cfg.prepare.submodule)
-        evaluate = None if lit is None else s.evaluator(lit, out)
+        evaluate = None if lit is None or conf.int16_ratio is not None else s.evaluator(lit, out)
         outcome = int16_search(
             model,
             tables,

@@ -146,8 +146,8 @@ class TrainConf:
     """Float training (``stage=float`` and the pipeline's first step).
 
     Attributes:
-        max_epochs: epochs.
-        max_steps: steps (``-1`` = by epochs).
+        max_epochs: epochs; not read when ``max_steps > 0``.
+        max_steps: optimizer steps; ``> 0`` wins over ``max_epochs`` (``-1`` = by epochs).
         limit_train_batches: ``lightning.Trainer`` argument (``None`` = all).
         limit_val_batches: ``lightning.Trainer`` argument (``None`` = all).
     """
@@ -196,7 +196,8 @@ class PipelineConf:
     Attributes:
         qat: run QAT on the chosen configuration.
         sanity: run both sanity checks at the end.
-        fp16_max: most ops the int16/fp16 step may move to fp16.
+        fp16_max: most ops the int16/fp16 step may move to fp16 (``0``: no fp16 step). The search keeps
+            only ops that beat the all-int16 metric (none when all-int16 already meets the target).
     """
 
     qat: bool = True

@@ -122,8 +122,9 @@ class QatConf:
     """Quantization-aware training.
 
     Attributes:
-        max_epochs: epochs (the seed: at most ~20% of the float training steps).
-        max_steps: steps (``-1`` = by epochs).
+        max_epochs: epochs (the seed: at most ~20% of the float training steps); not read when
+            ``max_steps > 0``.
+        max_steps: optimizer steps; ``> 0`` wins over ``max_epochs`` (``-1`` = by epochs).
         lr: learning rate of the first parameter group (the others keep their ratio to it); ``None``
             keeps the model's.
         scheduler: ``cosine`` (decay, no warmup), ``constant``, or ``keep`` the model's own (the QAT

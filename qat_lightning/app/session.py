@@ -28,6 +28,7 @@ from qat_lightning.app.qat_optimizers import qat_optimizers
 from qat_lightning.app.recipes import Recipe
 from qat_lightning.app.schema import AppConfig
 from qat_lightning.app.summary import StageResult
+from qat_lightning.app.trainer_args import run_length
 
 __all__ = ["Factories", "Session", "StageResult"]
 
@@ -181,8 +182,7 @@ class Session:
         trainer = self.trainer(
             out_dir,
             [record],
-            max_epochs=t.max_epochs,
-            max_steps=t.max_steps,
+            **run_length(t.max_epochs, t.max_steps),  # max_steps > 0 wins
             limit_val_batches=self._val_limit(),
             **limits,
         )
@@ -327,8 +327,7 @@ class Session:
             float_steps=info.float_steps or None,
         )
         args: dict[str, Any] = {
-            "max_epochs": q.max_epochs,
-            "max_steps": q.max_steps,
+            **run_length(q.max_epochs, q.max_steps),  # max_steps > 0 wins
             "limit_val_batches": self._val_limit(),
         }
         if self.cfg.train.limit_train_batches is not None:

@@ -51,6 +51,9 @@ def tune_recipe(
     """
     target = pipe.session.target(float_metric)
     fp16_wanted = conf.name.value in _FP16_RECIPES and not recipe.fp16_ops and conf.fp16_topk != 0
+    if fp16_wanted and conf.fp16_topk is None and pipe.cfg.pipeline.fp16_max < 1:
+        pipe.decide("int16/fp16: pipeline.fp16_max=0: no op moved to fp16 (no search)")
+        fp16_wanted = False
     if fp16_wanted:
         _, high = pipe.base_recipe("int16")
         lit, metric, _, out = pipe.calibrate(
@@ -68,8 +71,9 @@ def tune_recipe(
 
         given = [load_sensitivity_table(Path(conf.sensitivity_table))] if conf.sensitivity_table else []
         if given and conf.int16_ratio is not None:  # nothing to measure: the rows come from the table
+            lit = _prepared(pipe, float_ckpt, recipe)  # its ops: the rows the search would count
             outcome = pipe.int16_step(
-                None, given, target, conf, recipe.other is not None, pipe.session.run_dir
+                lit, given, target, conf, recipe.other is not None, pipe.session.run_dir
             )
             return recipe.replace(raised=outcome.chosen)
         base = recipe.replace(name=f"{recipe.name} base")
@@ -90,6 +94,24 @@ def tune_recipe(
         outcome = pipe.int16_step(lit, tables, target, conf, gemm_only, pipe.current_dir)
         recipe = recipe.replace(raised=outcome.chosen)
     return recipe
+
+
+def _prepared(pipe: Pipeline, float_ckpt: Path, recipe: Recipe) -> Any:
+    """Return the float model prepared with ``recipe``, not calibrated (its ops, nothing evaluated)."""
+    from qat_lightning.callbacks.prepare import prepare_submodule
+
+    s, p = pipe.session, pipe.cfg.prepare
+    lit, _ = s.load_float(float_ckpt)
+    prepare_submodule(
+        lit,
+        recipe.setter(),
+        s.example_inputs(lit),
+        submodule=p.submodule,
+        method=p.method.value,
+        qat_mode=p.qat_mode.value,
+        int_bias=p.int_bias,
+    )
+    return lit
 
 
 def calibration_stage(pipe: Pipeline) -> Summary:

@@ -1,7 +1,8 @@
 """``stage=troubleshoot``: the seed's three checks for a QAT run that does not converge, in one command.
 
-From the float checkpoint (``ckpt=`` or ``<run dir>/checkpoints/float.ckpt``) it calibrates ``recipe`` and
-runs, each as a short run of ``sanity.steps`` training steps with the QAT settings (``qat.lr``,
+From the float checkpoint (``ckpt=`` or ``<run dir>/checkpoints/float.ckpt``) it calibrates ``recipe`` (tuned
+as ``stage=calibration`` tunes it: ``recipe.int16_ratio`` / ``fp16_topk`` / ``sensitivity_table`` or the
+searches) and runs, each as a short run of ``sanity.steps`` training steps with the QAT settings (``qat.lr``,
 ``qat.scheduler``, the same data):
 
 1. **float fine-tune through the QAT pipeline, without prepare**: expected to score at least the float
@@ -124,12 +125,15 @@ def troubleshoot_stage(pipe: Any) -> Summary:
     from qat_lightning.app.checkpoints import is_rank_zero
     from qat_lightning.app.qat_optimizers import qat_optimizers
     from qat_lightning.app.recipes import recipe_from_conf
+    from qat_lightning.app.stage_runners import tune_recipe
 
     cfg, s = pipe.cfg, pipe.session
     recipe = recipe_from_conf(cfg.recipe, cfg.chip, cfg.calibration)
     float_ckpt = pipe.resolve_ckpt("float")
     float_metric = pipe.float_metric_of(float_ckpt, s.run_dir)
     pipe.result("float", None, float_metric, float_metric)
+    # as stage=calibration: recipe.mixed / int16_ratio / fp16_topk / sensitivity_table decide the rows
+    recipe = tune_recipe(pipe, cfg.recipe, recipe, float_ckpt, float_metric)
     _, calib_metric, calib_ckpt, _ = pipe.calibrate(
         "calibration", f"calibration {recipe.name}", float_ckpt, recipe, float_metric, "calibration"
     )

@@ -22,7 +22,14 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["SearchOutcome", "fp16_search", "int16_search", "load_sensitivity_table", "merged_table"]
+__all__ = [
+    "SearchOutcome",
+    "fp16_search",
+    "int16_search",
+    "load_sensitivity_table",
+    "merged_table",
+    "searched_rows",
+]
 
 log = logging.getLogger("qat_lightning")
 
@@ -83,7 +90,7 @@ def fp16_search(
         eval_fn: ``eval_fn(model) -> metric``.
         target: the metric to reach.
         chip: the chip (must have fp16 ops).
-        max_ops: the most ops moved to fp16.
+        max_ops: the most ops moved to fp16 (``0``: none, no search).
         higher_is_better: the metric's direction.
         topk: a fixed number of ops instead of the search (no evaluation).
         out_dir: where the plan is written.
@@ -92,6 +99,8 @@ def fp16_search(
     if topk is not None:
         names = [r.op_name for r in table.rows if r.sensitive_type == "activation"][:topk]
         return SearchOutcome(tuple(dict.fromkeys(names)), None, False)
+    if max_ops < 1:  # pipeline.fp16_max=0: no fp16 step
+        return SearchOutcome((), None, False)
     from qat_lightning.analysis import SearchReporter, search_fp16_topk
 
     reporter = SearchReporter(out_dir, "fp16_topk") if out_dir is not None else None
@@ -100,7 +109,7 @@ def fp16_search(
         table,
         eval_fn,
         target,
-        max_k=max(1, max_ops),
+        max_k=max_ops,
         chip=chip,
         higher_is_better=higher_is_better,
         on_probe=reporter.probe if reporter is not None else None,
@@ -148,7 +157,8 @@ def int16_search(
         sensitive_type: only ``activation`` / ``weight`` rows, ``None`` = both.
         cost_aware: keep high-FLOP ops in low precision first.
         higher_is_better: the metric's direction.
-        ratio: a fixed share of each table's rows instead of the search (no evaluation).
+        ratio: a fixed share of each table's rows instead of the search (no evaluation): of the rows the
+            search counts (:func:`searched_rows`), so the ratio a search reports gives back its rows.
         high: the dtype the rows are raised to.
         out_dir: where the plan is written.
         reuse_activations: probes rerun only the graph downstream of the changed ops (``SearchConfig``).
@@ -157,7 +167,8 @@ def int16_search(
     if ratio is not None:
         from qat_lightning.quant.qconfig.templates import SensitivityTemplate
 
-        chosen = SensitivityTemplate(list(tables), ratio, sensitive_type, high).selected()
+        rows = searched_rows(model, tables, gemm_only)
+        chosen = SensitivityTemplate(rows, ratio, sensitive_type, high).selected()
         return SearchOutcome(tuple(chosen), None, False, (), ratio)
     from qat_lightning.analysis import SearchReporter, search_j6p, search_mixed_precision
     from qat_lightning.ptq import float_reference
@@ -194,6 +205,35 @@ def int16_search(
     return SearchOutcome(
         pairs, float(plan.metric), bool(plan.reached), probes, float(plan.ratio), _relative(plan)
     )
+
+
+def searched_rows(model: nn.Module, tables: Sequence[Any], gemm_only: bool) -> list[Any]:
+    """Return each table with only the rows the int16 search counts (its ratio is a share of these).
+
+    As ``search_mixed_precision`` / ``search_j6p`` filter them: rows of ops in ``model``; with
+    ``gemm_only`` (J6P: other ops stay float16, so raising them is a no-op) rows of gemm ops only.
+
+    Args:
+        model: the prepared network (its ops).
+        tables: sensitivity tables.
+        gemm_only: the J6P path.
+
+    Raises:
+        ValueError: when ``model`` is ``None`` (the rows cannot be matched to ops).
+    """
+    import dataclasses
+
+    from qat_lightning.analysis.search.precision_nodes import collect_ops
+    from qat_lightning.quant.ops import OpKind
+
+    if model is None:
+        raise ValueError("a fixed int16 ratio needs the prepared model to match the table's rows to its ops")
+    ops = collect_ops(model)
+
+    def counted(name: str) -> bool:
+        return name in ops and (not gemm_only or ops[name].info.kind is OpKind.GEMM)
+
+    return [dataclasses.replace(t, rows=tuple(r for r in t.rows if counted(r.op_name))) for t in tables]
 
 
 def load_sensitivity_table(path: Path) -> Any:

@@ -173,24 +173,43 @@ def test_fp16_topk_step(tmp_path) -> None:
         if node.dtype == ql.qint8 and node.ch_axis is None:
             node.dtype = ql.qint16  # the all-int16 model
     (table,) = QuantAnalysis(model, out_dir=tmp_path).sensitivity(inputs=x, plot=False)
-    top = next(r.op_name for r in table.rows if r.sensitive_type == "activation")
-    one = {model.get_submodule(top).output_quant: ql.float16}
-    apply_chip_rules(collect_ops(model), one, "j6m")  # as plan.setter builds it: no float16 gemm input
-    with node_dtypes(one):
-        with_one = eval_fn(model)
+    top = [r.op_name for r in table.rows if r.sensitive_type == "activation"][:2]
+    two = {model.get_submodule(name).output_quant: ql.float16 for name in top}
+    apply_chip_rules(collect_ops(model), two, "j6m")  # as plan.setter builds it: no float16 gemm input
+    with node_dtypes(two):
+        with_two = eval_fn(model)
+    all_int16 = eval_fn(model)
+    assert with_two > all_int16
     reporter = SearchReporter(tmp_path, "fp16_topk")
     plan = search_fp16_topk(
-        model, table, eval_fn, target=with_one - 1e-9, chip="j6m", on_probe=reporter.probe
+        model, table, eval_fn, target=with_two - 1e-9, chip="j6m", on_probe=reporter.probe
     )
     reporter.write(plan)
-    assert plan.reached and plan.raised == ((top, "activation"),) and plan.high == "float16"
+    assert plan.reached and plan.raised == tuple((n, "activation") for n in top) and plan.high == "float16"
+    assert [p.stage for p in plan.probes] == ["baseline", "fp16", "fp16"]
     assert (
-        plan.setter.assign([op.op_info for _, op in ql.iter_quant_ops(model)]).qconfigs[top].output_dtype
+        plan.setter.assign([op.op_info for _, op in ql.iter_quant_ops(model)]).qconfigs[top[1]].output_dtype
         == ql.float16
     )
     assert (tmp_path / "fp16_topk.txt").exists()
     with pytest.raises(ValueError, match="max_k"):
         search_fp16_topk(model, table, eval_fn, 0.5, max_k=0)
+
+
+def test_fp16_topk_keeps_no_op_that_does_not_beat_all_int16(tmp_path) -> None:
+    model, x, eval_fn, _ = _setup()
+    for _, node in ql.iter_fake_quantize(model):
+        if node.dtype == ql.qint8 and node.ch_axis is None:
+            node.dtype = ql.qint16
+    (table,) = QuantAnalysis(model, out_dir=tmp_path).sensitivity(inputs=x, plot=False)
+    all_int16 = eval_fn(model)
+    # the top op in fp16 feeds a gemm, which the chip reads in int16: it scores exactly like all-int16
+    plan = search_fp16_topk(model, table, eval_fn, target=2.0, max_k=1, chip="j6m")
+    assert [(p.stage, p.metric) for p in plan.probes] == [("baseline", all_int16), ("fp16", all_int16)]
+    assert not plan.reached and plan.raised == () and plan.metric == all_int16
+    # the all-int16 model already meets the target: no op is moved to fp16
+    plan = search_fp16_topk(model, table, eval_fn, target=all_int16, max_k=3, chip="j6m")
+    assert plan.reached and plan.raised == () and len(plan.probes) == 1
 
 
 def test_j6p_path_non_gemm_fp16_gemm_searched(tmp_path) -> None:

@@ -421,3 +421,27 @@ def test_qconfig_objects_are_qconfig() -> None:
     assert all(isinstance(q, QConfig) for q in a.qconfigs.values())
     with pytest.raises(TypeError):
         a.qconfigs["x"] = get_qconfig()  # type: ignore[index]
+
+
+CONV_ADD_OPS = [
+    OpInfo("x", "quant", INPUT, "x"),
+    OpInfo("res", "quant", INPUT, "res"),
+    OpInfo("conv", "ConvBnAddReLU2d", GEMM, "conv", input_producers=("x", "res")),
+]
+
+
+@pytest.mark.parametrize("chip", ["j6e", "j6m"])
+def test_conv_add_residual_operand_is_not_the_gemm_activation(chip: str) -> None:
+    # int8 conv input + int16 weight + int16 add operand: the add operand is not multiplied by the weight
+    names = {"res": qint16, "conv": {"weight_dtype": qint16}}
+    a = QconfigSetter(templates=[ModuleNameTemplate(names)], chip=chip).assign(CONV_ADD_OPS)
+    assert a.changelog == () and a.qconfigs["conv"].weight_dtype == qint16
+
+
+@pytest.mark.parametrize("chip", ["j6e", "j6m"])
+def test_conv_add_int16_activation_and_weight_still_refused(chip: str) -> None:
+    names = {"x": qint16, "conv": {"weight_dtype": qint16}}
+    with pytest.raises(ValueError, match=r"conv: weight is qint16 .*both activation and weight"):
+        QconfigSetter(templates=[ModuleNameTemplate(names)], chip=chip).assign(CONV_ADD_OPS)
+    a = QconfigSetter(templates=[ModuleNameTemplate(names)], chip=chip, on_violation="downgrade")
+    assert a.assign(CONV_ADD_OPS).qconfigs["conv"].weight_dtype == qint8

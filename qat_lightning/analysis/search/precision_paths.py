@@ -56,9 +56,12 @@ def search_fp16_topk(
     Only ``activation`` rows count (an op's output becomes float16). With a chip, each probe follows the
     chip's rules as the setter applies them: a gemm input left as produced that would read a float16
     output (no chip runs a float16 gemm) is probed in qint16, as ``plan.setter`` builds it.
-    Stops at the first k that meets the target (``reached=False`` after ``max_k``).
-    The setter is ``reference`` (default all-int16 activations, int8 weights) + ``ModuleNameTemplate``
-    mapping the chosen ops to float16. ``on_probe`` is called with every probe.
+    The all-int16 model (k = 0, stage ``baseline``) is probed first: if it meets the target no op is moved.
+    Stops at the first k that meets the target; when none does (``reached=False`` after ``max_k``), the
+    best k is kept only if it beats the all-int16 metric strictly, else no op is moved (an fp16 op that
+    does not help only costs speed). The setter is ``reference`` (default all-int16 activations, int8
+    weights) + ``ModuleNameTemplate`` mapping the chosen ops to float16. ``on_probe`` is called with every
+    probe.
 
     Raises:
         ValueError: for ``max_k < 1`` or a chip that cannot run float16 outputs.
@@ -73,18 +76,18 @@ def search_fp16_topk(
         for r in table.rows
         if r.sensitive_type == "activation" and r.op_name in s.ops and s.ops[r.op_name].output is not None
     ][:max_k]
-    best: Probe | None = None
+    if not rows:
+        raise ValueError("the table has no activation row of this model")
+    best = s.measure("baseline", s.follow_chip({}), 0.0, (0,), 0)  # all-int16: what fp16 ops must beat
     chosen: list[str] = []
     for k in range(1, len(rows) + 1):
+        if best.ok:
+            break
         names = [r.op_name for r in rows[:k]]
         dtypes = s.follow_chip({s.ops[n].output: float16 for n in names})
         p = s.measure("fp16", dtypes, k / max(len(table.rows), 1), (k,), k)
-        if best is None or s.better(p.metric, best.metric) or p.ok:
+        if p.ok or s.better(p.metric, best.metric):
             best, chosen = p, names
-        if p.ok:
-            break
-    if best is None:
-        raise ValueError("the table has no activation row of this model")
     all_fp16 = {s.ops[r.op_name].output: float16 for r in rows}
     setter = QconfigSetter(
         reference_qconfig=reference_qconfig or get_qconfig(weight_dtype=qint8, out_dtype=qint16),

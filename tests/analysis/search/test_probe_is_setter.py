@@ -147,13 +147,14 @@ def test_fp16_topk_probes_the_gemm_input_the_setter_builds(one_thread) -> None:
         model,
         _table([producer, "fc3"]),
         recorder,
-        target=1e9,
-        max_k=1,
+        target=0.0,  # unreachable: the best probe that beats all-int16 is kept (top-2 here)
+        max_k=2,
         chip=CHIP,
         higher_is_better=False,
         reference_qconfig=reference,
     )
-    assert plan.reached and plan.raised == ((producer, "activation"),)
+    assert not plan.reached and plan.raised == ((producer, "activation"), ("fc3", "activation"))
+    assert plan.metric < plan.probes[0].metric  # it beats the all-int16 baseline
     _check_plan(plan, float_model, calib, recorder)
     rebuilt = _view(_prepare(float_model, plan.setter, calib))
     assert rebuilt[producer][2] == "float16" and rebuilt["fc2"][0] == ("qint16",)
