@@ -101,6 +101,9 @@ def chip_issues(
 ) -> list[ChipIssue]:
     """Check one op's effective dtypes against a chip; return the issues in the order to fix them.
 
+    The no-double-int16 rule (j6e/j6m) compares a conv/linear's weight with its activation input
+    (``input.0``) only: a fused conv+add's residual operand (``input.1``) is not multiplied by the weight.
+
     Args:
         op: the op.
         inputs: effective dtype of each input (``None`` = unknown, not checked).
@@ -139,9 +142,10 @@ def chip_issues(
             rule = f"{spec.name}: matmul cannot take int16 on both inputs"
             cascade = bool(changed & {"input.0", "input.1"})
             issues.append(ChipIssue(op.name, "input.1", qint16, qint8, rule, cascade=cascade))
-        elif not op.is_matmul and w == qint16 and qint16 in ins:
+        elif not op.is_matmul and w == qint16 and ins and ins[0] == qint16:
+            # only input 0 is multiplied by the weight: a fused conv+add's residual operand (input 1) is not
             rule = f"{spec.name}: gemm cannot take int16 on both activation and weight"
-            cascade = bool(changed & ({"weight"} | {f"input.{i}" for i in range(len(ins))}))
+            cascade = bool(changed & {"weight", "input.0"})
             issues.append(ChipIssue(op.name, "weight", qint16, qint8, rule, cascade=cascade))
     return issues
 
