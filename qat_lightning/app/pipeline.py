@@ -306,9 +306,11 @@ class Pipeline:
         metric = "-" if outcome.metric is None else f"{outcome.metric:.4f}"
         cost = "" if outcome.cost is None else f", est. cost {outcome.cost:.2f} x all-low"
         what = "gemm int16 ratio" if gemm_only else "int16 ratio"
+        n = len(outcome.chosen)  # the count to paste back: the printed ratio is rounded for display
         if outcome.reached:
             self.decide(
-                f"minimal {what} {outcome.ratio:.1%} reaches the target {target:.4f} with {metric}{cost}; "
+                f"minimal {what} {outcome.ratio:.1%} ({n} row(s): recipe.int16_ratio={n} raises the same) "
+                f"reaches the target {target:.4f} with {metric}{cost}; "
                 f"raise {ops} (probes ratio: metric {probes or 'none'})"
             )
         else:

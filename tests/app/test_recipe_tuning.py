@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,11 @@ def test_j6p_searched_ratio_pasted_back_gives_the_searched_rows(float_ckpt, tmp_
     )
     run_app(tmp_path / "fixed", *J6P, *fixed)
     assert _raised(tmp_path / "fixed") == searched
+    # the decision's count pasted back (its ratio is rounded for display: 5.6 % of 18 rows raised two)
+    count = re.search(r"recipe\.int16_ratio=(\d+) raises the same", _decisions(tmp_path / "search"))
+    assert count is not None and int(count.group(1)) == len(searched)
+    run_app(tmp_path / "count", *J6P, f"recipe.int16_ratio={count.group(1)}", *fixed[1:])
+    assert _raised(tmp_path / "count") == searched
     # a larger ratio still raises gemm rows only (other ops stay fp16 on j6p: their rows are no-ops)
     run_app(tmp_path / "half", *J6P, *fixed[1:], "recipe.int16_ratio=0.5")
     rows = {r["op_name"]: r["op_type"] for r in json.loads(table.read_text())["rows"]}
