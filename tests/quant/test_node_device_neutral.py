@@ -324,6 +324,33 @@ def test_export_unflatten_of_an_fx_prepared_model_matches(model_cls: type) -> No
     assert all("nn_module_stack" not in n.meta for n in p.graph.nodes)
 
 
+class _SharedReLU(torch.nn.Module):
+    """One ReLU module called twice (eager prepare: a second call site ``relu#1`` with its own nodes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 8)
+        self.relu = torch.nn.ReLU()
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.relu(self.fc(x)) + self.relu(x))
+
+
+def test_export_unflatten_of_an_eager_model_with_a_shared_module_runs_each_call_site() -> None:
+    """Unflatten ran the first call's nodes for the second call (0.009 off): the sites have other scales."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    p = ql.prepare(_SharedReLU(), (x,), method="eager")
+    ql.calibrate(p, [x])
+    p.eval()
+    sites = dict(p.named_modules())
+    assert not torch.equal(sites["relu"].output_quant.scale, sites["relu#1"].output_quant.scale)
+    program = torch.export.export(p, (x,))
+    assert torch.equal(program.module()(x), p(x))
+    assert torch.equal(torch.export.unflatten(program)(x), p(x))
+
+
 def test_explain_finds_no_graph_break_in_validation_and_qat() -> None:
     p, example = prepared(TinyEncoder)
     for state in ("validation", "qat", "float"):

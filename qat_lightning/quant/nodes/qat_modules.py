@@ -100,8 +100,10 @@ class QuantOp(nn.Module):
         k = self._calls
         self._calls = k + 1
         site = sites[k % len(sites)]
-        if site is self:
-            return self._forward(*args, **kwargs)
+        if site is self or torch.compiler.is_exporting():
+            # exported: the call site's nodes run inside this module's call (``name#k`` is no child of
+            # ``name``, and torch.export.unflatten ran call 0's nodes for a nested ``name#k`` call)
+            return site._forward(*args, **kwargs)
         return site(*args, **kwargs)
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:  # pragma: no cover - abstract
