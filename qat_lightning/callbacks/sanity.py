@@ -27,6 +27,7 @@ causes to check (or warns loudly when ``raise_on_failure=False``).
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -170,13 +171,19 @@ class SanityCheck(Callback):
             self._last = value
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Judge, report and fail loudly."""
-        self._release(pl_module)
+        """Judge, report and fail loudly.
+
+        Every rank gets here: the drift is all-reduced (so every rank judges all the shards) before judging.
+        """
+        self._release(pl_module, reduce=True)
         self.result = self._judge()
+        failed = trainer.strategy.reduce_boolean_decision(self.result.status == "FAIL", all=False)
+        if failed and self.result.status != "FAIL":  # safety net: the report states the run's verdict
+            note = f"{self.result.note}; another rank judged FAIL (its numbers differ from this rank's)"
+            self.result = replace(self.result, passed=False, status="FAIL", note=note)
         self._report(trainer, self.result)
         if self.result.status == "NO RESULT":
             rank_zero_warn("SANITY CHECK GAVE NO RESULT\n" + self.result.render())
-        failed = trainer.strategy.reduce_boolean_decision(self.result.status == "FAIL", all=False)
         if failed:
             message = self.result.render()
             if self.raise_on_failure:
@@ -186,8 +193,11 @@ class SanityCheck(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Mark the report incomplete (unless it is this check's own failure) and flush the writers."""
-        self._release(pl_module)
+        """Mark the report incomplete (unless it is this check's own failure) and flush the writers.
+
+        The drift is not reduced here: other ranks may not reach this hook (no collective may wait on them).
+        """
+        self._release(pl_module, reduce=False)
         if not isinstance(exception, SanityCheckError):
             self.result = SanityResult(
                 self.mode, self.monitor, self.reference, self._last, self.tolerance, False, "INCOMPLETE",
@@ -229,8 +239,11 @@ class SanityCheck(Callback):
             for module, _ in self._bn_momentum:
                 module.momentum = 0.0
 
-    def _release(self, pl_module: pl.LightningModule) -> None:
-        """Undo the condition: quant nodes back (float mode), BN momentum restored, drift hooks removed."""
+    def _release(self, pl_module: pl.LightningModule, reduce: bool) -> None:
+        """Undo the condition: quant nodes back (float mode), BN momentum restored, drift hooks removed.
+
+        ``reduce``: all-reduce the drift across ranks (a collective: only where every rank calls it).
+        """
         self._restore_sanity_states()
         if self.mode == "float" and self._float_before is not None:  # only what _condition changed
             set_fake_quantize(self._model(pl_module), FakeQuantState.VALIDATION)
@@ -241,7 +254,7 @@ class SanityCheck(Callback):
             module.momentum = momentum
         self._bn_momentum = []
         if self._meter is not None:
-            self._drift = self._meter.close()
+            self._drift = self._meter.close(reduce=reduce)
             self._meter = None
 
     def _restore_sanity_states(self) -> None:

@@ -176,10 +176,8 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------- calibrate
 def _planned(batches: Iterable[Any], num_batches: int | None) -> int | None:
-    if num_batches is not None:
-        return num_batches
     try:
-        return len(batches)  # type: ignore[arg-type]
+        return len(batches) if num_batches is None else num_batches  # type: ignore[arg-type]
     except TypeError:
         return None
 
@@ -313,7 +311,7 @@ class DataDriftMeter:
     calibrated range. The BatchNorm inputs are summed per channel on their device (no host sync per batch)
     and compared as one mean over all measured samples when :meth:`close` is called, so the measure's noise
     shrinks with the number of samples. Counts only while :attr:`active` is true; :meth:`close` removes the
-    hooks.
+    hooks. Under ``torch.distributed`` :meth:`close` reduces the ranks' measures first (every rank calls it).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -321,20 +319,13 @@ class DataDriftMeter:
         self.batches = 0
         self._worst: dict[str, Tensor] = {}
         self._bn: dict[str, tuple[nn.Module, Tensor, int]] = {}
-        self._handles = [
-            m.register_forward_pre_hook(self._bn_hook(name))
-            for name, m in model.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-        ]
-        self._handles += [
-            node.register_forward_pre_hook(self._range_hook(name))
-            for name, node in iter_fake_quantize(model)
-            if node.ch_axis is None and node.dtype.is_integer
-        ]
-
-    def _keep(self, name: str, value: Tensor) -> None:
-        seen = self._worst.get(name)
-        self._worst[name] = value if seen is None else torch.maximum(seen, value)
+        bns = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._bns = [(n, m) for n, m in bns if m.running_mean is not None]  # registration order: collectives
+        nodes = [(n, q) for n, q in iter_fake_quantize(model) if q.ch_axis is None and q.dtype.is_integer]
+        self._device = next((b.device for b in model.buffers()), torch.device("cpu"))
+        self._handles = [m.register_forward_pre_hook(self._bn_hook(n)) for n, m in self._bns]
+        self._handles += [q.register_forward_pre_hook(self._range_hook(n)) for n, q in nodes]
+        self._nodes = [n for n, _ in nodes]
 
     def _bn_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
@@ -355,7 +346,8 @@ class DataDriftMeter:
             if not self.active or not args or not isinstance(args[0], Tensor) or args[0].numel() == 0:
                 return
             limit = node.scale.float().max() * node.dtype.qmax
-            self._keep(name, args[0].detach().abs().max().float() / limit)
+            value, seen = args[0].detach().abs().max().float() / limit, self._worst.get(name)
+            self._worst[name] = value if seen is None else torch.maximum(seen, value)
 
         return hook
 
@@ -369,13 +361,32 @@ class DataDriftMeter:
                 shifts[name] = ((total.cpu().double() / count - mean).abs() / std).max()
         return shifts
 
-    def close(self) -> DataDrift:
-        """Remove the hooks and return what was measured."""
+    def reduce(self, group: Any = None) -> bool:
+        """All-reduce the ranks' totals, counts, batches (sum), ratios (max); every rank, once (DDP only)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return False
+        dev, f64, none = self._device, torch.float64, torch.tensor(-1.0)  # -1: a node no rank saw
+        seen = [self._bn.get(n, (m, torch.zeros_like(m.running_mean), 0)) for n, m in self._bns]  # 0: unseen
+        counts = torch.tensor([c for *_, c in seen] + [self.batches], dtype=f64)
+        sums = torch.cat([t.to(dev, f64).reshape(-1) for _, t, _ in seen] + [counts.to(dev)])
+        ratios = [self._worst.get(n, none).cpu().float().reshape(()) for n in self._nodes]
+        worst = torch.stack([*ratios, none]).to(dev)
+        dist.all_reduce(sums, dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(worst, dist.ReduceOp.MAX, group=group)
+        *totals, counts = sums.split([t.numel() for _, t, _ in seen] + [len(seen) + 1])
+        *per_bn, self.batches = counts.long().tolist()
+        self._bn = {n: (m, t, c) for (n, m), t, c in zip(self._bns, totals, per_bn, strict=True) if c}
+        self._worst = {n: w for n, w in zip(self._nodes, worst, strict=False) if w >= 0}
+        return True
+
+    def close(self, reduce: bool = True) -> DataDrift:
+        """Remove the hooks; return what was measured, first :meth:`reduce`-d across ranks if ``reduce``."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        bn = _worst_of(self._bn_shifts())
-        rng = _worst_of(self._worst)
+        if reduce:
+            self.reduce()
+        bn, rng = _worst_of(self._bn_shifts()), _worst_of(self._worst)
         samples = self._bn[bn[0]][2] if bn[0] else 0
         return DataDrift(self.batches, bn[1], bn[0], rng[1], rng[0], samples)
 

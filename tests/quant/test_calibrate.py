@@ -209,3 +209,37 @@ def test_reducing_statistics_across_ranks_keeps_pinned_scales(tmp_path) -> None:
         dist.destroy_process_group()
     assert torch.equal(nodes[0].scale, pinned)
     assert torch.equal(nodes[1].scale, nodes[1].observer.compute_scale("qint8"))
+
+
+def _measured_meter(model: nn.Module, batches: int) -> DataDriftMeter:
+    meter = DataDriftMeter(model)
+    meter.active = True
+    with torch.no_grad():
+        for x, _ in _batches(batches, shift=2.0):
+            model(x)
+            meter.batches += 1
+    return meter
+
+
+def test_drift_reduction_across_one_rank_leaves_the_measure_unchanged(tmp_path) -> None:
+    """Under DDP the meter all-reduces what it saw; with one rank (gloo) that is the local measure exactly."""
+    import torch.distributed as dist
+
+    model = _prepared()
+    calibrate(model, _batches())
+    model.train()
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
+        bn.momentum = 0.0
+    local = _measured_meter(model, 3).close()
+    assert _measured_meter(model, 1).reduce() is False  # no process group: nothing reduced
+    meter, idle = _measured_meter(model, 3), DataDriftMeter(model)  # ``idle`` saw no data on this rank
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        assert meter.reduce() is True
+        reduced = meter.close(reduce=False)
+        empty = idle.close()  # reduces first: zeros from this rank, nothing seen anywhere
+    finally:
+        dist.destroy_process_group()
+    assert local.bn_name and local.range_name and local.batches == 3
+    assert reduced == local  # same shift, ratio, names, samples and batches, bit for bit
+    assert (empty.batches, empty.bn_name, empty.range_name, empty.bn_shift) == (0, "", "", 0.0)
