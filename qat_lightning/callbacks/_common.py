@@ -261,7 +261,9 @@ def _as_one_loader(loaders: Any, prepare: Callable[[Any], Any] = lambda loader: 
     return leaves[0] if len(leaves) == 1 else ChainedLoaders(leaves)
 
 
-def request_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, which: str | Iterable[Any]) -> Any:
+def request_dataloader(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, which: str | Iterable[Any], *, whole: bool = False
+) -> Any:
     """Return the batches a callback should read.
 
     Args:
@@ -275,6 +277,9 @@ def request_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, which
             different shard. Several loaders for the split (a list or dict of them, or a ``CombinedLoader``,
             nested or not) are read one after the other, in their order, as one iterable whose length is
             the sum of theirs: a ``num_batches`` limit counts across them. One loader is returned as is.
+        whole: for a reader on one rank only (an export check): under multi-process strategies, the split's
+            loaders as their source gives them, unsharded (the trainer's own are sharded per rank); the
+            trainer's are used when the source defines none.
 
     Returns:
         The split's loader, a :class:`ChainedLoaders` over its several loaders, or ``which`` itself.
@@ -285,9 +290,15 @@ def request_dataloader(trainer: pl.Trainer, pl_module: pl.LightningModule, which
     if not isinstance(which, str):
         return which
     check_choice("dataloader", which, DATALOADER_CHOICES)
-    loader = _as_one_loader(_trainer_loader(trainer, which))
+    unsharded = whole and trainer.world_size > 1
+    loader = _as_one_loader(_source_loader(trainer, which)) if unsharded else None
     if loader is None:
-        loader = _as_one_loader(_source_loader(trainer, which), lambda leaf: _distributed(trainer, leaf))
+        loader = _as_one_loader(_trainer_loader(trainer, which))
+    if loader is None:
+        loader = _as_one_loader(
+            _source_loader(trainer, which),
+            (lambda leaf: leaf) if unsharded else lambda leaf: _distributed(trainer, leaf),
+        )
         if loader is None:
             hook = f"{which}_dataloader"
             raise ValueError(

@@ -6,7 +6,11 @@ On global rank zero only (the other ranks return at once), after ``trainer.fit``
 the fake-quant network on ``check_batches`` batches and writes ``export_check.txt`` / ``.json`` beside the
 model; when the check fails, ``compare_export_per_layer.txt`` too (onnxruntime vs fake quant per quant point,
 in graph order) and a warning naming the first point where they part. The example inputs are the first batch
-of ``dataloader``.
+of ``dataloader``; under a multi-process strategy rank zero checks on the whole split, not its own shard.
+
+What is exported is the deployed model: every quant node as in VALIDATION. A node the user left in FLOAT
+state (fake quant off, a debugging state) is exported quantized, and the check compares against it
+quantized: a warning names those nodes (an op meant to run in float gets a float32 dtype in its qconfig).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from qat_lightning.callbacks._common import (
 )
 from qat_lightning.callbacks.logging import log_scalars
 from qat_lightning.files import write_atomic
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, iter_fake_quantize
 
 __all__ = ["ExportOnnx", "ExportOutcome"]
 
@@ -116,7 +121,8 @@ class ExportOnnx(Callback):
             return None
         model = get_submodule(pl_module, self.submodule)
         require_prepared(model, "ExportOnnx", self.submodule)
-        loader = request_dataloader(trainer, pl_module, self.dataloader)
+        _warn_float_nodes(model)
+        loader = request_dataloader(trainer, pl_module, self.dataloader, whole=True)
         example = normalize_inputs((self.input_fn or default_input_fn)(first_batch(loader)))
         target.parent.mkdir(parents=True, exist_ok=True)
         result = _export_module().export_onnx(
@@ -155,6 +161,18 @@ def _explain_failure(
     rank_zero_warn(
         f"ONNX export check FAILED; first quant point where onnxruntime and fake quant part: {where}"
     )
+
+
+def _warn_float_nodes(model: Any) -> None:
+    """Warn when nodes are in FLOAT state: the export (and its check) quantize them as VALIDATION does."""
+    names = [name for name, node in iter_fake_quantize(model) if node.state is FakeQuantState.FLOAT]
+    if names:
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        rank_zero_warn(
+            f"ExportOnnx: {len(names)} quant node(s) are in FLOAT state in the model ({shown}); the ONNX "
+            "export is the deployed model and quantizes them as in VALIDATION, and the check compares "
+            "against that. To deploy an op in float, give it a float32 dtype in its qconfig."
+        )
 
 
 def _export_module() -> Any:

@@ -1,4 +1,4 @@
-"""2-process CPU DDP run (gloo), launched by test_ddp.py: calibration + QAT + reports.
+"""2-process CPU DDP run (gloo), launched by test_ddp.py: calibration + QAT + reports + ONNX export.
 
 Usage: python ddp_script.py <out_dir>. Each rank calibrates on its own shard (DistributedSampler), then
 writes its scales to <out_dir>/scales_rank<k>.pt.
@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
 from qat_lightning.callbacks import (  # noqa: E402
     Calibration,
+    ExportOnnx,
     PrepareQuantization,
     QuantAnalysisCallback,
     QuantizationAwareTraining,
@@ -44,6 +45,7 @@ def main(out_dir: Path) -> None:
             calib,
             QuantStatsMonitor(),
             QuantAnalysisCallback(num_steps=1),
+            ExportOnnx(check_batches=None),  # rank zero checks on the whole val split (4 batches)
         ],
         enable_checkpointing=False,
         enable_progress_bar=False,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from cb_helpers import LitClassifier, TinyData, make_trainer, scales
 
@@ -16,13 +19,18 @@ from qat_lightning.quant.qconfig.setter import QconfigSetter
 
 SCRIPT = Path(__file__).with_name("ddp_script.py")
 LEARNED_SCRIPT = Path(__file__).with_name("ddp_learned_script.py")
+SANITY_SCRIPT = Path(__file__).with_name("ddp_sanity_script.py")
 
 
-def _launch(script: Path, out_dir: Path) -> None:
+def _launch(script: Path, out_dir: Path, *args: str) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run(
-        [sys.executable, str(script), str(out_dir)], env=env, capture_output=True, text=True, timeout=240
+        [sys.executable, str(script), str(out_dir), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -72,6 +80,9 @@ def test_ddp_calibration_is_reduced_across_ranks(tmp_path):
     analysis = tmp_path / "run" / "version_0" / "quant_analysis"
     assert (analysis / "badcase.txt").is_file() and not (analysis / "INCOMPLETE").exists()
     assert len(list((tmp_path / "run" / "version_0").glob("events.out.tfevents.*"))) == 1
+    # the export check ran on rank zero over the whole val split (128 samples: 4 batches), not its shard
+    check = json.loads((tmp_path / "run" / "version_0" / "export_check.json").read_text())
+    assert check["num_batches"] == 4 and check["passed"]
 
 
 def test_ddp_learned_scales_are_averaged_across_ranks(tmp_path):
@@ -89,3 +100,38 @@ def test_ddp_learned_scales_are_averaged_across_ranks(tmp_path):
             torch.testing.assert_close(rank["end"][name], saved[f"model.{name}.scale_param"], rtol=0, atol=0)
     for rank in (r0, r1):  # their own (last) group of the first optimizer, as on resume
         assert rank["groups"] == 2 and rank["own_group"] and not rank["elsewhere"]
+
+
+def test_ddp_sanity_check_judges_the_drift_of_every_rank_s_shard_together(tmp_path):
+    """lr0 drift under DDP: one global judgement (the union of the shards), reported as the run's verdict.
+
+    Rank 1 reads every shifted sample, rank 0 none: alone, rank 1's drift fails and rank 0's passes; over
+    the whole set (one process) it passes. Every rank must judge that whole-set drift.
+    """
+    _launch(SANITY_SCRIPT, tmp_path)
+    (tmp_path / "single").mkdir()
+    _launch(SANITY_SCRIPT, tmp_path / "single", "1")  # one process, same weights (trained on 1 thread)
+    files = (
+        tmp_path / "sanity_rank0.json",
+        tmp_path / "sanity_rank1.json",
+        tmp_path / "single/sanity_rank0.json",
+    )
+    r0, r1, single = (json.loads(p.read_text()) for p in files)
+    assert single["status"] == "PASS" and 0.5 < single["bn_shift"] < 1.0  # the union passes ...
+    assert single["bn_samples"] == 256 and single["batches"] == 8
+    for rank in (r0, r1):  # ... and so does every rank, with the whole set's numbers
+        assert rank["bn_shift"] == pytest.approx(single["bn_shift"], rel=1e-5), rank
+        assert rank["range_ratio"] == pytest.approx(single["range_ratio"], rel=1e-5), rank
+        assert (rank["bn_samples"], rank["batches"]) == (256, 8), rank
+        assert (rank["status"], rank["passed"], rank["run_failed"]) == ("PASS", True, False), rank
+
+    log_dir = tmp_path / "run" / "version_0"
+    report = (log_dir / "sanity_check.txt").read_text()
+    assert report.startswith("Sanity check (lr0): PASS")
+    assert f"mean shift {r0['bn_shift']:.3g} running std" in report and "(mean over 256 values)" in report
+    with open(log_dir / "metrics.csv") as f:
+        logged = {
+            k: float(v) for row in csv.DictReader(f) for k, v in row.items() if k.startswith("sanity/") and v
+        }
+    assert logged["sanity/lr0/passed"] == 1.0
+    assert logged["sanity/lr0/bn_shift"] == pytest.approx(single["bn_shift"], rel=1e-5)

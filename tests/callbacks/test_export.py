@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -111,3 +112,22 @@ def test_export_keeps_frozen_batchnorms_frozen(tmp_path, lit, data):
     ql.set_fake_quantize(model, "qat")
     model(next(iter(data.train_dataloader()))[0])  # a QAT step: frozen statistics stay
     assert all(torch.equal(m.running_mean, s) for m, s in zip(bns, stats, strict=True))
+
+
+def test_nodes_left_in_float_state_are_named_in_a_warning(tmp_path, lit, data):
+    """The export is the deployed model (every node as VALIDATION): FLOAT nodes are quantized in it."""
+    export = ExportOnnx(path="m.onnx", check_batches=1, run_on_fit_end=False)
+    trainer = make_trainer(
+        tmp_path, [PrepareQuantization(), Calibration(num_batches=2), export], max_epochs=0
+    )
+    trainer.fit(lit, datamodule=data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export.export(trainer, lit)  # every node in VALIDATION: no warning
+    nodes = list(ql.iter_fake_quantize(lit.model))
+    name, node = nodes[-1]
+    node.state = ql.FakeQuantState.FLOAT
+    with pytest.warns(UserWarning, match=rf"1 quant node\(s\) are in FLOAT state in the model \({name}\)"):
+        outcome = export.export(trainer, lit)
+    assert outcome is not None and outcome.result.num_qdq == sum(1 for _, n in nodes if n.dtype.is_integer)
+    assert node.state is ql.FakeQuantState.FLOAT
