@@ -113,7 +113,9 @@ class _FunctionRecorder(TorchFunctionMode):
             if floats:
                 parent, call = (self.stack[-1][0], self.stack[-1][1]) if self.stack else ("", 0)
                 shapes = [tuple(a.shape) if isinstance(a, Tensor) else None for a in args]
-                self.out.append((parent, call, base, function_flops(base, shapes, tuple(result.shape))))
+                equation = args[0] if base == "einsum" and isinstance(args[0], str) else None
+                flops = function_flops(base, shapes, tuple(result.shape), equation)
+                self.out.append((parent, call, base, flops))
         return result
 
 

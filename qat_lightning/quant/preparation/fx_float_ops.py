@@ -102,5 +102,6 @@ def float_op_of(
     name = f"{parent}.{target}" if parent else str(target)
     table = METHOD_OPS if node.op == "call_method" else FUNCTION_OPS
     base = table.get(node.target, str(target))  # type: ignore[call-overload]
-    flops = function_flops(base, [shape_of(a) for a in node.args], shape_of(node))
+    equation = node.args[0] if base == "einsum" and node.args and isinstance(node.args[0], str) else None
+    flops = function_flops(base, [shape_of(a) for a in node.args], shape_of(node), equation)
     return FloatOp(name, str(target), flops, reason, on_chip)

@@ -40,13 +40,34 @@ def gemm_module_flops(
     return numel_of(in_shape) * int(weight.shape[1]) * k
 
 
+_FIRST_OPERAND_GEMMS = frozenset({"matmul", "bmm", "mm", "mv", "dot", "vdot", "inner"})
+_SECOND_OPERAND_GEMMS = frozenset({"addmm", "baddbmm", "addmv"})  # (input, a, b): ``a``'s last dim
+
+
 def function_flops(
-    base: str, arg_shapes: Sequence[Sequence[int] | None], out_shape: Sequence[int] | None
+    base: str,
+    arg_shapes: Sequence[Sequence[int] | None],
+    out_shape: Sequence[int] | None,
+    equation: str | None = None,
 ) -> int:
-    """MACs of a functional gemm (product of the matmul dims), else one op per output element."""
+    """MACs of a functional gemm (product of the matmul dims), else one op per output element.
+
+    Gemms: ``matmul`` / ``bmm`` / ``mm`` / ``mv`` / ``dot``, ``addmm`` / ``baddbmm`` / ``addmv`` (the
+    contraction is the second operand's last dim), ``addbmm`` (summed over the batch too), ``linear``,
+    convolutions, ``scaled_dot_product_attention`` and ``einsum`` (with its ``equation``: the output's
+    elements times the sizes of the contracted indices).
+    """
     out = numel_of(out_shape)
-    if base in ("matmul", "bmm") and arg_shapes and arg_shapes[0] is not None and len(arg_shapes[0]) >= 1:
-        return out * int(arg_shapes[0][-1])
+    a = arg_shapes[0] if arg_shapes else None
+    b = arg_shapes[1] if len(arg_shapes) > 1 else None
+    if base in _FIRST_OPERAND_GEMMS and a is not None and len(a) >= 1:
+        return max(out, 1) * int(a[-1])
+    if base in _SECOND_OPERAND_GEMMS and b is not None and len(b) >= 1:
+        return out * int(b[-1])
+    if base == "addbmm" and b is not None and len(b) == 3:
+        return out * int(b[0]) * int(b[-1])
+    if base == "einsum" and equation is not None:
+        return _einsum_flops(equation, [s for s in arg_shapes if s is not None], out)
     if base == "scaled_dot_product_attention" and len(arg_shapes) > 1 and arg_shapes[1]:
         return 2 * out * int(arg_shapes[1][-2])  # q @ k^T and probs @ v (key length S each)
     if base == "linear" and len(arg_shapes) > 1 and arg_shapes[1] is not None:
@@ -55,3 +76,21 @@ def function_flops(
         w = arg_shapes[1]
         return out * int(w[1]) * numel_of(w[2:])
     return out
+
+
+def _einsum_flops(equation: str, shapes: Sequence[Sequence[int]], out: int) -> int:
+    """Return the output's elements times the sizes of the indices summed over (``out`` if unparseable)."""
+    inputs, arrow, output = equation.replace(" ", "").partition("->")
+    terms = inputs.split(",")
+    if len(terms) != len(shapes):
+        return out
+    sizes: dict[str, int] = {}
+    for term, shape in zip(terms, shapes, strict=True):
+        letters = term.replace("...", "")  # an ellipsis covers the leading dims (part of the output)
+        dims = list(shape)[len(shape) - len(letters) :] if "..." in term else list(shape)
+        if len(dims) != len(letters):
+            return out
+        sizes.update({c: int(d) for c, d in zip(letters, dims, strict=True)})
+    if not arrow:  # implicit output: the indices that appear once
+        output = "".join(c for c in sizes if inputs.count(c) == 1)
+    return out * math.prod(v for c, v in sizes.items() if c not in output)
