@@ -7,7 +7,9 @@ The probe run with a ``TorchFunctionMode`` (:mod:`.eager_probe`) follows every t
 looking through the functions fx would quantize or look through (so the result agrees with the
 fx-prepared model's producers); :func:`resolve_dataflow` maps the labels onto the planned ops. The
 :class:`EagerDataflow` is kept on the prepared model (:func:`eager_dataflow`) for
-``qat_lightning.quant.qat.io_quant_nodes``.
+``qat_lightning.quant.qat.io_quant_nodes``. :class:`DirectSources` labels each tensor with the module call
+(or model input) whose output it *is* (looking through data movement only, not through in-place changes):
+eager prepare's ``input_producers``.
 """
 
 from __future__ import annotations
@@ -30,14 +32,19 @@ from qat_lightning.quant.preparation.tables import (
 )
 
 __all__ = [
+    "Changed",
     "DATAFLOW_ATTR",
+    "DirectSources",
+    "InputSource",
     "EagerDataflow",
     "FlowTracker",
     "ProbeFlow",
     "Source",
     "connects",
     "eager_dataflow",
+    "method_base",
     "resolve_dataflow",
+    "tensor_method",
 ]
 
 Source = str | tuple[str, int]
@@ -60,7 +67,12 @@ def _tensor_attrs() -> dict[int, str]:
 _TENSOR_ATTRS = _tensor_attrs()
 
 
-def _method_base(name: str) -> str | None:
+def tensor_method(func: Any) -> str | None:
+    """Return the ``Tensor`` attribute name of ``func`` (``"view"``, ``"__getitem__"``), else ``None``."""
+    return _TENSOR_ATTRS.get(id(func))
+
+
+def method_base(name: str) -> str | None:
     """``Tensor`` attribute name -> method base (``__radd__`` -> ``add``, ``__getitem__`` -> ``getitem``)."""
     if name == "__getitem__":
         return "getitem"
@@ -78,7 +90,7 @@ def connects(func: Any) -> bool:
     """Tell whether the data flow runs through ``func``: fx quantizes it or looks through it."""
     name = _TENSOR_ATTRS.get(id(func))
     if name is not None:
-        base = _method_base(name)
+        base = method_base(name)
         return base is not None and (base in METHOD_OPS or base in TRANSPARENT_METHODS or base == "getitem")
     if func is F.scaled_dot_product_attention:
         return True
@@ -100,6 +112,85 @@ def _tensors(value: Any, depth: int = 0) -> list[Tensor]:
 
 
 @dataclass(frozen=True)
+class Changed:
+    """A tensor that was the output of ``source`` and has been changed in place since (``y += z``)."""
+
+    source: Source
+
+
+InputSource = Source | Changed | None
+"""Where a module call's tensor input comes from: a source, a changed one, or ``None`` (computed)."""
+
+
+def _version(t: Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor has no version counter
+        return 0
+
+
+def _looks_through(func: Any) -> bool:
+    """Tell whether fx's producer lookup looks through ``func`` (views, reshapes, indexing, dropout)."""
+    name = tensor_method(func)
+    if name is not None:
+        return name in TRANSPARENT_METHODS or name == "__getitem__"
+    try:
+        return func in TRANSPARENT_FUNCTIONS
+    except TypeError:  # unhashable
+        return False
+
+
+class DirectSources:
+    """Which module call (or model input) each tensor is the output of, during the probe run.
+
+    Looked through: data movement (:data:`.tables.TRANSPARENT_FUNCTIONS` / ``TRANSPARENT_METHODS``,
+    indexing), as fx's producer lookup does. A tensor keeps its label while its version counter stands
+    still; an in-place op on it (or on a view of it: ``y += z``, ``y.add_(z)``, ``inplace=True``,
+    ``y[i] = z``) moves the counter, and it reads as :class:`Changed` from then on.
+    """
+
+    def __init__(self, inputs: Mapping[str, Any]) -> None:
+        self.labels: dict[int, tuple[int, Source | Changed]] = {}
+        self.keep: list[Tensor] = []  # labelled tensors stay alive, so their ids are not reused
+        for name, value in inputs.items():
+            if isinstance(value, Tensor):  # nested tensors get no input op
+                self._label(value, name)
+
+    def _label(self, t: Tensor, source: Source | Changed) -> None:
+        self.labels[id(t)] = (_version(t), source)
+        self.keep.append(t)
+
+    def of(self, value: Any) -> InputSource:
+        """Return the source of ``value`` now (``None`` for a computed tensor or a non-tensor)."""
+        entry = self.labels.get(id(value)) if isinstance(value, Tensor) else None
+        if entry is None:
+            return None
+        version, source = entry
+        if version == _version(value) or isinstance(source, Changed):
+            return source
+        return Changed(source)
+
+    def call_inputs(self, args: Sequence[Any]) -> tuple[InputSource, ...]:
+        """Return the source of each positional tensor argument of a module call."""
+        return tuple(self.of(a) for a in args if isinstance(a, Tensor))
+
+    def module_output(self, key: CallKey, output: Any) -> None:
+        """Label the (tensor) output of a module call with it."""
+        if isinstance(output, Tensor):
+            self._label(output, key)
+
+    def function(self, func: Any, args: Any, kwargs: Any, result: Any) -> None:
+        """Give the results of a data-movement function the source of its first tensor input."""
+        if not _looks_through(func):
+            return
+        first = next(iter(_tensors((args, kwargs))), None)
+        source = self.of(first)
+        for t in _tensors(result) if source is not None else ():
+            if t is not first:
+                self._label(t, source)
+
+
+@dataclass(frozen=True)
 class ProbeFlow:
     """What the probe run saw of the data flow.
 
@@ -108,11 +199,14 @@ class ProbeFlow:
         sinks: sources of the tensors that went into a function with a tensor result that does not carry
             the flow (fx leaves it float too and its input producers stop there, e.g. ``x.abs()``).
         outputs: sources of the tensors the model returned.
+        inputs: each quantizable / pass-through module call -> the :class:`DirectSources` source of each
+            positional tensor input (its input producers).
     """
 
     calls: Mapping[CallKey, frozenset[Source]]
     sinks: frozenset[Source]
     outputs: frozenset[Source]
+    inputs: Mapping[CallKey, tuple[InputSource, ...]] = field(default_factory=dict)
 
 
 class FlowTracker:
@@ -164,9 +258,9 @@ class FlowTracker:
             else:
                 self._label(t, sources if carries else frozenset())
 
-    def finish(self, output: Any) -> ProbeFlow:
-        """Return the flow of the whole run, given the model's output."""
-        return ProbeFlow(dict(self.calls), frozenset(self.sinks), self.sources_of(output))
+    def finish(self, output: Any, inputs: Mapping[CallKey, tuple[InputSource, ...]]) -> ProbeFlow:
+        """Return the flow of the whole run, given the model's output and the calls' input sources."""
+        return ProbeFlow(dict(self.calls), frozenset(self.sinks), self.sources_of(output), dict(inputs))
 
 
 @dataclass(frozen=True)

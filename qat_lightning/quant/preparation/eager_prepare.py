@@ -7,8 +7,11 @@ a ``DeQuantStub`` the identity; without ``QuantStub`` every float tensor input g
 applied by a forward pre-hook on the model (which also resets the call-site counters; a forward hook
 warns when an op ran more often than its probed call sites, see :mod:`.dynamic_block`). Fusion is the
 user's fuse hook (:mod:`.eager_fusion`): each fused module becomes one op; fusable
-chains left unfused (conv -> bn -> relu, linear -> relu, ...) are reported. Which op feeds which through
-the float code between them is kept on the model (:func:`.eager_flow.eager_dataflow`).
+chains left unfused (conv -> bn -> relu, linear -> relu, ...) are reported. An op's input producer is the
+op whose output it is, looked up through pass-through modules and functional views
+(:class:`.eager_flow.DirectSources`); none (float32, with a note) when float code changed that output in
+place (``y += z``). Which op feeds which through the float code between them is kept on the model
+(:func:`.eager_flow.eager_dataflow`).
 """
 
 from __future__ import annotations
@@ -24,11 +27,19 @@ from qat_lightning.quant.nodes.attention import MatMul
 from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
 from qat_lightning.quant.preparation.build import OpBuilder, OpPlan, matmul_module_plan
 from qat_lightning.quant.preparation.dynamic_block import count_forward, warn_extra_calls
-from qat_lightning.quant.preparation.eager_flow import DATAFLOW_ATTR, resolve_dataflow
+from qat_lightning.quant.preparation.eager_flow import (
+    DATAFLOW_ATTR,
+    CallKey,
+    Changed,
+    InputSource,
+    resolve_dataflow,
+)
 from qat_lightning.quant.preparation.eager_fusion import fused_parts, fused_plan, unfused_chains
 from qat_lightning.quant.preparation.eager_probe import CallEvent, Probe, input_names, probe_model
 from qat_lightning.quant.preparation.op_costs import gemm_module_flops, numel_of
 from qat_lightning.quant.preparation.tables import (
+    FUNCTION_OPS,
+    METHOD_OPS,
     OpNamer,
     gemm_spec_of,
     is_dequant_stub,
@@ -115,7 +126,7 @@ def prepare_eager(
     notes = [
         f"not fused (fuse them in a fuse hook: fuse_fn / fuse_model()): {' + '.join(c)}" for c in unfused
     ]
-    notes += builder.notes
+    notes += planner.notes + builder.notes
     inputs = {arg_name: name for _, arg_name, name in planner.input_specs}
     flow = resolve_dataflow(
         probe.flow, probe.flow_error, planner.call_ops, planner.through, inputs, [p.info for p in plans]
@@ -138,9 +149,11 @@ class _EagerPlanner:
                 self.aliases.setdefault(id(mod), []).append(path)
         self.namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
         self.plans: list[OpPlan] = []
-        self.by_id: dict[int, str] = {}
+        self.input_ops: dict[str, str] = {}  # model input name -> its input op
         self.input_specs: list[tuple[int | None, str, str]] = []
-        self.transparent: dict[int, int] = {}
+        self.sources: dict[CallKey, tuple[InputSource, ...]] = {}  # module call -> its inputs' sources
+        self.probed = probe.flow.inputs if probe.flow is not None else {}  # ... looking through views too
+        self.notes: list[str] = []
         self.switched: dict[str, str] = {}
         self.call_ops: dict[tuple[str, int], str] = {}  # module call -> its op (the data flow)
         self.through: set[tuple[str, int]] = set()  # pass-through module calls
@@ -150,12 +163,38 @@ class _EagerPlanner:
         self.events = [ev for ev in probe.events if not any(ev.path.startswith(f"{f}.") for f in self.fused)]
         self.dynamic = _dynamic_paths(self.events)
 
-    def producer(self, tid: int | None) -> str | None:
-        """Name of the op that produced tensor ``tid`` (looked up through transparent modules)."""
-        seen = 0
-        while tid is not None and tid not in self.by_id and tid in self.transparent and seen < 10_000:
-            tid, seen = self.transparent[tid], seen + 1
-        return self.by_id.get(tid) if tid is not None else None
+    def producer(self, source: InputSource) -> str | None:
+        """Name of the op whose output ``source`` is (looked up through pass-through modules), else ``None``.
+
+        ``None`` also for a :class:`.Changed` output: what the consumer reads is the float result of an
+        in-place op eager mode does not quantize, not the producer's quantized output.
+        """
+        for _ in range(10_000):
+            if source is None or isinstance(source, Changed):
+                return None
+            if isinstance(source, str):
+                return self.input_ops.get(source)
+            if source in self.call_ops or source not in self.through:
+                return self.call_ops.get(source)
+            ins = self.sources.get(source, ())
+            source = ins[0] if ins else None
+        return None
+
+    def producers(self, key: CallKey, count: int | None = None) -> tuple[str | None, ...]:
+        """Input producers of module call ``key`` (its first ``count`` tensor inputs; at least one)."""
+        sources = self.sources.get(key, ())[:count] or (None,)
+        return tuple(self.producer(s) for s in sources)
+
+    def _note_changed(self, name: str, key: CallKey) -> None:
+        """Note each input of op ``name`` that is a quantized output changed in place by float code."""
+        for i, source in enumerate(self.sources.get(key, ())):
+            original = self.producer(source.source) if isinstance(source, Changed) else None
+            if original is not None:
+                self.notes.append(
+                    f"{name}: input {i} is the output of {original} changed in place by code eager mode "
+                    "does not quantize (y += z, y.add_(z), x.mul_(w), inplace=True, ...): it reads float32 "
+                    f"values, not {original}'s quantized output"
+                )
 
     def plan_inputs(
         self, model: nn.Module, probe: Probe, args: Sequence[Any], kwargs: Mapping[str, Any]
@@ -171,8 +210,7 @@ class _EagerPlanner:
                 info = OpInfo(name, "quant", OpKind.INPUT, "", 0, (), value.numel())
                 self.plans.append(OpPlan(info, "input"))
                 self.input_specs.append((i if i < len(args) else None, arg_name, name))
-                if arg_name in probe.input_ids:
-                    self.by_id[probe.input_ids[arg_name]] = name
+                self.input_ops[arg_name] = name
 
     def plan_event(self, ev: CallEvent) -> None:
         """Plan the op of one module call (none for a transparent module or a later dynamic call)."""
@@ -180,26 +218,24 @@ class _EagerPlanner:
         if mod is None:
             return
         key = (ev.path, ev.call_index)
+        self.sources[key] = self.probed.get(key, ev.sources)
         dynamic_op = self.dynamic.get(ev.path)
         if dynamic_op is not None:  # later calls of one dynamic call site
-            self.by_id.update({ev.out_id: dynamic_op} if ev.out_id is not None else {})
             self.call_ops[key] = dynamic_op
             return
         if ev.path in self.fused:
             self.call_ops[key] = self._plan_fused(ev)
+            self._note_changed(self.call_ops[key], key)
             return
         op_type = module_op_type(mod)
         if op_type is None:
             self.through.add(key)
-            if ev.out_id is not None and ev.in_ids:
-                self.transparent[ev.out_id] = ev.in_ids[0]
             return
         name = self._plan_module(ev, mod, op_type)
         if name is None:
             return
         self.call_ops[key] = name
-        if ev.out_id is not None:
-            self.by_id[ev.out_id] = name
+        self._note_changed(name, key)
         if ev.path in self.dynamic:
             self.dynamic[ev.path] = name
         if ev.switched_off is not None:
@@ -208,26 +244,25 @@ class _EagerPlanner:
     def _plan_fused(self, ev: CallEvent) -> str:
         name, k = self.namer.module_op(ev.path)
         shapes = (ev.in_shape, ev.out_shape)
-        producers = tuple(self.producer(t) for t in ev.in_ids)
+        producers = self.producers((ev.path, ev.call_index))
         self.plans.append(fused_plan(name, k, ev.path, self.fused[ev.path], producers, shapes))
-        self.by_id.update({ev.out_id: name} if ev.out_id is not None else {})
         self.switched.update({name: ev.switched_off} if ev.switched_off is not None else {})
         self.dynamic.update({ev.path: name} if ev.path in self.dynamic else {})
         return name
 
     def _plan_module(self, ev: CallEvent, mod: nn.Module, op_type: str) -> str | None:
         """Plan a stub, gemm or other module op; ``None`` for a module whose output is not float."""
-        first_in = ev.in_ids[0] if ev.in_ids else None
+        key = (ev.path, ev.call_index)
         if is_stub(mod):
             name, k = self.namer.module_op(ev.path)
             info = OpInfo(
-                name, "quant", OpKind.INPUT, ev.path, k, (self.producer(first_in),), numel_of(ev.out_shape)
+                name, "quant", OpKind.INPUT, ev.path, k, self.producers(key, 1), numel_of(ev.out_shape)
             )
             self.plans.append(OpPlan(info, "input", extra={"path": ev.path}))
             return name
         if isinstance(mod, MatMul):  # decomposed attention's matmuls: a functional gemm
             name, k = self.namer.module_op(ev.path)
-            producers = tuple(self.producer(t) for t in ev.in_ids[:2])
+            producers = self.producers(key, 2)
             plan = matmul_module_plan(name, k, ev.path, producers, (ev.in_shape, ev.out_shape), mod)
             plan.extra["path"] = ev.path
             self.plans.append(plan)
@@ -236,7 +271,7 @@ class _EagerPlanner:
         if spec is not None and getattr(mod, "weight", None) is not None:
             name, k = self.namer.module_op(ev.path)
             flops = gemm_module_flops(mod, ev.in_shape, ev.out_shape)
-            info = OpInfo(name, op_type, OpKind.GEMM, ev.path, k, (self.producer(first_in),), flops)
+            info = OpInfo(name, op_type, OpKind.GEMM, ev.path, k, self.producers(key, 1), flops)
             self.plans.append(
                 OpPlan(
                     info,
@@ -251,7 +286,7 @@ class _EagerPlanner:
             return name
         if ev.out_float:
             name, k = self.namer.module_op(ev.path)
-            producers = tuple(self.producer(t) for t in ev.in_ids)
+            producers = self.producers(key)
             info = OpInfo(name, op_type, OpKind.OTHER, ev.path, k, producers, numel_of(ev.out_shape))
             self.plans.append(OpPlan(info, "module", module=mod, extra={"path": ev.path}))
             return name
@@ -299,15 +334,24 @@ def _uncovered_ops(
     qconfigs: Mapping[str, QConfig],
     switched: Mapping[str, str],
 ) -> tuple[list[str], list[FloatOp]]:
-    """List the functional ops eager mode cannot see, and every op left float32 (switched or functional)."""
+    """List the functional ops eager mode cannot quantize, and every op left float32 (switched or functional).
+
+    The functional ops are the probe's: every float op run outside the swapped modules, data movement
+    excepted (what fx quantizes or lists in its ``float_ops``).
+    """
     fn_namer = OpNamer(taken=lambda parent, child: _taken(model, parent, child))
     not_covered = []
     float_ops = _switched_ops(plans, qconfigs, switched)
+    quantizable = {*FUNCTION_OPS.values(), *METHOD_OPS.values(), "scaled_dot_product_attention"}
     for parent, call, base, flops in probe.functions:
         name = fn_namer.function_op(parent, call, base)
         not_covered.append(f"{name} ({base})")
-        float_ops.append(FloatOp(name, base, flops, "a functional op eager mode cannot see"))
+        why = "a functional op eager mode cannot quantize" if base in quantizable else _NO_IMPLEMENTATION
+        float_ops.append(FloatOp(name, base, flops, why))
     return not_covered, float_ops
+
+
+_NO_IMPLEMENTATION = "no quantized implementation of this function (fx leaves it float32 too)"
 
 
 def _dynamic_paths(events: Sequence[CallEvent]) -> dict[str, str | None]:

@@ -3,10 +3,12 @@
 :func:`probe_model` runs the float model once on the example inputs with forward hooks on every module
 and a ``TorchFunctionMode``: it yields the call count of every module, the call order of the quantizable
 (and fused, pass-through) modules (which tensor each one consumed and produced, whether a switch was
-disabled in ``forward`` or a :func:`.dynamic_block` was active), and the functional
-ops/operators called outside quantizable modules with their FLOPs (what eager mode cannot quantize)
-and the data flow between the module calls through them (:mod:`.eager_flow`), both only with
-``record_functions``. The switches are restored after the run.
+disabled in ``forward`` or a :func:`.dynamic_block` was active, which module call or model input each
+of its tensor inputs is: :class:`.eager_flow.DirectSources`), and the functional ops/operators called
+outside quantizable modules with their FLOPs (every call computing a float tensor from float tensors
+that is not data movement, fx's rule: what eager mode cannot quantize) and the data flow between the
+module calls through them (:mod:`.eager_flow`), both only with ``record_functions`` (which also looks
+through the functional views for the input sources). The switches are restored after the run.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +25,17 @@ from torch.overrides import TorchFunctionMode
 
 from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSwitch
 from qat_lightning.quant.preparation.dynamic_block import in_dynamic_block
-from qat_lightning.quant.preparation.eager_flow import FlowTracker, ProbeFlow
+from qat_lightning.quant.preparation.eager_flow import (
+    DirectSources,
+    FlowTracker,
+    InputSource,
+    ProbeFlow,
+    _tensors,
+    method_base,
+    tensor_method,
+)
 from qat_lightning.quant.preparation.eager_fusion import fused_parts
+from qat_lightning.quant.preparation.fx_float_ops import _moves_data as moves_data
 from qat_lightning.quant.preparation.op_costs import function_flops
 from qat_lightning.quant.preparation.tables import (
     FUNCTION_OPS,
@@ -33,9 +44,7 @@ from qat_lightning.quant.preparation.tables import (
     module_op_type,
 )
 
-__all__ = ["CallEvent", "Probe", "probe_model", "input_names"]
-
-_TENSOR_METHOD = type(torch.Tensor.add)
+__all__ = ["CallEvent", "Probe", "function_base", "probe_model", "input_names"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class CallEvent:
     out_float: bool
     switched_off: str | None = None  # the switch disabled in forward while this call ran
     dynamic: bool = False  # called inside a dynamic_block()
+    sources: tuple[InputSource, ...] = ()  # of each tensor in ``in_ids``: its producer (eager_flow)
 
 
 @dataclass
@@ -82,40 +92,66 @@ def input_names(model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any]
     return names + list(kwargs)
 
 
-def _function_base(func: Any) -> str | None:
-    if isinstance(func, _TENSOR_METHOD):
-        return METHOD_OPS.get(func.__name__)
+class _Call(NamedTuple):
+    """What :func:`.fx_float_ops._moves_data` reads of an fx node: its kind and its target."""
+
+    op: str
+    target: Any
+
+
+def _computes(func: Any) -> bool:
+    """Tell whether ``func`` computes values: not data movement (fx's rule) nor an attribute read."""
+    fn_name = str(getattr(func, "__name__", ""))
+    if fn_name in ("__get__", "__set__") or fn_name.endswith("_like") or fn_name.startswith("new_"):
+        return False  # x.T, x.data; zeros_like(x), x.new_zeros(...) read the shape only
+    name = tensor_method(func)
+    call = _Call("call_method", name) if name is not None else _Call("call_function", func)
+    try:
+        return not moves_data(call, {})  # type: ignore[arg-type]
+    except TypeError:  # unhashable
+        return True
+
+
+def function_base(func: Any) -> str:
+    """Return the base name of a function or ``Tensor`` method (``x += y``: add, ``torch.cat``: cat)."""
+    name = tensor_method(func)
+    if name is not None:
+        base = METHOD_OPS.get(name) or (method_base(name) if name.startswith("__") else None)
+        return base or name.strip("_")
     if func is F.scaled_dot_product_attention:  # fx decomposes it; eager can only report it (float32)
         return "scaled_dot_product_attention"
     try:
-        return FUNCTION_OPS.get(func)
+        base = FUNCTION_OPS.get(func)
     except TypeError:  # unhashable
-        return None
+        base = None
+    return base or str(getattr(func, "__name__", func))
 
 
 class _FunctionRecorder(TorchFunctionMode):
-    def __init__(
-        self, stack: list[tuple[Any, ...]], out: list[tuple[str, int, str, int]], flow: FlowTracker
-    ) -> None:
+    """Records the float ops run outside the swapped modules and follows the data through them."""
+
+    def __init__(self, hooks: _Hooks, out: list[tuple[str, int, str, int]], flow: FlowTracker) -> None:
         super().__init__()
-        self.stack = stack
+        self.hooks = hooks
         self.out = out
         self.flow = flow
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
-        result = func(*args, **(kwargs or {}))
-        if self.stack and self.stack[-1][2]:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        stack = self.hooks.stack
+        if stack and stack[-1][2]:
             return result  # inside a module that eager mode swaps (conv, relu, ...): covered
-        self.flow.function(func, args, kwargs or {}, result)
-        base = _function_base(func)
-        if base is not None and isinstance(result, Tensor) and result.is_floating_point():
-            floats = [a for a in args if isinstance(a, Tensor) and a.is_floating_point()]
-            if floats:
-                parent, call = (self.stack[-1][0], self.stack[-1][1]) if self.stack else ("", 0)
-                shapes = [tuple(a.shape) if isinstance(a, Tensor) else None for a in args]
-                equation = args[0] if base == "einsum" and isinstance(args[0], str) else None
-                flops = function_flops(base, shapes, tuple(result.shape), equation)
-                self.out.append((parent, call, base, flops))
+        self.flow.function(func, args, kwargs, result)
+        self.hooks.direct.function(func, args, kwargs, result)
+        outs = [t for t in _tensors(result) if t.is_floating_point()]
+        if outs and _computes(func) and any(t.is_floating_point() for t in _tensors((args, kwargs))):
+            base = function_base(func)
+            parent, call = (stack[-1][0], stack[-1][1]) if stack else ("", 0)
+            shapes = [tuple(a.shape) if isinstance(a, Tensor) else None for a in args]
+            equation = args[0] if base == "einsum" and args and isinstance(args[0], str) else None
+            flops = function_flops(base, shapes, tuple(outs[0].shape), equation)
+            self.out.append((parent, call, base, flops))
         return result
 
 
@@ -129,43 +165,42 @@ def _tensor_ids(args: Any) -> tuple[int, ...]:
     return tuple(id(a) for a in args if isinstance(a, Tensor))
 
 
-def probe_model(
-    model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], record_functions: bool = True
-) -> Probe:
-    """Run ``model`` (a throw-away copy) once with hooks; see the module docstring.
+class _Hooks:
+    """The probe run's forward (pre-)hooks: call counts, the module call stack and the call events."""
 
-    Exceptions of the model propagate unchanged.
-    """
-    counts: dict[str, int] = {}
-    stack: list[tuple[str, int, bool, str | None, bool]] = []
-    events: list[CallEvent] = []
-    keep: list[Any] = []  # keep tensors alive so their ids stay unique during the run
-    handles = []
-    paths = {id(m): p for p, m in model.named_modules()}
-    names = input_names(model, args, kwargs)
-    values = list(args) + list(kwargs.values())
-    flow = FlowTracker(dict(zip(names, values, strict=True))) if record_functions else None
+    def __init__(self, model: nn.Module, flow: FlowTracker | None, direct: DirectSources) -> None:
+        self.paths = {id(m): p for p, m in model.named_modules()}
+        self.counts: dict[str, int] = {}
+        self.stack: list[tuple[str, int, bool, str | None, bool, tuple[InputSource, ...]]] = []
+        self.events: list[CallEvent] = []
+        self.keep: list[Any] = []  # keep tensors alive so their ids stay unique during the run
+        self.flow = flow
+        self.direct = direct
 
-    def pre_hook(module: nn.Module, inputs: tuple[Any, ...], kw: dict[str, Any]) -> None:
-        path = paths[id(module)]
-        k = counts.get(path, 0)
-        counts[path] = k + 1
+    def pre_hook(self, module: nn.Module, inputs: tuple[Any, ...], kw: dict[str, Any]) -> None:
+        """Count the call and push it (its input sources are read before it can change them in place)."""
+        path = self.paths[id(module)]
+        k = self.counts.get(path, 0)
+        self.counts[path] = k + 1
         covered = module_op_type(module) is not None or isinstance(module, PASS_THROUGH_MODULES)
         covered = covered or fused_parts(module) is not None
-        stack.append((path, k, covered, _switched_off(), in_dynamic_block()))
-        if covered and flow is not None:
-            flow.module_call((path, k), inputs, kw)
+        sources = self.direct.call_inputs(inputs) if covered else ()
+        self.stack.append((path, k, covered, _switched_off(), in_dynamic_block(), sources))
+        if covered and self.flow is not None:
+            self.flow.module_call((path, k), inputs, kw)
 
-    def hook(module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
-        path, k, covered, off, dynamic = stack.pop()
+    def hook(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+        """Pop the call and record its :class:`CallEvent` (covered modules only)."""
+        path, k, covered, off, dynamic, sources = self.stack.pop()
         if not covered:
             return
-        keep.append((inputs, output))
-        if flow is not None:
-            flow.module_output((path, k), output)
+        self.keep.append((inputs, output))
+        if self.flow is not None:
+            self.flow.module_output((path, k), output)
+        self.direct.module_output((path, k), output)
         first = inputs[0] if inputs and isinstance(inputs[0], Tensor) else None
         out = output if isinstance(output, Tensor) else None
-        events.append(
+        self.events.append(
             CallEvent(
                 path,
                 k,
@@ -176,21 +211,35 @@ def probe_model(
                 out is not None and out.is_floating_point(),
                 off,
                 dynamic,
+                sources,
             )
         )
 
+
+def probe_model(
+    model: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any], record_functions: bool = True
+) -> Probe:
+    """Run ``model`` (a throw-away copy) once with hooks; see the module docstring.
+
+    Exceptions of the model propagate unchanged.
+    """
+    names = input_names(model, args, kwargs)
+    inputs = dict(zip(names, list(args) + list(kwargs.values()), strict=True))
+    flow = FlowTracker(inputs) if record_functions else None
+    hooks = _Hooks(model, flow, DirectSources(inputs))
+    handles = []
     for path, module in model.named_modules():
         if path:
-            counts.setdefault(path, 0)
-            handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-            handles.append(module.register_forward_hook(hook))
-    functions: list[tuple[str, int, str]] = []
-    input_ids = {n: id(v) for n, v in zip(names, values, strict=True) if isinstance(v, Tensor)}
+            hooks.counts.setdefault(path, 0)
+            handles.append(module.register_forward_pre_hook(hooks.pre_hook, with_kwargs=True))
+            handles.append(module.register_forward_hook(hooks.hook))
+    functions: list[tuple[str, int, str, int]] = []
+    input_ids = {n: id(v) for n, v in inputs.items() if isinstance(v, Tensor)}
     switches = (GlobalFakeQuantSwitch._enabled, FakeCastSwitch._enabled)
     try:
         with torch.no_grad():
             if flow is not None:
-                with _FunctionRecorder(stack, functions, flow):
+                with _FunctionRecorder(hooks, functions, flow):
                     output = model(*args, **kwargs)
             else:
                 output = model(*args, **kwargs)
@@ -198,4 +247,6 @@ def probe_model(
         GlobalFakeQuantSwitch._enabled, FakeCastSwitch._enabled = switches
         for h in handles:
             h.remove()
-    return Probe(output, counts, events, functions, input_ids, flow.finish(output) if flow else None)
+    calls = {(ev.path, ev.call_index): ev.sources for ev in hooks.events}
+    probe_flow = flow.finish(output, calls) if flow is not None else None
+    return Probe(output, hooks.counts, hooks.events, functions, input_ids, probe_flow)
