@@ -77,7 +77,9 @@ def test_sdpa_is_decomposed(causal, seed):
     mask = torch.rand(2, 1, 6, 6) > 0.3
     mask[..., 0] = True
     prepared = prepare(model, (x, mask), method="fx")
-    assert prepared.quant_op_order == ["x_quant", "qkv", "matmul", "softmax", "matmul_1"]
+    # the eager attention's ops: the scale is a mul op, the mask a float32 add (prepare_record.float_ops)
+    assert prepared.quant_op_order == ["x_quant", "qkv", "matmul", "mul", "softmax", "matmul_1"]
+    assert [op.name for op in prepared.prepare_record.float_ops] == ["add"]
     ops = dict(iter_quant_ops(prepared))
     assert ops["matmul"].op_info.input_producers == ("qkv", "qkv")
     assert ops["matmul_1"].op_info.input_producers == ("softmax", "qkv")

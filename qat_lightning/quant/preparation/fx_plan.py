@@ -23,6 +23,8 @@ from qat_lightning.quant.ops import FloatOp, OpInfo, OpKind
 from qat_lightning.quant.preparation.build import OpPlan, matmul_module_plan
 from qat_lightning.quant.preparation.fusion import FusionGroup, fused_op_type
 from qat_lightning.quant.preparation.fx_float_ops import float_op_of
+from qat_lightning.quant.preparation.fx_masks import MASK_REASON, ValueKinds
+from qat_lightning.quant.preparation.fx_sdpa import ADD, MUL, SdpaPlan, bind_sdpa, sdpa_scale
 from qat_lightning.quant.preparation.fx_tracer import NodeMeta
 from qat_lightning.quant.preparation.op_costs import function_flops, gemm_module_flops, numel_of
 from qat_lightning.quant.preparation.tables import (
@@ -74,30 +76,12 @@ class FxPlanner:
         self.node_names: dict[Node, str] = {}
         self.notes: list[str] = []
         self.float_ops: list[FloatOp] = []
-        self.sdpa: list[tuple[Node, tuple[str, str, str]]] = []
-        self.act: set[Node] = set()
-        self.maskish: set[Node] = set()
-        self._mark_activations()
+        self.sdpa: dict[Node, SdpaPlan] = {}
+        self.kinds = ValueKinds(self.graph, meta)
+        self.act: set[Node] = self.kinds.act
+        self.maskish: set[Node] = self.kinds.maskish
 
     # ---- classification --------------------------------------------------------------------------------
-    def _mark_activations(self) -> None:
-        for node in self.graph.nodes:
-            m = self.meta.get(node)
-            carries = m is not None and (m.is_tensor or m.is_tensor_seq)
-            inputs = node.all_input_nodes
-            if node.op == "placeholder":
-                if m is not None and m.is_tensor and not m.is_float:
-                    self.maskish.add(node)
-                elif carries:
-                    self.act.add(node)
-            elif node.op == "call_module":
-                self.act.add(node)
-            elif node.op in ("call_function", "call_method") and carries:
-                if any(a in self.act for a in inputs):
-                    self.act.add(node)
-                elif any(a in self.maskish for a in inputs):
-                    self.maskish.add(node)
-
     def _float_act(self, node: Node) -> bool:
         m = self.meta.get(node)
         return node in self.act and m is not None and m.is_tensor and m.is_float
@@ -250,11 +234,8 @@ class FxPlanner:
             return
         inputs = _tensor_nodes((node.args, node.kwargs))
         if base in _MASKABLE and any(a in self.maskish for a in inputs):
-            self.notes.append(
-                f"not quantized: {node.format_node()} has a mask-like operand (from an integer input)"
-            )
-            name, flops = self.namer.function_op(parent, pcall, base), numel_of(self._shape(node))
-            self.float_ops.append(FloatOp(name, base, flops, "a mask-like operand (from an integer input)"))
+            name = self.namer.function_op(parent, pcall, base)
+            self._mask_op(name, base, f"{name} ({node.name})", numel_of(self._shape(node)))
             return
         name = self.namer.function_op(parent, pcall, base)
         self.node_names[node] = name
@@ -315,22 +296,20 @@ class FxPlanner:
                 self.float_ops.append(op)
         return floats
 
+    def _mask_op(self, name: str, op_type: str, what: str, flops: int) -> None:
+        """Record ``name`` as a float32 op with a mask-like operand (left without quant points)."""
+        self.notes.append(f"not quantized: {what} has {MASK_REASON}")
+        self.float_ops.append(FloatOp(name, op_type, flops, MASK_REASON))
+
     def _plan_sdpa(self, node: Node) -> None:
         if not self._float_act(node):
             return
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-        bound = dict(zip(names, node.args, strict=False))
-        bound.update(node.kwargs)
+        bound = bind_sdpa(node)
         parent, pcall = _parent_of(node)
         q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
         dropout = bound.get("dropout_p", 0.0)
-        simple = (
-            all(isinstance(t, Node) for t in (q, k, v))
-            and isinstance(dropout, (int, float))
-            and dropout == 0
-            and not bound.get("enable_gqa", False)
-        )
-        if not simple:
+        simple = all(isinstance(t, Node) for t in (q, k, v)) and isinstance(dropout, (int, float))
+        if not simple or dropout != 0 or bound.get("enable_gqa", False):
             name = self.namer.function_op(parent, pcall, "scaled_dot_product_attention")
             producers = tuple(self.producer(a) for a in (q, k, v))
             flops = numel_of(self._shape(node))
@@ -341,50 +320,48 @@ class FxPlanner:
             )
             return
         qs, ks, out = self._shape(q) or (), self._shape(k) or (), self._shape(node)
-        scores = numel_of(qs[:-1]) * (ks[-2] if len(ks) >= 2 else 1)
-        mm1 = self.namer.function_op(parent, pcall, "matmul")
-        sm = self.namer.function_op(parent, pcall, "softmax")
-        mm2 = self.namer.function_op(parent, pcall, "matmul")
-        e = qs[-1] if qs else 1
         s = ks[-2] if len(ks) >= 2 else 1
-        p1 = (self.producer(q), self.producer(k))
-        self.plans.append(
-            OpPlan(
-                OpInfo(mm1, "matmul", OpKind.GEMM, parent, pcall, p1, scores * e, is_matmul=True),
-                "function",
-                target=torch.matmul,
-                act_args=(0, 1),
-                node=node,
+        shape = (*qs[:-1], s)
+        scores = numel_of(shape)
+        op = self.namer.function_op
+        mm1, mul = op(parent, pcall, "matmul"), op(parent, pcall, "mul")
+
+        def plan(name: str, op_type: str, producers: tuple, flops: int, target: Any, gemm: bool) -> None:
+            kind = OpKind.GEMM if gemm else OpKind.OTHER
+            info = OpInfo(name, op_type, kind, parent, pcall, producers, flops, is_matmul=gemm)
+            self.plans.append(
+                OpPlan(info, "function", target=target, act_args=(0, 1) if gemm else (), node=node)
             )
+
+        plan(
+            mm1,
+            "matmul",
+            (self.producer(q), self.producer(k)),
+            scores * (qs[-1] if qs else 1),
+            torch.matmul,
+            True,
         )
-        self.plans.append(
-            OpPlan(
-                OpInfo(sm, "softmax", OpKind.OTHER, parent, pcall, (mm1,), scores),
-                "function",
-                target=F.softmax,
-                node=node,
-            )
-        )
-        self.plans.append(
-            OpPlan(
-                OpInfo(
-                    mm2,
-                    "matmul",
-                    OpKind.GEMM,
-                    parent,
-                    pcall,
-                    (sm, self.producer(v)),
-                    numel_of(out) * s,
-                    is_matmul=True,
-                ),
-                "function",
-                target=torch.matmul,
-                act_args=(0, 1),
-                node=node,
-            )
-        )
+        plan(mul, "mul", (mm1,), function_flops("mul", [shape, None], shape), MUL, False)
+        mask_node, causal = bound.get("attn_mask"), bool(bound.get("is_causal", False))
+        mask, last = None, mul
+        if isinstance(mask_node, Node) or causal:
+            add = op(parent, pcall, "add")
+            m = self.meta.get(mask_node) if isinstance(mask_node, Node) else None
+            additive = m is not None and m.is_float and self.kinds.real(mask_node)
+            if additive and not causal:  # a real activation (a learned bias): quantized, as in eager code
+                producers = (mul, self.producer(mask_node))
+                plan(add, "add", producers, function_flops("add", [shape, shape], shape), ADD, False)
+                mask, last = add, add
+            else:
+                self._mask_op(add, "add", f"{add} (the attention mask of {node.name})", scores)
+                mask, last = "float", None
+        sm, mm2 = op(parent, pcall, "softmax"), op(parent, pcall, "matmul")
+        plan(sm, "softmax", (last,), scores, F.softmax, False)
+        plan(mm2, "matmul", (sm, self.producer(v)), numel_of(out) * s, torch.matmul, True)
         self.node_op[node] = mm2
-        self.sdpa.append((node, (mm1, sm, mm2)))
+        self.sdpa[node] = SdpaPlan(
+            mm1, mul, mask, sm, mm2, sdpa_scale(qs[-1] if qs else 1, bound.get("scale"))
+        )
 
 
 def _taken(model: nn.Module, parent: str, child: str) -> bool:

@@ -7,15 +7,17 @@ path (``layer1.0.conv1``), a functional op is added under the module whose forwa
 
 What counts as an activation (and so gets quantized): model inputs that are float tensors, outputs of
 module calls, and float results of ops with at least one activation input. Values computed only from
-non-float inputs (attention masks from an integer ``attention_mask``, position ids) or from parameters
-and constants are not quantized, and an add/sub/mul/div with such a mask-like operand is left float (a
-``-inf``/``finfo.min`` mask would otherwise wreck the output scale); both are listed in the notes.
+non-float inputs (position ids) or from parameters and constants are not quantized. Mask-like values
+(:mod:`.fx_masks`: attention masks from an integer *or float* ``attention_mask``, anything built from
+``-inf`` / ``finfo.min`` / large constants) are never quantized, and an add/sub/mul/div with a mask-like
+operand is left float (a ``-inf``/``finfo.min`` mask would otherwise wreck the output scale); both are
+listed in the notes. ``F.scaled_dot_product_attention`` becomes the eager attention's ops
+(:mod:`.fx_sdpa`).
 """
 
 from __future__ import annotations
 
 import builtins
-import math
 import operator
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +32,7 @@ from qat_lightning.quant.ops import FloatOp, OpInfo
 from qat_lightning.quant.preparation.build import OpBuilder, OpPlan
 from qat_lightning.quant.preparation.fusion import FusionGroup, find_fusions
 from qat_lightning.quant.preparation.fx_plan import SDPA, FxPlanner
+from qat_lightning.quant.preparation.fx_sdpa import rewrite_sdpa, sdpa_scores
 from qat_lightning.quant.preparation.fx_switches import set_switch
 from qat_lightning.quant.preparation.fx_tracer import NodeMeta, trace_with_values
 from qat_lightning.quant.preparation.tables import (
@@ -56,26 +59,6 @@ _PURE_FUNCTIONS = frozenset(
         operator.not_,
     }
 )
-
-
-def sdpa_scores(
-    scores: torch.Tensor,
-    query: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Scale and mask attention scores as ``F.scaled_dot_product_attention`` does (decomposed sdpa)."""
-    scores = scores * (1.0 / math.sqrt(query.size(-1)) if scale is None else scale)
-    if is_causal:
-        keep = torch.ones(scores.size(-2), scores.size(-1), dtype=torch.bool, device=scores.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask
-    return scores
 
 
 class OutputRebuild(nn.Module):
@@ -210,7 +193,7 @@ def _rewrite(
             if node in sdpa_done:
                 continue
             sdpa_done.add(node)
-            _rewrite_sdpa(graph, node, next(names for n, names in planner.sdpa if n is node))
+            rewrite_sdpa(graph, node, planner.sdpa[node])
         else:
             with graph.inserting_before(node):
                 new = graph.call_module(plan.name, node.args, node.kwargs)
@@ -247,29 +230,6 @@ def _delete_unused_paths(gm: fx.GraphModule) -> None:
         if name not in used and not inside_used:
             gm.delete_submodule(name)
             deleted.append(name)
-
-
-def _rewrite_sdpa(graph: fx.Graph, node: Node, names: tuple[str, str, str]) -> None:
-    arg_names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
-    bound = dict(zip(arg_names, node.args, strict=False))
-    bound.update(node.kwargs)
-    mm1, sm, mm2 = names
-    with graph.inserting_before(node):
-        kt = graph.call_method("transpose", (bound["key"], -2, -1))
-        scores = graph.call_module(mm1, (bound["query"], kt))
-        scores = graph.call_function(
-            sdpa_scores,
-            (scores, bound["query"]),
-            {
-                "attn_mask": bound.get("attn_mask"),
-                "is_causal": bound.get("is_causal", False),
-                "scale": bound.get("scale"),
-            },
-        )
-        probs = graph.call_module(sm, (scores,), {"dim": -1})
-        out = graph.call_module(mm2, (probs, bound["value"]))
-    node.replace_all_uses_with(out)
-    graph.erase_node(node)
 
 
 def prepare_fx(

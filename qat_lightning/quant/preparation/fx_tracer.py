@@ -62,6 +62,7 @@ _FACTORIES = (
 )
 #: Tensor attributes that are resolved to their example value (static for a given model).
 _STATIC_ATTRS = frozenset({"dtype", "ndim", "layout", "is_cuda", "is_sparse", "is_quantized"})
+_EXTREME = 1e30  # |value| from which an example value is extreme (``finfo(float32).min`` is -3.4e38)
 
 
 class FxTraceError(RuntimeError):
@@ -77,6 +78,7 @@ class NodeMeta:
     is_float: bool = False
     dtype: torch.dtype | None = None
     is_tensor_seq: bool = False  # a tuple / list of tensors (e.g. an LSTM output, chunk())
+    extreme: bool = False  # a float tensor holding +-inf or |x| >= 1e30 (a mask, finfo.min)
 
 
 @dataclass
@@ -312,7 +314,10 @@ def _factory_wrapper(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _to_meta(value: Any) -> NodeMeta:
     if isinstance(value, torch.Tensor):
-        return NodeMeta(True, tuple(value.shape), value.is_floating_point(), value.dtype)
+        is_float = value.is_floating_point()
+        known = is_float and value.numel() > 0 and value.device.type != "meta"
+        extreme = known and bool((value.abs() >= _EXTREME).any())
+        return NodeMeta(True, tuple(value.shape), is_float, value.dtype, extreme=extreme)
     if isinstance(value, (tuple, list)) and value and any(isinstance(v, torch.Tensor) for v in value):
         return NodeMeta(False, is_tensor_seq=True)
     return NodeMeta(False)
