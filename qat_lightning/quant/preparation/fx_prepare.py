@@ -31,6 +31,7 @@ from torch.fx import Node
 from qat_lightning.quant.ops import FloatOp, OpInfo
 from qat_lightning.quant.preparation.build import OpBuilder, OpPlan
 from qat_lightning.quant.preparation.fusion import FusionGroup, find_fusions
+from qat_lightning.quant.preparation.fx_inplace import reroute_inplace_uses
 from qat_lightning.quant.preparation.fx_plan import SDPA, FxPlanner
 from qat_lightning.quant.preparation.fx_sdpa import rewrite_sdpa, sdpa_scores
 from qat_lightning.quant.preparation.fx_switches import set_switch
@@ -264,6 +265,7 @@ def prepare_fx(
     """
     traced = trace_with_values(model, shadow, args, kwargs, _is_leaf)
     gm, meta = traced.graph_module, traced.meta
+    reroute_inplace_uses(gm.graph, dict(gm.named_modules()))  # later uses read the in-place op's output
     _remove_dead_code(gm.graph, meta)
     if verify is not None:
         gm.recompile()
