@@ -45,7 +45,7 @@ from qat_lightning.callbacks._common import (
 )
 from qat_lightning.callbacks.logging import flush_loggers, log_scalars, log_text
 from qat_lightning.callbacks.sanity_result import CAUSES, SanityCheckError, SanityResult
-from qat_lightning.quant.calibrate import DataDrift, DataDriftMeter
+from qat_lightning.quant.drift import DataDrift, DataDriftMeter
 from qat_lightning.quant.nodes import FakeQuantize, FakeQuantState, iter_fake_quantize, set_fake_quantize
 from qat_lightning.quant.qat import BN_TYPES
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qat_lightning.quant.calibrate import DataDrift
+from qat_lightning.quant.drift import DataDrift
 
 __all__ = ["CAUSES", "SanityCheckError", "SanityResult"]
 

@@ -243,3 +243,17 @@ def test_drift_reduction_across_one_rank_leaves_the_measure_unchanged(tmp_path) 
     assert local.bn_name and local.range_name and local.batches == 3
     assert reduced == local  # same shift, ratio, names, samples and batches, bit for bit
     assert (empty.batches, empty.bn_name, empty.range_name, empty.bn_shift) == (0, "", "", 0.0)
+
+
+def test_a_calibrated_range_from_a_mask_constant_is_named_in_a_warning() -> None:
+    """A node that calibrated on finfo.min entries quantizes every ordinary value to 0: say so."""
+    node = ql.FakeQuantize(ql.qint8, "minmax")
+    holder = nn.Sequential(node)
+    masked = torch.randn(4, 6)
+    masked[:, 0] = torch.finfo(torch.float32).min
+    with pytest.warns(RuntimeWarning, match=r"1 quant node\(s\) is >= 1e\+30 \(0\)"):
+        calibrate(holder, [masked])
+    assert float(node(torch.randn(4, 6)).abs().max()) == 0.0  # what the warning is about
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate(nn.Sequential(ql.FakeQuantize(ql.qint8, "minmax")), [torch.randn(4, 6)])
