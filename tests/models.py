@@ -8,7 +8,9 @@
 * :class:`CheckModel` - the seed's check-report example: a ``QuantStub`` (``quant``) that a test can give a
   fixed scale, a ``conv`` called twice (shared module), a conv followed by a ReLU that is not fused
   (because the conv is shared), and a ``DeQuantStub``.
-* :func:`tiny_bert` - ``transformers.BertModel`` with random weights, built offline.
+* :func:`tiny_bert` - ``transformers.BertModel`` with random weights, built offline;
+  :func:`tiny_bert_classifier` - ``BertForSequenceClassification`` with a chosen attention implementation.
+* :func:`j6p_gemm_int8_setter` - the j6p tuning recipe's setter (gemm inputs int8, every other op fp16).
 
 Every model has an ``example_inputs()`` classmethod/function returning the positional inputs.
 """
@@ -171,6 +173,38 @@ def tiny_bert(seed: int = 0) -> nn.Module:
         hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, vocab_size=100
     )
     return BertModel(config).eval()
+
+
+def tiny_bert_classifier(attn_implementation: str = "eager", seed: int = 0) -> nn.Module:
+    """``BertForSequenceClassification`` (hidden 64, 2 layers, 2 heads, vocab 200), random weights, eval."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        vocab_size=200,
+        max_position_embeddings=64,
+        attn_implementation=attn_implementation,
+    )
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config).eval()
+
+
+def j6p_gemm_int8_setter() -> object:
+    """The j6p tuning recipe's ``QconfigSetter``: gemm inputs int8, every other op's output fp16."""
+    import qat_lightning as ql
+
+    return ql.QconfigSetter(
+        reference_qconfig=ql.get_qconfig(),
+        templates=[
+            ql.ModuleNameTemplate({"": ql.float16}),
+            ql.ConvDtypeTemplate(input_dtype=ql.qint8, weight_dtype=ql.qint8),
+            ql.MatmulDtypeTemplate(input_dtypes=ql.qint8),
+        ],
+        chip="j6p",
+    )
 
 
 def bert_inputs(batch: int = 2, seq: int = 8) -> dict[str, torch.Tensor]:

@@ -126,19 +126,6 @@ class _J6pNet(nn.Module):
         return self.b(self.act(self.a(x * self.gain)))
 
 
-def _j6p_setter() -> ql.QconfigSetter:
-    """gemm inputs int8, every other tensor fp16 (a j6p-style recipe)."""
-    return ql.QconfigSetter(
-        reference_qconfig=ql.get_qconfig(),
-        templates=[
-            ql.ModuleNameTemplate({"": ql.float16}),
-            ql.ConvDtypeTemplate(input_dtype=ql.qint8, weight_dtype=ql.qint8),
-            ql.MatmulDtypeTemplate(input_dtypes=ql.qint8),
-        ],
-        chip="j6p",
-    )
-
-
 def _node_input_absmax(model: nn.Module, node: nn.Module, batches: list[tuple]) -> float:
     seen: list[float] = []
     handle = node.register_forward_hook(lambda m, args, out: seen.append(float(args[0].abs().max())))
@@ -153,7 +140,7 @@ def _node_input_absmax(model: nn.Module, node: nn.Module, batches: list[tuple]) 
 def test_int8_input_op_advice_and_steps_measure_the_input_node(tmp_path, gain: float) -> None:
     gen = torch.Generator().manual_seed(3)
     batches = [(torch.randn(64, 16, generator=gen),) for _ in range(3)]
-    model = _prepared(_J6pNet(gain), batches, "fx", _j6p_setter())
+    model = _prepared(_J6pNet(gain), batches, "fx", models.j6p_gemm_int8_setter())
     op = model.get_submodule("a")
     node = op.input_quant[0]
     assert node.dtype == ql.qint8 and op.output_quant.dtype == ql.float16

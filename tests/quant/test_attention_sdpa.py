@@ -11,6 +11,7 @@ from torch import nn
 
 import qat_lightning as ql
 from qat_lightning.quant import iter_quant_ops
+from tests.models import j6p_gemm_int8_setter, tiny_bert_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
@@ -19,17 +20,7 @@ _SELF = "bert.encoder.layer.0.attention.self."
 
 
 def _bert(impl: str) -> nn.Module:
-    config = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        vocab_size=200,
-        max_position_embeddings=64,
-        attn_implementation=impl,
-    )
-    torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(config).eval()
+    return tiny_bert_classifier(impl)
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -64,15 +55,7 @@ def test_sdpa_bert_has_the_eager_attention_ops():
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_j6p_refuses_the_float32_mask_add_whatever_the_attention(impl):
-    setter = ql.QconfigSetter(
-        reference_qconfig=ql.get_qconfig(),
-        templates=[
-            ql.ModuleNameTemplate({"": ql.float16}),
-            ql.ConvDtypeTemplate(input_dtype=ql.qint8, weight_dtype=ql.qint8),
-            ql.MatmulDtypeTemplate(input_dtypes=ql.qint8),
-        ],
-        chip="j6p",
-    )
+    setter = j6p_gemm_int8_setter()
     with pytest.raises(
         ValueError, match=r"(?s)j6p cannot run these float32 ops.*layer.0.attention.self.add \(add"
     ):

@@ -10,6 +10,7 @@ from torch import nn
 
 import qat_lightning as ql
 from qat_lightning.quant import iter_quant_ops
+from tests.models import tiny_bert_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 transformers = pytest.importorskip("transformers")
@@ -19,17 +20,7 @@ _ADD = "bert.encoder.layer.0.attention.self.add"
 
 
 def _bert() -> nn.Module:
-    config = transformers.BertConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=128,
-        vocab_size=200,
-        max_position_embeddings=64,
-        attn_implementation="eager",
-    )
-    torch.manual_seed(0)
-    model = transformers.BertForSequenceClassification(config).eval()
+    model = tiny_bert_classifier("eager")
     with torch.no_grad():  # peaky attention, as in a trained model
         for layer in model.bert.encoder.layer:
             layer.attention.self.query.weight.mul_(6)
