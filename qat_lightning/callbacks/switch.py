@@ -1,7 +1,8 @@
 """``FakeQuantSwitch``: partial quantization (the seed's last-resort locator) as a Lightning callback.
 
 It turns fake quant (and optionally fake cast) off for ops matched by name, during the stages you choose,
-and restores every node's own state after each batch. The plain-torch work (pattern matching,
+and restores every node's own state after each batch (and at the end of each loop, for a batch whose end
+hook Lightning skips). The plain-torch work (pattern matching,
 ``float_ops``, the bisection) is :mod:`qat_lightning.analysis.partial`; its names are re-exported here.
 Patterns: :func:`~qat_lightning.quant.op_names.match_name`.
 """
@@ -124,6 +125,26 @@ class FakeQuantSwitch(Callback):
         self._apply(pl_module, "predict")
 
     def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        """Restore the matched ops' states."""
+        self._restore()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the matched ops' states (``on_train_batch_start`` returning -1 skips the batch end)."""
+        self._restore()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the matched ops' states."""
+        self._restore()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the matched ops' states."""
+        self._restore()
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore the matched ops' states."""
+        self._restore()
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Restore the matched ops' states."""
         self._restore()
 

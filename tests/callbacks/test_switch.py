@@ -119,3 +119,33 @@ def test_bisection_on_a_calibrated_model_locates_the_block(tmp_path, data):
     result = bisect_model_blocks(model, lambda m: -_val_loss(m), target=-target, depth=None)
     assert result.found and result.blocks and result.metric >= -target
     assert all(n.state is ql.FakeQuantState.VALIDATION for _, n in ql.iter_fake_quantize(model))
+
+
+class _SkipsRestOfEpoch(LitClassifier):
+    """``on_train_batch_start`` returns -1 (Lightning: skip the rest of the epoch, no batch-end hooks)."""
+
+    def on_train_batch_start(self, batch, batch_idx):  # noqa: D102
+        return -1 if batch_idx == 2 else None
+
+
+def test_switch_is_undone_when_lightning_skips_the_batch_end(tmp_path, data):
+    """The head stayed FLOAT after fit, and a later test put it back in QAT (its observers moved)."""
+    lit = _SkipsRestOfEpoch()
+    switch = FakeQuantSwitch(disable=["head.*"], stages=("fit",))
+    callbacks = [PrepareQuantization(), Calibration(4), QuantizationAwareTraining(), switch]
+    make_trainer(tmp_path, callbacks, max_epochs=1, limit_val_batches=0).fit(lit, datamodule=data)
+    assert {node.state for _, node in ql.iter_fake_quantize(lit.model)} == {ql.FakeQuantState.VALIDATION}
+    before = scales(lit.model)
+    seen = set()
+    handles = [
+        node.register_forward_pre_hook(lambda m, _a: seen.add(m.state)) for node in _head_nodes(lit.model)
+    ]
+    make_trainer(tmp_path, [PrepareQuantization(), switch], version=1).test(
+        lit, datamodule=data, verbose=False
+    )
+    for handle in handles:
+        handle.remove()
+    assert seen == {ql.FakeQuantState.VALIDATION}
+    after = scales(lit.model)
+    for name, value in before.items():
+        torch.testing.assert_close(after[name], value, rtol=0, atol=0, msg=name)
