@@ -210,8 +210,9 @@ def int16_search(
 def searched_rows(model: nn.Module, tables: Sequence[Any], gemm_only: bool) -> list[Any]:
     """Return each table with only the rows the int16 search counts (its ratio is a share of these).
 
-    As ``search_mixed_precision`` / ``search_j6p`` filter them: rows of ops in ``model``; with
-    ``gemm_only`` (J6P: other ops stay float16, so raising them is a no-op) rows of gemm ops only.
+    The search's own filter (:func:`~qat_lightning.analysis.search.mixed_precision.search_rows`): rows of
+    ops in ``model``; with ``gemm_only`` (J6P: other ops stay float16, so raising them is a no-op) rows of
+    gemm ops only (``is_gemm_op``, as ``search_j6p``).
 
     Args:
         model: the prepared network (its ops).
@@ -223,17 +224,14 @@ def searched_rows(model: nn.Module, tables: Sequence[Any], gemm_only: bool) -> l
     """
     import dataclasses
 
+    from qat_lightning.analysis.search.mixed_precision import search_rows
     from qat_lightning.analysis.search.precision_nodes import collect_ops
-    from qat_lightning.quant.ops import OpKind
+    from qat_lightning.analysis.search.precision_paths import is_gemm_op
 
     if model is None:
         raise ValueError("a fixed int16 ratio needs the prepared model to match the table's rows to its ops")
-    ops = collect_ops(model)
-
-    def counted(name: str) -> bool:
-        return name in ops and (not gemm_only or ops[name].info.kind is OpKind.GEMM)
-
-    return [dataclasses.replace(t, rows=tuple(r for r in t.rows if counted(r.op_name))) for t in tables]
+    ops, only = collect_ops(model), is_gemm_op if gemm_only else None
+    return [dataclasses.replace(t, rows=tuple(search_rows(t, None, ops, only))) for t in tables]
 
 
 def load_sensitivity_table(path: Path) -> Any:

@@ -84,6 +84,7 @@ __all__ = [
     "SearchConfig",
     "SearchReporter",
     "search_mixed_precision",
+    "search_rows",
     "write_plan",
 ]
 
@@ -99,12 +100,17 @@ def _as_tables(tables: SensitivityTable | Sequence[SensitivityTable]) -> list[Se
     return items
 
 
-def _rows(
+def search_rows(
     table: SensitivityTable,
     sensitive_type: str | None,
     ops: Mapping[str, OpNodes],
     only: Callable[[OpNodes], bool] | None,
 ) -> list[SensitivityRow]:
+    """Return the rows of ``table`` the search counts.
+
+    Those of ``sensitive_type`` (``None``: both), of ops in ``ops`` that pass ``only``: a ratio is a share of
+    these rows (a fixed ``int16_ratio`` counts the same ones).
+    """
     return [
         r
         for r in table.rows
@@ -260,7 +266,7 @@ def search_mixed_precision(
     if cfg.reuse_activations:
         reuse = ActivationReuse(model, cfg.cache_budget_mb, cfg.cache_reference)
     s = ProbeRunner(model, eval_fn, target, cfg.higher_is_better, base, cfg.chip, on_probe, reuse)
-    per_table = [_rows(t, cfg.sensitive_type, s.ops, cfg.op_filter) for t in tabs]
+    per_table = [search_rows(t, cfg.sensitive_type, s.ops, cfg.op_filter) for t in tabs]
     st = _Stages(s, per_table, high_d)
     zero = [0] * len(tabs)
     first = st.probe("baseline", zero)

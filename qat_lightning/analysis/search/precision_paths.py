@@ -19,7 +19,7 @@ from typing import Any
 from torch import nn
 
 from qat_lightning.analysis.search.mixed_precision import search_mixed_precision
-from qat_lightning.analysis.search.precision_nodes import assignment_cost, collect_ops
+from qat_lightning.analysis.search.precision_nodes import OpNodes, assignment_cost, collect_ops
 from qat_lightning.analysis.search.probes import ProbeRunner
 from qat_lightning.analysis.search.result import MixedPrecisionPlan, Probe
 from qat_lightning.chips import get_chip
@@ -36,7 +36,12 @@ from qat_lightning.quant.qconfig.templates import (
     Template,
 )
 
-__all__ = ["search_fp16_topk", "j6p_base_dtypes", "search_j6p"]
+__all__ = ["is_gemm_op", "search_fp16_topk", "j6p_base_dtypes", "search_j6p"]
+
+
+def is_gemm_op(op: OpNodes) -> bool:
+    """Whether ``op`` is a gemm (``search_j6p`` counts only these rows: other ops stay float16 on J6P)."""
+    return op.info.kind is OpKind.GEMM
 
 
 def search_fp16_topk(
@@ -169,6 +174,6 @@ def search_j6p(
         chip=kwargs.pop("chip", "j6p"),
         base_dtypes=j6p_base_dtypes(model),
         base_templates=templates,
-        op_filter=lambda op: op.info.kind is OpKind.GEMM,
+        op_filter=is_gemm_op,
         **kwargs,
     )
