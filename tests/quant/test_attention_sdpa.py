@@ -11,6 +11,7 @@ from torch import nn
 
 import qat_lightning as ql
 from qat_lightning.quant import iter_quant_ops
+from qat_lightning.quant.ops import OpKind
 from tests.models import j6p_gemm_int8_setter, tiny_bert_classifier
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,3 +95,72 @@ def test_plain_sdpa_scale_and_mask_ops(kind):
         assert prepared.prepare_record.float_ops == ()
     ql.set_fake_quantize(prepared, "float")
     torch.testing.assert_close(prepared(x, mask), model(x, mask), rtol=1e-5, atol=1e-6)
+
+
+class _SdpaTrainDropout(nn.Module):
+    """Attention as HuggingFace / torch write it: ``dropout_p`` only in train mode; optional GQA."""
+
+    def __init__(self, kv_heads: int = 2, dropout: str = "train") -> None:
+        super().__init__()
+        self.kv_heads, self.dropout = kv_heads, dropout
+        self.q = nn.Linear(16, 16)
+        self.kv = nn.Linear(16, 8 * kv_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q(x).view(b, n, 4, 4).transpose(1, 2)
+        k, v = self.kv(x).view(b, n, 2, self.kv_heads, 4).permute(2, 0, 3, 1, 4).unbind(0)
+        p = 0.5 if self.training else 0.0
+        if self.dropout == "runtime":  # computed in forward: a graph node, not a constant
+            p = x.size(0) * 0.0
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=p, enable_gqa=self.kv_heads != 4)
+
+
+def _calibrated_validation(prepared: nn.Module, x: torch.Tensor) -> None:
+    ql.set_fake_quantize(prepared, "calibration")
+    prepared(x)
+    ql.set_fake_quantize(prepared, "validation")
+
+
+def test_sdpa_dropout_of_a_train_mode_trace_is_a_dropout_module_and_quantized():
+    """Traced in train mode (as Lightning's setup runs): the attention is decomposed and quantized, and its
+    dropout follows ``eval()`` (it was one float op with output quant only, dropping weights in eval)."""
+    x = torch.randn(2, 6, 16)
+    model = _SdpaTrainDropout(kv_heads=4).train()
+    prepared = ql.prepare(model, x, method="fx")
+    ops = dict(iter_quant_ops(prepared))
+    assert {"matmul", "mul", "softmax", "matmul_1"} <= set(ops) and prepared.prepare_record.float_ops == ()
+    assert (
+        ops["matmul_1"].op_info.kind is OpKind.GEMM
+        and ops["matmul_1"].op_info.input_producers[0] == "softmax"
+    )
+    assert isinstance(prepared.get_submodule("dropout"), nn.Dropout) and prepared.dropout.p == 0.5
+    prepared.eval()
+    _calibrated_validation(prepared, x)
+    with torch.no_grad():
+        assert torch.equal(prepared(x), prepared(x))  # no dropout in eval
+        ql.set_fake_quantize(prepared, "float")
+        torch.testing.assert_close(prepared(x), model.eval()(x), rtol=1e-5, atol=1e-6)
+        prepared.train()
+        assert not torch.equal(prepared(x), prepared(x))  # train mode: the attention weights dropped
+
+
+def test_sdpa_gqa_repeats_the_key_and_value_heads():
+    x = torch.randn(2, 6, 16)
+    model = _SdpaTrainDropout(kv_heads=2).eval()
+    prepared = ql.prepare(model, x, method="fx")
+    ops = dict(iter_quant_ops(prepared))
+    assert ops["matmul"].op_info.flops == 2 * 4 * 6 * 6 * 4 and prepared.prepare_record.float_ops == ()
+    ql.set_fake_quantize(prepared, "float")
+    torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def test_sdpa_with_a_dropout_computed_in_forward_is_reported_float():
+    x = torch.randn(2, 6, 16)
+    model = _SdpaTrainDropout(kv_heads=4, dropout="runtime").eval()
+    prepared = ql.prepare(model, x, method="fx")
+    (op,) = prepared.prepare_record.float_ops
+    assert op.op_type == "scaled_dot_product_attention" and op.flops == 2 * (2 * 4 * 6 * 6 * 4)
+    assert not any("matmul" in name or "scaled_dot" in name for name, _ in iter_quant_ops(prepared))
+    ql.set_fake_quantize(prepared, "float")
+    torch.testing.assert_close(prepared(x), model(x), rtol=1e-5, atol=1e-6)

@@ -24,7 +24,14 @@ from qat_lightning.quant.preparation.build import OpPlan, matmul_module_plan
 from qat_lightning.quant.preparation.fusion import FusionGroup, fused_op_type
 from qat_lightning.quant.preparation.fx_float_ops import float_op_of
 from qat_lightning.quant.preparation.fx_masks import MASK_REASON, ValueKinds
-from qat_lightning.quant.preparation.fx_sdpa import ADD, MUL, SdpaPlan, bind_sdpa, sdpa_scale
+from qat_lightning.quant.preparation.fx_sdpa import (
+    ADD,
+    MUL,
+    SDPA_FLOAT_REASON,
+    SdpaPlan,
+    bind_sdpa,
+    sdpa_scale,
+)
 from qat_lightning.quant.preparation.fx_tracer import NodeMeta
 from qat_lightning.quant.preparation.op_costs import function_flops, gemm_module_flops, numel_of
 from qat_lightning.quant.preparation.tables import (
@@ -301,23 +308,26 @@ class FxPlanner:
         self.notes.append(f"not quantized: {what} has {MASK_REASON}")
         self.float_ops.append(FloatOp(name, op_type, flops, MASK_REASON))
 
+    def _sdpa_flops(self, q: Any, k: Any, node: Node) -> int:
+        """Multiply-accumulates of sdpa's two matmuls (``q @ k^T`` and ``probs @ v``); 0 if unknown."""
+        qs, ks, out = self._shape(q) or (), self._shape(k) or (), self._shape(node) or ()
+        if len(qs) < 2 or len(ks) < 2 or not out:
+            return numel_of(out) if out else 0
+        return numel_of((*qs[:-1], ks[-2])) * qs[-1] + numel_of(out) * ks[-2]
+
     def _plan_sdpa(self, node: Node) -> None:
         if not self._float_act(node):
             return
         bound = bind_sdpa(node)
         parent, pcall = _parent_of(node)
         q, k, v = bound.get("query"), bound.get("key"), bound.get("value")
-        dropout = bound.get("dropout_p", 0.0)
-        simple = all(isinstance(t, Node) for t in (q, k, v)) and isinstance(dropout, (int, float))
-        if not simple or dropout != 0 or bound.get("enable_gqa", False):
+        dropout, gqa = bound.get("dropout_p", 0.0), bound.get("enable_gqa", False)
+        constant = isinstance(dropout, (int, float)) and isinstance(gqa, bool)
+        if not (all(isinstance(t, Node) for t in (q, k, v)) and constant):
             name = self.namer.function_op(parent, pcall, "scaled_dot_product_attention")
-            producers = tuple(self.producer(a) for a in (q, k, v))
-            flops = numel_of(self._shape(node))
-            info = OpInfo(name, "scaled_dot_product_attention", OpKind.OTHER, parent, pcall, producers, flops)
-            self._add(OpPlan(info, "function", target=SDPA, node=node), node)
-            self.notes.append(
-                f"{name}: scaled_dot_product_attention with dropout kept as one op (output quant only)"
-            )
+            flops = self._sdpa_flops(q, k, node)
+            self.float_ops.append(FloatOp(name, "scaled_dot_product_attention", flops, SDPA_FLOAT_REASON))
+            self.notes.append(f"not quantized: {name} ({SDPA_FLOAT_REASON})")
             return
         qs, ks, out = self._shape(q) or (), self._shape(k) or (), self._shape(node)
         s = ks[-2] if len(ks) >= 2 else 1
@@ -359,9 +369,9 @@ class FxPlanner:
         plan(sm, "softmax", (last,), scores, F.softmax, False)
         plan(mm2, "matmul", (sm, self.producer(v)), numel_of(out) * s, torch.matmul, True)
         self.node_op[node] = mm2
-        self.sdpa[node] = SdpaPlan(
-            mm1, mul, mask, sm, mm2, sdpa_scale(qs[-1] if qs else 1, bound.get("scale"))
-        )
+        drop = op(parent, pcall, "dropout") if dropout else None
+        scale = sdpa_scale(qs[-1] if qs else 1, bound.get("scale"))
+        self.sdpa[node] = SdpaPlan(mm1, mul, mask, sm, mm2, scale, drop, float(dropout), gqa)
 
 
 def _taken(model: nn.Module, parent: str, child: str) -> bool:

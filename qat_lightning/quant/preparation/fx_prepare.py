@@ -169,6 +169,9 @@ def _rewrite(
     graph = gm.graph
     for name, op in ops.items():
         gm.add_submodule(name, op)
+    for sdpa in planner.sdpa.values():
+        if sdpa.dropout is not None:  # follows train() / eval(), as the traced code meant
+            gm.add_submodule(sdpa.dropout, nn.Dropout(sdpa.dropout_p))
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     sdpa_done: set[Node] = set()
     for plan in planner.plans:
