@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import torch
 from analysis_toys import QInput, QLinear
+from encoder_toy import calibrated_encoder
 from torch import nn
 
 import qat_lightning as ql
@@ -83,3 +87,58 @@ def test_l1_tables_alone_use_relative_rule():
     diag = diagnose_dual_int16([SensitivityTable(rows, "L1")], chip=None)
     assert [f.op_name for f in diag.dual] == ["a"] and not diag.single
     assert not diagnose_dual_int16([SensitivityTable(rows, "L1")], chip=None, min_metric=2.0).findings
+
+
+def test_sqnr_tables_use_the_relative_rule_in_noise_power():
+    rows = (  # -SQNR rows (dB): larger = worse, all negative
+        SensitivityRow("a", "activation", "Linear", -10.0, "qint8"),
+        SensitivityRow("a", "weight", "Linear", -12.0, "qint8"),  # 63% of a's noise power
+        SensitivityRow("b", "activation", "Linear", -30.0, "qint8"),  # 1%: below rel_threshold
+    )
+    table = SensitivityTable(rows, "-SQNR")
+    diag = diagnose_dual_int16([table], chip=None)
+    assert [f.op_name for f in diag.dual] == ["a"] and not diag.single
+    assert diag.dual[0].table_max == -10.0
+    only = diagnose_dual_int16([table], chip=None, min_metric=-11.0)  # SQNR <= 11 dB
+    assert [(f.op_name, f.kind) for f in only.findings] == [("a", "activation_only")]
+    everything = diagnose_dual_int16([table], chip=None, min_metric=-1000.0, rel_threshold=0.0)
+    assert [(f.op_name, f.kind) for f in everything.findings] == [("a", "dual"), ("b", "activation_only")]
+    assert not diagnose_dual_int16([table], chip=None, min_metric=-9.0).findings  # no row at SQNR <= 9 dB
+    healthy = SensitivityTable(tuple(replace(r, metric=r.metric - 30.0) for r in rows), "-SQNR")
+    assert not diagnose_dual_int16([healthy], chip=None).findings  # default floor: SQNR < 27 dB
+
+
+def test_negated_custom_metric_is_relative_to_the_least_sensitive_row():
+    rows = (  # "-PSNR": a higher-is-better custom metric, stored negated
+        SensitivityRow("a", "activation", "Linear", -20.0, "qint8"),
+        SensitivityRow("b", "activation", "Linear", -29.0, "qint8"),
+        SensitivityRow("c", "activation", "Linear", -50.0, "qint8"),
+    )
+    diag = diagnose_dual_int16([SensitivityTable(rows, "-PSNR")], chip=None, rel_threshold=0.5)
+    assert [f.op_name for f in diag.findings] == ["a", "b"]  # 30 and 21 above c; c itself is the reference
+
+
+def test_sqnr_cosine_and_l1_tables_of_one_model_agree(tmp_path):
+    qm, x = calibrated_encoder(tmp_path / "check")
+    qa = QuantAnalysis(qm, out_dir=tmp_path)
+    (cos,) = qa.sensitivity(metric="COSINE", inputs=x[:8], plot=False)
+    (sq,) = qa.sensitivity(metric="SQNR", inputs=x[:8], plot=False)
+    (l1,) = qa.sensitivity(metric="L1", inputs=x[:8], plot=False)
+    assert sq.metric_name == "-SQNR" and all(r.metric < 0 for r in sq.rows)
+
+    def found(table, floor, rel=0.3):
+        diag = diagnose_dual_int16([table], qm, min_metric=floor, rel_threshold=rel)
+        return {(f.op_name, f.kind) for f in diag.findings}
+
+    got = found(sq, -math.inf)
+    assert len(got) == 6 and got == found(cos, 0.0)  # 1 - cos is proportional to the noise power
+    assert len(got & found(l1, 0.0)) >= 5  # L1 ranks a little differently
+    assert found(sq, -math.inf, rel=1.0) == {(sq.rows[0].op_name, "activation_only")}  # the top row only
+    tops = {
+        r.op_name
+        for t in ("activation", "weight")
+        for r in [r for r in sq.rows if r.sensitive_type == t][:10]
+    }
+    assert {op for op, _ in found(sq, -1000.0, rel=0.0)} == tops  # the repro's "ask for everything"
+    assert not found(sq, max(r.metric for r in sq.rows) + 1.0)  # a floor above every row
+    assert not found(sq, None) and not found(cos, None)  # healthy: both default floors agree

@@ -11,11 +11,23 @@ From the activation and weight sensitivity tables:
   operators requiring fixed scale settings": the finding lists that op's range facts (observer min/max vs
   the representable ``scale * qmax``) so a clipped or wasted range shows at a glance.
 
-"Highly sensitive" (per table): the row is among the ``topk`` most sensitive rows of its type, its metric is
-at least ``rel_threshold`` x the table's largest metric and at least ``min_metric``. ``min_metric``
-defaults per metric (:data:`DEFAULT_MIN_METRIC`: COSINE rows hold ``1 - cos``, so 1e-3 means cos < 0.999);
-tables of metrics without a default (L1, ATOL: no absolute scale) are used only when ``min_metric`` is
-given or no table has a default, so a healthy model is not flagged just because some op ranks first.
+"Highly sensitive" (per table): the row is among the ``topk`` most sensitive rows of its type, its
+*badness* (:func:`row_badness`: its error on a scale where 0 is no error) is positive and at least
+``rel_threshold`` x the table's largest badness, and its metric is at least ``min_metric``.
+
+Rows hold error values, larger = worse, whatever the metric's direction (the sensitivity producer stores
+lower-is-better metrics as they are, ``1 - cos`` for COSINE and the negated value for other
+higher-is-better metrics). The badness is the stored value itself for error metrics and ``1-COSINE``
+(unchanged from the raw rule), the noise-to-signal power ratio ``10 ** (value / 10)`` for ``-SQNR`` rows
+(``-SQNR`` dB; proportional to ``1 - cos`` for small noise, so an SQNR table flags what the COSINE table
+of the same model flags), and, for another negated metric (``-NAME``: higher-is-better, no known zero),
+the distance above the table's least sensitive row. ``min_metric`` is in the table's stored units (an
+``-SQNR`` floor of ``-30`` keeps rows with SQNR <= 30 dB).
+
+``min_metric`` defaults per metric (:data:`DEFAULT_MIN_METRIC`: COSINE rows hold ``1 - cos``, so 1e-3
+means cos < 0.999; ``-SQNR`` rows the same noise level, SQNR < 27 dB); tables of metrics without a default
+(L1, ATOL: no absolute scale) are used only when ``min_metric`` is given or no table has a default, so a
+healthy model is not flagged just because some op ranks first.
 
 Plain torch: no lightning, no hydra.
 """
@@ -41,10 +53,17 @@ __all__ = [
     "diagnose_dual_int16",
     "node_ranges",
     "render_dual_int16",
+    "row_badness",
 ]
 
-DEFAULT_MIN_METRIC: Mapping[str, float] = {"1-COSINE": 1e-3, "COSINE": 1e-3}
-"""Absolute floor of a "highly sensitive" row per metric (COSINE rows hold ``1 - cos``)."""
+DEFAULT_MIN_METRIC: Mapping[str, float] = {
+    "1-COSINE": 1e-3,
+    "COSINE": 1e-3,
+    "-SQNR": 10.0 * math.log10(2e-3),
+}
+"""Absolute floor of a "highly sensitive" row per metric (COSINE rows hold ``1 - cos``; ``-SQNR`` rows
+``-SQNR`` dB: ``1 - cos = 1e-3`` is a noise-to-signal power of ``2e-3`` for small uncorrelated noise, about
+SQNR 27 dB)."""
 
 _DUAL_REMEDY = (
     "needs int16 on both inputs (activation and weight), which {chip} lacks for gemm ops. The seed's "
@@ -190,17 +209,39 @@ class DualInt16Diagnosis:
         return tuple(f for f in self.findings if f.kind != "dual")
 
 
+def row_badness(metric_name: str, value: float, least: float = 0.0) -> float:
+    """Return a row's error on a scale where 0 is no error and ratios are meaningful (module docstring).
+
+    Args:
+        metric_name: the table's metric (``L1``, ``1-COSINE``, ``-SQNR``, ``-NAME`` for a negated one).
+        value: the row's stored error value (larger = worse).
+        least: the table's smallest finite stored value (the reference of a ``-NAME`` metric).
+
+    Returns:
+        ``value`` for error metrics, ``10 ** (value / 10)`` for ``-SQNR``, ``value - least`` for another
+        negated metric.
+    """
+    if metric_name.upper() == "-SQNR":
+        return 10.0 ** (value / 10.0) if value < 3000 else math.inf
+    if metric_name.startswith("-"):
+        return value - least
+    return value
+
+
 def _high_rows(table: SensitivityTable, floor: float, rel: float, topk: int) -> dict[str, dict[str, float]]:
     """``op -> {type: metric}`` of the highly sensitive rows of one table."""
     finite = [r.metric for r in table.rows if math.isfinite(r.metric)]
-    top = max(finite, default=0.0)
-    bar = max(floor, rel * top)
+    least = min(finite, default=0.0)
+    top = max((row_badness(table.metric_name, v, least) for v in finite), default=0.0)
     high: dict[str, dict[str, float]] = {}
     seen: dict[str, int] = {}
     for row in table.rows:  # most sensitive first
         rank = seen.get(row.sensitive_type, 0)
         seen[row.sensitive_type] = rank + 1
-        if rank < topk and math.isfinite(row.metric) and row.metric > 0 and row.metric >= bar:
+        if rank >= topk or not math.isfinite(row.metric) or row.metric < floor:
+            continue
+        badness = row_badness(table.metric_name, row.metric, least)
+        if badness > 0 and badness >= rel * top:
             high.setdefault(row.op_name, {})[row.sensitive_type] = row.metric
     return high
 
@@ -220,6 +261,18 @@ def _single_advice(kind: str, ranges: tuple[NodeRange, ...]) -> str:
     return text
 
 
+def _advice(op: str, kind: str, facts: tuple[NodeRange, ...], double: bool, chip: str | None) -> str:
+    """Return what to do about a finding of ``kind`` (a template line where the chip has double int16)."""
+    if kind != "dual":
+        return _single_advice(kind, facts)
+    if double:
+        return (
+            f"set both to int16 (this chip has double int16): "
+            f"ModuleNameTemplate({{{op!r}: {{'input_dtype': ql.qint16, 'weight_dtype': ql.qint16}}}})"
+        )
+    return _DUAL_REMEDY.format(chip=chip or "j6e/j6m")
+
+
 def diagnose_dual_int16(
     tables: Iterable[SensitivityTable],
     model: nn.Module | None = None,
@@ -235,9 +288,11 @@ def diagnose_dual_int16(
             the all-int8 calibration model).
         model: the calibrated model the tables were measured on, for the range facts (optional).
         chip: the target chip name (``j6e``, ``j6m``, ``j6p``); ``None`` assumes j6e/j6m rules.
-        rel_threshold: a high row's metric is at least this share of its table's largest metric.
+        rel_threshold: a high row's badness (:func:`row_badness`) is at least this share of its table's
+            largest badness.
         topk: a high row is among the ``topk`` most sensitive rows of its type.
-        min_metric: absolute floor of a high row; ``None``: :data:`DEFAULT_MIN_METRIC` per metric (see the
+        min_metric: absolute floor of a high row's metric, in the table's stored units (``-SQNR`` rows:
+            ``-30`` keeps SQNR <= 30 dB); ``None``: :data:`DEFAULT_MIN_METRIC` per metric (see the
             module docstring for tables whose metric has no default).
 
     Returns:
@@ -259,7 +314,7 @@ def diagnose_dual_int16(
     ranges = node_ranges(model) if model is not None else {}
     found: dict[str, Int16Finding] = {}
     for table in tables:
-        floor = min_metric if min_metric is not None else DEFAULT_MIN_METRIC.get(table.metric_name, 0.0)
+        floor = min_metric if min_metric is not None else DEFAULT_MIN_METRIC.get(table.metric_name, -math.inf)
         top = max((r.metric for r in table.rows if math.isfinite(r.metric)), default=0.0)
         types = {r.op_name: r.op_type for r in table.rows}
         for op, high in _high_rows(table, floor, rel_threshold, topk).items():
@@ -268,15 +323,7 @@ def diagnose_dual_int16(
             if op in found and (found[op].kind == "dual" or kind != "dual"):
                 continue  # the first table (or a dual verdict) wins
             facts = ranges.get(op, ())
-            if kind == "dual":
-                advice = (
-                    f"set both to int16 (this chip has double int16): "
-                    f"ModuleNameTemplate({{{op!r}: {{'input_dtype': ql.qint16, 'weight_dtype': ql.qint16}}}})"
-                    if double
-                    else _DUAL_REMEDY.format(chip=chip or "j6e/j6m")
-                )
-            else:
-                advice = _single_advice(kind, facts)
+            advice = _advice(op, kind, facts, double, chip)
             found[op] = Int16Finding(
                 op,
                 types.get(op, "?"),
@@ -298,12 +345,13 @@ def diagnose_dual_int16(
         if min_metric is not None
         else ", ".join(f"{k} >= {v:g}" for k, v in DEFAULT_MIN_METRIC.items()) + " (others: relative only)"
     )
-    criteria = f"top-{topk} of its type, >= {rel_threshold:g} x the table's largest metric, {floors}"
+    criteria = f"top-{topk} of its type, badness >= {rel_threshold:g} x the table's largest, {floors}"
     return DualInt16Diagnosis(chip, double, tuple(order), criteria)
 
 
 def _nz(value: float) -> float:
-    return value if math.isfinite(value) else 0.0
+    """Return the sort key of a metric: NaN (missing) last; rows hold error values of any sign."""
+    return -math.inf if math.isnan(value) else value
 
 
 def render_dual_int16(diagnosis: DualInt16Diagnosis) -> str:

@@ -10,6 +10,19 @@
 4. optional cost-aware step (``cost_aware=True``, the seed's "adjust based on computation cost"): the
    raised ops are tried back in ``low``, most FLOPs first, keeping each one that still meets the target.
 
+``plan.ratios`` are each table's final share: the rows of the table's own top rows (its count after step
+3) that the plan still raises, over the rows the search counts in that table (:func:`search_rows`).
+Without the cost step the plan is exactly the union of each table's top rows, so one
+``SensitivityTemplate(table, topk_or_ratio=ratio)`` per table (over the counted rows) reproduces it. The
+cost step removes rows by FLOPs, not by sensitivity, so its plan is in general no top-k of any table: the
+ratio is still the final share, but a template fed it raises the table's top rows instead, not the plan's;
+``plan.setter`` (a template over exactly ``plan.raised``) is what reproduces the plan. A share of 1.0 is
+``len(rows)`` as a template count (a template reads ``topk_or_ratio=1.0`` as one row).
+
+``plan.notes`` lists the chip downgrades of the plan's own assignment (those a ``prepare`` with
+``plan.setter`` logs in ``prepare_record.changelog``, beyond the ones the model was prepared with), then
+the search's remarks; the probes' downgrades on the way are not the plan's.
+
 Steps 2 and 3 look for the smallest count that meets the target between a failing and a passing one
 (:func:`~qat_lightning.analysis.search.probes.smallest_ok`): ``method="exact"`` bisects;
 ``method="fast"`` (the default) first predicts the boundary from the tables' own first-order numbers
@@ -108,7 +121,9 @@ def search_rows(
 ) -> list[SensitivityRow]:
     """Return the rows of ``table`` the search counts.
 
-    Those of ``sensitive_type`` (``None``: both), of ops in ``ops`` that pass ``only``: a ratio is a share of
+    Those of ``sensitive_type`` (``None``: both), of ops in ``ops`` that pass ``only``, except rows whose
+    nodes the user left in FLOAT (partial quantization: raising them changes nothing,
+    :meth:`~qat_lightning.analysis.search.precision_nodes.OpNodes.is_float_row`): a ratio is a share of
     these rows (a fixed ``int16_ratio`` counts the same ones).
     """
     return [
@@ -116,6 +131,7 @@ def search_rows(
         for r in table.rows
         if (sensitive_type is None or r.sensitive_type == sensitive_type)
         and r.op_name in ops
+        and not ops[r.op_name].is_float_row(r.sensitive_type)
         and (only is None or only(ops[r.op_name]))
     ]
 
@@ -126,6 +142,17 @@ def _union(per_table: list[list[SensitivityRow]], counts: Sequence[int]) -> list
         for r in rows[:k]:
             seen.setdefault((r.op_name, r.sensitive_type), None)
     return list(seen)
+
+
+def _kept_counts(
+    per_table: list[list[SensitivityRow]], counts: Sequence[int], rows: Sequence[Row]
+) -> list[int]:
+    """Per table: how many of its top ``counts`` rows ``rows`` raise (fewer after the cost step)."""
+    kept = set(rows)
+    return [
+        sum((r.op_name, r.sensitive_type) in kept for r in table[:k])
+        for table, k in zip(per_table, counts, strict=True)
+    ]
 
 
 def _count(n: int, ratio: float) -> int:
@@ -227,7 +254,8 @@ class _Stages:
             if flops.get(row[0], 0) <= 0:
                 continue
             trial = [r for r in kept if r != row]
-            p = self.s.evaluate("cost", trial, self.high, len(trial) / self.total, tuple(counts))
+            left = tuple(_kept_counts(self.per_table, counts, trial))
+            p = self.s.evaluate("cost", trial, self.high, len(trial) / self.total, left)
             if p.ok:
                 kept, best = trial, p
         return kept, best
@@ -313,7 +341,7 @@ def _finish(
     )
     cost_low = assignment_cost(s.ops, s.assignment([], high), s.chip)
     cost_high = assignment_cost(s.ops, s.assignment(_union(st.per_table, st.sizes), high), s.chip)
-    notes = list(s.notes)
+    notes = [*s.assignment_notes(chosen, high), *s.notes]  # the plan's own downgrades, then remarks
     if s.reuse is not None:
         notes.append(s.reuse.note())
     if s.chip is None:
@@ -323,7 +351,10 @@ def _finish(
     return MixedPrecisionPlan(
         reached=reached,
         ratio=common,
-        ratios=tuple(c / n if n else 0.0 for c, n in zip(counts, st.sizes, strict=True)),
+        ratios=tuple(
+            c / n if n else 0.0
+            for c, n in zip(_kept_counts(st.per_table, counts, chosen), st.sizes, strict=True)
+        ),
         metric=best.metric,
         target=s.target,
         raised=tuple(chosen),

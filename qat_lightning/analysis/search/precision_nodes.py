@@ -8,6 +8,12 @@ to the qconfig, so a probe measures what the produced setter will prepare:
   its effective dtype is the producer's output dtype);
 * ``weight`` row: the gemm's weight node (when below ``high``).
 
+Partial quantization: a node in state ``FLOAT`` when the ops are collected (the user left it unquantized)
+quantizes nothing in the model under analysis (every probe keeps it FLOAT), so it is never raised, and a
+row whose nodes are all FLOAT (:meth:`OpNodes.is_float_row`) is not counted by the search: raising it
+would change nothing, while counting it would inflate the plan's rows, ratio and cost. The sensitivity
+sweep does not list such rows either.
+
 With a chip, every assignment then goes through the chip's rules with the setter's own rule code
 (:func:`apply_chip_rules`), so a probe measures and prices what ``plan.setter`` builds: e.g. on j6e/j6m a
 matmul with both inputs raised to qint16 is probed with its second input in qint8.
@@ -25,7 +31,7 @@ from torch import nn
 
 from qat_lightning.chips import ChipSpec, get_chip, op_cost
 from qat_lightning.quant.dtypes import QuantDtype, float32
-from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
+from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 from qat_lightning.quant.ops import OpInfo, OpKind, iter_quant_ops, quant_nodes_of
 from qat_lightning.quant.qconfig.setter import chip_issues
 from qat_lightning.quant.qconfig.templates import precision_rank
@@ -44,21 +50,43 @@ DEFAULT_COST_CHIP = "j6m"
 
 @dataclass(frozen=True)
 class OpNodes:
-    """One op: its info and quant nodes (``inputs`` in input order)."""
+    """One op: its info and quant nodes (``inputs`` in input order).
+
+    Attributes:
+        info: the op's info.
+        inputs: its input nodes, in input order.
+        weight: its weight node (gemm ops).
+        output: its output node.
+        disabled: its nodes that were in FLOAT when collected (partial quantization: never raised).
+    """
 
     info: OpInfo
     inputs: tuple[FakeQuantize, ...]
     weight: FakeQuantize | None
     output: FakeQuantize | None
+    disabled: frozenset[FakeQuantize] = frozenset()
+
+    def row_nodes(self, kind: str) -> tuple[FakeQuantize, ...]:
+        """Return the nodes a row of ``kind`` (``activation`` / ``weight``) may raise."""
+        if kind == "weight":
+            return (self.weight,) if self.weight is not None else ()
+        own = (self.output,) if self.output is not None else ()
+        return own + (self.inputs if self.info.kind is OpKind.GEMM else ())
+
+    def is_float_row(self, kind: str) -> bool:
+        """Whether every node of a row of ``kind`` was left in FLOAT (raising it changes nothing)."""
+        nodes = self.row_nodes(kind)
+        return bool(nodes) and all(n in self.disabled for n in nodes)
 
 
 def collect_ops(model: nn.Module) -> dict[str, OpNodes]:
-    """Every op of a prepared model by name, in graph order."""
+    """Every op of a prepared model by name, in graph order (nodes in FLOAT now recorded as disabled)."""
     found: dict[str, OpNodes] = {}
     for name, op in iter_quant_ops(model):
         nodes = quant_nodes_of(op)
         inputs = tuple(n for k, n in nodes.items() if k.startswith("input."))
-        found[name] = OpNodes(op.op_info, inputs, nodes.get("weight"), nodes.get("output"))
+        off = frozenset(n for n in nodes.values() if n.state is FakeQuantState.FLOAT)
+        found[name] = OpNodes(op.op_info, inputs, nodes.get("weight"), nodes.get("output"), off)
     return found
 
 
@@ -97,6 +125,8 @@ def raise_assignment(
     rules follow (:func:`apply_chip_rules`, what ``QconfigSetter(on_violation="downgrade")`` does), e.g.
     a weight row whose gemm's activation ends up in qint16 stays low on a chip without double int16.
 
+    Nodes that were in FLOAT when ``ops`` were collected are never raised (module docstring).
+
     Returns:
         ``(node → dtype for every changed node, notes)``; the notes list the chip's downgrades.
     """
@@ -110,13 +140,13 @@ def raise_assignment(
             notes.append(f"{name}: not an op of this model (skipped)")
             continue
         node = op.weight if kind == "weight" else op.output
-        if node is not None and precision_rank(_current(node, dtypes)) < rank:
+        if node is not None and node not in op.disabled and precision_rank(_current(node, dtypes)) < rank:
             dtypes[node] = high
         if kind != "weight" and op.info.kind is OpKind.GEMM:
             selected.append(op)
     for op in selected:
         for node, eff in zip(op.inputs, effective_inputs(op, ops, dtypes), strict=True):
-            if eff is None or precision_rank(eff) < rank:
+            if node not in op.disabled and (eff is None or precision_rank(eff) < rank):
                 dtypes[node] = high
     if chip is not None:
         notes.extend(apply_chip_rules(ops, dtypes, chip))

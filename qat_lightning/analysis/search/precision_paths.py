@@ -44,6 +44,11 @@ def is_gemm_op(op: OpNodes) -> bool:
     return op.info.kind is OpKind.GEMM
 
 
+def _fp16_candidate(op: OpNodes | None) -> bool:
+    """Whether an op of the model has an output node the user did not leave in FLOAT."""
+    return op is not None and op.output is not None and op.output not in op.disabled
+
+
 def search_fp16_topk(
     model: nn.Module,
     table: SensitivityTable,
@@ -58,7 +63,8 @@ def search_fp16_topk(
 ) -> MixedPrecisionPlan:
     """Run the int16→fp16 step: top-k ops of an int16 sensitivity table to float16, k = 1..max_k.
 
-    Only ``activation`` rows count (an op's output becomes float16). With a chip, each probe follows the
+    Only ``activation`` rows count (an op's output becomes float16), of ops whose output node is not left
+    in FLOAT by the user (partial quantization). With a chip, each probe follows the
     chip's rules as the setter applies them: a gemm input left as produced that would read a float16
     output (no chip runs a float16 gemm) is probed in qint16, as ``plan.setter`` builds it.
     The all-int16 model (k = 0, stage ``baseline``) is probed first: if it meets the target no op is moved.
@@ -66,7 +72,7 @@ def search_fp16_topk(
     best k is kept only if it beats the all-int16 metric strictly, else no op is moved (an fp16 op that
     does not help only costs speed). The setter is ``reference`` (default all-int16 activations, int8
     weights) + ``ModuleNameTemplate`` mapping the chosen ops to float16. ``on_probe`` is called with every
-    probe.
+    probe. The plan's notes list the chip downgrades of the chosen assignment only (not of the probes).
 
     Raises:
         ValueError: for ``max_k < 1`` or a chip that cannot run float16 outputs.
@@ -76,13 +82,10 @@ def search_fp16_topk(
     if chip is not None and "float16" not in get_chip(chip).other_dtypes:
         raise ValueError(f"chip {chip} has no float16 ops")
     s = ProbeRunner(model, eval_fn, target, higher_is_better, {}, chip, on_probe)
-    rows = [
-        r
-        for r in table.rows
-        if r.sensitive_type == "activation" and r.op_name in s.ops and s.ops[r.op_name].output is not None
-    ][:max_k]
+    acts = [r for r in table.rows if r.sensitive_type == "activation"]
+    rows = [r for r in acts if _fp16_candidate(s.ops.get(r.op_name))][:max_k]
     if not rows:
-        raise ValueError("the table has no activation row of this model")
+        raise ValueError("the table has no activation row of an op this model quantizes (FLOAT ops skipped)")
     best = s.measure("baseline", s.follow_chip({}), 0.0, (0,), 0)  # all-int16: what fp16 ops must beat
     chosen: list[str] = []
     for k in range(1, len(rows) + 1):
@@ -94,6 +97,7 @@ def search_fp16_topk(
         if p.ok or s.better(p.metric, best.metric):
             best, chosen = p, names
     all_fp16 = {s.ops[r.op_name].output: float16 for r in rows}
+    _, downgrades = s.chip_rules({s.ops[n].output: float16 for n in chosen})  # the plan's own
     setter = QconfigSetter(
         reference_qconfig=reference_qconfig or get_qconfig(weight_dtype=qint8, out_dtype=qint16),
         templates=[*base_templates, ModuleNameTemplate({n: float16 for n in chosen})],
@@ -116,6 +120,7 @@ def search_fp16_topk(
         setter=setter,
         chip=chip,
         notes=(
+            *downgrades,
             *s.notes,
             *([] if best.ok else [f"target {target:g} not reached with up to {max_k} float16 ops"]),
         ),

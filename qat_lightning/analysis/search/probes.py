@@ -53,6 +53,10 @@ class ProbeRunner:
 
     With ``reuse`` (:class:`~qat_lightning.analysis.search.probe_cache.ActivationReuse`) the model's
     forwards during ``eval_fn`` run only downstream of the changed ops, from kept activations.
+
+    ``notes`` collects the search's remarks (e.g. a metric that is not monotone), never the chip
+    downgrades of a probe: a plan's downgrades are those of its own assignment
+    (:meth:`assignment_notes`, :meth:`chip_rules`), not of the probes on the way to it.
     """
 
     def __init__(
@@ -93,18 +97,24 @@ class ProbeRunner:
         return a > b if self.higher else a < b
 
     def assignment(self, rows: Sequence[Row], high: QuantDtype) -> dict[FakeQuantize, QuantDtype]:
-        """Node dtypes after raising ``rows`` over the base, then the chip rules (notes collected)."""
-        dtypes, notes = raise_assignment(list(rows), self.ops, high, self.base, self.spec)
-        self.notes.extend(n for n in notes if n not in self.notes)
-        return dtypes
+        """Node dtypes after raising ``rows`` over the base, then the chip rules."""
+        return raise_assignment(list(rows), self.ops, high, self.base, self.spec)[0]
+
+    def assignment_notes(self, rows: Sequence[Row], high: QuantDtype) -> list[str]:
+        """Return the chip's downgrades in the assignment of ``rows`` (what the plan's setter logs)."""
+        return raise_assignment(list(rows), self.ops, high, self.base, self.spec)[1]
 
     def follow_chip(self, dtypes: Mapping[FakeQuantize, QuantDtype]) -> dict[FakeQuantize, QuantDtype]:
-        """Return ``dtypes`` after the chip's rules, as the plan's setter applies them (notes collected)."""
+        """Return ``dtypes`` after the chip's rules, as the plan's setter applies them."""
+        return self.chip_rules(dtypes)[0]
+
+    def chip_rules(
+        self, dtypes: Mapping[FakeQuantize, QuantDtype]
+    ) -> tuple[dict[FakeQuantize, QuantDtype], list[str]]:
+        """Return ``dtypes`` after the chip's rules and one note per downgrade they made."""
         fixed = dict(dtypes)
-        if self.spec is not None:
-            notes = apply_chip_rules(self.ops, fixed, self.spec)
-            self.notes.extend(n for n in notes if n not in self.notes)
-        return fixed
+        notes = apply_chip_rules(self.ops, fixed, self.spec) if self.spec is not None else []
+        return fixed, notes
 
     def measure(
         self,

@@ -16,7 +16,7 @@ class Probe:
     Attributes:
         stage: ``baseline``, ``all_high``, ``common``, ``per_table``, ``cost`` or ``fp16``.
         ratio: share of all table rows raised (the common ratio in stage ``common``).
-        counts: rows raised per table.
+        counts: rows raised per table (stage ``cost``: rows of each table's top count still raised).
         metric: what ``eval_fn`` returned.
         cost: estimated relative cost.
         raised: number of distinct rows raised.
@@ -39,7 +39,10 @@ class MixedPrecisionPlan:
     Attributes:
         reached: whether the target was met (else the fields describe the best probe).
         ratio: the common ratio found (share of each table's rows), before per-table reduction.
-        ratios: each table's final share.
+        ratios: each table's final share: the rows of its top count still raised (after the cost step:
+            fewer), over the rows the search counts in it. Without the cost step a ``SensitivityTemplate``
+            per table fed its ratio reproduces ``raised``; after the cost step the rows are in general no
+            top-k, so such a template would not (``setter`` does; ``mixed_precision`` module docstring).
         metric: the metric of the plan.
         target: the target metric.
         raised: ``(op_name, sensitive_type)`` rows set to ``high`` (in table order).
@@ -48,7 +51,8 @@ class MixedPrecisionPlan:
         probes: every evaluation, in order.
         setter: a ready ``QconfigSetter`` reproducing the plan with ``prepare``.
         chip: the chip the rules and prices came from (``None``: none; prices of ``j6m``).
-        notes: chip downgrades and remarks.
+        notes: the chip downgrades of the plan's own assignment (what a ``prepare`` with ``setter`` logs,
+            beyond the model's own), then the search's remarks.
         method: how the boundary was searched (``exact``: bisection; ``fast``: first-order guess).
     """
 

@@ -8,6 +8,13 @@ inputs:
   ``float32`` quantize nothing and are left out; an op with no quantizing node has no row);
 * ``weight``: the op's weight node (gemm ops).
 
+Partial quantization: a node in state ``FLOAT`` when the targets are listed (the user left it
+unquantized, e.g. ``fake_quant_disabled(model.head)`` kept open or ``fq.state = FLOAT``) quantizes nothing
+in the model under analysis, so it is left out like a ``float32`` node: an op whose nodes of a type are all
+FLOAT has no row of that type (it is not listed at all, rather than listed with no value), and the search
+never raises it. The other rows are measured exactly as without the FLOAT nodes (every probe runs the
+rest of the model in float anyway). This holds for both methods (the approximate one takes these targets).
+
 On an fx ``GraphModule`` the float run is cached once and each probe re-runs only the nodes downstream
 of every call that uses an enabled node (:mod:`qat_lightning.analysis.sensitivity.downstream`); eager models
 (or graphs that mutate cached tensors in place) run one full forward per probe. Both give the same numbers.
@@ -70,11 +77,16 @@ def check_types(types: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def _quantizing(node: FakeQuantize | None) -> bool:
-    return node is not None and not node.dtype.is_float32
+    """Whether ``node`` quantizes in the analysed model: a dtype other than float32, not left in FLOAT."""
+    return node is not None and not node.dtype.is_float32 and node.state is not FakeQuantState.FLOAT
 
 
 def sensitivity_targets(model: nn.Module, types: Iterable[str] = SENSITIVE_TYPES) -> list[SensitivityTarget]:
-    """List the rows to measure, in graph order (ops of ``iter_quant_ops``, then type order)."""
+    """List the rows to measure, in graph order (ops of ``iter_quant_ops``, then type order).
+
+    Call it on the model as it is analysed: nodes in FLOAT now (partial quantization) are left out
+    (module docstring), so inside ``fake_quant_disabled(model)`` there is nothing to list.
+    """
     types = check_types(types)
     paths = {id(m): p for p, m in model.named_modules()}
     targets: list[SensitivityTarget] = []
@@ -108,7 +120,20 @@ def sensitivity_targets(model: nn.Module, types: Iterable[str] = SENSITIVE_TYPES
                         int(info.flops),
                     )
                 )
+    if not targets:
+        _warn_all_float(model)
     return targets
+
+
+def _warn_all_float(model: nn.Module) -> None:
+    """Warn when no row is left because every integer quant node of ``model`` is in FLOAT."""
+    nodes = [n for _, op in iter_quant_ops(model) for n in quant_nodes_of(op).values() if n is not None]
+    if any(not n.dtype.is_float32 for n in nodes) and all(n.state is FakeQuantState.FLOAT for n in nodes):
+        warnings.warn(
+            "every quant node of the model is in FLOAT (fake quant disabled), so nothing is quantized and "
+            "there is no sensitivity row; analyse the model in VALIDATION (outside fake_quant_disabled)",
+            stacklevel=3,
+        )
 
 
 def _output_metrics(metric: Metric, ref: list, out: object) -> dict[str, float]:
