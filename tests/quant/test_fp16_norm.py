@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -141,3 +143,52 @@ def test_set_scaling_by_prefix_and_gradient_in_qat():
     ql.set_fake_quantize(prepared, "qat")
     prepared(x)[0].pow(2).sum().backward()
     assert torch.isfinite(x.grad).all() and ops["ln"].module.weight.grad is not None
+
+
+def _quiet_and_outlier_rows() -> torch.Tensor:
+    """Rows of std 0.003 and 0.01 beside a row with a 1500 outlier (max|x| > 1024: the scaling runs)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, HIDDEN, generator=g)
+    x[0] *= 0.003
+    x[1] *= 0.01
+    x[2, 0] = 1500.0
+    return x
+
+
+def _row_errors(got: torch.Tensor, ref: torch.Tensor) -> list[float]:
+    """Per row: max |got - ref| relative to the row's max |ref| (the fp16 spacing there is ~1e-3)."""
+    got, ref = got.double().reshape(3, -1), ref.reshape(3, -1)
+    return [float(e) for e in ((got - ref).abs().amax(1) / ref.abs().amax(1))]
+
+
+def test_scaling_for_an_outlier_row_keeps_quiet_rows_right():
+    x = _quiet_and_outlier_rows()
+    assert float(norm_input_scale(x)) == 2.0**-5  # the tensor needs scaling
+    ref = F.layer_norm(x.double(), (HIDDEN,), eps=1e-5)
+    on = _row_errors(fp16_layer_norm(x, (HIDDEN,), eps=1e-5), ref)
+    off = _row_errors(fp16_layer_norm(x, (HIDDEN,), eps=1e-5, auto_scale=False), ref)
+    assert max(on) < 2e-3, on  # every row, the quiet ones included, within fp16 precision
+    assert off[2] > 0.5 and max(off[:2]) < 2e-3  # unscaled: the outlier row saturates, quiet rows fine
+    x3 = x.reshape(3, 8, HIDDEN // 8)  # GroupNorm, one group per sample: the same rows
+    ref = F.group_norm(x3.double(), 1, eps=1e-5)
+    assert max(_row_errors(fp16_group_norm(x3, 1, eps=1e-5), ref)) < 2e-3
+
+
+def test_scaled_group_norm_keeps_a_quiet_group_beside_an_outlier_group():
+    x = _quiet_and_outlier_rows().reshape(1, 3, HIDDEN)  # one sample, a group per channel
+    ref = F.group_norm(x.double(), 3, eps=1e-5)
+    got = fp16_group_norm(x, 3, eps=1e-5)
+    assert max(_row_errors(got.reshape(3, HIDDEN), ref.reshape(3, HIDDEN))) < 2e-3
+
+
+@pytest.mark.parametrize("method", ["fx", "eager"])
+def test_prepared_norms_keep_quiet_rows_right_in_validation(method):
+    model, prepared = _prepare(ql.float16, method)
+    ql.set_fake_quantize(prepared, "validation")
+    x = _quiet_and_outlier_rows()
+    with torch.no_grad():
+        refs = copy.deepcopy(model).double()(x.double())
+        outs = prepared(x)
+    for out, ref in zip(outs, refs, strict=True):
+        errors = _row_errors(out, ref)
+        assert max(errors) < 3e-3, errors

@@ -25,9 +25,9 @@ observers whose range rules it implements (``minmax``, the histogram observers, 
 versions are moved (``torch.autograd.graph.increment_version``), so autograd still sees the writes. Values,
 scales and observer statistics equal the default path's bit for bit (tested, ``lerp``'s rounding included).
 
-Selected by :func:`~qat_lightning.quant.backends.set_backend` (``"cpu_kernels"``) or the environment
-variable ``QAT_LIGHTNING_BACKEND=cpu_kernels``; without the built extension, or with
-``QAT_LIGHTNING_NO_KERNELS=1``, it is unavailable and the default path runs.
+Selected by :func:`~qat_lightning.quant.backends.set_backend` (``"cpu_kernels"``) or the environment variable
+``QAT_LIGHTNING_BACKEND=cpu_kernels``; without the built extension, or with ``QAT_LIGHTNING_NO_KERNELS=1``,
+it is unavailable and the default path runs.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import increment_version
 
+from qat_lightning.quant.backends.sparse_grad import sparse_masked
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 from qat_lightning.quant.nodes.functional import load_extension
 from qat_lightning.quant.nodes.switches import GlobalFakeQuantSwitch
@@ -90,7 +91,9 @@ def _forward_pass(
 
 
 def _backward_pass(grad: Tensor, mask: Tensor, packed: bool) -> Tensor:
-    """Run the C backward: ``grad`` where ``mask`` is set, 0 elsewhere (a new contiguous tensor)."""
+    """Run the C backward: ``grad`` where ``mask`` is set, 0 elsewhere (a sparse ``grad`` stays sparse)."""
+    if grad.is_sparse:
+        return sparse_masked(grad, mask, packed)
     grad = grad.contiguous()
     out = torch.empty_like(grad)
     _KERNELS.fake_quantize_backward(

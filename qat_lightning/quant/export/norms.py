@@ -42,9 +42,14 @@ def export_cast(x: Tensor) -> Tensor:
     return x.float().clamp(-FP16_MAX, FP16_MAX).to(torch.float16).to(x.dtype)
 
 
-def export_input_scale(x: Tensor) -> Tensor:
-    """``norm_input_scale`` with ONNX ops: ``k = min(1, 2^-ceil(log2(max|x| / SAFE_AMAX)))`` (0-d, exact)."""
-    amax = x.detach().abs().amax().float()
+def export_input_scale(x: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
+    """``norm_input_scale`` with ONNX ops: ``k = min(1, 2^-ceil(log2(max|x| / SAFE_AMAX)))`` (exact).
+
+    One factor per group normalized over ``dims`` (kept dims, broadcasting over ``x``), as the node's
+    simulation; ``None``: one for the whole tensor (0-d).
+    """
+    a = x.detach().abs()
+    amax = (a.amax() if dims is None else a.amax(dims, keepdim=True)).float()
     k = torch.pow(2.0, -torch.ceil(torch.log2(amax / SAFE_AMAX)))
     k = torch.where(amax * (k * 2.0) <= SAFE_AMAX, k * 2.0, k)  # the log was one too high
     k = torch.where(amax * k > SAFE_AMAX, k * 0.5, k)  # one too low
@@ -65,10 +70,16 @@ def _simulate(
     fn: Callable[..., Tensor], x: Tensor, second: Any, weight: Any, bias: Any, eps: Any, scaling: bool
 ) -> Tensor:
     """``fn`` (``fp16_layer_norm`` / ``fp16_group_norm``) with the export cast and the export input factor."""
-    if scaling:
+    if scaling:  # one factor per normalization group, as fp16_layer_norm / fp16_group_norm scale
         x = export_cast(x)
-        k = export_input_scale(x).to(x.dtype)
-        x, eps = x * k, eps * k * k  # fn casts x * k again, as the simulation does
+        if fn is fp16_group_norm:
+            xg = x.reshape(x.shape[0], second, -1)
+            k = export_input_scale(xg, (-1,)).to(x.dtype)
+            x, eps = (xg * k).reshape(x.shape), eps * k * k  # eps (n, groups, 1) broadcasts per group
+        else:
+            ndim = 1 if isinstance(second, int) else len(second)
+            k = export_input_scale(x, tuple(range(-ndim, 0))).to(x.dtype)
+            x, eps = x * k, eps * k * k  # fn casts x * k again, as the simulation does
     return fn(x, second, weight, bias, eps, auto_scale=False, cast=export_cast)
 
 

@@ -11,12 +11,22 @@ seed: "The framework automatically scales the FP16 configuration of the layernor
   accumulate in fp32 and round their result). Otherwise (FLOAT / CALIBRATION state, int or fp32 configs,
   fake cast off) it runs the float module or function exactly as before, bit for bit.
 * **automatic input scaling** (on by default): the fp16 input is first multiplied by a power of two
-  ``k = min(1, 2^-ceil(log2(amax / 64)))``, ``amax`` the batch's ``max|x|`` (one factor per tensor,
-  recomputed every forward, no gradient through ``k``), and ``eps`` becomes ``eps * k^2``. Since
-  ``|x - mean| <= 2 * amax``, ``|k (x - mean)| <= 128`` and the squares stay below ``16384``. A norm is
-  scale invariant: ``LayerNorm(k x, eps k^2) == LayerNorm(x, eps)`` exactly in real arithmetic (tested in
-  float64), and a power-of-two factor is exact in fp16 (unless values fall into subnormals). Inputs with
-  ``amax <= 64`` are never rescaled (``k = 1``, never upscaled).
+  ``k = min(1, 2^-ceil(log2(amax / 64)))``, ``amax`` the ``max|x|`` of the values normalized together
+  (one factor per normalization group: a LayerNorm row, a GroupNorm group of one sample; recomputed every
+  forward, no gradient through ``k``), and ``eps`` becomes ``eps * k^2``. Since ``|x - mean| <= 2 * amax``,
+  ``|k (x - mean)| <= 128`` and the squares stay below ``16384``. A norm is scale invariant:
+  ``LayerNorm(k x, eps k^2) == LayerNorm(x, eps)`` exactly in real arithmetic (tested in float64), and a
+  power-of-two factor is exact in fp16 (unless values fall into subnormals). Groups with ``amax <= 64``
+  are never rescaled (``k = 1``, never upscaled): they compute exactly what unscaled fp16 computes.
+  Why per group, not per tensor: the chip normalizes each group on its own, and the factor only has to
+  keep *that* group's squares in range. One factor per tensor, set by an outlier elsewhere, pushed the
+  squares of a quiet row into fp16 underflow (k = 1/32 for a 1500 outlier: a row of ±0.003 has squares
+  ~9e-9 and ``eps * k^2 ~ 1e-8``, both below fp16's smallest subnormal 6e-8): its variance became 0 and
+  the row came out 6.14 instead of 0.688. Per group, only a group with its own ``max|x| > 64`` is scaled:
+  its deviations from the mean are either large or, when its values crowd around a mean of about
+  ``max|x|``, at least the fp16 spacing there (``~max|x| * 2^-11``, ``>= 2^-6`` once scaled), so its
+  squares stay far above fp16's subnormals. ``var + eps * k^2`` is added in float32 and rounded once (as a
+  half-precision torch op adds a Python scalar), so ``eps * k^2`` is never flushed on its own.
 * **off switch**: each norm op module has a ``fp16_input_scaling`` flag (``True`` after ``prepare``);
   :func:`set_fp16_norm_scaling` flips it for a model or a name prefix. Like the fake-quant state it is a
   runtime setting, not a ``state_dict`` entry.
@@ -68,13 +78,22 @@ NORM_FUNCTIONS: dict[Callable[..., Tensor], str] = {
 Cast = Callable[[Tensor], Tensor]
 
 
-def norm_input_scale(x: Tensor) -> Tensor:
-    """Return the power-of-two input factor ``k = min(1, 2^-ceil(log2(max|x| / SAFE_AMAX)))`` (0-d).
+def norm_input_scale(x: Tensor, dims: tuple[int, ...] | None = None) -> Tensor:
+    """Return the power-of-two input factor ``k = min(1, 2^-ceil(log2(max|x| / SAFE_AMAX)))``.
 
     ``max|x|`` ignores nothing: an all-zero input gives ``k = 1``; NaN propagates. No gradient.
+
+    Args:
+        x: the norm's input.
+        dims: the dims normalized together (one factor per group, shaped to broadcast over ``x``);
+            ``None``: one factor for the whole tensor (0-d).
+
+    Returns:
+        ``k`` as float32.
     """
     with torch.no_grad():
-        amax = x.detach().abs().amax().float()
+        a = x.detach().abs()
+        amax = (a.amax() if dims is None else a.amax(dims, keepdim=True)).float()
         return torch.exp2(-torch.ceil(torch.log2(amax / SAFE_AMAX))).clamp(max=1.0)
 
 
@@ -87,12 +106,17 @@ def _normalize(xs: Tensor, dims: tuple[int, ...], eps: float, cast: Cast) -> Ten
     return cast(d * rstd)
 
 
-def _scaled_input(x: Tensor, auto_scale: bool, cast: Cast) -> tuple[Tensor, Tensor | float]:
-    """Return the input as the op sees it (``cast(x)``, times ``k`` when scaling) and ``k``."""
+def _scaled_input(
+    x: Tensor, dims: tuple[int, ...], auto_scale: bool, cast: Cast
+) -> tuple[Tensor, Tensor | float]:
+    """Return the input as the op sees it (``cast(x)``, times ``k`` when scaling) and ``k``.
+
+    ``k`` is one factor per group normalized over ``dims`` (see the module docstring).
+    """
     x = cast(x)
     if not auto_scale:
         return x, 1.0
-    k = norm_input_scale(x).to(x.dtype)
+    k = norm_input_scale(x, dims).to(x.dtype)
     return cast(x * k), k
 
 
@@ -121,7 +145,7 @@ def fp16_layer_norm(
         weight: elementwise scale or ``None``.
         bias: elementwise shift or ``None``.
         eps: added to the variance (``eps * k^2`` when scaled).
-        auto_scale: multiply the input by :func:`norm_input_scale` first.
+        auto_scale: multiply the input by :func:`norm_input_scale` first (one factor per row).
         cast: applied to every intermediate; ``fake_cast`` simulates fp16, an identity gives the exact
             formula (used to verify the scaling in float64).
 
@@ -129,8 +153,9 @@ def fp16_layer_norm(
         The normalized tensor, shaped like ``x``.
     """
     ndim = 1 if isinstance(normalized_shape, int) else len(normalized_shape)
-    xs, k = _scaled_input(x, auto_scale, cast)
-    y = _normalize(xs, tuple(range(-ndim, 0)), eps * k * k, cast)
+    dims = tuple(range(-ndim, 0))
+    xs, k = _scaled_input(x, dims, auto_scale, cast)
+    y = _normalize(xs, dims, eps * k * k, cast)
     return _affine(y, weight, bias, cast)
 
 
@@ -145,11 +170,11 @@ def fp16_group_norm(
 ) -> Tensor:
     """``F.group_norm`` computed step by step in fp16; arguments as :func:`fp16_layer_norm`.
 
-    ``weight`` and ``bias`` are per channel (dim 1).
+    ``weight`` and ``bias`` are per channel (dim 1); the input factor is one per group of each sample.
     """
-    xs, k = _scaled_input(x, auto_scale, cast)
     n, c = x.shape[0], x.shape[1]
-    y = _normalize(xs.reshape(n, num_groups, -1), (-1,), eps * k * k, cast).reshape(x.shape)
+    xs, k = _scaled_input(x.reshape(n, num_groups, -1), (-1,), auto_scale, cast)
+    y = _normalize(xs, (-1,), eps * k * k, cast).reshape(x.shape)
     shape = (1, c) + (1,) * (x.dim() - 2)
     w = None if weight is None else weight.reshape(shape)
     b = None if bias is None else bias.reshape(shape)

@@ -99,6 +99,8 @@ class _FakeQuantizeFormula(torch.autograd.Function):
     ``qmin - 0.5 <= v < qmax + 0.5`` with ``aten.hardtanh_backward`` (one fused pass; its strict bounds are
     the float32 below ``qmin - 0.5`` and ``qmax + 0.5``; NaN is first mapped outside the range): no boolean
     mask is built in the forward. Saving ``x`` (float) instead of a mask is what ModelOpt does too.
+    A sparse COO gradient (``nn.Embedding(sparse=True)`` behind the table's node) stays sparse: the rule is
+    applied to its values only, at its indices (:func:`_sparse_backward`).
     """
 
     @staticmethod
@@ -114,6 +116,8 @@ class _FakeQuantizeFormula(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, None, None, None]:  # noqa: D102
         x, inv = ctx.saved_tensors
         lo, hi = ctx.bounds
+        if grad.is_sparse:
+            return _sparse_backward(grad, x, inv, lo, hi), None, None, None
         v = _times(x, inv)  # the gradient is float32: autograd casts it back to x's dtype
         if torch.compiler.is_compiling():
             return grad * _keep_mask(v, lo, hi), None, None, None
@@ -121,6 +125,28 @@ class _FakeQuantizeFormula(torch.autograd.Function):
         if grad.dtype != v.dtype or grad.shape != v.shape:
             return torch.ops.aten.hardtanh_backward(grad, v, lo, hi), None, None, None
         return torch.ops.aten.hardtanh_backward.grad_input(grad, v, lo, hi, grad_input=v), None, None, None
+
+
+def _sparse_backward(grad: Tensor, x: Tensor, inv: Tensor, lo: float, hi: float) -> Tensor:
+    """Apply the straight-through rule to a sparse COO ``grad``: its values, at its indices; still sparse.
+
+    Only the ``nnz`` entries the gradient holds are read from ``x`` (an embedding table's looked-up rows,
+    not the whole table); the result equals the dense rule applied to ``grad.to_dense()``, NaN handling
+    included. The gradient is coalesced first (duplicate indices summed, as ``to_dense`` would).
+
+    Args:
+        grad: sparse COO gradient shaped like ``x`` (sparse dims first, then dense dims).
+        x: the saved input.
+        inv: ``1 / scale``, broadcastable to ``x``.
+        lo: the float32 just below ``qmin - 0.5``.
+        hi: ``qmax + 0.5``.
+    """
+    grad = grad.coalesce()
+    where = tuple(grad.indices())
+    v = _times(x[where], inv.expand(x.shape)[where])  # (nnz, *dense dims)
+    v.nan_to_num_(nan=hi)
+    values = torch.ops.aten.hardtanh_backward(grad.values(), v, lo, hi)
+    return torch.sparse_coo_tensor(grad.indices(), values.to(grad.dtype), grad.shape, is_coalesced=True)
 
 
 def _keep_mask(v: Tensor, lo: float, hi: float) -> Tensor:

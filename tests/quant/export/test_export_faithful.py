@@ -109,6 +109,32 @@ def test_fp16_norm_is_exported_as_simulated(tmp_path, norm, scaling):
     assert len(_casts(result.path, TensorProto.FLOAT16)) > result.num_fp16_casts  # the steps, in fp16
 
 
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_fp16_norm_scaling_is_per_group_in_onnx_too(tmp_path, norm):
+    """Quiet rows / groups beside an outlier: the input factor is one per normalization group in fake
+    quant (an outlier's factor no longer flushes a quiet row's squares), and the export follows it."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 16, generator=g)
+    x[0] *= 0.003
+    x[1] *= 0.01
+    x[2, 0] = 1500.0
+    if norm == "layer":
+        net, ref = nn.LayerNorm(16), torch.nn.functional.layer_norm(x.double(), (16,), eps=1e-5)
+    else:
+        x = x.reshape(3, 16, 1)
+        net, ref = nn.GroupNorm(4, 16), torch.nn.functional.group_norm(x.double(), 4, eps=1e-5)
+    setter = ql.QconfigSetter(
+        reference_qconfig=ql.get_qconfig(), templates=[ql.ModuleNameTemplate({"": ql.float16})]
+    )
+    model = _prepared(net, [x], setter)
+    result = export_onnx(model, (x,), tmp_path / "n.onnx")
+    with torch.no_grad():
+        fq = model(x).double()
+    got = torch.from_numpy(_ort(result.path, x)).double()
+    assert torch.equal(got, fq)  # ONNX runs the fake-quant steps
+    assert float((fq - ref).abs().max()) < 5e-3  # every row right, the quiet ones included
+
+
 def test_exported_input_scale_is_exact_in_onnxruntime(tmp_path):
     """``k`` is a power of two chosen at ``max|x| / 64``; onnxruntime's Log / Div must not shift it."""
     from qat_lightning.quant.export.norms import export_input_scale
