@@ -8,6 +8,12 @@ model; when the check fails, ``compare_export_per_layer.txt`` too (onnxruntime v
 in graph order) and a warning naming the first point where they part. The example inputs are the first batch
 of ``dataloader``; under a multi-process strategy rank zero checks on the whole split, not its own shard.
 
+Half precision (``bf16-true``, ``16-true``; ``64-true`` too): the deployed QDQ model is float32 (the exporter
+and onnxruntime's QuantizeLinear work on float32 activations), so a float32 copy of the network is exported
+and checked, fed the loader's float32 batches; the trained network keeps its dtype. The copy holds the
+trained weights exactly (every bf16/fp16 value is a float32 value) and the same float32 scales; the check
+then compares onnxruntime with that float32 fake-quant model, which is what the chip runs.
+
 What is exported is the deployed model: every quant node as in VALIDATION. A node the user left in FLOAT
 state (fake quant off, a debugging state) is exported quantized, and the check compares against it
 quantized: a warning names those nodes (an op meant to run in float gets a float32 dtype in its qconfig).
@@ -15,12 +21,14 @@ quantized: a warning names those nodes (an op meant to run in float gets a float
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
@@ -122,6 +130,7 @@ class ExportOnnx(Callback):
         model = get_submodule(pl_module, self.submodule)
         require_prepared(model, "ExportOnnx", self.submodule)
         _warn_float_nodes(model)
+        model = _float32_network(model)
         loader = request_dataloader(trainer, pl_module, self.dataloader, whole=True)
         example = normalize_inputs((self.input_fn or default_input_fn)(first_batch(loader)))
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -161,6 +170,16 @@ def _explain_failure(
     rank_zero_warn(
         f"ONNX export check FAILED; first quant point where onnxruntime and fake quant part: {where}"
     )
+
+
+def _float32_network(model: torch.nn.Module) -> torch.nn.Module:
+    """Return ``model`` when its floating-point parameters are float32, else a float32 copy of it."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    if dtypes <= {torch.float32}:
+        return model
+    shown = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+    rank_zero_info(f"ExportOnnx: the network is {shown}; exporting and checking a float32 copy of it")
+    return copy.deepcopy(model).float()
 
 
 def _warn_float_nodes(model: Any) -> None:

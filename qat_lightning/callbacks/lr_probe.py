@@ -6,6 +6,13 @@ LR of ``lrs`` (no warmup, no decay), scores each, restores the model and optimiz
 candidates and after the probe, then sets the best LR on the optimizer (every parameter group scaled, the
 ratios between groups kept) and on its schedulers' base LRs, so the real run decays from the chosen LR.
 
+The candidates' steps train as the run's steps do (:mod:`~qat_lightning.callbacks._probe_steps`): through
+the strategy's training step, backward and optimizer step, so the precision plugin (autocast, the
+``16-mixed`` GradScaler, restored afterwards), ``gradient_clip_val`` / ``gradient_clip_algorithm`` and the
+backward / optimizer-step hooks apply; one probe step takes ``accumulate_grad_batches`` micro-batches; every
+module keeps the train/eval mode it has at the probe's start (BatchNorms frozen by
+``QuantizationAwareTraining(bn_mode="freeze_bn")`` stay frozen). Manual optimization is refused.
+
 Scoring: ``eval_fn(pl_module) -> float`` when given (``higher_is_better`` says its direction), else the
 mean loss of ``training_step`` over ``eval_batches`` validation batches (lower is better) with fake quant
 in VALIDATION state. ``self.log`` calls inside the probe's steps are dropped (the real run logs).
@@ -26,7 +33,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from qat_lightning.analysis.advice.lr import (
     DEFAULT_LRS,
@@ -36,21 +43,18 @@ from qat_lightning.analysis.advice.lr import (
     render_lr_probe,
 )
 from qat_lightning.callbacks._common import batch_transfer, get_submodule, request_dataloader, switch_states
+from qat_lightning.callbacks._probe_steps import (
+    ModuleModes,
+    PrecisionState,
+    loss_of,
+    probe_step,
+    refuse_manual_optimization,
+)
 from qat_lightning.callbacks.logging import log_scalars, log_text
+from qat_lightning.callbacks.qat import QuantizationAwareTraining
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState
 
 __all__ = ["QatLrProbe"]
-
-
-def _loss_of(output: Any) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, dict) and isinstance(output.get("loss"), torch.Tensor):
-        return output["loss"]
-    raise ValueError(
-        "QatLrProbe needs training_step to return the loss (a tensor or a dict with 'loss'); "
-        f"got {type(output).__name__}"
-    )
 
 
 @contextlib.contextmanager
@@ -116,18 +120,18 @@ class QatLrProbe(Callback):
         transfer = batch_transfer(trainer)
         model = get_submodule(pl_module, self.submodule)
         changed = switch_states(model, (FakeQuantState.QAT,), FakeQuantState.VALIDATION)
-        was_training = pl_module.training
+        modes = ModuleModes(pl_module)
         pl_module.eval()
         total, count = 0.0, 0
         try:
             with torch.no_grad(), trainer.precision_plugin.val_step_context():
                 for i, batch in enumerate(itertools.islice(loader, self.eval_batches)):
-                    total += float(_loss_of(pl_module.training_step(transfer(batch), i)))
+                    total += float(loss_of(pl_module.training_step(transfer(batch), i)))
                     count += 1
         finally:
             for node, state in changed:
                 node.state = state
-            pl_module.train(was_training)
+            modes.restore()
         return total / max(count, 1)
 
     def state_dict(self) -> dict[str, Any]:
@@ -164,12 +168,26 @@ class QatLrProbe(Callback):
             best = self.result.best_lr
             rank_zero_info(f"QatLrProbe: resumed fit; lr={best:g} was chosen before, not probed again")
             return
+        refuse_manual_optimization(pl_module)
+        self._warn_if_before_qat(trainer)
         self._probe(trainer, pl_module)
+
+    def _warn_if_before_qat(self, trainer: pl.Trainer) -> None:
+        """Warn when a QuantizationAwareTraining comes later: the probe would train before its setup."""
+        callbacks = list(trainer.callbacks)
+        later = callbacks[callbacks.index(self) + 1 :] if self in callbacks else []
+        if any(isinstance(c, QuantizationAwareTraining) for c in later):
+            rank_zero_warn(
+                "QatLrProbe is listed before QuantizationAwareTraining: its steps run before QAT state and "
+                "bn_mode are set, unlike the run's. List QatLrProbe after QuantizationAwareTraining"
+            )
 
     def _probe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Probe the LRs, restore the states, set the chosen LR; log the table."""
         optimizer = trainer.optimizers[0]
         start_opt = copy.deepcopy(optimizer.state_dict())
+        modes, precision = ModuleModes(pl_module), PrecisionState(trainer)
+        accumulate = max(1, int(trainer.accumulate_grad_batches))
         base = [float(g["lr"]) for g in optimizer.param_groups]
         first = base[0] or 1.0
         loader = request_dataloader(trainer, pl_module, "train")
@@ -183,20 +201,22 @@ class QatLrProbe(Callback):
 
         def train_steps(lr: float) -> pl.LightningModule:
             optimizer.load_state_dict(start_opt)
+            precision.restore()
             set_lr(lr)
-            pl_module.train()
-            batches = itertools.islice(itertools.cycle(loader), self.steps)
-            for i, batch in enumerate(batches):
-                optimizer.zero_grad()
-                with trainer.precision_plugin.train_step_context():
-                    loss = _loss_of(pl_module.training_step(transfer(batch), i))
-                loss.backward()
-                optimizer.step()
+            modes.restore()  # the run's modes (frozen BN stays frozen), not pl_module.train()
+            batches = enumerate(itertools.islice(itertools.cycle(loader), self.steps * accumulate))
+            for _ in range(self.steps):
+                micro = [(i, transfer(b)) for i, b in itertools.islice(batches, accumulate)]
+                probe_step(trainer, pl_module, optimizer, micro)
             return pl_module
 
         score = self.eval_fn or (lambda m: self._val_loss(trainer, m))
-        with _no_logging(pl_module):
-            result = probe_qat_lr(train_steps, score, self.lrs, pl_module, self.higher_is_better)
+        try:
+            with _no_logging(pl_module):
+                result = probe_qat_lr(train_steps, score, self.lrs, pl_module, self.higher_is_better)
+        finally:
+            modes.restore()
+            precision.restore()
         best = float(trainer.strategy.broadcast(result.best_lr, src=0))
         optimizer.load_state_dict(start_opt)
         chosen = set_lr(best)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack
-from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,17 +17,18 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from qat_lightning.callbacks import _qat_scales as scales_of
 from qat_lightning.callbacks._common import (
     broadcast_module_state,
     get_submodule,
     require_prepared,
     switch_states,
 )
-from qat_lightning.callbacks._scale_group import place_scale_group
+from qat_lightning.callbacks._scale_group import drop_params, place_learned_scales
 from qat_lightning.callbacks.logging import log_scalars
-from qat_lightning.quant import set_qat_scales
 from qat_lightning.quant.calibrate import require_calibrated
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState
 from qat_lightning.quant.nodes.frozen import frozen_parameters
@@ -62,12 +62,6 @@ def _schedulers(trainer: pl.Trainer) -> Iterator[Any]:
         yield config.scheduler
 
 
-def _unlearn_if_absent(mode: str, node: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
-    """Load hook: a checkpoint without this node's ``scale_param`` (another scale mode) loads as saved."""
-    if f"{prefix}scale_param" not in state_dict and node.scale_mode == "learned":
-        node.scale_mode = mode  # drops the parameter made in ``setup``: no missing key
-
-
 # ----------------------------------------------------------------------------------------------- callback
 class QuantizationAwareTraining(Callback):
     r"""QAT state while training; VALIDATION (frozen scales, no observer update) in val / test / predict.
@@ -82,9 +76,13 @@ class QuantizationAwareTraining(Callback):
     * refuses LR warmup (``check_lr``): the seed says QAT must align the decay with the float run but use no
       warmup; the error names the scheduler and why;
     * warns when the planned QAT steps exceed 20% of ``float_steps``;
-    * fixes scales (``fix_scales``): ``"input_output"`` pins the output scales of the model's input ops and
-      of its last ops, ``"all"`` pins every activation scale (weight scales keep following the weights).
-      The pinned flag is a buffer, so it survives checkpoints;
+    * applies ``scales`` to every activation node, whatever mode an earlier fit left it in:
+      ``"fixed_input_output"`` pins the output scales of the model's input ops and of its last ops (the
+      others move), ``"fixed"`` pins every activation scale (weight scales keep following the weights),
+      ``"moving"`` pins none; nodes with a fixed-scale observer (qconfig) stay pinned, and so do nodes
+      pinned by hand (``set_qat_scales``) or by an earlier fit (a warning names them). The pinned
+      flag is a buffer, so it survives checkpoints. The count is logged (``qat/fixed_scales``, or
+      ``qat/learned_scales``) as the nodes are after that;
     * with ``bn_mode="freeze_bn"``, keeps every BatchNorm in eval mode while training (frozen running
       statistics, the seed's "freeze BN trick"), re-applied after each validation.
 
@@ -99,7 +97,11 @@ class QuantizationAwareTraining(Callback):
             gradients like any other's; a checkpoint restored with ``ckpt_path`` reloads their values) and
             at ``on_fit_start`` takes them out of the groups ``configure_optimizers`` put them in: they get
             a parameter group of their own (the first optimizer's last, with its defaults), the same in a
-            first run and on resume, so the optimizer state fits (hyper-parameters included).
+            first run and on resume, so the optimizer state fits (hyper-parameters included). With several
+            optimizers a scale that ``configure_optimizers`` put in another one than the first stays there
+            (the user's choice); every scale ends in exactly one optimizer. A node left learned by an
+            earlier fit keeps its trained scale; the other modes put learned nodes back to moving in
+            ``setup`` (before the optimizers exist), from their trained scales.
         check_lr: refuse warmup schedulers.
         float_steps: optimizer steps of the float training (``None``: not checked).
         submodule: attribute path of the network inside the LightningModule.
@@ -108,7 +110,8 @@ class QuantizationAwareTraining(Callback):
 
     Raises:
         ValueError: at construction for an unknown option; at train start for a warmup scheduler or a bn_mode
-            the prepared model cannot honour; on resume when the checkpoint used other QAT settings.
+            the prepared model cannot honour; when a fit resumes a checkpoint of other QAT settings
+            (``validate`` / ``test`` / ``predict`` load it as saved: they train nothing).
         UncalibratedModelError: at train start for an uncalibrated model (unless ``strict=False``).
     """
 
@@ -145,6 +148,7 @@ class QuantizationAwareTraining(Callback):
         self._bn_saved: list[tuple[nn.Module, bool]] = []
         self._frozen = ExitStack()  # frozen_parameters around an evaluation loop (folds reused there)
         self._load_hooks: list[RemovableHandle] = []  # learned scales made in setup, until train start
+        self._stage: str | None = None  # the running trainer function (from setup)
 
     @property
     def state_key(self) -> str:
@@ -153,24 +157,28 @@ class QuantizationAwareTraining(Callback):
 
     # ---------------------------------------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Learned scales: create the ``scale_param`` parameters before DDP wraps the model.
+        """Fitting: make the learned scales before DDP wraps the model, or release the ones a fit left.
 
         DDP only averages the gradients of the parameters that exist when it wraps the model: made later,
         each rank would train its own scales. They start from the current scale (calibration, which runs
         later, updates them in place). A checkpoint restored without them (another scale mode) drops them
-        again, so it loads as saved and ``load_state_dict`` can name the mismatch.
+        again, so it loads as saved and ``load_state_dict`` can name the mismatch. The other modes put
+        nodes an earlier fit learned back to moving here, before ``configure_optimizers``.
         """
-        if stage != TrainerFn.FITTING or self.scales != "learned":
+        self._stage = stage
+        if stage != TrainerFn.FITTING:
             return
         self._drop_load_hooks()
-        nodes = [n for _, n in activation_nodes(self._model(pl_module)) if n.scale_mode != "learned"]
-        before = {id(n): n.scale_mode for n in nodes}
-        set_qat_scales(self._model(pl_module), "learned", nodes)
-        self._load_hooks = [
-            n.register_load_state_dict_pre_hook(partial(_unlearn_if_absent, before[id(n)]))
-            for n in nodes
-            if n.scale_mode == "learned"
-        ]
+        model = self._model(pl_module)
+        if self.scales == "learned":
+            self._load_hooks = scales_of.make_learned(model)
+            return
+        released = scales_of.release_scales(model)
+        if released:
+            rank_zero_info(
+                f"QuantizationAwareTraining(scales={self.scales!r}): {len(released)} scale(s) left learned "
+                f"by an earlier fit start moving from their trained values: {', '.join(released)}"
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Remove the load hooks of ``setup`` (a fit that never started training)."""
@@ -199,11 +207,10 @@ class QuantizationAwareTraining(Callback):
         if self.check_lr:
             self._refuse_warmup(trainer)
         self._check_steps(trainer)
-        count = self._fix_scales(model, trainer)
-        if self.scales == "learned":  # counted as they are now: a fixed-threshold node is never learned
-            count = sum(1 for _, n in activation_nodes(model) if n.scale_mode == "learned")
+        count = self._apply_scales(model, trainer)  # as the nodes are now: a fixed-threshold node stays
         if count:
-            rank_zero_info(f"QuantizationAwareTraining: {count} scale(s) {self.scales}")
+            kind = "learned" if self.scales == "learned" else "pinned"
+            rank_zero_info(f"QuantizationAwareTraining(scales={self.scales!r}): {count} scale(s) {kind}")
         switch_states(model, (FakeQuantState.VALIDATION, FakeQuantState.CALIBRATION), FakeQuantState.QAT)
         self._freeze_bn(model)
         tag = "qat/learned_scales" if self.scales == "learned" else "qat/fixed_scales"
@@ -271,7 +278,13 @@ class QuantizationAwareTraining(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Refuse to resume a QAT run made with other scale fixing or BN mode."""
+        """Refuse to resume a QAT run made with other scale fixing or BN mode (fitting only).
+
+        ``trainer.validate`` / ``test`` / ``predict`` with ``ckpt_path`` train nothing: the checkpoint's
+        model loads as saved, whatever QAT settings it was trained with.
+        """
+        if self._stage not in (None, TrainerFn.FITTING):
+            return
         for key in ("bn_mode", "fix_scales", "scales"):
             if key in state_dict and state_dict[key] != getattr(self, key):
                 raise ValueError(
@@ -312,34 +325,32 @@ class QuantizationAwareTraining(Callback):
                 "Watch the training loss and the evaluation results and stop earlier if they are flat"
             )
 
-    def _fix_scales(self, model: nn.Module, trainer: pl.Trainer) -> int:
-        if self.scales == "moving":
-            return 0
-        io = self.scales == "fixed_input_output"
-        nodes = [n for _, n in (io_quant_nodes(model) if io else activation_nodes(model))]
-        if self.scales == "learned":  # made in setup (or reloaded): normally none is left to make here
-            late = set_qat_scales(model, "learned", [n for n in nodes if n.scale_mode != "learned"])
-            if late and trainer.world_size > 1:
-                rank_zero_warn(
-                    f"QuantizationAwareTraining(scales='learned'): {len(late)} learned scale(s) were created "
-                    "at train start, after DDP wrapped the model (prepared or reloaded after this callback's "
-                    "setup): DDP does not average their gradients and each rank trains its own. List "
-                    "QuantizationAwareTraining after PrepareQuantization"
-                )
-            self._place_learned(trainer, model)  # their own group (late ones: the optimizer lacks them)
-        else:
-            set_qat_scales(model, "fixed" if io else self.scales, nodes)
-        return len(nodes)
+    def _apply_scales(self, model: nn.Module, trainer: pl.Trainer) -> int:
+        """Apply ``scales`` to every activation node; return the count as logged (learned or pinned)."""
+        released, late = scales_of.apply_scales(model, self.scales)
+        drop_params(trainer.optimizers, released)  # made learned after setup: no optimizer keeps them
+        if late and trainer.world_size > 1:
+            rank_zero_warn(
+                f"QuantizationAwareTraining(scales='learned'): {len(late)} learned scale(s) were created "
+                "at train start, after DDP wrapped the model (prepared or reloaded after this callback's "
+                "setup): DDP does not average their gradients and each rank trains its own. List "
+                "QuantizationAwareTraining after PrepareQuantization"
+            )
+        self._place_learned(trainer, model)  # their own group (late ones: the optimizer lacks them)
+        if (kept := scales_of.kept_pins_message(model, self.scales)) is not None:
+            rank_zero_warn(kept)  # hand pins (or an earlier fit's) stay: releasing would undo them silently
+        return scales_of.count_scales(model, self.scales)
 
     def _place_learned(self, trainer: pl.Trainer, model: nn.Module) -> None:
-        """Give the learned scales their own (last) group of the first optimizer, as the first run did."""
+        """Give each learned scale one optimizer: the first's scale group unless the user chose another."""
         if self.scales != "learned":
             return
         params = [n.scale_param for _, n in activation_nodes(model) if n.scale_mode == "learned"]
-        if params and not trainer.optimizers:
+        optimizers: list[Optimizer] = list(trainer.optimizers)
+        if params and not optimizers:
             rank_zero_warn("QuantizationAwareTraining(scales='learned'): no optimizer trains the scales")
         elif params:
-            place_scale_group(trainer.optimizers[0], params)
+            place_learned_scales(optimizers, params)
 
     def _drop_load_hooks(self) -> None:
         for handle in self._load_hooks:
