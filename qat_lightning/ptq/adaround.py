@@ -30,6 +30,12 @@ from qat_lightning.analysis.inputs import InputFn
 from qat_lightning.ptq.capture import calibration_batches, record, run_all
 from qat_lightning.ptq.gemm_view import GemmView, calibrated_views
 from qat_lightning.quant import FakeQuantState
+from qat_lightning.quant.checks import (
+    require_count,
+    require_finite,
+    require_number_in,
+    require_positive_finite,
+)
 
 __all__ = ["AdaRoundConfig", "AdaRoundRow", "AdaRoundResult", "adaround", "rounding_error"]
 
@@ -59,14 +65,13 @@ class AdaRoundConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        who = "AdaRoundConfig"
         for key in ("iterations", "batch_size", "max_samples"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"AdaRound {key} must be a positive int, got {getattr(self, key)!r}")
-        if not self.reg_weight >= 0.0 or not self.lr > 0.0 or not 0.0 <= self.warmup < 1.0:
-            raise ValueError(
-                f"AdaRound needs reg_weight >= 0, lr > 0 and 0 <= warmup < 1; got "
-                f"reg_weight={self.reg_weight}, lr={self.lr}, warmup={self.warmup}"
-            )
+            require_count(key, getattr(self, key), who)
+        require_count("seed", self.seed, who, minimum=0)
+        require_finite("reg_weight", self.reg_weight, who)
+        require_positive_finite("lr", self.lr, who)
+        require_number_in("warmup", self.warmup, who, low=0.0, high=1.0, include_low=True, include_high=False)
 
 
 @dataclass(frozen=True)
@@ -192,9 +197,13 @@ def adaround(
         Per op: the output error with nearest and learned rounding and which one was kept.
 
     Raises:
+        TypeError: ``model`` is not a module, ``config`` not an :class:`AdaRoundConfig`, ``num_batches`` not
+            an int.
         ValueError: for an uncalibrated model, a model in CALIBRATION state, bad ``num_batches`` or no batch.
     """
-    cfg = config or AdaRoundConfig()
+    cfg = AdaRoundConfig() if config is None else config
+    if not isinstance(cfg, AdaRoundConfig):
+        raise TypeError(f"adaround: config must be an AdaRoundConfig or None, got {type(cfg).__name__}")
     views, skipped = calibrated_views(model, "adaround")
     batches = calibration_batches(dataloader, num_batches, input_fn, "adaround")
     for view in views:

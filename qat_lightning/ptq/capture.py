@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from qat_lightning.analysis.inputs import InputFn, ModelInputs, call_model, iter_batches
+from qat_lightning.quant.checks import require_count
 
 __all__ = ["calibration_batches", "channel_sum", "eval_mode", "record", "run_all"]
 
@@ -20,10 +21,10 @@ def calibration_batches(
     """Return the first ``num_batches`` batches as model inputs (kept: the algorithms re-read them).
 
     Raises:
+        TypeError: for a ``num_batches`` that is not an int (``1.5``, ``"2"``, ``True``).
         ValueError: for a non-positive ``num_batches`` or an empty ``dataloader``.
     """
-    if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) < 1):
-        raise ValueError(f"{who}: num_batches must be a positive int or None (all), got {num_batches!r}")
+    require_count("num_batches", num_batches, who, allow_none=True)
     batches = list(iter_batches(dataloader, num_batches, input_fn))
     if not batches:
         raise ValueError(f"{who}: the dataloader gave no batch; it needs calibration batches")

@@ -30,6 +30,7 @@ from qat_lightning.ptq.capture import calibration_batches, run_all
 from qat_lightning.ptq.equalize_groups import FINDERS, ScaleGroup, find_groups
 from qat_lightning.ptq.equalize_probe import probe_error, record_nodes
 from qat_lightning.quant import iter_fake_quantize, parse_dtype
+from qat_lightning.quant.checks import require_count, require_module
 
 __all__ = ["DEFAULT_ALPHAS", "EQUALIZE_KINDS", "EqualizedGroup", "EqualizationResult", "equalize"]
 
@@ -81,10 +82,9 @@ def _check_args(kinds: Sequence[str], alphas: Sequence[float], cle_rounds: int, 
         raise ValueError(
             f"equalize: alphas must be a non-empty list of values in [0, 1], got {list(alphas)!r}"
         )
-    if isinstance(cle_rounds, bool) or int(cle_rounds) < 1 or not tolerance > 0.0:
-        raise ValueError(
-            f"equalize: cle_rounds must be >= 1 and tolerance > 0, got {cle_rounds}, {tolerance}"
-        )
+    require_count("cle_rounds", cle_rounds, "equalize")
+    if not tolerance > 0.0:
+        raise ValueError(f"equalize: tolerance must be > 0, got {tolerance}")
 
 
 def _reshape(s: Tensor, p: Tensor, dim: int) -> Tensor:
@@ -209,6 +209,7 @@ def _cross_layer(
 
 
 def _trace(float_model: nn.Module) -> fx.GraphModule:
+    require_module(float_model, "equalize", "float_model")
     if any(True for _ in iter_fake_quantize(float_model)):
         raise ValueError(
             "equalize: the model is already prepared; equalize the float model before ql.prepare"

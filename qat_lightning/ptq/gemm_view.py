@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from qat_lightning.ptq.float_record import mark_written, remember, restore
 from qat_lightning.quant import FakeQuantize, FakeQuantState, iter_fake_quantize, iter_quant_ops
+from qat_lightning.quant.checks import require_module
 
 __all__ = ["GemmView", "calibrated_views", "gemm_views"]
 
@@ -170,9 +171,11 @@ def calibrated_views(model: nn.Module, who: str) -> tuple[list[GemmView], tuple[
     """Return the :class:`GemmView` s of a calibrated model, and the weighted ops skipped with the reason.
 
     Raises:
+        TypeError: when ``model`` is not a module.
         ValueError: when the model has no conv / linear op, a node is still in CALIBRATION state (running
             it would change its statistics) or a quant node of a gemm op has no calibrated scale yet.
     """
+    require_module(model, who, "model")
     views: list[GemmView] = []
     skipped: list[tuple[str, str]] = []
     for item in gemm_views(model):

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from qat_lightning.quant.checks import require_count, require_module
 from qat_lightning.quant.drift import BN_SHIFT_LIMIT, DataDrift, DataDriftMeter
 from qat_lightning.quant.inputs import InputFn, call_model, default_input_fn, normalize_inputs
 from qat_lightning.quant.nodes.fake_quantize import (
@@ -35,6 +36,7 @@ from qat_lightning.quant.nodes.fake_quantize import (
 __all__ = [
     "BN_SHIFT_LIMIT",
     "CALIBRATED_FLAG",
+    "CalibrationError",
     "DataDrift",
     "DataDriftMeter",
     "EXTREME_RANGE",
@@ -45,6 +47,7 @@ __all__ = [
     "preserved_modes",
     "reduce_observer_statistics",
     "require_calibrated",
+    "restored_on_error",
     "uncalibrated_nodes",
     "warn_extreme_ranges",
 ]
@@ -55,6 +58,10 @@ CALIBRATED_FLAG = "qat_calibrated"
 
 class UncalibratedModelError(RuntimeError):
     """QAT or analysis was asked to run on a prepared model whose quant nodes never saw calibration data."""
+
+
+class CalibrationError(RuntimeError):
+    """A calibration batch failed to load or to run; the model was restored, the cause is chained."""
 
 
 # ----------------------------------------------------------------------------------------------- the flag
@@ -177,11 +184,110 @@ def preserved_modes(model: nn.Module) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------------------------- calibrate
+_NODE_MIRRORS = ("_dirty", "_scale_known", "_warn_default", "_batches_before")
+"""A node's python mirrors of its buffers that a calibration forward or a state change moves."""
+
+_ABSENT = object()
+
+
+@contextmanager
+def restored_on_error(nodes: list[FakeQuantize]) -> Iterator[None]:
+    """Put every node's buffers, parameters and python mirrors back as they were when the body raises.
+
+    The snapshot holds the quant nodes' own tensors only (observer statistics, scales, flags): no model
+    weights. BatchNorm statistics need none: calibration runs in eval mode, which never moves them.
+    """
+    saved = [
+        (
+            node,
+            {k: v.detach().clone() for k, v in (*node.named_buffers(), *node.named_parameters())},
+            {k: node.__dict__.get(k, _ABSENT) for k in _NODE_MIRRORS},
+        )
+        for node in nodes
+    ]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for node, tensors, mirrors in saved:
+                current = dict((*node.named_buffers(), *node.named_parameters()))
+                for key, value in tensors.items():
+                    current[key].copy_(value)
+                for key, value in mirrors.items():
+                    if value is _ABSENT:
+                        node.__dict__.pop(key, None)
+                    else:
+                        node.__dict__[key] = value
+        raise
+
+
 def _planned(batches: Iterable[Any], num_batches: int | None) -> int | None:
     try:
         return len(batches) if num_batches is None else num_batches  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def _feed(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None,
+    fn: InputFn,
+    transfer: Callable[[Any], Any] | None,
+    progress: bool,
+) -> int:
+    """Run the batches through ``model``; return how many ran.
+
+    Raises:
+        CalibrationError: naming the (0-based) batch that failed to load or to run; the cause is chained.
+    """
+    seen = 0
+    planned = _planned(batches, num_batches)
+    try:
+        for batch in tqdm(
+            islice(batches, num_batches), total=planned, desc="Calibration", disable=not progress
+        ):
+            if transfer is not None:
+                batch = transfer(batch)
+            call_model(model, normalize_inputs(fn(batch)))
+            seen += 1
+    except Exception as error:
+        raise CalibrationError(
+            f"calibration failed at batch {seen} (0-based; {seen} batch(es) ran before it): "
+            f"{type(error).__name__}: {error}. The quant nodes' statistics, scales and states were restored "
+            "to what they were before calibrate()"
+        ) from error
+    return seen
+
+
+def _check_finite(nodes: list[FakeQuantize]) -> None:
+    """Raise when an observer that does not ignore NaN/inf saw some (its message names the node)."""
+    for node in nodes:
+        try:
+            node.observer.check_finite()
+        except ValueError as error:
+            raise ValueError(
+                f"{error}. The quant nodes' statistics, scales and states were restored to what they were "
+                "before calibrate()"
+            ) from error
+
+
+def _check_arguments(model: nn.Module, batches: Iterable[Any], num_batches: int | None) -> list[FakeQuantize]:
+    """Validate calibrate's arguments before anything runs; return the model's quant nodes."""
+    require_module(model, "calibrate", "model")
+    require_count("num_batches", num_batches, "calibrate", allow_none=True)
+    if not isinstance(batches, Iterable):
+        raise TypeError(
+            "calibrate: batches must be an iterable of batches (a DataLoader, a list), "
+            f"got {type(batches).__name__}"
+        )
+    nodes = [node for _, node in iter_fake_quantize(model)]
+    if not nodes:
+        raise ValueError(
+            f"calibrate: {type(_network(model)).__name__} has no quant node (FakeQuantize) to calibrate; "
+            "prepare it first: qat_model = qat_lightning.prepare(model, example_inputs=...)"
+        )
+    return nodes
 
 
 def calibrate(
@@ -194,8 +300,10 @@ def calibrate(
 ) -> int:
     """Run ``model`` forward-only in CALIBRATION state (eval mode, no grad), then leave it in VALIDATION.
 
-    Sets the model's ``qat_calibrated`` flag. The training flags of every submodule are restored afterwards;
-    on an error (an empty loader included) the quant states are too and the flag stays as it was.
+    Sets the model's ``qat_calibrated`` flag. The training flags of every submodule are restored afterwards.
+    On an error (a batch that fails to load or to run, NaN/inf data, an empty loader) every quant node's
+    statistics, scale, flags and state are put back as they were and the calibrated flag stays as it was:
+    the model is bit-identical to before the call.
 
     Args:
         model: a prepared network.
@@ -209,30 +317,25 @@ def calibrate(
         The number of batches actually used.
 
     Raises:
-        ValueError: for a non-positive ``num_batches`` or when ``batches`` yields no batch (an uncalibrated
-            model is never marked calibrated).
+        TypeError: ``model`` is not a module, ``batches`` not iterable, ``num_batches`` not an int.
+        ValueError: for a non-positive ``num_batches``, a model without quant nodes (not prepared), NaN/inf
+            seen by an observer that does not ignore them, or when ``batches`` yields no batch (an
+            uncalibrated model is never marked calibrated).
+        CalibrationError: a batch failed to load or to run (the message names it; the cause is chained).
     """
-    if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) < 1):
-        raise ValueError(f"num_batches must be a positive int or None (all batches), got {num_batches!r}")
+    nodes = _check_arguments(model, batches, num_batches)
     fn = input_fn or default_input_fn
-    seen = 0
-    with preserved_modes(model):
+    with preserved_modes(model), restored_on_error(nodes):
         model.eval()
         set_fake_quantize(model, FakeQuantState.CALIBRATION)
         with torch.no_grad():
-            planned = _planned(batches, num_batches)
-            for batch in tqdm(
-                islice(batches, num_batches), total=planned, desc="Calibration", disable=not progress
-            ):
-                if transfer is not None:
-                    batch = transfer(batch)
-                call_model(model, normalize_inputs(fn(batch)))
-                seen += 1
+            seen = _feed(model, batches, num_batches, fn, transfer, progress)
         if seen == 0:
             raise ValueError(
                 "calibration got no batch: the calibration loader is empty (check the dataset, the sampler "
                 "and drop_last); the model was not marked calibrated"
             )
+        _check_finite(nodes)
     set_fake_quantize(model, FakeQuantState.VALIDATION)
     ensure_calibrated_flag(model).fill_(True)
     warn_extreme_ranges(model)

@@ -17,7 +17,7 @@ from tests.test_cli import cli
         ("calibration=percentile", None),
         ("calibration.num_batches=0", "calibration.num_batches=0: must be an int >= 1"),
         ("target.ratio_of_float=2.0", "target.ratio_of_float=2.0: must be a share in (0, 1]"),
-        ("+recipe.module_names.conv={threshold:-1}", "threshold must be a finite number >= 0, got -1"),
+        ("+recipe.module_names.conv={threshold:-1}", "threshold must be a finite number > 0, got -1"),
         ("+recipe.module_names.conv={dtype:qint12}", "unknown quantization dtype 'qint12'; allowed: qint8"),
         ("prepare.submodule=''", "prepare.submodule='': must be an attribute path"),
         ("sanity.steps=0", "sanity.steps=0: must be an int >= 1"),

@@ -82,7 +82,7 @@ def test_folded_conv_bn_weight_lands_on_the_grid() -> None:
 def test_bad_config_and_uncalibrated_model_are_refused() -> None:
     with pytest.raises(ValueError, match="iterations"):
         AdaRoundConfig(iterations=0)
-    with pytest.raises(ValueError, match="reg_weight"):
+    with pytest.raises(ValueError, match="lr must be a finite number > 0"):
         AdaRoundConfig(lr=0.0)
     xs = _data()
     qm = ql.prepare(_Net().eval(), example_inputs=xs[0])

@@ -97,3 +97,54 @@ def test_learned_scales_compile_fullgraph() -> None:
     param.grad = None
     fq(x).square().sum().backward()
     torch.testing.assert_close(g_compiled, param.grad, rtol=1e-5, atol=0)
+
+
+def _prepared_model() -> torch.nn.Module:
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    model = ql.prepare(net.eval(), example_inputs=torch.randn(2, 4))
+    ql.calibrate(model, [torch.randn(8, 4) for _ in range(2)])
+    return model
+
+
+def _modes(model: torch.nn.Module) -> dict[str, str]:
+    return {name: node.scale_mode for name, node in ql.iter_fake_quantize(model)}
+
+
+def test_a_bad_item_in_nodes_is_refused_before_any_node_changes() -> None:
+    model = _prepared_model()
+    nodes = [node for _, node in ql.iter_fake_quantize(model) if node.ch_axis is None]
+    before = _modes(model)
+    with pytest.raises(TypeError, match=r"nodes\[\d+\].*FakeQuantize.*qualified name.*got int"):
+        ql.set_qat_scales(model, "fixed", nodes=[*nodes, 3])
+    with pytest.raises(ValueError, match="'head.output_quant' is not a quant node of the module; known:"):
+        ql.set_qat_scales(model, "fixed", nodes=[*nodes, "head.output_quant"])
+    foreign = calibrated(torch.randn(10))
+    with pytest.raises(ValueError, match="not a quant node of the module"):
+        ql.set_qat_scales(model, "learned", nodes=[*nodes, foreign])
+    assert foreign.scale_mode == "moving" and _modes(model) == before
+
+
+def test_learned_on_a_weight_node_is_refused_before_any_node_changes() -> None:
+    model = _prepared_model()
+    names = [name for name, _ in ql.iter_fake_quantize(model)]
+    weight = next(n for n in names if n.endswith("weight_quant"))
+    before = _modes(model)
+    with pytest.raises(ValueError, match=rf"learned.*per-tensor integer.*{weight}"):
+        ql.set_qat_scales(model, "learned", nodes=names)
+    assert _modes(model) == before
+
+
+def test_nodes_may_be_given_by_qualified_name_once_each() -> None:
+    model = _prepared_model()
+    names = [n for n, node in ql.iter_fake_quantize(model) if node.ch_axis is None and node.dtype.is_integer]
+    params = ql.set_qat_scales(model, "learned", nodes=[names[0], names[0], names[1]])
+    nodes = dict(ql.iter_fake_quantize(model))
+    assert [p is nodes[n].scale_param for p, n in zip(params, names[:2], strict=True)] == [True, True]
+    assert {n for n, mode in _modes(model).items() if mode == "learned"} == set(names[:2])
+    (param,) = ql.set_qat_scales(model, "learned", nodes=names[2])  # one name alone
+    assert param is nodes[names[2]].scale_param
+
+
+def test_module_must_be_a_module() -> None:
+    with pytest.raises(TypeError, match="set_qat_scales: expected an nn.Module"):
+        ql.set_qat_scales("model", "fixed")  # type: ignore[arg-type]

@@ -40,8 +40,8 @@ def test_is_hashable_and_hash_agrees_with_equality() -> None:
     assert a != c
     assert len({a, b, c, QConfig(), QConfig()}) == 3
     assert {QConfig(input_dtype=("qint16", None)): 1}[QConfig(input_dtype=(qint16, None))] == 1
-    fixed = QConfig(observer_kwargs={"bins": 512, "extra": [1, 2]})
-    assert hash(fixed) == hash(QConfig(observer_kwargs={"extra": [1, 2], "bins": 512}))
+    fixed = QConfig(observer_kwargs={"bins": 512, "max_samples": 8192})  # unknown options are refused now
+    assert hash(fixed) == hash(QConfig(observer_kwargs={"max_samples": 8192, "bins": 512}))
 
 
 def test_dtypes_parsed_from_strings() -> None:
@@ -199,3 +199,44 @@ def test_ignore_nonfinite_reaches_the_observer_through_get_qconfig() -> None:
     plain.observer(torch.tensor([1.0, float("nan")]))  # counted on the device, no host sync in the forward
     with pytest.raises(ValueError, match="ignore_nonfinite"):
         plain.observer.check_finite()
+
+
+# ---------------------------------------------------------------------------------- checked on arrival
+@pytest.mark.parametrize("scale", [0.0, -0.0, float("inf"), float("nan")])
+def test_fixed_scale_must_be_positive_and_finite(scale: float) -> None:
+    with pytest.raises(ValueError, match="fixed_scale must be a finite number > 0"):
+        get_qconfig(fixed_scale=scale)
+
+
+@pytest.mark.parametrize("threshold", [0.0, float("inf"), float("nan")])
+def test_threshold_must_be_positive_and_finite(threshold: float) -> None:
+    with pytest.raises(ValueError, match="fixed_threshold must be a finite number > 0"):
+        get_qconfig(threshold=threshold)
+    with pytest.raises(ValueError, match="'fc': threshold must be a finite number > 0"):
+        ql.ModuleNameTemplate({"fc": {"threshold": threshold}})
+    with pytest.raises(TypeError, match="fixed_threshold must be a finite number > 0"):
+        QConfig(fixed_threshold="10")  # type: ignore[arg-type]
+
+
+def test_zero_fixed_scale_in_a_template_is_refused() -> None:
+    with pytest.raises(ValueError, match="'fc': fixed_scale must be a finite number > 0"):
+        ql.ModuleNameTemplate({"fc": {"dtype": "qint8", "fixed_scale": 0.0}})
+
+
+def test_unknown_observer_kwargs_are_refused_where_they_arrive() -> None:
+    with pytest.raises(
+        ValueError, match=r"percentil.*observer 'mse'.*allowed: bins, max_samples.*ignore_nonfinite"
+    ):
+        get_qconfig(percentil=99.9)
+    with pytest.raises(ValueError, match=r"foo.*allowed"):
+        QConfig(observer_kwargs={"foo": 1})
+    with pytest.raises(ValueError, match="percentile must be a number in"):
+        get_qconfig(observer="percentile", percentile=200)
+    with pytest.raises(ValueError, match="averaging_constant"):
+        QConfig().replace(observer_kwargs={"averaging_constant": 0.5})  # a moving_minmax option
+    with pytest.raises(TypeError, match="observer_kwargs must be a mapping"):
+        QConfig(observer_kwargs=[("bins", 512)])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"observer_kwargs\['ignore_nonfinite'\] must be True or False"):
+        get_qconfig(ignore_nonfinite="no")
+    assert get_qconfig(observer="percentile", percentile=99.9, bins=512).observer_kwargs["bins"] == 512
+    assert get_qconfig(observer="moving_minmax", averaging_constant=0.5, ignore_nonfinite=True)

@@ -78,9 +78,9 @@ def test_module_name_template_validation() -> None:
         ModuleNameTemplate({"x": {"dtype": qint8, "threshold": 1.0, "fixed_scale": 0.1}})
     with pytest.raises(ValueError, match="needs an integer 'dtype'"):
         ModuleNameTemplate({"x": {"fixed_scale": 0.1}})
-    with pytest.raises(ValueError, match="finite number >= 0"):
+    with pytest.raises(ValueError, match="finite number > 0"):
         ModuleNameTemplate({"x": {"threshold": -1.0}})
-    with pytest.raises(ValueError, match="finite number >= 0"):
+    with pytest.raises(ValueError, match="finite number > 0"):
         ModuleNameTemplate({"x": {"threshold": "200"}})
     with pytest.raises(ValueError, match="unknown observer"):
         ModuleNameTemplate({"x": {"observer": "magic"}})

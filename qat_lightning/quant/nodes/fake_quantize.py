@@ -20,9 +20,9 @@ Device-neutral: no forward reads a tensor back to the host; moving average, firs
 cases are tensor ops, so a GPU step never syncs and ``torch.compile(fullgraph=True)`` / ``torch.export``
 trace it. Once a scale exists (a python mirror of ``scale_ready``, set outside the forward), the QAT
 quantize does not depend on the batch range (the opt-in ``cpu_kernels`` backend runs that whole QAT step in
-C in eager mode). Scales come from the observer
-statistics outside the forward, once it has seen new batches in ``CALIBRATION`` (on leaving it, ``.scale``,
-``state_dict``), and on a dtype change. Half precision: float32 math, returned in its own dtype.
+C in eager mode). Scales come from the observer statistics outside the forward, once it has seen new
+batches in ``CALIBRATION`` (on leaving it, ``.scale``, ``state_dict``), and on a dtype change. Half
+precision: float32 math, returned in its own dtype.
 
 Checkpointed state is in buffers of shapes fixed at construction: ``scale``, ``dtype_code`` (a changed dtype
 is restored), ``scale_fixed``, ``scale_ready``, the observer's statistics (+ ``scale_param`` if learned).
@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qat_lightning.quant.checks import require_bool, require_module, require_number_in
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype
 from qat_lightning.quant.nodes.fake_cast import FakeCast
 from qat_lightning.quant.nodes.functional import fake_cast, lsq_quantize, quantize_tensor
@@ -45,10 +46,8 @@ from qat_lightning.quant.nodes.switches import FakeCastSwitch, GlobalFakeQuantSw
 from qat_lightning.quant.observers import DEFAULT_SCALE, SCALE_EPS, Observer, make_observer
 from qat_lightning.quant.observers.base import apply_keeping_float32
 
-__all__ = [
-    "SCALE_MODES", "FakeQuantState", "FakeQuantize", "FakeCast", "set_fake_quantize", "fake_quant_state",
-    "fake_quant_disabled", "iter_fake_quantize",
-]  # fmt: skip
+__all__ = ["SCALE_MODES", "FakeQuantState", "FakeQuantize", "FakeCast", "set_fake_quantize",
+           "fake_quant_state", "fake_quant_disabled", "iter_fake_quantize"]  # fmt: skip
 
 _OBSERVING_BACKEND_HOOK: list[Callable[[FakeQuantize, Tensor], Tensor | None]] = []
 """The selected opt-in backend's QAT step of a per-tensor node with a scale (see ``quant.backends``)."""
@@ -69,7 +68,7 @@ class FakeQuantize(nn.Module):
             ``threshold`` for ``observer="fixed"``, ...).
         qat_averaging_constant: weight of a new batch in the QAT moving average of activation scales,
             in (0, 1].
-        ignore_nonfinite: skip NaN/inf during calibration instead of raising.
+        ignore_nonfinite: skip NaN/inf during calibration instead of raising (a bool; else TypeError).
         name: op name used in messages (set by ``prepare``).
     """
 
@@ -85,8 +84,9 @@ class FakeQuantize(nn.Module):
         name: str = "",
     ) -> None:
         super().__init__()
-        if not 0.0 < qat_averaging_constant <= 1.0:
-            raise ValueError(f"qat_averaging_constant must be in (0, 1], got {qat_averaging_constant}")
+        who = f"FakeQuantize {name!r}"
+        require_number_in("qat_averaging_constant", qat_averaging_constant, who, low=0, high=1)
+        require_bool("ignore_nonfinite", ignore_nonfinite, who)  # a string such as "no" is not False
         self.observer: Observer = make_observer(
             observer,
             ch_axis=ch_axis,
@@ -373,10 +373,10 @@ def set_fake_quantize(module: nn.Module, state: FakeQuantState | str) -> None:
     """Put every quant node in ``module`` into ``state``: ``QAT``, ``CALIBRATION``, ``VALIDATION``, ``FLOAT``.
 
     Raises:
-        ValueError: for an unknown state, before anything is changed.
+        TypeError: ``module`` is not a module. ValueError: for an unknown state; both before any change.
     """
     target = FakeQuantState.parse(state)
-    for _, node in iter_fake_quantize(module):
+    for _, node in iter_fake_quantize(require_module(module, "set_fake_quantize")):
         node.state = target
 
 
@@ -384,7 +384,7 @@ def set_fake_quantize(module: nn.Module, state: FakeQuantState | str) -> None:
 def fake_quant_state(module: nn.Module, state: FakeQuantState | str) -> Iterator[nn.Module]:
     """Temporarily put every quant node of ``module`` into ``state``; always restore each node's own state."""
     target = FakeQuantState.parse(state)
-    saved = [(node, node.state) for _, node in iter_fake_quantize(module)]
+    saved = [(node, node.state) for _, node in iter_fake_quantize(require_module(module, "fake_quant_state"))]
     try:
         for node, _ in saved:
             node.state = target

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.ao.nn.intrinsic import _FusedModule
 
+from qat_lightning.quant.checks import require_module
 from qat_lightning.quant.ops import OpInfo, OpKind
 from qat_lightning.quant.preparation.build import OpPlan
 from qat_lightning.quant.preparation.fusion import fused_type_name
@@ -140,18 +141,44 @@ def fused_plan(
     )
 
 
+def _module(model: nn.Module, path: str, group: Sequence[str]) -> nn.Module:
+    """Return the submodule at ``path``; a path that names none is a ValueError listing what is there."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        parent, reached = model, []
+        for part in path.split(".")[:-1]:  # the deepest module the path does reach
+            if part not in parent._modules:
+                break
+            parent, reached = parent._modules[part], [*reached, part]
+        where = ".".join(reached) or type(model).__name__
+        raise ValueError(
+            f"fuse group {list(group)}: {path!r} names no module; children of {where}: "
+            f"{', '.join(parent._modules) or 'none'}"
+        ) from None
+
+
 def _check_group(model: nn.Module, group: Sequence[str]) -> tuple[str, str | None, bool, str | None]:
+    if isinstance(group, str):
+        raise ValueError(
+            f"fuse_modules: groups must be a list of groups (lists of module paths), got a group of str "
+            f"{group!r}; e.g. [[{group!r}, ...]]"
+        )
     names = list(group)
-    if not names or not isinstance(names[0], str):
+    if not names or not all(isinstance(n, str) for n in names):
         raise ValueError(f"a fuse group is a list of module paths starting with a conv/linear, got {group!r}")
-    gemm = model.get_submodule(names[0])
+    gemm = _module(model, names[0], names)
     if not (isinstance(gemm, CONV_TYPES) or type(gemm) is nn.Linear):
         raise ValueError(
             f"fuse group {names}: {names[0]} must be a Conv1d/2d/3d or Linear, got {type(gemm).__name__}"
         )
     rest = names[1:]
     bn_path = None
-    if rest and rest[0] != _ADD and isinstance(model.get_submodule(rest[0]), nn.modules.batchnorm._BatchNorm):
+    if (
+        rest
+        and rest[0] != _ADD
+        and isinstance(_module(model, rest[0], names), nn.modules.batchnorm._BatchNorm)
+    ):
         bn_path = rest.pop(0)
     if bn_path is not None:
         bn_type = BN_FOR_CONV[type(gemm) if type(gemm) in BN_FOR_CONV else nn.Linear]
@@ -165,7 +192,7 @@ def _check_group(model: nn.Module, group: Sequence[str]) -> tuple[str, str | Non
                 f"fuse group {names}: a residual add is fused after a BatchNorm only (as in fx mode)"
             )
     relu_path = rest.pop(0) if rest else None
-    if relu_path is not None and not isinstance(model.get_submodule(relu_path), nn.ReLU):
+    if relu_path is not None and not isinstance(_module(model, relu_path, names), nn.ReLU):
         raise ValueError(f"fuse group {names}: {relu_path} must be an nn.ReLU")
     if rest or (bn_path is None and relu_path is None):
         raise ValueError(
@@ -192,9 +219,11 @@ def fuse_modules(model: nn.Module, groups: Sequence[Sequence[str]]) -> nn.Module
         ``model``.
 
     Raises:
-        ValueError: a group of another form, a wrong module type, or a path used twice.
-        AttributeError: a path that names no module.
+        TypeError: ``model`` is not a module.
+        ValueError: a group of another form, a path that names no module (the message lists the children
+            where it stops), a wrong module type, or a path used twice; all before any change.
     """
+    require_module(model, "fuse_modules", "model")
     checked = [_check_group(model, g) for g in groups]
     paths = [p for c in checked for p in (c[0], c[1], c[3]) if p is not None]
     if len(set(paths)) != len(paths):

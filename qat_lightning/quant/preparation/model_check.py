@@ -33,6 +33,7 @@ from collections.abc import Iterable, Mapping
 from torch import nn
 
 from qat_lightning.chips import ChipSpec, get_chip
+from qat_lightning.quant.checks import require_module
 from qat_lightning.quant.dtypes import DTYPES, QuantDtype, float32
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.ops import OpInfo, OpKind, PrepareRecord, iter_quant_ops, quant_nodes_of
@@ -279,9 +280,11 @@ def check_model(prepared: nn.Module, chip: str | None = None) -> ModelCheckRepor
         The report; ``report.to_text()`` renders it, ``report.write(path)`` saves it.
 
     Raises:
+        TypeError: when ``prepared`` is not a module.
         ValueError: when ``prepared`` has neither a ``prepare_record`` nor quantized ops, or for an
             unknown chip.
     """
+    require_module(prepared, "check_model", "prepared")
     record, infos, all_nodes, outputs = _op_table(prepared)
     if not infos and not isinstance(getattr(prepared, "prepare_record", None), PrepareRecord):
         raise ValueError("not a prepared model (no prepare_record, no quantized ops); call prepare() first")

@@ -15,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from qat_lightning.quant.checks import require_bool, require_positive_finite
 from qat_lightning.quant.dtypes import DtypeLike, QuantDtype, parse_dtype, qint8
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
-from qat_lightning.quant.observers import OBSERVER_NAMES
+from qat_lightning.quant.observers import OBSERVER_NAMES, make_observer
 
 __all__ = ["QConfig", "get_qconfig"]
 
@@ -39,6 +40,43 @@ def _hashable(value: Any) -> Any:
     return value
 
 
+_CHECKED_OPTIONS: set[Any] = set()
+"""``(observer, options)`` pairs already accepted (building a probe observer costs ~0.1 ms)."""
+
+
+def _observer_kwargs(observer: str, kwargs: Any) -> dict[str, Any]:
+    """Return ``kwargs`` as a dict after checking it against ``observer`` the way ``prepare`` will use it.
+
+    The observer registry (``make_observer``) names the unknown options and lists the allowed ones, and
+    checks each value; ``ignore_nonfinite`` (every observer's base option) must be a bool.
+
+    Raises:
+        TypeError: not a mapping, a non-str key, or a non-bool ``ignore_nonfinite``.
+        ValueError: an option ``observer`` does not take, or a bad value.
+    """
+    if not isinstance(kwargs, Mapping):
+        raise TypeError(f"QConfig: observer_kwargs must be a mapping (option -> value), got {kwargs!r:.60}")
+    options = dict(kwargs)
+    bad_keys = [k for k in options if not isinstance(k, str)]
+    if bad_keys:
+        raise TypeError(f"QConfig: observer_kwargs keys must be option names (str), got {bad_keys}")
+    ignore = require_bool(
+        "observer_kwargs['ignore_nonfinite']", options.get("ignore_nonfinite", False), "QConfig"
+    )
+    key = (observer, _hashable(options))
+    if key in _CHECKED_OPTIONS:
+        return options
+    probe = {k: v for k, v in options.items() if k != "ignore_nonfinite"}
+    try:
+        make_observer(observer, ignore_nonfinite=ignore, name_for_messages="QConfig", **probe)
+    except ValueError as error:
+        if not str(error).startswith("unknown option"):
+            raise
+        raise ValueError(f"{error}; every observer also takes ignore_nonfinite (True/False)") from error
+    _CHECKED_OPTIONS.add(key)
+    return options
+
+
 @dataclass(frozen=True)
 class QConfig:
     """Quantization settings of one op.
@@ -52,8 +90,8 @@ class QConfig:
         observer_kwargs: extra observer arguments (``percentile``, ``averaging_constant``, ``bins``;
             ``ignore_nonfinite=True`` drops NaN/inf during calibration instead of raising).
         weight_observer: weight calibration method (per channel), ``minmax`` by default.
-        fixed_threshold: when set, the scale of the op's output quant point is fixed to ``threshold / qmax``
-            of its dtype; the input quant points keep the observer.
+        fixed_threshold: when set (a finite number > 0), the scale of the op's output quant point is fixed
+            to ``threshold / qmax`` of its dtype; the input quant points keep the observer.
         ch_axis: weight channel axis; ``None`` (default) = the op's own axis: the output channels (0 for
             conv / linear / embedding rows, 1 for conv-transpose). ``prepare`` rejects any other value with
             a ``ValueError`` (the int32 bias, BN folding and deployment need per-output-channel weights).
@@ -79,11 +117,12 @@ class QConfig:
         for attr in ("observer", "weight_observer"):
             if getattr(self, attr) not in allowed:
                 raise ValueError(f"unknown {attr} {getattr(self, attr)!r}; allowed: {', '.join(allowed)}")
-        if self.fixed_threshold is not None and not self.fixed_threshold >= 0:
-            raise ValueError(f"fixed_threshold must be >= 0, got {self.fixed_threshold}")
+        if self.fixed_threshold is not None:
+            threshold = require_positive_finite("fixed_threshold", self.fixed_threshold, "QConfig")
+            object.__setattr__(self, "fixed_threshold", threshold)
         if self.ch_axis is not None and (isinstance(self.ch_axis, bool) or not isinstance(self.ch_axis, int)):
             raise ValueError(f"ch_axis must be an int or None, got {self.ch_axis!r}")
-        object.__setattr__(self, "observer_kwargs", dict(self.observer_kwargs))
+        object.__setattr__(self, "observer_kwargs", _observer_kwargs(self.observer, self.observer_kwargs))
 
     def __hash__(self) -> int:
         # the generated hash would fail on the ``observer_kwargs`` dict; hash a frozen copy of it instead
@@ -127,7 +166,7 @@ class QConfig:
             fixed = {"threshold": self.fixed_threshold}
             return FakeQuantize(dtype, "fixed", observer_kwargs=fixed, name=name)
         options = dict(self.observer_kwargs)
-        ignore_nonfinite = bool(options.pop("ignore_nonfinite", False))  # an observer base option
+        ignore_nonfinite = options.pop("ignore_nonfinite", False)  # an observer base option (a checked bool)
         return FakeQuantize(
             dtype, self.observer, observer_kwargs=options, ignore_nonfinite=ignore_nonfinite, name=name
         )
@@ -175,13 +214,14 @@ def get_qconfig(
             during calibration instead of raising).
 
     Raises:
-        ValueError: for unknown names, a negative threshold, or both ``fixed_scale`` and ``threshold``.
+        TypeError: a non-number ``fixed_scale`` / ``threshold``, a non-bool ``ignore_nonfinite``.
+        ValueError: for unknown names or observer options, a ``fixed_scale`` / ``threshold`` that is not a
+            finite number > 0, or both ``fixed_scale`` and ``threshold``.
     """
     if fixed_scale is not None and threshold is not None:
         raise ValueError("give either fixed_scale or threshold, not both")
     if fixed_scale is not None:
-        if not fixed_scale >= 0:
-            raise ValueError(f"fixed_scale must be >= 0, got {fixed_scale}")
+        fixed_scale = require_positive_finite("fixed_scale", fixed_scale, "get_qconfig")
         out = _optional_dtype(out_dtype)
         if out is None or not out.is_integer:
             raise ValueError(

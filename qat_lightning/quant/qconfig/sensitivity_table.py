@@ -8,10 +8,48 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from numbers import Real
+from typing import Any
 
-__all__ = ["SENSITIVE_TYPES", "SensitivityRow", "SensitivityTable"]
+import torch
+
+from qat_lightning.quant.checks import require_count, require_finite, require_str
+from qat_lightning.quant.dtypes import DTYPES, QuantDtype, parse_dtype
+
+__all__ = ["SENSITIVE_TYPES", "TABLE_METHODS", "SensitivityRow", "SensitivityTable"]
 
 SENSITIVE_TYPES = ("activation", "weight")
+TABLE_METHODS = ("exact", "approximate")
+"""How a table's metric was obtained: measured by running the model, or estimated (first order)."""
+
+_JSON_METRICS = {"nan": math.nan, "inf": math.inf, "+inf": math.inf, "-inf": -math.inf}
+"""How the report writer spells non-finite metrics (NaN is ``null``)."""
+
+
+def _metric(value: Any, where: str) -> float:
+    """Return a row's metric as a float; NaN and +-inf are legitimate (a node that broke the output)."""
+    if value is None:
+        return math.nan
+    if isinstance(value, str) and value.strip().lower() in _JSON_METRICS:
+        return _JSON_METRICS[value.strip().lower()]
+    message = (
+        f"{where}: metric must be a number (NaN/inf allowed; null, 'inf', '-inf' in JSON), got {value!r}"
+    )
+    if isinstance(value, bool) or not isinstance(value, (Real, str)):
+        raise TypeError(message)
+    if isinstance(value, str):
+        raise ValueError(message)
+    return float(value)
+
+
+def _quant_dtype(value: Any, where: str) -> str:
+    """Return the canonical dtype name (``qint8``...), accepting what ``parse_dtype`` accepts but codes."""
+    if isinstance(value, (str, QuantDtype, torch.dtype)):
+        try:
+            return parse_dtype(value).name
+        except ValueError:
+            pass
+    raise ValueError(f"{where}: unknown quant_dtype {value!r}; allowed: {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -37,6 +75,29 @@ class SensitivityRow:
     flops: int = 0
     flops_share: float = 0.0
 
+    def __post_init__(self) -> None:
+        where = f"SensitivityRow {self.op_name!r} ({self.sensitive_type!r})"
+        require_str("op_name", self.op_name, where)
+        require_str("op_type", self.op_type, where)
+        if self.sensitive_type not in SENSITIVE_TYPES:
+            allowed = ", ".join(SENSITIVE_TYPES)
+            raise ValueError(f"{where}: unknown sensitive_type {self.sensitive_type!r}; allowed: {allowed}")
+        object.__setattr__(self, "metric", _metric(self.metric, where))
+        object.__setattr__(self, "quant_dtype", _quant_dtype(self.quant_dtype, where))
+        object.__setattr__(self, "flops", require_count("flops", self.flops, where, minimum=0))
+        object.__setattr__(self, "flops_share", require_finite("flops_share", self.flops_share, where))
+
+
+def _rows(rows: Any) -> tuple[SensitivityRow, ...]:
+    """Return ``rows`` as a tuple after checking that every item is a row (naming the first that is not)."""
+    if not isinstance(rows, Sequence) or isinstance(rows, str):
+        raise TypeError(f"SensitivityTable: rows must be a sequence of SensitivityRow, got {rows!r:.80}")
+    for index, row in enumerate(rows):
+        if not isinstance(row, SensitivityRow):
+            got = f"{type(row).__name__} {row!r:.60}"
+            raise TypeError(f"SensitivityTable: rows[{index}] must be a SensitivityRow, got {got}")
+    return tuple(rows)
+
 
 @dataclass(frozen=True)
 class SensitivityTable:
@@ -44,15 +105,24 @@ class SensitivityTable:
 
     Attributes:
         rows: the rows, most sensitive first.
-        metric_name: e.g. ``L1``, ``COSINE``, ``ATOL``.
+        metric_name: e.g. ``L1``, ``1-COSINE``, ``-SQNR``, or a custom metric's own name.
         output_name: the model output this table is about (``0``, ``0-1``, a dict key).
-        method: ``exact`` or ``approximate``.
+        method: one of :data:`TABLE_METHODS` (``exact`` or ``approximate``).
     """
 
     rows: tuple[SensitivityRow, ...]
     metric_name: str = "L1"
     output_name: str = "0"
     method: str = "exact"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rows", _rows(self.rows))
+        require_str("metric_name", self.metric_name, "SensitivityTable", empty=False)
+        require_str("output_name", self.output_name, "SensitivityTable")
+        if self.method not in TABLE_METHODS:
+            raise ValueError(
+                f"SensitivityTable: unknown method {self.method!r}; allowed: {', '.join(TABLE_METHODS)}"
+            )
 
     def __iter__(self) -> Iterator[SensitivityRow]:
         return iter(self.rows)

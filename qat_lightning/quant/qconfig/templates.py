@@ -212,14 +212,14 @@ def _name_patch(key: str, value: Any) -> dict[str, Any]:
         if "threshold" in value and "fixed_scale" in value:
             raise ValueError(f"{key!r}: give 'threshold' or 'fixed_scale', not both")
         if "threshold" in value:
-            patch["fixed_threshold"] = _non_negative(key, "threshold", value["threshold"])
+            patch["fixed_threshold"] = _positive(key, "threshold", value["threshold"])
         if "fixed_scale" in value:
             out = patch.get("output_dtype")
             if out is None or not out.is_integer:
                 raise ValueError(
                     f"{key!r}: 'fixed_scale' needs an integer 'dtype' in the same dict; or use 'threshold'"
                 )
-            patch["fixed_threshold"] = _non_negative(key, "fixed_scale", value["fixed_scale"]) * out.qmax
+            patch["fixed_threshold"] = _positive(key, "fixed_scale", value["fixed_scale"]) * out.qmax
         get_qconfig().replace(**patch)  # validate observer names etc. now, not at assign time
         return patch
     try:
@@ -231,9 +231,9 @@ def _name_patch(key: str, value: Any) -> dict[str, Any]:
         ) from None
 
 
-def _non_negative(key: str, what: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real) or not value >= 0 or math.isinf(value):
-        raise ValueError(f"{key!r}: {what} must be a finite number >= 0, got {value!r}")
+def _positive(key: str, what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, Real) or not value > 0 or math.isinf(value):
+        raise ValueError(f"{key!r}: {what} must be a finite number > 0, got {value!r}")
     return float(value)
 
 
@@ -358,12 +358,17 @@ class SensitivityTemplate(Template):
         not depend on the row order.
         """
         by_name = {op.name: op for op in ops}
+        bad = [(n, kind) for n, kind in self.selected() if kind not in SENSITIVE_TYPES]
+        if bad:  # rows check their type; this guards rows changed after construction
+            raise ValueError(
+                f"sensitivity rows {bad} have an unknown type; allowed: {', '.join(SENSITIVE_TYPES)}"
+            )
         selected = [(by_name[n], kind) for n, kind in self.selected() if n in by_name]
         for op, kind in selected:
             qconfig = qconfigs[op.name]
             if kind == "activation":
                 qconfigs[op.name] = qconfig.replace(output_dtype=self._raise(qconfig.output_dtype))
-            elif _is_gemm(op) and not op.is_matmul:
+            elif kind == "weight" and _is_gemm(op) and not op.is_matmul:
                 qconfigs[op.name] = qconfig.replace(weight_dtype=self._raise(qconfig.weight_dtype))
         high_rank = precision_rank(self.high_dtype)  # type: ignore[arg-type]
         for op, kind in selected:
