@@ -287,7 +287,7 @@ def main() -> None:
         except (ConfigError, RecipeError) as err:
             print(f"qat-lightning: error: {err}", file=sys.stderr)
             sys.exit(2)
-        for line in ignored_overrides(app.stage.name, overrides):
+        for line in ignored_overrides(app.stage.name, overrides, cfg=app):
             print(f"qat-lightning: warning: ignored override {line}", file=sys.stderr)
     _hydra_main()
 

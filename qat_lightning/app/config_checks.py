@@ -6,10 +6,12 @@
 :class:`ConfigError` listing every problem as ``key=value: allowed``. ``qat-lightning`` turns it into exit
 code 2.
 
-:func:`ignored_overrides` names the command-line overrides the chosen stage does not read (``qat.lr=...``
-with ``stage=float``), so that a setting is never accepted and silently ignored. In the same spirit a
-``trainer.*`` key that the stages set themselves (``trainer.max_steps``: use ``train.max_steps`` /
-``qat.max_steps``) is refused (:func:`~qat_lightning.app.trainer_args.stage_trainer_problems`).
+:func:`ignored_overrides` (from :mod:`qat_lightning.app.stage_reads`) names the command-line overrides the
+chosen stage does not read (``qat.lr=...`` with ``stage=float``), so that a setting is never accepted and
+silently ignored. In the same spirit a ``trainer.*`` key that the stages set themselves
+(``trainer.max_steps``: use ``train.max_steps`` / ``qat.max_steps``) is refused
+(:func:`~qat_lightning.app.trainer_args.stage_trainer_problems`), and so is a ``callbacks.prepare.chip``
+that contradicts ``chip=``.
 
 Nothing here imports hydra; the checks that need the user's model and checkpoints are in
 ``qat_lightning.app.preflight``.
@@ -18,11 +20,12 @@ Nothing here imports hydra; the checks that need the user's model and checkpoint
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from qat_lightning.app.schema import AppConfig, QatScales, StageName
+from qat_lightning.app.stage_reads import STAGE_CALLBACKS, STAGE_READS, ignored_overrides
 from qat_lightning.app.trainer_args import stage_trainer_problems
 from qat_lightning.callbacks.qat import FIX_TO_SCALES
 from qat_lightning.quant.export.opsets import EXPORT_OPSETS
@@ -41,79 +44,6 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A configuration the app cannot run, explained for the user (``qat-lightning`` exits with 2)."""
-
-
-_COMMON = (
-    "model",
-    "data",
-    "trainer",
-    "logger",
-    "seed",
-    "progress",
-    "torch_threads",
-    "target",
-    "train.limit_val_batches",
-    "prepare.submodule",
-    "stage",
-)
-_QUANTIZED = (*_COMMON, "callbacks", "ckpt", "chip", "prepare")
-_SANITY_RUNS = ("sanity.tolerance", "sanity.steps")
-_QAT_SETTINGS = ("qat.lr", "qat.scheduler", "qat.scales", "qat.fix_scales")
-"""What a QAT run reads besides its length (``qat.max_epochs`` / ``qat.max_steps``)."""
-
-STAGE_READS: dict[StageName, tuple[str, ...]] = {
-    StageName.float: (*_COMMON, "train"),
-    # float check after calibrating (sanity=float): mode and tolerance; ptq= runs after calibration
-    StageName.calibration: (
-        *_QUANTIZED, "recipe", "calibration", "search", "analysis", "pipeline.fp16_max", "ptq",
-        "sanity.mode", "sanity.tolerance",
-    ),
-    # the checkpoint is calibrated (Calibration skips): calibration.* is not read
-    StageName.qat: (*_QUANTIZED, "qat", "sanity", "train.limit_train_batches"),
-    StageName.analysis: (*_QUANTIZED, "analysis"),
-    StageName.pipeline: (
-        *_QUANTIZED, "recipe.module_names", "calibration", "search", "analysis", "pipeline", "train", "qat",
-        "export", "ptq", *_SANITY_RUNS,
-    ),
-    # every run is sanity.steps batches of one epoch: qat.max_*, qat.lr_probe, qat.scale_trial and
-    # train.limit_train_batches are not read
-    # recipe tuning as stage=calibration (tune_recipe): search, analysis, pipeline.fp16_max
-    StageName.troubleshoot: (
-        *_QUANTIZED, "recipe", "calibration", "search", "analysis", "pipeline.fp16_max", *_QAT_SETTINGS,
-        *_SANITY_RUNS,
-    ),
-    StageName.export: (*_QUANTIZED, "export"),
-}  # fmt: skip
-"""The config keys (dotted prefixes) each stage reads; an override of any other key is ignored."""
-
-
-def _override_key(override: str) -> str | None:
-    """``+qat.lr=1`` -> ``qat.lr``; ``recipe=int16`` -> ``recipe``; ``None`` for Hydra's own keys."""
-    key = override.split("=", 1)[0].lstrip("+~").strip()
-    if not key or key.startswith("hydra.") or key == "hydra" or "/" in key:
-        return None
-    return key.split("@", 1)[0]
-
-
-def ignored_overrides(stage: StageName, overrides: Iterable[str]) -> list[str]:
-    """Return one line per override that ``stage`` ignores (whole or in part).
-
-    Args:
-        stage: the chosen stage.
-        overrides: the command line's ``key=value`` / ``group=option`` strings.
-    """
-    reads = STAGE_READS[stage]
-    lines = []
-    for override in overrides:
-        key = _override_key(override)
-        if key is None or any(key == p or key.startswith(p + ".") for p in reads):
-            continue
-        parts = [p for p in reads if p.startswith(key + ".")]
-        if parts:
-            lines.append(f"{override}: stage={stage.value} reads only {', '.join(parts)} of it")
-        else:
-            lines.append(f"{override}: stage={stage.value} does not read {key}")
-    return lines
 
 
 # ----------------------------------------------------------------------------------------------- ranges
@@ -267,19 +197,51 @@ def _callback_scale_problem(cfg: AppConfig, node: dict[str, Any]) -> list[str]:
 
 
 def _runtime_arg_problems(cfg: AppConfig) -> list[str]:
-    """Keys of ``callbacks.<name>`` that the stage also passes at run time (:data:`RUNTIME_ARGS`)."""
-    if "callbacks" not in STAGE_READS[cfg.stage.name]:
-        return []
+    """Keys of ``callbacks.<name>`` that the stage also passes at run time (:data:`RUNTIME_ARGS`).
+
+    Only the callbacks the stage can build are checked (:data:`STAGE_CALLBACKS`): another is only warned
+    about (an ignored override).
+    """
+    built = STAGE_CALLBACKS[cfg.stage.name]
     problems = []
     for name, args in RUNTIME_ARGS.items():
-        node = cfg.callbacks.get(name) or {}
+        node = (cfg.callbacks.get(name) or {}) if name in built else {}
         for key, source in args.items():
             if key in node and not (name == "qat" and key in ("scales", "fix_scales")):
                 problems.append(
                     f"callbacks.{name}.{key}={node[key]!r}: the stage passes {key} at run time (from "
                     f"{source}), which would override it; drop it"
                 )
-    return problems + _callback_scale_problem(cfg, cfg.callbacks.get("qat") or {})
+    qat = (cfg.callbacks.get("qat") or {}) if "qat" in built else {}
+    return problems + _callback_scale_problem(cfg, qat) + _callback_chip_problem(cfg)
+
+
+def _callback_chip_problem(cfg: AppConfig) -> list[str]:
+    """``callbacks.prepare.chip`` against ``chip=``: a contradiction is refused, never resolved silently.
+
+    The stage builds the qconfig setter for ``chip=`` (the recipe's chip rules, the checkpoint's chip) and
+    passes it to the prepare callback at run time; a ``chip`` argument naming another chip would make the
+    callback raise once the run has started. An equal value (any case) is harmless.
+    """
+    from qat_lightning.chips import get_chip
+
+    built = STAGE_CALLBACKS[cfg.stage.name]
+    node = (cfg.callbacks.get("prepare") or {}) if "prepare" in built else {}
+    chip = node.get("chip")
+    if chip is None:
+        return []
+    try:
+        theirs = get_chip(chip).name
+    except (ValueError, TypeError) as err:
+        return [f"callbacks.prepare.chip={chip!r}: {err}"]
+    ours = cfg.chip.name.value
+    if theirs == ours:
+        return []
+    return [
+        f"callbacks.prepare.chip={chip!r} contradicts chip={ours}: the stage builds the qconfig for "
+        f"chip={ours} (recipe= under its chip rules) and passes it to the prepare callback at run time; "
+        f"pass chip={theirs} to target {theirs}, or drop callbacks.prepare.chip"
+    ]
 
 
 def _get(cfg: AppConfig, key: str) -> Any:

@@ -1,6 +1,8 @@
 """Checks that need the user's model and checkpoints, run before any training (``stage=...`` start).
 
-A user's mistake must cost seconds, not a training run: :func:`preflight` builds the LightningModule once
+A user's mistake must cost seconds, not a training run: :func:`preflight` first builds a ``lightning.Trainer``
+from ``trainer.*`` (a refused value, ``trainer.devices=0``, is a problem naming the key:
+:func:`~qat_lightning.app.trainer_args.trainer_problems`), then builds the LightningModule once
 and checks that ``prepare.submodule`` names an ``nn.Module`` in it, that the stage's checkpoint exists and
 is of the right kind (float for calibration / troubleshoot / pipeline, calibration for qat / analysis),
 that a quantized checkpoint was calibrated for this run's ``chip`` and ``prepare.qat_mode`` /
@@ -19,6 +21,7 @@ from torch import nn
 from qat_lightning.app.checkpoints import read_checkpoint_info
 from qat_lightning.app.config_checks import ConfigError
 from qat_lightning.app.schema import PrepareConf, StageName
+from qat_lightning.app.trainer_args import trainer_problems
 
 if TYPE_CHECKING:
     from qat_lightning.app.pipeline import Pipeline
@@ -138,8 +141,9 @@ def preflight(pipe: Pipeline) -> None:
     """
     cfg = pipe.cfg
     stage = cfg.stage.name
+    problems = trainer_problems(cfg.trainer, cfg.progress)  # first: the checks below build a Trainer
     lit = pipe.session.new_model()
-    problems = [p for p in [_submodule_problem(lit, cfg.prepare.submodule)] if p]
+    problems += [p for p in [_submodule_problem(lit, cfg.prepare.submodule)] if p]
     kind = CKPT_KIND.get(stage, "float" if stage is StageName.pipeline and cfg.ckpt else None)
     if kind is not None:
         try:

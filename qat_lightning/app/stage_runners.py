@@ -14,6 +14,7 @@ from qat_lightning.app.pipeline import Pipeline
 from qat_lightning.app.pipeline_stage import pipeline_stage, sanity_step
 from qat_lightning.app.recipes import Recipe, recipe_from_conf
 from qat_lightning.app.schema import RecipeConf
+from qat_lightning.app.stage_reads import fp16_step_wanted
 from qat_lightning.app.summary import Summary
 
 __all__ = [
@@ -28,8 +29,6 @@ __all__ = [
 from qat_lightning.files import write_atomic
 
 log = logging.getLogger("qat_lightning")
-
-_FP16_RECIPES = ("int16_fp16", "int8_int16_fp16")
 
 
 def float_stage(pipe: Pipeline) -> Summary:
@@ -50,7 +49,7 @@ def tune_recipe(
     rows on the base model's sensitivity.
     """
     target = pipe.session.target(float_metric)
-    fp16_wanted = conf.name.value in _FP16_RECIPES and not recipe.fp16_ops and conf.fp16_topk != 0
+    fp16_wanted = fp16_step_wanted(conf)  # the ignored-override warning reads the same rules
     if fp16_wanted and conf.fp16_topk is None and pipe.cfg.pipeline.fp16_max < 1:
         pipe.decide("int16/fp16: pipeline.fp16_max=0: no op moved to fp16 (no search)")
         fp16_wanted = False

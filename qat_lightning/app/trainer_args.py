@@ -5,16 +5,24 @@ its own (the run dir, the logger, its callbacks, its length and batch limits). A
 stage sets would be replaced silently, so :func:`stage_trainer_problems` refuses it before anything runs,
 naming the config key that sets it (an equal value of a fixed setting is accepted).
 
+:func:`trainer_problems` builds a ``lightning.Trainer`` from ``trainer.*`` as the stages do (it writes
+nothing) and turns a refusal (``devices=0``, ``precision=17``, an unknown accelerator, one this machine
+lacks) into a config problem naming the ``trainer.<key>`` at fault; the preflight runs it before anything
+else.
+
 :func:`run_length` is the rule for every ``max_epochs`` / ``max_steps`` pair of the config
 (``train.*``, ``qat.*``): ``max_steps > 0`` wins (the run is not cut by ``max_epochs``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator, Mapping
 from typing import Any
 
-__all__ = ["STAGE_TRAINER_KEYS", "run_length", "stage_trainer_problems"]
+__all__ = ["STAGE_TRAINER_KEYS", "run_length", "stage_trainer_problems", "trainer_problems"]
 
 _LENGTH = "train.max_epochs / train.max_steps (float training), qat.max_epochs / qat.max_steps (QAT)"
 
@@ -55,6 +63,60 @@ def stage_trainer_problems(trainer: Mapping[str, Any], progress: bool) -> list[s
             f"drop it and use {instead}"
         )
     return problems
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence Lightning's banners and warnings while a probe Trainer is built (the stages' repeat them)."""
+    loggers = [logging.getLogger(name) for name in ("lightning.pytorch", "lightning.fabric")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _refusal(args: Mapping[str, Any], progress: bool) -> Exception | None:
+    """Build ``lightning.Trainer`` with ``args`` and the stages' fixed settings; return its error, if any."""
+    import lightning
+
+    stage_args = {**_fixed_values(progress), "logger": False, "callbacks": []}
+    with _quiet():
+        try:
+            lightning.Trainer(**{**args, **stage_args})
+        except Exception as err:  # noqa: BLE001 - any refusal is the user's config to explain
+            return err
+    return None
+
+
+def trainer_problems(trainer: Mapping[str, Any], progress: bool) -> list[str]:
+    """Return the problem (one line, or none) of building ``lightning.Trainer`` from ``trainer.*``.
+
+    The line names each key whose removal (Lightning's default in its place) alone lets the Trainer be
+    built, else every key given; it quotes Lightning's message.
+
+    Args:
+        trainer: the composed ``trainer`` section.
+        progress: the config's ``progress`` (the stages' ``enable_progress_bar``).
+    """
+    error = _refusal(trainer, progress)
+    if error is None:
+        return []
+    without = ({o: v for o, v in trainer.items() if o != k} for k in trainer)
+    culprits = [k for k, args in zip(trainer, without, strict=True) if _refusal(args, progress) is None]
+    if culprits:
+        where = " / ".join(f"trainer.{k}={trainer[k]!r}" for k in culprits)
+        fix = f"fix or drop {' / '.join(f'trainer.{k}' for k in culprits)}"
+    else:
+        where = f"trainer ({', '.join(f'{k}={v!r}' for k, v in trainer.items())})"
+        fix = "fix the trainer.* arguments or pick another trainer="
+    message = " ".join(str(error).split()) or type(error).__name__
+    return [f"{where}: lightning.Trainer refuses it: {message}; {fix}"]
 
 
 def run_length(max_epochs: int, max_steps: int) -> dict[str, int]:
