@@ -255,6 +255,12 @@ def load_sensitivity_table(path: Path) -> Any:
             f"{path} is not a sensitivity table (expected the JSON of quant_analysis/sensitivity_*.json)"
         )
     names = {f.name for f in dataclasses.fields(SensitivityRow)}
-    rows = tuple(SensitivityRow(**{k: v for k, v in row.items() if k in names}) for row in data["rows"])
+    rows = []
+    for i, row in enumerate(data["rows"] if isinstance(data["rows"], list) else [data["rows"]]):
+        try:
+            rows.append(SensitivityRow(**{k: v for k, v in row.items() if k in names}))
+        except (AttributeError, TypeError) as error:  # not an object, or a field missing
+            raise ValueError(f"{path}: row {i} is not a sensitivity row ({error}): {row!r}") from error
+    rows = tuple(rows)
     extra = {k: data[k] for k in ("metric_name", "output_name", "method") if k in data}
     return SensitivityTable(rows, **extra)

@@ -145,3 +145,24 @@ def test_a_bad_file_names_the_row(tmp_path: Path) -> None:
         load_sensitivity_table(_write(tmp_path / "t.json", [{**good, "quant_dtype": "int4"}]))
     with pytest.raises(ValueError, match="method 'fast'"):
         load_sensitivity_table(_write(tmp_path / "t.json", [good], method="fast"))
+
+
+def test_a_row_missing_a_field_or_not_an_object_is_named(tmp_path: Path) -> None:
+    from qat_lightning.app.tuning import load_sensitivity_table
+
+    with pytest.raises(ValueError, match=r"row 1 is not a sensitivity row.*metric"):
+        load_sensitivity_table(
+            _write(tmp_path / "t.json", [_row_dict("a"), {"op_name": "b", "sensitive_type": "weight"}])
+        )
+    with pytest.raises(ValueError, match=r"row 0 is not a sensitivity row"):
+        load_sensitivity_table(_write(tmp_path / "t.json", ["head.fc"]))
+
+
+def _row_dict(name: str) -> dict[str, object]:
+    return {
+        "op_name": name,
+        "sensitive_type": "weight",
+        "op_type": "Linear",
+        "metric": 1.0,
+        "quant_dtype": "qint8",
+    }
