@@ -114,3 +114,14 @@ def test_the_shared_checks() -> None:
     assert require_module(layer, "who") is layer
     with pytest.raises(TypeError, match="who: expected an nn.Module for model, got int 3"):
         require_module(3, "who", "model")
+
+
+def test_observer_flags_and_a_zero_fixed_threshold_are_refused() -> None:
+    from qat_lightning.quant.observers import make_observer
+
+    with pytest.raises(TypeError, match="ignore_nonfinite must be True or False"):
+        make_observer("minmax", ignore_nonfinite="no")
+    with pytest.raises(ValueError, match="threshold must be finite and > 0"):
+        make_observer("fixed", threshold=0.0)
+    dead_channel = make_observer("fixed", ch_axis=0, num_channels=2, threshold=[0.0, 1.0])
+    assert dead_channel.threshold.tolist() == [0.0, 1.0]

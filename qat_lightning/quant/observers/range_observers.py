@@ -89,7 +89,7 @@ class FixedScaleObserver(Observer):
     """``fixed``: ``scale = threshold / qmax`` whatever the data (min/max are still tracked for reports).
 
     Args:
-        threshold: clipping threshold ``>= 0``: a number, or one per channel (length ``num_channels``).
+        threshold: clipping threshold: a number ``> 0``, or one ``>= 0`` per channel (``num_channels``).
     """
 
     kind = "fixed"
@@ -114,8 +114,10 @@ class FixedScaleObserver(Observer):
             raise ValueError(
                 f"observer {name!r}: threshold must be {allowed} (finite, >= 0), got shape {tuple(thr.shape)}"
             )
-        if not bool(torch.isfinite(thr).all()) or bool((thr < 0).any()):
-            raise ValueError(f"observer {name!r}: threshold must be finite and >= 0, got {threshold!r}")
+        if not bool(torch.isfinite(thr).all()) or bool((thr < 0).any()) or (thr.numel() == 1 and thr <= 0):
+            raise ValueError(  # one threshold of 0: a 1e-8 scale, every value quantized to 0
+                f"observer {name!r}: threshold must be finite and > 0 (per channel: >= 0), got {threshold!r}"
+            )
         self.register_buffer("threshold", thr.float().expand(self._rows).reshape(self._shape).clone())
 
     def _threshold(self, qdtype: QuantDtype) -> torch.Tensor:

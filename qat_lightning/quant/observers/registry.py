@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from qat_lightning.quant.checks import require_bool
 from qat_lightning.quant.observers.base import OBSERVER_NAMES, MinMaxObserver, Observer
 from qat_lightning.quant.observers.histogram_observers import (
     KLObserver,
@@ -73,5 +74,6 @@ def make_observer(
             f"allowed: {', '.join(allowed) or 'none'}"
         )
     if name == "fixed" and "threshold" not in kwargs:
-        raise ValueError(f"observer 'fixed' ({name_for_messages!r}) needs threshold=<number >= 0>")
+        raise ValueError(f"observer 'fixed' ({name_for_messages!r}) needs threshold=<number > 0>")
+    require_bool("ignore_nonfinite", ignore_nonfinite, f"observer {name!r} ({name_for_messages!r})")
     return OBSERVERS[name](ch_axis, num_channels, ignore_nonfinite, name_for_messages, **kwargs)
