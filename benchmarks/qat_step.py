@@ -3,14 +3,17 @@
 Models: a ResNet-18 (batch 32, 3x64x64) and a 4-layer transformer encoder built from Linear / LayerNorm /
 GELU / softmax / matmul (d=256, 4 heads, seq 64, batch 32, MLP 1024).
 
-Contenders (same initial weights, all int8):
+Contenders (same initial weights; int8, except torch.ao's default x86 mapping, whose activations are 7-bit
+``[0, 127]``, reduce_range):
 
 * ``float``: the float model;
 * ``ours``: ``qat_lightning.prepare`` (fx, conv-bn-relu fused, ``fuse_bn``), 3 calibration batches, QAT state;
   every op output is quantized, as the chips run it;
-* ``ours@gemm-inputs`` (only with ``--contenders``): ``ours`` with ModelOpt's coverage: only the activations
-  that reach a Linear / Conv, and the weights, are quantized (:func:`keep_gemm_inputs_only`); the same node,
-  so the comparison with ModelOpt is per quant point;
+* ``ours@gemm-inputs`` (only with ``--contenders``): ``ours`` with only the activations that reach a
+  Linear / Conv, and the weights, quantized (:func:`keep_gemm_inputs_only`). ModelOpt 0.47's
+  ``INT8_DEFAULT_CFG`` quantizes somewhat more: the inputs of its LayerNorm and pooling layers too (encoder:
+  23.6 M activation elements per step against 14.7 M here; CNN 7.9 M against 5.3 M), so this contender does
+  less work than ModelOpt, not the same;
 * ``ours@one-pass`` (only with ``--contenders``, eager): ``ours`` with every per-tensor integer quant node
   replaced by one out-of-place multiply by 1 (:func:`one_pass_nodes`): what any node that writes a new
   tensor costs on the same points, one pass forward and one backward (weights as ``ours``). A floor for the
@@ -25,7 +28,9 @@ Timing: contenders are interleaved step by step in one process, after warm-up; t
 steps is reported, and its ratio to float: wall time, and process CPU time (``time.process_time``, all
 threads; less sensitive to other processes on a shared machine, but it counts OpenMP spin-waits).
 The FLOAT / VALIDATION rows are the eval-mode forward (no grad) of our calibrated model in that state
-against the float model's, also interleaved (``--compile``: both compiled, the state flips per step).
+against the float model's, also interleaved (``--compile``: both compiled, the state flips per step), wall
+and CPU time. ``ours+kernels`` is not run under ``--compile`` (traced nodes run the formula whatever the
+backend).
 
 Peak memory: tracemalloc does not see torch's allocations, so each contender runs in a fresh subprocess:
 after the setup (model, prepare, calibration) freed memory is handed back (``malloc_trim``), the kernel's
@@ -219,9 +224,9 @@ SHAPE_ONLY = {"view", "reshape", "transpose", "permute", "flatten", "contiguous"
 def keep_gemm_inputs_only(gm: torch.fx.GraphModule) -> int:
     """Turn off (float32) every output quant node whose value reaches no Linear / Conv; return how many.
 
-    ModelOpt's ``INT8_DEFAULT_CFG`` quantizes the inputs and weights of its Linear / Conv layers only. A value
-    reaches a gemm when a gemm op takes it, directly or through shape-only calls (``view``, ``transpose``,
-    ``reshape``, ``flatten``, ...).
+    Left quantized: the gemm inputs and the weights (ModelOpt's ``INT8_DEFAULT_CFG`` also quantizes LayerNorm
+    and pooling inputs, so it does more). A value reaches a gemm when a gemm op takes it, directly or
+    through shape-only calls (``view``, ``transpose``, ``reshape``, ``flatten``, ...).
     """
     from qat_lightning.quant.nodes.qat_modules import QatConvBn, QatGemm
 
@@ -271,8 +276,9 @@ def contenders() -> list[str]:
     from qat_lightning.quant.backends.cpu_kernels import kernels_available
 
     names = ["float", "ours", "torch.ao"]
-    if kernels_available() and OPTIONS["device"] == "cpu":
+    if kernels_available() and OPTIONS["device"] == "cpu" and not OPTIONS["compile"]:
         names.insert(2, "ours+kernels")  # the opt-in cpu_kernels backend (process-wide: set per step)
+        # (not under --compile: traced nodes run the formula whatever the backend, so it would be ``ours``)
     try:
         import modelopt.torch.quantization  # noqa: F401
 
@@ -341,19 +347,22 @@ def time_inference(name: str, steps: int, warmup: int = 2) -> dict[str, float]:
     float_model.eval()
     ours.eval()
     x = data()
-    times: dict[str, list[float]] = {"float": [], "FLOAT state": [], "VALIDATION state": []}
+    keys = ("float", "FLOAT state", "VALIDATION state")
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in keys}
     with torch.no_grad(), frozen_parameters(ours):
         for i in range(warmup + steps):
-            for key in times:
+            for key in keys:
                 if key != "float":
                     set_fake_quantize(ours, key.split()[0])
-                t = time.perf_counter()
+                t, c = time.perf_counter(), time.process_time()
                 (float_model if key == "float" else ours)(x)
                 if OPTIONS["device"].startswith("cuda"):
                     torch.cuda.synchronize()
                 if i >= warmup:
                     times[key].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+                    cpu[key].append(time.process_time() - c)
+    return {k: (statistics.median(times[k]), statistics.median(cpu[k])) for k in keys}
 
 
 # ------------------------------------------------------------------------------------------------- memory
@@ -490,10 +499,12 @@ def main() -> None:
                 f"  {c:<16} {t * 1e3:9.1f} {t / times['float']:8.2f} {cpu[c] * 1e3:8.1f} "
                 f"{cpu[c] / cpu['float']:8.2f} {_memory_text(mem, c)} {_memory_text(live, c)}"
             )
+        (fw, fc) = inference["float"]
         for key in ("FLOAT state", "VALIDATION state"):
+            w, c = inference[key]
             print(
-                f"  {key} forward (eval, no grad): {inference[key] * 1e3:.1f} ms vs float "
-                f"{inference['float'] * 1e3:.1f} ms = {inference[key] / inference['float']:.3f}x"
+                f"  {key} forward (eval, no grad): wall {w * 1e3:.1f} ms vs float {fw * 1e3:.1f} ms = "
+                f"{w / fw:.3f}x; cpu {c * 1e3:.1f} ms vs float {fc * 1e3:.1f} ms = {c / fc:.3f}x"
             )
 
 
