@@ -4,7 +4,8 @@ Per output: max abs error, cosine, SQNR (dB) and, for classification outputs (2-
 top-1 agreement. The check also proves the graph is really quantized (a ``DequantizeLinear`` for every
 integer quant point the encodings place in the graph, a ``Cast`` for every float16 one, and at least one
 ``DequantizeLinear`` when the model has integer points) and that the encodings' dtypes and scales are still
-the model's. ``passed`` is false on any problem or when an output misses ``min_cosine`` / ``min_top1``.
+the model's. ``passed`` is false on any problem or when an output misses ``min_cosine`` / ``min_sqnr_db`` /
+``min_top1``; an output below a threshold is listed in ``problems`` too, so a failed check always says why.
 
 onnxruntime runs at the level a user deploys with (``optimization="all"``) and with graph optimizations
 off; both are reported, ``passed`` is judged on the chosen level (:mod:`~qat_lightning.analysis.ort_sessions`
@@ -17,7 +18,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from qat_lightning.analysis.checks import check_export_arguments, load_onnx_model
 from qat_lightning.analysis.inputs import InputFn, iter_batches, map_tensors
 from qat_lightning.analysis.ort_sessions import (
     ORT_LEVEL_CAUSES,
     ORT_OPTIMIZATIONS,
-    check_optimization,
     ort_session,
 )
 from qat_lightning.analysis.reports import write_atomic
@@ -85,12 +86,23 @@ class ExportCheck:
 
     def meets_thresholds(self, outputs: Sequence[OutputAgreement]) -> bool:
         """Whether every output in ``outputs`` is at or above the thresholds."""
-        return all(
-            o.cosine >= self.min_cosine
-            and o.sqnr_db >= self.min_sqnr_db
-            and (o.top1_agreement is None or o.top1_agreement >= self.min_top1)
-            for o in outputs
-        )
+        return not self.threshold_problems(outputs)
+
+    def threshold_problems(self, outputs: Sequence[OutputAgreement]) -> list[str]:
+        """One line per output measure below its threshold (NaN is below every threshold)."""
+        lines = []
+        for o in outputs:
+            if not o.cosine >= self.min_cosine:
+                lines.append(f"{o.name}: cosine {o.cosine:.6f} is below min_cosine {self.min_cosine:g}")
+            if not o.sqnr_db >= self.min_sqnr_db:
+                lines.append(
+                    f"{o.name}: SQNR {o.sqnr_db:.2f} dB is below min_sqnr_db {self.min_sqnr_db:g} dB"
+                )
+            if o.top1_agreement is not None and not o.top1_agreement >= self.min_top1:
+                lines.append(
+                    f"{o.name}: top-1 agreement {o.top1_agreement:.4f} is below min_top1 {self.min_top1:g}"
+                )
+        return lines
 
     @property
     def passed(self) -> bool:
@@ -169,11 +181,9 @@ def _pair(ref: dict[str, Tensor], out_names: Sequence[str]) -> list[Tensor]:
 
 
 def _graph_problems(
-    model: nn.Module, onnx_path: Path, encodings: Sequence[Any] | None
+    model: nn.Module, proto: Any, encodings: Sequence[Any] | None
 ) -> tuple[list[str], int, int]:
-    import onnx
-
-    graph = onnx.load(str(onnx_path)).graph
+    graph = proto.graph
     dq_outputs = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     cast_outputs = {n.output[0] for n in graph.node if n.op_type == "Cast"}
     nodes = dict(iter_fake_quantize(model))
@@ -263,19 +273,27 @@ def check_export(
         out_dir: where ``export_check.txt`` / ``.json`` go (default: the ONNX file's folder); written
             atomically.
 
+    Returns:
+        The check; ``passed`` is false exactly when ``problems`` lists something (an output below a
+        threshold is a problem line too).
+
     Raises:
-        ValueError: for a missing file, no batches, batches that do not fit the graph's inputs, or an
-            unknown ``optimization``.
+        ValueError: for a missing file or one that is not an ONNX model, an ``out_dir`` that is a file,
+            no batches, batches that do not fit the graph's inputs, an unknown ``optimization``, or a
+            threshold out of its range (``min_cosine`` in [-1, 1], ``min_top1`` in [0, 1], ``min_sqnr_db``
+            finite), checked before anything runs or is written.
+        TypeError: for a threshold that is not a number or a ``num_batches`` that is not an int.
     """
     from qat_lightning.quant.export import read_encodings
 
-    check_optimization(optimization)
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise ValueError(f"no ONNX file at {str(path)!r}: run export_onnx first")
+    thresholds = {"min_cosine": min_cosine, "min_top1": min_top1, "min_sqnr_db": min_sqnr_db}
+    path = check_export_arguments(
+        onnx_path, out_dir, {**thresholds, "optimization": optimization}, num_batches
+    )
+    proto = load_onnx_model(path)
     enc_file = path.with_suffix(".encodings.json")
     encodings = read_encodings(enc_file) if enc_file.is_file() else None
-    problems, qdq, integer = _graph_problems(model, path, encodings)
+    problems, qdq, integer = _graph_problems(model, proto, encodings)
     if encodings is None:
         problems.append(f"no encodings file {enc_file.name} beside the model")
     levels = [optimization] if optimization == "disabled" else [optimization, "disabled"]
@@ -289,13 +307,11 @@ def check_export(
         outputs=tuple(results[optimization]),
         qdq_nodes=qdq,
         integer_points=integer,
-        problems=tuple(problems),
-        min_cosine=min_cosine,
-        min_top1=min_top1,
-        min_sqnr_db=min_sqnr_db,
         optimization=optimization,
         unoptimized=tuple(results["disabled"]) if optimization != "disabled" else (),
+        **thresholds,
     )
+    result = replace(result, problems=(*problems, *result.threshold_problems(result.outputs)))
     write_export_check(result, Path(out_dir) if out_dir is not None else path.parent)
     return result
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qat_lightning.analysis.checks import check_count
 from qat_lightning.quant.inputs import InputFn, ModelInputs, call_model, default_input_fn, normalize_inputs
 from qat_lightning.quant.outputs import flatten_outputs
 
@@ -43,12 +44,17 @@ __all__ = [
 def iter_batches(
     dataloader: Iterable[Any], num_steps: int | None = None, input_fn: InputFn | None = None
 ) -> Iterator[ModelInputs]:
-    """Yield model inputs for the first ``num_steps`` batches of ``dataloader`` (all when ``None``)."""
-    if num_steps is not None and num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1 or None, got {num_steps}")
+    """Return an iterator over the model inputs of the first ``num_steps`` batches (all when ``None``).
+
+    Raises:
+        TypeError: when ``num_steps`` is not an int (or ``None``), or ``input_fn`` is not callable.
+        ValueError: when ``num_steps`` < 1 (checked now, not at the first batch).
+    """
+    check_count("num_steps", num_steps, allow_none=True)
+    if input_fn is not None and not callable(input_fn):
+        raise TypeError(f"input_fn must be a callable batch -> model inputs, got {type(input_fn).__name__}")
     fn = input_fn or default_input_fn
-    for batch in islice(dataloader, num_steps):
-        yield normalize_inputs(fn(batch))
+    return (normalize_inputs(fn(batch)) for batch in islice(dataloader, num_steps))
 
 
 def _tensors(obj: Any) -> Iterator[Tensor]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from qat_lightning.analysis.checks import check_count
 from qat_lightning.ptq.float_reference import float_reference
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
 from qat_lightning.quant.op_names import match_name
@@ -187,7 +188,13 @@ def bisect_float_blocks(
 
 
 def block_patterns(model: nn.Module, depth: int | None = 1) -> list[str]:
-    """Candidate blocks in graph order: op names cut to their first ``depth`` components (``None``: ops)."""
+    """Candidate blocks in graph order: op names cut to their first ``depth`` components (``None``: ops).
+
+    Raises:
+        ValueError: for a ``depth`` below 1 (no block level: every op would vanish or fall into ``""``).
+        TypeError: for a ``depth`` that is not an int or ``None``.
+    """
+    check_count("depth", depth, "block_patterns", allow_none=True)
     names = [name for name, _ in iter_quant_ops(model)]
     if not names:
         names = [n.rpartition(".")[0] for n, _ in iter_fake_quantize(model)]
@@ -218,11 +225,17 @@ def bisect_model_blocks(
         model: a calibrated (or QAT) network.
         eval_fn: ``eval_fn(model) -> metric``.
         target: the metric to reach.
-        depth: block granularity for the default candidates (see :func:`block_patterns`).
+        depth: block granularity for the default candidates (see :func:`block_patterns`; checked even
+            with ``candidates``).
         candidates: explicit block patterns in graph order.
         higher_is_better: direction of the metric.
         fake_cast: also turn off float16 fake cast inside the float blocks.
+
+    Raises:
+        ValueError: for a ``depth`` below 1.
+        TypeError: for a ``depth`` that is not an int or ``None``.
     """
+    check_count("depth", depth, "bisect_model_blocks", allow_none=True)
     blocks = list(candidates) if candidates is not None else block_patterns(model, depth)
 
     def evaluate(selected: Sequence[str]) -> float:

@@ -36,10 +36,24 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
-from qat_lightning.analysis.compare.bad_case import BadCaseResult, BadCaseRow, WorstRow, find_bad_cases
+from qat_lightning.analysis.checks import (
+    ANALYSIS_REFERENCES,
+    SENSITIVITY_METHODS,
+    check_bool,
+    check_number,
+    check_out_dir,
+    check_probes,
+    check_reference,
+    nonempty,
+)
+from qat_lightning.analysis.compare.bad_case import (
+    BadCaseResult,
+    bad_case_payload,
+    find_bad_cases,
+    read_bad_cases,
+)
 from qat_lightning.analysis.compare.layer_compare import LayerComparison, compare_layers
 from qat_lightning.analysis.compare.layer_record import OpRecord, record_layers
 from qat_lightning.analysis.compare.metrics import MetricLike, resolve_metric, resolve_metrics
@@ -79,9 +93,6 @@ from qat_lightning.quant.qconfig.sensitivity_table import SENSITIVE_TYPES, Sensi
 
 __all__ = ["ANALYSIS_REFERENCES", "QuantAnalysis", "SENSITIVITY_METHODS"]
 
-SENSITIVITY_METHODS = ("exact", "approximate")
-ANALYSIS_REFERENCES = ("float", "onnxruntime")
-
 
 class QuantAnalysis:
     """Bad cases, layer-by-layer comparison and sensitivity of a calibrated prepared model.
@@ -98,8 +109,10 @@ class QuantAnalysis:
 
     Raises:
         ValueError: when the calibrated model has no quantized ops (not a prepared model), for an unknown
-            reference, or when ``onnx_path`` is missing, absent on disk or given with ``reference="float"``.
+            reference, when ``onnx_path`` is missing, absent on disk or given with ``reference="float"``,
+            or when ``out_dir`` (or a folder above it) is a file.
         UncalibratedModelError: when the model was never calibrated (unless ``strict=False``).
+        TypeError: when ``strict`` is not a bool.
     """
 
     def __init__(
@@ -111,7 +124,9 @@ class QuantAnalysis:
         reference: str = "float",
         onnx_path: str | os.PathLike | None = None,
     ) -> None:
-        self.onnx_path = _check_reference(reference, onnx_path)
+        check_bool("strict", strict, "QuantAnalysis")
+        self.out_dir = check_out_dir(out_dir, "QuantAnalysis")
+        self.onnx_path = check_reference(reference, onnx_path)
         self.reference = reference
         model = float_model if calib_model is None else calib_model
         if not any(True for _ in iter_quant_ops(model)):
@@ -121,7 +136,6 @@ class QuantAnalysis:
         require_calibrated(model, "QuantAnalysis", strict=strict)
         self.model = model
         self.float_model = None if calib_model is None or calib_model is float_model else float_model
-        self.out_dir = Path(out_dir)
         self.bad_cases: BadCaseResult | None = None
         self.comparison: LayerComparison | None = None
         self.tables: list[SensitivityTable] = []
@@ -166,33 +180,19 @@ class QuantAnalysis:
         self._records = self._batches = None
         self._write("badcase.txt", bad_case_text(self.bad_cases))
         self._write("badcase.csv", bad_case_csv(self.bad_cases))
-        self._write(
-            "badcase.json", to_json({k: v for k, v in vars_of(self.bad_cases).items() if k != "samples"})
-        )
-        save_torch_atomic(
-            {
-                "rows": [vars_of(r) for r in self.bad_cases.rows],
-                "worst": [vars_of(w) for w in self.bad_cases.worst],
-                "metrics": self.bad_cases.metrics,
-                "outputs": self.bad_cases.outputs,
-                "num_samples": self.bad_cases.num_samples,
-                "samples": dict(self.bad_cases.samples),
-            },
-            self.out_dir / "badcase.pt",
-        )
+        fields = {k: getattr(self.bad_cases, k) for k in self.bad_cases.__dataclass_fields__}
+        self._write("badcase.json", to_json({k: v for k, v in fields.items() if k != "samples"}))
+        save_torch_atomic(bad_case_payload(self.bad_cases), self.out_dir / "badcase.pt")
         return self.bad_cases
 
     def load_bad_cases(self, path: str | os.PathLike | None = None) -> BadCaseResult:
-        """Load bad cases written by :meth:`auto_find_bad_case` (default ``<out_dir>/badcase.pt``)."""
-        data = torch.load(Path(path) if path is not None else self.out_dir / "badcase.pt", weights_only=False)
-        self.bad_cases = BadCaseResult(
-            tuple(data["metrics"]),
-            tuple(data["outputs"]),
-            tuple(BadCaseRow(**r) for r in data["rows"]),
-            tuple(WorstRow(**w) for w in data["worst"]),
-            dict(data["samples"]),
-            int(data["num_samples"]),
-        )
+        """Load bad cases written by :meth:`auto_find_bad_case` (default ``<out_dir>/badcase.pt``).
+
+        Raises:
+            FileNotFoundError: when there is no such file.
+            ValueError: naming the file when it is not a bad-case file (the earlier bad cases are kept).
+        """
+        self.bad_cases = read_bad_cases(Path(path) if path is not None else self.out_dir / "badcase.pt")
         self._records = self._batches = None
         return self.bad_cases
 
@@ -222,18 +222,24 @@ class QuantAnalysis:
             dataloader: batches to use; default: the bad cases (one batch of all of them).
             num_steps: only the first ``num_steps`` batches of ``dataloader``.
             input_fn: batch → model inputs for ``dataloader``.
+
+        Raises:
+            ValueError: when ``dataloader`` gives no batch, or for a bad ``num_steps``; the earlier
+                records are kept then (and when recording fails).
         """
         batches: Iterable[ModelInputs]
         if dataloader is None:
             batches = [self.bad_case_inputs()]
         else:
-            batches = iter_batches(dataloader, num_steps, input_fn)
-        self.comparison = self.export_comparison = None
+            batches = nonempty(
+                iter_batches(dataloader, num_steps, input_fn), "the dataloader gave no batches"
+            )
         if self.reference == "onnxruntime":
             self._batches = list(batches)
-            return
-        with float_reference(self.model):
-            self._records, self._order = record_layers(self.model, batches, self.float_model)
+        else:
+            with float_reference(self.model):
+                self._records, self._order = record_layers(self.model, batches, self.float_model)
+        self.comparison = self.export_comparison = None
 
     def compare_per_layer(
         self,
@@ -256,8 +262,15 @@ class QuantAnalysis:
             max_steps: ``reference="onnxruntime"`` only: see :meth:`compare_deployed_per_layer`.
 
         Raises:
-            ValueError: for an argument the reference does not use.
+            ValueError: for an argument the reference does not use, or out of its range (``range_factor``
+                and ``int8_limit`` are finite numbers > 0).
+            TypeError: for a non-number limit or a non-bool ``plot``.
         """
+        check_number(
+            "range_factor", range_factor, "compare_per_layer", low=0.0, low_open=True, allow_none=True
+        )
+        check_number("int8_limit", int8_limit, "compare_per_layer", low=0.0, low_open=True, allow_none=True)
+        check_bool("plot", plot, "compare_per_layer")
         if self.reference == "onnxruntime":
             if range_factor is not None or int8_limit is not None:
                 raise ValueError("range_factor and int8_limit apply to reference='float' only")
@@ -293,12 +306,12 @@ class QuantAnalysis:
             plot: also write ``compare_export_per_layer.png``.
 
         Raises:
-            ValueError: unless ``reference="onnxruntime"``, or for ``max_steps`` < 0.
+            ValueError: unless ``reference="onnxruntime"``, or for ``max_steps`` < 0 or not finite.
         """
         if self.reference != "onnxruntime" or self.onnx_path is None:
             raise ValueError("compare_deployed_per_layer needs QuantAnalysis(..., reference='onnxruntime')")
-        if not max_steps >= 0:
-            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+        check_number("max_steps", max_steps, "compare_deployed_per_layer", low=0.0)
+        check_bool("plot", plot, "compare_deployed_per_layer")
         if self._batches is None:
             self.run()
         rows = compare_export_per_layer(
@@ -320,7 +333,7 @@ class QuantAnalysis:
         types: Sequence[str] = SENSITIVE_TYPES,
         method: str = "exact",
         inputs: Any = None,
-        num_probes: int = 1,
+        num_probes: int | None = None,
         plot: bool = True,
     ) -> list[SensitivityTable]:
         """One sensitivity table per model output, most sensitive first.
@@ -333,16 +346,19 @@ class QuantAnalysis:
             method: ``exact`` (only that op's nodes enabled, downstream slice on fx graphs) or
                 ``approximate`` (first-order estimate, :mod:`qat_lightning.analysis.sensitivity.approximate`).
             inputs: model inputs (a tensor, a tuple of args or a dict of kwargs); default: the bad cases.
-            num_probes: random probes per output for ``approximate``.
+            num_probes: random probes per output, ``approximate`` only (default 1; the exact method
+                measures every op, it has no probes).
             plot: also write the bar charts.
 
         Raises:
-            ValueError: for an unknown metric, type or method, or no inputs.
+            ValueError: for an unknown metric, type or method, no inputs, ``num_probes`` < 1, or
+                ``num_probes`` given with ``method="exact"``.
+            TypeError: for a non-int ``num_probes`` or a non-bool ``plot``.
         """
         resolved = resolve_metric(metric)
         kinds = check_types(types)
-        if method not in SENSITIVITY_METHODS:
-            raise ValueError(f"unknown method {method!r}; allowed: {', '.join(SENSITIVITY_METHODS)}")
+        num_probes = check_probes(method, num_probes)
+        check_bool("plot", plot, "sensitivity")
         batch = self.bad_case_inputs() if inputs is None else normalize_inputs(inputs)
         targets = sensitivity_targets(self.model, kinds)
         float_ops, total = self._float_ops()  # the shares count the unquantized ops' FLOPs too
@@ -371,25 +387,3 @@ class QuantAnalysis:
 
     def _write(self, name: str, text: str) -> Path:
         return write_atomic(self.out_dir / name, text)
-
-
-def _check_reference(reference: str, onnx_path: str | os.PathLike | None) -> Path | None:
-    """Validate ``reference``/``onnx_path`` together; return the path (``None`` for ``float``)."""
-    if reference not in ANALYSIS_REFERENCES:
-        raise ValueError(f"unknown reference {reference!r}; allowed: {', '.join(ANALYSIS_REFERENCES)}")
-    if reference == "float":
-        if onnx_path is not None:
-            raise ValueError("onnx_path is used with reference='onnxruntime' only")
-        return None
-    if onnx_path is None:
-        raise ValueError("reference='onnxruntime' needs onnx_path= (a file export_onnx wrote)")
-    path = Path(onnx_path)
-    for needed in (path, path.with_suffix(".encodings.json")):
-        if not needed.is_file():
-            raise ValueError(f"reference='onnxruntime': no file {needed} (export the model with export_onnx)")
-    return path
-
-
-def vars_of(obj: Any) -> dict[str, Any]:
-    """Fields of a dataclass instance as a dict (shallow)."""
-    return {k: getattr(obj, k) for k in obj.__dataclass_fields__}

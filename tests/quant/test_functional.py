@@ -421,6 +421,60 @@ def test_unknown_dtype_raises() -> None:
         fake_quantize(torch.randn(3), 1.0, "int4")
 
 
+@pytest.mark.parametrize("scale", [0.0, -0.1, -0.0, math.nan, math.inf, -math.inf, 0, -1, 1e-50, 1e39])
+def test_a_python_scale_must_be_finite_and_positive(scale) -> None:
+    """1e-50 and 1e39 are positive and finite in Python but 0 and inf as float32 (how it is used)."""
+    with pytest.raises(ValueError, match=r"fake_quantize: scale must be a finite number > 0"):
+        fake_quantize(torch.tensor([1.0, -0.5, 0.25]), scale, qint8)
+
+
+@pytest.mark.parametrize("scale", [True, "0.1", None, [0.1]])
+def test_a_scale_of_another_type_is_a_type_error(scale) -> None:
+    with pytest.raises(TypeError, match="fake_quantize: scale must be"):
+        fake_quantize(torch.tensor([1.0]), scale, qint8)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, math.nan, math.inf])
+@pytest.mark.parametrize("ch_axis", [None, 1])
+def test_a_cpu_tensor_scale_must_be_finite_and_positive(bad, ch_axis) -> None:
+    x = torch.randn(2, 3)
+    scale = torch.tensor(bad) if ch_axis is None else torch.tensor([0.1, bad, 0.2])
+    with pytest.raises(ValueError, match=r"fake_quantize: scale must be finite and > 0.*got"):
+        fake_quantize(x, scale, qint8, ch_axis=ch_axis)
+    with pytest.raises(ValueError, match=r"scale must be finite and > 0"):
+        fake_quantize(x, scale.requires_grad_(), qint16, ch_axis=ch_axis)  # a learned scale too
+
+
+def test_positive_scales_of_every_form_are_accepted() -> None:
+    x = torch.tensor([1.0, -0.5, 0.25])
+    for scale in (0.25, torch.tensor(0.25), torch.tensor([0.25]), torch.tensor(0.25, dtype=torch.float64)):
+        assert fake_quantize(x, scale, qint8).tolist() == [1.0, -0.5, 0.25]
+    assert fake_quantize(torch.tensor([4.0, -6.0]), 2, qint8).tolist() == [4.0, -6.0]  # an int scale
+
+
+def test_a_scale_off_the_cpu_is_not_read_back() -> None:
+    """Only a CPU tensor scale is checked: reading another device's values would be a host sync."""
+    out = fake_quantize(torch.empty(2, 3, device="meta"), torch.zeros((), device="meta"), qint8)
+    assert out.device.type == "meta" and out.shape == (2, 3)
+
+
+def test_the_node_kernel_does_not_check_scale_values() -> None:
+    """quantize_tensor is the nodes' hot path: shapes only, never a value read back (no host sync)."""
+    out = quantize_tensor(torch.tensor([1.0]), torch.tensor(0.0), qint8.qmin, qint8.qmax)
+    assert out.shape == (1,)
+
+
+@pytest.mark.parametrize("ch_axis", ["1", 1.0, True])
+def test_a_channel_axis_that_is_not_an_int_is_a_type_error(ch_axis) -> None:
+    with pytest.raises(TypeError, match=r"ch_axis must be an int \(the channel axis\) or None"):
+        fake_quantize(torch.randn(2, 3), torch.ones(3), qint8, ch_axis=ch_axis)
+
+
+def test_x_must_be_a_tensor() -> None:
+    with pytest.raises(TypeError, match="fake_quantize: x must be a tensor"):
+        fake_quantize([1.0, 2.0], 0.1, qint8)
+
+
 # ------------------------------------------------------------------------------------ property tests
 @st.composite
 def fq_cases(draw):

@@ -19,9 +19,11 @@ and the inputs of every bad-case sample (batch dimension 1), enough to rerun the
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,7 +42,14 @@ from qat_lightning.analysis.inputs import (
     select_samples,
 )
 
-__all__ = ["BadCaseRow", "WorstRow", "BadCaseResult", "find_bad_cases"]
+__all__ = [
+    "BadCaseRow",
+    "WorstRow",
+    "BadCaseResult",
+    "bad_case_payload",
+    "find_bad_cases",
+    "read_bad_cases",
+]
 
 
 @dataclass(frozen=True)
@@ -217,3 +226,46 @@ def find_bad_cases(
         offset,
         replayed,
     )
+
+
+def _fields(obj: Any) -> dict[str, Any]:
+    return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
+
+
+def bad_case_payload(result: BadCaseResult) -> dict[str, Any]:
+    """Return what ``badcase.pt`` holds: the tables as plain dicts and every bad-case sample's inputs."""
+    return {
+        "rows": [_fields(r) for r in result.rows],
+        "worst": [_fields(w) for w in result.worst],
+        "metrics": result.metrics,
+        "outputs": result.outputs,
+        "num_samples": result.num_samples,
+        "samples": dict(result.samples),
+    }
+
+
+def read_bad_cases(path: str | os.PathLike[str]) -> BadCaseResult:
+    """Read a ``badcase.pt`` written by ``QuantAnalysis.auto_find_bad_case`` (:func:`bad_case_payload`).
+
+    Raises:
+        FileNotFoundError: when there is no file at ``path``.
+        ValueError: naming ``path`` when the file does not load or does not hold bad cases.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no bad-case file {str(path)!r}: call auto_find_bad_case(dataloader) first")
+    try:
+        data = torch.load(path, weights_only=False)
+        return BadCaseResult(
+            tuple(data["metrics"]),
+            tuple(data["outputs"]),
+            tuple(BadCaseRow(**r) for r in data["rows"]),
+            tuple(WorstRow(**w) for w in data["worst"]),
+            dict(data["samples"]),
+            int(data["num_samples"]),
+        )
+    except Exception as err:  # noqa: BLE001 - any unpickling / shape error means: not our file
+        raise ValueError(
+            f"{str(path)!r} is not a bad-case file written by auto_find_bad_case "
+            f"({type(err).__name__}: {str(err)[:200]})"
+        ) from err

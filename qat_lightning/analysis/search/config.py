@@ -8,8 +8,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from qat_lightning.analysis.checks import check_bool
 from qat_lightning.analysis.search.precision_nodes import OpNodes
 from qat_lightning.analysis.search.probe_cache import CACHE_REFERENCES
+from qat_lightning.chips import get_chip
 from qat_lightning.quant.dtypes import DtypeLike, parse_dtype, qint8, qint16
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.qconfig.qconfig import QConfig
@@ -80,8 +82,11 @@ class SearchConfig:
             )
         if self.method not in SEARCH_METHODS:
             raise ValueError(f"unknown method {self.method!r}; allowed: {', '.join(SEARCH_METHODS)}")
-        if self.max_cost_probes is not None and self.max_cost_probes < 0:
-            raise ValueError(f"max_cost_probes must be None or >= 0, got {self.max_cost_probes}")
+        probes = self.max_cost_probes
+        if probes is not None and (isinstance(probes, bool) or not isinstance(probes, int) or probes < 0):
+            raise ValueError(f"max_cost_probes must be None or an int >= 0, got {probes!r}")
+        for flag in ("cost_aware", "higher_is_better"):
+            check_bool(flag, getattr(self, flag), "SearchConfig")
         if not isinstance(self.reuse_activations, bool):
             raise ValueError(f"reuse_activations must be True or False, got {self.reuse_activations!r}")
         budget = self.cache_budget_mb
@@ -91,6 +96,18 @@ class SearchConfig:
             raise ValueError(
                 f"unknown cache_reference {self.cache_reference!r}; allowed: {', '.join(CACHE_REFERENCES)}"
             )
+        self._check_objects()
+
+    def _check_objects(self) -> None:
+        """Check the chip name, the filter and the base dtypes (no value is accepted only to fail later)."""
+        if self.chip is not None:
+            get_chip(self.chip)  # ValueError listing the known chips
+        if self.op_filter is not None and not callable(self.op_filter):
+            raise TypeError(f"op_filter must be a callable OpNodes -> bool or None, got {self.op_filter!r}")
+        for node, dtype in (self.base_dtypes or {}).items():
+            if not isinstance(node, FakeQuantize):
+                raise TypeError(f"base_dtypes keys must be FakeQuantize nodes of the model, got {node!r}")
+            parse_dtype(dtype)
 
 
 def _config(config: SearchConfig | None, options: Mapping[str, Any]) -> SearchConfig:

@@ -53,6 +53,13 @@ Each probe is an evaluation only: node dtypes are changed in place (``fq.dtype =
 recomputed from the observers' dtype-agnostic statistics, no recalibration), ``eval_fn(model)`` is
 called with the model in eval mode and its nodes in VALIDATION, and every dtype and scale is restored.
 
+Inputs are checked before the first probe: the model must be prepared and calibrated (else a
+``ValueError``, or the ``UncalibratedModelError`` ``QuantAnalysis`` raises), the target finite, and the
+tables' rows must name ops of the model (rows naming no op are listed in a warning; if none does, a
+``ValueError``). ``eval_fn`` must return a number: a NaN raises a ``ValueError`` naming the probe (the
+model restored) instead of counting as a failing probe, since a NaN can be neither compared with the
+target nor ranked, and a plan built around it would be meaningless.
+
 The plan carries a ready :class:`~qat_lightning.quant.qconfig.setter.QconfigSetter`: ``base_templates``
 plus one :class:`~qat_lightning.quant.qconfig.templates.SensitivityTemplate` over exactly the raised rows,
 with the chip (``on_violation="downgrade"``, the rule the probes follow). Cost = ``chips.op_cost`` summed
@@ -72,6 +79,7 @@ from typing import Any
 
 from torch import nn
 
+from qat_lightning.analysis.checks import check_number, check_table_names, require_searchable
 from qat_lightning.analysis.search.config import SEARCH_METHODS, SearchConfig, _config
 from qat_lightning.analysis.search.precision_nodes import (
     DEFAULT_COST_CHIP,
@@ -283,9 +291,17 @@ def search_mixed_precision(
         options: :class:`SearchConfig` fields overriding ``config`` (``chip="j6m"``, ``method="exact"``).
 
     Raises:
-        TypeError: for an unknown option.
-        ValueError: for bad tables, dtypes, types, methods or chip names.
+        TypeError: for an unknown option, a model that is not a module, a target or an ``eval_fn``
+            value that is not a number.
+        ValueError: for bad tables (rows of which none names an op of the model; rows naming no op
+            only warn), dtypes, types, methods or chip names, a target that is not finite, a model
+            without quant nodes (not prepared), or an ``eval_fn`` that returns NaN (the error names the
+            probe; the model is restored).
+        UncalibratedModelError: for a model that was never calibrated.
     """
+    who = "search_mixed_precision"
+    require_searchable(model, who, eval_fn)
+    target = check_number("target", target, who)  # type: ignore[assignment]
     cfg = _config(config, options)
     tabs = _as_tables(tables)
     high_d = parse_dtype(cfg.high)
@@ -294,6 +310,7 @@ def search_mixed_precision(
     if cfg.reuse_activations:
         reuse = ActivationReuse(model, cfg.cache_budget_mb, cfg.cache_reference)
     s = ProbeRunner(model, eval_fn, target, cfg.higher_is_better, base, cfg.chip, on_probe, reuse)
+    check_table_names(tabs, s.ops, who)
     per_table = [search_rows(t, cfg.sensitive_type, s.ops, cfg.op_filter) for t in tabs]
     st = _Stages(s, per_table, high_d)
     zero = [0] * len(tabs)
@@ -303,7 +320,8 @@ def search_mixed_precision(
     full = st.probe("all_high", st.sizes)
     if not full.ok:
         counts, best = (st.sizes, full) if s.better(full.metric, first.metric) else (zero, first)
-        return _finish(st, tabs, cfg, counts, best, 1.0, _union(per_table, counts), reached=False)
+        ratio = 1.0 if counts is st.sizes else 0.0  # the share raised: none when the baseline is kept
+        return _finish(st, tabs, cfg, counts, best, ratio, _union(per_table, counts), reached=False)
     if cfg.method == "fast":
         st.guess = FirstOrderGuess(tabs, per_table)
         st.guess.observe([], first.metric)

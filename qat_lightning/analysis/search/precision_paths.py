@@ -18,6 +18,13 @@ from typing import Any
 
 from torch import nn
 
+from qat_lightning.analysis.checks import (
+    check_bool,
+    check_count,
+    check_number,
+    check_table_names,
+    require_searchable,
+)
 from qat_lightning.analysis.search.mixed_precision import search_mixed_precision
 from qat_lightning.analysis.search.precision_nodes import OpNodes, assignment_cost, collect_ops
 from qat_lightning.analysis.search.probes import ProbeRunner
@@ -49,6 +56,23 @@ def _fp16_candidate(op: OpNodes | None) -> bool:
     return op is not None and op.output is not None and op.output not in op.disabled
 
 
+def _check_fp16_args(
+    model: Any, table: Any, eval_fn: Any, target: Any, max_k: Any, higher_is_better: Any
+) -> float:
+    """Validate :func:`search_fp16_topk`'s arguments where they arrive; return the target as a float."""
+    who = "search_fp16_topk"
+    require_searchable(model, who, eval_fn)
+    if not isinstance(table, SensitivityTable):
+        hint = "; pick one, e.g. tables[0] (the output the target is measured on)"
+        raise TypeError(
+            f"{who}: table must be one SensitivityTable (an int16 sensitivity table of one output), "
+            f"got {type(table).__name__}{hint if isinstance(table, (list, tuple)) else ''}"
+        )
+    check_count("max_k", max_k, who)
+    check_bool("higher_is_better", higher_is_better, who)
+    return float(check_number("target", target, who))  # type: ignore[arg-type]
+
+
 def search_fp16_topk(
     model: nn.Module,
     table: SensitivityTable,
@@ -75,13 +99,17 @@ def search_fp16_topk(
     probe. The plan's notes list the chip downgrades of the chosen assignment only (not of the probes).
 
     Raises:
-        ValueError: for ``max_k < 1`` or a chip that cannot run float16 outputs.
+        TypeError: for a list of tables (pass one), a non-int ``max_k``, a non-bool ``higher_is_better``,
+            a target or an ``eval_fn`` value that is not a number.
+        ValueError: for ``max_k < 1``, a chip without float16 ops, and as :func:`search_mixed_precision`
+            (target, model without quant nodes, a table of another model, ``eval_fn`` returning NaN).
+        UncalibratedModelError: for a model that was never calibrated.
     """
-    if max_k < 1:
-        raise ValueError(f"max_k must be >= 1, got {max_k}")
+    target = _check_fp16_args(model, table, eval_fn, target, max_k, higher_is_better)
     if chip is not None and "float16" not in get_chip(chip).other_dtypes:
         raise ValueError(f"chip {chip} has no float16 ops")
     s = ProbeRunner(model, eval_fn, target, higher_is_better, {}, chip, on_probe)
+    check_table_names([table], s.ops, "search_fp16_topk")
     acts = [r for r in table.rows if r.sensitive_type == "activation"]
     rows = [r for r in acts if _fp16_candidate(s.ops.get(r.op_name))][:max_k]
     if not rows:
@@ -163,7 +191,14 @@ def search_j6p(
         eval_fn: ``eval_fn(model) -> float``.
         target: the metric to reach.
         kwargs: passed to :func:`search_mixed_precision` (``cost_aware``, ``method``, ``on_probe``, ...).
+
+    Raises:
+        ValueError: as :func:`search_mixed_precision` (the model and the target are checked first).
+        TypeError: as :func:`search_mixed_precision`.
+        UncalibratedModelError: for a model that was never calibrated.
     """
+    require_searchable(model, "search_j6p", eval_fn)
+    check_number("target", target, "search_j6p")
     templates = [
         ModuleNameTemplate({"": float16}),
         ConvDtypeTemplate(input_dtype=qint8, weight_dtype=qint8),

@@ -25,8 +25,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
+from numbers import Real
+from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from qat_lightning.analysis.search.precision_nodes import (
     apply_chip_rules,
@@ -43,9 +45,31 @@ from qat_lightning.quant.dtypes import QuantDtype
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityRow, SensitivityTable
 
-__all__ = ["GUESS_FACTOR", "ProbeRunner", "smallest_ok", "FirstOrderGuess", "row_energy"]
+__all__ = ["GUESS_FACTOR", "ProbeRunner", "smallest_ok", "FirstOrderGuess", "probe_metric", "row_energy"]
 
 Row = tuple[str, str]
+
+
+def probe_metric(value: Any, stage: str, raised: int, target: float) -> float:
+    """Return what ``eval_fn`` returned at a probe as a float: a real number or a one-element tensor.
+
+    Raises:
+        TypeError: for anything else (``None``, a string, a tensor of several values).
+        ValueError: for NaN, naming the probe: it can be neither compared with the target nor ranked.
+    """
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = value.detach().reshape(()).item()
+    if not isinstance(value, Real):
+        shown = f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)[:60]
+        raise TypeError(f"eval_fn must return a number (e.g. accuracy), got {shown} at probe {stage!r}")
+    metric = float(value)
+    if math.isnan(metric):
+        raise ValueError(
+            f"eval_fn returned nan at probe {stage!r} ({raised} row{'' if raised == 1 else 's'} raised): the "
+            f"search compares the metric with the target {target:g} and cannot compare nan; check eval_fn "
+            "(an empty validation set, a division by zero) or the model under this assignment"
+        )
+    return metric
 
 
 class ProbeRunner:
@@ -128,7 +152,8 @@ class ProbeRunner:
         cost = assignment_cost(self.ops, dtypes, self.chip)
         serving = self.reuse.serving() if self.reuse is not None else nullcontext()
         with node_dtypes(dict(dtypes)), analysis_mode(self.model), float_reference(self.model), serving:
-            metric = float(self.eval_fn(self.model))
+            value = self.eval_fn(self.model)
+        metric = probe_metric(value, stage, raised, self.target)
         probe = Probe(stage, ratio, counts, metric, cost, raised, self.ok(metric))
         self.probes.append(probe)
         if self.on_probe is not None:

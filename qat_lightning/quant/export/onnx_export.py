@@ -99,23 +99,51 @@ class _Flat(nn.Module):
 
 
 def _normalize(example_inputs: Any) -> tuple[tuple[Tensor, ...], tuple[str, ...] | None]:
+    """Return the example inputs as positional tensors and, for a dict, their names.
+
+    Raises:
+        TypeError: for inputs that are not tensors.
+        ValueError: for no inputs (an empty tuple, list or dict).
+    """
     if isinstance(example_inputs, Tensor):
         example_inputs = (example_inputs,)
     if isinstance(example_inputs, Mapping):
         items = [(k, v) for k, v in example_inputs.items() if v is not None]
         bad = [k for k, v in items if not isinstance(v, Tensor)]
         if bad:
-            raise ExportError(
-                f"example_inputs values must be tensors; not tensors: {', '.join(map(str, bad))}"
-            )
-        return tuple(v for _, v in items), tuple(str(k) for k, _ in items)
-    if isinstance(example_inputs, (tuple, list)) and all(isinstance(v, Tensor) for v in example_inputs):
+            raise TypeError(f"example_inputs values must be tensors; not tensors: {', '.join(map(str, bad))}")
+        if items:
+            return tuple(v for _, v in items), tuple(str(k) for k, _ in items)
+    elif isinstance(example_inputs, (tuple, list)) and all(isinstance(v, Tensor) for v in example_inputs):
         if example_inputs:
             return tuple(example_inputs), None
-    raise ExportError(
-        "example_inputs must be a tensor, a non-empty tuple/list of tensors or a dict of tensors, "
-        f"got {type(example_inputs).__name__}"
-    )
+    else:
+        raise TypeError(f"{_INPUTS_KINDS}, got {type(example_inputs).__name__}")
+    raise ValueError(f"{_INPUTS_KINDS}, got an empty {type(example_inputs).__name__}")
+
+
+_INPUTS_KINDS = "example_inputs must be a tensor, a non-empty tuple/list of tensors or a dict of tensors"
+
+
+def _check_arguments(model: Any, opset: Any, path: Path, dynamic_batch: Any) -> None:
+    """Refuse a bad argument of :func:`export_onnx` (ValueError / TypeError, not ExportError).
+
+    Raises:
+        TypeError: for a model that is not a module, an opset that is not an int or a non-bool
+            ``dynamic_batch``.
+        ValueError: for an opset outside ``EXPORT_OPSETS`` or a path that does not end with ``.onnx``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module prepared by ql.prepare, got {type(model).__name__}")
+    allowed = ", ".join(map(str, EXPORT_OPSETS))
+    if isinstance(opset, bool) or not isinstance(opset, int):
+        raise TypeError(f"opset must be an int; allowed: {allowed}, got {opset!r}")
+    if opset not in EXPORT_OPSETS:
+        raise ValueError(f"opset {opset!r} is not supported; allowed: {allowed}")
+    if path.suffix != ".onnx":
+        raise ValueError(f"path must end with .onnx (the encodings go beside it), got {str(path)!r}")
+    if not isinstance(dynamic_batch, bool):
+        raise TypeError(f"dynamic_batch must be True or False, got {dynamic_batch!r}")
 
 
 def _input_names(model: nn.Module, n: int) -> tuple[str, ...]:
@@ -179,14 +207,7 @@ def _switch_note(model: nn.Module, example_inputs: Any, cold: list[str]) -> str:
 
 
 def _check_model(model: nn.Module, opset: int, path: Path, example_inputs: Any = None) -> None:
-    if not isinstance(model, nn.Module):
-        raise ExportError(
-            f"model must be a torch.nn.Module prepared by ql.prepare, got {type(model).__name__}"
-        )
-    if opset not in EXPORT_OPSETS:
-        raise ExportError(f"opset {opset!r} is not supported; allowed: {', '.join(map(str, EXPORT_OPSETS))}")
-    if path.suffix != ".onnx":
-        raise ExportError(f"path must end with .onnx (the encodings go beside it), got {str(path)!r}")
+    """Refuse a model that cannot be exported with these (valid) arguments, with an ExportError."""
     nodes = list(iter_fake_quantize(model))
     if not nodes:
         raise ExportError(
@@ -309,12 +330,18 @@ def export_onnx(
         dynamic_batch: make dim 0 of every input and output symbolic (``batch``).
 
     Raises:
-        ExportError: for a model without quant nodes or scales, bad arguments, an unwritable path, or an op
-            the exporter cannot write (the message names it); no file is written then.
+        ValueError: for an opset outside ``EXPORT_OPSETS``, a path that does not end with ``.onnx`` or no
+            example inputs.
+        TypeError: for a model that is not a module, example inputs that are not tensors, an opset that
+            is not an int or a non-bool ``dynamic_batch``.
+        ExportError: what cannot be exported: a model without quant nodes or scales, int16 points with
+            opset 20, an unwritable folder, or an op the exporter cannot write (the message names it).
+            No file is written on any error.
     """
     path = Path(path)
-    _check_model(model, opset, path, example_inputs)
+    _check_arguments(model, opset, path, dynamic_batch)
     args, kw_names = _normalize(example_inputs)
+    _check_model(model, opset, path, example_inputs)
     names = kw_names or _input_names(model, len(args))
     flat = _Flat(model, kw_names)
     with eval_restoring(model), export_points(model) as points, torch.no_grad():

@@ -35,8 +35,10 @@ backward keeps the half-precision input itself (2 bytes per element), not a floa
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from collections.abc import Callable
+from numbers import Real
 from types import ModuleType
 
 import torch
@@ -190,6 +192,14 @@ def quantize_tensor(x: Tensor, scale: Tensor, qmin: int, qmax: int, ch_axis: int
 
 
 def _check_scale(scale: Tensor, x: Tensor, ch_axis: int | None) -> None:
+    """Check the scale's shape against ``x`` and ``ch_axis`` (shapes and types only: no host sync).
+
+    Raises:
+        TypeError: when ``ch_axis`` is not an int or ``None``.
+        ValueError: for a channel axis out of range or a scale count that does not match.
+    """
+    if ch_axis is not None and (isinstance(ch_axis, bool) or not isinstance(ch_axis, int)):
+        raise TypeError(f"ch_axis must be an int (the channel axis) or None, got {ch_axis!r}")
     if ch_axis is None:
         if scale.numel() != 1:
             raise ValueError(f"per-tensor fake quant needs one scale, got shape {tuple(scale.shape)}")
@@ -203,6 +213,33 @@ def _check_scale(scale: Tensor, x: Tensor, ch_axis: int | None) -> None:
         )
 
 
+def _scale_tensor(scale: Tensor | float, device: torch.device) -> Tensor:
+    """Return ``fake_quantize``'s scale as float32 on ``device``, its values checked where that is free.
+
+    A Python number and a CPU tensor are checked (finite and > 0 as float32); a tensor elsewhere, or
+    while ``torch.compile`` traces, is not (no host sync, no graph break).
+    """
+    if isinstance(scale, Tensor):
+        scale_t = scale.detach().to(torch.float32) if scale.device.type == "cpu" else None
+        if scale_t is not None and not torch.compiler.is_compiling():
+            if not bool(torch.isfinite(scale_t).all() and (scale_t > 0).all()):
+                shown = scale_t.reshape(-1)[:8].tolist()
+                raise ValueError(f"fake_quantize: scale must be finite and > 0 everywhere, got {shown}")
+        return scale.to(dtype=torch.float32, device=device)
+    if isinstance(scale, bool) or not isinstance(scale, Real):
+        raise TypeError(
+            f"fake_quantize: scale must be a number or a tensor, got {type(scale).__name__} {scale!r}"
+        )
+    value = float(scale)  # plain Python: no tensor, nothing traced
+    if not (math.isfinite(value) and _FP32_TINIEST <= value <= _FP32_MAX):  # 0 or inf as float32 otherwise
+        raise ValueError(f"fake_quantize: scale must be a finite number > 0 (as float32), got {scale!r}")
+    return torch.tensor(value, dtype=torch.float32, device=device)
+
+
+_FP32_TINIEST = 2.0**-149  # the smallest positive float32 (subnormal)
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def fake_quantize(
     x: Tensor, scale: Tensor | float, dtype: DtypeLike = "qint8", ch_axis: int | None = None
 ) -> Tensor:
@@ -211,7 +248,10 @@ def fake_quantize(
     Args:
         x: float tensor.
         scale: one scale (float or tensor) for per-tensor, or a 1-d tensor with ``x.shape[ch_axis]``
-            entries for per-channel quantization. Must be positive. Used as float32.
+            entries for per-channel quantization. Must be finite and positive as float32 (how it is
+            used). A Python number is checked; so is a CPU tensor (outside ``torch.compile``). A tensor
+            on another device (CUDA) is not: reading its values would make the host wait for the
+            device, and a quant node's scale (``quantize_tensor``) is never read back either.
         dtype: ``qint8``/``qint16`` quantize; ``float16`` fake-casts (scale ignored); ``float32`` returns
             ``x`` unchanged.
         ch_axis: channel axis for per-channel scales, ``None`` for per-tensor.
@@ -220,14 +260,19 @@ def fake_quantize(
         A tensor like ``x``. Gradient: straight-through inside the range, zero where clipped.
 
     Raises:
-        ValueError: for an unknown dtype or a scale whose size does not match.
+        ValueError: for an unknown dtype, a scale whose size does not match, or a checked scale that is
+            zero, negative, NaN or infinite.
+        TypeError: for an ``x`` that is not a tensor, a scale that is neither a number nor a tensor, or a
+            ``ch_axis`` that is not an int.
     """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"fake_quantize: x must be a tensor, got {type(x).__name__}")
     qdtype: QuantDtype = parse_dtype(dtype)
     if qdtype.is_float32:
         return x
     if qdtype.is_float16:
         return fake_cast(x)
-    scale_t = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+    scale_t = _scale_tensor(scale, x.device)
     _check_scale(scale_t, x, ch_axis)
     scale_t = scale_t.reshape(()) if ch_axis is None else scale_t.reshape(-1)
     return quantize_tensor(x, scale_t, qdtype.qmin, qdtype.qmax, ch_axis)
