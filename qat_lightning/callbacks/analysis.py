@@ -26,7 +26,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from qat_lightning.analysis import QuantAnalysis, SearchReporter, search_mixed_precision
+from qat_lightning.analysis.compare.metrics import Metric, resolve_metrics
 from qat_lightning.analysis.inputs import flatten_outputs
+from qat_lightning.callbacks._checks import (
+    check_callable,
+    check_count,
+    check_dataloader,
+    check_number,
+    check_submodule,
+    require_bool,
+)
 from qat_lightning.callbacks._common import (
     InputFn,
     batch_transfer,
@@ -42,6 +51,7 @@ from qat_lightning.callbacks._common import (
 from qat_lightning.callbacks.logging import flush_loggers, log_figure, log_image_file, log_scalars, log_text
 from qat_lightning.files import write_atomic
 from qat_lightning.ptq import float_reference
+from qat_lightning.quant.checks import require_str
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantState, fake_quant_state
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
@@ -145,6 +155,18 @@ def _as_tables(result: Any) -> tuple[SensitivityTable, ...]:
     return tuple(result)
 
 
+def _check_metrics(metrics: Any) -> tuple[Any, ...]:
+    """Return the metrics as a tuple (a str is one metric) once :func:`resolve_metrics` accepts them.
+
+    Raises:
+        ValueError: for no metric, an unknown name (the message lists the built-in names) or duplicates.
+    """
+    if not metrics and not callable(metrics):
+        raise ValueError("metrics must name at least one metric, e.g. ('COSINE', 'L1', 'ATOL')")
+    resolve_metrics(metrics)
+    return (metrics,) if isinstance(metrics, (str, Metric)) or callable(metrics) else tuple(metrics)
+
+
 class QuantAnalysisCallback(Callback):
     r"""Run the seed's accuracy debugging on the network after fit, and on demand.
 
@@ -158,7 +180,8 @@ class QuantAnalysisCallback(Callback):
         dataloader: ``"val"`` (default), ``"train"``, ``"test"`` or any iterable of batches. Under DDP rank
             zero analyses its own shard.
         num_steps: batches used to find bad cases (``None``: all).
-        metrics: error metrics for bad cases (``COSINE``, ``L1``, ``ATOL``, ``MSE``, ``SQNR``, ``KL``).
+        metrics: error metrics for bad cases (``COSINE``, ``L1``, ``ATOL``, ``MSE``, ``SQNR``, ``KL``, or
+            callables, as ``QuantAnalysis.auto_find_bad_case`` takes them); one name as a str or a list.
         sensitivity: compute the sensitivity tables.
         search_target: run the mixed-precision search to reach this value of ``search_eval_fn``.
         search_eval_fn: ``eval_fn(model) -> float`` for the search (higher is better); default
@@ -169,7 +192,11 @@ class QuantAnalysisCallback(Callback):
         dirname: sub-directory of the log dir.
 
     Raises:
-        ValueError: at construction for an unknown dataloader name, an empty metric list or bad num_steps.
+        ValueError: at construction for an unknown dataloader name, an empty metric list or an unknown
+            metric name, a ``num_steps`` below 1, a non-finite ``search_target`` or an empty ``dirname``.
+        TypeError: at construction for a non-int ``num_steps`` (``1.5``), a non-bool flag (``"no"``), a
+            non-number ``search_target``, a non-callable ``search_eval_fn`` / ``input_fn``, a dataloader that
+            is neither a name nor an iterable, a non-str submodule or dirname.
     """
 
     def __init__(
@@ -186,24 +213,17 @@ class QuantAnalysisCallback(Callback):
         dirname: str = "quant_analysis",
     ) -> None:
         super().__init__()
-        if isinstance(dataloader, str) and dataloader not in ("train", "val", "test"):
-            raise ValueError(
-                f"dataloader={dataloader!r} is not supported; allowed: 'train', 'val', 'test', or an iterable"
-            )
-        if not metrics:
-            raise ValueError("metrics must name at least one metric, e.g. ('COSINE', 'L1', 'ATOL')")
-        if num_steps is not None and (isinstance(num_steps, bool) or int(num_steps) < 1):
-            raise ValueError(f"num_steps must be a positive int or None, got {num_steps!r}")
-        self.dataloader = dataloader
-        self.num_steps = num_steps
-        self.metrics = tuple(metrics)
-        self.sensitivity = sensitivity
-        self.search_target = search_target
-        self.search_eval_fn = search_eval_fn
-        self.input_fn = input_fn
-        self.run_on_fit_end = run_on_fit_end
-        self.submodule = submodule
-        self.dirname = dirname
+        who = "QuantAnalysisCallback"
+        self.dataloader = check_dataloader(dataloader, who)
+        self.num_steps = check_count("num_steps", num_steps, who, allow_none=True)
+        self.metrics = _check_metrics(metrics)
+        self.sensitivity = require_bool("sensitivity", sensitivity, who)
+        self.search_target = check_number("search_target", search_target, who)
+        self.search_eval_fn = check_callable("search_eval_fn", search_eval_fn, who)
+        self.input_fn = check_callable("input_fn", input_fn, who)
+        self.run_on_fit_end = require_bool("run_on_fit_end", run_on_fit_end, who)
+        self.submodule = check_submodule(submodule, who)
+        self.dirname = require_str("dirname", dirname, who, empty=False)
         self.outcome: AnalysisOutcome | None = None
         self._out_dir: Path | None = None
         self._running = False

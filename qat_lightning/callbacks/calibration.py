@@ -32,6 +32,13 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from qat_lightning.callbacks._checks import (
+    check_callable,
+    check_count,
+    check_dataloader,
+    check_submodule,
+    require_bool,
+)
 from qat_lightning.callbacks._common import (
     InputFn,
     batch_transfer,
@@ -73,6 +80,9 @@ class Calibration(Callback):
             trained scales.
 
     Raises:
+        TypeError: at construction for a non-int ``num_batches`` (``1.5``, ``True``), a non-bool ``force``
+            (``"no"``), a dataloader that is neither a name nor an iterable, a non-callable ``input_fn`` or a
+            non-str ``submodule``.
         ValueError: at construction for a non-positive ``num_batches`` or an unknown dataloader name.
     """
 
@@ -85,19 +95,12 @@ class Calibration(Callback):
         force: bool = False,
     ) -> None:
         super().__init__()
-        if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) < 1):
-            raise ValueError(
-                f"num_batches must be a positive int or None (whole loader), got {num_batches!r}"
-            )
-        if isinstance(dataloader, str) and dataloader not in ("train", "val", "test"):
-            raise ValueError(
-                f"dataloader={dataloader!r} is not supported; allowed: 'train', 'val', 'test', or an iterable"
-            )
-        self.num_batches = None if num_batches is None else int(num_batches)
-        self.dataloader = dataloader
-        self.input_fn = input_fn
-        self.submodule = submodule
-        self.force = force
+        who = "Calibration"
+        self.num_batches = check_count("num_batches", num_batches, who, allow_none=True)
+        self.dataloader = check_dataloader(dataloader, who)
+        self.input_fn = check_callable("input_fn", input_fn, who)
+        self.submodule = check_submodule(submodule, who)
+        self.force = require_bool("force", force, who)
         self.batches_used = 0
         self._pending = False
 

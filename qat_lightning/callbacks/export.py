@@ -35,8 +35,14 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from qat_lightning.analysis import ExportCheck, check_export, compare_export_per_layer, first_export_mismatch
 from qat_lightning.analysis.export_layers import render_export_layers
 from qat_lightning.analysis.ort_sessions import ORT_OPTIMIZATIONS
+from qat_lightning.callbacks._checks import (
+    check_callable,
+    check_count,
+    check_dataloader,
+    check_submodule,
+    require_bool,
+)
 from qat_lightning.callbacks._common import (
-    DATALOADER_CHOICES,
     InputFn,
     check_choice,
     default_input_fn,
@@ -81,6 +87,9 @@ class ExportOnnx(Callback):
     Raises:
         ValueError: at construction for a path not ending in ``.onnx``, a negative ``check_batches``, an
             unknown dataloader name, opset or optimization level.
+        TypeError: at construction for a non-int ``check_batches`` / ``opset`` (``1.5``, ``21.0``), a
+            non-bool flag (``"no"``), a dataloader that is neither a name nor an iterable, a non-callable
+            ``input_fn`` or a non-str submodule.
     """
 
     def __init__(
@@ -96,25 +105,19 @@ class ExportOnnx(Callback):
         submodule: str = "model",
     ) -> None:
         super().__init__()
+        who = "ExportOnnx"
         if Path(path).suffix != ".onnx":
             raise ValueError(f"path must end with .onnx, got {str(path)!r}")
-        if check_batches is not None and (isinstance(check_batches, bool) or int(check_batches) < 0):
-            raise ValueError(
-                f"check_batches must be an int >= 0 (0: no check) or None (all), got {check_batches!r}"
-            )
-        if isinstance(dataloader, str):
-            check_choice("dataloader", dataloader, DATALOADER_CHOICES)
-        check_choice("opset", opset, _export_module().EXPORT_OPSETS)
+        self.check_batches = check_count("check_batches", check_batches, who, minimum=0, allow_none=True)
+        self.dataloader = check_dataloader(dataloader, who)
+        self.opset = check_choice("opset", check_count("opset", opset, who), _export_module().EXPORT_OPSETS)
         check_choice("optimization", optimization, ORT_OPTIMIZATIONS)
         self.path = Path(path)
-        self.check_batches = check_batches
-        self.dataloader = dataloader
-        self.opset = opset
-        self.dynamic_batch = dynamic_batch
+        self.dynamic_batch = require_bool("dynamic_batch", dynamic_batch, who)
         self.optimization = optimization
-        self.input_fn = input_fn
-        self.run_on_fit_end = run_on_fit_end
-        self.submodule = submodule
+        self.input_fn = check_callable("input_fn", input_fn, who)
+        self.run_on_fit_end = require_bool("run_on_fit_end", run_on_fit_end, who)
+        self.submodule = check_submodule(submodule, who)
         self.outcome: ExportOutcome | None = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

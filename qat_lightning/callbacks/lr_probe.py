@@ -42,6 +42,13 @@ from qat_lightning.analysis.advice.lr import (
     probe_qat_lr,
     render_lr_probe,
 )
+from qat_lightning.callbacks._checks import (
+    check_callable,
+    check_count,
+    check_number_list,
+    check_submodule,
+    require_bool,
+)
 from qat_lightning.callbacks._common import batch_transfer, get_submodule, request_dataloader, switch_states
 from qat_lightning.callbacks._probe_steps import (
     ModuleModes,
@@ -88,7 +95,10 @@ class QatLrProbe(Callback):
         result: the probe's :class:`~qat_lightning.analysis.advice.lr.LrProbeResult` after ``fit`` starts.
 
     Raises:
-        ValueError: at construction for no/negative LRs or a step count below 1.
+        ValueError: at construction for no LR, a non-positive or non-finite LR, or a count below 1.
+        TypeError: at construction for ``lrs`` that is not a list of numbers, a non-int count (``1.5``,
+            ``True``), a non-bool ``higher_is_better`` (``"no"``), a non-callable ``eval_fn`` or a non-str
+            submodule.
     """
 
     def __init__(
@@ -101,17 +111,15 @@ class QatLrProbe(Callback):
         submodule: str = "model",
     ) -> None:
         super().__init__()
-        lrs = tuple(float(lr) for lr in lrs)
-        if not lrs or any(not lr > 0 for lr in lrs):
-            raise ValueError(f"lrs must be one or more positive learning rates, got {lrs}")
-        if int(steps) < 1 or int(eval_batches) < 1:
-            raise ValueError(f"steps and eval_batches must be >= 1, got {steps}, {eval_batches}")
-        self.lrs = lrs
-        self.steps = int(steps)
-        self.eval_fn = eval_fn
+        who = "QatLrProbe"
+        what = "one or more positive learning rates (a list of finite numbers > 0)"
+        self.lrs = check_number_list("lrs", lrs, who, what=what, low=0.0)
+        self.steps = check_count("steps", steps, who)
+        self.eval_fn = check_callable("eval_fn", eval_fn, who)
+        higher_is_better = require_bool("higher_is_better", higher_is_better, who)
         self.higher_is_better = higher_is_better if eval_fn is not None else False
-        self.eval_batches = int(eval_batches)
-        self.submodule = submodule
+        self.eval_batches = check_count("eval_batches", eval_batches, who)
+        self.submodule = check_submodule(submodule, who)
         self.result: LrProbeResult | None = None
         self._restored = False
 

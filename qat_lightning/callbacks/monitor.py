@@ -9,6 +9,11 @@ saturates a lot is a fixed-scale or int16 candidate (the seed's truncation error
 
 ``every_n_validations`` counts the validation passes of the fit (not Lightning's sanity check); the count is
 saved in checkpoints, so a resumed fit logs at the same passes as an uninterrupted one.
+
+``nodes`` patterns are checked against the network's integer quant nodes at the first hook that sees the
+prepared network (``on_fit_start``, or ``on_validation_start`` of ``trainer.validate``): a pattern that
+matches none warns (naming it and a few node names); when no pattern matches any, the monitor would watch
+nothing, which is refused with a ``ValueError`` there.
 """
 
 from __future__ import annotations
@@ -20,9 +25,17 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from torch import Tensor
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
 
 from qat_lightning.analysis.partial import match_name
+from qat_lightning.callbacks._checks import (
+    check_count,
+    check_patterns,
+    check_submodule,
+    name_sample,
+    unmatched_patterns,
+)
 from qat_lightning.callbacks._common import get_submodule
 from qat_lightning.callbacks.logging import dtype_ratios, log_scalars
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState, iter_fake_quantize
@@ -42,13 +55,19 @@ class QuantStatsMonitor(Callback):
     r"""Log scale and saturation of every integer quant node after each validation pass.
 
     Args:
-        nodes: quant-node name patterns to watch (glob or prefix, as ``FakeQuantSwitch``); ``None``: all.
+        nodes: quant-node name patterns to watch (glob or prefix, as ``FakeQuantSwitch``), one pattern as a
+            str or a list of them; ``None``: all. Only integer (int8 / int16) nodes are watched: a pattern
+            that matches none of them warns when the fit (or ``trainer.validate``) starts, and patterns that
+            match none at all raise a ``ValueError`` there.
         every_n_validations: log every n-th validation pass of a fit, counting from the first (the count
             survives a resume); ``trainer.validate`` always logs and is not counted.
         submodule: attribute path of the network inside the LightningModule.
 
     Raises:
-        ValueError: at construction for ``every_n_validations < 1``.
+        TypeError: at construction for a non-int ``every_n_validations`` (``1.5``, ``True``), non-str
+            patterns or submodule.
+        ValueError: at construction for ``every_n_validations < 1`` or an empty ``nodes`` list; at fit (or
+            validate) start when no pattern of ``nodes`` matches an integer quant node.
     """
 
     def __init__(
@@ -58,11 +77,11 @@ class QuantStatsMonitor(Callback):
         submodule: str = "model",
     ) -> None:
         super().__init__()
-        if isinstance(every_n_validations, bool) or int(every_n_validations) < 1:
-            raise ValueError(f"every_n_validations must be an int >= 1, got {every_n_validations!r}")
-        self.nodes = None if nodes is None else list(nodes)
-        self.every_n_validations = int(every_n_validations)
-        self.submodule = submodule
+        who = "QuantStatsMonitor"
+        self.nodes = check_patterns("nodes", nodes, who)
+        self.every_n_validations = check_count("every_n_validations", every_n_validations, who)
+        self.submodule = check_submodule(submodule, who)
+        self._checked_model: int | None = None  # id of the network whose node names were checked
         self.saturation: dict[str, float] = {}
         self._handles: list[Any] = []
         self._counts: dict[str, list[Tensor]] = {}
@@ -82,9 +101,14 @@ class QuantStatsMonitor(Callback):
         self._passes = int(state_dict.get("passes", 0))
 
     # ---------------------------------------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Check the ``nodes`` patterns against the prepared network before the first validation."""
+        self._check_nodes(get_submodule(pl_module, self.submodule))
+
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Attach counting hooks to the watched nodes."""
         self._detach()
+        self._check_nodes(get_submodule(pl_module, self.submodule))
         if trainer.sanity_checking:
             return
         if trainer.state.fn == TrainerFn.FITTING:
@@ -125,6 +149,28 @@ class QuantStatsMonitor(Callback):
         self._counts = {}
 
     # ---------------------------------------------------------------------------------------------- helpers
+    def _check_nodes(self, model: nn.Module) -> None:
+        """Warn about patterns matching no integer quant node; refuse patterns that match none at all.
+
+        Runs once per network (a later fit with another network checks again).
+        """
+        if self.nodes is None or self._checked_model == id(model):
+            return
+        names = [name for name, node in iter_fake_quantize(model) if node.dtype.is_integer]
+        unmatched = unmatched_patterns(self.nodes, names, match_name)
+        where = f"integer quant node of `{self.submodule}` (the monitor watches int8 / int16 nodes only)"
+        if len(unmatched) == len(self.nodes):
+            raise ValueError(
+                f"QuantStatsMonitor: nodes={self.nodes!r} match no {where}, so it would watch nothing; its "
+                f"integer quant nodes: {name_sample(names)}. Fix the patterns or pass nodes=None (all)"
+            )
+        if unmatched:
+            rank_zero_warn(
+                f"QuantStatsMonitor: pattern(s) {unmatched} match no {where} and are ignored; its integer "
+                f"quant nodes: {name_sample(names)}"
+            )
+        self._checked_model = id(model)
+
     def _hook(self, name: str) -> Any:
         def hook(node: FakeQuantize, inputs: tuple[Any, ...], output: Any) -> None:
             x = inputs[0] if inputs else None

@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from qat_lightning.callbacks._checks import check_callable, check_submodule, require_bool
 from qat_lightning.callbacks._common import (
     InputFn,
     check_choice,
@@ -38,6 +39,7 @@ from qat_lightning.callbacks.logging import dtype_ratios, log_scalars, log_text
 from qat_lightning.callbacks.prepared_model import (
     METHODS,
     QAT_MODES,
+    build_setter,
     load_quantized_checkpoint,
     prepare_settings_error,
     prepare_settings_mismatch,
@@ -63,6 +65,20 @@ __all__ = [
 _EVAL_GUARDED = (FakeQuantState.QAT, FakeQuantState.CALIBRATION)
 
 
+def _check_setter(qconfig_setter: Any, chip: Any) -> None:
+    """Refuse at construction what ``setup()`` would: a setter of another type, an unknown or clashing chip.
+
+    Raises:
+        TypeError: a ``qconfig_setter`` that is no setter, template or QConfig (the message lists them).
+        ValueError: an unknown chip (the message lists the known ones), or one other than the setter's own.
+    """
+    try:
+        build_setter(qconfig_setter, chip)
+    except (TypeError, ValueError) as err:
+        kind = TypeError if isinstance(err, TypeError) else ValueError
+        raise kind(f"PrepareQuantization: {err}") from None
+
+
 class PrepareQuantization(Callback):
     r"""Turn ``pl_module.<submodule>`` into a quantized (QAT / calibration) network in ``setup()``.
 
@@ -79,7 +95,8 @@ class PrepareQuantization(Callback):
         submodule: attribute path of the network inside the LightningModule (``"model"``, ``"net.backbone"``).
         method: ``"auto"`` (fx, falling back to eager), ``"fx"``, ``"eager"`` or ``"jit_strip"``.
         qat_mode: ``"fuse_bn"``, ``"with_bn"`` or ``"freeze_bn"``.
-        chip: target chip (``"j6e"``, ``"j6m"``, ``"j6p"``), or ``None`` (the setter's own, if any).
+        chip: target chip (a name of :data:`qat_lightning.chips.CHIPS`: ``"j6e"``, ``"j6m"``, ``"j6p"``), or
+            ``None`` (the setter's own, if any).
         input_fn: turns a batch into model inputs (default: tensor / first element / dict as kwargs).
         int_bias: VALIDATION adds the deployed int32 bias of conv / linear (``prepare(int_bias=)``).
 
@@ -89,8 +106,11 @@ class PrepareQuantization(Callback):
         trainer.fit(lit_module, datamodule=dm)   # calibration-only run
 
     Raises:
-        ValueError: at construction for an unknown ``method`` / ``qat_mode``; when restoring a checkpoint made
-            with a different recipe.
+        ValueError: at construction for an unknown ``method`` / ``qat_mode`` / ``chip`` (the message lists
+            the known chips) or a ``chip`` other than the setter's own; when restoring a checkpoint made with
+            a different recipe.
+        TypeError: at construction for a ``qconfig_setter`` of another type (``"int8"``), a non-bool
+            ``int_bias``, a non-callable ``input_fn`` or a non-str submodule.
     """
 
     def __init__(
@@ -105,18 +125,18 @@ class PrepareQuantization(Callback):
         int_bias: bool = True,
     ) -> None:
         super().__init__()
-        if not isinstance(int_bias, bool):
-            raise TypeError(f"int_bias must be True or False, got {int_bias!r}")
-        self.int_bias = int_bias
+        who = "PrepareQuantization"
+        self.int_bias = require_bool("int_bias", int_bias, who)
         check_choice("method", method, METHODS)
         check_choice("qat_mode", qat_mode, QAT_MODES)
+        _check_setter(qconfig_setter, chip)
         self.qconfig_setter = qconfig_setter
         self.example_inputs = example_inputs
-        self.submodule = submodule
+        self.submodule = check_submodule(submodule, who)
         self.method = method
         self.qat_mode = qat_mode
         self.chip = chip
-        self.input_fn: Callable[[Any], Any] = input_fn or default_input_fn
+        self.input_fn: Callable[[Any], Any] = check_callable("input_fn", input_fn, who) or default_input_fn
         self.recipe: dict[str, str] = {}
         self.prepared_here = False
 

@@ -37,6 +37,7 @@ from qat_lightning.quant.qconfig.setter import QconfigSetter, as_qconfig_setter
 __all__ = [
     "METHODS",
     "QAT_MODES",
+    "build_setter",
     "checkpoint_prepare_state",
     "load_quantized_checkpoint",
     "prepare_settings_error",
@@ -136,7 +137,13 @@ def prepare_settings_error(
     return ValueError(f"{where} was made with PrepareQuantization({saved}) but {uses} {asked}; {fix}")
 
 
-def _build_setter(qconfig_setter: Any, chip: str | None) -> QconfigSetter:
+def build_setter(qconfig_setter: Any, chip: str | None) -> QconfigSetter:
+    """Return the ``QconfigSetter`` that ``prepare`` gets from a ``qconfig_setter`` argument and a chip.
+
+    Raises:
+        TypeError: for a setter of another type (the message lists what is accepted).
+        ValueError: for an unknown chip (listing the known ones), or a chip other than the setter's own.
+    """
     if isinstance(qconfig_setter, QConfig):
         qconfig_setter = QconfigSetter(reference_qconfig=qconfig_setter)
     setter = as_qconfig_setter(qconfig_setter)
@@ -196,7 +203,7 @@ def prepare_submodule(
     prepared = prepare(
         model,
         example_inputs=inputs,
-        qconfig_setter=_build_setter(qconfig_setter, chip),
+        qconfig_setter=build_setter(qconfig_setter, chip),
         method=method,
         qat_mode=qat_mode,
         check_dir=None if check_dir is None else str(check_dir),
@@ -265,6 +272,31 @@ def _settings_for(
     )
 
 
+def _check_init_kwargs(module: Any, init_kwargs: Mapping[str, Any]) -> None:
+    """Refuse constructor arguments given with an instance: they could not take effect.
+
+    Raises:
+        TypeError: naming the arguments and the instance's class.
+    """
+    if init_kwargs and not isinstance(module, type):
+        raise TypeError(
+            f"load_quantized_checkpoint: init_kwargs ({', '.join(init_kwargs)}) apply to the class form only "
+            f"(they build the module from the checkpoint's hyper-parameters); {type(module).__name__} was "
+            "passed as an instance, built already. Pass the class, or build the instance with them"
+        )
+
+
+def _instance(
+    module: Any, checkpoint: Mapping[str, Any], init_kwargs: Mapping[str, Any]
+) -> pl.LightningModule:
+    """Return an instance ``module`` as is; build a class from the checkpoint hparams and ``init_kwargs``."""
+    if not isinstance(module, type):
+        return module
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams.pop("_instantiator", None)
+    return module(**{**hparams, **init_kwargs})
+
+
 def load_quantized_checkpoint(
     module: pl.LightningModule | type[pl.LightningModule],
     ckpt_path: str | Path,
@@ -300,24 +332,24 @@ def load_quantized_checkpoint(
         chip: target chip used for the run; ``None``: the checkpoint's (if any, else the setter's own).
         map_location: passed to ``torch.load``.
         int_bias: ``prepare(int_bias=)`` (not stored in the checkpoint: VALIDATION arithmetic only).
-        **init_kwargs: constructor arguments overriding the saved hyper-parameters (class form only).
+        **init_kwargs: constructor arguments overriding the saved hyper-parameters (class form only: with
+            an instance they are refused, as they could not take effect).
 
     Returns:
         The module in eval mode, quant nodes in VALIDATION state.
 
     Raises:
+        TypeError: ``init_kwargs`` given with an instance ``module`` (before anything is read or changed).
         ValueError: an unknown ``method`` / ``qat_mode``; a setting other than the checkpoint's (naming
             both values), also that of a ``module.<submodule>`` prepared already; another recipe.
             RuntimeError (from ``load_state_dict``) for other key mismatches.
     """
+    _check_init_kwargs(module, init_kwargs)
     checkpoint = torch.load(str(ckpt_path), map_location=map_location, weights_only=False)
     where = f"checkpoint {ckpt_path}"
     stored = checkpoint_prepare_state(checkpoint, submodule) or {}
     method, qat_mode, chip = _settings_for(stored, where, method, qat_mode, chip)
-    if isinstance(module, type):
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
-        hparams.pop("_instantiator", None)
-        module = module(**{**hparams, **init_kwargs})
+    module = _instance(module, checkpoint, init_kwargs)
     original = get_submodule(module, submodule)
     if stored:
         _check_prepared_settings(original, where, stored)

@@ -36,11 +36,18 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from qat_lightning.callbacks._checks import (
+    check_callable,
+    check_choices,
+    check_count,
+    check_dataloader,
+    check_number_list,
+    check_submodule,
+)
 from qat_lightning.callbacks._common import (
     InputFn,
     batch_transfer,
     broadcast_module_state,
-    check_choice,
     get_submodule,
     is_calibrated,
     is_prepared,
@@ -60,8 +67,6 @@ from qat_lightning.ptq import (
 )
 
 __all__ = ["AdaRound", "BiasCorrection", "Equalization"]
-
-_LOADERS = ("train", "val", "test")
 
 
 def _batches(trainer: pl.Trainer, pl_module: pl.LightningModule, which: str | Iterable[Any]) -> Iterable[Any]:
@@ -85,11 +90,22 @@ def _broadcast(trainer: pl.Trainer, model: nn.Module) -> None:
         torch.distributed.broadcast(records[key]["written"], src=0)
 
 
-def _check_common(num_batches: int | None, dataloader: Any) -> None:
-    if num_batches is not None and (isinstance(num_batches, bool) or int(num_batches) < 1):
-        raise ValueError(f"num_batches must be a positive int or None (whole loader), got {num_batches!r}")
-    if isinstance(dataloader, str):
-        check_choice("dataloader", dataloader, _LOADERS)
+def _check_common(
+    who: str, num_batches: Any, dataloader: Any, input_fn: Any, submodule: Any
+) -> tuple[int | None, Any, InputFn | None, str]:
+    """Check the arguments every post-training callback takes; return them (``num_batches`` as an int).
+
+    Raises:
+        TypeError: a non-int ``num_batches`` (``1.5``, ``True``), a dataloader that is neither a name nor an
+            iterable, a non-callable ``input_fn``, a non-str ``submodule``.
+        ValueError: ``num_batches < 1``, an unknown dataloader name.
+    """
+    return (
+        check_count("num_batches", num_batches, who, allow_none=True),
+        check_dataloader(dataloader, who),
+        check_callable("input_fn", input_fn, who),
+        check_submodule(submodule, who),
+    )
 
 
 class Equalization(Callback):
@@ -102,9 +118,15 @@ class Equalization(Callback):
         dataloader: ``"train"`` (default), ``"val"``, ``"test"`` or any iterable of batches.
         input_fn: batch -> model inputs.
         submodule: attribute path of the network inside the LightningModule.
-        kinds: groups to equalize (``cross_layer``, ``layernorm``, ``matmul``).
-        alphas: SmoothQuant alphas tried per group.
-        cle_rounds: cross-layer passes.
+        kinds: groups to equalize (``cross_layer``, ``layernorm``, ``matmul``); one as a str or a list.
+        alphas: SmoothQuant alphas tried per group (numbers in ``[0, 1]``).
+        cle_rounds: cross-layer passes (an int >= 1).
+
+    Raises:
+        TypeError: at construction for a non-int count (``1.5``, ``True``), non-number alphas, a dataloader
+            that is neither a name nor an iterable, a non-callable ``input_fn`` or a non-str submodule.
+        ValueError: at construction for a count below 1, an unknown dataloader name, no kind or an unknown
+            kind, no alpha or one outside ``[0, 1]``.
     """
 
     def __init__(
@@ -118,16 +140,14 @@ class Equalization(Callback):
         cle_rounds: int = 3,
     ) -> None:
         super().__init__()
-        _check_common(num_batches, dataloader)
-        for kind in kinds:
-            check_choice("kinds", kind, EQUALIZE_KINDS)
-        self.num_batches, self.dataloader, self.input_fn = num_batches, dataloader, input_fn
-        self.submodule, self.kinds, self.alphas, self.cle_rounds = (
-            submodule,
-            tuple(kinds),
-            tuple(alphas),
-            cle_rounds,
+        who = "Equalization"
+        self.num_batches, self.dataloader, self.input_fn, self.submodule = _check_common(
+            who, num_batches, dataloader, input_fn, submodule
         )
+        self.kinds = check_choices("kinds", kinds, EQUALIZE_KINDS, who)
+        what = "numbers in [0, 1] (one or more SmoothQuant alphas)"
+        self.alphas = check_number_list("alphas", alphas, who, what=what, low=0.0, high=1.0, include_low=True)
+        self.cle_rounds = check_count("cle_rounds", cle_rounds, who)
         self.result: Any = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -165,12 +185,8 @@ class _AfterCalibration(Callback):
         submodule: str,
     ) -> None:
         super().__init__()
-        _check_common(num_batches, dataloader)
-        self.num_batches, self.dataloader, self.input_fn, self.submodule = (
-            num_batches,
-            dataloader,
-            input_fn,
-            submodule,
+        self.num_batches, self.dataloader, self.input_fn, self.submodule = _check_common(
+            self.who, num_batches, dataloader, input_fn, submodule
         )
         self.applied = False
         self.result: Any = None
@@ -246,6 +262,11 @@ class BiasCorrection(_AfterCalibration):
         dataloader: ``"train"`` (default), ``"val"``, ``"test"`` or any iterable of batches.
         input_fn: batch -> model inputs.
         submodule: attribute path of the network inside the LightningModule.
+
+    Raises:
+        TypeError: at construction for a non-int ``num_batches``, a dataloader that is neither a name nor an
+            iterable, a non-callable ``input_fn`` or a non-str submodule.
+        ValueError: at construction for ``num_batches < 1`` or an unknown dataloader name.
     """
 
     who = "BiasCorrection"
@@ -276,6 +297,12 @@ class AdaRound(_AfterCalibration):
         lr: Adam learning rate.
         batch_size: rows per step.
         max_samples: rows kept per op.
+
+    Raises:
+        TypeError: at construction, as :class:`BiasCorrection`, and for a non-int count or a non-number
+            ``reg_weight`` / ``lr`` (checked by :class:`~qat_lightning.ptq.AdaRoundConfig`).
+        ValueError: at construction, as :class:`BiasCorrection`, and for a count below 1 or a non-finite /
+            non-positive ``lr``.
     """
 
     who = "AdaRound"

@@ -21,6 +21,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from qat_lightning.callbacks import _qat_scales as scales_of
+from qat_lightning.callbacks._checks import check_count, check_submodule, require_bool
 from qat_lightning.callbacks._common import (
     broadcast_module_state,
     get_submodule,
@@ -109,6 +110,7 @@ class QuantizationAwareTraining(Callback):
             uncalibrated scales).
 
     Raises:
+        TypeError: at construction for a non-bool flag, a non-int ``float_steps`` or a non-str submodule.
         ValueError: at construction for an unknown option; at train start for a warmup scheduler or a bn_mode
             the prepared model cannot honour; when a fit resumes a checkpoint of other QAT settings
             (``validate`` / ``test`` / ``predict`` load it as saved: they train nothing).
@@ -132,8 +134,6 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(
                 f"fix_scales={fix_scales!r} is not supported; allowed: None, 'input_output', 'all'"
             )
-        if float_steps is not None and (isinstance(float_steps, bool) or int(float_steps) < 1):
-            raise ValueError(f"float_steps must be a positive int or None, got {float_steps!r}")
         self.bn_mode = bn_mode
         if scales is not None and scales not in QAT_SCALES:
             raise ValueError(f"scales={scales!r} is not supported; allowed: {', '.join(QAT_SCALES)}")
@@ -141,10 +141,11 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"fix_scales={fix_scales!r} contradicts scales={scales!r}; give only scales")
         self.scales = scales if scales is not None else FIX_TO_SCALES[fix_scales]
         self.fix_scales = {v: k for k, v in FIX_TO_SCALES.items()}.get(self.scales)
-        self.check_lr = check_lr
-        self.float_steps = None if float_steps is None else int(float_steps)
-        self.submodule = submodule
-        self.strict = bool(strict)
+        who = "QuantizationAwareTraining"
+        self.check_lr = require_bool("check_lr", check_lr, who)
+        self.float_steps = check_count("float_steps", float_steps, who, allow_none=True)
+        self.submodule = check_submodule(submodule, who)
+        self.strict = require_bool("strict", strict, who)
         self._bn_saved: list[tuple[nn.Module, bool]] = []
         self._frozen = ExitStack()  # frozen_parameters around an evaluation loop (folds reused there)
         self._load_hooks: list[RemovableHandle] = []  # learned scales made in setup, until train start

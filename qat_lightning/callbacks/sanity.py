@@ -37,6 +37,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 
+from qat_lightning.callbacks._checks import check_number, check_submodule, require_bool
 from qat_lightning.callbacks._common import (
     get_submodule,
     resolve_log_dir,
@@ -45,6 +46,7 @@ from qat_lightning.callbacks._common import (
 )
 from qat_lightning.callbacks.logging import flush_loggers, log_scalars, log_text
 from qat_lightning.callbacks.sanity_result import CAUSES, SanityCheckError, SanityResult
+from qat_lightning.quant.checks import require_finite, require_str
 from qat_lightning.quant.drift import DataDrift, DataDriftMeter
 from qat_lightning.quant.nodes import FakeQuantize, FakeQuantState, iter_fake_quantize, set_fake_quantize
 from qat_lightning.quant.qat import BN_TYPES
@@ -76,7 +78,10 @@ class SanityCheck(Callback):
             check is one-sided: scoring better than the reference passes. ``None``: two-sided.
 
     Raises:
-        ValueError: at construction for an unknown mode or monitor_mode, or a negative tolerance.
+        ValueError: at construction for an unknown mode or monitor_mode, an empty monitor name, a negative
+            or infinite tolerance / rtol, a non-finite reference.
+        TypeError: at construction for a non-number tolerance / rtol / reference, a non-bool
+            ``raise_on_failure`` (``"no"``), a non-str monitor or submodule.
     """
 
     def __init__(
@@ -95,15 +100,14 @@ class SanityCheck(Callback):
             raise ValueError(f"mode={mode!r} is not supported; allowed: {', '.join(SANITY_MODES)}")
         if monitor_mode not in MONITOR_MODES:
             raise ValueError(f"monitor_mode={monitor_mode!r} is not supported; allowed: None, 'min', 'max'")
-        if not (tolerance >= 0 and rtol >= 0):
-            raise ValueError(f"tolerance and rtol must be >= 0, got {tolerance} and {rtol}")
+        who = "SanityCheck"
         self.mode = mode
-        self.monitor = monitor
-        self.tolerance = float(tolerance)
-        self.rtol = float(rtol)
-        self.reference = None if reference is None else float(reference)
-        self.raise_on_failure = raise_on_failure
-        self.submodule = submodule
+        self.monitor = require_str("monitor", monitor, who, empty=False)
+        self.tolerance = require_finite("tolerance", tolerance, who)
+        self.rtol = require_finite("rtol", rtol, who)
+        self.reference = check_number("reference", reference, who)
+        self.raise_on_failure = require_bool("raise_on_failure", raise_on_failure, who)
+        self.submodule = check_submodule(submodule, who)
         self.monitor_mode = monitor_mode
         self.result: SanityResult | None = None
         self._measured = False

@@ -28,6 +28,7 @@ from qat_lightning.analysis.partial import (
     restore_states,
     switch_to_float,
 )
+from qat_lightning.callbacks._checks import check_choices, check_patterns, check_submodule, require_bool
 from qat_lightning.callbacks._common import get_submodule
 from qat_lightning.quant.nodes.fake_quantize import FakeQuantize, FakeQuantState
 
@@ -54,35 +55,32 @@ class FakeQuantSwitch(Callback):
     (values pass through unchanged in CALIBRATION anyway): switching an op back on later finds it calibrated.
 
     Args:
-        disable: op-name patterns to run in float (``["head.*"]``, ``["backbone.layer3"]``).
+        disable: op-name patterns to run in float (``["head.*"]``, ``["backbone.layer3"]``); a str is one.
         fake_cast: also turn off float16 fake cast of the matched ops (the seed's ``FakeCast.disable()``);
             ``False`` disables only integer fake quantization.
         stages: where it applies: ``"fit"`` (training and the validation inside fit), ``"validate"``,
-            ``"test"``, ``"predict"``.
+            ``"test"``, ``"predict"``; one stage as a str or a list of them.
         submodule: attribute path of the network inside the LightningModule.
 
     Raises:
-        ValueError: at construction for an empty ``disable`` or an unknown stage.
+        ValueError: at construction for an empty ``disable``, no stage or an unknown stage.
+        TypeError: at construction for ``disable`` that is not a str or a list of them, a non-bool
+            ``fake_cast`` (``"no"``) or a non-str submodule.
     """
 
     def __init__(
         self,
         disable: Sequence[str] | str = ("head.*",),
         fake_cast: bool = True,
-        stages: Sequence[str] = ("fit", "validate", "test"),
+        stages: Sequence[str] | str = ("fit", "validate", "test"),
         submodule: str = "model",
     ) -> None:
         super().__init__()
-        patterns = [disable] if isinstance(disable, str) else list(disable)
-        if not patterns or not all(isinstance(p, str) for p in patterns):
-            raise ValueError(f"disable must be a non-empty list of op-name patterns, got {disable!r}")
-        unknown = [s for s in stages if s not in STAGES]
-        if unknown:
-            raise ValueError(f"unknown stage(s) {unknown}; allowed: {', '.join(STAGES)}")
-        self.disable = patterns
-        self.fake_cast = fake_cast
-        self.stages = tuple(stages)
-        self.submodule = submodule
+        who = "FakeQuantSwitch"
+        self.disable = check_patterns("disable", disable, who, allow_none=False)
+        self.fake_cast = require_bool("fake_cast", fake_cast, who)
+        self.stages = check_choices("stages", stages, STAGES, who)
+        self.submodule = check_submodule(submodule, who)
         self.disabled_ops: list[str] = []
         self._nodes: list[FakeQuantize] | None = None
         self._model_id: int | None = None

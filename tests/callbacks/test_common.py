@@ -183,7 +183,7 @@ def test_default_input_fn():
     [
         (lambda: PrepareQuantization(method="magic"), "allowed: 'auto', 'fx', 'eager'"),
         (lambda: PrepareQuantization(qat_mode="bn"), "allowed: 'fuse_bn', 'with_bn', 'freeze_bn'"),
-        (lambda: Calibration(num_batches=0), "positive int"),
+        (lambda: Calibration(num_batches=0), "num_batches must be an int >= 1"),
         (lambda: Calibration(dataloader="holdout"), "allowed: 'train', 'val', 'test'"),
         (lambda: QuantizationAwareTraining(fix_scales="some"), "allowed: None, 'input_output', 'all'"),
         (lambda: QuantizationAwareTraining(bn_mode="x"), "allowed: None, fuse_bn"),

@@ -60,3 +60,52 @@ def test_trainer_validate_logs_without_moving_the_fits_count(tmp_path, data):
 def test_every_n_validations_is_validated():
     with pytest.raises(ValueError, match="every_n_validations must be an int >= 1"):
         QuantStatsMonitor(every_n_validations=0)
+
+
+# ------------------------------------------------------------------------------------------- node patterns
+def _fit_monitor(tmp_path, data, monitor: QuantStatsMonitor, validate: bool = False) -> None:
+    callbacks = [PrepareQuantization(), Calibration(num_batches=2), monitor]
+    trainer = make_trainer(tmp_path, callbacks, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
+    if validate:
+        trainer.validate(LitClassifier(), datamodule=data, verbose=False)
+    else:
+        trainer.fit(LitClassifier(), datamodule=data)
+
+
+def test_nodes_given_as_one_string_is_one_pattern(tmp_path, data):
+    monitor = QuantStatsMonitor(nodes="fc1.output_quant")
+    assert monitor.nodes == ["fc1.output_quant"]
+    _fit_monitor(tmp_path, data, monitor)
+    assert sorted(monitor.saturation) == ["fc1.output_quant"]
+
+
+def test_a_pattern_matching_no_node_warns_with_the_node_names(tmp_path, data):
+    monitor = QuantStatsMonitor(nodes=["fc1.output_quant", "fc2.outptu_quant"])
+    with pytest.warns(
+        UserWarning, match=r"\['fc2\.outptu_quant'\] match no integer quant node.*fc1\.output_quant"
+    ):
+        _fit_monitor(tmp_path, data, monitor)
+    assert sorted(monitor.saturation) == ["fc1.output_quant"]
+
+
+@pytest.mark.parametrize("validate", [False, True], ids=["fit", "validate"])
+def test_patterns_matching_no_node_at_all_are_refused(tmp_path, data, validate):
+    monitor = QuantStatsMonitor(nodes=["fc1.outptu_quant"])
+    with pytest.raises(
+        ValueError, match=r"match no integer quant node.*would watch nothing.*fc1\.output_quant"
+    ):
+        _fit_monitor(tmp_path, data, monitor, validate=validate)
+
+
+def test_matches_of_non_integer_nodes_only_count_as_unmatched(tmp_path, data):
+    monitor = QuantStatsMonitor(nodes=["fc1.input_quant"])  # a float32 (pass-through) node: never watched
+    with pytest.raises(ValueError, match="watches int8 / int16 nodes only"):
+        _fit_monitor(tmp_path, data, monitor)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "error"), [([], ValueError), ([1], TypeError), (5, TypeError), (["fc1", None], TypeError)]
+)
+def test_nodes_are_checked_at_construction(nodes, error):
+    with pytest.raises(error, match="QuantStatsMonitor: nodes must be"):
+        QuantStatsMonitor(nodes=nodes)
