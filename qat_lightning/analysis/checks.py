@@ -14,7 +14,7 @@ import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
-from numbers import Integral, Real
+from numbers import Real
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +22,8 @@ from torch import nn
 
 from qat_lightning.analysis.ort_sessions import check_optimization
 from qat_lightning.quant.calibrate import UncalibratedModelError, require_calibrated
+from qat_lightning.quant.checks import require_bool as check_bool
+from qat_lightning.quant.checks import require_count as check_count
 from qat_lightning.quant.ops import iter_quant_ops
 from qat_lightning.quant.qconfig.sensitivity_table import SensitivityTable
 
@@ -99,34 +101,6 @@ def check_number(
     if not math.isfinite(number) or below or above:
         raise ValueError(message)
     return number
-
-
-def check_count(name: str, value: Any, who: str = "", *, allow_none: bool = False) -> int | None:
-    """Return ``value`` when it is an int ``>= 1`` (or ``None`` when allowed).
-
-    Raises:
-        TypeError: for a bool, a float, a string or any other non-integer.
-        ValueError: for an integer below 1.
-    """
-    if value is None and allow_none:
-        return None
-    message = f"{_prefix(who)}{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(message)
-    if value < 1:
-        raise ValueError(message)
-    return int(value)
-
-
-def check_bool(name: str, value: Any, who: str = "") -> bool:
-    """Return ``value`` when it is a bool.
-
-    Raises:
-        TypeError: for anything else (a string such as ``"no"`` would otherwise count as ``True``).
-    """
-    if not isinstance(value, bool):
-        raise TypeError(f"{_prefix(who)}{name} must be True or False, got {value!r}")
-    return value
 
 
 def nonempty(items: Iterable[T], message: str) -> Iterator[T]:
