@@ -98,6 +98,7 @@ def output_cosine_eval_fn(
     :func:`qat_lightning.ptq.float_reference`: after AdaRound / bias correction the float outputs are the
     original float model's, and an op raised to another dtype quantizes its original float weight.
     """
+    check_count("num_steps", num_steps, "output_cosine_eval_fn", allow_none=True)
     fn = input_fn or default_input_fn
     cached: list[tuple[Any, list[torch.Tensor]]] = []
 
@@ -114,12 +115,14 @@ def output_cosine_eval_fn(
                             for _, t in flatten_outputs(call_model(model, inputs))
                         ]
                     cached.append((inputs, ref))
+            if not cached:  # every probe would score 0.0: no op could ever reach a target
+                raise ValueError("output_cosine_eval_fn: the batches gave no batch to compare outputs on")
             sims = []
             for inputs, ref in cached:
                 outs = [t.detach().flatten().double() for _, t in flatten_outputs(call_model(model, inputs))]
                 a, b = torch.cat(ref), torch.cat(outs)
                 sims.append(float(torch.nn.functional.cosine_similarity(a, b, dim=0)))
-        return sum(sims) / max(len(sims), 1)
+        return sum(sims) / len(sims)
 
     return eval_fn
 

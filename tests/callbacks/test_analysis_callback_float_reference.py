@@ -67,6 +67,15 @@ def test_output_cosine_eval_fn_compares_with_the_float_model() -> None:
     assert abs(raised - expected) > 1e-6  # the raised probe is a different model
 
 
+def test_output_cosine_eval_fn_refuses_no_batches() -> None:
+    """No batch to compare: every probe scored 0.0 (no target could be reached) instead of an error."""
+    qm, _, _ = _rounded()
+    with pytest.raises(ValueError, match="num_steps must be an int >= 1"):
+        output_cosine_eval_fn([torch.zeros(1)], num_steps=0)
+    with pytest.raises(ValueError, match="gave no batch"):
+        output_cosine_eval_fn([])(qm)
+
+
 def test_search_runs_against_the_float_model(tmp_path) -> None:
     qm, reference, xs = _rounded()
     x = xs[0]
