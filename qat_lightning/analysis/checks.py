@@ -9,12 +9,10 @@ names ops of the model it is used with.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import chain
-from numbers import Real
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +20,7 @@ from torch import nn
 
 from qat_lightning.analysis.ort_sessions import check_optimization
 from qat_lightning.quant.calibrate import UncalibratedModelError, require_calibrated
+from qat_lightning.quant.checks import check_number
 from qat_lightning.quant.checks import require_bool as check_bool
 from qat_lightning.quant.checks import require_count as check_count
 from qat_lightning.quant.ops import iter_quant_ops
@@ -53,54 +52,6 @@ ANALYSIS_REFERENCES = ("float", "onnxruntime")
 
 def _prefix(who: str) -> str:
     return f"{who}: " if who else ""
-
-
-def _interval(low: float | None, high: float | None, low_open: bool) -> str:
-    """Describe the accepted range, e.g. ``a finite number > 0`` or ``a number in [-1, 1]``."""
-    if low is not None and high is not None:
-        return f"a number in {'(' if low_open else '['}{low:g}, {high:g}]"
-    if low is not None:
-        return f"a finite number {'>' if low_open else '>='} {low:g}"
-    return "a finite number"
-
-
-def check_number(
-    name: str,
-    value: Any,
-    who: str = "",
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    allow_none: bool = False,
-) -> float | None:
-    """Return ``value`` as a float when it is a finite real number in ``[low, high]`` (``(low`` if open).
-
-    Args:
-        name: the argument's name (in the message).
-        value: what the caller passed.
-        who: the function it was passed to (message prefix).
-        low: the smallest accepted value (``None``: no lower bound).
-        high: the largest accepted value (``None``: no upper bound).
-        low_open: ``low`` itself is refused (``> low``).
-        allow_none: ``None`` is accepted (the default applies) and returned as is.
-
-    Raises:
-        TypeError: for a bool, a string or any other non-number.
-        ValueError: for NaN, infinity or a number outside the range.
-    """
-    if value is None and allow_none:
-        return None
-    message = f"{_prefix(who)}{name} must be {_interval(low, high, low_open)}"
-    message += f"{' or None' if allow_none else ''}, got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(message)
-    number = float(value)
-    below = low is not None and (number <= low if low_open else number < low)
-    above = high is not None and number > high
-    if not math.isfinite(number) or below or above:
-        raise ValueError(message)
-    return number
 
 
 def nonempty(items: Iterable[T], message: str) -> Iterator[T]:

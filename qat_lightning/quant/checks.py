@@ -16,6 +16,7 @@ from torch import nn
 __all__ = [
     "require_bool",
     "require_count",
+    "check_number",
     "require_finite",
     "require_module",
     "require_number_in",
@@ -59,33 +60,64 @@ def require_count(
     return int(value)
 
 
-def require_positive_finite(name: str, value: Any, who: str = "") -> float:
-    """Return ``value`` as a float when it is a real number, finite and ``> 0``.
+def _interval(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    """Describe the accepted range, e.g. ``a finite number > 0`` or ``a number in [0, 1)``."""
+    if low is not None and high is not None:
+        return f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    if low is not None:
+        return f"a finite number {'>' if low_open else '>='} {low:g}"
+    return "a finite number"
+
+
+def check_number(
+    name: str,
+    value: Any,
+    who: str = "",
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_none: bool = False,
+) -> float | None:
+    """Return ``value`` as a float when it is a finite real number in ``[low, high]`` (open ends as asked).
+
+    Args:
+        name: the argument's name (in the message).
+        value: what the caller passed.
+        who: the function it was passed to (message prefix).
+        low: the smallest accepted value (``None``: no lower bound).
+        high: the largest accepted value (``None``: no upper bound).
+        low_open: ``low`` itself is refused (``> low``).
+        high_open: ``high`` itself is refused (``< high``).
+        allow_none: ``None`` is accepted (the default applies) and returned as is.
 
     Raises:
-        TypeError: for a bool or a non-number.
-        ValueError: for zero, a negative number, NaN or infinity.
+        TypeError: for a bool, a string or any other non-number.
+        ValueError: for NaN, infinity or a number outside the range.
     """
+    if value is None and allow_none:
+        return None
+    message = f"{_prefix(who)}{name} must be {_interval(low, high, low_open, high_open)}"
+    message += f"{' or None' if allow_none else ''}, got {value!r}"
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{_prefix(who)}{name} must be a finite number > 0, got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{_prefix(who)}{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+        raise TypeError(message)
+    number = float(value)
+    below = low is not None and (number <= low if low_open else number < low)
+    above = high is not None and (number >= high if high_open else number > high)
+    if not math.isfinite(number) or below or above:
+        raise ValueError(message)
+    return number
+
+
+def require_positive_finite(name: str, value: Any, who: str = "") -> float:
+    """Return ``value`` as a float when it is a real number, finite and ``> 0`` (:func:`check_number`)."""
+    return check_number(name, value, who, low=0.0, low_open=True)  # type: ignore[return-value]
 
 
 def require_finite(name: str, value: Any, who: str = "", *, minimum: float = 0.0) -> float:
-    """Return ``value`` as a float when it is a real number, finite and ``>= minimum``.
-
-    Raises:
-        TypeError: for a bool or a non-number.
-        ValueError: for NaN, infinity or a number below ``minimum``.
-    """
-    message = f"{_prefix(who)}{name} must be a finite number >= {minimum:g}, got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(message)
-    if not (math.isfinite(value) and value >= minimum):
-        raise ValueError(message)
-    return float(value)
+    """Return ``value`` as a float when it is a finite real number ``>= minimum`` (:func:`check_number`)."""
+    return check_number(name, value, who, low=minimum)  # type: ignore[return-value]
 
 
 def require_number_in(
@@ -98,21 +130,10 @@ def require_number_in(
     include_low: bool = False,
     include_high: bool = True,
 ) -> float:
-    """Return ``value`` as a float when it is a real number in the interval (default ``(low, high]``).
-
-    Raises:
-        TypeError: for a bool or a non-number.
-        ValueError: for a number outside the interval (NaN included).
-    """
-    interval = f"{'[' if include_low else '('}{low:g}, {high:g}{']' if include_high else ')'}"
-    message = f"{_prefix(who)}{name} must be a number in {interval}, got {value!r}"
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(message)
-    above = value >= low if include_low else value > low
-    below = value <= high if include_high else value < high
-    if not (above and below):
-        raise ValueError(message)
-    return float(value)
+    """Return ``value`` as a float when it is a real number in the interval (default ``(low, high]``)."""
+    return check_number(  # type: ignore[return-value]
+        name, value, who, low=low, high=high, low_open=not include_low, high_open=not include_high
+    )
 
 
 def require_str(name: str, value: Any, who: str = "", *, empty: bool = True) -> str:
